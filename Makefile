@@ -1,0 +1,35 @@
+# One-command set-up for a fresh machine with Python 3.11 and pip.
+# torch==2.13.0 is installed before the package so that pip takes the local CPU
+# wheel instead of resolving `torch>=2.4` to several GB of CUDA packages.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.sparse-topk-installed
+
+.PHONY: setup demo test lint docs bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e ".[jax,torch,test,docs,dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/python -m topk_core
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest
+	$(BIN)/mkdocs build --strict --site-dir $(VENV)/site
+
+docs: setup
+	$(BIN)/mkdocs build --strict --site-dir $(VENV)/site
+
+bench: setup
+	$(BIN)/python benchmarks/bench_core.py
+
+clean:
+	rm -rf $(VENV) site .pytest_cache

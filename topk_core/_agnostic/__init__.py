@@ -1,0 +1,1 @@
+"""Pure Array-API building blocks shared by every backend."""

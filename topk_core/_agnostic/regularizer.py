@@ -1,0 +1,47 @@
+"""The p-norm regularizer through its conjugate: the one place where g and g' are written.
+
+With `q = p / (p - 1)`, `g(u) = sign(u) (|u| / l)^(q - 1)` is the gradient of
+`Q*(u) = l^(1-q)/q |u|^q`, the conjugate of `(l/p) |y|^p` (spec section 4).
+The operators only evaluate `g` at `u >= 0`, which the callers guarantee.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def conjugate_exponent(p: float) -> float:
+    """Return `q = p / (p - 1)`, snapping p = 4/3 and p = 2 to the exact q = 4 and q = 2.
+
+    `4/3` in floating point gives `q = 4.000000000000001`; snapping keeps the
+    closed-form (cubic) path of the solvers for the default exponent.
+    """
+    if abs(p - 2.0) <= 1e-12:
+        return 2.0
+    if abs(p - 4.0 / 3.0) <= 1e-12:
+        return 4.0
+    return p / (p - 1.0)
+
+
+def g(u: Any, lam: float, q: float, xp: Any) -> Any:
+    """`(u / l)^(q - 1)` for `u >= 0`."""
+    t = u / lam
+    if q == 2.0:
+        return t
+    if q == 4.0:
+        return t * t * t
+    return xp.pow(t, q - 1.0)
+
+
+def g_prime_on(u: Any, free: Any, lam: float, q: float, xp: Any) -> Any:
+    """`g'(u) = (q - 1) l^(1 - q) u^(q - 2)` on the free set, exactly 0 elsewhere.
+
+    For q != 2 the power is singular at u = 0 (p < 2 gives 0 * inf = NaN under
+    autodiff, p > 2 gives inf); it is evaluated only where `free` holds, on a
+    safe stand-in value elsewhere, so neither values nor gradients see it.
+    """
+    if q == 2.0:
+        return xp.where(free, xp.ones_like(u) / lam, xp.zeros_like(u))
+    t = xp.where(free, u / lam, xp.ones_like(u))
+    deriv = (q - 1.0) / lam * (t * t if q == 4.0 else xp.pow(t, q - 2.0))
+    return xp.where(free, deriv, xp.zeros_like(u))

@@ -1,0 +1,60 @@
+"""What the forward pass keeps for the Jacobian products: arrays only, in (batch, n) layout.
+
+All arrays are in the solver's working order (the sorted order for PAV);
+`perm` takes an input row to that order and `inv_perm` takes it back.  Blocks
+are integer index ranges reported by the solver, never rediscovered by
+comparing floats (spec section 6, pitfalls).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+
+class MaskResiduals(NamedTuple):
+    """Residuals of the soft top-k mask.
+
+    Attributes
+    ----------
+    perm, inv_perm : (batch, n) int64
+        Sorting permutation and its inverse.
+    block_start, block_end : (batch, n) int64
+        First and last working-order index of the isotonic block of each entry.
+    gprime : (batch, n) float
+        `g'(s - v)` on the free set `0 < y < 1`, exactly 0 elsewhere (NaN on NaN rows).
+    """
+
+    perm: Any
+    inv_perm: Any
+    block_start: Any
+    block_end: Any
+    gprime: Any
+
+
+class MagResiduals(NamedTuple):
+    """Residuals of the soft top-k in magnitude.
+
+    Attributes
+    ----------
+    perm, inv_perm, block_start, block_end, gprime
+        As in `MaskResiduals` (the sort is by magnitude).
+    scale : (batch, n) float
+        `1 + g'` on the free set, 0 elsewhere: the derivative of `z + r` in `r`.
+    saturated : (batch, n) bool
+        The set `A` of entries returned unchanged (identity derivative).
+    signs : (batch, n) float
+        `sign(x)` in working order.
+    offset : (batch, n) float
+        The number of unit weights of the entry's block not in `A` (the
+        `k - |A|` term of the denominator `D` of spec section 6).
+    """
+
+    perm: Any
+    inv_perm: Any
+    block_start: Any
+    block_end: Any
+    gprime: Any
+    scale: Any
+    saturated: Any
+    signs: Any
+    offset: Any

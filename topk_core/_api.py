@@ -1,0 +1,285 @@
+"""Delegation layer: validate, move the axis last, pick a solver, restore the layout.
+
+The public functions accept any Array-API array.  The exact PAV method runs
+on host memory through Numba: arrays of other libraries are viewed as NumPy
+arrays (a copy for device arrays is the adapter's job, never implicit here)
+and results are converted back to the input's library and device.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+
+from . import _validate
+from ._agnostic import jacobians
+from ._agnostic.hard import hard_topk_mask_rows
+from ._agnostic.layout import from_rows, to_rows
+from ._agnostic.regularizer import conjugate_exponent
+from ._agnostic.residuals import MagResiduals, MaskResiduals
+from ._compat import device, is_numpy_namespace, namespace_of
+from ._pav_path import pav_mag, pav_mask
+from ._types import ArrayT
+
+DEFAULT_STRENGTH = 0.1
+DEFAULT_P = 4.0 / 3.0
+
+
+def compute_dtype(x: Any, xp: Any) -> Any:
+    """float32 for half-precision inputs (float16, bfloat16), else the input dtype."""
+    if x.dtype in (xp.float32, xp.float64):
+        return x.dtype
+    return xp.float32
+
+
+def _host(a: Any) -> np.ndarray:
+    try:
+        return np.asarray(a)
+    except (TypeError, RuntimeError, ValueError) as err:
+        raise TypeError(
+            "method='pav' runs on host (CPU) memory and could not read this array as NumPy "
+            f"({type(err).__name__}: {err}). Use the framework adapters (topk_torch, topk_jax), which "
+            "copy device arrays to the host explicitly and register gradients."
+        ) from err
+
+
+def _back(a: Any, xp: Any, like: Any) -> Any:
+    return xp.asarray(a, device=device(like))
+
+
+def _validated(x: Any, k: Any, axis: Any, xp: Any) -> tuple[Any, int, int]:
+    xp = namespace_of(x, xp)
+    _validate.check_float_dtype(x, xp)
+    ax = _validate.check_axis(axis, x.ndim)
+    return xp, _validate.check_k(k, x.shape[ax], ax), ax
+
+
+def _soft_forward(
+    solver: Callable[..., tuple[Any, Any]],
+    x: Any, k: Any, regularization_strength: Any, p: Any, axis: Any, method: Any, max_iter: Any, tol: Any, xp: Any,
+) -> tuple[Any, Any]:
+    xp, k, ax = _validated(x, k, axis, xp)
+    lam = _validate.check_strength(regularization_strength)
+    q = conjugate_exponent(_validate.check_p(p))
+    _validate.check_method(method, float(p), max_iter, tol)
+    work = xp.astype(x, compute_dtype(x, xp), copy=False)
+    rows, moved = to_rows(work, ax, xp)
+    native = is_numpy_namespace(xp)
+    rows_np = rows if native else _host(rows)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
+        y_rows, residuals = solver(np.asarray(rows_np), k, lam, q)
+    if not native:
+        y_rows = _back(y_rows, xp, x)
+        residuals = type(residuals)(*(_back(a, xp, x) for a in residuals))
+    y = from_rows(y_rows, moved, ax, xp)
+    return xp.astype(y, x.dtype, copy=False), residuals
+
+
+def soft_topk_mask_forward(
+    x: ArrayT, k: int, *, regularization_strength: float = DEFAULT_STRENGTH, p: float = DEFAULT_P,
+    axis: int = -1, method: str = "auto", max_iter: int | None = None, tol: float | None = None, xp: Any = None,
+) -> tuple[ArrayT, MaskResiduals]:
+    """Soft top-k mask and the residuals of its Jacobian (see `soft_topk_mask`)."""
+    return _soft_forward(pav_mask, x, k, regularization_strength, p, axis, method, max_iter, tol, xp)
+
+
+def soft_topk_mag_forward(
+    x: ArrayT, k: int, *, regularization_strength: float = DEFAULT_STRENGTH, p: float = DEFAULT_P,
+    axis: int = -1, method: str = "auto", max_iter: int | None = None, tol: float | None = None, xp: Any = None,
+) -> tuple[ArrayT, MagResiduals]:
+    """Soft top-k in magnitude and the residuals of its Jacobian (see `soft_topk_mag`)."""
+    return _soft_forward(pav_mag, x, k, regularization_strength, p, axis, method, max_iter, tol, xp)
+
+
+def soft_topk_mask(
+    x: ArrayT, k: int, *, regularization_strength: float = DEFAULT_STRENGTH, p: float = DEFAULT_P,
+    axis: int = -1, method: str = "auto", max_iter: int | None = None, tol: float | None = None, xp: Any = None,
+) -> ArrayT:
+    r"""Sparse soft top-k mask along `axis`.
+
+    Solves ``argmax_{y in C} <x, y> - (l/p) sum |y_i|^p`` for every row, where
+    ``C = {y in [0, 1]^n : sum(y) = k}`` and ``l = regularization_strength``.
+    Entries are exactly 0 outside a support and exactly 1 for clear winners.
+
+    Parameters
+    ----------
+    x : array
+        Real floating array of any shape (float16/bfloat16 computed in float32).
+    k : int
+        Number of entries to select, ``1 <= k <= x.shape[axis]``.
+    regularization_strength : float, default 0.1
+        ``l > 0``; smaller is closer to the hard mask, larger is smoother.
+    p : float, default 4/3
+        Exponent ``p > 1`` of the regularizer; 4/3 gives a C^1 operator, 2 a
+        piecewise-linear one (the Euclidean projection of ``x / l`` onto ``C``).
+    axis : int, default -1
+        Axis along which to select.
+    method : {"auto", "pav"}, default "auto"
+        Solver; ``"auto"`` is the exact Numba PAV on the host CPU.
+    max_iter, tol : None
+        Controls of the iterative methods; must be None for ``"pav"``.
+    xp : namespace, optional
+        Array-API namespace of `x` (inferred when omitted).
+
+    Returns
+    -------
+    array
+        Same shape, dtype, library and device as `x`; every row lies in ``C``.
+
+    Raises
+    ------
+    TypeError
+        Non-floating `x`, non-integer `k`, non-real parameters.
+    ValueError
+        Out-of-range `k`, `axis`, `regularization_strength`, `p`, `method`.
+
+    Notes
+    -----
+    Rows containing NaN give NaN rows; ``+inf`` entries are selected first and
+    ``-inf`` entries last (ties among them share evenly).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from topk_core import soft_topk_mask
+    >>> soft_topk_mask(np.array([-5.0, -2.0, 3.0, 1.0]), k=2, regularization_strength=1e-2)
+    array([0., 0., 1., 1.])
+    >>> soft_topk_mask(np.array([0.0, 0.0, -5.0, 5.0]), k=2)
+    array([0.5, 0.5, 0. , 1. ])
+    """
+    return soft_topk_mask_forward(
+        x, k, regularization_strength=regularization_strength, p=p, axis=axis, method=method,
+        max_iter=max_iter, tol=tol, xp=xp,
+    )[0]
+
+
+def soft_topk_mag(
+    x: ArrayT, k: int, *, regularization_strength: float = DEFAULT_STRENGTH, p: float = DEFAULT_P,
+    axis: int = -1, method: str = "auto", max_iter: int | None = None, tol: float | None = None, xp: Any = None,
+) -> ArrayT:
+    r"""Sparse soft top-k in magnitude along `axis`.
+
+    Keeps (softly) the k entries of largest ``|x|``: the gradient of the
+    regularized ``f(x) = 1/2 max_{y in C} <y, x * x>`` (spec section 3).
+    Entries outside a support are exactly 0; clear winners come back as
+    exactly ``x_i``.
+
+    Parameters
+    ----------
+    x, k, regularization_strength, p, axis, method, max_iter, tol, xp
+        As in `soft_topk_mask`.
+
+    Returns
+    -------
+    array
+        Same shape, dtype, library and device as `x`.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As in `soft_topk_mask`.
+
+    Notes
+    -----
+    Rows containing NaN give NaN rows; entries with ``|x| = inf`` are always
+    kept. When at most `k` entries of a row are non-zero the row is returned
+    unchanged.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from topk_core import soft_topk_mag
+    >>> soft_topk_mag(np.array([0.1, -4.0, 3.0, 0.2]), k=2)
+    array([ 0., -4.,  3.,  0.])
+    """
+    return soft_topk_mag_forward(
+        x, k, regularization_strength=regularization_strength, p=p, axis=axis, method=method,
+        max_iter=max_iter, tol=tol, xp=xp,
+    )[0]
+
+
+def _jacobian_product(
+    rows_fn: Callable[[Any, Any, Any], Any], residuals: Any, tangent: Any, axis: int, xp: Any
+) -> Any:
+    xp = namespace_of(tangent, xp)
+    _validate.check_float_dtype(tangent, xp)
+    ax = _validate.check_axis(axis, tangent.ndim)
+    work = xp.astype(tangent, residuals.gprime.dtype, copy=False)
+    rows, moved = to_rows(work, ax, xp)
+    if tuple(rows.shape) != tuple(residuals.gprime.shape):
+        raise ValueError(
+            f"the tangent/cotangent has {tuple(rows.shape)} rows x entries along axis {axis}, but the "
+            f"residuals were computed for {tuple(residuals.gprime.shape)}: pass an array shaped like `x`"
+        )
+    out = from_rows(rows_fn(residuals, rows, xp), moved, ax, xp)
+    return xp.astype(out, tangent.dtype, copy=False)
+
+
+def mask_jvp_from_residuals(residuals: MaskResiduals, tangent: ArrayT, *, axis: int = -1, xp: Any = None) -> ArrayT:
+    """Jacobian-vector product of the soft mask (also its VJP: the Jacobian is symmetric).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from topk_core import mask_jvp_from_residuals, soft_topk_mask_forward
+    >>> y, res = soft_topk_mask_forward(np.array([3.0, 1.0, 1.0, -2.0]), 1, p=2.0)
+    >>> mask_jvp_from_residuals(res, np.array([0.3, -1.0, 0.7, 0.2]))
+    array([0., 0., 0., 0.])
+    """
+    return _jacobian_product(jacobians.mask_jvp_rows, residuals, tangent, axis, xp)
+
+
+def mask_vjp_from_residuals(residuals: MaskResiduals, cotangent: ArrayT, *, axis: int = -1, xp: Any = None) -> ArrayT:
+    """Vector-Jacobian product of the soft mask (equal to the JVP: the Jacobian is symmetric)."""
+    return _jacobian_product(jacobians.mask_jvp_rows, residuals, cotangent, axis, xp)
+
+
+def mag_jvp_from_residuals(residuals: MagResiduals, tangent: ArrayT, *, axis: int = -1, xp: Any = None) -> ArrayT:
+    """Jacobian-vector product of the soft top-k in magnitude."""
+    return _jacobian_product(jacobians.mag_jvp_rows, residuals, tangent, axis, xp)
+
+
+def mag_vjp_from_residuals(residuals: MagResiduals, cotangent: ArrayT, *, axis: int = -1, xp: Any = None) -> ArrayT:
+    """Vector-Jacobian product of the soft top-k in magnitude."""
+    return _jacobian_product(jacobians.mag_vjp_rows, residuals, cotangent, axis, xp)
+
+
+def _hard(x: Any, k: Any, axis: Any, xp: Any, magnitude: bool) -> Any:
+    xp, k, ax = _validated(x, k, axis, xp)
+    rows, moved = to_rows(x, ax, xp)
+    nan_rows = xp.any(xp.isnan(rows), axis=-1, keepdims=True)
+    clean = xp.where(nan_rows, xp.zeros_like(rows), rows)
+    keep = hard_topk_mask_rows(xp.abs(clean) if magnitude else clean, k, xp)
+    zeros = xp.zeros_like(rows)
+    out = xp.where(keep, clean, zeros) if magnitude else xp.where(keep, xp.ones_like(rows), zeros)
+    out = xp.where(nan_rows, xp.full_like(rows, xp.nan), out)
+    return from_rows(out, moved, ax, xp)
+
+
+def hard_topk_mask(x: ArrayT, k: int, *, axis: int = -1, xp: Any = None) -> ArrayT:
+    """Hard top-k mask: 1 on the k largest entries along `axis`, 0 elsewhere.
+
+    Ties are broken toward the lower index; NaN rows give NaN rows.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from topk_core import hard_topk_mask
+    >>> hard_topk_mask(np.array([1.0, 3.0, 3.0, 2.0]), k=2)
+    array([0., 1., 1., 0.])
+    """
+    return _hard(x, k, axis, xp, magnitude=False)
+
+
+def hard_topk_mag(x: ArrayT, k: int, *, axis: int = -1, xp: Any = None) -> ArrayT:
+    """Hard top-k in magnitude: `x` on its k entries of largest `|x|`, 0 elsewhere.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from topk_core import hard_topk_mag
+    >>> hard_topk_mag(np.array([0.5, -3.0, 2.0, 1.0]), k=2)
+    array([ 0., -3.,  2.,  0.])
+    """
+    return _hard(x, k, axis, xp, magnitude=True)

@@ -1,0 +1,39 @@
+"""The only importer of `array_api_compat`: namespace and device helpers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from array_api_compat import (
+    array_namespace,
+    device,
+    is_array_api_obj,
+    is_numpy_array,
+    is_numpy_namespace,
+    size,
+    to_device,
+)
+
+__all__ = [
+    "array_namespace",
+    "device",
+    "is_array_api_obj",
+    "is_numpy_array",
+    "is_numpy_namespace",
+    "namespace_of",
+    "size",
+    "to_device",
+]
+
+
+def namespace_of(x: Any, xp: Any = None) -> Any:
+    """Return `xp` if given, else the Array-API namespace of `x` (TypeError if none)."""
+    if xp is not None:
+        return xp
+    try:
+        return array_namespace(x)
+    except TypeError as err:
+        raise TypeError(
+            f"`x` must be an array of a library that implements the Array API "
+            f"(numpy, torch, jax, array_api_strict, ...); got {type(x).__name__}"
+        ) from err

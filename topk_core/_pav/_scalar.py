@@ -1,0 +1,96 @@
+"""Scalar building blocks of the Numba kernels (one row, float64 arithmetic).
+
+`g(u) = (u / l)^(q - 1)` is the gradient of the conjugate regularizer
+(spec section 4); the kernels only evaluate it at `u >= 0`.  `q == 2` and
+`q == 4` (p = 2 and p = 4/3) take exact polynomial shortcuts.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba as nb
+import numpy as np
+
+
+@nb.njit(cache=True, inline="always")
+def g_scalar(u: float, lam: float, q: float) -> float:
+    """Return g(u) for u >= 0 (0 for u <= 0, never NaN)."""
+    if u <= 0.0:
+        return 0.0
+    t = u / lam
+    if q == 2.0:
+        return t
+    if q == 4.0:
+        return t * t * t
+    return math.pow(t, q - 1.0)
+
+
+@nb.njit(cache=True, inline="always")
+def g_prime_scalar(u: float, lam: float, q: float) -> float:
+    """Return g'(u) for u > 0 (0 for u <= 0: the kink is handled by the caller)."""
+    if u <= 0.0:
+        return 0.0
+    t = u / lam
+    if q == 2.0:
+        return 1.0 / lam
+    if q == 4.0:
+        return 3.0 * t * t / lam
+    return (q - 1.0) * math.pow(t, q - 2.0) / lam
+
+
+@nb.njit(cache=True, inline="always")
+def depressed_cubic_root(pc: float, qc: float) -> float:
+    """The unique real root of d^3 + pc d + qc = 0 for pc >= 0.
+
+    Cardano's formula written without cancellation: with
+    A = cbrt(|qc|/2 + sqrt(qc^2/4 + pc^3/27)) and B = pc/(3A), the root
+    A - B equals |qc| / (A^2 + AB + B^2) where AB = pc/3.  One Newton step
+    polishes the last bits.
+    """
+    if qc == 0.0:
+        return 0.0
+    disc = math.sqrt(0.25 * qc * qc + pc * pc * pc / 27.0)
+    a = np.cbrt(0.5 * abs(qc) + disc)
+    b = pc / (3.0 * a)
+    d = -qc / (a * a + pc / 3.0 + b * b)
+    deriv = 3.0 * d * d + pc
+    if deriv > 0.0:
+        d -= (d * d * d + pc * d + qc) / deriv
+    return d
+
+
+@nb.njit(cache=True)
+def mag_fixed_point(s: float, lam: float, q: float) -> float:
+    """Value u of a saturated magnitude entry: the root of g(s - u) = u in [0, s].
+
+    With d = s - u this is g(d) + d = s, increasing in d, so bisection with
+    Newton steps inside the bracket [0, s] converges for every q.
+    """
+    if s <= 0.0:
+        return 0.0
+    if q == 2.0:
+        return s / (1.0 + lam)
+    if q == 4.0:
+        l3 = lam * lam * lam
+        d = depressed_cubic_root(l3, -l3 * s)
+        return s - min(max(d, 0.0), s)
+    lo, hi = 0.0, s
+    d = 0.5 * s
+    for _ in range(200):
+        f = g_scalar(d, lam, q) + d - s
+        if f == 0.0:
+            break
+        if f > 0.0:
+            hi = d
+        else:
+            lo = d
+        fp = g_prime_scalar(d, lam, q) + 1.0
+        nxt = d - f / fp
+        if not (lo < nxt < hi):
+            nxt = 0.5 * (lo + hi)
+        if nxt == d or hi - lo <= 4.0 * np.finfo(np.float64).eps * hi:
+            d = nxt
+            break
+        d = nxt
+    return s - d

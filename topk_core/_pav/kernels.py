@@ -1,0 +1,251 @@
+"""Numba PAV for the two isotonic problems of the top-k operators (spec section 4).
+
+Both problems have 0/1 weights `w` that form a prefix of length `k` in the
+sorted order.  Unconstrained, the first `k` entries take their saturated value
+(`s - l` for the mask, the fixed point of `g(s - u) = u` for the magnitude)
+and the others take `s`; each of these two runs is already non-increasing, so
+the only adjacent violator can sit at the boundary `k - 1 | k`.  PAV therefore
+grows a single pooled block around that boundary, absorbing the left neighbour
+while it is not saturated at the block value and the right neighbour while it
+lies above the block value.  Every entry is absorbed at most once: O(n) per row
+after the sort.
+
+Block values:
+
+* ``q == 2`` and ``q == 4`` (p = 2 and p = 4/3): closed form from running
+  central moments of the block (count, mean, M2, M3) that merge in O(1);
+  a cubic for q = 4 solved by a cancellation-free Cardano formula.
+* any other ``q``: the pooled block equation is monotone in its value, so the
+  block is found by safeguarded Newton/bisection on it, starting from the
+  bracket that the two boundary entries give (derived from the block equation,
+  see spec section 6); each evaluation binary-searches the saturated and zero
+  runs and sums only over the entries in between.
+
+Everything is accumulated in float64; outputs have the dtype of the input.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba as nb
+import numpy as np
+
+from ._scalar import depressed_cubic_root, g_prime_scalar, g_scalar, mag_fixed_point
+
+_EPS = np.finfo(np.float64).eps
+
+
+@nb.njit(cache=True, inline="always")
+def _target(gamma: float, is_mag: bool) -> float:
+    # Right-hand side of the block equation per unit weight: 1 (mask) or gamma (mag).
+    return gamma if is_mag else 1.0
+
+
+@nb.njit(cache=True, inline="always")
+def _saturated(si: float, gamma: float, lam: float, q: float, is_mag: bool) -> bool:
+    # An entry with weight 1 stays in its own block iff it is saturated at gamma.
+    return g_scalar(si - gamma, lam, q) >= _target(gamma, is_mag)
+
+
+@nb.njit(cache=True)
+def _closed_block_value(
+    count: float, mean: float, m2: float, m3: float, wsum: float, lam: float, q: float, is_mag: bool
+) -> float:
+    if q == 2.0:
+        if is_mag:
+            return mean / (1.0 + lam * wsum / count)
+        return mean - lam * wsum / count
+    # q == 4: sum (s - gamma)^3 = l^3 * rhs, with d = mean - gamma:
+    # M3 + 3 M2 d + n d^3 = l^3 rhs.
+    l3 = lam * lam * lam
+    if is_mag:
+        d = depressed_cubic_root((3.0 * m2 + l3 * wsum) / count, (m3 - l3 * wsum * mean) / count)
+    else:
+        d = depressed_cubic_root(3.0 * m2 / count, (m3 - l3 * wsum) / count)
+    return mean - d
+
+
+@nb.njit(cache=True)
+def _pool_closed(s, lo, hi, kk, lam, q, is_mag):
+    """Grow the boundary block with O(1) moment updates; return (a, b, gamma)."""
+    a = lo + kk - 1
+    b = lo + kk + 1
+    # Moments of the two boundary entries.
+    x0 = float(s[a])
+    x1 = float(s[a + 1])
+    count = 2.0
+    mean = 0.5 * (x0 + x1)
+    m2 = 0.5 * (x0 - x1) * (x0 - x1)
+    m3 = 0.0
+    wsum = 1.0
+    gamma = _closed_block_value(count, mean, m2, m3, wsum, lam, q, is_mag)
+    while True:
+        if a > lo and not _saturated(float(s[a - 1]), gamma, lam, q, is_mag):
+            a -= 1
+            xi = float(s[a])
+            wsum += 1.0
+        elif b < hi and float(s[b]) > gamma:
+            xi = float(s[b])
+            b += 1
+        else:
+            break
+        # Welford/Terriberry update of (count, mean, M2, M3) with one value.
+        delta = xi - mean
+        n1 = count + 1.0
+        delta_n = delta / n1
+        term1 = delta * delta_n * count
+        mean += delta_n
+        m3 += term1 * delta_n * (n1 - 2.0) - 3.0 * delta_n * m2
+        m2 += term1
+        count = n1
+        gamma = _closed_block_value(count, mean, m2, m3, wsum, lam, q, is_mag)
+    return a, b, gamma
+
+
+@nb.njit(cache=True)
+def _first_unsaturated(s, lo, hi, gamma, lam, q, is_mag):
+    # Saturation is monotone along a descending row: binary search its end.
+    left, right = lo, hi
+    while left < right:
+        mid = (left + right) // 2
+        if _saturated(float(s[mid]), gamma, lam, q, is_mag):
+            left = mid + 1
+        else:
+            right = mid
+    return left
+
+
+@nb.njit(cache=True)
+def _first_not_above(s, lo, hi, gamma):
+    left, right = lo, hi
+    while left < right:
+        mid = (left + right) // 2
+        if float(s[mid]) > gamma:
+            left = mid + 1
+        else:
+            right = mid
+    return left
+
+
+@nb.njit(cache=True)
+def _excess(s, lo, hi, kk, gamma, lam, q, is_mag):
+    """Return (sum(y) - k, d/dgamma) at threshold gamma, and the free range."""
+    a = _first_unsaturated(s, lo, hi, gamma, lam, q, is_mag)
+    b = _first_not_above(s, a, hi, gamma)
+    total = float(a - lo) - kk
+    deriv = 0.0
+    for i in range(a, b):
+        u = float(s[i]) - gamma
+        gi = g_scalar(u, lam, q)
+        gpi = g_prime_scalar(u, lam, q)
+        if is_mag:
+            total += gi / gamma
+            deriv -= gpi / gamma + gi / (gamma * gamma)
+        else:
+            total += gi
+            deriv -= gpi
+    return total, deriv, a, b
+
+
+@nb.njit(cache=True)
+def _pool_rootfind(s, lo, hi, kk, lam, q, is_mag):
+    """General q: solve the pooled block equation for its value; return (a, b, gamma).
+
+    `sum(y)` is continuous and non-increasing in the block value.  The bracket
+    comes from the boundary entries: at the upper end (the k-th value) fewer
+    than k entries are positive; at the lower end (where entry k + 1 is just
+    saturated) more than k entries are saturated.
+    """
+    i0 = lo + kk - 1
+    upper = float(s[i0])
+    if is_mag:
+        lower = mag_fixed_point(float(s[i0 + 1]), lam, q)
+    else:
+        lower = float(s[i0 + 1]) - lam
+    gamma = 0.5 * (lower + upper)
+    for _ in range(300):
+        f, fp, a, b = _excess(s, lo, hi, kk, gamma, lam, q, is_mag)
+        if f == 0.0:
+            break
+        if f > 0.0:
+            lower = gamma
+        else:
+            upper = gamma
+        nxt = gamma - f / fp if fp < 0.0 else math.nan
+        if not (lower < nxt < upper):
+            nxt = 0.5 * (lower + upper)
+        if nxt == gamma or upper - lower <= 2.0 * _EPS * max(abs(lower), abs(upper)):
+            break
+        gamma = nxt
+    f, fp, a, b = _excess(s, lo, hi, kk, gamma, lam, q, is_mag)
+    # The pooled block always straddles the boundary k - 1 | k.
+    return min(a, i0), max(b, i0 + 2), gamma
+
+
+@nb.njit(cache=True)
+def _pav_row(s, lo, hi, kk, lam, q, is_mag, closed, v, bstart, bend):
+    n = s.shape[0]
+    for i in range(n):
+        bstart[i] = i
+        bend[i] = i
+        si = float(s[i])
+        if lo <= i < lo + kk:
+            v[i] = mag_fixed_point(si, lam, q) if is_mag else si - lam
+        else:
+            v[i] = si
+    if kk <= 0 or kk >= hi - lo:
+        return
+    # Is there an adjacent violator at the boundary?  Entry k - 1 is
+    # unsaturated at the value s[k] of its right neighbour.
+    if _saturated(float(s[lo + kk - 1]), float(s[lo + kk]), lam, q, is_mag):
+        return
+    if closed:
+        a, b, gamma = _pool_closed(s, lo, hi, kk, lam, q, is_mag)
+    else:
+        a, b, gamma = _pool_rootfind(s, lo, hi, kk, lam, q, is_mag)
+    for i in range(a, b):
+        v[i] = gamma
+        bstart[i] = a
+        bend[i] = b - 1
+
+
+@nb.njit(parallel=True, cache=True)
+def pav_rows(s, perm, lo, hi, kk, lam, q, is_mag):
+    """Solve the isotonic problem of every row and invert the sorting permutation.
+
+    Parameters
+    ----------
+    s : (batch, n) float32 or float64, C-contiguous
+        Each row sorted in descending order (values for the mask, magnitudes
+        for the magnitude operator).
+    perm : (batch, n) int64
+        The sorting permutation (``s = take_along_axis(x, perm)``).
+    lo, hi, kk : (batch,) int64
+        The finite segment ``[lo, hi)`` of each row and the number ``kk`` of
+        unit weights inside it (infinite entries are handled by the caller).
+    lam, q : float
+        Regularization strength and conjugate exponent ``q = p / (p - 1)``.
+    is_mag : bool
+        Magnitude problem (weights ``w/2 v^2``) instead of mask (``w v``).
+
+    Returns
+    -------
+    v : (batch, n), dtype of ``s``
+        The isotonic solution.
+    block_start, block_end : (batch, n) int64
+        First and last sorted index of the block of every entry.
+    inv_perm : (batch, n) int64
+        The inverse permutation.
+    """
+    batch, n = s.shape
+    closed = q == 2.0 or q == 4.0
+    v = np.empty((batch, n), dtype=s.dtype)
+    bstart = np.empty((batch, n), dtype=np.int64)
+    bend = np.empty((batch, n), dtype=np.int64)
+    inv = np.empty((batch, n), dtype=np.int64)
+    for r in nb.prange(batch):
+        _pav_row(s[r], lo[r], hi[r], kk[r], lam, q, is_mag, closed, v[r], bstart[r], bend[r])
+        for i in range(n):
+            inv[r, perm[r, i]] = i
+    return v, bstart, bend, inv

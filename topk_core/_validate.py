@@ -1,0 +1,102 @@
+"""Argument checks shared by every backend, with one message style.
+
+Every message names the argument, the value received and the allowed range,
+and every check runs before any computation.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+METHODS = ("auto", "pav", "dykstra", "threshold")
+# Methods that exist in the API but whose solvers have not landed yet.
+UNAVAILABLE_METHODS = ("dykstra", "threshold")
+
+
+def check_float_dtype(x: Any, xp: Any) -> None:
+    """Raise TypeError unless `x` has a real floating dtype."""
+    dtype = x.dtype
+    try:
+        ok = xp.isdtype(dtype, "real floating")
+    except (TypeError, ValueError, AttributeError):
+        ok = False
+    if not ok:
+        raise TypeError(
+            f"`x` must have a real floating dtype (float16, bfloat16, float32 or float64); "
+            f"got dtype {dtype}. Cast integer or boolean inputs explicitly, e.g. x.astype(float32)."
+        )
+
+
+def check_axis(axis: Any, ndim: int) -> int:
+    """Return `axis` normalized to [0, ndim)."""
+    if ndim == 0:
+        raise ValueError("`x` must have at least one dimension; got a 0-d array (a scalar)")
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"`axis` must be an int in [{-ndim}, {ndim - 1}]; got {axis!r}")
+    axis = int(axis)
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"`axis` must be an int in [{-ndim}, {ndim - 1}] for an array of ndim {ndim}; got {axis}")
+    return axis % ndim
+
+
+def check_k(k: Any, n: int, axis: int) -> int:
+    """Return `k` as an int after checking 1 <= k <= n."""
+    if n == 0:
+        raise ValueError(f"`x` has an empty axis {axis} (n = 0): top-k needs at least one entry along `axis`")
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise TypeError(f"`k` must be a Python int with 1 <= k <= n = {n}; got {k!r} of type {type(k).__name__}")
+    k = int(k)
+    if not 1 <= k <= n:
+        raise ValueError(f"`k` must satisfy 1 <= k <= n = {n} (the length of axis {axis}); got k = {k}")
+    return k
+
+
+def _check_real(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"`{name}` must be a real number; got {value!r} of type {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"`{name}` must be finite; got {value}")
+    return value
+
+
+def check_strength(regularization_strength: Any) -> float:
+    """Return the strength as a float after checking it is finite and > 0."""
+    value = _check_real("regularization_strength", regularization_strength)
+    if not value > 0.0:
+        raise ValueError(f"`regularization_strength` must be a finite float > 0; got {value}")
+    return value
+
+
+def check_p(p: Any) -> float:
+    """Return `p` as a float after checking it is finite and > 1."""
+    value = _check_real("p", p)
+    if not value > 1.0:
+        raise ValueError(f"`p` must be a finite float > 1 (p = 4/3 and p = 2 are the usual choices); got {value}")
+    return value
+
+
+def check_method(method: Any, p: float, max_iter: Any, tol: Any) -> str:
+    """Return the resolved method name ('pav' for now) after checking its controls."""
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"`method` must be one of {', '.join(repr(m) for m in METHODS)}; got {method!r}")
+    if method in UNAVAILABLE_METHODS:
+        raise ValueError(
+            f"method={method!r} is not available in this version of sparse-topk; use method='pav' or 'auto'"
+        )
+    resolved = "pav"
+    if max_iter is not None or tol is not None:
+        raise ValueError(
+            f"`max_iter` and `tol` control the iterative methods only; method={method!r} resolves to the exact "
+            f"{resolved!r} solver, which takes neither (got max_iter={max_iter!r}, tol={tol!r}); leave them as None"
+        )
+    return resolved
+
+
+def check_same_shape(name: str, value: Any, shape: tuple[int, ...]) -> None:
+    """Raise ValueError unless `value` has exactly `shape`."""
+    got = tuple(getattr(value, "shape", ()))
+    if got != tuple(shape):
+        raise ValueError(f"`{name}` must have the shape of `x`, {tuple(shape)}; got shape {got}")
