@@ -45,7 +45,7 @@ def soft_topk_mask(
     --------
     >>> import numpy as np
     >>> import topk_numpy as tk
-    >>> tk.soft_topk_mask(np.array([3.0, 1.0, 0.9, -2.0]), k=2, p=2.0)
+    >>> tk.soft_topk_mask(np.array([3.0, 1.0, 0.9, -2.0]), k=2, p=2.0, regularization_strength=1.0)
     array([1.  , 0.55, 0.45, 0.  ])
     """
     return topk_core.soft_topk_mask(
@@ -129,9 +129,9 @@ def soft_topk_mask_vjp(
     --------
     >>> import numpy as np
     >>> import topk_numpy as tk
-    >>> y, vjp_fn = tk.soft_topk_mask_vjp(np.array([3.0, 1.0, 0.9, -2.0]), k=2, p=2.0)
+    >>> y, vjp_fn = tk.soft_topk_mask_vjp(np.array([3.0, 1.0, 0.9, -2.0]), k=2, p=2.0, regularization_strength=1.0)
     >>> vjp_fn(np.array([0.0, 1.0, 0.0, 0.0]))
-    array([ 0.,  5., -5.,  0.])
+    array([ 0. ,  0.5, -0.5,  0. ])
     """
     return _vjp(
         topk_core.soft_topk_mask_forward, topk_core.mask_vjp_from_residuals, x, k, axis,
@@ -149,7 +149,7 @@ def soft_topk_mask_jvp(
     --------
     >>> import numpy as np
     >>> import topk_numpy as tk
-    >>> y, y_dot = tk.soft_topk_mask_jvp(np.array([3.0, 1.0, 0.9, -2.0]), np.ones(4), k=2, p=2.0)
+    >>> y, y_dot = tk.soft_topk_mask_jvp(np.array([3.0, 1.0, 0.9, -2.0]), np.ones(4), k=2, p=2.0, regularization_strength=1.0)
     >>> y_dot
     array([0., 0., 0., 0.])
     """
