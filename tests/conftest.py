@@ -1,0 +1,31 @@
+"""Shared fixtures: backends, dtypes, exponents and an isolated random generator per test."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+P_VALUES = [1.25, 4.0 / 3.0, 1.5, 2.0, 3.0]
+P_IDS = ["p=5/4", "p=4/3", "p=3/2", "p=2", "p=3"]
+
+
+@pytest.fixture
+def rng(request) -> np.random.Generator:
+    """A generator seeded from the test's name, so every test is reproducible on its own."""
+    seed = abs(hash(request.node.nodeid)) % (2**32)
+    return np.random.default_rng(seed)
+
+
+@pytest.fixture(params=P_VALUES, ids=P_IDS)
+def p(request) -> float:
+    return request.param
+
+
+@pytest.fixture(params=[np.float32, np.float64], ids=["float32", "float64"])
+def float_dtype(request):
+    return request.param
+
+
+@pytest.fixture(params=["mask", "mag"])
+def operator(request) -> str:
+    return request.param

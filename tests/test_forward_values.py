@@ -1,0 +1,90 @@
+"""Forward values against independent references: the threshold form, entmax, spec section 7."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import topk_numpy as tk
+
+from ._oracles import threshold_mag_row, threshold_mask_row, threshold_rows
+
+OPS = {"mask": (tk.soft_topk_mask, threshold_mask_row), "mag": (tk.soft_topk_mag, threshold_mag_row)}
+
+
+@pytest.mark.parametrize("lam", [1e-3, 0.1, 1.0, 10.0])
+def test_matches_threshold_form_float64(rng, p, operator, lam):
+    fn, oracle = OPS[operator]
+    for n, k in [(2, 1), (7, 3), (16, 1), (16, 15), (40, 10)]:
+        x = rng.normal(size=(6, n)) * rng.choice([0.1, 1.0, 30.0])
+        got = fn(x, k, regularization_strength=lam, p=p)
+        expected = threshold_rows(oracle, x, k, lam, p)
+        np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-10 * max(1.0, np.abs(x).max()))
+
+
+def test_matches_threshold_form_with_ties_and_zeros(rng, p, operator):
+    fn, oracle = OPS[operator]
+    x = rng.integers(-3, 4, size=(20, 12)).astype(np.float64)
+    for k in (1, 4, 11):
+        got = fn(x, k, regularization_strength=0.7, p=p)
+        np.testing.assert_allclose(got, threshold_rows(oracle, x, k, 0.7, p), rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("scale", [1e-6, 1e6])
+def test_matches_threshold_form_tiny_and_huge(rng, p, operator, scale):
+    fn, oracle = OPS[operator]
+    x = rng.normal(size=(5, 20)) * scale
+    lam = scale  # keep the problem non-trivial at every scale
+    got = fn(x, 4, regularization_strength=lam, p=p)
+    np.testing.assert_allclose(got, threshold_rows(oracle, x, 4, lam, p), rtol=1e-8, atol=1e-9 * scale)
+
+
+def test_p2_mask_equals_entmax_budget_bisect(rng):
+    torch = pytest.importorskip("torch")
+    from entmax import budget_bisect
+
+    x = rng.normal(size=(30, 25))
+    for lam, k in [(0.1, 3), (1.0, 5), (5.0, 12)]:
+        expected = budget_bisect(torch.from_numpy(x / lam), budget=k, n_iter=100).numpy()
+        got = tk.soft_topk_mask(x, k, regularization_strength=lam, p=2.0)
+        np.testing.assert_allclose(got, expected, atol=1e-10)
+
+
+def test_reference_values_of_the_spec():
+    x = np.array([-5.0, -2.0, 3.0, 1.0])
+    np.testing.assert_allclose(tk.soft_topk_mask(x, 2, regularization_strength=1e-2), [0, 0, 1, 1], atol=1e-12)
+    np.testing.assert_allclose(tk.soft_topk_mask(np.array([0.0, 0.0, -5.0, 5.0]), 2), [0.5, 0.5, 0, 1], atol=1e-12)
+    # (Up to l = 3 * 3^(1/3) for p = 4/3; beyond it the 0 entry enters the support too.)
+    for lam in (1e-3, 0.1, 1.0, 4.0):
+        y = tk.soft_topk_mask(np.array([3.0, 3.0, 3.0, 0.0]), 1, regularization_strength=lam)
+        np.testing.assert_allclose(y[:3], 1 / 3, rtol=1e-12)
+
+
+def test_large_strength_limits(rng):
+    x = rng.normal(size=(4, 9))
+    np.testing.assert_allclose(tk.soft_topk_mask(x, 3, regularization_strength=1e6, p=2.0), 3 / 9, atol=1e-5)
+    np.testing.assert_allclose(tk.soft_topk_mag(x, 3, regularization_strength=1e6, p=2.0), x, rtol=1e-4, atol=1e-5)
+
+
+def test_clear_winners_are_exact(rng):
+    x = np.array([10.0, -9.0, 0.1, 0.2, -0.15])
+    y = tk.soft_topk_mask(x, 1, regularization_strength=0.5)
+    assert y[0] == 1.0 and np.count_nonzero(y) == 1
+    m = tk.soft_topk_mag(x, 2, regularization_strength=0.5)
+    assert m[0] == x[0] and m[1] == x[1] and np.count_nonzero(m) == 2
+
+
+def test_float32_agrees_with_float64(rng, p, operator):
+    fn, _ = OPS[operator]
+    x = rng.normal(size=(8, 50))
+    y64 = fn(x, 10, regularization_strength=0.5, p=p)
+    y32 = fn(x.astype(np.float32), 10, regularization_strength=0.5, p=p)
+    assert y32.dtype == np.float32
+    np.testing.assert_allclose(y32, y64, atol=2e-5)
+
+
+def test_rows_of_a_million_entries(rng):
+    x = rng.normal(size=(1, 1_000_000)).astype(np.float32)
+    y = tk.soft_topk_mask(x, 100_000, regularization_strength=0.05)
+    assert abs(float(y.sum(dtype=np.float64)) - 100_000) < 1.0
+    assert y.min() >= 0 and y.max() <= 1

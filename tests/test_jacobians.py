@@ -1,0 +1,126 @@
+"""Jacobian products: finite differences, adjointness, linearity and the pitfalls of spec section 6."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import topk_numpy as tk
+
+from ._oracles import finite_difference_jacobian
+
+FORWARD = {"mask": tk.soft_topk_mask, "mag": tk.soft_topk_mag}
+VJP = {"mask": tk.soft_topk_mask_vjp, "mag": tk.soft_topk_mag_vjp}
+JVP = {"mask": tk.soft_topk_mask_jvp, "mag": tk.soft_topk_mag_jvp}
+
+
+def _jacobian_by_jvp(operator, x, k, **kw):
+    return np.stack([JVP[operator](x, e, k, **kw)[1] for e in np.eye(x.size)], axis=1)
+
+
+def _jacobian_by_vjp(operator, x, k, **kw):
+    _, vjp_fn = VJP[operator](x, k, **kw)
+    return np.stack([vjp_fn(e) for e in np.eye(x.size)], axis=0)
+
+
+def _non_trivial_row(rng, n):
+    # Well-separated values with a wide free set: away from kinks, as finite differences need.
+    return rng.permutation(np.linspace(-2.0, 2.0, n)) + rng.uniform(-0.02, 0.02, n)
+
+
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_jacobian_matches_finite_differences(rng, p, operator, k):
+    x = _non_trivial_row(rng, 9)
+    kw = dict(regularization_strength=1.5, p=p)
+    fd = finite_difference_jacobian(lambda z: FORWARD[operator](z, k, **kw), x)
+    np.testing.assert_allclose(_jacobian_by_jvp(operator, x, k, **kw), fd, atol=1e-6)
+    np.testing.assert_allclose(_jacobian_by_vjp(operator, x, k, **kw), fd, atol=1e-6)
+
+
+def test_free_set_is_non_trivial_in_the_finite_difference_test(rng, operator):
+    x = _non_trivial_row(rng, 9)
+    y = FORWARD[operator](x, 3, regularization_strength=1.5)
+    ref = np.abs(x) if operator == "mag" else np.ones_like(x)
+    frac = np.abs(y) / ref
+    assert np.sum((frac > 0) & (frac < 1 - 1e-9)) >= 2
+
+
+def test_adjointness_batched_on_every_axis(rng, p, operator):
+    x = rng.normal(size=(3, 5, 7))
+    for axis in range(3):
+        kw = dict(regularization_strength=0.8, p=p, axis=axis)
+        v = rng.normal(size=x.shape)
+        u = rng.normal(size=x.shape)
+        _, jv = JVP[operator](x, v, 2, **kw)
+        _, vjp_fn = VJP[operator](x, 2, **kw)
+        np.testing.assert_allclose(np.sum(jv * u), np.sum(v * vjp_fn(u)), rtol=1e-10, atol=1e-12)
+
+
+def test_products_are_linear(rng, operator):
+    x = rng.normal(size=(4, 10))
+    _, vjp_fn = VJP[operator](x, 3, regularization_strength=0.9)
+    a, b = rng.normal(size=x.shape), rng.normal(size=x.shape)
+    np.testing.assert_allclose(vjp_fn(2.0 * a - 3.0 * b), 2.0 * vjp_fn(a) - 3.0 * vjp_fn(b), atol=1e-12)
+
+
+def test_mask_jacobian_is_symmetric(rng, p):
+    x = _non_trivial_row(rng, 8)
+    jac = _jacobian_by_jvp("mask", x, 3, regularization_strength=2.0, p=p)
+    np.testing.assert_allclose(jac, jac.T, atol=1e-12)
+
+
+def test_pitfall_tied_saturated_entries_have_zero_vjp():
+    # spec section 6: x = (3, 1, 1, -2), k = 1, l = 0.1, p = 2, cotangent (0.3, -1, 0.7, 0.2): VJP is 0.
+    _, vjp_fn = tk.soft_topk_mask_vjp(np.array([3.0, 1.0, 1.0, -2.0]), 1, regularization_strength=0.1, p=2.0)
+    np.testing.assert_array_equal(vjp_fn(np.array([0.3, -1.0, 0.7, 0.2])), 0.0)
+
+
+def test_pitfall_ties_only_after_float32_rounding():
+    x = np.array([3.0, 1.0, 1.0 + 1e-9, -2.0], dtype=np.float32)  # 1 + 1e-9 rounds to 1 in float32
+    _, vjp_fn = tk.soft_topk_mask_vjp(x, 1, regularization_strength=0.1, p=2.0)
+    np.testing.assert_array_equal(vjp_fn(np.array([0.3, -1.0, 0.7, 0.2], dtype=np.float32)), 0.0)
+
+
+@pytest.mark.parametrize("p_value", [4.0 / 3.0, 3.0, 1.25])
+def test_pitfall_no_nan_at_exact_zeros(rng, operator, p_value):
+    x = np.concatenate([rng.normal(size=6), np.zeros(4)])
+    x[:3] += 5.0
+    _, vjp_fn = VJP[operator](x, 2, regularization_strength=0.3, p=p_value)
+    _, jv = JVP[operator](x, np.ones_like(x), 2, regularization_strength=0.3, p=p_value)
+    for g in (vjp_fn(np.ones_like(x)), jv):
+        assert np.all(np.isfinite(g))
+        np.testing.assert_array_equal(g[6:], 0.0)
+
+
+def test_non_unique_threshold_gives_zero_mask_jacobian():
+    # No fractional entry: any tau in [x_(k+1), x_(k) - l] works and J must be 0.
+    x = np.array([5.0, 4.0, 0.0, -1.0])
+    jac = _jacobian_by_jvp("mask", x, 2, regularization_strength=0.5)
+    np.testing.assert_array_equal(jac, 0.0)
+
+
+def test_mag_jacobian_is_identity_when_at_most_k_nonzeros():
+    # The output is x itself; along directions that keep the zeros at zero the
+    # derivative is the identity (other directions cross the kink at exact zeros).
+    x = np.array([0.0, 2.0, 0.0, -3.0, 0.0])
+    tangent = np.array([0.0, 1.5, 0.0, -0.5, 0.0])
+    y, jv = tk.soft_topk_mag_jvp(x, tangent, 3)
+    np.testing.assert_array_equal(y, x)
+    np.testing.assert_array_equal(jv, tangent)
+
+
+def test_mag_saturated_entries_pass_gradient_through(rng):
+    x = np.array([10.0, -9.0, 0.3, 0.2, -0.25, 0.1])
+    y, vjp_fn = tk.soft_topk_mag_vjp(x, 3, regularization_strength=0.2)
+    g = vjp_fn(np.ones_like(x))
+    assert y[0] == 10.0 and y[1] == -9.0
+    np.testing.assert_array_equal(g[:2], 1.0)
+
+
+def test_shape_mismatch_raises():
+    x = np.ones((2, 3))
+    _, vjp_fn = tk.soft_topk_mask_vjp(x, 1)
+    with pytest.raises(ValueError, match="cotangent"):
+        vjp_fn(np.ones((3, 2)))
+    with pytest.raises(ValueError, match="tangent"):
+        tk.soft_topk_mag_jvp(x, np.ones(3), 1)
