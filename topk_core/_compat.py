@@ -20,6 +20,7 @@ __all__ = [
     "is_array_api_obj",
     "is_numpy_array",
     "is_numpy_namespace",
+    "default_int",
     "namespace_of",
     "size",
     "to_device",
@@ -37,3 +38,8 @@ def namespace_of(x: Any, xp: Any = None) -> Any:
             f"`x` must be an array of a library that implements the Array API "
             f"(numpy, torch, jax, array_api_strict, ...); got {type(x).__name__}"
         ) from err
+
+
+def default_int(xp: Any) -> Any:
+    """The namespace's default integer dtype (int32 in JAX without x64, int64 elsewhere)."""
+    return xp.__array_namespace_info__().default_dtypes()["integral"]

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from .._compat import default_int
+
 
 def hard_topk_mask_rows(keys: Any, k: int, xp: Any) -> Any:
     """Boolean (batch, n) mask of the k largest `keys` of every row (NaN-free input)."""
     kth = xp.sort(keys, axis=-1, descending=True)[:, k - 1 : k]
     above = keys > kth
     tied = keys == kth
-    room = k - xp.sum(xp.astype(above, xp.int64), axis=-1, keepdims=True)
-    tie_rank = xp.cumulative_sum(xp.astype(tied, xp.int64), axis=-1)
+    int_dtype = default_int(xp)
+    room = k - xp.sum(xp.astype(above, int_dtype), axis=-1, keepdims=True)
+    tie_rank = xp.cumulative_sum(xp.astype(tied, int_dtype), axis=-1)
     return above | (tied & (tie_rank <= room))

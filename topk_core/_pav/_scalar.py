@@ -13,7 +13,7 @@ import numba as nb
 import numpy as np
 
 
-@nb.njit(cache=True, inline="always")
+@nb.njit(cache=True, inline="always", error_model="numpy")
 def g_scalar(u: float, lam: float, q: float) -> float:
     """Return g(u) for u >= 0 (0 for u <= 0, never NaN)."""
     if u <= 0.0:
@@ -26,7 +26,7 @@ def g_scalar(u: float, lam: float, q: float) -> float:
     return math.pow(t, q - 1.0)
 
 
-@nb.njit(cache=True, inline="always")
+@nb.njit(cache=True, inline="always", error_model="numpy")
 def g_prime_scalar(u: float, lam: float, q: float) -> float:
     """Return g'(u) for u > 0 (0 for u <= 0: the kink is handled by the caller)."""
     if u <= 0.0:
@@ -39,7 +39,7 @@ def g_prime_scalar(u: float, lam: float, q: float) -> float:
     return (q - 1.0) * math.pow(t, q - 2.0) / lam
 
 
-@nb.njit(cache=True, inline="always")
+@nb.njit(cache=True, inline="always", error_model="numpy")
 def depressed_cubic_root(pc: float, qc: float) -> float:
     """The unique real root of d^3 + pc d + qc = 0 for pc >= 0.
 
@@ -60,7 +60,7 @@ def depressed_cubic_root(pc: float, qc: float) -> float:
     return d
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, error_model="numpy")
 def mag_fixed_point(s: float, lam: float, q: float) -> float:
     """Value u of a saturated magnitude entry: the root of g(s - u) = u in [0, s].
 

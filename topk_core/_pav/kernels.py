@@ -36,19 +36,19 @@ from ._scalar import depressed_cubic_root, g_prime_scalar, g_scalar, mag_fixed_p
 _EPS = np.finfo(np.float64).eps
 
 
-@nb.njit(cache=True, inline="always")
+@nb.njit(cache=True, inline="always", error_model="numpy")
 def _target(gamma: float, is_mag: bool) -> float:
     # Right-hand side of the block equation per unit weight: 1 (mask) or gamma (mag).
     return gamma if is_mag else 1.0
 
 
-@nb.njit(cache=True, inline="always")
+@nb.njit(cache=True, inline="always", error_model="numpy")
 def _saturated(si: float, gamma: float, lam: float, q: float, is_mag: bool) -> bool:
     # An entry with weight 1 stays in its own block iff it is saturated at gamma.
     return g_scalar(si - gamma, lam, q) >= _target(gamma, is_mag)
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, error_model="numpy")
 def _closed_block_value(
     count: float, mean: float, m2: float, m3: float, wsum: float, lam: float, q: float, is_mag: bool
 ) -> float:
@@ -66,7 +66,7 @@ def _closed_block_value(
     return mean - d
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, error_model="numpy")
 def _pool_closed(s, lo, hi, kk, lam, q, is_mag):
     """Grow the boundary block with O(1) moment updates; return (a, b, gamma)."""
     a = lo + kk - 1
@@ -103,7 +103,7 @@ def _pool_closed(s, lo, hi, kk, lam, q, is_mag):
     return a, b, gamma
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, error_model="numpy")
 def _first_unsaturated(s, lo, hi, gamma, lam, q, is_mag):
     # Saturation is monotone along a descending row: binary search its end.
     left, right = lo, hi
@@ -116,7 +116,7 @@ def _first_unsaturated(s, lo, hi, gamma, lam, q, is_mag):
     return left
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, error_model="numpy")
 def _first_not_above(s, lo, hi, gamma):
     left, right = lo, hi
     while left < right:
@@ -128,7 +128,7 @@ def _first_not_above(s, lo, hi, gamma):
     return left
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, error_model="numpy")
 def _excess(s, lo, hi, kk, gamma, lam, q, is_mag):
     """Return (sum(y) - k, d/dgamma) at threshold gamma, and the free range."""
     a = _first_unsaturated(s, lo, hi, gamma, lam, q, is_mag)
@@ -148,7 +148,7 @@ def _excess(s, lo, hi, kk, gamma, lam, q, is_mag):
     return total, deriv, a, b
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, error_model="numpy")
 def _pool_rootfind(s, lo, hi, kk, lam, q, is_mag):
     """General q: solve the pooled block equation for its value; return (a, b, gamma).
 
@@ -183,7 +183,7 @@ def _pool_rootfind(s, lo, hi, kk, lam, q, is_mag):
     return min(a, i0), max(b, i0 + 2), gamma
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, error_model="numpy")
 def _pav_row(s, lo, hi, kk, lam, q, is_mag, closed, v, bstart, bend):
     n = s.shape[0]
     for i in range(n):
@@ -210,7 +210,7 @@ def _pav_row(s, lo, hi, kk, lam, q, is_mag, closed, v, bstart, bend):
         bend[i] = b - 1
 
 
-@nb.njit(parallel=True, cache=True)
+@nb.njit(parallel=True, cache=True, error_model="numpy")
 def pav_rows(s, perm, lo, hi, kk, lam, q, is_mag):
     """Solve the isotonic problem of every row and invert the sorting permutation.
 

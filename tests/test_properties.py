@@ -1,0 +1,88 @@
+"""Invariants checked with hypothesis: capped simplex, sparsity, equivariance, limits, ties."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+import topk_numpy as tk
+
+finite = st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False, width=64)
+rows = st.integers(1, 24).flatmap(lambda n: arrays(np.float64, n, elements=finite))
+strengths = st.floats(1e-3, 1e2)
+exponents = st.sampled_from([1.25, 4.0 / 3.0, 1.5, 2.0, 3.0])
+SETTINGS = settings(max_examples=60, deadline=None)
+
+
+@SETTINGS
+@given(x=rows, data=st.data(), lam=strengths, p=exponents)
+def test_mask_lies_in_the_capped_simplex(x, data, lam, p):
+    k = data.draw(st.integers(1, x.size))
+    y = tk.soft_topk_mask(x, k, regularization_strength=lam, p=p)
+    assert np.all((y >= 0) & (y <= 1))
+    assert abs(y.sum() - k) <= 1e-9 * x.size
+
+
+@SETTINGS
+@given(x=rows, data=st.data(), lam=strengths, p=exponents)
+def test_mask_keeps_the_order_and_selects_the_top(x, data, lam, p):
+    k = data.draw(st.integers(1, x.size))
+    y = tk.soft_topk_mask(x, k, regularization_strength=lam, p=p)
+    order = np.argsort(-x, kind="stable")
+    assert np.all(np.diff(y[order]) <= 1e-12)  # larger inputs never get less mass
+
+
+@SETTINGS
+@given(x=rows, data=st.data(), lam=strengths, p=exponents, magnitude=st.booleans())
+def test_permutation_equivariance(x, data, lam, p, magnitude):
+    k = data.draw(st.integers(1, x.size))
+    perm = np.asarray(data.draw(st.permutations(range(x.size))), dtype=np.intp)
+    fn = tk.soft_topk_mag if magnitude else tk.soft_topk_mask
+    np.testing.assert_allclose(fn(x[perm], k, regularization_strength=lam, p=p),
+                               fn(x, k, regularization_strength=lam, p=p)[perm], atol=1e-9)
+
+
+@SETTINGS
+@given(x=arrays(np.float64, st.integers(2, 20), elements=finite, unique=True), data=st.data())
+def test_hard_limit_for_distinct_values(x, data):
+    k = data.draw(st.integers(1, x.size))
+    gap = np.min(np.diff(np.sort(x)))
+    lam = gap / 4.0
+    if lam <= 1e-9:
+        return
+    np.testing.assert_array_equal(tk.soft_topk_mask(x, k, regularization_strength=lam), tk.hard_topk_mask(x, k))
+
+
+@SETTINGS
+@given(x=arrays(np.float64, st.integers(2, 20), elements=finite, unique=True), data=st.data())
+def test_hard_limit_of_the_magnitude_operator(x, data):
+    a = np.sort(np.abs(x))
+    if np.min(np.diff(a)) <= 1e-6:
+        return
+    k = data.draw(st.integers(1, x.size))
+    y = tk.soft_topk_mag(x, k, regularization_strength=1e-12)
+    np.testing.assert_allclose(y, tk.hard_topk_mag(x, k), atol=1e-6)
+
+
+@SETTINGS
+@given(value=finite, copies=st.integers(2, 6), rest=st.integers(0, 5), lam=strengths, p=exponents)
+def test_ties_split_evenly(value, copies, rest, lam, p):
+    x = np.concatenate([np.full(copies, value), value - 1e4 - np.arange(rest)])
+    lam = min(lam, 1.0)
+    y = tk.soft_topk_mask(x, 1, regularization_strength=lam, p=p)
+    # The block value sits next to `value`: its round-off, relative to l, is the accuracy.
+    np.testing.assert_allclose(y[:copies], 1.0 / copies, rtol=1e-9, atol=1e-14 * max(1.0, abs(value)) / lam)
+
+
+@SETTINGS
+@given(x=rows, data=st.data(), lam=strengths, p=exponents)
+def test_magnitude_is_sparse_and_exact_on_sparse_inputs(x, data, lam, p):
+    k = data.draw(st.integers(1, x.size))
+    y = tk.soft_topk_mag(x, k, regularization_strength=lam, p=p)
+    assert np.all((y == 0) | (np.sign(y) == np.sign(x)))
+    assert np.all(np.abs(y) <= np.abs(x) * (1 + 1e-12) + 1e-300)
+    sparse = x.copy()
+    sparse[np.argsort(-np.abs(x), kind="stable")[k:]] = 0.0
+    np.testing.assert_array_equal(tk.soft_topk_mag(sparse, k, regularization_strength=lam, p=p), sparse)
