@@ -1,0 +1,119 @@
+"""Bad input raises a clear TypeError/ValueError naming the argument, before any computation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import topk_numpy as tk
+
+X = np.arange(12.0).reshape(3, 4)
+SOFT = [tk.soft_topk_mask, tk.soft_topk_mag]
+ALL = [*SOFT, tk.hard_topk_mask, tk.hard_topk_mag]
+ids = lambda f: f.__name__  # noqa: E731
+
+
+@pytest.mark.parametrize("fn", ALL, ids=ids)
+@pytest.mark.parametrize(("k", "error", "match"), [
+    (0, ValueError, r"`k` must satisfy 1 <= k <= n = 4.*got k = 0"),
+    (5, ValueError, r"`k` must satisfy 1 <= k <= n = 4.*got k = 5"),
+    (-1, ValueError, "`k`"),
+    (2.0, TypeError, r"`k` must be a Python int.*2\.0"),
+    (True, TypeError, "`k`"),
+    ("2", TypeError, "`k`"),
+    (None, TypeError, "`k`"),
+])
+def test_bad_k(fn, k, error, match):
+    with pytest.raises(error, match=match):
+        fn(X, k)
+
+
+def test_numpy_integer_k_is_accepted():
+    np.testing.assert_array_equal(tk.soft_topk_mask(X, np.int64(2)), tk.soft_topk_mask(X, 2))
+
+
+@pytest.mark.parametrize("fn", SOFT, ids=ids)
+@pytest.mark.parametrize(("value", "error"), [
+    (0.0, ValueError), (-1.0, ValueError), (np.inf, ValueError), (np.nan, ValueError), ("0.1", TypeError),
+    (None, TypeError),
+])
+def test_bad_strength(fn, value, error):
+    with pytest.raises(error, match="`regularization_strength`"):
+        fn(X, 2, regularization_strength=value)
+
+
+@pytest.mark.parametrize("fn", SOFT, ids=ids)
+@pytest.mark.parametrize(("value", "error"), [
+    (1.0, ValueError), (0.5, ValueError), (-2.0, ValueError), (np.inf, ValueError), (np.nan, ValueError),
+    ("2", TypeError),
+])
+def test_bad_p(fn, value, error):
+    with pytest.raises(error, match="`p`"):
+        fn(X, 2, p=value)
+
+
+@pytest.mark.parametrize("fn", ALL, ids=ids)
+@pytest.mark.parametrize(("axis", "error"), [(2, ValueError), (-3, ValueError), (1.0, TypeError), (None, TypeError)])
+def test_bad_axis(fn, axis, error):
+    with pytest.raises(error, match="`axis`"):
+        fn(X, 2, axis=axis)
+
+
+@pytest.mark.parametrize("fn", SOFT, ids=ids)
+def test_bad_method(fn):
+    with pytest.raises(ValueError, match="`method` must be one of"):
+        fn(X, 2, method="sort")
+
+
+@pytest.mark.parametrize("fn", SOFT, ids=ids)
+@pytest.mark.parametrize("controls", [{"max_iter": 10}, {"tol": 1e-6}])
+@pytest.mark.parametrize("method", ["pav", "auto"])
+def test_iteration_controls_rejected_by_pav(fn, controls, method):
+    with pytest.raises(ValueError, match="`max_iter` and `tol`"):
+        fn(X, 2, method=method, **controls)
+
+
+@pytest.mark.parametrize("fn", ALL, ids=ids)
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.bool_, np.complex128])
+def test_non_floating_dtypes(fn, dtype):
+    with pytest.raises(TypeError, match="`x` must have a real floating dtype"):
+        fn(np.ones((2, 3), dtype=dtype), 1)
+
+
+@pytest.mark.parametrize("fn", ALL, ids=ids)
+def test_empty_axis_and_scalar(fn):
+    with pytest.raises(ValueError, match="empty axis"):
+        fn(np.zeros((3, 0)), 1)
+    with pytest.raises(ValueError, match="at least one dimension"):
+        fn(np.float64(1.0), 1)
+
+
+def test_object_input_raises_type_error():
+    with pytest.raises(TypeError, match="`x`"):
+        tk.soft_topk_mask(np.array(["a", "b"]), 1)
+
+
+def test_core_rejects_non_arrays():
+    import topk_core
+
+    with pytest.raises(TypeError, match="`x` must be an array"):
+        topk_core.soft_topk_mask([1.0, 2.0], 1)
+
+
+@pytest.mark.parametrize("name", ["soft_topk_mask_jvp", "soft_topk_mag_jvp"])
+def test_jvp_tangent_must_match(name):
+    with pytest.raises(ValueError, match="`tangent` must have the shape of `x`"):
+        getattr(tk, name)(X, np.ones((4, 3)), 2)
+    with pytest.raises(TypeError, match="floating"):
+        getattr(tk, name)(X, np.ones((3, 4), dtype=np.int64), 2)
+
+
+def test_validation_happens_before_any_computation(monkeypatch):
+    import topk_core._api as api
+
+    def boom(*args, **kwargs):
+        raise AssertionError("solver called before validation")
+
+    monkeypatch.setattr(api, "pav_mask", boom)
+    with pytest.raises(ValueError, match="`p`"):
+        tk.soft_topk_mask(X, 2, p=0.5)
