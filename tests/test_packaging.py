@@ -11,8 +11,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(code: str) -> str:
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+def _run(code: str, cwd: Path | None = None) -> str:
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True, cwd=cwd
+    )
     return done.stdout
 
 
@@ -21,9 +23,10 @@ def test_core_and_numpy_adapter_do_not_import_frameworks():
     assert out.strip() == "[]"
 
 
-def test_adapters_folder_is_not_an_importable_package():
+def test_adapters_folder_is_not_an_importable_package(tmp_path):
+    # Run outside the checkout: the editable install itself must not expose `adapters`.
     assert not (ROOT / "adapters" / "__init__.py").exists()
-    out = _run("import importlib.util; print(importlib.util.find_spec('adapters'))")
+    out = _run("import importlib.util; print(importlib.util.find_spec('adapters'))", cwd=tmp_path)
     assert out.strip() == "None"
     assert not list((ROOT / "adapters").glob("*.py")), "modules must live in adapters/topk_*/"
 
