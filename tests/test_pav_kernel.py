@@ -18,7 +18,7 @@ def _solve(keys: np.ndarray, k: int, lam: float, p: float, is_mag: bool):
     batch, n = s.shape
     full = np.full(batch, n, dtype=np.int64)
     v, bstart, bend, inv = pav_rows(
-        s, perm, np.zeros(batch, np.int64), full, np.full(batch, k, np.int64), lam, conjugate_exponent(p), is_mag
+        keys, perm, np.zeros(batch, np.int64), full, np.full(batch, k, np.int64), lam, conjugate_exponent(p), is_mag
     )
     return s, perm, v, bstart, bend, inv
 

@@ -58,6 +58,7 @@ def _validated(x: Any, k: Any, axis: Any, xp: Any) -> tuple[Any, int, int]:
 def _soft_forward(
     solver: Callable[..., tuple[Any, Any]],
     x: Any, k: Any, regularization_strength: Any, p: Any, axis: Any, method: Any, max_iter: Any, tol: Any, xp: Any,
+    with_residuals: bool = True,
 ) -> tuple[Any, Any]:
     xp, k, ax = _validated(x, k, axis, xp)
     lam = _validate.check_strength(regularization_strength)
@@ -68,10 +69,11 @@ def _soft_forward(
     native = is_numpy_namespace(xp)
     rows_np = rows if native else _host(rows)
     with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
-        y_rows, residuals = solver(np.asarray(rows_np), k, lam, q)
+        y_rows, residuals = solver(np.asarray(rows_np), k, lam, q, with_residuals)
     if not native:
         y_rows = _back(y_rows, xp, x)
-        residuals = type(residuals)(*(_back(a, xp, x) for a in residuals))
+        if residuals is not None:
+            residuals = type(residuals)(*(_back(a, xp, x) for a in residuals))
     y = from_rows(y_rows, moved, ax, xp)
     return xp.astype(y, x.dtype, copy=False), residuals
 
@@ -148,9 +150,9 @@ def soft_topk_mask(
     >>> soft_topk_mask(np.array([0.0, 0.0, -5.0, 5.0]), k=2)
     array([0.5, 0.5, 0. , 1. ])
     """
-    return soft_topk_mask_forward(
-        x, k, regularization_strength=regularization_strength, p=p, axis=axis, method=method,
-        max_iter=max_iter, tol=tol, xp=xp,
+    # Forward only: the fused kernel skips the residuals of the Jacobian.
+    return _soft_forward(
+        pav_mask, x, k, regularization_strength, p, axis, method, max_iter, tol, xp, with_residuals=False
     )[0]
 
 
@@ -193,9 +195,9 @@ def soft_topk_mag(
     >>> soft_topk_mag(np.array([0.1, -4.0, 3.0, 0.2]), k=2)
     array([ 0., -4.,  3.,  0.])
     """
-    return soft_topk_mag_forward(
-        x, k, regularization_strength=regularization_strength, p=p, axis=axis, method=method,
-        max_iter=max_iter, tol=tol, xp=xp,
+    # Forward only: the fused kernel skips the residuals of the Jacobian.
+    return _soft_forward(
+        pav_mag, x, k, regularization_strength, p, axis, method, max_iter, tol, xp, with_residuals=False
     )[0]
 
 

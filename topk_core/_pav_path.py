@@ -3,34 +3,54 @@
 Inputs are NumPy (batch, n) rows in float32 or float64; this is the CPU fast
 path behind the public functions.  Sorting uses `argsort` + `take_along_axis`;
 the kernel also inverts the permutation (a scatter, which the Array API lacks).
+Calls that need no Jacobian take the fused kernel `topk_rows_forward`, which
+writes the outputs straight to input order.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import array_api_compat.numpy as xp
 import numpy as np
 
 from ._agnostic.assemble import assemble_mag, assemble_mask
 from ._agnostic.residuals import MagResiduals, MaskResiduals
-from ._pav import pav_rows
+from ._pav import pav_rows, topk_rows_forward
 
 
-def _nan_rows(x: Any) -> tuple[Any, Any]:
+class _SortedRows(NamedTuple):
+    x: Any  # the input rows, NaN rows zeroed
+    keys: Any  # what the rows are sorted by (x or |x|), infinite entries zeroed
+    perm: Any  # descending sorting permutation
+    lo: Any  # (batch, 1): the finite segment [lo, hi) of the sorted row and its unit weights kk
+    hi: Any
+    kk: Any
+    inf_counts: Any  # (n_pos, n_neg, n_finite) when some entry is infinite, else None
+    nan_rows: Any  # (batch, 1) bool, or None when no row has NaN
+
+
+def _prepare(x: Any, k: int, is_mag: bool) -> _SortedRows:
+    batch, n = x.shape
     nan_rows = xp.any(xp.isnan(x), axis=-1, keepdims=True)
     if xp.any(nan_rows):
-        return xp.where(nan_rows, xp.zeros_like(x), x), nan_rows
-    return x, None
-
-
-def _sorted(keys: Any) -> tuple[Any, Any]:
-    perm = xp.argsort(-keys, axis=-1, stable=False)
-    return np.ascontiguousarray(xp.take_along_axis(keys, perm, axis=-1)), np.ascontiguousarray(perm)
-
-
-def _fill(batch: int, value: int) -> Any:
-    return np.full((batch, 1), value, dtype=np.int64)
+        x = xp.where(nan_rows, xp.zeros_like(x), x)
+    else:
+        nan_rows = None
+    keys = xp.abs(x) if is_mag else x
+    perm = np.ascontiguousarray(xp.argsort(-keys, axis=-1, stable=False))
+    full = np.full((batch, 1), n, dtype=np.int64)
+    lo, hi, kk, inf_counts = np.zeros_like(full), full, np.full_like(full, k), None
+    finite = xp.isfinite(keys)
+    if not xp.all(finite):
+        # Infinite entries sit at the ends of the sorted row, outside [lo, hi).
+        n_pos = xp.sum(xp.astype(keys == xp.inf, xp.int64), axis=-1, keepdims=True)
+        n_neg = xp.sum(xp.astype(keys == -xp.inf, xp.int64), axis=-1, keepdims=True)
+        n_fin = n - n_pos - n_neg
+        lo, hi, kk = n_pos, n - n_neg, xp.clip(k - n_pos, 0, n_fin)
+        inf_counts = (n_pos, n_neg, n_fin)
+        keys = xp.where(finite, keys, xp.zeros_like(keys))
+    return _SortedRows(x, np.ascontiguousarray(keys), perm, lo, hi, kk, inf_counts, nan_rows)
 
 
 def _poison(residuals: Any, nan_rows: Any) -> Any:
@@ -43,46 +63,38 @@ def _poison(residuals: Any, nan_rows: Any) -> Any:
     return type(residuals)(**fields)
 
 
-def pav_mask(x: Any, k: int, lam: float, q: float) -> tuple[Any, MaskResiduals]:
-    """Soft top-k mask of NumPy rows `x` (batch, n) and its residuals."""
-    batch, n = x.shape
-    x, nan_rows = _nan_rows(x)
-    s, perm = _sorted(x)
-    inf_counts = None
-    if not np.isfinite(s).all():
-        n_pos = xp.sum(xp.astype(s == xp.inf, xp.int64), axis=-1, keepdims=True)
-        n_neg = xp.sum(xp.astype(s == -xp.inf, xp.int64), axis=-1, keepdims=True)
-        n_fin = n - n_pos - n_neg
-        lo, hi, kk = n_pos, n - n_neg, xp.clip(k - n_pos, 0, n_fin)
-        inf_counts = (n_pos, n_neg, n_fin)
-        s = np.ascontiguousarray(xp.where(xp.isfinite(s), s, xp.zeros_like(s)))
+def _solve(x: Any, k: int, lam: float, q: float, is_mag: bool, with_residuals: bool) -> tuple[Any, Any]:
+    rows = _prepare(x, k, is_mag)
+    if with_residuals:
+        v, bstart, bend, inv = pav_rows(
+            rows.keys, rows.perm, rows.lo[:, 0], rows.hi[:, 0], rows.kk[:, 0], lam, q, is_mag
+        )
+        s = xp.take_along_axis(rows.keys, rows.perm, axis=-1)
+        if is_mag:
+            x_sorted = xp.take_along_axis(rows.x, rows.perm, axis=-1)
+            y, res = assemble_mag(s, x_sorted, v, rows.perm, inv, bstart, bend, rows.lo, rows.kk, lam, q, xp)
+        else:
+            y, res = assemble_mask(
+                s, v, rows.perm, inv, bstart, bend, rows.lo, rows.kk, lam, q, xp, rows.inf_counts, k
+            )
+        y = xp.take_along_axis(y, inv, axis=-1)
     else:
-        lo, hi, kk = _fill(batch, 0), _fill(batch, n), _fill(batch, k)
-    v, bstart, bend, inv = pav_rows(s, perm, lo[:, 0], hi[:, 0], kk[:, 0], lam, q, False)
-    y, res = assemble_mask(s, v, perm, inv, bstart, bend, lo, kk, lam, q, xp, inf_counts, k)
-    y = xp.take_along_axis(y, inv, axis=-1)
-    if nan_rows is not None:
-        y = xp.where(nan_rows, xp.nan, y)
-        res = _poison(res, nan_rows)
+        y = np.empty_like(rows.x)
+        topk_rows_forward(
+            rows.keys, rows.perm, rows.x, rows.lo[:, 0], rows.hi[:, 0], rows.kk[:, 0], k, lam, q, is_mag, y
+        )
+        res = None
+    if rows.nan_rows is not None:
+        y = xp.where(rows.nan_rows, xp.nan, y)
+        res = None if res is None else _poison(res, rows.nan_rows)
     return y, res
 
 
-def pav_mag(x: Any, k: int, lam: float, q: float) -> tuple[Any, MagResiduals]:
-    """Soft top-k in magnitude of NumPy rows `x` (batch, n) and its residuals."""
-    batch, n = x.shape
-    x, nan_rows = _nan_rows(x)
-    s, perm = _sorted(xp.abs(x))
-    if not np.isfinite(s).all():
-        n_inf = xp.sum(xp.astype(s == xp.inf, xp.int64), axis=-1, keepdims=True)
-        lo, kk = n_inf, xp.clip(k - n_inf, 0, n - n_inf)
-        s = np.ascontiguousarray(xp.where(xp.isfinite(s), s, xp.zeros_like(s)))
-    else:
-        lo, kk = _fill(batch, 0), _fill(batch, k)
-    v, bstart, bend, inv = pav_rows(s, perm, lo[:, 0], _fill(batch, n)[:, 0], kk[:, 0], lam, q, True)
-    x_sorted = xp.take_along_axis(x, perm, axis=-1)
-    out, res = assemble_mag(s, x_sorted, v, perm, inv, bstart, bend, lo, kk, lam, q, xp)
-    out = xp.take_along_axis(out, inv, axis=-1)
-    if nan_rows is not None:
-        out = xp.where(nan_rows, xp.nan, out)
-        res = _poison(res, nan_rows)
-    return out, res
+def pav_mask(x: Any, k: int, lam: float, q: float, with_residuals: bool = True) -> tuple[Any, MaskResiduals | None]:
+    """Soft top-k mask of NumPy rows `x` (batch, n) and its residuals (None if not asked for)."""
+    return _solve(x, k, lam, q, False, with_residuals)
+
+
+def pav_mag(x: Any, k: int, lam: float, q: float, with_residuals: bool = True) -> tuple[Any, MagResiduals | None]:
+    """Soft top-k in magnitude of NumPy rows `x` (batch, n) and its residuals (None if not asked for)."""
+    return _solve(x, k, lam, q, True, with_residuals)

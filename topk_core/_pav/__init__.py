@@ -1,5 +1,5 @@
 """Numba PAV kernels: the CPU fast path of the isotonic step (spec section 4)."""
 
-from .kernels import pav_rows
+from .kernels import pav_rows, topk_rows_forward
 
-__all__ = ["pav_rows"]
+__all__ = ["pav_rows", "topk_rows_forward"]

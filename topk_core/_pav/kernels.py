@@ -67,13 +67,13 @@ def _closed_block_value(
 
 
 @nb.njit(cache=True, error_model="numpy")
-def _pool_closed(s, lo, hi, kk, lam, q, is_mag):
+def _pool_closed(keys, order, lo, hi, kk, lam, q, is_mag):
     """Grow the boundary block with O(1) moment updates; return (a, b, gamma)."""
     a = lo + kk - 1
     b = lo + kk + 1
     # Moments of the two boundary entries.
-    x0 = float(s[a])
-    x1 = float(s[a + 1])
+    x0 = float(keys[order[a]])
+    x1 = float(keys[order[a + 1]])
     count = 2.0
     mean = 0.5 * (x0 + x1)
     m2 = 0.5 * (x0 - x1) * (x0 - x1)
@@ -81,12 +81,12 @@ def _pool_closed(s, lo, hi, kk, lam, q, is_mag):
     wsum = 1.0
     gamma = _closed_block_value(count, mean, m2, m3, wsum, lam, q, is_mag)
     while True:
-        if a > lo and not _saturated(float(s[a - 1]), gamma, lam, q, is_mag):
+        if a > lo and not _saturated(float(keys[order[a - 1]]), gamma, lam, q, is_mag):
             a -= 1
-            xi = float(s[a])
+            xi = float(keys[order[a]])
             wsum += 1.0
-        elif b < hi and float(s[b]) > gamma:
-            xi = float(s[b])
+        elif b < hi and float(keys[order[b]]) > gamma:
+            xi = float(keys[order[b]])
             b += 1
         else:
             break
@@ -104,12 +104,12 @@ def _pool_closed(s, lo, hi, kk, lam, q, is_mag):
 
 
 @nb.njit(cache=True, error_model="numpy")
-def _first_unsaturated(s, lo, hi, gamma, lam, q, is_mag):
+def _first_unsaturated(keys, order, lo, hi, gamma, lam, q, is_mag):
     # Saturation is monotone along a descending row: binary search its end.
     left, right = lo, hi
     while left < right:
         mid = (left + right) // 2
-        if _saturated(float(s[mid]), gamma, lam, q, is_mag):
+        if _saturated(float(keys[order[mid]]), gamma, lam, q, is_mag):
             left = mid + 1
         else:
             right = mid
@@ -117,11 +117,11 @@ def _first_unsaturated(s, lo, hi, gamma, lam, q, is_mag):
 
 
 @nb.njit(cache=True, error_model="numpy")
-def _first_not_above(s, lo, hi, gamma):
+def _first_not_above(keys, order, lo, hi, gamma):
     left, right = lo, hi
     while left < right:
         mid = (left + right) // 2
-        if float(s[mid]) > gamma:
+        if float(keys[order[mid]]) > gamma:
             left = mid + 1
         else:
             right = mid
@@ -129,14 +129,14 @@ def _first_not_above(s, lo, hi, gamma):
 
 
 @nb.njit(cache=True, error_model="numpy")
-def _excess(s, lo, hi, kk, gamma, lam, q, is_mag):
+def _excess(keys, order, lo, hi, kk, gamma, lam, q, is_mag):
     """Return (sum(y) - k, d/dgamma) at threshold gamma, and the free range."""
-    a = _first_unsaturated(s, lo, hi, gamma, lam, q, is_mag)
-    b = _first_not_above(s, a, hi, gamma)
+    a = _first_unsaturated(keys, order, lo, hi, gamma, lam, q, is_mag)
+    b = _first_not_above(keys, order, a, hi, gamma)
     total = float(a - lo) - kk
     deriv = 0.0
     for i in range(a, b):
-        u = float(s[i]) - gamma
+        u = float(keys[order[i]]) - gamma
         gi = g_scalar(u, lam, q)
         gpi = g_prime_scalar(u, lam, q)
         if is_mag:
@@ -149,7 +149,7 @@ def _excess(s, lo, hi, kk, gamma, lam, q, is_mag):
 
 
 @nb.njit(cache=True, error_model="numpy")
-def _pool_rootfind(s, lo, hi, kk, lam, q, is_mag):
+def _pool_rootfind(keys, order, lo, hi, kk, lam, q, is_mag):
     """General q: solve the pooled block equation for its value; return (a, b, gamma).
 
     `sum(y)` is continuous and non-increasing in the block value.  The bracket
@@ -158,14 +158,14 @@ def _pool_rootfind(s, lo, hi, kk, lam, q, is_mag):
     saturated) more than k entries are saturated.
     """
     i0 = lo + kk - 1
-    upper = float(s[i0])
+    upper = float(keys[order[i0]])
     if is_mag:
-        lower = mag_fixed_point(float(s[i0 + 1]), lam, q)
+        lower = mag_fixed_point(float(keys[order[i0 + 1]]), lam, q)
     else:
-        lower = float(s[i0 + 1]) - lam
+        lower = float(keys[order[i0 + 1]]) - lam
     gamma = 0.5 * (lower + upper)
     for _ in range(300):
-        f, fp, a, b = _excess(s, lo, hi, kk, gamma, lam, q, is_mag)
+        f, fp, a, b = _excess(keys, order, lo, hi, kk, gamma, lam, q, is_mag)
         if f == 0.0:
             break
         if f > 0.0:
@@ -178,32 +178,37 @@ def _pool_rootfind(s, lo, hi, kk, lam, q, is_mag):
         if nxt == gamma or upper - lower <= 2.0 * _EPS * max(abs(lower), abs(upper)):
             break
         gamma = nxt
-    f, fp, a, b = _excess(s, lo, hi, kk, gamma, lam, q, is_mag)
+    f, fp, a, b = _excess(keys, order, lo, hi, kk, gamma, lam, q, is_mag)
     # The pooled block always straddles the boundary k - 1 | k.
     return min(a, i0), max(b, i0 + 2), gamma
 
 
 @nb.njit(cache=True, error_model="numpy")
-def _pav_row(s, lo, hi, kk, lam, q, is_mag, closed, v, bstart, bend):
-    n = s.shape[0]
+def _pooled_block(keys, order, lo, hi, kk, lam, q, is_mag, closed):
+    """Return (a, b, gamma): the pooled block [a, b) of a row and its value (a == b: none)."""
+    if kk <= 0 or kk >= hi - lo:
+        return lo, lo, 0.0
+    # Is there an adjacent violator at the boundary?  Entry k - 1 is
+    # unsaturated at the value s[k] of its right neighbour.
+    if _saturated(float(keys[order[lo + kk - 1]]), float(keys[order[lo + kk]]), lam, q, is_mag):
+        return lo, lo, 0.0
+    if closed:
+        return _pool_closed(keys, order, lo, hi, kk, lam, q, is_mag)
+    return _pool_rootfind(keys, order, lo, hi, kk, lam, q, is_mag)
+
+
+@nb.njit(cache=True, error_model="numpy")
+def _pav_row(keys, order, lo, hi, kk, lam, q, is_mag, closed, v, bstart, bend):
+    n = keys.shape[0]
     for i in range(n):
         bstart[i] = i
         bend[i] = i
-        si = float(s[i])
+        si = float(keys[order[i]])
         if lo <= i < lo + kk:
             v[i] = mag_fixed_point(si, lam, q) if is_mag else si - lam
         else:
             v[i] = si
-    if kk <= 0 or kk >= hi - lo:
-        return
-    # Is there an adjacent violator at the boundary?  Entry k - 1 is
-    # unsaturated at the value s[k] of its right neighbour.
-    if _saturated(float(s[lo + kk - 1]), float(s[lo + kk]), lam, q, is_mag):
-        return
-    if closed:
-        a, b, gamma = _pool_closed(s, lo, hi, kk, lam, q, is_mag)
-    else:
-        a, b, gamma = _pool_rootfind(s, lo, hi, kk, lam, q, is_mag)
+    a, b, gamma = _pooled_block(keys, order, lo, hi, kk, lam, q, is_mag, closed)
     for i in range(a, b):
         v[i] = gamma
         bstart[i] = a
@@ -211,16 +216,17 @@ def _pav_row(s, lo, hi, kk, lam, q, is_mag, closed, v, bstart, bend):
 
 
 @nb.njit(parallel=True, cache=True, error_model="numpy")
-def pav_rows(s, perm, lo, hi, kk, lam, q, is_mag):
+def pav_rows(keys, perm, lo, hi, kk, lam, q, is_mag):
     """Solve the isotonic problem of every row and invert the sorting permutation.
 
     Parameters
     ----------
-    s : (batch, n) float32 or float64, C-contiguous
-        Each row sorted in descending order (values for the mask, magnitudes
-        for the magnitude operator).
+    keys : (batch, n) float32 or float64
+        The rows to sort by (values for the mask, magnitudes for the magnitude
+        operator), finite inside the segment below.
     perm : (batch, n) int64
-        The sorting permutation (``s = take_along_axis(x, perm)``).
+        The descending sorting permutation: the kernels read the sorted row
+        ``s_i = keys[perm[i]]`` through it, so no sorted copy is needed.
     lo, hi, kk : (batch,) int64
         The finite segment ``[lo, hi)`` of each row and the number ``kk`` of
         unit weights inside it (infinite entries are handled by the caller).
@@ -238,14 +244,54 @@ def pav_rows(s, perm, lo, hi, kk, lam, q, is_mag):
     inv_perm : (batch, n) int64
         The inverse permutation.
     """
-    batch, n = s.shape
+    batch, n = keys.shape
     closed = q == 2.0 or q == 4.0
-    v = np.empty((batch, n), dtype=s.dtype)
+    v = np.empty((batch, n), dtype=keys.dtype)
     bstart = np.empty((batch, n), dtype=np.int64)
     bend = np.empty((batch, n), dtype=np.int64)
     inv = np.empty((batch, n), dtype=np.int64)
     for r in nb.prange(batch):
-        _pav_row(s[r], lo[r], hi[r], kk[r], lam, q, is_mag, closed, v[r], bstart[r], bend[r])
+        _pav_row(keys[r], perm[r], lo[r], hi[r], kk[r], lam, q, is_mag, closed, v[r], bstart[r], bend[r])
         for i in range(n):
             inv[r, perm[r, i]] = i
     return v, bstart, bend, inv
+
+
+@nb.njit(parallel=True, cache=True, error_model="numpy")
+def topk_rows_forward(keys, perm, x, lo, hi, kk, k, lam, q, is_mag, out):
+    """Forward-only fast path: PAV and the output assembly fused, scattered to input order.
+
+    The CPU twin of `topk_core._agnostic.assemble` for calls that need no
+    residuals (the tests check that both give the same outputs): it writes
+    ``out[r, perm[r, i]]`` directly, so no block arrays and no inverse
+    permutation are materialized.  Arguments as in `pav_rows`; ``x`` (the
+    signed input rows) is read only by the magnitude operator, ``k`` is the
+    requested k (for the shares of infinite mask entries).
+    """
+    batch, n = keys.shape
+    closed = q == 2.0 or q == 4.0
+    for r in nb.prange(batch):
+        row, pr = keys[r], perm[r]
+        lo_r, hi_r, kk_r = lo[r], hi[r], kk[r]
+        a, b, gamma = _pooled_block(row, pr, lo_r, hi_r, kk_r, lam, q, is_mag, closed)
+        n_pos = lo_r
+        n_neg = n - hi_r
+        share_pos = min(1.0, k / n_pos) if n_pos > 0 else 0.0
+        share_neg = max(k - n_pos - (hi_r - lo_r), 0) / n_neg if n_neg > 0 else 0.0
+        for i in range(n):
+            if a <= i < b:
+                rr = max(float(row[pr[i]]) - gamma, 0.0)
+                gi = g_scalar(rr, lam, q)
+                if is_mag:
+                    val = math.copysign(gi + rr, float(x[r, pr[i]])) if rr > 0.0 else 0.0
+                else:
+                    val = min(gi, 1.0)
+            elif i < lo_r:
+                val = float(x[r, pr[i]]) if is_mag else share_pos
+            elif i >= hi_r:
+                val = share_neg
+            elif i < lo_r + kk_r:
+                val = float(x[r, pr[i]]) if is_mag else 1.0
+            else:
+                val = 0.0
+            out[r, pr[i]] = val

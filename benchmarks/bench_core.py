@@ -1,0 +1,123 @@
+"""Benchmark of the NumPy operators (PAV method) against np.argsort, measured side by side.
+
+Prints a Markdown table: forward and forward+VJP times of both soft operators
+(float32, k = n/10) as ratios to `np.argsort` of the same data in the same run
+(medians of repeated runs, warm-up excluded), and the peak extra memory of one
+forward+VJP call relative to the input size (measured in a fresh subprocess
+with the kernel already compiled).
+
+    python benchmarks/bench_core.py            # full table
+    python benchmarks/bench_core.py --quick    # small shapes, a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+import topk_numpy as tk
+
+SHAPES = [(1, 10**6), (64, 4096), (16384, 64)]
+QUICK_SHAPES = [(1, 10**4), (16, 256), (256, 64)]
+EXPONENTS = [4.0 / 3.0, 2.0]
+
+
+def median_time(fn, repeats: int) -> float:
+    fn()  # warm-up (compilation, caches)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _peak_memory_child(shape: tuple[int, int], op: str, p: float) -> None:
+    """Run in a subprocess: print the peak resident memory added by one forward+VJP call."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=shape).astype(np.float32)
+    u = rng.normal(size=shape).astype(np.float32)
+    k = max(1, shape[1] // 10)
+    vjp = getattr(tk, f"soft_topk_{op}_vjp")
+    vjp(x[:1, :16], 2, p=p)[1](u[:1, :16])  # compile outside the measurement
+
+    def status(field: str) -> int:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError(field)
+
+    with open("/proc/self/clear_refs", "w") as fh:  # reset the high-water mark
+        fh.write("5")
+    before = status("VmRSS:")
+    y, vjp_fn = vjp(x, k, p=p)
+    g = vjp_fn(u)
+    peak = status("VmHWM:") - before
+    print(json.dumps({"peak": peak, "input": x.nbytes, "check": float(g.sum() + y.sum())}))
+
+
+def peak_memory_ratio(shape: tuple[int, int], op: str, p: float) -> float | None:
+    code = (
+        "import sys; sys.path.insert(0, %r); import bench_core; bench_core._peak_memory_child(%r, %r, %r)"
+        % (os.path.dirname(os.path.abspath(__file__)), shape, op, p)
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        return None
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    return out["peak"] / out["input"]
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, NumPy {np.__version__}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small shapes and few repeats (smoke run)")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    args = parser.parse_args()
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    repeats = 2 if args.quick else args.repeats
+
+    print(f"machine: {machine()}")
+    print(f"float32, k = n/10, medians of {repeats} runs after a warm-up; ratios to np.argsort of the same data\n")
+    print("| shape | operator | p | argsort (ms) | forward (ms) | forward / argsort | fwd+VJP (ms) "
+          "| fwd+VJP / argsort | peak memory / input |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    rng = np.random.default_rng(0)
+    for shape in shapes:
+        x = rng.normal(size=shape).astype(np.float32)
+        u = rng.normal(size=shape).astype(np.float32)
+        k = max(1, shape[1] // 10)
+        t_sort = median_time(lambda x=x: np.argsort(x, axis=-1), repeats)
+        for op in ("mask", "mag"):
+            fwd = getattr(tk, f"soft_topk_{op}")
+            vjp = getattr(tk, f"soft_topk_{op}_vjp")
+            for p in EXPONENTS:
+                t_fwd = median_time(lambda fwd=fwd, x=x, k=k, p=p: fwd(x, k, p=p), repeats)
+                t_both = median_time(lambda vjp=vjp, x=x, k=k, p=p, u=u: vjp(x, k, p=p)[1](u), repeats)
+                mem = None if args.no_memory else peak_memory_ratio(shape, op, p)
+                mem_text = "n/a" if mem is None else f"{mem:.1f}x"
+                print(f"| {shape} | {op} | {p:.3g} | {t_sort * 1e3:.2f} | {t_fwd * 1e3:.2f} | {t_fwd / t_sort:.2f} "
+                      f"| {t_both * 1e3:.2f} | {t_both / t_sort:.2f} | {mem_text} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""Small pure Array-API helpers shared by the threshold and Dykstra solvers.
+
+Everything works on (batch, n) rows with per-row quantities kept as
+(batch, 1) arrays, so that no Python loop over rows is ever needed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .residuals import MagResiduals
+
+
+def count(mask: Any, xp: Any) -> Any:
+    """Number of true entries of every row, as a (batch, 1) int64 array."""
+    return xp.sum(xp.astype(mask, xp.int64), axis=-1, keepdims=True)
+
+
+def all_true(cond: Any, xp: Any) -> bool:
+    """`bool(all(cond))` where the value can be read, else False.
+
+    Traced or lazy arrays (``jax.jit``, ...) cannot be read during tracing;
+    the Array API standard says `__bool__` raises TypeError then.  Returning
+    False makes the iterative solvers run their full iteration budget instead
+    of stopping early, which keeps them traceable.
+    """
+    try:
+        return bool(xp.all(cond))
+    except TypeError:
+        return False
+
+
+def whole_row_blocks(like: Any, xp: Any) -> tuple[Any, Any]:
+    """Block bounds that make every row one segment: start 0, end n - 1 (broadcast views)."""
+    batch, n = like.shape
+    zero = xp.zeros_like(like[:1, :1], dtype=xp.int64)
+    return xp.broadcast_to(zero, (batch, n)), xp.broadcast_to(zero + (n - 1), (batch, n))
+
+
+def nan_rows_of(x: Any, xp: Any) -> tuple[Any, Any]:
+    """Return `(clean, nan_rows)`: rows containing NaN replaced by zeros, and the (batch, 1) flags."""
+    nan_rows = xp.any(xp.isnan(x), axis=-1, keepdims=True)
+    return xp.where(nan_rows, xp.zeros_like(x), x), nan_rows
+
+
+def poison(residuals: Any, nan_rows: Any, xp: Any) -> Any:
+    """NaN derivatives on NaN rows (confined to those rows), as the PAV path does."""
+    fields = residuals._asdict()
+    fields["gprime"] = xp.where(nan_rows, xp.nan, residuals.gprime)
+    if isinstance(residuals, MagResiduals):
+        fields["scale"] = xp.where(nan_rows, xp.nan, residuals.scale)
+        fields["saturated"] = residuals.saturated & ~nan_rows
+    return type(residuals)(**fields)
