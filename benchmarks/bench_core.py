@@ -66,10 +66,8 @@ def _peak_memory_child(shape: tuple[int, int], op: str, p: float) -> None:
 
 
 def peak_memory_ratio(shape: tuple[int, int], op: str, p: float) -> float | None:
-    code = (
-        "import sys; sys.path.insert(0, %r); import bench_core; bench_core._peak_memory_child(%r, %r, %r)"
-        % (os.path.dirname(os.path.abspath(__file__)), shape, op, p)
-    )
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = f"import sys; sys.path.insert(0, {here!r}); import bench_core; bench_core._peak_memory_child({shape!r}, {op!r}, {p!r})"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
         return None

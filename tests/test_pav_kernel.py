@@ -74,7 +74,7 @@ def test_inverse_permutation_and_all_rows_in_one_call(rng):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_kernel_keeps_dtype(dtype):
-    s, _, v, bstart, _, inv = _solve(np.array([[3.0, 2.0, 1.0, 0.5]], dtype=dtype), 2, 1.0, 4 / 3, False)
+    _, _, v, bstart, _, inv = _solve(np.array([[3.0, 2.0, 1.0, 0.5]], dtype=dtype), 2, 1.0, 4 / 3, False)
     assert v.dtype == dtype
     assert bstart.dtype == np.int64 and inv.dtype == np.int64
 

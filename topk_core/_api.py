@@ -8,7 +8,8 @@ and results are converted back to the input's library and device.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -45,7 +46,7 @@ def _host(a: Any) -> np.ndarray:
 
 
 def _back(a: Any, xp: Any, like: Any) -> Any:
-    return xp.asarray(a, device=device(like))
+    return None if a is None else xp.asarray(a, device=device(like))
 
 
 def _validated(x: Any, k: Any, axis: Any, xp: Any) -> tuple[Any, int, int]:

@@ -16,11 +16,11 @@ from array_api_compat import (
 
 __all__ = [
     "array_namespace",
+    "default_int",
     "device",
     "is_array_api_obj",
     "is_numpy_array",
     "is_numpy_namespace",
-    "default_int",
     "namespace_of",
     "size",
     "to_device",

@@ -3,8 +3,8 @@
 Inputs are NumPy (batch, n) rows in float32 or float64; this is the CPU fast
 path behind the public functions.  Sorting uses `argsort` + `take_along_axis`;
 the kernel also inverts the permutation (a scatter, which the Array API lacks).
-Calls that need no Jacobian take the fused kernel `topk_rows_forward`, which
-writes the outputs straight to input order.
+The fused kernel `topk_rows_forward` writes outputs (and, when asked, the
+Jacobian residuals) straight to input order.
 """
 
 from __future__ import annotations
@@ -32,25 +32,31 @@ class _SortedRows(NamedTuple):
 
 def _prepare(x: Any, k: int, is_mag: bool) -> _SortedRows:
     batch, n = x.shape
-    nan_rows = xp.any(xp.isnan(x), axis=-1, keepdims=True)
-    if xp.any(nan_rows):
-        x = xp.where(nan_rows, xp.zeros_like(x), x)
-    else:
-        nan_rows = None
     keys = xp.abs(x) if is_mag else x
-    perm = np.ascontiguousarray(xp.argsort(-keys, axis=-1, stable=False))
     full = np.full((batch, 1), n, dtype=np.int64)
-    lo, hi, kk, inf_counts = np.zeros_like(full), full, np.full_like(full, k), None
+    lo, hi, kk, inf_counts, nan_rows = np.zeros_like(full), full, np.full_like(full, k), None, None
     finite = xp.isfinite(keys)
-    if not xp.all(finite):
+    if not xp.all(finite):  # one pass decides the common, all-finite case
+        nan_rows = xp.any(xp.isnan(keys), axis=-1, keepdims=True)
+        if xp.any(nan_rows):
+            x = xp.where(nan_rows, xp.zeros_like(x), x)
+            keys = xp.where(nan_rows, xp.zeros_like(keys), keys)
+            finite = finite | nan_rows
+        else:
+            nan_rows = None
         # Infinite entries sit at the ends of the sorted row, outside [lo, hi).
         n_pos = xp.sum(xp.astype(keys == xp.inf, xp.int64), axis=-1, keepdims=True)
         n_neg = xp.sum(xp.astype(keys == -xp.inf, xp.int64), axis=-1, keepdims=True)
         n_fin = n - n_pos - n_neg
         lo, hi, kk = n_pos, n - n_neg, xp.clip(k - n_pos, 0, n_fin)
         inf_counts = (n_pos, n_neg, n_fin)
+        perm = xp.argsort(keys, axis=-1, stable=False)
         keys = xp.where(finite, keys, xp.zeros_like(keys))
-    return _SortedRows(x, np.ascontiguousarray(keys), perm, lo, hi, kk, inf_counts, nan_rows)
+    else:
+        perm = xp.argsort(keys, axis=-1, stable=False)
+    # Descending order as a reversed view of the ascending sort: no negated copy. The
+    # order of tied entries is irrelevant: the soft operators treat ties symmetrically.
+    return _SortedRows(x, np.ascontiguousarray(keys), perm[:, ::-1], lo, hi, kk, inf_counts, nan_rows)
 
 
 def _poison(residuals: Any, nan_rows: Any) -> Any:
@@ -63,38 +69,56 @@ def _poison(residuals: Any, nan_rows: Any) -> Any:
     return type(residuals)(**fields)
 
 
-def _solve(x: Any, k: int, lam: float, q: float, is_mag: bool, with_residuals: bool) -> tuple[Any, Any]:
+def _solve(x: Any, k: int, lam: float, q: float, is_mag: bool, with_residuals: bool, fused: bool) -> tuple[Any, Any]:
     rows = _prepare(x, k, is_mag)
-    if with_residuals:
-        v, bstart, bend, inv = pav_rows(
-            rows.keys, rows.perm, rows.lo[:, 0], rows.hi[:, 0], rows.kk[:, 0], lam, q, is_mag
-        )
-        s = xp.take_along_axis(rows.keys, rows.perm, axis=-1)
-        if is_mag:
-            x_sorted = xp.take_along_axis(rows.x, rows.perm, axis=-1)
-            y, res = assemble_mag(s, x_sorted, v, rows.perm, inv, bstart, bend, rows.lo, rows.kk, lam, q, xp)
-        else:
-            y, res = assemble_mask(
-                s, v, rows.perm, inv, bstart, bend, rows.lo, rows.kk, lam, q, xp, rows.inf_counts, k
-            )
-        y = xp.take_along_axis(y, inv, axis=-1)
-    else:
+    lo, hi, kk = rows.lo[:, 0], rows.hi[:, 0], rows.kk[:, 0]
+    if fused:
+        batch, n = x.shape
         y = np.empty_like(rows.x)
+        shape = (batch, n) if with_residuals else (0, 0)
+        gprime = np.empty(shape, dtype=y.dtype)
+        scale = np.empty(shape if is_mag else (0, 0), dtype=y.dtype)
+        saturated = np.empty(shape if is_mag else (0, 0), dtype=np.bool_)
+        offset = np.zeros(batch if is_mag and with_residuals else 0, dtype=np.int64)
         topk_rows_forward(
-            rows.keys, rows.perm, rows.x, rows.lo[:, 0], rows.hi[:, 0], rows.kk[:, 0], k, lam, q, is_mag, y
+            rows.keys, rows.perm, rows.x, lo, hi, kk, k, lam, q, is_mag, y, gprime, scale, saturated, offset
         )
         res = None
+        if with_residuals and is_mag:
+            offset = xp.astype(offset[:, None], y.dtype)
+            res = MagResiduals(None, None, None, None, gprime, scale, saturated, xp.sign(rows.x), offset)
+        elif with_residuals:
+            res = MaskResiduals(None, None, None, None, gprime)
+    else:
+        # Isotonic solution + Array-API assembly: residuals in sorted order with block ids.
+        perm = np.ascontiguousarray(rows.perm)
+        v, bstart, bend, inv = pav_rows(rows.keys, perm, lo, hi, kk, lam, q, is_mag)
+        s = xp.take_along_axis(rows.keys, perm, axis=-1)
+        if is_mag:
+            x_sorted = xp.take_along_axis(rows.x, perm, axis=-1)
+            y, res = assemble_mag(s, x_sorted, v, perm, inv, bstart, bend, rows.lo, rows.kk, lam, q, xp)
+        else:
+            y, res = assemble_mask(s, v, perm, inv, bstart, bend, rows.lo, rows.kk, lam, q, xp, rows.inf_counts, k)
+        y = xp.take_along_axis(y, inv, axis=-1)
     if rows.nan_rows is not None:
         y = xp.where(rows.nan_rows, xp.nan, y)
         res = None if res is None else _poison(res, rows.nan_rows)
     return y, res
 
 
-def pav_mask(x: Any, k: int, lam: float, q: float, with_residuals: bool = True) -> tuple[Any, MaskResiduals | None]:
-    """Soft top-k mask of NumPy rows `x` (batch, n) and its residuals (None if not asked for)."""
-    return _solve(x, k, lam, q, False, with_residuals)
+def pav_mask(
+    x: Any, k: int, lam: float, q: float, with_residuals: bool = True, fused: bool = True
+) -> tuple[Any, MaskResiduals | None]:
+    """Soft top-k mask of NumPy rows `x` (batch, n) and its residuals (None if not asked for).
+
+    `fused=False` takes the unfused route (isotonic solution with block ids,
+    then the Array-API assembly); the tests use it to check the fused kernel.
+    """
+    return _solve(x, k, lam, q, False, with_residuals, fused)
 
 
-def pav_mag(x: Any, k: int, lam: float, q: float, with_residuals: bool = True) -> tuple[Any, MagResiduals | None]:
-    """Soft top-k in magnitude of NumPy rows `x` (batch, n) and its residuals (None if not asked for)."""
-    return _solve(x, k, lam, q, True, with_residuals)
+def pav_mag(
+    x: Any, k: int, lam: float, q: float, with_residuals: bool = True, fused: bool = True
+) -> tuple[Any, MagResiduals | None]:
+    """Soft top-k in magnitude of NumPy rows `x` (batch, n) and its residuals (see `pav_mask`)."""
+    return _solve(x, k, lam, q, True, with_residuals, fused)

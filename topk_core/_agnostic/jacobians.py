@@ -23,6 +23,18 @@ from .residuals import MagResiduals, MaskResiduals
 from .segments import safe_divide, segment_sum
 
 
+def _block_total(values: Any, res: Any, xp: Any) -> Any:
+    """Sum over each entry's block; without block ids the row is one segment.
+
+    The PAV and threshold methods store residuals in input order with no block
+    ids: the weights are a 0/1 prefix, so a row has a single pooled block, the
+    free set, and `gprime` is 0 outside it, which makes the row sum the block sum.
+    """
+    if res.block_start is None:
+        return xp.sum(values, axis=-1, keepdims=True)
+    return segment_sum(values, res.block_start, res.block_end, xp)
+
+
 def _to_working(t: Any, perm: Any, xp: Any) -> Any:
     return t if perm is None else xp.take_along_axis(t, perm, axis=-1)
 
@@ -35,25 +47,19 @@ def mask_jvp_rows(res: MaskResiduals, tangent: Any, xp: Any) -> Any:
     """`J dx` of the mask for (batch, n) tangents (also `J^T u`: J is symmetric)."""
     ds = _to_working(tangent, res.perm, xp)
     gp = res.gprime
-    dgamma = safe_divide(
-        segment_sum(gp * ds, res.block_start, res.block_end, xp),
-        segment_sum(gp, res.block_start, res.block_end, xp),
-        xp,
-    )
+    dgamma = safe_divide(_block_total(gp * ds, res, xp), _block_total(gp, res, xp), xp)
     return _to_input(gp * (ds - dgamma), res.inv_perm, xp)
 
 
 def _mag_denominator(res: MagResiduals, xp: Any) -> Any:
-    return segment_sum(res.gprime, res.block_start, res.block_end, xp) + res.offset
+    return _block_total(res.gprime, res, xp) + res.offset
 
 
 def mag_jvp_rows(res: MagResiduals, tangent: Any, xp: Any) -> Any:
     """`J dx` of the magnitude operator for (batch, n) tangents."""
     dx = _to_working(tangent, res.perm, xp)
     ds = res.signs * dx
-    dgamma = safe_divide(
-        segment_sum(res.gprime * ds, res.block_start, res.block_end, xp), _mag_denominator(res, xp), xp
-    )
+    dgamma = safe_divide(_block_total(res.gprime * ds, res, xp), _mag_denominator(res, xp), xp)
     out = xp.where(res.saturated, dx, res.signs * res.scale * (ds - dgamma))
     return _to_input(out, res.inv_perm, xp)
 
@@ -62,8 +68,6 @@ def mag_vjp_rows(res: MagResiduals, cotangent: Any, xp: Any) -> Any:
     """`J^T u` of the magnitude operator for (batch, n) cotangents."""
     u = _to_working(cotangent, res.perm, xp)
     us = res.signs * u
-    c = safe_divide(
-        segment_sum(res.scale * us, res.block_start, res.block_end, xp), _mag_denominator(res, xp), xp
-    )
+    c = safe_divide(_block_total(res.scale * us, res, xp), _mag_denominator(res, xp), xp)
     out = xp.where(res.saturated, u, res.signs * (res.scale * us - res.gprime * c))
     return _to_input(out, res.inv_perm, xp)

@@ -1,9 +1,15 @@
 """What the forward pass keeps for the Jacobian products: arrays only, in (batch, n) layout.
 
-All arrays are in the solver's working order (the sorted order for PAV);
-`perm` takes an input row to that order and `inv_perm` takes it back.  Blocks
-are integer index ranges reported by the solver, never rediscovered by
-comparing floats (spec section 6, pitfalls).
+Two layouts share these types:
+
+* input order, one segment per row (PAV, threshold): `perm`, `inv_perm`,
+  `block_start` and `block_end` are None.  The 0/1 weights make the free set a
+  single isotonic block, so sums over it are row sums of arrays that are 0
+  outside it; the solver decides membership from its integer block bounds.
+* working order with blocks (the unfused PAV route, Dykstra): `perm` takes an
+  input row to the sorted order and `inv_perm` takes it back; blocks are
+  integer index ranges, never rediscovered by comparing floats in the
+  Jacobian (spec section 6, pitfalls).
 """
 
 from __future__ import annotations
@@ -16,10 +22,11 @@ class MaskResiduals(NamedTuple):
 
     Attributes
     ----------
-    perm, inv_perm : (batch, n) int64
-        Sorting permutation and its inverse.
-    block_start, block_end : (batch, n) int64
-        First and last working-order index of the isotonic block of each entry.
+    perm, inv_perm : (batch, n) int64 or None
+        Sorting permutation and its inverse (None: input order).
+    block_start, block_end : (batch, n) int64 or None
+        First and last working-order index of the isotonic block of each entry
+        (None: the row is one segment).
     gprime : (batch, n) float
         `g'(s - v)` on the free set `0 < y < 1`, exactly 0 elsewhere (NaN on NaN rows).
     """
@@ -43,8 +50,8 @@ class MagResiduals(NamedTuple):
     saturated : (batch, n) bool
         The set `A` of entries returned unchanged (identity derivative).
     signs : (batch, n) float
-        `sign(x)` in working order.
-    offset : (batch, n) float
+        `sign(x)`.
+    offset : (batch, n) or (batch, 1) float
         The number of unit weights of the entry's block not in `A` (the
         `k - |A|` term of the denominator `D` of spec section 6).
     """

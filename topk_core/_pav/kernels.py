@@ -258,18 +258,29 @@ def pav_rows(keys, perm, lo, hi, kk, lam, q, is_mag):
 
 
 @nb.njit(parallel=True, cache=True, error_model="numpy")
-def topk_rows_forward(keys, perm, x, lo, hi, kk, k, lam, q, is_mag, out):
-    """Forward-only fast path: PAV and the output assembly fused, scattered to input order.
+def topk_rows_forward(keys, perm, x, lo, hi, kk, k, lam, q, is_mag, out, gprime, scale, saturated, offset):
+    """PAV and the output assembly fused, written straight to input order.
 
-    The CPU twin of `topk_core._agnostic.assemble` for calls that need no
-    residuals (the tests check that both give the same outputs): it writes
-    ``out[r, perm[r, i]]`` directly, so no block arrays and no inverse
-    permutation are materialized.  Arguments as in `pav_rows`; ``x`` (the
-    signed input rows) is read only by the magnitude operator, ``k`` is the
-    requested k (for the shares of infinite mask entries).
+    The CPU fast path of the PAV method: it writes ``out[r, perm[r, i]]``
+    directly, so neither a sorted copy nor the inverse permutation is
+    materialized.  Arguments as in `pav_rows`; ``x`` (the signed input rows) is
+    read only by the magnitude operator; ``k`` is the requested k (for the
+    shares of infinite mask entries).  The tests check it against `pav_rows`
+    followed by the Array-API assembly of `topk_core._agnostic.assemble`.
+
+    When ``gprime`` has the shape of ``out`` the Jacobian residuals are
+    written too, in input order: the weights are a 0/1 prefix, so the only
+    pooled block of a row is the free set ``F`` (spec section 6) and every
+    other entry is a singleton block.  ``gprime`` is ``g'`` on ``F`` and 0
+    elsewhere; for the magnitude, ``scale`` is ``1 + g'`` on ``F``,
+    ``saturated`` marks the set ``A`` (unit-weight singletons and infinite
+    entries) and ``offset[r]`` is the number of unit weights of the pooled
+    block (the ``k - |A|`` of the denominator ``D``).  Membership comes from
+    the block's integer bounds, never from comparing floats.
     """
     batch, n = keys.shape
     closed = q == 2.0 or q == 4.0
+    with_residuals = gprime.shape[0] == batch and gprime.shape[1] == n
     for r in nb.prange(batch):
         row, pr = keys[r], perm[r]
         lo_r, hi_r, kk_r = lo[r], hi[r], kk[r]
@@ -278,20 +289,35 @@ def topk_rows_forward(keys, perm, x, lo, hi, kk, k, lam, q, is_mag, out):
         n_neg = n - hi_r
         share_pos = min(1.0, k / n_pos) if n_pos > 0 else 0.0
         share_neg = max(k - n_pos - (hi_r - lo_r), 0) / n_neg if n_neg > 0 else 0.0
+        if with_residuals and is_mag:
+            offset[r] = lo_r + kk_r - a if a < b else 0
         for i in range(n):
+            j = pr[i]
+            deriv = 0.0
+            kept = False
+            free = False
             if a <= i < b:
-                rr = max(float(row[pr[i]]) - gamma, 0.0)
+                rr = max(float(row[j]) - gamma, 0.0)
                 gi = g_scalar(rr, lam, q)
+                free = rr > 0.0
+                deriv = g_prime_scalar(rr, lam, q)
                 if is_mag:
-                    val = math.copysign(gi + rr, float(x[r, pr[i]])) if rr > 0.0 else 0.0
+                    val = math.copysign(gi + rr, float(x[r, j])) if rr > 0.0 else 0.0
                 else:
                     val = min(gi, 1.0)
             elif i < lo_r:
-                val = float(x[r, pr[i]]) if is_mag else share_pos
+                val = float(x[r, j]) if is_mag else share_pos
+                kept = True
             elif i >= hi_r:
                 val = share_neg
             elif i < lo_r + kk_r:
-                val = float(x[r, pr[i]]) if is_mag else 1.0
+                val = float(x[r, j]) if is_mag else 1.0
+                kept = True
             else:
                 val = 0.0
-            out[r, pr[i]] = val
+            out[r, j] = val
+            if with_residuals:
+                gprime[r, j] = deriv
+                if is_mag:
+                    scale[r, j] = 1.0 + deriv if free else 0.0
+                    saturated[r, j] = kept
