@@ -6,8 +6,9 @@ Prints a Markdown table: forward and forward+VJP times of both soft operators
 forward+VJP call relative to the input size (measured in a fresh subprocess
 with the kernel already compiled).
 
-    python benchmarks/bench_core.py            # full table
-    python benchmarks/bench_core.py --quick    # small shapes, a smoke run
+    python benchmarks/bench_core.py                                  # full table
+    python benchmarks/bench_core.py --write docs/benchmarks.md       # and update the docs page
+    python benchmarks/bench_core.py --quick                          # small shapes, a smoke run
 """
 
 from __future__ import annotations
@@ -15,29 +16,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
 import subprocess
 import sys
-import time
 
 import numpy as np
 
 import topk_numpy as tk
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _report import machine, median_time, write_section
+
 SHAPES = [(1, 10**6), (64, 4096), (16384, 64)]
 QUICK_SHAPES = [(1, 10**4), (16, 256), (256, 64)]
 EXPONENTS = [4.0 / 3.0, 2.0]
-
-
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up (compilation, caches)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _peak_memory_child(shape: tuple[int, int], op: str, p: float) -> None:
@@ -75,30 +66,26 @@ def peak_memory_ratio(shape: tuple[int, int], op: str, p: float) -> float | None
     return out["peak"] / out["input"]
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, NumPy {np.__version__}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shapes and few repeats (smoke run)")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--write", metavar="PAGE", help="also write the table into this Markdown page")
     args = parser.parse_args()
     shapes = QUICK_SHAPES if args.quick else SHAPES
     repeats = 2 if args.quick else args.repeats
 
-    print(f"machine: {machine()}")
-    print(f"float32, k = n/10, medians of {repeats} runs after a warm-up; ratios to np.argsort of the same data\n")
-    print("| shape | operator | p | argsort (ms) | forward (ms) | forward / argsort | fwd+VJP (ms) "
-          "| fwd+VJP / argsort | peak memory / input |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    lines = [
+        f"Machine: {machine()}, NumPy {np.__version__}.",
+        f"float32, k = n/10, medians of {repeats} runs after a warm-up; ratios to `np.argsort` of the same data "
+        "in the same run. Peak memory: resident memory added by one forward+VJP call, over the input's size.",
+        "",
+        "| shape | operator | p | argsort (ms) | forward (ms) | forward / argsort | fwd+VJP (ms) "
+        "| fwd+VJP / argsort | peak memory / input |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    print("\n".join(lines), flush=True)
     rng = np.random.default_rng(0)
     for shape in shapes:
         x = rng.normal(size=shape).astype(np.float32)
@@ -113,8 +100,14 @@ def main() -> None:
                 t_both = median_time(lambda vjp=vjp, x=x, k=k, p=p, u=u: vjp(x, k, p=p)[1](u), repeats)
                 mem = None if args.no_memory else peak_memory_ratio(shape, op, p)
                 mem_text = "n/a" if mem is None else f"{mem:.1f}x"
-                print(f"| {shape} | {op} | {p:.3g} | {t_sort * 1e3:.2f} | {t_fwd * 1e3:.2f} | {t_fwd / t_sort:.2f} "
-                      f"| {t_both * 1e3:.2f} | {t_both / t_sort:.2f} | {mem_text} |")
+                line = (
+                    f"| {shape} | {op} | {p:.3g} | {t_sort * 1e3:.2f} | {t_fwd * 1e3:.2f} | {t_fwd / t_sort:.2f} "
+                    f"| {t_both * 1e3:.2f} | {t_both / t_sort:.2f} | {mem_text} |"
+                )
+                lines.append(line)
+                print(line, flush=True)
+    if args.write:
+        write_section(args.write, "bench_core", "\n".join(lines))
 
 
 if __name__ == "__main__":

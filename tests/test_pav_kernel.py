@@ -92,5 +92,15 @@ def test_block_growth_is_linear_for_a_large_pooled_block():
 def test_kernels_are_cached_to_disk():
     from topk_core._pav import _scalar, kernels
 
-    for fn in (kernels.pav_rows, kernels._pav_row, _scalar.mag_fixed_point):
+    for fn in (kernels.pav_rows.parallel, kernels.pav_rows.serial, kernels._pav_row, _scalar.mag_fixed_point):
         assert fn._cache.__class__.__name__ != "NullCache"
+
+
+def test_serial_and_parallel_kernels_agree(rng):
+    from topk_core._pav import kernels
+
+    keys = np.abs(rng.normal(size=(64, 40)))
+    perm = np.ascontiguousarray(np.argsort(-keys, axis=-1))
+    args = (np.zeros(64, np.int64), np.full(64, 40, np.int64), np.full(64, 7, np.int64), 0.5, 4.0, True)
+    for a, b in zip(kernels.pav_rows.serial(keys, perm, *args), kernels.pav_rows.parallel(keys, perm, *args), strict=True):
+        np.testing.assert_array_equal(a, b)

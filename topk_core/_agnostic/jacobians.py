@@ -48,7 +48,9 @@ def mask_jvp_rows(res: MaskResiduals, tangent: Any, xp: Any) -> Any:
     ds = _to_working(tangent, res.perm, xp)
     gp = res.gprime
     dgamma = safe_divide(_block_total(gp * ds, res, xp), _block_total(gp, res, xp), xp)
-    return _to_input(gp * (ds - dgamma), res.inv_perm, xp)
+    # Exactly +0 outside the free set (0 * negative would print as -0).
+    out = xp.where(gp != 0, gp * (ds - dgamma), xp.zeros_like(ds))
+    return _to_input(out, res.inv_perm, xp)
 
 
 def _mag_denominator(res: MagResiduals, xp: Any) -> Any:
@@ -60,7 +62,8 @@ def mag_jvp_rows(res: MagResiduals, tangent: Any, xp: Any) -> Any:
     dx = _to_working(tangent, res.perm, xp)
     ds = res.signs * dx
     dgamma = safe_divide(_block_total(res.gprime * ds, res, xp), _mag_denominator(res, xp), xp)
-    out = xp.where(res.saturated, dx, res.signs * res.scale * (ds - dgamma))
+    free = res.scale != 0
+    out = xp.where(res.saturated, dx, xp.where(free, res.signs * res.scale * (ds - dgamma), xp.zeros_like(ds)))
     return _to_input(out, res.inv_perm, xp)
 
 
@@ -69,5 +72,6 @@ def mag_vjp_rows(res: MagResiduals, cotangent: Any, xp: Any) -> Any:
     u = _to_working(cotangent, res.perm, xp)
     us = res.signs * u
     c = safe_divide(_block_total(res.scale * us, res, xp), _mag_denominator(res, xp), xp)
-    out = xp.where(res.saturated, u, res.signs * (res.scale * us - res.gprime * c))
+    free = res.scale != 0
+    out = xp.where(res.saturated, u, xp.where(free, res.signs * (res.scale * us - res.gprime * c), xp.zeros_like(us)))
     return _to_input(out, res.inv_perm, xp)

@@ -215,7 +215,6 @@ def _pav_row(keys, order, lo, hi, kk, lam, q, is_mag, closed, v, bstart, bend):
         bend[i] = b - 1
 
 
-@nb.njit(parallel=True, cache=True, error_model="numpy")
 def pav_rows(keys, perm, lo, hi, kk, lam, q, is_mag):
     """Solve the isotonic problem of every row and invert the sorting permutation.
 
@@ -257,7 +256,6 @@ def pav_rows(keys, perm, lo, hi, kk, lam, q, is_mag):
     return v, bstart, bend, inv
 
 
-@nb.njit(parallel=True, cache=True, error_model="numpy")
 def topk_rows_forward(keys, perm, x, lo, hi, kk, k, lam, q, is_mag, out, gprime, scale, saturated, offset):
     """PAV and the output assembly fused, written straight to input order.
 
@@ -321,3 +319,27 @@ def topk_rows_forward(keys, perm, x, lo, hi, kk, k, lam, q, is_mag, out, gprime,
                 if is_mag:
                     scale[r, j] = 1.0 + deriv if free else 0.0
                     saturated[r, j] = kept
+
+
+# Each row kernel is compiled twice: threads pay off only on large batches, and a
+# parallel region on a busy machine waits for its slowest thread.
+PARALLEL_MIN_ENTRIES = 1 << 16
+
+
+def _compiled_pair(py_func):
+    serial = nb.njit(cache=True, error_model="numpy")(py_func)
+    parallel = nb.njit(parallel=True, cache=True, error_model="numpy")(py_func)
+
+    def dispatch(keys, *args):
+        batch, n = keys.shape
+        kernel = parallel if batch > 1 and batch * n >= PARALLEL_MIN_ENTRIES else serial
+        return kernel(keys, *args)
+
+    dispatch.__doc__ = py_func.__doc__
+    dispatch.__name__ = py_func.__name__
+    dispatch.serial, dispatch.parallel = serial, parallel
+    return dispatch
+
+
+pav_rows = _compiled_pair(pav_rows)
+topk_rows_forward = _compiled_pair(topk_rows_forward)
