@@ -18,7 +18,9 @@ def segment_sum(values: Any, block_start: Any, block_end: Any, xp: Any) -> Any:
     -------
     (batch, n) array: for every entry, the sum of `values` over its block.
     """
-    csum = xp.cumulative_sum(values, axis=-1, include_initial=True)
+    # A zero column in front of the cumulative sum (rather than include_initial=True,
+    # whose zeros lose the sharding of a vmapped axis in JAX 0.10).
+    csum = xp.concat([xp.zeros_like(values[..., :1]), xp.cumulative_sum(values, axis=-1)], axis=-1)
     return xp.take_along_axis(csum, block_end + 1, axis=-1) - xp.take_along_axis(csum, block_start, axis=-1)
 
 

@@ -1,0 +1,263 @@
+"""Soft operators for JAX: one module-level `jax.custom_jvp` per operator.
+
+Layout.  The public functions (in `topk_jax`) validate the Python scalars
+eagerly, move the axis last and flatten to ``(batch, n)`` rows with
+`jax.numpy`, and call `soft_topk_mask_rows` / `soft_topk_mag_rows` defined
+here.  These are `jax.custom_jvp` functions of the rows with one static
+(hashable) argument, `Static`.
+
+Primal path.  The core's forward (`topk_core.soft_topk_*`, the Numba PAV for
+method "pav"/"auto"; `method` is passed through unchanged) runs on the host
+through `jax.pure_callback`.  Without differentiation the callback returns
+only the output; under differentiation one call also returns the residuals
+(the arrays of `topk_core.MaskResiduals` / `MagResiduals` that the method
+uses; which ones is found once per configuration while tracing).  The call is
+wrapped in a `jax.custom_batching.custom_vmap` whose rule treats a vmapped
+axis as one more leading axis of the rows: the whole batch goes to one host
+call, never one round trip per row (the callback itself also declares
+``vmap_method="broadcast_all"``).  `topk_jax._sharding.per_shard` runs it once
+per device on local rows when the input is sharded.
+
+Tangent rule.  `topk_core.mask_jvp_from_residuals` /
+`topk_core.mag_jvp_from_residuals`, evaluated with ``xp=jax.numpy`` on the
+residuals: gathers, elementwise operations and segment sums, linear in the
+tangent, so JAX transposes it for `jax.grad`, `jax.vjp` and `jax.jacrev`.
+Tangents never go through a callback.
+
+Second order.  The residuals come from a second `jax.custom_jvp`
+(`_solve_*`) whose own rule decides what differentiating the residuals means:
+
+* p = 2: both operators are piecewise linear, the residuals are locally
+  constant (almost everywhere), so their derivative is exactly zero and the
+  output's derivative is the same closed form.  Second (and higher) order
+  derivatives are therefore correct: zero almost everywhere.
+* any other p: g' depends smoothly on x and its derivative is not
+  implemented; the rule raises `NotImplementedError` at trace time rather
+  than returning silently wrong values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import topk_core
+from topk_core._agnostic.regularizer import conjugate_exponent
+from topk_jax._sharding import per_shard
+
+__all__ = ["Static", "soft_topk_mag_rows", "soft_topk_mask_rows"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Static:
+    """The validated Python scalars of one soft call: static under `jax.jit`, hashable."""
+
+    k: int
+    regularization_strength: float
+    p: float
+    method: str
+    max_iter: int | None
+    tol: float | None
+
+    @property
+    def piecewise_linear(self) -> bool:
+        """True for p = 2, where both operators are piecewise linear in x."""
+        return conjugate_exponent(self.p) == 2.0
+
+    def keywords(self) -> dict[str, Any]:
+        """Keyword arguments of the core's forward functions (the axis is always the last)."""
+        return {
+            "regularization_strength": self.regularization_strength,
+            "p": self.p,
+            "axis": -1,
+            "method": self.method,
+            "max_iter": self.max_iter,
+            "tol": self.tol,
+        }
+
+
+class _Operator(NamedTuple):
+    name: str
+    primal: Callable[..., Any]
+    forward: Callable[..., tuple[Any, Any]]
+    residuals: type
+    jvp: Callable[..., Any]
+
+
+_MASK = _Operator(
+    "soft_topk_mask", topk_core.soft_topk_mask, topk_core.soft_topk_mask_forward, topk_core.MaskResiduals,
+    topk_core.mask_jvp_from_residuals,
+)
+_MAG = _Operator(
+    "soft_topk_mag", topk_core.soft_topk_mag, topk_core.soft_topk_mag_forward, topk_core.MagResiduals,
+    topk_core.mag_jvp_from_residuals,
+)
+
+
+@functools.lru_cache(maxsize=512)
+def _residual_layout(op: _Operator, static: Static, dtype: np.dtype, n: int) -> tuple[Any, ...]:
+    """What the core's forward returns as residuals for this configuration.
+
+    One entry per residual field: None when the method does not use the field
+    (e.g. no permutation for methods that work in input order), else
+    ``(dtype on the JAX side, size of the last axis)`` (``n``, or 1 for per-row
+    scalars).  Found once, while tracing, by running the forward on one row
+    of zeros: `jax.pure_callback` needs the structure before the data.
+    Indices become int32 (valid for n < 2**31 and usable with x64 disabled).
+    """
+    _, res = op.forward(np.zeros((1, n), dtype=dtype), static.k, **static.keywords())
+    layout = []
+    for value in res:
+        if value is None:
+            layout.append(None)
+            continue
+        kind = np.asarray(value).dtype.kind
+        field_dtype = np.int32 if kind in "iu" else np.bool_ if kind == "b" else dtype
+        layout.append((np.dtype(field_dtype), np.shape(value)[-1]))
+    return tuple(layout)
+
+
+def _host_residuals(op: _Operator, res: Any, layout: tuple[Any, ...], lead: tuple[int, ...]) -> Any:
+    """The core's residuals as contiguous arrays of the declared dtypes, shaped ``(*lead, last)``."""
+    batch = int(np.prod(lead))
+    fields = []
+    for value, entry in zip(res, layout, strict=True):
+        if entry is None:
+            fields.append(None)
+            continue
+        field_dtype, last = entry
+        array = np.broadcast_to(np.asarray(value, dtype=field_dtype), (batch, last))
+        fields.append(np.ascontiguousarray(array).reshape((*lead, last)))
+    return op.residuals(*fields)
+
+
+@functools.lru_cache(maxsize=512)
+def _host_callback(op: _Operator, static: Static, with_residuals: bool) -> Callable[[Any], Any]:
+    """The host function for `jax.pure_callback`, one object per configuration.
+
+    Cached so that eager (un-jitted) calls with the same configuration reuse
+    the compiled callback instead of compiling a new one each time.
+    """
+
+    def callback(rows: Any) -> Any:
+        # JAX hands over jax.Arrays (or NumPy arrays, depending on the version);
+        # Numba wants NumPy, so convert explicitly (no copy on the CPU backend).
+        rows = np.asarray(rows)
+        shape, dtype = rows.shape, rows.dtype
+        # Extra leading axes (a vmapped batch) are flattened into rows, so the
+        # whole batch goes through one call of the core.
+        flat = rows.reshape(-1, shape[-1])
+        if not with_residuals:
+            return np.asarray(op.primal(flat, static.k, **static.keywords()), dtype=dtype).reshape(shape)
+        y, res = op.forward(flat, static.k, **static.keywords())
+        layout = _residual_layout(op, static, dtype, shape[-1])
+        return np.asarray(y, dtype=dtype).reshape(shape), _host_residuals(op, res, layout, shape[:-1])
+
+    return callback
+
+
+def _result_spec(op: _Operator, static: Static, rows: jax.Array, with_residuals: bool) -> Any:
+    y_spec = jax.ShapeDtypeStruct(rows.shape, rows.dtype)
+    if not with_residuals:
+        return y_spec
+    layout = _residual_layout(op, static, np.dtype(rows.dtype), rows.shape[-1])
+    fields = (
+        None if entry is None else jax.ShapeDtypeStruct((*rows.shape[:-1], entry[1]), entry[0]) for entry in layout
+    )
+    return y_spec, op.residuals(*fields)
+
+
+@functools.lru_cache(maxsize=512)
+def _host_solver(op: _Operator, static: Static, with_residuals: bool) -> Callable[[jax.Array], Any]:
+    """The host solve as a JAX function of rows with any number of leading axes.
+
+    A `jax.custom_batching.custom_vmap`: under `jax.vmap` its rule calls it
+    again on the batched rows (the batch axis is just one more leading axis),
+    so the sharding of a vmapped axis is visible to `per_shard`, and the whole
+    batch still goes to one host call (per device).
+    """
+    callback = _host_callback(op, static, with_residuals)
+
+    def host(rows: jax.Array) -> Any:
+        return jax.pure_callback(
+            callback, _result_spec(op, static, rows, with_residuals), rows, vmap_method="broadcast_all"
+        )
+
+    @jax.custom_batching.custom_vmap
+    def solver(rows: jax.Array) -> Any:
+        return per_shard(host, rows, rows.ndim - 1, leading=True)
+
+    @solver.def_vmap
+    def _solver_vmap(axis_size: int, in_batched: list[bool], rows: jax.Array) -> Any:
+        del axis_size, in_batched  # one argument, batched on its leading axis
+        out = solver(rows)
+        return out, jax.tree.map(lambda _: True, out)
+
+    return solver
+
+
+def _solve(op: _Operator, rows: jax.Array, static: Static, with_residuals: bool) -> Any:
+    """Run the core's forward on the host: `y`, or `(y, residuals)` in (batch, n) layout."""
+    return _host_solver(op, static, with_residuals)(rows)
+
+
+def _zero_tangent(value: jax.Array | None) -> Any:
+    if value is None:
+        return None
+    if jnp.issubdtype(value.dtype, jnp.floating):
+        return jnp.zeros_like(value)
+    return np.zeros(value.shape, dtype=jax.dtypes.float0)
+
+
+
+
+def _tangent(op: _Operator, residuals: Any, rows_dot: jax.Array) -> jax.Array:
+    return op.jvp(residuals, rows_dot, axis=-1, xp=jnp)
+
+
+def _make_operator(op: _Operator) -> tuple[Any, Any]:
+    def solve(rows: jax.Array, static: Static) -> Any:
+        return _solve(op, rows, static, with_residuals=True)
+
+    solve = jax.custom_jvp(solve, nondiff_argnums=(1,))
+
+    def solve_jvp(static: Static, primals: tuple[jax.Array], tangents: tuple[jax.Array]) -> Any:
+        # Reached only when the residuals themselves are differentiated, i.e. for
+        # second-order derivatives of the operator.
+        if not static.piecewise_linear:
+            raise NotImplementedError(
+                f"topk_jax.{op.name}: second-order derivatives (jax.hessian, grad of grad, jacfwd of jacrev, ...) "
+                f"are implemented for p = 2 only, where the operator is piecewise linear; got p = {static.p}. "
+                f"First-order derivatives (grad, vjp, jvp, jacfwd, jacrev) work for every p."
+            )
+        (rows,), (rows_dot,) = primals, tangents
+        y, residuals = solve(rows, static)
+        residuals_dot = type(residuals)(*(_zero_tangent(value) for value in residuals))
+        return (y, residuals), (_tangent(op, residuals, rows_dot), residuals_dot)
+
+    solve.defjvp(solve_jvp)
+
+    def operator(rows: jax.Array, static: Static) -> jax.Array:
+        return _solve(op, rows, static, with_residuals=False)
+
+    operator = jax.custom_jvp(operator, nondiff_argnums=(1,))
+
+    def operator_jvp(static: Static, primals: tuple[jax.Array], tangents: tuple[jax.Array]) -> Any:
+        (rows,), (rows_dot,) = primals, tangents
+        y, residuals = solve(rows, static)
+        return y, _tangent(op, residuals, rows_dot)
+
+    operator.defjvp(operator_jvp)
+    return operator, solve
+
+
+soft_topk_mask_rows, _solve_mask = _make_operator(_MASK)
+soft_topk_mask_rows.__doc__ = """`jax.custom_jvp`: soft top-k mask of (batch, n) rows (PAV on the host)."""
+soft_topk_mag_rows, _solve_mag = _make_operator(_MAG)
+soft_topk_mag_rows.__doc__ = """`jax.custom_jvp`: soft top-k in magnitude of (batch, n) rows (PAV on the host)."""

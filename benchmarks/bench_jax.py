@@ -1,0 +1,95 @@
+"""Benchmark of the JAX operators against jnp.argsort, measured side by side.
+
+Prints a Markdown table: jitted forward and forward+grad times of both soft
+operators (float32, k = n/10, p = 4/3 and 2) as ratios to a jitted
+`jnp.argsort` of the same data in the same run (medians of repeated runs,
+warm-up and compilation excluded).  Forward+grad is
+``jax.value_and_grad(lambda x: jnp.vdot(op(x), u))``: one host PAV call that
+also returns the residuals, then the closed-form VJP in `jax.numpy`.
+
+    python benchmarks/bench_jax.py             # full table
+    python benchmarks/bench_jax.py --quick     # small shapes, a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import topk_jax as tk
+
+SHAPES = [(1, 10**6), (64, 4096), (16384, 64)]
+QUICK_SHAPES = [(1, 10**4), (16, 256), (256, 64)]
+EXPONENTS = [4.0 / 3.0, 2.0]
+STRENGTH = 0.1
+
+
+def median_time(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time of `fn()` (blocked until ready) after one untimed warm-up run (compilation)."""
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (
+        f"{cpu}, {os.cpu_count()} cores, jax {jax.__version__} on {jax.default_backend()}, "
+        f"Python {platform.python_version()}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small shapes and few repeats (smoke run)")
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    repeats = 2 if args.quick else args.repeats
+
+    print(f"machine: {machine()}")
+    print(f"float32, k = n/10, l = {STRENGTH}, jitted, medians of {repeats} runs after a warm-up; "
+          "ratios to jax.jit(jnp.argsort)(x) (axis -1) of the same data\n")
+    print("| shape | operator | p | argsort (ms) | forward (ms) | forward / argsort | fwd+grad (ms) "
+          "| fwd+grad / argsort |")
+    print("|---|---|---|---|---|---|---|---|")
+    rng = np.random.default_rng(0)
+    argsort = jax.jit(lambda x: jnp.argsort(x, axis=-1))
+    for shape in shapes:
+        x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+        u = jnp.asarray(rng.normal(size=shape), jnp.float32)
+        k = max(1, shape[1] // 10)
+        t_sort = median_time(lambda x=x: argsort(x), repeats)
+        for op in ("mask", "mag"):
+            soft = getattr(tk, f"soft_topk_{op}")
+            for p in EXPONENTS:
+                def fn(x, soft=soft, k=k, p=p):
+                    return soft(x, k, p=p, regularization_strength=STRENGTH)
+
+                forward = jax.jit(fn)
+                both = jax.jit(jax.value_and_grad(lambda x, u, fn=fn: jnp.vdot(fn(x), u)))
+                t_fwd = median_time(lambda forward=forward, x=x: forward(x), repeats)
+                t_both = median_time(lambda both=both, x=x, u=u: both(x, u), repeats)
+                print(f"| {shape} | {op} | {p:.3g} | {t_sort * 1e3:.2f} | {t_fwd * 1e3:.2f} | {t_fwd / t_sort:.2f} "
+                      f"| {t_both * 1e3:.2f} | {t_both / t_sort:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
