@@ -3,7 +3,15 @@
 The public functions accept any Array-API array.  The exact PAV method runs
 on host memory through Numba: arrays of other libraries are viewed as NumPy
 arrays (a copy for device arrays is the adapter's job, never implicit here)
-and results are converted back to the input's library and device.
+and results are converted back to the input's library and device.  The
+threshold and Dykstra methods are pure Array API: they run in the input's own
+namespace and on its device, and so do their residuals.
+
+``method="auto"`` (`auto_method`): PAV for host arrays (NumPy, and torch or
+JAX arrays on the CPU), where it is the fastest exact method at every
+benchmarked shape; the exact threshold method everywhere else (GPU/TPU
+devices, and namespaces whose arrays the host path cannot read, such as
+array_api_strict).  The rule and its measurements: docs/methods.md.
 """
 
 from __future__ import annotations
@@ -15,10 +23,12 @@ import numpy as np
 
 from . import _validate
 from ._agnostic import jacobians
+from ._agnostic.dykstra import dykstra_mag, dykstra_mask
 from ._agnostic.hard import hard_topk_mask_rows
 from ._agnostic.layout import from_rows, to_rows
 from ._agnostic.regularizer import conjugate_exponent
 from ._agnostic.residuals import MagResiduals, MaskResiduals
+from ._agnostic.threshold import threshold_mag, threshold_mask
 from ._compat import device, is_numpy_namespace, namespace_of
 from ._pav_path import pav_mag, pav_mask
 from ._types import ArrayT
@@ -56,25 +66,75 @@ def _validated(x: Any, k: Any, axis: Any, xp: Any) -> tuple[Any, int, int]:
     return xp, _validate.check_k(k, x.shape[ax], ax), ax
 
 
+def auto_method(x: Any, xp: Any = None) -> str:
+    """The method that ``method="auto"`` picks for `x`: "pav" on host arrays, else "threshold".
+
+    Host arrays are NumPy arrays and torch or JAX arrays on the CPU: the
+    Numba PAV reads them without a copy and is the fastest exact method there
+    at every benchmarked shape.  Everything else (CUDA/ROCm/TPU devices,
+    array_api_strict, other libraries) gets the exact threshold method, which
+    runs in the array's namespace on its device.  See docs/methods.md.
+    """
+    xp = namespace_of(x, xp)
+    if is_numpy_namespace(xp):
+        return "pav"
+    try:
+        dev = device(x)
+    except Exception:  # traced or exotic arrays without a readable device
+        return "threshold"
+    # torch.device has `.type`, JAX devices have `.platform`; other libraries have neither.
+    on_cpu = getattr(dev, "type", None) == "cpu" or getattr(dev, "platform", None) == "cpu"
+    name = getattr(xp, "__name__", "")
+    if on_cpu and ("torch" in name or name.startswith("jax")):
+        return "pav"
+    return "threshold"
+
+
+def resolve_method(
+    x: Any, p: float, method: Any = "auto", max_iter: Any = None, tol: Any = None, xp: Any = None
+) -> str:
+    """Validate `method` and its controls for `x` and return the solver that will run.
+
+    For adapters that route solvers themselves: "pav", "threshold" or "dykstra".
+    """
+    return _validate.check_method(method, p, max_iter, tol, auto=auto_method(x, xp))
+
+
+_AGNOSTIC = {
+    ("threshold", "mask"): threshold_mask,
+    ("threshold", "mag"): threshold_mag,
+    ("dykstra", "mask"): dykstra_mask,
+    ("dykstra", "mag"): dykstra_mag,
+}
+
+
 def _soft_forward(
-    solver: Callable[..., tuple[Any, Any]],
+    kind: str,
     x: Any, k: Any, regularization_strength: Any, p: Any, axis: Any, method: Any, max_iter: Any, tol: Any, xp: Any,
     with_residuals: bool = True,
 ) -> tuple[Any, Any]:
     xp, k, ax = _validated(x, k, axis, xp)
     lam = _validate.check_strength(regularization_strength)
-    q = conjugate_exponent(_validate.check_p(p))
-    _validate.check_method(method, float(p), max_iter, tol)
+    p = _validate.check_p(p)
+    q = conjugate_exponent(p)
+    name = _validate.check_method(method, p, max_iter, tol, auto=auto_method(x, xp))
     work = xp.astype(x, compute_dtype(x, xp), copy=False)
     rows, moved = to_rows(work, ax, xp)
-    native = is_numpy_namespace(xp)
-    rows_np = rows if native else _host(rows)
-    with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
-        y_rows, residuals = solver(np.asarray(rows_np), k, lam, q, with_residuals)
-    if not native:
-        y_rows = _back(y_rows, xp, x)
-        if residuals is not None:
-            residuals = type(residuals)(*(_back(a, xp, x) for a in residuals))
+    if name == "pav":
+        solver = pav_mask if kind == "mask" else pav_mag
+        native = is_numpy_namespace(xp)
+        rows_np = rows if native else _host(rows)
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
+            y_rows, residuals = solver(np.asarray(rows_np), k, lam, q, with_residuals)
+        if not native:
+            y_rows = _back(y_rows, xp, x)
+            if residuals is not None:
+                residuals = type(residuals)(*(_back(a, xp, x) for a in residuals))
+    else:
+        # Pure Array API, in the input's namespace and on its device (residuals too).
+        y_rows, residuals = _AGNOSTIC[(name, kind)](rows, k, lam, q, xp, max_iter=max_iter, tol=tol)
+        if not with_residuals:
+            residuals = None
     y = from_rows(y_rows, moved, ax, xp)
     return xp.astype(y, x.dtype, copy=False), residuals
 
@@ -84,7 +144,7 @@ def soft_topk_mask_forward(
     axis: int = -1, method: str = "auto", max_iter: int | None = None, tol: float | None = None, xp: Any = None,
 ) -> tuple[ArrayT, MaskResiduals]:
     """Soft top-k mask and the residuals of its Jacobian (see `soft_topk_mask`)."""
-    return _soft_forward(pav_mask, x, k, regularization_strength, p, axis, method, max_iter, tol, xp)
+    return _soft_forward("mask", x, k, regularization_strength, p, axis, method, max_iter, tol, xp)
 
 
 def soft_topk_mag_forward(
@@ -92,7 +152,7 @@ def soft_topk_mag_forward(
     axis: int = -1, method: str = "auto", max_iter: int | None = None, tol: float | None = None, xp: Any = None,
 ) -> tuple[ArrayT, MagResiduals]:
     """Soft top-k in magnitude and the residuals of its Jacobian (see `soft_topk_mag`)."""
-    return _soft_forward(pav_mag, x, k, regularization_strength, p, axis, method, max_iter, tol, xp)
+    return _soft_forward("mag", x, k, regularization_strength, p, axis, method, max_iter, tol, xp)
 
 
 def soft_topk_mask(
@@ -118,10 +178,18 @@ def soft_topk_mask(
         piecewise-linear one (the Euclidean projection of ``x / l`` onto ``C``).
     axis : int, default -1
         Axis along which to select.
-    method : {"auto", "pav"}, default "auto"
-        Solver; ``"auto"`` is the exact Numba PAV on the host CPU.
-    max_iter, tol : None
-        Controls of the iterative methods; must be None for ``"pav"``.
+    method : {"auto", "pav", "threshold", "dykstra"}, default "auto"
+        Solver.  ``"pav"``: exact, Numba PAV on the host CPU.  ``"threshold"``:
+        exact, sort-free root finding on one scalar per row, pure Array API
+        (runs in the input's namespace and on its device).  ``"dykstra"``:
+        approximate, p = 2 only, pure Array API.  ``"auto"``: PAV for host
+        arrays (NumPy, torch/JAX on the CPU), threshold elsewhere.
+    max_iter, tol : int, float or None
+        Controls of the iterative methods named explicitly (``"threshold"``:
+        iteration cap, default 100, and tolerance on ``|sum(y) - k| / k``,
+        default 8 ulps; ``"dykstra"``: iteration cap, default 1000, and
+        tolerance on the change of ``v / l`` per iteration, default 1e-7);
+        must be None for ``"pav"`` and ``"auto"``.
     xp : namespace, optional
         Array-API namespace of `x` (inferred when omitted).
 
@@ -135,7 +203,8 @@ def soft_topk_mask(
     TypeError
         Non-floating `x`, non-integer `k`, non-real parameters.
     ValueError
-        Out-of-range `k`, `axis`, `regularization_strength`, `p`, `method`.
+        Out-of-range `k`, `axis`, `regularization_strength`, `p`, `method`,
+        `max_iter`, `tol`; ``method="dykstra"`` with ``p != 2``.
 
     Notes
     -----
@@ -153,7 +222,7 @@ def soft_topk_mask(
     """
     # Forward only: the fused kernel skips the residuals of the Jacobian.
     return _soft_forward(
-        pav_mask, x, k, regularization_strength, p, axis, method, max_iter, tol, xp, with_residuals=False
+        "mask", x, k, regularization_strength, p, axis, method, max_iter, tol, xp, with_residuals=False
     )[0]
 
 
@@ -198,7 +267,7 @@ def soft_topk_mag(
     """
     # Forward only: the fused kernel skips the residuals of the Jacobian.
     return _soft_forward(
-        pav_mag, x, k, regularization_strength, p, axis, method, max_iter, tol, xp, with_residuals=False
+        "mag", x, k, regularization_strength, p, axis, method, max_iter, tol, xp, with_residuals=False
     )[0]
 
 

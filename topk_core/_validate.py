@@ -11,8 +11,8 @@ import numbers
 from typing import Any
 
 METHODS = ("auto", "pav", "dykstra", "threshold")
-# Methods that exist in the API but whose solvers have not landed yet.
-UNAVAILABLE_METHODS = ("dykstra", "threshold")
+# Methods with an iteration loop, the only ones that take `max_iter` and `tol`.
+ITERATIVE_METHODS = ("dykstra", "threshold")
 
 
 def check_float_dtype(x: Any, xp: Any) -> None:
@@ -78,20 +78,43 @@ def check_p(p: Any) -> float:
     return value
 
 
-def check_method(method: Any, p: float, max_iter: Any, tol: Any) -> str:
-    """Return the resolved method name ('pav' for now) after checking its controls."""
+def check_method(method: Any, p: float, max_iter: Any, tol: Any, auto: str = "pav") -> str:
+    """Return the method that will run after checking that it can serve `p` and its controls.
+
+    `auto` is the method that ``method="auto"`` resolves to for the array at
+    hand (the delegation layer picks it by backend and device).  ``"dykstra"``
+    solves p = 2 only.  `max_iter` (int >= 1) and `tol` (finite float > 0)
+    are accepted by the iterative methods named explicitly and must be None
+    for ``"pav"`` and ``"auto"``.
+    """
     if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"`method` must be one of {', '.join(repr(m) for m in METHODS)}; got {method!r}")
-    if method in UNAVAILABLE_METHODS:
+    resolved = auto if method == "auto" else method
+    if resolved == "dykstra" and abs(p - 2.0) > 1e-12:
         raise ValueError(
-            f"method={method!r} is not available in this version of sparse-topk; use method='pav' or 'auto'"
+            f"method='dykstra' solves the p = 2 operators only (a Euclidean projection); got p = {p}. "
+            "Use method='threshold' or 'pav' (exact, any p > 1)"
         )
-    resolved = "pav"
-    if max_iter is not None or tol is not None:
-        raise ValueError(
-            f"`max_iter` and `tol` control the iterative methods only; method={method!r} resolves to the exact "
-            f"{resolved!r} solver, which takes neither (got max_iter={max_iter!r}, tol={tol!r}); leave them as None"
-        )
+    if resolved not in ITERATIVE_METHODS or method == "auto":
+        if max_iter is not None or tol is not None:
+            picked = f"picks {resolved!r} here" if method == "auto" else f"is the exact {resolved!r} solver"
+            raise ValueError(
+                f"`max_iter` and `tol` control the iterative methods only ({', '.join(map(repr, ITERATIVE_METHODS))},"
+                f" named explicitly); method={method!r} {picked} and takes neither (got max_iter={max_iter!r}, "
+                f"tol={tol!r}); leave them as None"
+            )
+        return resolved
+    if max_iter is not None:
+        if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral):
+            raise TypeError(
+                f"`max_iter` must be a Python int >= 1 or None; got {max_iter!r} of type {type(max_iter).__name__}"
+            )
+        if max_iter < 1:
+            raise ValueError(f"`max_iter` must be an int >= 1 or None (the method's default); got {max_iter}")
+    if tol is not None:
+        value = _check_real("tol", tol)
+        if not value > 0.0:
+            raise ValueError(f"`tol` must be a finite float > 0 or None (the method's default); got {value}")
     return resolved
 
 

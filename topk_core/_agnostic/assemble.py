@@ -16,12 +16,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from .._compat import default_int
 from .regularizer import g, g_prime_on
 from .residuals import MagResiduals, MaskResiduals
 
 
 def _positions(s: Any, xp: Any) -> Any:
-    return xp.reshape(xp.arange(s.shape[-1], dtype=xp.int64), (1, s.shape[-1]))
+    return xp.reshape(xp.arange(s.shape[-1], dtype=default_int(xp)), (1, s.shape[-1]))
 
 
 def assemble_mask(

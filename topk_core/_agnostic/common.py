@@ -12,29 +12,22 @@ from .residuals import MagResiduals
 
 
 def count(mask: Any, xp: Any) -> Any:
-    """Number of true entries of every row, as a (batch, 1) int64 array."""
-    return xp.sum(xp.astype(mask, xp.int64), axis=-1, keepdims=True)
+    """Number of true entries of every row, as a (batch, 1) array of the default integer dtype."""
+    return xp.count_nonzero(mask, axis=-1, keepdims=True)
 
 
-def all_true(cond: Any, xp: Any) -> bool:
-    """`bool(all(cond))` where the value can be read, else False.
+def all_true(cond: Any, xp: Any) -> bool | None:
+    """`bool(all(cond))` where the value can be read, else None.
 
     Traced or lazy arrays (``jax.jit``, ...) cannot be read during tracing;
-    the Array API standard says `__bool__` raises TypeError then.  Returning
-    False makes the iterative solvers run their full iteration budget instead
-    of stopping early, which keeps them traceable.
+    the Array API standard says `__bool__` raises TypeError then.  The
+    iterative solvers treat None as "not yet": they run their full iteration
+    budget with fixed shapes, which keeps them traceable.
     """
     try:
         return bool(xp.all(cond))
     except TypeError:
-        return False
-
-
-def whole_row_blocks(like: Any, xp: Any) -> tuple[Any, Any]:
-    """Block bounds that make every row one segment: start 0, end n - 1 (broadcast views)."""
-    batch, n = like.shape
-    zero = xp.zeros_like(like[:1, :1], dtype=xp.int64)
-    return xp.broadcast_to(zero, (batch, n)), xp.broadcast_to(zero + (n - 1), (batch, n))
+        return None
 
 
 def nan_rows_of(x: Any, xp: Any) -> tuple[Any, Any]:

@@ -1,0 +1,135 @@
+"""Autograd glue for the soft operators on (batch, n) rows.
+
+Every route calls the custom operators of `topk_torch._ops` (the host PAV
+for ``method="pav"``, the Array-API family, on the tensors' own device, for
+the other methods); `soft_rows` picks how they are differentiated:
+
+* In eager mode, whenever something may differentiate (grad mode with an
+  input that requires grad, forward-mode dual tensors, or any `torch.func`
+  transform), `SoftTopk` — an `autograd.Function` with a ctx-free
+  ``forward``, ``setup_context``, ``backward``, ``jvp`` and ``vmap`` — wraps
+  the operator: backward and forward mode are the core's Jacobian products
+  evaluated with torch operations, and a vmapped dimension is folded into
+  the batch of rows.  (A custom operator's own autograd formula supports
+  neither forward mode nor `torch.func`.)
+* Under `torch.compile` the operator is called directly: Dynamo treats it as
+  one opaque node through its fake implementation, and its registered
+  autograd formula gives the backward.  (Dynamo cannot trace an
+  `autograd.Function` that defines a ``jvp``.)  When a `torch.func`
+  transform runs inside `torch.compile`, neither serves, and `_linearized`
+  rebuilds the output as ``y + J (x - x.detach())`` in plain torch
+  operations: the right value and first derivatives in every mode.
+* Otherwise (nothing can differentiate) the forward-only operator runs: no
+  residuals are computed or kept.  Under `torch.compile` the same choice is
+  made while tracing, from ``requires_grad`` and the grad mode.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.autograd import forward_ad
+
+from . import _ops, _products
+
+
+def solve(
+    kind: str, rows: torch.Tensor, k: int, lam: float, p: float, route: str, max_iter: Any, tol: Any
+) -> tuple[Any, ...]:
+    """``(y, *residual fields)`` of operator `kind` on `rows`, without autograd."""
+    return tuple(_ops.call(kind, rows, k, lam, p, route, max_iter, tol, residuals=True))
+
+
+class SoftTopk(torch.autograd.Function):
+    """(batch, n) rows -> ``(y, *residual fields)``: reverse mode, forward mode and vmap.
+
+    Arguments after `rows`: ``kind`` ("mask" or "mag"), ``k``,
+    ``regularization_strength``, ``p``, ``q`` (the conjugate exponent),
+    ``route`` (the resolved method) and ``max_iter``, ``tol``.
+    """
+
+    @staticmethod
+    def forward(
+        rows: torch.Tensor, kind: str, k: int, lam: float, p: float, q: float, route: str, max_iter: Any, tol: Any
+    ) -> tuple[Any, ...]:
+        return solve(kind, rows, k, lam, p, route, max_iter, tol)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
+        ctx.kind, ctx.p, ctx.q = inputs[1], inputs[4], inputs[5]
+        res = output[1:]
+        ctx.mark_non_differentiable(*res)
+        # The input is kept for the second-order guard only (p != 2, see _products).
+        kept = (inputs[0] if ctx.q != 2.0 else None, *res)
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(*kept)
+        ctx.save_for_forward(*kept)
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: torch.Tensor, *_: Any) -> tuple[Any, ...]:
+        x, *res = ctx.saved_tensors
+        res = _products.residuals(ctx.kind, res)
+        return (_products.vjp(ctx.kind, res, grad_y, x, ctx.p, ctx.q), *([None] * 8))
+
+    @staticmethod
+    def jvp(ctx: Any, tangent: torch.Tensor, *_: Any) -> tuple[Any, ...]:
+        x, *res = ctx.saved_tensors
+        res = _products.residuals(ctx.kind, res)
+        y_dot = _products.jvp(ctx.kind, res, tangent, x, ctx.p, ctx.q)
+        return (y_dot, *([None] * len(res)))
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple[Any, ...], rows: torch.Tensor, *args: Any) -> tuple[Any, Any]:
+        # Every row is independent: a vmapped dimension is one more batch of rows.
+        xb = rows.movedim(in_dims[0], 0)
+        size, batch, n = xb.shape
+        outs = [_ops.unfold(o, size, batch) for o in SoftTopk.apply(xb.reshape(size * batch, n), *args)]
+        return tuple(o for o, _ in outs), tuple(d for _, d in outs)
+
+
+def _may_differentiate(rows: torch.Tensor) -> bool:
+    if torch.is_grad_enabled() and rows.requires_grad:
+        return True
+    if torch._C._are_functorch_transforms_active():
+        return True
+    return forward_ad.unpack_dual(rows).tangent is not None
+
+
+def value(kind: str, rows: torch.Tensor, k: int, lam: float, p: float, route: str, max_iter: Any, tol: Any) -> Any:
+    """Operator `kind` on `rows`, forward only: no residuals are computed or kept."""
+    return _ops.call(kind, rows, k, lam, p, route, max_iter, tol, residuals=False)
+
+
+def _linearized(
+    kind: str, rows: torch.Tensor, k: int, lam: float, p: float, q: float, route: str, max_iter: Any, tol: Any
+) -> torch.Tensor:
+    """``y + J (rows - rows.detach())`` from a solve on detached rows, in plain torch operations.
+
+    Equal to ``y`` in value, with Jacobian ``J`` for every autodiff mode: the
+    route for `torch.func` transforms inside `torch.compile`, where neither
+    the custom operator's autograd formula (not supported by `torch.func`)
+    nor an `autograd.Function` with a ``jvp`` (not traceable by Dynamo)
+    can serve.  Entries that are not finite get a zero derivative.
+    """
+    primal = rows.detach()
+    y, *res = solve(kind, primal, k, lam, p, route, max_iter, tol)
+    delta = torch.where(torch.isfinite(primal), rows - primal, torch.zeros_like(primal))
+    return y + _products.jvp(kind, _products.residuals(kind, res), delta, None, p, q)
+
+
+def soft_rows(
+    kind: str, rows: torch.Tensor, k: int, lam: float, p: float, q: float, route: str, max_iter: Any, tol: Any
+) -> torch.Tensor:
+    """Operator `kind` on (batch, n) rows in float32/float64, differentiable in every mode."""
+    args = (kind, k, lam, p, q, route, max_iter, tol)
+    if torch.compiler.is_compiling():
+        # Static while tracing: requires_grad, grad mode and functorch transforms.
+        if torch._C._are_functorch_transforms_active():
+            return _linearized(kind, rows, k, lam, p, q, route, max_iter, tol)
+        if not (torch.is_grad_enabled() and rows.requires_grad):
+            return value(kind, rows, k, lam, p, route, max_iter, tol)
+        return solve(kind, rows, k, lam, p, route, max_iter, tol)[0]
+    if _may_differentiate(rows):
+        return SoftTopk.apply(rows, *args)[0]
+    return value(kind, rows, k, lam, p, route, max_iter, tol)

@@ -1,0 +1,93 @@
+"""Jacobian products of the soft operators evaluated with torch operations.
+
+The products are the core's (`topk_core.mask_vjp_from_residuals` and
+friends), written once against the Array API; here they receive
+`array_api_compat.torch` as their namespace, so they run where the residuals
+live (CPU or CUDA), under `torch.func` transforms and under `torch.compile`.
+
+The residuals are treated as constants.  That is exact for ``p = 2`` (both
+Jacobians are locally constant, so second derivatives vanish almost
+everywhere); for any other ``p`` the derivative of the residuals themselves
+would be needed, so every product that may be differentiated again is routed
+through `_FirstOrderOnly`, an identity that also takes the primal input `x`
+(the residuals depend on `x` invisibly to autograd; `x` makes the
+dependence visible) and raises `NotImplementedError` as soon as something
+differentiates it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+import topk_core
+from topk_core import MagResiduals, MaskResiduals
+
+from ._namespace import xp as xp_torch
+
+RESIDUAL_TYPES = {"mask": MaskResiduals, "mag": MagResiduals}
+
+_JVP = {"mask": topk_core.mask_jvp_from_residuals, "mag": topk_core.mag_jvp_from_residuals}
+_VJP = {"mask": topk_core.mask_vjp_from_residuals, "mag": topk_core.mag_vjp_from_residuals}
+
+SECOND_ORDER_MESSAGE = (
+    "second-order derivatives of sparse_topk soft operators are implemented for p = 2 only (where they are "
+    "exactly zero almost everywhere); got p = {p}. Use p = 2, or differentiate once (torch.func.grad, "
+    "jacrev or jacfwd, not nested)."
+)
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """``(t, x, p) -> t``, whose derivatives (reverse and forward mode, in `t` or `x`) raise."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(t: torch.Tensor, x: torch.Tensor, p: float) -> torch.Tensor:
+        return t.view_as(t)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        ctx.p = inputs[2]
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None, None]:
+        raise NotImplementedError(SECOND_ORDER_MESSAGE.format(p=ctx.p))
+
+    @staticmethod
+    def jvp(ctx: Any, t_dot: Any, x_dot: Any, _: None) -> torch.Tensor:
+        raise NotImplementedError(SECOND_ORDER_MESSAGE.format(p=ctx.p))
+
+
+def residuals(kind: str, tensors: tuple[Any, ...]) -> Any:
+    """The core NamedTuple of residuals of operator `kind` ("mask" or "mag").
+
+    Residual fields are 2-d; None and the 1-d placeholders of the custom
+    operators (which cannot return None) stand for absent fields.
+    """
+    return RESIDUAL_TYPES[kind](*(t if t is not None and t.ndim == 2 else None for t in tensors))
+
+
+def _guard(out: torch.Tensor, x: Any, p: float, q: float) -> torch.Tensor:
+    if q == 2.0 or x is None:
+        return out
+    return _FirstOrderOnly.apply(out, x, p)
+
+
+def jvp(kind: str, res: Any, tangent: torch.Tensor, x: Any, p: float, q: float) -> torch.Tensor:
+    """`J @ tangent` for (batch, n) rows `x`; differentiable again only for ``p = 2``.
+
+    `x` (the primal rows) may be None when nothing differentiates the result.
+    """
+    return _guard(_JVP[kind](res, tangent, axis=-1, xp=xp_torch), x, p, q)
+
+
+def vjp(kind: str, res: Any, cotangent: torch.Tensor, x: Any, p: float, q: float) -> torch.Tensor:
+    """`J^T @ cotangent` for (batch, n) rows `x`; differentiable again only for ``p = 2``.
+
+    The guard is only attached when grad mode is on, i.e. when the backward
+    pass itself is being recorded (``create_graph=True`` or `torch.func`).
+    """
+    out = _VJP[kind](res, cotangent, axis=-1, xp=xp_torch)
+    return _guard(out, x, p, q) if torch.is_grad_enabled() else out

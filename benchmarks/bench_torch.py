@@ -1,0 +1,131 @@
+"""Benchmark of the PyTorch operators (PAV custom op) against torch.argsort, measured side by side.
+
+Prints a Markdown table: forward and forward+backward times of both soft
+operators (float32, k = n/10, p = 4/3 and 2) as ratios to `torch.argsort` of
+the same data in the same run (medians of repeated runs, warm-up excluded),
+then the p = 2 mask against `entmax.budget_bisect(x / l, budget=k)`, which
+computes the same function (the Euclidean projection of x / l onto the capped
+simplex) by bisection.
+
+    python benchmarks/bench_torch.py                          # full tables
+    python benchmarks/bench_torch.py --quick                  # small shapes, a smoke run
+    python benchmarks/bench_torch.py --threads 1              # torch intra-op threads (default: torch's)
+    python benchmarks/bench_torch.py --write docs/torch.md    # and update the docs page
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from _report import machine, write_section
+
+import topk_torch as tk
+
+SHAPES = [(1, 10**6), (64, 4096), (16384, 64)]
+QUICK_SHAPES = [(1, 10**4), (16, 256), (256, 64)]
+EXPONENTS = [4.0 / 3.0, 2.0]
+STRENGTH = 0.1
+
+
+def median_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median wall time of every callable; rounds interleave them, so load drift hits all alike."""
+    for fn in fns.values():
+        fn()  # warm-up (Numba compilation, allocator, caches)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def forward_backward(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, u: torch.Tensor) -> Callable:
+    def run() -> torch.Tensor:
+        xg = x.detach().requires_grad_()
+        fn(xg).backward(u)
+        return xg.grad
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small shapes and few repeats (smoke run)")
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--write", metavar="PAGE", help="also write the tables into this Markdown page")
+    args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    repeats = 2 if args.quick else args.repeats
+    lines: list[str] = []
+    out = lines.append
+
+    out(f"Machine: {machine()}, torch {torch.__version__} with {torch.get_num_threads()} threads.")
+    out(f"float32, k = n/10, l = {STRENGTH}, medians of {repeats} interleaved runs after a warm-up; "
+        "ratios to `torch.argsort(x, dim=-1)` of the same data in the same run.")
+    out("")
+    out("| shape | operator | p | argsort (ms) | forward (ms) | forward / argsort | fwd+bwd (ms) "
+        "| fwd+bwd / argsort |")
+    out("|---|---|---|---|---|---|---|---|")
+    gen = torch.Generator().manual_seed(0)
+    data = {}
+    for shape in shapes:
+        x = torch.randn(shape, generator=gen)
+        u = torch.randn(shape, generator=gen)
+        k = max(1, shape[1] // 10)
+        data[shape] = (x, u, k)
+        fns: dict[str, Callable[[], object]] = {"argsort": lambda x=x: torch.argsort(x, dim=-1)}
+        for op in ("mask", "mag"):
+            soft = getattr(tk, f"soft_topk_{op}")
+            for p in EXPONENTS:
+                fn = lambda x, soft=soft, k=k, p=p: soft(x, k, p=p, regularization_strength=STRENGTH)  # noqa: E731
+                fns[f"{op} {p} fwd"] = lambda fn=fn, x=x: fn(x)
+                fns[f"{op} {p} both"] = forward_backward(fn, x, u)
+        t = median_times(fns, repeats)
+        for op in ("mask", "mag"):
+            for p in EXPONENTS:
+                t_sort, t_fwd, t_both = t["argsort"], t[f"{op} {p} fwd"], t[f"{op} {p} both"]
+                out(f"| {shape} | {op} | {p:.3g} | {t_sort * 1e3:.2f} | {t_fwd * 1e3:.2f} | {t_fwd / t_sort:.2f} "
+                    f"| {t_both * 1e3:.2f} | {t_both / t_sort:.2f} |")
+
+    try:
+        import entmax
+    except ImportError:
+        out("")
+        out("entmax is not installed: no comparison with `entmax.budget_bisect`.")
+    else:
+        out("")
+        out(f"The p = 2 mask against `entmax.budget_bisect(x / l, budget=k)` (its default n_iter=50), l = {STRENGTH}, "
+            "same data; ratio = topk_torch / entmax (below 1: topk_torch is faster).")
+        out("")
+        out("| shape | max abs diff | entmax fwd (ms) | topk_torch fwd (ms) | fwd ratio | entmax fwd+bwd (ms) "
+            "| topk_torch fwd+bwd (ms) | fwd+bwd ratio |")
+        out("|---|---|---|---|---|---|---|---|")
+        for shape, (x, u, k) in data.items():
+            ours = lambda x, k=k: tk.soft_topk_mask(x, k, p=2.0, regularization_strength=STRENGTH)  # noqa: E731
+            theirs = lambda x, k=k: entmax.budget_bisect(x / STRENGTH, budget=k)  # noqa: E731
+            diff = (ours(x) - theirs(x)).abs().max().item()
+            t = median_times({
+                "ours": lambda ours=ours, x=x: ours(x),
+                "theirs": lambda theirs=theirs, x=x: theirs(x),
+                "ours both": forward_backward(ours, x, u),
+                "theirs both": forward_backward(theirs, x, u),
+            }, repeats)
+            out(f"| {shape} | {diff:.1e} | {t['theirs'] * 1e3:.2f} | {t['ours'] * 1e3:.2f} "
+                f"| {t['ours'] / t['theirs']:.2f} | {t['theirs both'] * 1e3:.2f} | {t['ours both'] * 1e3:.2f} "
+                f"| {t['ours both'] / t['theirs both']:.2f} |")
+
+    print("\n".join(lines))
+    if args.write:
+        write_section(args.write, "bench_torch", "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Array backends for the core tests of the Array-API methods (threshold, Dykstra, auto).
+
+Each backend converts NumPy float64 test data to its own arrays and back, so
+that the same test runs on numpy, torch (CPU), jax (with x64) and
+array_api_strict.  `assert_like` checks namespace, dtype, shape and device
+before any value is compared.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+from array_api_compat import array_namespace, device
+
+BACKENDS = ["numpy", "torch", "jax", "array_api_strict"]
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    to: Callable[[np.ndarray], Any]
+
+    def back(self, a: Any) -> np.ndarray:
+        return np.asarray(a)
+
+    def assert_like(self, out: Any, x: Any) -> None:
+        assert array_namespace(out) is array_namespace(x)
+        assert out.dtype == x.dtype
+        assert tuple(out.shape) == tuple(x.shape)
+        assert device(out) == device(x)
+
+
+@contextlib.contextmanager
+def backend_context(name: str) -> Iterator[Backend]:
+    if name == "numpy":
+        yield Backend(name, lambda a: np.array(a))
+    elif name == "torch":
+        torch = pytest.importorskip("torch")
+        yield Backend(name, lambda a: torch.asarray(np.array(a)))
+    elif name == "jax":
+        jax = pytest.importorskip("jax")
+        jnp = pytest.importorskip("jax.numpy")
+        with jax.enable_x64(True):
+            yield Backend(name, lambda a: jnp.asarray(a))
+    else:
+        xs = pytest.importorskip("array_api_strict")
+        yield Backend(name, lambda a: xs.asarray(np.array(a)))
+
+
+def cuda_torch() -> Any:
+    """torch with a CUDA device, or skip."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    return torch

@@ -1,0 +1,124 @@
+"""method="auto" (the rule of docs/methods.md), method dispatch and the iteration controls."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import topk_core as tc
+from topk_core._api import auto_method, resolve_method
+
+from ._method_backends import BACKENDS, backend_context, cuda_torch
+
+SOFT = [tc.soft_topk_mask, tc.soft_topk_mag]
+ids = lambda f: f.__name__  # noqa: E731
+X = np.arange(12.0).reshape(3, 4)
+
+EXPECTED_AUTO = {"numpy": "pav", "torch": "pav", "jax": "pav", "array_api_strict": "threshold"}
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_auto_rule_per_backend_on_the_cpu(name):
+    with backend_context(name) as b:
+        assert auto_method(b.to(X)) == EXPECTED_AUTO[name]
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_auto_runs_in_the_input_namespace_and_matches_pav(name, rng, operator):
+    x = rng.normal(size=(7, 10))
+    with backend_context(name) as b:
+        xb = b.to(x)
+        y, res = getattr(tc, f"soft_topk_{operator}_forward")(xb, 3)
+        b.assert_like(y, xb)
+        b.assert_like(res.gprime, xb)
+        want = getattr(tc, f"soft_topk_{operator}")(x, 3, method="pav")
+        np.testing.assert_allclose(b.back(y), want, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("method", ["threshold", "dykstra"])
+def test_array_api_methods_keep_residuals_in_the_namespace(method, operator):
+    xs = pytest.importorskip("array_api_strict")
+    x = xs.asarray(np.random.default_rng(1).normal(size=(4, 6)))
+    _, res = getattr(tc, f"soft_topk_{operator}_forward")(x, 2, p=2.0, method=method)
+    for field in res:
+        assert field is None or isinstance(field, type(x))
+
+
+def test_resolve_method_for_adapters():
+    assert resolve_method(X, 4.0 / 3.0) == "pav"
+    assert resolve_method(X, 2.0, "dykstra", max_iter=5) == "dykstra"
+    assert resolve_method(X, 3.0, "threshold", tol=1e-9) == "threshold"
+    with pytest.raises(ValueError, match="p = 2 operators only"):
+        resolve_method(X, 3.0, "dykstra")
+
+
+@pytest.mark.parametrize("fn", SOFT, ids=ids)
+@pytest.mark.parametrize("method", ["threshold", "dykstra"])
+@pytest.mark.parametrize(("controls", "error", "match"), [
+    ({"max_iter": 0}, ValueError, r"`max_iter` must be an int >= 1 or None.*got 0"),
+    ({"max_iter": -3}, ValueError, r"`max_iter` must be an int >= 1.*got -3"),
+    ({"max_iter": 2.5}, TypeError, r"`max_iter` must be a Python int >= 1 or None; got 2\.5"),
+    ({"max_iter": True}, TypeError, "`max_iter`"),
+    ({"max_iter": "10"}, TypeError, "`max_iter`"),
+    ({"tol": 0.0}, ValueError, r"`tol` must be a finite float > 0.*got 0\.0"),
+    ({"tol": -1e-6}, ValueError, "`tol` must be a finite float > 0"),
+    ({"tol": np.inf}, ValueError, "`tol` must be finite"),
+    ({"tol": np.nan}, ValueError, "`tol` must be finite"),
+    ({"tol": "1e-6"}, TypeError, "`tol` must be a real number"),
+])
+def test_bad_iteration_controls(fn, method, controls, error, match):
+    with pytest.raises(error, match=match):
+        fn(X, 2, p=2.0, method=method, **controls)
+
+
+@pytest.mark.parametrize("fn", SOFT, ids=ids)
+@pytest.mark.parametrize("method", ["threshold", "dykstra"])
+def test_good_iteration_controls_are_accepted(fn, method):
+    want = fn(X, 2, p=2.0, method="pav")
+    got = fn(X, 2, p=2.0, method=method, max_iter=np.int64(500), tol=1e-9)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("fn", SOFT, ids=ids)
+def test_auto_refuses_iteration_controls_whatever_it_picks(fn):
+    xs = pytest.importorskip("array_api_strict")
+    for x in (X, xs.asarray(X)):
+        with pytest.raises(ValueError, match=r"method='auto' picks '(pav|threshold)' here and takes neither"):
+            fn(x, 2, max_iter=10)
+
+
+def test_controls_are_checked_before_any_computation(monkeypatch):
+    import topk_core._api as api
+
+    def boom(*args, **kwargs):
+        raise AssertionError("solver called before validation")
+
+    monkeypatch.setitem(api._AGNOSTIC, ("threshold", "mask"), boom)
+    with pytest.raises(ValueError, match="`tol`"):
+        tc.soft_topk_mask(X, 2, method="threshold", tol=-1.0)
+
+
+def test_methods_doc_states_the_rule():
+    from pathlib import Path
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "methods.md"
+    text = doc.read_text()
+    assert "auto" in text and "threshold" in text and "pav" in text and "np.sort" in text
+
+
+@pytest.mark.gpu
+def test_auto_picks_threshold_on_cuda(operator):
+    torch = cuda_torch()
+    x = torch.randn(32, 17, dtype=torch.float64, device="cuda")
+    assert auto_method(x) == "threshold"
+    y, res = getattr(tc, f"soft_topk_{operator}_forward")(x, 4)
+    assert y.device == x.device and res.gprime.device == x.device
+    want = getattr(tc, f"soft_topk_{operator}")(x.cpu(), 4, method="pav")
+    np.testing.assert_allclose(y.cpu().numpy(), want.numpy(), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("method", ["threshold", "dykstra"])
+def test_empty_batch(method, operator):
+    for shape in [(0, 5), (2, 0, 5)]:
+        y, res = getattr(tc, f"soft_topk_{operator}_forward")(np.zeros(shape), 2, p=2.0, method=method)
+        assert y.shape == shape and res.gprime.shape == (0, 5)

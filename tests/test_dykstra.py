@@ -1,0 +1,125 @@
+"""method="dykstra": p = 2, alternating pair projections, pure Array API, on every backend.
+
+Oracles: the Numba PAV (method="pav"), and SciPy's isotonic regression for
+the isotonic kernel itself; neither shares code with Dykstra's iterations.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import topk_core as tc
+from topk_core._agnostic import dykstra
+
+from ._method_backends import BACKENDS, backend_context, cuda_torch
+
+FORWARD = {"mask": tc.soft_topk_mask_forward, "mag": tc.soft_topk_mag_forward}
+JVP = {"mask": tc.mask_jvp_from_residuals, "mag": tc.mag_jvp_from_residuals}
+VJP = {"mask": tc.mask_vjp_from_residuals, "mag": tc.mag_vjp_from_residuals}
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    with backend_context(request.param) as b:
+        yield b
+
+
+@pytest.mark.parametrize("lam", [0.1, 1.0])
+def test_converges_to_pav(backend, rng, operator, lam):
+    x = rng.normal(size=(20, 12))
+    for k in (1, 3, 11):
+        xb = backend.to(x)
+        y, res = FORWARD[operator](xb, k, p=2.0, regularization_strength=lam, method="dykstra")
+        backend.assert_like(y, xb)
+        want, want_res = FORWARD[operator](x, k, p=2.0, regularization_strength=lam, method="pav")
+        np.testing.assert_allclose(backend.back(y), want, rtol=0, atol=1e-9)
+        # Jacobians from the blocks Dykstra converged to agree with PAV's.
+        t = rng.normal(size=x.shape)
+        for products in (JVP, VJP):
+            got = backend.back(products[operator](res, backend.to(t)))
+            np.testing.assert_allclose(got, products[operator](want_res, t), rtol=1e-8, atol=1e-9)
+
+
+def test_ties_and_nonfinite_rows(backend, operator):
+    inf, nan = np.inf, np.nan
+    x = np.array([
+        [3.0, 3.0, 3.0, 0.0, -1.0],
+        [0.0, 0.0, 0.0, 0.0, 0.0],
+        [inf, 1.0, 2.0, -inf, 0.5],
+        [-inf, -inf, 1.0, 2.0, 3.0],
+        [nan, 1.0, 2.0, 3.0, 4.0],
+        [2.0, -2.0, 2.0, -2.0, 0.5],
+    ])
+    for k in (1, 2, 4):
+        y, _ = FORWARD[operator](backend.to(x), k, p=2.0, method="dykstra")
+        want, _ = FORWARD[operator](x, k, p=2.0, method="pav")
+        got = backend.back(y)
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+        same = (got == want) | np.isnan(want)
+        np.testing.assert_allclose(np.where(same, 0.0, got), np.where(same, 0.0, want), rtol=0, atol=1e-9)
+
+
+def test_tied_saturated_entries_get_an_exact_zero_vjp(backend):
+    # Spec section 6 pitfall: entries tied at y = 0 must not be pooled by the block tolerance.
+    x = backend.to(np.array([[3.0, 1.0, 1.0, -2.0]]))
+    y, res = tc.soft_topk_mask_forward(x, 1, p=2.0, regularization_strength=0.1, method="dykstra")
+    np.testing.assert_array_equal(backend.back(y), [[1.0, 0.0, 0.0, 0.0]])
+    u = backend.to(np.array([[0.3, -1.0, 0.7, 0.2]]))
+    np.testing.assert_array_equal(backend.back(tc.mask_vjp_from_residuals(res, u)), 0.0)
+    # Tied entries saturated at y = 1 (k = 2) likewise.
+    y, res = tc.soft_topk_mask_forward(backend.to(np.array([[3.0, 3.0, 1.0, -2.0]])), 2, p=2.0, method="dykstra")
+    np.testing.assert_array_equal(backend.back(y), [[1.0, 1.0, 0.0, 0.0]])
+    np.testing.assert_array_equal(backend.back(tc.mask_vjp_from_residuals(res, u)), 0.0)
+
+
+@pytest.mark.parametrize("p", [1.25, 4.0 / 3.0, 3.0])
+def test_other_exponents_are_refused(operator, p):
+    with pytest.raises(ValueError, match=r"method='dykstra' solves the p = 2 operators only.*got p = "):
+        getattr(tc, f"soft_topk_{operator}")(np.ones((2, 4)), 2, p=p, method="dykstra")
+
+
+def test_isotonic_kernel_matches_scipy(rng):
+    scipy_optimize = pytest.importorskip("scipy.optimize")
+    xp = pytest.importorskip("array_api_compat.numpy")
+    y = rng.normal(size=(6, 9)).cumsum(axis=-1)[:, ::-1] + rng.normal(size=(6, 9))  # mostly decreasing
+    w = rng.uniform(0.5, 2.0, size=y.shape)
+    v, _ = dykstra.isotonic_dykstra(y, w, np.ones(y.shape, dtype=bool), 20000, np.full((6, 1), 1e-13), xp)
+    for row, weights, got in zip(y, w, v, strict=True):
+        want = scipy_optimize.isotonic_regression(row, weights=weights, increasing=False).x
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-8)
+
+
+def test_iteration_budget_controls_the_approximation(rng, operator):
+    # A long pooled block needs many iterations; the exact block mean is taken once it is found.
+    x = rng.normal(size=(4, 60))
+    want, _ = FORWARD[operator](x, 20, p=2.0, regularization_strength=3.0, method="pav")
+    errors = []
+    for max_iter in (4, 64, 4096):
+        y, _ = FORWARD[operator](x, 20, p=2.0, regularization_strength=3.0, method="dykstra", max_iter=max_iter)
+        assert np.all(np.isfinite(y))
+        errors.append(np.abs(y - want).max())
+    assert errors[0] > 1e-6 and errors[2] <= 1e-9 and errors[1] <= errors[0]
+    loose, _ = FORWARD[operator](x, 20, p=2.0, regularization_strength=3.0, method="dykstra", tol=1e-2)
+    assert np.all(np.isfinite(loose))
+
+
+def test_jit_with_a_structured_loop(operator):
+    jax = pytest.importorskip("jax")
+    solver = {"mask": dykstra.dykstra_mask, "mag": dykstra.dykstra_mag}[operator]
+    x = np.random.default_rng(5).normal(size=(5, 9))
+    with jax.enable_x64(True):
+        fn = jax.jit(lambda a: solver(a, 3, 0.5, 2.0, jax.numpy, loop=jax.lax.while_loop)[0])
+        got = np.asarray(fn(jax.numpy.asarray(x)))
+    want, _ = FORWARD[operator](x, 3, p=2.0, regularization_strength=0.5, method="pav")
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-9)
+
+
+@pytest.mark.gpu
+def test_cuda_tensors_stay_on_the_device(operator):
+    torch = cuda_torch()
+    x = torch.randn(64, 33, dtype=torch.float64, device="cuda")
+    y, res = FORWARD[operator](x, 5, p=2.0, method="dykstra")
+    assert y.device == x.device and res.gprime.device == x.device and res.perm.device == x.device
+    want, _ = FORWARD[operator](x.cpu(), 5, p=2.0, method="pav")
+    np.testing.assert_allclose(y.cpu().numpy(), want.numpy(), rtol=0, atol=1e-9)

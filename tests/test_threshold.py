@@ -1,0 +1,221 @@
+"""method="threshold": exact sort-free root finding, pure Array API, on every backend.
+
+The oracle is the Numba PAV (method="pav" on NumPy float64), which shares no
+solver code with the threshold method; Jacobians are compared through the
+public `*_from_residuals` functions.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import topk_core as tc
+from topk_core._agnostic import threshold
+
+from ._method_backends import BACKENDS, backend_context, cuda_torch
+
+FORWARD = {"mask": tc.soft_topk_mask_forward, "mag": tc.soft_topk_mag_forward}
+JVP = {"mask": tc.mask_jvp_from_residuals, "mag": tc.mag_jvp_from_residuals}
+VJP = {"mask": tc.mask_vjp_from_residuals, "mag": tc.mag_vjp_from_residuals}
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    with backend_context(request.param) as b:
+        yield b
+
+
+def _pav(operator, x, k, **kw):
+    return FORWARD[operator](x, k, method="pav", **kw)
+
+
+def _check(backend, operator, x, k, *, atol=1e-10, want=None, **kw):
+    """Threshold on the backend against PAV on NumPy; returns both residuals."""
+    xb = backend.to(x)
+    y, res = FORWARD[operator](xb, k, method="threshold", **kw)
+    backend.assert_like(y, xb)
+    want_res = None
+    if want is None:
+        want, want_res = _pav(operator, x, k, **kw)
+    got = backend.back(y)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    both_inf = np.isinf(want) & (got == want)
+    np.testing.assert_allclose(np.where(both_inf, 0.0, got), np.where(both_inf, 0.0, want), rtol=0, atol=atol)
+    return res, want_res
+
+
+@pytest.mark.parametrize("lam", [0.05, 0.7])
+def test_matches_pav_on_random_rows(backend, rng, p, operator, lam):
+    x = rng.normal(size=(24, 11))
+    for k in (1, 4, 10):
+        _check(backend, operator, x, k, p=p, regularization_strength=lam)
+
+
+def test_matches_pav_on_ties_and_zeros(backend, rng, p, operator):
+    rows = np.array([
+        [3.0, 3.0, 3.0, 0.0, 0.0, -1.0],
+        [1.0, 1.0, 1.0, 1.0, 1.0, 1.0],
+        [0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+        [0.0, 0.0, -5.0, 5.0, 0.0, 0.0],
+        [3.0, 1.0, 1.0, -2.0, 1.0, 3.0],
+        [2.0, -2.0, 2.0, -2.0, 0.5, 0.5],
+        [0.0, 0.0, 0.0, 0.0, 0.0, 7.0],
+    ])
+    ints = rng.integers(-2, 3, size=(30, 6)).astype(np.float64)
+    x = np.concatenate([rows, ints])
+    for k in range(1, 6):
+        for lam in (0.1, 1.0):
+            _check(backend, operator, x, k, p=p, regularization_strength=lam)
+
+
+@pytest.mark.parametrize("scale", [1e50, 1e-50], ids=["huge", "tiny"])
+@pytest.mark.parametrize("scaled_strength", [False, True], ids=["l=0.1", "l~scale"])
+def test_matches_pav_on_huge_and_tiny_inputs(backend, rng, p, operator, scale, scaled_strength):
+    x = rng.normal(size=(12, 9)) * scale
+    lam = 0.1 * scale if scaled_strength else 0.1
+    # The magnitude operator returns values on the scale of x.
+    atol = 1e-10 * scale if operator == "mag" else 1e-10
+    _check(backend, operator, x, 3, p=p, regularization_strength=lam, atol=atol)
+
+
+@pytest.mark.parametrize("scale", [1e150, 1e-150, 1e300, 1e-300])
+def test_extreme_scales_follow_the_scaling_laws(rng, p, scale):
+    # mask(c z; c l) = mask(z; l) and mag(c z; l c^(2-p)) = c mag(z; l), checked against PAV on z
+    # (PAV's moment updates overflow at these scales; the threshold method rescales internally).
+    z = rng.normal(size=(10, 7))
+    y = tc.soft_topk_mask(z * scale, 2, p=p, regularization_strength=0.3 * scale, method="threshold")
+    np.testing.assert_allclose(y, tc.soft_topk_mask(z, 2, p=p, regularization_strength=0.3), rtol=0, atol=1e-12)
+    out = tc.soft_topk_mag(z * scale, 2, p=p, regularization_strength=0.3 * scale ** (2.0 - p), method="threshold")
+    want = tc.soft_topk_mag(z, 2, p=p, regularization_strength=0.3)
+    np.testing.assert_allclose(out / scale, want, rtol=1e-12, atol=1e-12)
+
+
+def test_float32_is_close_to_pav(backend, rng, operator):
+    x = rng.normal(size=(16, 10)).astype(np.float32)
+    xb = backend.to(x)
+    y, _ = FORWARD[operator](xb, 3, method="threshold")
+    backend.assert_like(y, xb)
+    want, _ = _pav(operator, x.astype(np.float64), 3)
+    assert np.all(np.abs(backend.back(y) - want) <= 2e-5 * (1 + np.abs(want)))
+
+
+def test_nonfinite_rows_follow_the_pav_rule(backend, operator):
+    inf, nan = np.inf, np.nan
+    x = np.array([
+        [inf, 1.0, 2.0, -inf, 0.5],
+        [inf, inf, inf, 0.0, 1.0],
+        [-inf, -inf, 1.0, 2.0, 3.0],
+        [inf, -inf, 0.0, 0.0, -1.0],
+        [nan, 1.0, 2.0, 3.0, 4.0],
+        [1.0, 2.0, 3.0, 4.0, 5.0],
+    ])
+    for k in (1, 2, 3, 4):
+        res, _ = _check(backend, operator, x, k, p=2.0)
+        gprime = backend.back(res.gprime)
+        assert np.all(np.isnan(gprime[4])) and np.all(np.isfinite(np.delete(gprime, 4, axis=0)))
+
+
+@pytest.mark.parametrize("p", [1.25, 4.0 / 3.0, 2.0, 3.0], ids=["p=5/4", "p=4/3", "p=2", "p=3"])
+def test_non_unique_threshold_has_no_spurious_free_entry(backend, p):
+    # Mask: no fractional entry, tau is anywhere in [x_(k+1), x_(k) - l]; the exact VJP is 0.
+    xb = backend.to(np.array([[3.0, 1.0, 1.0, -2.0], [1.1, 1.0, 0.9, 0.0]]))
+    y, res = tc.soft_topk_mask_forward(xb, 1, regularization_strength=0.1, p=p, method="threshold")
+    np.testing.assert_array_equal(backend.back(y), [[1.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    np.testing.assert_array_equal(backend.back(res.gprime), 0.0)
+    u = backend.to(np.array([[0.3, -1.0, 0.7, 0.2], [1.0, 2.0, 3.0, 4.0]]))
+    np.testing.assert_array_equal(backend.back(tc.mask_vjp_from_residuals(res, u)), 0.0)
+    # Magnitude: k entries saturated and the rest exactly 0: identity on them, 0 elsewhere.
+    xm = backend.to(np.array([[5.0, -4.0, 0.1, 0.05], [2.0, 0.3, -3.0, 0.2]]))
+    out, mres = tc.soft_topk_mag_forward(xm, 2, regularization_strength=0.1, p=p, method="threshold")
+    np.testing.assert_array_equal(backend.back(out), [[5.0, -4.0, 0.0, 0.0], [2.0, 0.0, -3.0, 0.0]])
+    np.testing.assert_array_equal(backend.back(mres.scale), 0.0)
+    np.testing.assert_array_equal(backend.back(mres.saturated), [[1, 1, 0, 0], [1, 0, 1, 0]])
+
+
+def test_exactly_on_a_kink_of_the_flat_interval(p):
+    # x_(k) - l == x_(k+1): the interval of thresholds is a single point.
+    x = np.array([[1.0, 0.75, 0.5, 0.25, 0.0]])
+    for k in (1, 2, 3):
+        y, res = tc.soft_topk_mask_forward(x, k, regularization_strength=0.25, p=p, method="threshold")
+        want, want_res = _pav("mask", x, k, regularization_strength=0.25, p=p)
+        np.testing.assert_allclose(y, want, rtol=0, atol=1e-12)
+        np.testing.assert_array_equal(res.gprime == 0, want_res.gprime == 0)
+
+
+def test_residuals_are_input_order_with_one_segment_per_row(backend, operator, rng):
+    xb = backend.to(rng.normal(size=(5, 6)))
+    _, res = FORWARD[operator](xb, 2, method="threshold")
+    assert res.perm is None and res.inv_perm is None
+    assert res.block_start is None and res.block_end is None
+    assert tuple(res.gprime.shape) == (5, 6)
+    if operator == "mag":
+        assert tuple(res.offset.shape) == (5, 1)
+        assert tuple(res.saturated.shape) == tuple(res.signs.shape) == (5, 6)
+
+
+def test_jacobians_agree_with_pav(backend, rng, p, operator):
+    x = rng.normal(size=(20, 9))
+    res, want_res = _check(backend, operator, x, 3, p=p, regularization_strength=0.4)
+    for _ in range(2):
+        t = rng.normal(size=x.shape)
+        for products in (JVP, VJP):
+            got = backend.back(products[operator](res, backend.to(t)))
+            want = products[operator](want_res, t)
+            np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-9)
+
+
+def test_many_rows_with_early_stopping_and_compaction(rng, operator):
+    # Batches of >= 32 rows gather their unconverged rows as they go.
+    x = rng.normal(size=(400, 16)) * rng.uniform(0.1, 10.0, size=(400, 1))
+    for p in (4.0 / 3.0, 2.0):
+        y, _ = FORWARD[operator](x, 2, p=p, method="threshold")
+        want, _ = _pav(operator, x, 2, p=p)
+        assert np.all(np.abs(y - want) <= 1e-9 * (1 + np.abs(want)))
+
+
+def test_jit_with_a_structured_loop_and_unrolled(operator):
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    solver = {"mask": threshold.threshold_mask, "mag": threshold.threshold_mag}[operator]
+    x = np.random.default_rng(3).normal(size=(6, 8))
+    with jax.enable_x64(True):
+        # The adapters' route: the root finder as one lax.while_loop (fixed shapes, early exit).
+        looped = jax.jit(lambda a: solver(a, 3, 0.1, 4.0, jnp, loop=jax.lax.while_loop)[0])
+        got = np.asarray(looped(jnp.asarray(x)))
+        # Through the public function a tracer unrolls the Python loop max_iter times.
+        unrolled = jax.jit(lambda a: FORWARD[operator](a, 3, p=2.0, method="threshold", max_iter=12)[0])
+        got_p2 = np.asarray(unrolled(jnp.asarray(x)))
+    np.testing.assert_allclose(got, _pav(operator, x, 3)[0], rtol=0, atol=1e-10)
+    np.testing.assert_allclose(got_p2, _pav(operator, x, 3, p=2.0)[0], rtol=0, atol=1e-10)
+
+
+def test_iteration_controls(rng, operator):
+    x = rng.normal(size=(30, 12))
+    want, _ = _pav(operator, x, 4)
+    rough, _ = FORWARD[operator](x, 4, method="threshold", max_iter=1)
+    assert np.all(np.isfinite(rough))
+    loose, _ = FORWARD[operator](x, 4, method="threshold", tol=1e-4)
+    assert np.all(np.abs(loose - want) <= 1e-3 * (1 + np.abs(want)))
+    exact, _ = FORWARD[operator](x, 4, method="threshold", max_iter=threshold.DEFAULT_MAX_ITER)
+    np.testing.assert_allclose(exact, want, rtol=0, atol=1e-10)
+
+
+def test_axis_and_half_precision(rng, operator):
+    x = rng.normal(size=(5, 7, 3)).astype(np.float16)
+    y = getattr(tc, f"soft_topk_{operator}")(x, 2, axis=1, method="threshold")
+    want = getattr(tc, f"soft_topk_{operator}")(x, 2, axis=1, method="pav")
+    assert y.dtype == np.float16 and y.shape == x.shape
+    np.testing.assert_allclose(y.astype(np.float64), want.astype(np.float64), rtol=0, atol=2e-3)
+
+
+@pytest.mark.gpu
+def test_cuda_tensors_stay_on_the_device(operator):
+    torch = cuda_torch()
+    x = torch.randn(64, 33, dtype=torch.float64, device="cuda")
+    y, res = FORWARD[operator](x, 5, method="threshold")
+    assert y.device == x.device and res.gprime.device == x.device
+    want, _ = FORWARD[operator](x.cpu(), 5, method="pav")
+    np.testing.assert_allclose(y.cpu().numpy(), want.numpy(), rtol=0, atol=1e-10)
+    t = torch.randn_like(x)
+    assert JVP[operator](res, t).device == x.device

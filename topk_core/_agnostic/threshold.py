@@ -1,0 +1,526 @@
+"""The sort-free threshold method (spec section 5): one scalar per row, exact after a polish.
+
+Because the top-k weights are 0/1, both operators are fixed by one scalar per
+row, found by monotone root finding on elementwise work plus row reductions
+(no sort, no scatter, no Python loop over rows):
+
+* mask: ``y_i = min(1, g(max(x_i - tau, 0)))`` with ``tau`` such that ``sum(y) = k``;
+* magnitude: ``r_i = max(|x_i| - t, 0)``, ``z_i = g(r_i)``, ``y_i = min(1, z_i / t)``
+  with ``t > 0`` such that ``sum(y) = k``; the output is ``x_i`` where
+  ``z_i >= t`` and ``sign(x_i) (z_i + r_i)`` elsewhere.
+
+Algorithm, for all rows at once ((batch, n) arrays, (batch, 1) scalars):
+
+1. **Bracket from the data.**  Mask: with ``m = max(x)``, the root lies in
+   ``[min(x) - l, m - l (k/n)^(1/(q-1))]``: at the lower end every entry is
+   saturated (``sum(y) = n >= k``), at the upper end every term is at most
+   ``g(l (k/n)^(1/(q-1))) = k/n``.  Magnitude: ``t`` lies in
+   ``[min(a/2, g(a/2)), max|x|]`` with ``a`` the smallest non-zero ``|x|``:
+   every non-zero entry is saturated at the lower end, none is positive at the
+   upper end.
+2. **Safeguarded Newton** on the monotone, piecewise-smooth scalar equation.
+   The Newton step of the current support piece ``sum_F g(.) = T`` (``T`` =
+   k minus the saturated count) is taken on ``(sum_F g)^a = T^a`` with
+   ``a = 1 / (q - 1)``, which is exact when one entry is free and does not
+   crawl where ``g`` is flat (q > 2) or steep (q < 2) at 0; a piece with
+   ``T = 0`` is left at once for the point where its last free entry
+   vanishes.  The step is taken when it falls inside the current bracket and
+   is at most half the step before last (Numerical Recipes' rtsafe rule),
+   else the bracket is split (geometric mean when its ends differ by more
+   than a factor 4, so that huge and tiny scales cost O(log log) steps;
+   arithmetic mean otherwise).  A row has converged once
+   ``|sum(y) - k| <= tol * k`` (every ``y_i`` is monotone in the scalar, so
+   this bounds the L1 error of ``y``) with a Newton step below ``tol``
+   relative to the scalar, once a p = 2 Newton step stays in its piece (the
+   equation is then linear and the step landed on the root), or once its
+   bracket is a few ulps wide.  At most ``max_iter`` iterations; with eager
+   arrays the loop stops when every row has converged and gathers the
+   unconverged rows into smaller batches as it goes; under tracing it runs
+   the full budget, or one ``loop`` (e.g. ``jax.lax.while_loop``) passed by
+   an adapter.
+3. **Exact polish.**  With the support (saturated set ``S``, free set ``F``)
+   read at the converged scalar, the root of the smooth equation on that
+   support is taken: closed form for p = 2 (mask
+   ``tau = (sum_F x - l (k - |S|)) / |F|``, magnitude
+   ``t = sum_F |x| / (|F| + l (k - |S|))``), one Newton step otherwise; it is
+   kept only if it stays in the bracket and leaves the support unchanged.
+4. **Non-unique threshold** (spec section 6): when no entry is fractional the
+   threshold may be anywhere in an interval, and a threshold at an end of it
+   would make a spurious free entry with ``y`` within round-off of 0 or 1.
+   Rows where the k entries with ``y > 1/2`` are separated from the rest by a
+   saturating gap (the test PAV makes at the k-th boundary) get the exact 0/1
+   answer with an empty free set.
+
+Residuals feed the same closed-form Jacobians as PAV (`jacobians.py`), in
+input order with one segment per row (``perm``, ``inv_perm``,
+``block_start`` and ``block_end`` are None): ``g'`` on the free set and 0
+elsewhere; for the magnitude also ``scale = 1 + g'`` on ``F``, the saturated
+set ``A``, ``sign(x)`` and the (batch, 1) ``offset = k - |A|``, so that the
+Jacobian denominator is ``D = sum_F g' + (k - |A|)``.
+
+Numerics: the mask is computed relative to the row maximum (ties at a huge
+value keep their exact differences) and rows whose finite values span more
+than a quarter of the float range are scaled by 1/4 (with ``l``); the
+magnitude is computed on ``|x|`` scaled by a power of two into [1, 2) with the
+equivalent strength ``l c^(2-p)`` (``mag(x; l) = mag(c x; l c^(2-p)) / c``).
+Before ``g`` is evaluated its argument is clipped where the entry saturates,
+so no intermediate overflows: the code is warning-free in every namespace.
+
+Infinite entries follow the PAV rule: mask, ``+inf`` selected first and
+``-inf`` last (ties among them share evenly); magnitude, ``|x| = inf`` always
+kept.  Rows containing NaN give NaN rows and NaN derivatives.
+
+Magnitude rows with at most k non-zero entries (``t = 0``) return ``x``; their
+saturated set is every entry when fewer than k entries are non-zero (each
+partial derivative is then 1) and the non-zero entries when exactly k are.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+from .._compat import default_int, device
+from .common import all_true, count, nan_rows_of, poison
+from .regularizer import g, g_prime_on
+from .residuals import MagResiduals, MaskResiduals
+
+DEFAULT_MAX_ITER = 100
+"""Iteration cap of the root finder (`max_iter=None`).  Random, tied, huge and
+tiny rows converge in 3-20 iterations (float64); the safeguards (a split
+whenever Newton stops halving its steps, geometric splits across scales)
+bound adversarial float64 rows well below this."""
+
+_ULPS = 4.0  # a bracket this many ulps wide has converged
+_FTOL_ULPS = 8.0  # default `tol`: |sum(y) - k| <= tol * max(k, 1)
+_MIN_COMPACT = 32  # gather the unconverged rows when at most half of >= this many are left
+
+
+def _split(lo: Any, hi: Any, xp: Any) -> Any:
+    """A point strictly inside [lo, hi]: geometric mean across scales, else the midpoint."""
+    mid = lo / 2 + hi / 2
+    alo, ahi = xp.abs(lo), xp.abs(hi)
+    big, small = xp.maximum(alo, ahi), xp.minimum(alo, ahi)
+    same_sign = ((lo > 0) & (hi > 0)) | ((lo < 0) & (hi < 0))
+    geo = xp.sqrt(small) * xp.sqrt(big)
+    return xp.where(same_sign & (big / 4 > small), xp.where(hi > 0, geo, -geo), mid)
+
+
+def _newton(
+    free_sum: Any, target: Any, slope: Any, t: Any, has_free: Any, vanish: Any, a: float, rhs_scales: bool,
+    guard: float, xp: Any,
+) -> tuple[Any, Any, Any]:
+    """Newton step on the equation ``S(s) = T t`` of one support piece, in power-transformed form.
+
+    ``S(s) = sum_F g(. - s)`` is the free part of the sum, ``T = k - |saturated|``;
+    for the magnitude the right-hand side is ``T t`` with ``t = s``
+    (`rhs_scales`), for the mask ``t = 1``.  Newton is applied to
+    ``S^a = (T t)^a`` with ``a = 1 / (q - 1)``: exact when the free set has
+    one entry, and well conditioned where ``g`` is flat (q > 2) or steep
+    (q < 2) at 0, where plain Newton crawls.  For q = 2 (``a = 1``) it is
+    plain Newton.  `slope` is ``sum_F g'``.  Returns the step (in the
+    direction of increasing `s` when ``S > T t``), whether it is usable, and whether it
+    is such an exact jump.
+    """
+    excess = free_sum - target * t
+    plain_den = slope + target if rhs_scales else slope
+    one = xp.ones_like(free_sum)
+    if a == 1.0:
+        num, den = excess, plain_den
+    else:
+        positive = (free_sum > 0) & (target > 0)
+        rho = xp.where(positive, target * t / xp.where(positive, free_sum, one), one)
+        transformed = positive & (rho <= 2.0 ** (60.0 / max(a, 1.0)))
+        rho_a = xp.pow(xp.where(transformed, rho, one), a)
+        num = xp.where(transformed, free_sum * (1.0 - rho_a), excess)
+        rhs_term = rho_a * free_sum / xp.where(t > 0, t, one) if rhs_scales else 0.0 * one
+        den = xp.where(transformed, a * (slope + rhs_term), plain_den)
+    ok = (den > xp.abs(num) * guard) & (target > 0)
+    step = num / xp.where(ok, den, one)
+    leave = (target == 0) & has_free
+    return xp.where(leave, vanish, step), ok | leave, leave
+
+
+def _take_rows(arrays: tuple[Any, ...], idx: Any, xp: Any) -> tuple[Any, ...]:
+    return tuple(xp.take(a, idx, axis=0) for a in arrays)
+
+
+def _root(
+    evaluate: Callable[..., tuple[Any, ...]], data: tuple[Any, ...], lo: Any, hi: Any,
+    active: Any, ftol: Any, step_tol: float, scale: Any, ulps: float, exact_pieces: bool, max_iter: int, xp: Any,
+    loop: Callable[..., Any] | None = None,
+) -> tuple[Any, Any, Any]:
+    """Safeguarded Newton on a non-increasing, piecewise-smooth scalar equation per row.
+
+    `evaluate(s, *data)` returns `(excess, step, ok, jump, piece, miss)`:
+    `excess` has the sign of ``sum(y) - k`` (non-increasing in `s`), `step`
+    is the Newton step (usable where `ok`; `jump` marks exact jumps out of a
+    piece, which skip the step-halving rule), `piece` identifies the smooth
+    piece that `s` lies in (counts of the nested support sets: equal counts
+    mean equal sets) and `miss = |sum(y) - k|`.  A row has converged when
+    `miss <= ftol` and the Newton step is below `step_tol` relative to the
+    scalar (every ``y_i`` is monotone in `s`, so the outputs are then within
+    `ftol` of the root's in L1), when a Newton step of a piecewise-linear
+    equation (`exact_pieces`) stayed in its piece (it then landed on the
+    root), or when its bracket is a few ulps wide.  A Newton step is taken
+    when it falls inside the bracket and is at most half the step before last
+    (Numerical Recipes' rtsafe rule), else the bracket is split.
+
+    Without `loop`, a Python loop: with readable (eager) arrays it stops once
+    every row has converged and gathers the unconverged rows whenever at most
+    half of them are left, so a few slow rows do not cost full passes over the
+    batch; with traced arrays it runs `max_iter` iterations on fixed shapes.
+    `loop(cond, body, state)` (e.g. ``jax.lax.while_loop``) runs the same body
+    as a structured loop instead, on fixed shapes.  Returns, for every row,
+    the point where it settled (or, when only its bracket closed or the
+    budget ran out, the evaluated point with the smallest miss) and its final
+    bracket.
+    """
+    ints = default_int(xp)
+
+    def body(state: tuple[Any, ...]) -> tuple[Any, ...]:
+        s, lo, hi, last, before_last, was_newton, piece_before, result, best_miss, done, it = state
+        excess, step, ok, jump, piece, miss = evaluate(s, *data)
+        small_step = ok & (xp.abs(step) <= step_tol * xp.maximum(xp.abs(s), scale))
+        settled = (small_step & (miss <= ftol)) | (miss == 0) | ((excess == 0) & ~ok)
+        if exact_pieces:
+            settled = settled | (was_newton & (piece == piece_before))
+        # Until a row settles, `result` holds its point of smallest |sum(y) - k| (monotone on each
+        # side of the root), the answer when only its bracket closes or the budget runs out.
+        better = ~done & (miss < best_miss)
+        result, best_miss = xp.where(better | (settled & ~done), s, result), xp.where(better, miss, best_miss)
+        lo = xp.where(excess > 0, s, lo)
+        hi = xp.where(excess < 0, s, hi)
+        done = done | settled | (hi / 2 - lo / 2 <= ulps * xp.maximum(xp.abs(lo), xp.abs(hi)))
+        # Steps below 2 ulps become 2 ulps: at the noise floor this brackets the root from both sides.
+        floor = 2.0 * ulps * xp.abs(s)
+        step = xp.where(xp.abs(step) < floor, xp.where(step < 0, -floor, floor), step)
+        ok = ok & (step / 2 < hi / 2 - s / 2) & (step / 2 > lo / 2 - s / 2)
+        was_newton = ok & (jump | (xp.abs(step) <= xp.abs(before_last) / 2))
+        nxt = xp.where(was_newton, s + step, _split(lo, hi, xp))
+        before_last = last
+        last = nxt - s
+        s = xp.where(done, s, nxt)
+        return s, lo, hi, last, before_last, was_newton, piece, result, best_miss, done, it + 1
+
+    half_width = hi / 2 - lo / 2
+    no_piece = xp.zeros_like(hi, dtype=ints) - 1
+    state = (
+        hi, lo, hi, half_width, half_width, xp.zeros_like(active), no_piece, hi, xp.full_like(hi, xp.inf), ~active,
+        xp.zeros((), dtype=ints, device=device(hi)),
+    )
+    if loop is not None:
+        state = loop(lambda st: xp.any(~st[9]) & (st[10] < max_iter), body, state)
+        return state[7], state[1], state[2]
+    levels: list[tuple[Any, Any, Any, Any]] = []
+    for _ in range(max_iter):
+        state = body(state)
+        done = state[9]
+        finished = all_true(done, xp)
+        if finished:
+            break
+        if finished is None or done.shape[0] < _MIN_COMPACT:
+            continue
+        # Gather the unconverged rows into a power-of-two batch (few distinct shapes for
+        # libraries that compile per shape), padded with copies of the first of them.
+        left = int(xp.sum(xp.astype(~done, ints)))
+        size = 1 << max(left - 1, 0).bit_length()
+        if 2 * size > done.shape[0]:
+            continue
+        idx = xp.nonzero(~done[:, 0])[0]
+        if size > left:
+            idx = xp.concat([idx, xp.broadcast_to(idx[:1], (size - left,))])
+        levels.append((done, state[7], state[1], state[2]))
+        state = (*_take_rows(state[:9], idx, xp), xp.zeros_like(done[:size, :]), state[10])
+        data = _take_rows(data, idx, xp)
+        ftol, scale = _take_rows((ftol, scale), idx, xp)  # `body` reads data, ftol, scale from here
+    s, lo, hi = state[7], state[1], state[2]
+    for done_at, s_at, lo_at, hi_at in reversed(levels):
+        pos = xp.cumulative_sum(xp.astype(~done_at[:, 0], ints)) - 1
+        pos = xp.clip(pos, 0, None)
+        s = xp.where(done_at, s_at, xp.take(s, pos, axis=0))
+        lo = xp.where(done_at, lo_at, xp.take(lo, pos, axis=0))
+        hi = xp.where(done_at, hi_at, xp.take(hi, pos, axis=0))
+    return s, lo, hi
+
+
+def _controls(dtype: Any, max_iter: int | None, tol: float | None, xp: Any) -> tuple[float, float, int, float]:
+    finfo = xp.finfo(dtype)
+    eps = float(finfo.eps)
+    rtol = _FTOL_ULPS * eps if tol is None else float(tol)
+    return rtol, _ULPS * eps, DEFAULT_MAX_ITER if max_iter is None else int(max_iter), float(finfo.max)
+
+
+def _mask_pieces(tau: Any, xs: Any, lam_r: Any, q: float, xp: Any) -> tuple[Any, Any, Any, Any]:
+    u = xs - tau
+    uc = xp.clip(u, 0.0, lam_r)
+    above, sat = u > 0, u >= lam_r
+    return uc, above, sat, above & ~sat
+
+
+def _mask_evaluate(tau: Any, xs: Any, lam_r: Any, kkf: Any, q: float, guard: float, xp: Any):
+    n = xs.shape[-1]
+    uc, above, sat, free = _mask_pieces(tau, xs, lam_r, q, xp)
+    gu = g(uc, lam_r, q, xp)
+    n_sat, n_above = count(sat, xp), count(above, xp)
+    target = kkf - xp.astype(n_sat, kkf.dtype)
+    if q == 2.0:
+        # Saturated entries contribute exactly 1 each; g' = 1 / l on the free set.
+        excess = xp.sum(gu, axis=-1, keepdims=True) - kkf
+        free_sum = excess + target
+        slope = xp.astype(n_above - n_sat, kkf.dtype) / lam_r
+    else:
+        free_sum = xp.sum(xp.where(free, gu, xp.zeros_like(gu)), axis=-1, keepdims=True)
+        excess = free_sum - target
+        slope = xp.sum(g_prime_on(uc, free, lam_r, q, xp), axis=-1, keepdims=True)
+    one = xp.ones_like(target)
+    vanish = xp.max(xp.where(sat, xp.zeros_like(uc), uc), axis=-1, keepdims=True)
+    has_free = n_above > n_sat
+    step, ok, jump = _newton(free_sum, target, slope, one, has_free, vanish, 1.0 / (q - 1.0), False, guard, xp)
+    # No free entry and exactly k saturated: sum(y) = k holds exactly (inside a non-unique interval).
+    miss = xp.where(~has_free & (target == 0), 0.0 * excess, xp.abs(excess))
+    return excess, step, ok, jump, n_above * (n + 1) + n_sat, miss
+
+
+def threshold_mask(
+    x: Any, k: int, lam: float, q: float, xp: Any, *, max_iter: int | None = None, tol: float | None = None,
+    loop: Callable[..., Any] | None = None,
+) -> tuple[Any, MaskResiduals]:
+    """Soft top-k mask of (batch, n) rows by the threshold method, with its residuals.
+
+    Parameters
+    ----------
+    x : (batch, n) real floating array of any Array-API namespace
+    k : int
+        ``1 <= k <= n``.
+    lam, q : float
+        Regularization strength ``l > 0`` and conjugate exponent ``q = p / (p - 1)``.
+    xp : namespace
+        The namespace of `x`; every operation runs there (and on its device).
+    max_iter : int, optional
+        Iteration cap of the root finder (default `DEFAULT_MAX_ITER`).
+    tol : float, optional
+        The root finder stops once ``|sum(y) - k| <= tol * k`` (default 8
+        ulps of the dtype); the polish then solves the equation of the
+        support it found.
+    loop : callable, optional
+        ``loop(cond, body, state)`` with the semantics of
+        ``jax.lax.while_loop``: runs the root finder as one structured loop
+        (fixed shapes, early exit) instead of a Python loop, which a tracer
+        would unroll ``max_iter`` times.  For adapters.
+
+    Returns
+    -------
+    y : (batch, n) array
+    residuals : MaskResiduals
+        ``perm = inv_perm = None``, one block per row, ``g'`` on the free set.
+    """
+    n = x.shape[-1]
+    dt = x.dtype
+    rtol, ulps, iters, big = _controls(dt, max_iter, tol, xp)
+    guard = 4.0 / big
+    x, nan_rows = nan_rows_of(x, xp)
+    pos_inf, neg_inf = x == xp.inf, x == -xp.inf
+    fin = xp.isfinite(x)
+    n_pos, n_neg = count(pos_inf, xp), count(neg_inf, xp)
+    n_fin = n - n_pos - n_neg
+    kk = xp.minimum(xp.maximum(k - n_pos, 0), n_fin)
+    solve = (kk > 0) & (kk < n_fin) & ~nan_rows
+    kkf, n_fin_f = xp.astype(kk, dt), xp.astype(n_fin, dt)
+
+    # Relative to the row maximum; rows spanning more than a quarter of the range scaled by 1/4.
+    xf = xp.where(fin, x, xp.zeros_like(x))
+    has_fin = n_fin > 0
+    top = xp.where(has_fin, xp.max(xp.where(fin, xf, -big), axis=-1, keepdims=True), 0.0)
+    bottom = xp.where(has_fin, xp.min(xp.where(fin, xf, big), axis=-1, keepdims=True), 0.0)
+    c = xp.where(top / 2 - bottom / 2 > big / 8, xp.full_like(top, 0.25), xp.ones_like(top))
+    lam_r = lam * c
+    xs = xp.where(fin, xf * c - top * c, -big)  # non-finite entries never reach the support
+
+    ratio = xp.where(solve, kkf / xp.where(solve, n_fin_f, 1.0), 0.5)
+    hi = -lam_r * xp.pow(ratio, 1.0 / (q - 1.0))
+    lo = (bottom * c - top * c) - lam_r
+
+    def evaluate(tau: Any, xs: Any, lam_r: Any, kkf: Any) -> tuple[Any, ...]:
+        return _mask_evaluate(tau, xs, lam_r, kkf, q, guard, xp)
+
+    ftol = rtol * xp.maximum(kkf, 1.0)
+    tau, lo, hi = _root(
+        evaluate, (xs, lam_r, kkf), lo, hi, solve, ftol, rtol, lam_r, ulps, q == 2.0, iters, xp, loop
+    )
+
+    # Exact polish on the support read at tau, kept only if the support does not change.
+    uc, above, sat, free = _mask_pieces(tau, xs, lam_r, q, xp)
+    if q == 2.0:
+        n_free = xp.astype(count(free, xp), dt)
+        target = kkf - xp.astype(count(sat, xp), dt)
+        sum_free = xp.sum(xp.where(free, xs, xp.zeros_like(xs)), axis=-1, keepdims=True)
+        candidate = (sum_free - lam_r * target) / xp.where(n_free > 0, n_free, 1.0)
+        usable = n_free > 0
+    else:
+        _, step, usable, _, _, _ = evaluate(tau, xs, lam_r, kkf)
+        candidate = tau + xp.where(usable, step, xp.zeros_like(step))
+    usable = usable & solve & (candidate >= lo) & (candidate <= hi)
+    _, above_c, sat_c, _ = _mask_pieces(candidate, xs, lam_r, q, xp)
+    usable = usable & xp.all((above_c == above) & (sat_c == sat), axis=-1, keepdims=True)
+    tau = xp.where(usable, candidate, tau)
+
+    uc, _, _, free = _mask_pieces(tau, xs, lam_r, q, xp)
+    free = free & solve
+    y = g(uc, lam_r, q, xp)
+
+    # Non-unique threshold: k clear winners separated from the rest by a saturating gap.
+    winners = (y > 0.5) & fin
+    n_win = count(winners, xp)
+    low_win = xp.min(xp.where(winners, xs, 0.0), axis=-1, keepdims=True)
+    high_rest = xp.max(xp.where(fin & ~winners, xs, -big / 4), axis=-1, keepdims=True)
+    gap = xp.clip(low_win - high_rest, 0.0, 2.0 * lam_r)
+    flat = solve & (n_win == kk) & (g(gap, lam_r, q, xp) >= 1.0)
+    one, zero = xp.ones_like(y), xp.zeros_like(y)
+    y = xp.where(flat, xp.where(winners, one, zero), y)
+    free = free & ~flat
+
+    # Rows without a root: nothing (kk = 0) or every finite entry (kk = n_fin) selected.
+    y = xp.where(solve, y, xp.where(kk > 0, one, zero))
+    share_pos = xp.minimum(1.0, k / xp.astype(xp.maximum(n_pos, 1), dt))
+    share_neg = xp.astype(xp.maximum(k - n_pos - n_fin, 0), dt) / xp.astype(xp.maximum(n_neg, 1), dt)
+    y = xp.where(pos_inf, share_pos, xp.where(neg_inf, share_neg, y))
+    y = xp.where(nan_rows, xp.nan, y)
+
+    gprime = c * g_prime_on(uc, free, lam_r, q, xp)
+    return y, poison(MaskResiduals(None, None, None, None, gprime), nan_rows, xp)
+
+
+def _mag_pieces(t: Any, an: Any, lam_r: Any, q: float, xp: Any) -> tuple[Any, Any, Any, Any, Any]:
+    r = an - t
+    # Entries with r >= sat_r have g(r) >= t, i.e. y = 1.
+    sat_r = lam_r * (t if q == 2.0 else xp.pow(t, 1.0 / (q - 1.0)))
+    rc = xp.clip(r, 0.0, sat_r)
+    above, sat = r > 0, r >= sat_r
+    return r, rc, above, sat, above & ~sat
+
+
+def _mag_evaluate(t: Any, an: Any, lam_r: Any, kkf: Any, q: float, guard: float, xp: Any):
+    n = an.shape[-1]
+    _, rc, above, sat, free = _mag_pieces(t, an, lam_r, q, xp)
+    z = g(rc, lam_r, q, xp)
+    n_sat, n_above = count(sat, xp), count(above, xp)
+    target = kkf - xp.astype(n_sat, kkf.dtype)
+    if q == 2.0:
+        # Saturated entries have z = g(l t) = t; g' = 1 / l on the free set.
+        free_sum = xp.sum(z, axis=-1, keepdims=True) - xp.astype(n_sat, kkf.dtype) * t
+        slope = xp.astype(n_above - n_sat, kkf.dtype) / lam_r
+    else:
+        free_sum = xp.sum(xp.where(free, z, xp.zeros_like(z)), axis=-1, keepdims=True)
+        slope = xp.sum(g_prime_on(rc, free, lam_r, q, xp), axis=-1, keepdims=True)
+    vanish = xp.max(xp.where(sat, xp.zeros_like(rc), rc), axis=-1, keepdims=True)
+    has_free = n_above > n_sat
+    step, ok, jump = _newton(free_sum, target, slope, t, has_free, vanish, 1.0 / (q - 1.0), True, guard, xp)
+    excess = free_sum - target * t
+    miss = xp.where(~has_free & (target == 0), 0.0 * excess, xp.abs(excess) / xp.where(t > 0, t, 1.0))
+    return excess, step, ok, jump, n_above * (n + 1) + n_sat, miss
+
+
+def threshold_mag(
+    x: Any, k: int, lam: float, q: float, xp: Any, *, max_iter: int | None = None, tol: float | None = None,
+    loop: Callable[..., Any] | None = None,
+) -> tuple[Any, MagResiduals]:
+    """Soft top-k in magnitude of (batch, n) rows by the threshold method, with its residuals.
+
+    Parameters and returns as in `threshold_mask` (residuals `MagResiduals`).
+    """
+    n = x.shape[-1]
+    dt = x.dtype
+    rtol, ulps, iters, big = _controls(dt, max_iter, tol, xp)
+    guard = 4.0 / big
+    x, nan_rows = nan_rows_of(x, xp)
+    a = xp.abs(x)
+    infinite = a == xp.inf
+    fin = ~infinite
+    n_inf = count(infinite, xp)
+    n_fin = n - n_inf
+    kk = xp.minimum(xp.maximum(k - n_inf, 0), n_fin)
+    af = xp.where(fin, a, xp.zeros_like(a))
+    nonzero = af > 0
+    n_nonzero = count(nonzero, xp)
+    solve = (kk > 0) & (n_nonzero > kk) & ~nan_rows
+    kkf = xp.astype(kk, dt)
+
+    # Scale |x| by a power of two c into [1, 2); the strength becomes l c^(2 - p), kept in a range
+    # where neither it nor l t^(1/(q-1)) (t <= 2) can overflow or vanish.
+    p = q / (q - 1.0)
+    emax = math.floor(math.log2(big))
+    top = xp.max(af, axis=-1, keepdims=True)
+    e = xp.clip(xp.floor(xp.log2(xp.where(top > 0, top, 1.0))), -(emax - 1.0), emax - 1.0)
+    two = xp.full_like(e, 2.0)
+    c = xp.pow(two, -e)
+    log_lam = math.log2(lam)
+    lam_lo = -(emax - 2.0) + 8.0 - log_lam
+    lam_hi = emax - 8.0 - log_lam - max(1.0, 1.0 / (q - 1.0))
+    lam_r = lam * xp.pow(two, xp.clip(-e * (2.0 - p), lam_lo, lam_hi))
+    an = af * c
+
+    smallest = xp.min(xp.where(nonzero, an, 2.0), axis=-1, keepdims=True)
+    half = smallest / 2
+    lo = xp.where(half > lam_r, half, xp.minimum(half, g(xp.minimum(half, lam_r), lam_r, q, xp)))
+    hi = xp.max(an, axis=-1, keepdims=True)
+
+    def evaluate(t: Any, an: Any, lam_r: Any, kkf: Any) -> tuple[Any, ...]:
+        return _mag_evaluate(t, an, lam_r, kkf, q, guard, xp)
+
+    ftol = rtol * xp.maximum(kkf, 1.0)
+    t, lo, hi = _root(
+        evaluate, (an, lam_r, kkf), lo, hi, solve, ftol, rtol, xp.zeros_like(hi), ulps, q == 2.0, iters, xp, loop
+    )
+
+    # Exact polish on the support read at t, kept only if the support does not change.
+    _, _, above, sat, free = _mag_pieces(t, an, lam_r, q, xp)
+    if q == 2.0:
+        n_free = xp.astype(count(free, xp), dt)
+        target = kkf - xp.astype(count(sat, xp), dt)
+        sum_free = xp.sum(xp.where(free, an, xp.zeros_like(an)), axis=-1, keepdims=True)
+        den = n_free + lam_r * target
+        candidate = sum_free / xp.where(den > 0, den, 1.0)
+        usable = (den > 0) & (n_free > 0)
+    else:
+        _, step, usable, _, _, _ = evaluate(t, an, lam_r, kkf)
+        candidate = t + xp.where(usable, step, xp.zeros_like(step))
+    usable = usable & solve & (candidate >= lo) & (candidate <= hi) & (candidate > 0)
+    _, _, above_c, sat_c, _ = _mag_pieces(xp.where(usable, candidate, t), an, lam_r, q, xp)
+    usable = usable & xp.all((above_c == above) & (sat_c == sat), axis=-1, keepdims=True)
+    t = xp.where(usable, candidate, t)
+
+    r, rc, _, sat, free = _mag_pieces(t, an, lam_r, q, xp)
+    sat, free = sat & solve, free & solve
+    z = g(rc, lam_r, q, xp)
+
+    # Non-unique threshold: k saturated winners, and saturation still holds at the largest loser.
+    winners = (sat | (free & (z > 0.5 * t))) & fin
+    n_win = count(winners, xp)
+    low_win = xp.min(xp.where(winners, an, 2.0), axis=-1, keepdims=True)
+    high_rest = xp.max(xp.where(fin & ~winners, an, 0.0), axis=-1, keepdims=True)
+    _, _, _, still_sat, _ = _mag_pieces(high_rest, low_win, lam_r, q, xp)
+    flat = solve & (n_win == kk) & still_sat
+    sat = xp.where(flat, winners, sat)
+    free = free & ~flat
+
+    signs = xp.sign(x)
+    zero = xp.zeros_like(x)
+    soft = signs * (z + xp.where(free, r, zero)) / c
+    out = xp.where(sat, x, xp.where(free, soft, zero))
+
+    # Rows without a positive threshold: kk = 0 keeps only infinite entries; at most kk non-zero
+    # entries return x (every entry saturated when fewer than kk are non-zero, else the non-zero ones).
+    identity = (kk > 0) & (n_nonzero <= kk)
+    kept = identity & xp.where(n_nonzero < kk, fin, nonzero)
+    out = xp.where(solve, out, xp.where(identity, x, zero))
+    saturated = xp.where(solve, sat, kept) | infinite
+    out = xp.where(infinite, x, out)
+    out = xp.where(nan_rows, xp.nan, out)
+
+    gprime = g_prime_on(rc, free, lam_r, q, xp)
+    scale = xp.where(free, 1.0 + gprime, zero)
+    offset = xp.astype(xp.maximum(k - count(saturated, xp), 0), dt)
+    res = MagResiduals(None, None, None, None, gprime, scale, saturated, signs, offset)
+    return out, poison(res, nan_rows, xp)
