@@ -11,10 +11,14 @@ The mathematics lives in `topk_core`; see `topk_core.soft_topk_mask` and
 * The Python scalars (`k`, `regularization_strength`, `p`, `axis`, `method`,
   `max_iter`, `tol`) are static: they are validated when the function is
   called (or traced), with the same errors as `topk_numpy`.
-* Method ``"pav"`` (what ``"auto"`` resolves to) runs the Numba PAV on the host
-  CPU through `jax.pure_callback`, on the primal path only (the Jacobian
-  products run in `jax.numpy`): on a GPU/TPU backend the rows are copied to
-  the host and back.  `method` is passed to the core unchanged.
+* Methods ``"threshold"`` (exact, any p) and ``"dykstra"`` (approximate,
+  p = 2) run natively in `jax.numpy` on the array's device, their loop as one
+  `jax.lax.while_loop`.  Method ``"pav"`` runs the Numba PAV on the host CPU
+  through `jax.pure_callback`, on the primal path only (on a GPU/TPU backend
+  the rows are copied to the host and back).  ``"auto"`` picks ``"pav"`` for
+  arrays on the CPU and ``"threshold"`` on any other device.  The Jacobian
+  products always run in `jax.numpy` (closed form, never through the
+  iterations).
 * Sharded inputs keep their sharding: the host solve runs once per device on
   the local rows (`jax.shard_map` over the input's explicit sharding, or over
   the automatic mesh axes), never on a gathered copy unless the rows cannot be
@@ -37,7 +41,7 @@ from topk_core._agnostic.layout import from_rows, to_rows
 from topk_core._api import DEFAULT_P, DEFAULT_STRENGTH, compute_dtype
 from topk_jax._hard import hard_topk_rows
 from topk_jax._sharding import per_shard
-from topk_jax._soft import Static, soft_topk_mag_rows, soft_topk_mask_rows
+from topk_jax._soft import Static, resolve_method, soft_topk_mag_rows, soft_topk_mask_rows
 
 __version__ = topk_core.__version__
 
@@ -69,8 +73,7 @@ def _soft_op(
     k, ax = _validated(x, k, axis)
     lam = _validate.check_strength(regularization_strength)
     p = _validate.check_p(p)
-    _validate.check_method(method, p, max_iter, tol)
-    static = Static(k, lam, p, method, max_iter, tol)
+    static = Static(k, lam, p, resolve_method(x, p, method, max_iter, tol), max_iter, tol)
 
     def local(x: jax.Array) -> jax.Array:
         rows, moved = to_rows(x.astype(compute_dtype(x, jnp)), ax, jnp)
@@ -98,10 +101,13 @@ def soft_topk_mask(
     axis : int, default -1
         Axis along which to select.
     method : {"auto", "pav", "dykstra", "threshold"}, default "auto"
-        Solver, passed to the core (``"auto"`` and ``"pav"``: Numba PAV on the
-        host through `jax.pure_callback`).
-    max_iter, tol : None
-        Controls of the iterative methods; must be None for ``"pav"``.
+        Solver.  ``"pav"``: Numba PAV on the host through `jax.pure_callback`;
+        ``"threshold"`` (exact) and ``"dykstra"`` (p = 2, approximate): native
+        `jax.numpy` on the array's device; ``"auto"``: ``"pav"`` on the CPU,
+        ``"threshold"`` on GPU/TPU.
+    max_iter, tol : int, float or None
+        Controls of the iterative methods named explicitly (as in
+        `topk_numpy`); must be None for ``"pav"`` and ``"auto"``.
 
     Returns
     -------

@@ -1,28 +1,44 @@
 """Soft operators for JAX: one module-level `jax.custom_jvp` per operator.
 
 Layout.  The public functions (in `topk_jax`) validate the Python scalars
-eagerly, move the axis last and flatten to ``(batch, n)`` rows with
-`jax.numpy`, and call `soft_topk_mask_rows` / `soft_topk_mag_rows` defined
-here.  These are `jax.custom_jvp` functions of the rows with one static
-(hashable) argument, `Static`.
+eagerly, resolve ``method="auto"`` for the input's device (`resolve_method`),
+move the axis last and flatten to ``(batch, n)`` rows with `jax.numpy`, and
+call `soft_topk_mask_rows` / `soft_topk_mag_rows` defined here.  These are
+`jax.custom_jvp` functions of the rows with one static (hashable) argument,
+`Static`, whose `method` is the resolved solver ("pav", "threshold" or
+"dykstra").
 
-Primal path.  The core's forward (`topk_core.soft_topk_*`, the Numba PAV for
-method "pav"/"auto"; `method` is passed through unchanged) runs on the host
-through `jax.pure_callback`.  Without differentiation the callback returns
-only the output; under differentiation one call also returns the residuals
-(the arrays of `topk_core.MaskResiduals` / `MagResiduals` that the method
-uses; which ones is found once per configuration while tracing).  The call is
-wrapped in a `jax.custom_batching.custom_vmap` whose rule treats a vmapped
-axis as one more leading axis of the rows: the whole batch goes to one host
-call, never one round trip per row (the callback itself also declares
-``vmap_method="broadcast_all"``).  `topk_jax._sharding.per_shard` runs it once
-per device on local rows when the input is sharded.
+Primal path, two kinds of solvers:
+
+* ``"threshold"`` and ``"dykstra"`` (`NATIVE_METHODS`): the core's pure
+  Array-API solvers run in `jax.numpy` (``xp=jnp``), on the rows' own device,
+  with their root-finding / projection loop as one ``jax.lax.while_loop`` (the
+  solvers' ``loop=`` hook), so that `jax.jit` compiles one loop body instead
+  of unrolling ``max_iter`` iterations.  They run inside the custom_jvp
+  primal: autodiff never goes through the iterations.  No callback, no host
+  round trip; `jax.vmap` batches the loop like any JAX code.
+* ``"pav"``: the core's forward (the Numba PAV) runs on the host through
+  `jax.pure_callback`.  Without differentiation the callback returns only the
+  output; under differentiation one call also returns the residuals (the
+  arrays of `topk_core.MaskResiduals` / `MagResiduals` that the method uses;
+  which ones is found once per configuration while tracing).  The call is
+  wrapped in a `jax.custom_batching.custom_vmap` whose rule treats a vmapped
+  axis as one more leading axis of the rows: the whole batch goes to one host
+  call, never one round trip per row (the callback itself also declares
+  ``vmap_method="broadcast_all"``).  `topk_jax._sharding.per_shard` runs it
+  once per device on local rows when the input is sharded.
+
+``method="auto"`` (`auto_method`): PAV through the callback when the rows live
+on the CPU (the fastest exact method there, see docs/methods.md), the
+threshold method on the device otherwise (GPU, TPU, ...).  Under tracing the
+platform is read from the input's mesh when it has one, else from
+`jax.default_backend()`.
 
 Tangent rule.  `topk_core.mask_jvp_from_residuals` /
 `topk_core.mag_jvp_from_residuals`, evaluated with ``xp=jax.numpy`` on the
 residuals: gathers, elementwise operations and segment sums, linear in the
 tangent, so JAX transposes it for `jax.grad`, `jax.vjp` and `jax.jacrev`.
-Tangents never go through a callback.
+Tangents never go through a callback or a solver loop.
 
 Second order.  The residuals come from a second `jax.custom_jvp`
 (`_solve_*`) whose own rule decides what differentiating the residuals means:
@@ -48,10 +64,50 @@ import jax.numpy as jnp
 import numpy as np
 
 import topk_core
+from topk_core import _validate
+from topk_core._agnostic.dykstra import dykstra_mag, dykstra_mask
 from topk_core._agnostic.regularizer import conjugate_exponent
+from topk_core._agnostic.threshold import threshold_mag, threshold_mask
 from topk_jax._sharding import per_shard
 
-__all__ = ["Static", "soft_topk_mag_rows", "soft_topk_mask_rows"]
+__all__ = [
+    "NATIVE_METHODS", "Static", "auto_method", "device_platforms", "resolve_method", "soft_topk_mag_rows",
+    "soft_topk_mask_rows",
+]
+
+NATIVE_METHODS = ("threshold", "dykstra")
+"""Methods that run in `jax.numpy` on the array's device (no callback)."""
+
+
+def device_platforms(x: jax.Array) -> frozenset[str]:
+    """The platforms ("cpu", "gpu", "tpu", ...) of the devices that hold `x`.
+
+    Concrete arrays: their devices.  Tracers (under `jax.jit`, `jax.vmap`,
+    ...): the platform of the input's mesh when it has one, else the default
+    backend, where an un-placed jitted computation runs.
+    """
+    if not isinstance(x, jax.core.Tracer):
+        try:
+            return frozenset(d.platform for d in x.devices())
+        except Exception:  # deleted or exotic arrays: fall back to the tracer rule
+            pass
+    mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+    platform = getattr(getattr(mesh, "abstract_device", None), "platform", None)
+    return frozenset({platform if platform is not None else jax.default_backend()})
+
+
+def auto_method(x: jax.Array) -> str:
+    """What ``method="auto"`` runs for `x`: "pav" (host callback) on the CPU, "threshold" on any other device.
+
+    The rule of `topk_core._api.auto_method` for JAX arrays, extended to
+    tracers (see `device_platforms`).
+    """
+    return "pav" if device_platforms(x) == {"cpu"} else "threshold"
+
+
+def resolve_method(x: jax.Array, p: float, method: Any, max_iter: Any, tol: Any) -> str:
+    """Validate `method` and its controls (errors of `topk_numpy`) and return the solver that will run."""
+    return _validate.check_method(method, p, max_iter, tol, auto=auto_method(x))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,15 +144,17 @@ class _Operator(NamedTuple):
     forward: Callable[..., tuple[Any, Any]]
     residuals: type
     jvp: Callable[..., Any]
+    threshold: Callable[..., tuple[Any, Any]]
+    dykstra: Callable[..., tuple[Any, Any]]
 
 
 _MASK = _Operator(
     "soft_topk_mask", topk_core.soft_topk_mask, topk_core.soft_topk_mask_forward, topk_core.MaskResiduals,
-    topk_core.mask_jvp_from_residuals,
+    topk_core.mask_jvp_from_residuals, threshold_mask, dykstra_mask,
 )
 _MAG = _Operator(
     "soft_topk_mag", topk_core.soft_topk_mag, topk_core.soft_topk_mag_forward, topk_core.MagResiduals,
-    topk_core.mag_jvp_from_residuals,
+    topk_core.mag_jvp_from_residuals, threshold_mag, dykstra_mag,
 )
 
 
@@ -202,8 +260,27 @@ def _host_solver(op: _Operator, static: Static, with_residuals: bool) -> Callabl
     return solver
 
 
+def _native_solve(op: _Operator, rows: jax.Array, static: Static) -> tuple[jax.Array, Any]:
+    """The core's Array-API solver in `jax.numpy`, on the rows' device: `(y, residuals)`.
+
+    Its loop is one `jax.lax.while_loop` (fixed shapes, early exit per batch),
+    never `max_iter` unrolled iterations.
+    """
+    solver = getattr(op, static.method)
+    return solver(
+        rows, static.k, static.regularization_strength, conjugate_exponent(static.p), jnp,
+        max_iter=static.max_iter, tol=static.tol, loop=jax.lax.while_loop,
+    )
+
+
 def _solve(op: _Operator, rows: jax.Array, static: Static, with_residuals: bool) -> Any:
-    """Run the core's forward on the host: `y`, or `(y, residuals)` in (batch, n) layout."""
+    """Run the solver: `y`, or `(y, residuals)` in (batch, n) layout.
+
+    Threshold and Dykstra run natively in `jax.numpy`; PAV on the host.
+    """
+    if static.method in NATIVE_METHODS:
+        y, residuals = _native_solve(op, rows, static)
+        return (y, residuals) if with_residuals else y
     return _host_solver(op, static, with_residuals)(rows)
 
 
@@ -213,8 +290,6 @@ def _zero_tangent(value: jax.Array | None) -> Any:
     if jnp.issubdtype(value.dtype, jnp.floating):
         return jnp.zeros_like(value)
     return np.zeros(value.shape, dtype=jax.dtypes.float0)
-
-
 
 
 def _tangent(op: _Operator, residuals: Any, rows_dot: jax.Array) -> jax.Array:
@@ -258,6 +333,6 @@ def _make_operator(op: _Operator) -> tuple[Any, Any]:
 
 
 soft_topk_mask_rows, _solve_mask = _make_operator(_MASK)
-soft_topk_mask_rows.__doc__ = """`jax.custom_jvp`: soft top-k mask of (batch, n) rows (PAV on the host)."""
+soft_topk_mask_rows.__doc__ = """`jax.custom_jvp`: soft top-k mask of (batch, n) rows (native or host solver)."""
 soft_topk_mag_rows, _solve_mag = _make_operator(_MAG)
-soft_topk_mag_rows.__doc__ = """`jax.custom_jvp`: soft top-k in magnitude of (batch, n) rows (PAV on the host)."""
+soft_topk_mag_rows.__doc__ = """`jax.custom_jvp`: soft top-k in magnitude of (batch, n) rows (native or host solver)."""

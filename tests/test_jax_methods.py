@@ -1,0 +1,311 @@
+"""topk_jax with methods "threshold" and "dykstra": native `jax.numpy` solvers, no host callback.
+
+Values and derivatives are compared with `topk_numpy`'s exact PAV; the
+device rule of ``method="auto"`` is tested through the resolver (this
+machine may have no accelerator).
+"""
+
+from __future__ import annotations
+
+import re
+from functools import partial
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+
+import jax.numpy as jnp  # noqa: E402
+
+import topk_jax as tk  # noqa: E402
+import topk_numpy as tn  # noqa: E402
+from topk_core import _validate  # noqa: E402
+from topk_jax import _soft  # noqa: E402
+
+OPS = ["mask", "mag"]
+# (method, p): threshold for any p, dykstra for p = 2 only.
+CASES = [
+    pytest.param("threshold", 4.0 / 3.0, id="threshold-p=4/3"),
+    pytest.param("threshold", 2.0, id="threshold-p=2"),
+    pytest.param("threshold", 3.0, id="threshold-p=3"),
+    pytest.param("dykstra", 2.0, id="dykstra-p=2"),
+]
+ATOL = {"threshold": 1e-10, "dykstra": 1e-6}  # dykstra: approximate, default tol 1e-7 on v / l
+LAM = 0.3
+
+
+def soft(op: str, lib=tk):
+    return getattr(lib, f"soft_topk_{op}")
+
+
+@pytest.fixture
+def x64():
+    """Run the test with 64-bit JAX types, restoring the previous setting afterwards."""
+    with jax.enable_x64(True):
+        yield
+
+
+def rows(seed: int, shape: tuple[int, ...], scale: float = 1.5) -> np.ndarray:
+    """Distinct random values, with a tie planted in the first row."""
+    x = np.random.default_rng(seed).normal(size=shape) * scale
+    flat = x.reshape(-1, shape[-1])
+    if shape[-1] > 2:
+        flat[0, 2] = flat[0, 1]
+    return x
+
+
+def jaxpr_text(fn, *args) -> str:
+    # A fresh function each time: no trace cached from an earlier call.
+    return str(jax.make_jaxpr(lambda *a: fn(*a))(*args))
+
+
+# ------------------------------------------------------------------------ values
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize(("method", "p"), CASES)
+@pytest.mark.parametrize(("shape", "axis"), [((7,), -1), ((9, 3), 0), ((2, 3, 8), 1)])
+def test_float64_matches_pav(x64, op, method, p, shape, axis):
+    x = rows(1, shape)
+    k = max(1, shape[axis] // 3)
+    kw = {"regularization_strength": LAM, "p": p, "axis": axis}
+    want = soft(op, tn)(x, k, method="pav", **kw)
+    xj = jnp.asarray(x)
+    got = soft(op)(xj, k, method=method, **kw)
+    assert got.dtype == jnp.float64 and got.shape == x.shape
+    assert got.devices() == xj.devices()
+    np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=ATOL[method])
+    jitted = jax.jit(partial(soft(op), k=k, method=method, **kw))(xj)
+    np.testing.assert_allclose(np.asarray(jitted), want, rtol=0, atol=ATOL[method])
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_threshold_nan_and_inf_rows_match_pav(x64, op):
+    x = rows(2, (4, 6))
+    x[1, 3] = np.nan
+    x[2, 0], x[2, 4] = np.inf, -np.inf
+    x[3, :] = 0.0
+    x[3, 1] = 2.0  # at most k non-zero entries
+    want = soft(op, tn)(x, 2, regularization_strength=LAM, method="pav")
+    got = jax.jit(partial(soft(op), k=2, regularization_strength=LAM, method="threshold"))(jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("method", ["threshold", "dykstra"])
+def test_float32_and_bfloat16(op, method):
+    x = rows(3, (4, 10))
+    kw = {"regularization_strength": LAM, "p": 2.0}
+    want = soft(op, tn)(x, 3, method="pav", **kw)
+    got = soft(op)(jnp.asarray(x, jnp.float32), 3, method=method, **kw)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-5)
+    half = soft(op)(jnp.asarray(x, jnp.bfloat16), 3, method=method, **kw)
+    assert half.dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_iteration_controls_reach_the_solver(x64, op):
+    """A tiny `max_iter` changes the Dykstra result exactly as in NumPy; the default converges."""
+    x = np.linspace(1.0, 0.0, 24)[None, :] + 1e-3 * rows(4, (1, 24))  # a long pooled block
+    kw = {"regularization_strength": 2.0, "p": 2.0, "method": "dykstra"}
+    pav = soft(op, tn)(x, 8, regularization_strength=2.0, p=2.0, method="pav")
+    short = jax.jit(partial(soft(op), k=8, max_iter=2, **kw))(jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(short), soft(op, tn)(x, 8, max_iter=2, **kw), rtol=0, atol=1e-12)
+    assert np.abs(np.asarray(short) - pav).max() > 1e-6
+    full = jax.jit(partial(soft(op), k=8, max_iter=100_000, tol=1e-12, **kw))(jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(full), pav, rtol=0, atol=1e-9)
+
+
+# --------------------------------------------------------------- no host callback
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize(("method", "p"), CASES)
+def test_no_callback_in_the_jaxpr(op, method, p):
+    x = jnp.asarray(rows(5, (3, 9)), jnp.float32)
+    f = partial(soft(op), k=3, regularization_strength=LAM, p=p, method=method)
+    for text in (
+        jaxpr_text(f, x),
+        jaxpr_text(jax.grad(lambda x: jnp.sum(f(x) ** 2)), x),
+        jaxpr_text(jax.vmap(f), x),
+    ):
+        assert "callback" not in text
+        assert "while" in text
+
+
+def test_pav_still_uses_the_callback():
+    x = jnp.asarray(rows(5, (3, 9)), jnp.float32)
+    assert "callback" in jaxpr_text(partial(tk.soft_topk_mask, k=3, method="pav"), x)
+
+
+@pytest.mark.parametrize("method", ["threshold", "dykstra"])
+def test_loop_is_not_unrolled(method):
+    """The jaxpr does not grow with `max_iter` (only a literal changes): the solver loop is one `while`."""
+    x = jnp.asarray(rows(6, (2, 8)), jnp.float32)
+
+    def shape_of(max_iter):
+        text = jaxpr_text(partial(tk.soft_topk_mask, k=2, p=2.0, method=method, max_iter=max_iter), x)
+        return re.sub(r"\d+", "0", text)
+
+    assert shape_of(3) == shape_of(5000)
+
+
+# --------------------------------------------------------------- transformations
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize(("method", "p"), CASES)
+def test_grad_jvp_match_pav(x64, op, method, p):
+    x = rows(7, (3, 8))
+    u = np.random.default_rng(8).normal(size=x.shape)
+    kw = {"regularization_strength": LAM, "p": p}
+    want, vjp_fn = getattr(tn, f"soft_topk_{op}_vjp")(x, 3, method="pav", **kw)
+    _, want_jvp = getattr(tn, f"soft_topk_{op}_jvp")(x, u, 3, method="pav", **kw)
+    f = partial(soft(op), k=3, method=method, **kw)
+    grad = jax.jit(jax.grad(lambda x: jnp.vdot(f(x), jnp.asarray(u))))(jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(grad), vjp_fn(u), rtol=0, atol=ATOL[method] * 10)
+    y, y_dot = jax.jit(partial(jax.jvp, f))((jnp.asarray(x),), (jnp.asarray(u),))
+    np.testing.assert_allclose(np.asarray(y), want, rtol=0, atol=ATOL[method])
+    np.testing.assert_allclose(np.asarray(y_dot), want_jvp, rtol=0, atol=ATOL[method] * 10)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize(("method", "p"), CASES)
+def test_vmap_matches_batched_call(x64, op, method, p):
+    x = jnp.asarray(rows(9, (4, 3, 9)))
+    f = partial(soft(op), k=3, regularization_strength=LAM, p=p, method=method)
+    batched = jax.jit(f)(x)
+    np.testing.assert_allclose(np.asarray(jax.jit(jax.vmap(f))(x)), np.asarray(batched), rtol=0, atol=1e-12)
+
+    def loss(r):
+        return jnp.sum(f(r) ** 2 * jnp.arange(9.0))
+
+    grad_row = jax.jit(jax.grad(loss))
+    per_row = np.stack([np.asarray(grad_row(r)) for r in x])
+    np.testing.assert_allclose(np.asarray(jax.jit(jax.vmap(jax.grad(loss)))(x)), per_row, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize(("method", "p"), CASES)
+def test_jacfwd_equals_jacrev(x64, op, method, p):
+    x = jnp.asarray(rows(10, (2, 7)))
+    f = partial(soft(op), k=2, regularization_strength=LAM, p=p, method=method)
+    fwd = jax.jit(jax.jacfwd(f))(x)
+    rev = jax.jit(jax.jacrev(f))(x)
+    np.testing.assert_allclose(np.asarray(fwd), np.asarray(rev), rtol=0, atol=1e-12)
+    want = np.stack([
+        np.asarray(getattr(tn, f"soft_topk_{op}_jvp")(np.asarray(x), np.eye(14)[i].reshape(2, 7), 2,
+                                                       regularization_strength=LAM, p=p, method="pav")[1])
+        for i in range(14)
+    ], axis=-1).reshape(2, 7, 2, 7)
+    np.testing.assert_allclose(np.asarray(fwd), want, rtol=0, atol=ATOL[method] * 10)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("method", ["threshold", "dykstra"])
+def test_second_order(x64, op, method):
+    x = jnp.asarray(rows(11, (6,)))
+
+    def loss(x, p):
+        return jnp.sum(soft(op)(x, 2, regularization_strength=LAM, p=p, method=method) ** 2)
+
+    hess = jax.jit(jax.hessian(partial(loss, p=2.0)))(x)
+    assert hess.shape == (6, 6) and bool(jnp.all(jnp.isfinite(hess)))
+    if method == "threshold":
+        with pytest.raises(NotImplementedError, match="second-order"):
+            jax.jit(jax.hessian(partial(loss, p=4.0 / 3.0)))(x)
+
+
+def test_explicit_sharding_is_kept():
+    mesh = jax.make_mesh((jax.device_count(),), ("batch",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch", None))
+    x = jnp.asarray(rows(12, (4 * jax.device_count(), 9)), jnp.float32)
+    xs = jax.device_put(x, sharding)
+    f = jax.jit(jax.grad(lambda x: jnp.sum(tk.soft_topk_mag(x, 3, method="threshold") ** 2)))
+    g = f(xs)
+    assert g.sharding.spec == sharding.spec
+    np.testing.assert_allclose(np.asarray(g), np.asarray(f(x)), rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------------ errors
+
+X_BAD = np.arange(6.0)
+BAD = [
+    pytest.param({"method": "dykstra", "p": 4.0 / 3.0}, id="dykstra-p=4/3"),
+    pytest.param({"method": "dykstra", "p": 3.0}, id="dykstra-p=3"),
+    pytest.param({"method": "threshold", "max_iter": 0}, id="max_iter-0"),
+    pytest.param({"method": "dykstra", "p": 2.0, "max_iter": -3}, id="max_iter-negative"),
+    pytest.param({"method": "threshold", "max_iter": 2.5}, id="max_iter-float"),
+    pytest.param({"method": "threshold", "max_iter": True}, id="max_iter-bool"),
+    pytest.param({"method": "threshold", "tol": 0.0}, id="tol-0"),
+    pytest.param({"method": "dykstra", "p": 2.0, "tol": -1e-3}, id="tol-negative"),
+    pytest.param({"method": "threshold", "tol": np.nan}, id="tol-nan"),
+    pytest.param({"method": "threshold", "tol": "1e-6"}, id="tol-str"),
+    pytest.param({"method": "auto", "max_iter": 5}, id="auto-max_iter"),
+    pytest.param({"method": "pav", "tol": 1e-6}, id="pav-tol"),
+]
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("kw", BAD)
+def test_bad_inputs_raise_like_numpy(op, kw):
+    with pytest.raises((TypeError, ValueError)) as want:
+        soft(op, tn)(X_BAD, 2, **kw)
+    with pytest.raises(want.type, match=f"^{re.escape(str(want.value))}$"):
+        soft(op)(jnp.asarray(X_BAD), 2, **kw)
+    with pytest.raises(want.type, match=f"^{re.escape(str(want.value))}"):
+        jax.jit(lambda x: soft(op)(x, 2, **kw))(jnp.asarray(X_BAD))
+
+
+# ------------------------------------------------------------- method="auto"
+
+
+class _FakeDevice:
+    def __init__(self, platform):
+        self.platform = platform
+
+
+class _FakeArray:
+    def __init__(self, *platforms):
+        self._devices = {_FakeDevice(p) for p in platforms}
+
+    def devices(self):
+        return self._devices
+
+
+def test_auto_rule_for_concrete_arrays():
+    assert _soft.auto_method(jnp.ones(3)) == "pav"  # this machine: CPU
+    assert _soft.auto_method(_FakeArray("cpu")) == "pav"
+    assert _soft.auto_method(_FakeArray("gpu")) == "threshold"
+    assert _soft.auto_method(_FakeArray("tpu")) == "threshold"
+    assert _soft.auto_method(_FakeArray("cpu", "gpu")) == "threshold"
+
+
+def test_auto_rule_for_tracers(monkeypatch):
+    seen = []
+    jax.jit(lambda x: seen.append(_soft.auto_method(x)) or x)(jnp.ones(3))
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    jax.jit(lambda x: seen.append(_soft.auto_method(x)) or x)(jnp.ones(3))
+    # A mesh names its platform: it wins over the default backend.
+    mesh = jax.make_mesh((1,), ("b",))
+    xs = jax.device_put(jnp.ones(4), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("b")))
+    jax.jit(lambda x: seen.append(_soft.auto_method(x)) or x)(xs)
+    assert seen == ["pav", "threshold", "pav"]
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_auto_runs_threshold_on_device_without_callback(monkeypatch, op):
+    x = jnp.asarray(rows(13, (3, 9)), jnp.float32)
+    f = partial(soft(op), k=3, regularization_strength=LAM)
+    assert "callback" in jaxpr_text(f, x)  # CPU: PAV on the host
+    monkeypatch.setattr(_soft, "device_platforms", lambda x: frozenset({"gpu"}))
+    assert "callback" not in jaxpr_text(f, x)
+    np.testing.assert_allclose(
+        np.asarray(jax.jit(lambda x: f(x))(x)), soft(op, tn)(np.asarray(x), 3, regularization_strength=LAM), rtol=0, atol=1e-5
+    )
+    # The errors name what "auto" picks on that device, as the core does for a device array.
+    with pytest.raises(ValueError) as want:
+        _validate.check_method("auto", 4.0 / 3.0, 5, None, auto="threshold")
+    with pytest.raises(ValueError, match=f"^{re.escape(str(want.value))}$"):
+        f(x, max_iter=5)
