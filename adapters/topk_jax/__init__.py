@@ -39,6 +39,7 @@ import topk_core
 from topk_core import _validate
 from topk_core._agnostic.layout import from_rows, to_rows
 from topk_core._api import DEFAULT_P, DEFAULT_STRENGTH, compute_dtype
+from topk_jax import nn as nn  # topk_jax.nn: pruning, MoE router and layer, top-k loss
 from topk_jax._hard import hard_topk_rows
 from topk_jax._sharding import per_shard
 from topk_jax._soft import Static, resolve_method, soft_topk_mag_rows, soft_topk_mask_rows

@@ -43,6 +43,7 @@ from topk_core import _validate
 from topk_core._agnostic.regularizer import conjugate_exponent
 from topk_core._api import DEFAULT_P, DEFAULT_STRENGTH, compute_dtype
 
+from . import nn as nn  # topk_torch.nn: pruning, MoE router and layer, top-k loss
 from ._functions import soft_rows
 from ._namespace import xp as xp_torch
 

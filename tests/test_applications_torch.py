@@ -1,0 +1,398 @@
+"""topk_torch.nn: pruning parametrization, MoE router and dispatch, top-k loss.
+
+Shapes and dtypes first, then exact sparsity counts, gradients, the MoE
+dispatch against the dense mixture with the same gates (float64), and the
+top-k loss against its formula written out with the public operators.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from torch import nn  # noqa: E402
+from torch.nn.utils import parametrize  # noqa: E402
+
+import topk_torch as tk  # noqa: E402
+from topk_torch import nn as tnn  # noqa: E402
+
+DTYPES = [torch.float32, torch.float64]
+DTYPE_IDS = ["float32", "float64"]
+
+
+def _tensor(rng: np.random.Generator, shape, dtype=torch.float64, requires_grad=False) -> torch.Tensor:
+    return torch.tensor(rng.normal(size=shape), dtype=dtype, requires_grad=requires_grad)
+
+
+def test_exposed_as_attribute_of_the_adapter():
+    assert tk.nn is tnn
+    assert sorted(tnn.__all__) == tnn.__all__
+
+
+# --- pruning ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("per_row", [False, True], ids=["tensor", "per-row"])
+@pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
+def test_pruning_forward_backward_shapes_and_counts(rng, dtype, per_row, hard):
+    w = _tensor(rng, (6, 20), dtype, requires_grad=True)
+    pruning = tnn.TopkPruning(0.9, per_row=per_row, hard=hard, regularization_strength=0.05)
+    y = pruning(w)
+    assert isinstance(y, torch.Tensor)
+    assert (y.shape, y.dtype, y.device) == (w.shape, dtype, w.device)
+    k = round(0.1 * (20 if per_row else 120))
+    assert pruning.k(w) == k
+    assert pruning.num_kept(w) == (6 * k if per_row else k)
+    groups = y.detach().reshape(6, 20) if per_row else y.detach().reshape(1, -1)
+    counts = (groups != 0).sum(dim=1)
+    assert bool((counts >= k).all())
+    if hard:
+        assert bool((counts == k).all())
+    y.backward(torch.ones_like(y))
+    assert (w.grad.shape, w.grad.dtype) == (w.shape, dtype)
+    final = pruning.finalize(w)
+    assert (final.shape, final.dtype, final.requires_grad) == (w.shape, dtype, False)
+    assert int((final != 0).sum()) == pruning.num_kept(w)
+
+
+def test_pruning_keeps_the_largest_magnitudes_and_clear_winners_unchanged(rng):
+    w = _tensor(rng, (50,))
+    w[:3] = torch.tensor([10.0, -9.0, 8.0], dtype=w.dtype)
+    y = tnn.TopkPruning(0.94, regularization_strength=0.01)(w)  # k = 3
+    torch.testing.assert_close(y[:3], w[:3], rtol=0, atol=0)
+    assert bool((y[3:] == 0).all())
+
+
+def test_pruning_hard_is_straight_through(rng):
+    w = _tensor(rng, (4, 10), requires_grad=True)
+    pruning = tnn.TopkPruning(0.75, hard=True)
+    y = pruning(w)
+    torch.testing.assert_close(y, tk.hard_topk_mag(w.detach().reshape(1, -1), 10).reshape(4, 10), rtol=0, atol=0)
+    u = _tensor(rng, (4, 10))
+    y.backward(u)
+    torch.testing.assert_close(w.grad, u, rtol=0, atol=0)
+
+
+def test_pruning_soft_gradient_is_that_of_soft_topk_mag(rng):
+    w = _tensor(rng, (3, 8), requires_grad=True)
+    u = _tensor(rng, (3, 8))
+    tnn.TopkPruning(0.5, per_row=True, p=2.0, regularization_strength=0.3)(w).backward(u)
+    x = w.detach().clone().requires_grad_()
+    tk.soft_topk_mag(x, 4, p=2.0, regularization_strength=0.3).backward(u)
+    torch.testing.assert_close(w.grad, x.grad)
+
+
+def test_pruning_per_row_along_another_axis(rng):
+    w = _tensor(rng, (5, 3, 4))
+    y = tnn.TopkPruning(0.5, per_row=True, row_axis=1, hard=True)(w)
+    for i in range(3):
+        assert int((y[:, i] != 0).sum()) == 10
+
+
+@pytest.mark.parametrize("per_row", [False, True], ids=["tensor", "per-row"])
+def test_pruning_parametrization_on_modules_and_finalize(rng, per_row):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
+    prunings = {}
+    for layer in (model[0], model[2]):
+        prunings[layer] = tnn.TopkPruning(0.8, per_row=per_row, regularization_strength=0.01)
+        parametrize.register_parametrization(layer, "weight", prunings[layer])
+    original = {layer: layer.parametrizations.weight.original for layer in prunings}
+    x = _tensor(rng, (2, 3, 6, 6), torch.float32)
+    model(x).sum().backward()
+    for layer in prunings:
+        assert original[layer].grad is not None and original[layer].grad.shape == original[layer].shape
+    expected = {layer: prunings[layer].num_kept(layer.weight) for layer in prunings}
+    assert expected[model[2]] == (10 * round(0.2 * 128) if per_row else round(0.2 * 1280))
+    soft = {layer: layer.weight.detach().clone() for layer in prunings}
+    for layer in prunings:
+        assert tnn.finalize_pruning(layer) is layer
+        assert not parametrize.is_parametrized(layer)
+        assert layer.weight is original[layer]  # the same Parameter: optimizers keep working
+        assert int((layer.weight != 0).sum()) == expected[layer]
+        # The kept entries are the soft values of largest magnitude.
+        kept = layer.weight != 0
+        torch.testing.assert_close(layer.weight[kept], soft[layer][kept], rtol=0, atol=0)
+        assert float(soft[layer][~kept].abs().max()) <= float(soft[layer][kept].abs().min())
+    model(x)  # still a working module
+
+
+def test_pruning_sparsity_is_a_schedule(rng):
+    w = _tensor(rng, (10, 10))
+    pruning = tnn.TopkPruning(0.5, hard=True)
+    assert int((pruning(w) != 0).sum()) == 50
+    pruning.sparsity = 0.9
+    assert int((pruning(w) != 0).sum()) == 10
+
+
+def test_pruning_small_strength_approaches_hard(rng):
+    w = _tensor(rng, (40,))
+    soft = tnn.TopkPruning(0.75, regularization_strength=1e-6)(w)
+    torch.testing.assert_close(soft, tk.hard_topk_mag(w, 10), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("sparsity", "error", "match"),
+    [(1.0, ValueError, r"\[0, 1\)"), (-0.1, ValueError, r"\[0, 1\)"), ("0.5", TypeError, "real number"),
+     (True, TypeError, "real number"), (float("nan"), ValueError, r"\[0, 1\)")],
+)
+def test_pruning_rejects_bad_sparsity(sparsity, error, match):
+    with pytest.raises(error, match=match):
+        tnn.TopkPruning(sparsity)
+
+
+def test_pruning_rejects_sparsity_that_keeps_nothing():
+    with pytest.raises(ValueError, match="keeps round"):
+        tnn.TopkPruning(0.99)(torch.ones(3, 10))
+
+
+def test_finalize_pruning_errors():
+    layer = nn.Linear(4, 3)
+    with pytest.raises(ValueError, match="not parametrized"):
+        tnn.finalize_pruning(layer)
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    parametrize.register_parametrization(layer, "weight", Double())
+    with pytest.raises(ValueError, match="must be a TopkPruning"):
+        tnn.finalize_pruning(layer)
+
+
+def test_finalize_pruning_after_another_parametrization(rng):
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    layer = nn.Linear(10, 4).double()
+    parametrize.register_parametrization(layer, "weight", Double())
+    parametrize.register_parametrization(layer, "weight", tnn.TopkPruning(0.5, hard=True))
+    expected = tk.hard_topk_mag((2 * layer.parametrizations.weight.original.detach()).reshape(1, -1), 20)
+    tnn.finalize_pruning(layer)
+    torch.testing.assert_close(layer.weight.detach(), expected.reshape(4, 10), rtol=0, atol=0)
+
+
+# --- MoE gates, stats, dispatch --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_gates_shapes_sparsity_and_gradient(rng, dtype, hard, k):
+    logits = _tensor(rng, (2, 7, 6), dtype, requires_grad=True)
+    gates = tnn.topk_gates(logits, k, hard=hard)
+    assert (gates.shape, gates.dtype) == (logits.shape, dtype)
+    probs = torch.softmax(logits.detach(), dim=-1)
+    counts = (gates.detach() != 0).sum(dim=-1)
+    assert bool((counts == k).all()) if hard else bool((counts >= k).all())
+    assert bool((gates.detach() >= 0).all())
+    assert bool((gates.detach() <= probs * (1 + 1e-6)).all())
+    gates.sum().backward()
+    assert (logits.grad.shape, logits.grad.dtype) == (logits.shape, dtype)
+    assert bool(torch.isfinite(logits.grad).all())
+
+
+def test_gates_are_soft_topk_mag_of_softmax(rng):
+    logits = _tensor(rng, (5, 8))
+    expected = tk.soft_topk_mag(torch.softmax(logits, -1), 2, p=2.0, regularization_strength=0.05)
+    torch.testing.assert_close(tnn.topk_gates(logits, 2, p=2.0, regularization_strength=0.05), expected)
+    hard = tnn.topk_gates(logits, 2, hard=True)
+    torch.testing.assert_close(hard, tk.hard_topk_mag(torch.softmax(logits, -1), 2))
+
+
+def test_gates_pass_the_method_keywords(rng):
+    logits = _tensor(rng, (4, 8))
+    pav = tnn.topk_gates(logits, 3, p=2.0, method="pav")
+    for method, extra in (("threshold", {}), ("dykstra", {"max_iter": 2000, "tol": 1e-12})):
+        torch.testing.assert_close(tnn.topk_gates(logits, 3, p=2.0, method=method, **extra), pav, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError):
+        tnn.topk_gates(logits, 3, method="dykstra")  # p = 4/3
+
+
+def test_routing_stats():
+    gates = torch.tensor([[[0.5, 0.0, 0.2]], [[0.0, 0.0, 0.9]]], requires_grad=True)
+    stats = tnn.routing_stats(gates)
+    assert stats.experts_per_token.tolist() == [2, 1]
+    assert stats.load.tolist() == [1, 0, 2]
+    torch.testing.assert_close(stats.gate_mass, torch.tensor([0.5, 0.0, 1.1]))
+    assert stats.mean_experts_per_token == 1.5
+    assert stats.load_imbalance == pytest.approx(2.0)
+    assert not stats.gate_mass.requires_grad
+
+
+class _Counting(nn.Module):
+    """An expert that records how many tokens it saw."""
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        self.linear = nn.Linear(d_in, d_out)
+        self.seen: list[int] = []
+
+    def forward(self, x):
+        self.seen.append(x.shape[0])
+        return torch.tanh(self.linear(x))
+
+
+def _dense(x, gates, experts):
+    return sum(gates[:, e: e + 1] * expert(x) for e, expert in enumerate(experts))
+
+
+@pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
+@pytest.mark.parametrize("k", [1, 2])
+def test_dispatch_equals_dense_mixture_float64(rng, hard, k):
+    torch.manual_seed(0)
+    experts = [_Counting(5, 3).double() for _ in range(6)]
+    x = _tensor(rng, (40, 5), requires_grad=True)
+    logits = _tensor(rng, (40, 6), requires_grad=True)
+    gates = tnn.topk_gates(logits, k, hard=hard, regularization_strength=0.2)
+    stats = tnn.routing_stats(gates)
+    y = tnn.moe_dispatch(x, gates, experts)
+    assert (y.shape, y.dtype) == ((40, 3), torch.float64)
+    # Each expert ran once, on exactly its tokens; experts with none were not called.
+    for e, expert in enumerate(experts):
+        assert expert.seen == ([int(stats.load[e])] if int(stats.load[e]) else [])
+    u = _tensor(rng, (40, 3))
+    grads = torch.autograd.grad(y, [x, logits, *experts[0].parameters()], u, allow_unused=True, retain_graph=True)
+    dense = _dense(x, gates, experts)
+    torch.testing.assert_close(y, dense, rtol=1e-13, atol=1e-13)
+    dense_grads = torch.autograd.grad(dense, [x, logits, *experts[0].parameters()], u, allow_unused=True)
+    for ours, theirs in zip(grads, dense_grads, strict=True):
+        if ours is None:
+            assert theirs is None or bool((theirs == 0).all())
+        else:
+            torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+
+
+def test_dispatch_skips_idle_experts_and_needs_out_features_when_all_idle():
+    experts = [_Counting(2, 3).double() for _ in range(3)]
+    x = torch.ones(4, 2, dtype=torch.float64)
+    gates = torch.zeros(4, 3, dtype=torch.float64)
+    gates[:, 1] = 0.5
+    y = tnn.moe_dispatch(x, gates, experts)
+    assert [e.seen for e in experts] == [[], [4], []]
+    torch.testing.assert_close(y, 0.5 * experts[1](x))
+    zero = tnn.moe_dispatch(x, torch.zeros(4, 3, dtype=torch.float64), experts, out_features=3)
+    assert (zero.shape, zero.dtype, bool((zero == 0).all())) == ((4, 3), torch.float64, True)
+    with pytest.raises(ValueError, match="out_features"):
+        tnn.moe_dispatch(x, torch.zeros(4, 3, dtype=torch.float64), experts)
+    with pytest.raises(ValueError, match="gates"):
+        tnn.moe_dispatch(x, gates[:, :2], experts)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
+def test_moe_layer_shapes_gradients_and_dense_equivalence(rng, dtype, hard):
+    torch.manual_seed(0)
+    moe = tnn.MoE(6, num_experts=4, k=2, hidden_features=8, out_features=5, hard=hard).to(dtype)
+    x = _tensor(rng, (3, 7, 6), dtype, requires_grad=True)
+    y, gates = moe(x, return_gates=True)
+    assert (y.shape, y.dtype, gates.shape, gates.dtype) == ((3, 7, 5), dtype, (3, 7, 4), dtype)
+    assert isinstance(moe(x), torch.Tensor)
+    y.sum().backward()
+    assert (x.grad.shape, x.grad.dtype) == (x.shape, dtype)
+    assert moe.router.linear.weight.grad is not None
+    load = tnn.routing_stats(gates).load
+    for e, expert in enumerate(moe.experts):
+        assert (expert[0].weight.grad is not None) == bool(load[e] > 0)
+    if dtype == torch.float64:
+        tokens = x.detach().reshape(-1, 6)
+        dense = _dense(tokens, moe.router(tokens), moe.experts).reshape(3, 7, 5)
+        torch.testing.assert_close(y.detach(), dense.detach(), rtol=1e-13, atol=1e-13)
+
+
+def test_moe_custom_experts_and_errors():
+    experts = [nn.Linear(4, 4) for _ in range(3)]
+    moe = tnn.MoE(4, 3, 1, experts=experts)
+    assert list(moe.experts) == experts
+    with pytest.raises(ValueError, match="num_experts = 3"):
+        tnn.MoE(4, 3, 1, experts=experts[:2])
+    for k in (0, 4, 1.5, True):
+        with pytest.raises(ValueError, match="1 <= k <= num_experts"):
+            tnn.MoE(4, 3, k)
+
+
+# --- top-k loss ------------------------------------------------------------------------------------
+
+
+def _loss_by_hand(scores, labels, mixture, ce_weight, eps, **keywords):
+    idx = labels.unsqueeze(-1)
+    ce = -torch.log_softmax(scores, -1).gather(-1, idx).squeeze(-1)
+    member = sum(w * tk.soft_topk_mask(scores, k, **keywords).gather(-1, idx).squeeze(-1) for k, w in mixture)
+    return ce_weight * ce - (1 - ce_weight) * torch.log(eps + (1 - eps) * member)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_topk_loss_shapes_dtypes_and_formula(rng, dtype, reduction):
+    scores = _tensor(rng, (2, 6, 12), dtype, requires_grad=True)
+    labels = torch.tensor(rng.integers(12, size=(2, 6)))
+    loss = tnn.topk_loss(scores, labels, k=[1, 3], k_weights=[1.0, 3.0], ce_weight=0.3, eps=0.05,
+                         reduction=reduction, regularization_strength=0.5, p=2.0)
+    assert loss.dtype == dtype
+    assert loss.shape == ((2, 6) if reduction == "none" else ())
+    expected = _loss_by_hand(scores, labels, [(1, 0.25), (3, 0.75)], 0.3, 0.05, regularization_strength=0.5, p=2.0)
+    expected = {"mean": expected.mean(), "sum": expected.sum(), "none": expected}[reduction]
+    torch.testing.assert_close(loss, expected)
+    loss.sum().backward()
+    assert (scores.grad.shape, scores.grad.dtype) == (scores.shape, dtype)
+    assert bool(torch.isfinite(scores.grad).all())
+
+
+def test_topk_loss_is_cross_entropy_when_ce_weight_is_one(rng):
+    scores = _tensor(rng, (8, 10))
+    labels = torch.tensor(rng.integers(10, size=8))
+    torch.testing.assert_close(tnn.topk_loss(scores, labels, ce_weight=1.0), nn.functional.cross_entropy(scores, labels))
+
+
+def test_topk_loss_gradient_outside_the_support_comes_from_cross_entropy():
+    # Class 3 is far outside the top 2: its soft membership is exactly 0 and has no gradient.
+    scores = torch.tensor([[5.0, 4.0, 3.0, -5.0]], dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([3])
+    pure_topk = tnn.topk_loss(scores, labels, k=2, ce_weight=0.0, eps=0.01)
+    assert pure_topk.item() == pytest.approx(-math.log(0.01))
+    (grad,) = torch.autograd.grad(pure_topk, scores)
+    assert bool((grad == 0).all())
+    (grad,) = torch.autograd.grad(tnn.topk_loss(scores, labels, k=2, ce_weight=0.5), scores)
+    (ce_grad,) = torch.autograd.grad(0.5 * nn.functional.cross_entropy(scores, labels), scores)
+    torch.testing.assert_close(grad, ce_grad)
+    assert float(grad[0, 3]) < 0  # pushes the true class up
+
+
+def test_topk_loss_no_gradient_from_topk_term_when_clearly_inside():
+    scores = torch.tensor([[5.0, 4.0, 3.0, -5.0]], dtype=torch.float64, requires_grad=True)
+    loss = tnn.topk_loss(scores, torch.tensor([1]), k=2, ce_weight=0.0)
+    assert loss.item() == pytest.approx(0.0, abs=1e-15)
+    (grad,) = torch.autograd.grad(loss, scores)
+    assert bool((grad == 0).all())
+
+
+def test_topk_loss_on_the_boundary_moves_the_true_class_up(rng):
+    scores = torch.tensor([[2.0, 1.0, 0.95, -3.0]], dtype=torch.float64, requires_grad=True)
+    loss = tnn.topk_loss(scores, torch.tensor([2]), k=2, ce_weight=0.0, p=2.0, regularization_strength=1.0)
+    (grad,) = torch.autograd.grad(loss, scores)
+    assert float(grad[0, 2]) < 0 < float(grad[0, 1])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [({"k": 0}, ValueError, "1 <= k"), ({"k": 13}, ValueError, "1 <= k"), ({"k": [2, 2]}, ValueError, "repeat"),
+     ({"k": 2.0}, TypeError, "ints"), ({"k": [1, 5], "k_weights": [1.0]}, ValueError, "k_weights"),
+     ({"k": [1, 5], "k_weights": [0.0, 0.0]}, ValueError, "all zero"), ({"ce_weight": 1.5}, ValueError, "ce_weight"),
+     ({"eps": 0.0}, ValueError, "eps"), ({"reduction": "max"}, ValueError, "reduction"),
+     ({"p": 0.5}, ValueError, "p")],
+)
+def test_topk_loss_rejects_bad_arguments(kwargs, error, match):
+    scores = torch.zeros(3, 12)
+    with pytest.raises(error, match=match):
+        tnn.topk_loss(scores, torch.zeros(3, dtype=torch.long), **kwargs)
+
+
+def test_topk_loss_rejects_bad_label_shape():
+    with pytest.raises(ValueError, match="labels"):
+        tnn.topk_loss(torch.zeros(3, 12), torch.zeros(4, dtype=torch.long))
