@@ -1,0 +1,60 @@
+"""Smoke test of the benchmark suite: `benchmarks/run.py --quick` runs and writes its table and plots."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+HEADER = ("| framework | implementation | kind | computes | shape | first call (ms) | forward (ms) "
+          "| fwd+bwd (ms) | forward / sort | peak memory (MB) |")
+
+
+def _run(tmp_path: Path, *options: str) -> str:
+    page = tmp_path / "bench.md"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--write", str(page), *options]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = page.read_text()
+    assert "<!-- bench_suite_cpu:start -->" in text and "<!-- bench_suite_cpu:end -->" in text
+    for name in ("bench_time_vs_n_cpu.png", "bench_time_vs_batch_cpu.png"):
+        assert (tmp_path / "figures" / name).stat().st_size > 0
+        assert f"](figures/{name})" in text
+    return text
+
+
+def _rows(text: str, framework: str) -> list[list[str]]:
+    rows = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith(f"| {framework} | `")]
+    return [[cell.strip() for cell in row] for row in rows if len(row) == 10]
+
+
+def test_numpy_quick_with_memory(tmp_path):
+    text = _run(tmp_path, "--framework", "numpy")
+    assert HEADER in text
+    rows = _rows(text, "numpy")
+    names = {row[1] for row in rows}
+    for name in ("`np.sort`", "`np.argsort`", "`scipy isotonic_regression`", "`topk_numpy mask p=4/3 pav`",
+                 "`topk_numpy mask p=4/3 threshold`", "`topk_numpy mag p=4/3 pav`"):
+        assert name in names
+    for row in rows:
+        assert float(row[6]) > 0  # forward time
+        assert row[9] != "n/a"  # peak memory measured
+    assert "Time vs n" in text and "Time vs batch" in text and "Largest n" in text
+
+
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_framework_quick(tmp_path, framework):
+    pytest.importorskip(framework)
+    text = _run(tmp_path, "--framework", framework, "--operators", "mask", "--shapes", "1x1000,8x64",
+                "--no-memory")
+    assert HEADER in text
+    rows = _rows(text, framework)
+    kinds = {row[2] for row in rows}
+    assert {"ours", "baseline"} <= kinds
+    baseline = "`torch.topk`" if framework == "torch" else "`jax.lax.top_k (jit)`"
+    assert baseline in {row[1] for row in rows}
+    ours = [row for row in rows if row[2] == "ours"]
+    assert ours and all(float(row[7]) > 0 for row in ours)  # forward + backward measured
