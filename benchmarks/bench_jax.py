@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import statistics
-import time
+import sys
 from collections.abc import Callable
 
 import jax
@@ -26,6 +24,9 @@ import numpy as np
 
 import topk_jax as tk
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _report as report
+
 SHAPES = [(1, 10**6), (64, 4096), (16384, 64)]
 QUICK_SHAPES = [(1, 10**4), (16, 256), (256, 64)]
 EXPONENTS = [4.0 / 3.0, 2.0]
@@ -33,27 +34,12 @@ STRENGTH = 0.1
 
 
 def median_time(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall time of `fn()` (blocked until ready) after one untimed warm-up run (compilation)."""
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """`_report.median_time` of `fn()` blocked until ready (the warm-up run compiles)."""
+    return report.median_time(lambda: jax.block_until_ready(fn()), repeats)
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (
-        f"{cpu}, {os.cpu_count()} cores, jax {jax.__version__} on {jax.default_backend()}, "
-        f"Python {platform.python_version()}"
-    )
+    return f"{report.machine()}, jax {jax.__version__} on {jax.default_backend()}"
 
 
 def main() -> None:

@@ -31,3 +31,11 @@ def float_dtype(request):
 @pytest.fixture(params=["mask", "mag"])
 def operator(request) -> str:
     return request.param
+
+
+@pytest.fixture
+def x64():
+    """Run a JAX test with 64-bit types, restoring the previous setting afterwards."""
+    jax = pytest.importorskip("jax")
+    with jax.enable_x64(True):
+        yield

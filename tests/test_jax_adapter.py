@@ -17,7 +17,7 @@ from jax.test_util import check_grads  # noqa: E402
 import topk_jax as tk  # noqa: E402
 import topk_numpy as tn  # noqa: E402
 
-from ._jax_helpers import mag_jacobian, mask_jacobian  # noqa: E402
+from ._jax_helpers import mag_jacobian, mask_jacobian, rows, soft  # noqa: E402
 
 OPS = ["mask", "mag"]
 NAMES = ["soft_topk_mask", "soft_topk_mag", "hard_topk_mask", "hard_topk_mag"]
@@ -25,24 +25,6 @@ P_VALUES = [4.0 / 3.0, 2.0, 1.5, 3.0]
 P_IDS = ["p=4/3", "p=2", "p=3/2", "p=3"]
 
 
-def soft(op: str, lib=tk):
-    return getattr(lib, f"soft_topk_{op}")
-
-
-@pytest.fixture
-def x64():
-    """Run the test with 64-bit JAX types, restoring the previous setting afterwards."""
-    with jax.enable_x64(True):
-        yield
-
-
-def rows(seed: int, shape: tuple[int, ...], scale: float = 1.5) -> np.ndarray:
-    """Distinct random values, with a tie planted in the first row."""
-    x = np.random.default_rng(seed).normal(size=shape) * scale
-    flat = x.reshape(-1, shape[-1])
-    if shape[-1] > 2:
-        flat[0, 2] = flat[0, 1]
-    return x
 
 
 # --------------------------------------------------------------------------- API

@@ -22,6 +22,8 @@ import topk_numpy as tn  # noqa: E402
 from topk_core import _validate  # noqa: E402
 from topk_jax import _soft  # noqa: E402
 
+from ._jax_helpers import rows, soft  # noqa: E402
+
 OPS = ["mask", "mag"]
 # (method, p): threshold for any p, dykstra for p = 2 only.
 CASES = [
@@ -34,24 +36,6 @@ ATOL = {"threshold": 1e-10, "dykstra": 1e-6}  # dykstra: approximate, default to
 LAM = 0.3
 
 
-def soft(op: str, lib=tk):
-    return getattr(lib, f"soft_topk_{op}")
-
-
-@pytest.fixture
-def x64():
-    """Run the test with 64-bit JAX types, restoring the previous setting afterwards."""
-    with jax.enable_x64(True):
-        yield
-
-
-def rows(seed: int, shape: tuple[int, ...], scale: float = 1.5) -> np.ndarray:
-    """Distinct random values, with a tie planted in the first row."""
-    x = np.random.default_rng(seed).normal(size=shape) * scale
-    flat = x.reshape(-1, shape[-1])
-    if shape[-1] > 2:
-        flat[0, 2] = flat[0, 1]
-    return x
 
 
 def jaxpr_text(fn, *args) -> str:
