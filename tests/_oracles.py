@@ -3,6 +3,8 @@
 * `threshold_mask` / `threshold_mag`: the sort-free threshold form of spec
   section 5, one scalar per row found by 200 bisection steps in float64.
 * `finite_difference_jacobian`: central differences in float64.
+* `mask_jacobian` / `mag_jacobian`: the closed forms of spec section 6 for
+  one row, with the free and saturated sets read off the operator's output.
 """
 
 from __future__ import annotations
@@ -82,3 +84,50 @@ def finite_difference_jacobian(f: Callable[[np.ndarray], np.ndarray], x: np.ndar
         e[j] = eps
         cols.append((f(x + e) - f(x - e)) / (2.0 * eps))
     return np.stack(cols, axis=1)
+
+
+def mask_jacobian(y: np.ndarray, lam: float, p: float) -> np.ndarray:
+    """Jacobian of the soft mask of one row, from its output `y`.
+
+    On the free set `F = {0 < y < 1}`, `y = ((x - tau) / l)^(q-1)`, so
+    `g' = (q-1)/l * y^((q-2)/(q-1))` and `J = diag(g') - g' g'^T / sum(g')` on `F`.
+    """
+    q = _q(p)
+    free = (y > 0) & (y < 1)
+    gp = np.where(free, (q - 1.0) / lam * np.where(free, y, 1.0) ** ((q - 2.0) / (q - 1.0)), 0.0)
+    total = gp.sum()
+    jac = np.diag(gp)
+    if total > 0:
+        jac -= np.outer(gp, gp) / total
+    return jac
+
+
+def _solve_r(a: np.ndarray, lam: float, q: float) -> np.ndarray:
+    """`r >= 0` with `(r / l)^(q-1) + r = a`, by bisection (the left side increases in r)."""
+    lo, hi = np.zeros_like(a), a.copy()
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        above = (mid / lam) ** (q - 1.0) + mid > a
+        hi = np.where(above, mid, hi)
+        lo = np.where(above, lo, mid)
+    return 0.5 * (lo + hi)
+
+
+def mag_jacobian(x: np.ndarray, out: np.ndarray, k: int, lam: float, p: float) -> np.ndarray:
+    """Jacobian of the soft top-k in magnitude of one row, from its input and output.
+
+    `A`: entries returned unchanged (non-zero); `F`: the other non-zero entries,
+    with `|out| = g(r) + r`; `D = sum_F g' + (k - |A|)` and
+    `J_ij = (1 + g'_i)(delta_ij - s_i s_j g'_j / D)` on `F`, the identity on `A`.
+    """
+    q = _q(p)
+    kept = (out == x) & (x != 0)
+    free = (out != 0) & ~kept
+    r = _solve_r(np.abs(out), lam, q)
+    gp = np.where(free, (q - 1.0) / lam * (np.where(free, r, 1.0) / lam) ** (q - 2.0), 0.0)
+    s = np.sign(x)
+    denom = gp.sum() + (k - kept.sum())
+    jac = np.diag(kept.astype(float) + (1.0 + gp) * free)
+    if denom > 0:
+        jac -= ((1.0 + gp) * s)[:, None] * (s * gp)[None, :] / denom * free[:, None] * free[None, :]
+    return jac

@@ -9,7 +9,8 @@ torch = pytest.importorskip("torch")
 
 import topk_torch as tk  # noqa: E402
 
-from ._torch_helpers import mag_jacobian, mask_jacobian, quiet_lazy_torch_imports, separated_rows  # noqa: E402
+from ._oracles import mag_jacobian, mask_jacobian  # noqa: E402
+from ._torch_helpers import quiet_lazy_torch_imports, separated_rows  # noqa: E402
 
 quiet_lazy_torch_imports()
 
