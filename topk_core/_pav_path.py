@@ -3,8 +3,10 @@
 Inputs are NumPy (batch, n) rows in float32 or float64; this is the CPU fast
 path behind the public functions.  Sorting uses `argsort` + `take_along_axis`;
 the kernel also inverts the permutation (a scatter, which the Array API lacks).
-The fused kernel `topk_rows_forward` writes outputs (and, when asked, the
-Jacobian residuals) straight to input order.
+The fused kernels write outputs (and, when asked, the Jacobian residuals)
+straight to input order: `topk_rows_select` for arrays whose keys are all
+finite (a selection and a sort of the few candidate entries per row, no full
+sort), `topk_rows_forward` after a full sort otherwise (rows with NaN or inf).
 """
 
 from __future__ import annotations
@@ -16,13 +18,13 @@ import numpy as np
 
 from ._agnostic.assemble import assemble_mag, assemble_mask
 from ._agnostic.residuals import MagResiduals, MaskResiduals
-from ._pav import pav_rows, topk_rows_forward
+from ._pav import pav_rows, topk_rows_forward, topk_rows_select
 
 
 class _SortedRows(NamedTuple):
     x: Any  # the input rows, NaN rows zeroed
     keys: Any  # what the rows are sorted by (x or |x|), infinite entries zeroed
-    perm: Any  # descending sorting permutation
+    perm: Any  # descending sorting permutation (None: all keys finite, the selection kernel needs none)
     lo: Any  # (batch, 1): the finite segment [lo, hi) of the sorted row and its unit weights kk
     hi: Any
     kk: Any
@@ -30,7 +32,7 @@ class _SortedRows(NamedTuple):
     nan_rows: Any  # (batch, 1) bool, or None when no row has NaN
 
 
-def _prepare(x: Any, k: int, is_mag: bool) -> _SortedRows:
+def _prepare(x: Any, k: int, is_mag: bool, sort_finite: bool) -> _SortedRows:
     batch, n = x.shape
     keys = xp.abs(x) if is_mag else x
     full = np.full((batch, 1), n, dtype=np.int64)
@@ -53,7 +55,8 @@ def _prepare(x: Any, k: int, is_mag: bool) -> _SortedRows:
         perm = xp.argsort(-keys, axis=-1, stable=False)
         keys = xp.where(finite, keys, xp.zeros_like(keys))
     else:
-        perm = xp.argsort(-keys, axis=-1, stable=False)
+        # All keys finite: the selection-first kernel needs no permutation.
+        perm = xp.argsort(-keys, axis=-1, stable=False) if sort_finite else None
     # Sorting the negated keys gives a C-contiguous descending permutation, which the
     # kernels index much faster than a reversed view. The order of tied entries is
     # irrelevant: the soft operators treat ties symmetrically.
@@ -71,7 +74,7 @@ def _poison(residuals: Any, nan_rows: Any) -> Any:
 
 
 def _solve(x: Any, k: int, lam: float, q: float, is_mag: bool, with_residuals: bool, fused: bool) -> tuple[Any, Any]:
-    rows = _prepare(x, k, is_mag)
+    rows = _prepare(x, k, is_mag, sort_finite=not fused)
     lo, hi, kk = rows.lo[:, 0], rows.hi[:, 0], rows.kk[:, 0]
     if fused:
         batch, n = x.shape
@@ -81,9 +84,12 @@ def _solve(x: Any, k: int, lam: float, q: float, is_mag: bool, with_residuals: b
         scale = np.empty(shape if is_mag else (0, 0), dtype=y.dtype)
         saturated = np.empty(shape if is_mag else (0, 0), dtype=np.bool_)
         offset = np.zeros(batch if is_mag and with_residuals else 0, dtype=np.int64)
-        topk_rows_forward(
-            rows.keys, rows.perm, rows.x, lo, hi, kk, k, lam, q, is_mag, y, gprime, scale, saturated, offset
-        )
+        if rows.perm is None:
+            topk_rows_select(rows.keys, rows.x, k, lam, q, is_mag, y, gprime, scale, saturated, offset)
+        else:
+            topk_rows_forward(
+                rows.keys, rows.perm, rows.x, lo, hi, kk, k, lam, q, is_mag, y, gprime, scale, saturated, offset
+            )
         res = None
         if with_residuals and is_mag:
             offset = xp.astype(offset[:, None], y.dtype)

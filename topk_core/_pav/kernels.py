@@ -291,34 +291,47 @@ def topk_rows_forward(keys, perm, x, lo, hi, kk, k, lam, q, is_mag, out, gprime,
             offset[r] = lo_r + kk_r - a if a < b else 0
         for i in range(n):
             j = pr[i]
-            deriv = 0.0
-            kept = False
-            free = False
-            if a <= i < b:
-                rr = max(float(row[j]) - gamma, 0.0)
-                gi = g_scalar(rr, lam, q)
-                free = rr > 0.0
-                deriv = g_prime_scalar(rr, lam, q)
-                if is_mag:
-                    val = math.copysign(gi + rr, float(x[r, j])) if rr > 0.0 else 0.0
-                else:
-                    val = min(gi, 1.0)
-            elif i < lo_r:
-                val = float(x[r, j]) if is_mag else share_pos
-                kept = True
+            if i < lo_r:
+                val, deriv, kept, free = float(x[r, j]) if is_mag else share_pos, 0.0, True, False
             elif i >= hi_r:
-                val = share_neg
-            elif i < lo_r + kk_r:
-                val = float(x[r, j]) if is_mag else 1.0
-                kept = True
+                val, deriv, kept, free = share_neg, 0.0, False, False
             else:
-                val = 0.0
-            out[r, j] = val
-            if with_residuals:
-                gprime[r, j] = deriv
-                if is_mag:
-                    scale[r, j] = 1.0 + deriv if free else 0.0
-                    saturated[r, j] = kept
+                val, deriv, kept, free = segment_entry(
+                    float(row[j]), float(x[r, j]), a <= i < b, i < lo_r + kk_r, gamma, lam, q, is_mag
+                )
+            emit_entry(r, j, val, deriv, kept, free, is_mag, with_residuals, out, gprime, scale, saturated)
+
+
+@nb.njit(cache=True, inline="always", error_model="numpy")
+def segment_entry(si, xj, in_block, unit_weight, gamma, lam, q, is_mag):
+    """Return (value, g', kept, free) of an entry of a row's finite segment.
+
+    `in_block`: the entry is in the pooled block of value `gamma`; otherwise it
+    is a singleton, saturated (`kept`) when it carries a unit weight, else 0.
+    `si` is its key, `xj` its signed value (read by the magnitude only).
+    """
+    if in_block:
+        rr = max(si - gamma, 0.0)
+        gi = g_scalar(rr, lam, q)
+        if is_mag:
+            val = math.copysign(gi + rr, xj) if rr > 0.0 else 0.0
+        else:
+            val = min(gi, 1.0)
+        return val, g_prime_scalar(rr, lam, q), False, rr > 0.0
+    if unit_weight:
+        return (xj if is_mag else 1.0), 0.0, True, False
+    return 0.0, 0.0, False, False
+
+
+@nb.njit(cache=True, inline="always", error_model="numpy")
+def emit_entry(r, j, val, deriv, kept, free, is_mag, with_residuals, out, gprime, scale, saturated):
+    """Write one output entry and, when asked, its residuals (see `topk_rows_forward`)."""
+    out[r, j] = val
+    if with_residuals:
+        gprime[r, j] = deriv
+        if is_mag:
+            scale[r, j] = 1.0 + deriv if free else 0.0
+            saturated[r, j] = kept
 
 
 # Each row kernel is compiled twice: threads pay off only on large batches, and a
