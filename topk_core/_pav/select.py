@@ -29,8 +29,8 @@ import math
 import numba as nb
 import numpy as np
 
-from .kernels import _compiled_pair, _pooled_block, emit_entry, segment_entry
 from ._scalar import mag_fixed_point
+from .kernels import _compiled_pair, _pooled_block, emit_entry, segment_entry
 
 # k + 1 up to this many: keep the k + 1 largest keys in a small sorted buffer
 # (a few insertions per row); beyond it, select with np.partition.
