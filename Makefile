@@ -28,8 +28,12 @@ test: setup
 docs: setup
 	$(BIN)/mkdocs build --strict --site-dir $(VENV)/site
 
+# The peers of the suite (ott-jax, difftopk) come with the bench extra; prints the tables.
 bench: setup
+	$(BIN)/python -m pip install --quiet -e ".[bench]"
 	$(BIN)/python benchmarks/bench_core.py
+	$(BIN)/python benchmarks/bench_methods.py
+	$(BIN)/python benchmarks/run.py
 
 clean:
 	rm -rf $(VENV) site .pytest_cache

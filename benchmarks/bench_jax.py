@@ -9,6 +9,7 @@ also returns the residuals, then the closed-form VJP in `jax.numpy`.
 
     python benchmarks/bench_jax.py             # full table
     python benchmarks/bench_jax.py --quick     # small shapes, a smoke run
+    python benchmarks/bench_jax.py --write docs/jax.md   # and update the docs page
 """
 
 from __future__ import annotations
@@ -46,16 +47,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shapes and few repeats (smoke run)")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--write", metavar="PAGE", help="also write the table into this Markdown page")
     args = parser.parse_args()
     shapes = QUICK_SHAPES if args.quick else SHAPES
     repeats = 2 if args.quick else args.repeats
 
-    print(f"machine: {machine()}")
-    print(f"float32, k = n/10, l = {STRENGTH}, jitted, medians of {repeats} runs after a warm-up; "
-          "ratios to jax.jit(jnp.argsort)(x) (axis -1) of the same data\n")
-    print("| shape | operator | p | argsort (ms) | forward (ms) | forward / argsort | fwd+grad (ms) "
-          "| fwd+grad / argsort |")
-    print("|---|---|---|---|---|---|---|---|")
+    lines = [f"Machine: {machine()}."]
+    lines.append(f"float32, k = n/10, l = {STRENGTH}, jitted, medians of {repeats} runs after a warm-up; "
+                 "ratios to `jax.jit(jnp.argsort)(x)` (axis -1) of the same data in the same run.\n")
+    lines.append("| shape | operator | p | argsort (ms) | forward (ms) | forward / argsort | fwd+grad (ms) "
+                 "| fwd+grad / argsort |")
+    lines.append("|---|---|---|---|---|---|---|---|")
+    for line in lines:
+        print(line)
     rng = np.random.default_rng(0)
     argsort = jax.jit(lambda x: jnp.argsort(x, axis=-1))
     for shape in shapes:
@@ -73,8 +77,11 @@ def main() -> None:
                 both = jax.jit(jax.value_and_grad(lambda x, u, fn=fn: jnp.vdot(fn(x), u)))
                 t_fwd = median_time(lambda forward=forward, x=x: forward(x), repeats)
                 t_both = median_time(lambda both=both, x=x, u=u: both(x, u), repeats)
-                print(f"| {shape} | {op} | {p:.3g} | {t_sort * 1e3:.2f} | {t_fwd * 1e3:.2f} | {t_fwd / t_sort:.2f} "
-                      f"| {t_both * 1e3:.2f} | {t_both / t_sort:.2f} |")
+                lines.append(f"| {shape} | {op} | {p:.3g} | {t_sort * 1e3:.2f} | {t_fwd * 1e3:.2f} "
+                             f"| {t_fwd / t_sort:.2f} | {t_both * 1e3:.2f} | {t_both / t_sort:.2f} |")
+                print(lines[-1])
+    if args.write:
+        report.write_section(args.write, "bench_jax", "\n".join(lines))
 
 
 if __name__ == "__main__":
