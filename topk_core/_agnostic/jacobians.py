@@ -28,10 +28,9 @@ def _row_total(values: Any, xp: Any) -> Any:
     than a reduction over a short last axis (e.g. rows of 16 router logits)."""
     if values.shape[0] == 0:
         return xp.sum(values, axis=-1, keepdims=True)
-    # (n, 1) ones with the dtype and device of `values`, without asking for its device
-    # (which torch.compile cannot trace).
-    ones = xp.ones_like(xp.matrix_transpose(values[:1, :]))
-    return xp.matmul(values, ones)
+    # Ones with the dtype and device of `values`, without asking for its device (which
+    # torch.compile cannot trace) and without a transpose (which torch.func.vmap cannot batch).
+    return xp.expand_dims(xp.matmul(values, xp.ones_like(values[0, :])), axis=-1)
 
 
 def _block_total(values: Any, res: Any, xp: Any) -> Any:
