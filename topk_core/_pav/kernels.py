@@ -66,9 +66,30 @@ def _closed_block_value(
     return mean - d
 
 
+@nb.njit(cache=True, inline="always", error_model="numpy")
+def _block_excess(c, count, mean, m2, m3, wsum, lam, q, is_mag):
+    """The block equation at value `c`: strictly decreasing in `c`, 0 at the block value.
+
+    ``sum_B (s - c)^(q-1) - l^(q-1) * rhs`` with ``rhs = wsum`` (mask) or
+    ``wsum * c`` (magnitude), from the central moments (q = 2 or 4).  Its sign
+    says on which side of the block value `c` lies, without solving the cubic.
+    """
+    d = mean - c
+    rhs = wsum * c if is_mag else wsum
+    if q == 2.0:
+        return count * d - lam * rhs
+    return m3 + d * (3.0 * m2 + count * d * d) - lam * lam * lam * rhs
+
+
 @nb.njit(cache=True, error_model="numpy")
 def _pool_closed(keys, order, lo, hi, kk, lam, q, is_mag):
-    """Grow the boundary block with O(1) moment updates; return (a, b, gamma)."""
+    """Grow the boundary block with O(1) moment updates; return (a, b, gamma).
+
+    The growth tests compare a neighbour with the block value through the sign
+    of `_block_excess`, so the value (a cubic root for q = 4) is solved once at
+    the end, and on the way only for the magnitude's left neighbours, whose
+    saturation test needs it.
+    """
     a = lo + kk - 1
     b = lo + kk + 1
     # Moments of the two boundary entries.
@@ -79,13 +100,23 @@ def _pool_closed(keys, order, lo, hi, kk, lam, q, is_mag):
     m2 = 0.5 * (x0 - x1) * (x0 - x1)
     m3 = 0.0
     wsum = 1.0
-    gamma = _closed_block_value(count, mean, m2, m3, wsum, lam, q, is_mag)
+    gamma = math.nan  # the block value, solved when needed
     while True:
-        if a > lo and not _saturated(float(keys[order[a - 1]]), gamma, lam, q, is_mag):
+        absorb_left = False
+        if a > lo:
+            left = float(keys[order[a - 1]])
+            if is_mag:
+                if math.isnan(gamma):
+                    gamma = _closed_block_value(count, mean, m2, m3, wsum, lam, q, is_mag)
+                absorb_left = not _saturated(left, gamma, lam, q, is_mag)
+            else:
+                # The mask's left neighbour is saturated iff left - l >= gamma.
+                absorb_left = _block_excess(left - lam, count, mean, m2, m3, wsum, lam, q, is_mag) > 0.0
+        if absorb_left:
             a -= 1
-            xi = float(keys[order[a]])
+            xi = left
             wsum += 1.0
-        elif b < hi and float(keys[order[b]]) > gamma:
+        elif b < hi and _block_excess(float(keys[order[b]]), count, mean, m2, m3, wsum, lam, q, is_mag) < 0.0:
             xi = float(keys[order[b]])
             b += 1
         else:
@@ -99,6 +130,8 @@ def _pool_closed(keys, order, lo, hi, kk, lam, q, is_mag):
         m3 += term1 * delta_n * (n1 - 2.0) - 3.0 * delta_n * m2
         m2 += term1
         count = n1
+        gamma = math.nan
+    if math.isnan(gamma):
         gamma = _closed_block_value(count, mean, m2, m3, wsum, lam, q, is_mag)
     return a, b, gamma
 

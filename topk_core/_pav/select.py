@@ -105,6 +105,38 @@ def _cuts(upper, below, lam, q, is_mag):
     return below - lam - margin, upper + lam + margin
 
 
+@nb.njit(cache=True, inline="always", error_model="numpy")
+def _classify(keys, x, r, zero_cut, saturated_cut, is_mag, with_residuals, out, gprime, scale, saturated, cval, cidx):
+    """Write row `r` as if every entry were saturated or 0, and collect the candidates.
+
+    Returns (number saturated, number of candidates).  No loop has a
+    data-dependent branch; the candidates, the entries between the cuts, are
+    overwritten by the caller.
+    """
+    n = keys.shape[1]
+    n_saturated = 0
+    for j in range(n):
+        sat = float(keys[r, j]) > saturated_cut
+        out[r, j] = (x[r, j] if is_mag else 1.0) if sat else 0.0
+        n_saturated += 1 if sat else 0
+    if with_residuals:
+        for j in range(n):
+            gprime[r, j] = 0.0
+        if is_mag:
+            for j in range(n):
+                scale[r, j] = 0.0
+                saturated[r, j] = float(keys[r, j]) > saturated_cut
+    # Branch-free compaction: every entry is written at the next free slot, which
+    # advances only past candidates (candidates are scattered: a branch mispredicts).
+    m = 0
+    for j in range(n):
+        sj = float(keys[r, j])
+        cval[m] = sj
+        cidx[m] = j
+        m += 1 if (zero_cut <= sj) & (sj <= saturated_cut) else 0
+    return n_saturated, m
+
+
 def _select_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, saturated, offset, n_chunks, ascending):
     """Kernel of `topk_rows_select`; rows are processed in `n_chunks` chunks.
 
@@ -122,7 +154,6 @@ def _select_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, saturated, offs
         order = np.empty(n, dtype=np.int64)
         top = np.empty(TRACK_MAX, dtype=np.float64)
         for r in range(c * batch // n_chunks, (c + 1) * batch // n_chunks):
-            row = keys[r]
             if k >= n:  # every entry saturated
                 for j in range(n):
                     val = float(x[r, j]) if is_mag else 1.0
@@ -133,22 +164,11 @@ def _select_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, saturated, offs
             if presorted:
                 upper, below = float(ascending[r, n - k]), float(ascending[r, n - k - 1])
             else:
-                upper, below = order_statistics(row, k, top)
+                upper, below = order_statistics(keys[r], k, top)
             zero_cut, saturated_cut = _cuts(upper, below, lam, q, is_mag)
-            n_saturated = 0
-            m = 0
-            for j in range(n):
-                sj = float(row[j])
-                if sj > saturated_cut:
-                    val = float(x[r, j]) if is_mag else 1.0
-                    emit_entry(r, j, val, 0.0, True, False, is_mag, with_residuals, out, gprime, scale, saturated)
-                    n_saturated += 1
-                elif sj < zero_cut:
-                    emit_entry(r, j, 0.0, 0.0, False, False, is_mag, with_residuals, out, gprime, scale, saturated)
-                else:
-                    cval[m] = sj
-                    cidx[m] = j
-                    m += 1
+            n_saturated, m = _classify(
+                keys, x, r, zero_cut, saturated_cut, is_mag, with_residuals, out, gprime, scale, saturated, cval, cidx
+            )
             _order_candidates(cval, m, order)
             kk = k - n_saturated
             a, b, gamma = _pooled_block(cval, order, 0, m, kk, lam, q, is_mag, closed)
