@@ -96,6 +96,18 @@ def test_kernels_are_cached_to_disk():
         assert fn._cache.__class__.__name__ != "NullCache"
 
 
+def test_serial_and_parallel_kernels_have_their_own_disk_cache():
+    # Numba keys its cache files by module and qualified name only: with one name,
+    # whichever variant compiled first was loaded for both, and the threads never ran.
+    from topk_core._pav import kernels, select
+
+    for pair in (kernels.pav_rows, kernels.topk_rows_forward, select._select_rows):
+        serial, parallel = pair.serial, pair.parallel
+        assert serial.py_func.__qualname__ != parallel.py_func.__qualname__
+        assert serial._cache._impl.filename_base != parallel._cache._impl.filename_base
+        assert parallel.targetoptions.get("parallel") and not serial.targetoptions.get("parallel")
+
+
 def test_serial_and_parallel_kernels_agree(rng):
     from topk_core._pav import kernels
 

@@ -27,6 +27,7 @@ Everything is accumulated in float64; outputs have the dtype of the input.
 from __future__ import annotations
 
 import math
+import types
 
 import numba as nb
 import numpy as np
@@ -372,9 +373,20 @@ def emit_entry(r, j, val, deriv, kept, free, is_mag, with_residuals, out, gprime
 PARALLEL_MIN_ENTRIES = 1 << 16
 
 
+def _renamed(py_func, suffix):
+    # Numba's on-disk cache is keyed by the function's module and qualified name, not
+    # by the `parallel` flag: the two variants need two names, or one loads the other.
+    twin = types.FunctionType(
+        py_func.__code__, py_func.__globals__, py_func.__name__ + suffix, py_func.__defaults__, py_func.__closure__
+    )
+    twin.__qualname__ = py_func.__qualname__ + suffix
+    twin.__doc__ = py_func.__doc__
+    return twin
+
+
 def _compiled_pair(py_func):
     serial = nb.njit(cache=True, error_model="numpy")(py_func)
-    parallel = nb.njit(parallel=True, cache=True, error_model="numpy")(py_func)
+    parallel = nb.njit(parallel=True, cache=True, error_model="numpy")(_renamed(py_func, "_parallel"))
 
     def dispatch(keys, *args):
         batch, n = keys.shape
