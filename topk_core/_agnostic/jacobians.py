@@ -54,7 +54,8 @@ def _to_input(t: Any, inv_perm: Any, xp: Any) -> Any:
 
 
 # Entries outside the free set have g' = 0 (and scale = 0), so the products below
-# vanish there without a select: `+ 0.0` turns the -0.0 of `0 * negative` into +0.0.
+# vanish there without a select (the magnitude's saturated set takes one); in the
+# mask, `+ 0.0` turns the -0.0 of `0 * negative` into +0.0.
 
 
 def mask_jvp_rows(res: MaskResiduals, tangent: Any, xp: Any) -> Any:
@@ -72,16 +73,16 @@ def _mag_denominator(res: MagResiduals, xp: Any) -> Any:
 def mag_jvp_rows(res: MagResiduals, tangent: Any, xp: Any) -> Any:
     """`J dx` of the magnitude operator for (batch, n) tangents."""
     dx = _to_working(tangent, res.perm, xp)
-    signed_gp = res.signs * res.gprime
-    dgamma = safe_divide(_block_total(signed_gp * dx, res, xp), _mag_denominator(res, xp), xp)
-    # On the free set sign^2 = 1, so sign (1 + g') (sign dx - dgamma) = scale dx - sign scale dgamma.
-    out = xp.where(res.saturated, dx, res.scale * dx - (res.signs * res.scale) * dgamma + 0.0)
+    dgamma = safe_divide(_block_total((res.signs * res.gprime) * dx, res, xp), _mag_denominator(res, xp), xp)
+    # On the free set sign^2 = 1, so sign (1 + g') (sign dx - dgamma) = scale (dx - sign dgamma).
+    out = xp.where(res.saturated, dx, res.scale * (dx - res.signs * dgamma))
     return _to_input(out, res.inv_perm, xp)
 
 
 def mag_vjp_rows(res: MagResiduals, cotangent: Any, xp: Any) -> Any:
     """`J^T u` of the magnitude operator for (batch, n) cotangents."""
     u = _to_working(cotangent, res.perm, xp)
-    c = safe_divide(_block_total((res.signs * res.scale) * u, res, xp), _mag_denominator(res, xp), xp)
-    out = xp.where(res.saturated, u, res.scale * u - (res.signs * res.gprime) * c + 0.0)
+    scaled = res.scale * u
+    c = safe_divide(_block_total(res.signs * scaled, res, xp), _mag_denominator(res, xp), xp)
+    out = xp.where(res.saturated, u, scaled - (res.signs * res.gprime) * c)
     return _to_input(out, res.inv_perm, xp)
