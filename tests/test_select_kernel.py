@@ -87,3 +87,37 @@ def test_every_entry_a_candidate_when_the_strength_is_huge(rng):
     x = rng.normal(size=(3, 500))
     y, _ = pav_mask(x, 50, 1e6, 2.0, with_residuals=False)
     np.testing.assert_allclose(y, np.full_like(x, 0.1), atol=1e-5)
+
+
+@pytest.mark.parametrize("is_mag", [False, True], ids=["mask", "mag"])
+@pytest.mark.parametrize(("n_parts", "n_sample"), [(1, 8192), (3, 64), (8, 3), (5, 2)])
+def test_long_row_route_equals_the_row_per_thread_route(rng, p, is_mag, n_parts, n_sample):
+    # The long-row kernel splits each row across threads and brackets its order
+    # statistics from a sample (n_sample = 2 or 3 makes the bracket miss, exercising
+    # the fallback); it must reproduce the row-per-thread kernel exactly.
+    q = conjugate_exponent(p)
+    for x, k, lam in _cases(rng, np.float64):
+        keys = np.ascontiguousarray(np.abs(x) if is_mag else x)
+        outputs = []
+        for long_route in (False, True):
+            batch = keys.shape[0]
+            arrays = [np.empty_like(keys), np.empty_like(keys), np.empty_like(keys), np.empty(keys.shape, np.bool_)]
+            offset = np.zeros(batch, np.int64)
+            if long_route:
+                select._select_long_rows(keys, x, k, lam, q, is_mag, *arrays, offset, n_parts, n_sample)
+            else:
+                select._select_rows.serial(keys, x, k, lam, q, is_mag, *arrays, offset, 1, keys[:0])
+            outputs.append([*arrays, offset] if is_mag else arrays[:2])
+        for a, b in zip(*outputs, strict=True):
+            np.testing.assert_array_equal(a, b, err_msg=str((x, k, lam)))
+
+
+def test_long_rows_take_the_split_route(monkeypatch, rng):
+    calls = []
+    original = select._select_long_rows
+    monkeypatch.setattr(select, "LONG_ROW_MIN_N", 64)
+    monkeypatch.setattr(select, "_select_long_rows", lambda *a: calls.append(a[0].shape) or original(*a))
+    x = rng.normal(size=(1, 500))
+    y, _ = pav_mask(x, 40, 0.1, 4.0, with_residuals=False)
+    assert calls == [(1, 500)]
+    np.testing.assert_allclose(y.sum(), 40.0, rtol=1e-12)

@@ -39,6 +39,11 @@ TRACK_MAX = 16
 INSERTION_MAX = 32
 # Rows up to this length read their order statistics off np.sort of the keys (values only).
 PRESORT_MAX_N = 256
+# Rows at least this long, in batches smaller than the thread count, are split across
+# the threads (selection and classification) instead of taking one thread per row.
+LONG_ROW_MIN_N = 1 << 17
+# Size of the strided sample that brackets the order statistics of a long row.
+SAMPLE_SIZE = 8192
 _EPS = np.finfo(np.float64).eps
 
 
@@ -106,35 +111,61 @@ def _cuts(upper, below, lam, q, is_mag):
 
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
-def _classify(keys, x, r, zero_cut, saturated_cut, is_mag, with_residuals, out, gprime, scale, saturated, cval, cidx):
-    """Write row `r` as if every entry were saturated or 0, and collect the candidates.
+def _classify(
+    keys, x, r, j0, j1, zero_cut, saturated_cut, is_mag, with_residuals, out, gprime, scale, saturated, cval, cidx
+):
+    """Write entries [j0, j1) of row `r` as if each were saturated or 0, and collect the candidates.
 
-    Returns (number saturated, number of candidates).  No loop has a
-    data-dependent branch; the candidates, the entries between the cuts, are
-    overwritten by the caller.
+    Returns (number saturated, number of candidates); the candidates, the
+    entries between the cuts, are stored from index `j0` of `cval`/`cidx` on
+    and are overwritten by the caller.  No loop has a data-dependent branch.
     """
-    n = keys.shape[1]
     n_saturated = 0
-    for j in range(n):
+    for j in range(j0, j1):
         sat = float(keys[r, j]) > saturated_cut
         out[r, j] = (x[r, j] if is_mag else 1.0) if sat else 0.0
         n_saturated += 1 if sat else 0
     if with_residuals:
-        for j in range(n):
+        for j in range(j0, j1):
             gprime[r, j] = 0.0
         if is_mag:
-            for j in range(n):
+            for j in range(j0, j1):
                 scale[r, j] = 0.0
                 saturated[r, j] = float(keys[r, j]) > saturated_cut
     # Branch-free compaction: every entry is written at the next free slot, which
     # advances only past candidates (candidates are scattered: a branch mispredicts).
-    m = 0
-    for j in range(n):
+    m = j0
+    for j in range(j0, j1):
         sj = float(keys[r, j])
         cval[m] = sj
         cidx[m] = j
         m += 1 if (zero_cut <= sj) & (sj <= saturated_cut) else 0
-    return n_saturated, m
+    return n_saturated, m - j0
+
+
+@nb.njit(cache=True, inline="always", error_model="numpy")
+def _solve_candidates(r, k, n_saturated, m, cval, cidx, order, x, lam, q, is_mag, closed, with_residuals,
+                      out, gprime, scale, saturated, offset):
+    """Sort the m candidates of row `r`, pool them, and write their outputs (and residuals)."""
+    _order_candidates(cval, m, order)
+    kk = k - n_saturated
+    a, b, gamma = _pooled_block(cval, order, 0, m, kk, lam, q, is_mag, closed)
+    if with_residuals and is_mag:
+        offset[r] = kk - a if a < b else 0
+    for i in range(m):
+        j = cidx[order[i]]
+        val, deriv, kept, free = segment_entry(cval[order[i]], float(x[r, j]), a <= i < b, i < kk, gamma, lam, q, is_mag)
+        emit_entry(r, j, val, deriv, kept, free, is_mag, with_residuals, out, gprime, scale, saturated)
+
+
+@nb.njit(cache=True, inline="always", error_model="numpy")
+def _all_saturated(r, x, is_mag, with_residuals, out, gprime, scale, saturated, offset):
+    # k == n: every entry is saturated.
+    for j in range(x.shape[1]):
+        val = float(x[r, j]) if is_mag else 1.0
+        emit_entry(r, j, val, 0.0, True, False, is_mag, with_residuals, out, gprime, scale, saturated)
+    if with_residuals and is_mag:
+        offset[r] = 0
 
 
 def _select_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, saturated, offset, n_chunks, ascending):
@@ -154,12 +185,8 @@ def _select_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, saturated, offs
         order = np.empty(n, dtype=np.int64)
         top = np.empty(TRACK_MAX, dtype=np.float64)
         for r in range(c * batch // n_chunks, (c + 1) * batch // n_chunks):
-            if k >= n:  # every entry saturated
-                for j in range(n):
-                    val = float(x[r, j]) if is_mag else 1.0
-                    emit_entry(r, j, val, 0.0, True, False, is_mag, with_residuals, out, gprime, scale, saturated)
-                if with_residuals and is_mag:
-                    offset[r] = 0
+            if k >= n:
+                _all_saturated(r, x, is_mag, with_residuals, out, gprime, scale, saturated, offset)
                 continue
             if presorted:
                 upper, below = float(ascending[r, n - k]), float(ascending[r, n - k - 1])
@@ -167,22 +194,98 @@ def _select_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, saturated, offs
                 upper, below = order_statistics(keys[r], k, top)
             zero_cut, saturated_cut = _cuts(upper, below, lam, q, is_mag)
             n_saturated, m = _classify(
-                keys, x, r, zero_cut, saturated_cut, is_mag, with_residuals, out, gprime, scale, saturated, cval, cidx
+                keys, x, r, 0, n, zero_cut, saturated_cut, is_mag, with_residuals, out, gprime, scale, saturated,
+                cval, cidx,
             )
-            _order_candidates(cval, m, order)
-            kk = k - n_saturated
-            a, b, gamma = _pooled_block(cval, order, 0, m, kk, lam, q, is_mag, closed)
-            if with_residuals and is_mag:
-                offset[r] = kk - a if a < b else 0
-            for i in range(m):
-                j = cidx[order[i]]
-                val, deriv, kept, free = segment_entry(
-                    cval[order[i]], float(x[r, j]), a <= i < b, i < kk, gamma, lam, q, is_mag
-                )
-                emit_entry(r, j, val, deriv, kept, free, is_mag, with_residuals, out, gprime, scale, saturated)
+            _solve_candidates(r, k, n_saturated, m, cval, cidx, order, x, lam, q, is_mag, closed, with_residuals,
+                              out, gprime, scale, saturated, offset)
 
 
 _select_rows = _compiled_pair(_select_rows)
+
+
+@nb.njit(parallel=True, cache=True, error_model="numpy")
+def _select_long_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, saturated, offset, n_parts, n_sample):
+    """`_select_rows` for a few long rows: each row is split into `n_parts` parts across the threads.
+
+    The order statistics come from a bracket: quantiles of a strided sample
+    of `n_sample` keys, checked by counting (at most k - 1 keys above it, at
+    least k + 1 from its lower end on); the keys inside it are gathered and
+    selected with np.partition.  A bracket that fails the check falls back to
+    the selection of `order_statistics` on the whole row.
+    """
+    batch, n = keys.shape
+    closed = q == 2.0 or q == 4.0
+    with_residuals = gprime.shape[0] == batch and gprime.shape[1] == n
+    cval = np.empty(n, dtype=np.float64)
+    cidx = np.empty(n, dtype=np.int64)
+    order = np.empty(n, dtype=np.int64)
+    top = np.empty(TRACK_MAX, dtype=np.float64)
+    part_a = np.zeros(n_parts, dtype=np.int64)
+    part_b = np.zeros(n_parts, dtype=np.int64)
+    n_sample = min(n, n_sample)
+    sample = np.empty(n_sample, dtype=np.float64)
+    for r in range(batch):
+        if k >= n:
+            _all_saturated(r, x, is_mag, with_residuals, out, gprime, scale, saturated, offset)
+            continue
+        for i in range(n_sample):
+            sample[i] = float(keys[r, (i * n) // n_sample])
+        sample.sort()
+        pos = ((n - k) * n_sample) // n  # where s_(k) should fall in the ascending sample
+        spread = int(4.0 * math.sqrt(n_sample)) + 2
+        lo_v = sample[max(pos - spread, 0)]
+        hi_v = sample[min(pos + spread, n_sample - 1)]
+        for c in nb.prange(n_parts):
+            above = 0
+            inside = 0
+            for j in range(c * n // n_parts, (c + 1) * n // n_parts):
+                v = float(keys[r, j])
+                above += 1 if v > hi_v else 0
+                inside += 1 if (lo_v <= v) & (v <= hi_v) else 0
+            part_a[c] = above
+            part_b[c] = inside
+        n_above = part_a.sum()
+        n_inside = part_b.sum()
+        if n_above <= k - 1 and n_above + n_inside >= k + 1:
+            start = 0
+            for c in range(n_parts):  # part c gathers from offset part_a[c]
+                part_a[c] = start
+                start += part_b[c]
+            for c in nb.prange(n_parts):
+                m = part_a[c]
+                for j in range(c * n // n_parts, (c + 1) * n // n_parts):
+                    v = float(keys[r, j])
+                    if (lo_v <= v) & (v <= hi_v):
+                        cval[m] = v
+                        m += 1
+            rank = k - n_above  # s_(k) is the rank-th largest key inside the bracket
+            inside_keys = np.partition(cval[:n_inside], n_inside - rank)
+            upper = inside_keys[n_inside - rank]
+            below = -np.inf
+            for i in range(n_inside - rank):
+                below = max(below, inside_keys[i])
+        else:
+            upper, below = order_statistics(keys[r], k, top)
+        zero_cut, saturated_cut = _cuts(upper, below, lam, q, is_mag)
+        for c in nb.prange(n_parts):
+            j0 = c * n // n_parts
+            part_a[c], part_b[c] = _classify(
+                keys, x, r, j0, (c + 1) * n // n_parts, zero_cut, saturated_cut, is_mag, with_residuals,
+                out, gprime, scale, saturated, cval, cidx,
+            )
+        # Gather the parts' candidates to the front (each part wrote from its own start).
+        n_saturated = 0
+        m = 0
+        for c in range(n_parts):
+            j0 = c * n // n_parts
+            for i in range(part_b[c]):
+                cval[m + i] = cval[j0 + i]
+                cidx[m + i] = cidx[j0 + i]
+            m += part_b[c]
+            n_saturated += part_a[c]
+        _solve_candidates(r, k, n_saturated, m, cval, cidx, order, x, lam, q, is_mag, closed, with_residuals,
+                          out, gprime, scale, saturated, offset)
 
 
 def topk_rows_select(keys, x, k, lam, q, is_mag, out, gprime, scale, saturated, offset):
@@ -193,7 +296,11 @@ def topk_rows_select(keys, x, k, lam, q, is_mag, out, gprime, scale, saturated, 
     O(n) per row plus a sort of the candidates (module docstring).
     """
     batch, n = keys.shape
-    n_chunks = min(batch, 4 * nb.get_num_threads())
+    threads = nb.get_num_threads()
+    if n >= LONG_ROW_MIN_N and batch < threads:
+        _select_long_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, saturated, offset, 4 * threads, SAMPLE_SIZE)
+        return
+    n_chunks = min(batch, 4 * threads)
     # Short rows: NumPy's vectorized sort of the values beats a per-row selection.
     ascending = np.sort(keys, axis=-1) if n <= PRESORT_MAX_N else keys[:0]
     _select_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, saturated, offset, n_chunks, ascending)
