@@ -17,7 +17,14 @@ import numpy as np
 import pytest
 from array_api_compat import array_namespace, device
 
+import topk_core as tc
+
 BACKENDS = ["numpy", "torch", "jax", "array_api_strict"]
+
+# The core's forward (with residuals) and Jacobian products, by operator.
+FORWARD = {"mask": tc.soft_topk_mask_forward, "mag": tc.soft_topk_mag_forward}
+JVP = {"mask": tc.mask_jvp_from_residuals, "mag": tc.mag_jvp_from_residuals}
+VJP = {"mask": tc.mask_vjp_from_residuals, "mag": tc.mag_vjp_from_residuals}
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,8 @@ import zlib
 import numpy as np
 import pytest
 
+from ._method_backends import BACKENDS, backend_context
+
 P_VALUES = [1.25, 4.0 / 3.0, 1.5, 2.0, 3.0]
 P_IDS = ["p=5/4", "p=4/3", "p=3/2", "p=2", "p=3"]
 
@@ -39,3 +41,10 @@ def x64():
     jax = pytest.importorskip("jax")
     with jax.enable_x64(True):
         yield
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    """One Array-API backend of `_method_backends` (numpy, torch, jax with x64, array_api_strict)."""
+    with backend_context(request.param) as b:
+        yield b

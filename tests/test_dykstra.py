@@ -12,17 +12,7 @@ import pytest
 import topk_core as tc
 from topk_core._agnostic import dykstra
 
-from ._method_backends import BACKENDS, backend_context, cuda_torch
-
-FORWARD = {"mask": tc.soft_topk_mask_forward, "mag": tc.soft_topk_mag_forward}
-JVP = {"mask": tc.mask_jvp_from_residuals, "mag": tc.mag_jvp_from_residuals}
-VJP = {"mask": tc.mask_vjp_from_residuals, "mag": tc.mag_vjp_from_residuals}
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    with backend_context(request.param) as b:
-        yield b
+from ._method_backends import FORWARD, JVP, VJP, cuda_torch
 
 
 @pytest.mark.parametrize("lam", [0.1, 1.0])
