@@ -83,6 +83,30 @@ def _k(n: int) -> int:
     return max(1, n // 10)
 
 
+def our_entries(framework: str, operators: list[str], make: Callable, suffix: str = "") -> list[Entry]:
+    """This library's entries: every operator, exponent and method (Dykstra: p = 2, rows up to DYKSTRA_MAX_N).
+
+    `make(op, p, method)` returns the entry's `(forward, both)`; names read
+    ``topk_<framework> <op> p=<p> <method><suffix>``.
+    """
+    entries = []
+    for op in operators:
+        for pname, p in EXPONENTS.items():
+            for method in ("pav", "threshold", "dykstra"):
+                dykstra = method == "dykstra"
+                if dykstra and p != 2.0:
+                    continue
+                forward, both = make(op, p, method)
+                entries.append(Entry(
+                    framework, f"topk_{framework} {op} p={pname} {method}{suffix}", "ours",
+                    f"sparse soft top-k {op}" + (" (approximate)" if dykstra else " (exact)"), op, forward, both,
+                    fits=(lambda shape: shape[1] <= DYKSTRA_MAX_N) if dykstra else (lambda shape: True),
+                    sweep=op == "mask" and not dykstra and pname == "4/3",
+                    repeats=1 if dykstra else None,
+                ))
+    return entries
+
+
 # --------------------------------------------------------------------------- NumPy
 
 
@@ -102,22 +126,12 @@ def numpy_entries(operators: list[str], device: str) -> tuple[list[Entry], Calla
               "isotonic step only (PAV on a presorted row, decreasing; one call per row)", "",
               _scipy_isotonic(isotonic_regression), fits=lambda shape: shape[0] <= 1024, sweep=True),
     ]
-    for op in operators:
-        fwd = getattr(tk, f"soft_topk_{op}")
-        vjp = getattr(tk, f"soft_topk_{op}_vjp")
-        for pname, p in EXPONENTS.items():
-            for method in ("pav", "threshold", "dykstra"):
-                if method == "dykstra" and p != 2.0:
-                    continue
-                kw = dict(p=p, regularization_strength=STRENGTH, method=method)
-                entries.append(Entry(
-                    "numpy", f"topk_numpy {op} p={pname} {method}", "ours", f"sparse soft top-k {op}"
-                    + (" (approximate)" if method == "dykstra" else " (exact)"), op,
-                    partial(_call, fwd, kw), partial(_vjp_call, vjp, kw),
-                    fits=(lambda shape: shape[1] <= DYKSTRA_MAX_N) if method == "dykstra" else (lambda shape: True),
-                    sweep=op == "mask" and method != "dykstra" and pname == "4/3",
-                    repeats=1 if method == "dykstra" else None,
-                ))
+    def make(op: str, p: float, method: str) -> tuple[Callable, Callable]:
+        kw = dict(p=p, regularization_strength=STRENGTH, method=method)
+        return (partial(_call, getattr(tk, f"soft_topk_{op}"), kw),
+                partial(_vjp_call, getattr(tk, f"soft_topk_{op}_vjp"), kw))
+
+    entries += our_entries("numpy", operators, make)
     return entries, lambda a: a, lambda r: r
 
 
@@ -159,20 +173,11 @@ def torch_entries(operators: list[str], device: str) -> tuple[list[Entry], Calla
         Entry("torch", "torch.topk", "baseline", "hard top-k values and indices", "",
               lambda x, k: torch.topk(x, k, dim=-1), sweep=True),
     ]
-    for op in operators:
-        soft = getattr(tk, f"soft_topk_{op}")
-        for pname, p in EXPONENTS.items():
-            for method in ("pav", "threshold", "dykstra"):
-                if method == "dykstra" and p != 2.0:
-                    continue
-                fwd = partial(_call, soft, dict(p=p, regularization_strength=STRENGTH, method=method))
-                entries.append(Entry(
-                    "torch", f"topk_torch {op} p={pname} {method}", "ours", f"sparse soft top-k {op}"
-                    + (" (approximate)" if method == "dykstra" else " (exact)"), op, fwd, both_of(fwd),
-                    fits=(lambda shape: shape[1] <= DYKSTRA_MAX_N) if method == "dykstra" else (lambda shape: True),
-                    sweep=op == "mask" and method != "dykstra" and pname == "4/3",
-                    repeats=1 if method == "dykstra" else None,
-                ))
+    def make(op: str, p: float, method: str) -> tuple[Callable, Callable]:
+        fwd = partial(_call, getattr(tk, f"soft_topk_{op}"), dict(p=p, regularization_strength=STRENGTH, method=method))
+        return fwd, both_of(fwd)
+
+    entries += our_entries("torch", operators, make)
     if "mask" in operators:
         try:
             from entmax import budget_bisect
@@ -268,20 +273,10 @@ def jax_entries(operators: list[str], device: str) -> tuple[list[Entry], Callabl
     f, _ = jitted(lambda x, k: jax.lax.top_k(x, k))
     entries.append(Entry("jax", "jax.lax.top_k (jit)", "baseline", "hard top-k values and indices", "", f,
                          sweep=True))
-    for op in operators:
-        soft = getattr(tk, f"soft_topk_{op}")
-        for pname, p in EXPONENTS.items():
-            for method in ("pav", "threshold", "dykstra"):
-                if method == "dykstra" and p != 2.0:
-                    continue
-                f, b = jitted(partial(_jax_soft, soft, p, method))
-                entries.append(Entry(
-                    "jax", f"topk_jax {op} p={pname} {method} (jit)", "ours", f"sparse soft top-k {op}"
-                    + (" (approximate)" if method == "dykstra" else " (exact)"), op, f, b,
-                    fits=(lambda shape: shape[1] <= DYKSTRA_MAX_N) if method == "dykstra" else (lambda shape: True),
-                    sweep=op == "mask" and method != "dykstra" and pname == "4/3",
-                    repeats=1 if method == "dykstra" else None,
-                ))
+    entries += our_entries(
+        "jax", operators, lambda op, p, method: jitted(partial(_jax_soft, getattr(tk, f"soft_topk_{op}"), p, method)),
+        suffix=" (jit)",
+    )
     if "mask" in operators:
         try:
             from ott.tools import soft_sort
