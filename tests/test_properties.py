@@ -76,6 +76,15 @@ def test_ties_split_evenly(value, copies, rest, lam, p):
     np.testing.assert_allclose(y[:copies], 1.0 / copies, rtol=1e-9, atol=1e-14 * max(1.0, abs(value)) / lam)
 
 
+def test_magnitude_never_grows_an_entry_when_the_block_value_underflows():
+    # Found by the property below: keys ~1e-113 with l = 84 put the block value ~1e-339,
+    # and its closed form (mean - cubic root) cancelled to -1.4e-129, which turned a
+    # denormal input into an output 10^194 times larger.
+    x = np.array([5e-324] + [1.26818288e-113] * 20)
+    y = tk.soft_topk_mag(x, 3, regularization_strength=84.125, p=4.0 / 3.0)
+    assert np.all(np.abs(y) <= np.abs(x) * (1 + 1e-12) + 1e-300)
+
+
 @SETTINGS
 @given(x=rows, data=st.data(), lam=strengths, p=exponents)
 def test_magnitude_is_sparse_and_exact_on_sparse_inputs(x, data, lam, p):

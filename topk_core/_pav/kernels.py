@@ -62,8 +62,10 @@ def _closed_block_value(
     l3 = lam * lam * lam
     if is_mag:
         d = depressed_cubic_root((3.0 * m2 + l3 * wsum) / count, (m3 - l3 * wsum * mean) / count)
-    else:
-        d = depressed_cubic_root(3.0 * m2 / count, (m3 - l3 * wsum) / count)
+        # The magnitude's block value is positive; when it is far below the keys (keys
+        # ~1e-113 with l ~ 100), mean - d cancels to a round-off of either sign.
+        return max(mean - d, 0.0)
+    d = depressed_cubic_root(3.0 * m2 / count, (m3 - l3 * wsum) / count)
     return mean - d
 
 
