@@ -116,3 +116,22 @@ def test_serial_and_parallel_kernels_agree(rng):
     args = (np.zeros(64, np.int64), np.full(64, 40, np.int64), np.full(64, 7, np.int64), 0.5, 4.0, True)
     for a, b in zip(kernels.pav_rows.serial(keys, perm, *args), kernels.pav_rows.parallel(keys, perm, *args), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("route", ["select", "full_sort"])
+def test_mask_of_large_tied_keys_sums_to_k(p, route):
+    # Regression (found by hypothesis): 14 keys equal to 385 with l = 1e-3 and p = 3 gave
+    # entries 1/14 with a relative error of 1e-8, as `s - value` cancelled. The mask is
+    # shift invariant; the kernels now work relative to the row's k-th key.
+    import topk_numpy as tk
+
+    x = np.full((2, 15), 385.0)
+    x[1, 0] += 1e-5  # a near-tie
+    if route == "full_sort":
+        x[:, -1] = -np.inf  # an infinite entry sends the row through the full-sort kernel
+    else:
+        x[:, -1] = 0.0
+    for k in (1, 3, 13):
+        y = tk.soft_topk_mask(x, k, regularization_strength=1e-3, p=p)
+        np.testing.assert_allclose(y.sum(axis=-1), k, rtol=0, atol=1e-13)
+        np.testing.assert_allclose(y[0, :-1], k / 14, rtol=1e-13)

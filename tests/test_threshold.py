@@ -119,8 +119,9 @@ def test_non_unique_threshold_has_no_spurious_free_entry(backend, p):
     xm = backend.to(np.array([[5.0, -4.0, 0.1, 0.05], [2.0, 0.3, -3.0, 0.2]]))
     out, mres = tc.soft_topk_mag_forward(xm, 2, regularization_strength=0.1, p=p, method="threshold")
     np.testing.assert_array_equal(backend.back(out), [[5.0, -4.0, 0.0, 0.0], [2.0, 0.0, -3.0, 0.0]])
-    np.testing.assert_array_equal(backend.back(mres.scale), 0.0)
-    np.testing.assert_array_equal(backend.back(mres.saturated), [[1, 1, 0, 0], [1, 0, 1, 0]])
+    # scale is 1 on the saturated entries (identity) and 0 elsewhere; no entry is free.
+    np.testing.assert_array_equal(backend.back(mres.scale), [[1, 1, 0, 0], [1, 0, 1, 0]])
+    np.testing.assert_array_equal(backend.back(mres.free_signs), 0)
 
 
 def test_exactly_on_a_kink_of_the_flat_interval(p):
@@ -141,7 +142,7 @@ def test_residuals_are_input_order_with_one_segment_per_row(backend, operator, r
     assert tuple(res.gprime.shape) == (5, 6)
     if operator == "mag":
         assert tuple(res.offset.shape) == (5, 1)
-        assert tuple(res.saturated.shape) == tuple(res.signs.shape) == (5, 6)
+        assert tuple(res.scale.shape) == tuple(res.free_signs.shape) == (5, 6)
 
 
 def test_jacobians_agree_with_pav(backend, rng, p, operator):

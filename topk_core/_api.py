@@ -16,7 +16,6 @@ array_api_strict).  The rule and its measurements: docs/methods.md.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -30,6 +29,7 @@ from ._agnostic.regularizer import conjugate_exponent
 from ._agnostic.residuals import MagResiduals, MaskResiduals
 from ._agnostic.threshold import threshold_mag, threshold_mask
 from ._compat import device, is_numpy_namespace, namespace_of
+from ._pav import products
 from ._pav_path import pav_mag, pav_mask
 from ._types import ArrayT
 
@@ -271,9 +271,7 @@ def soft_topk_mag(
     )[0]
 
 
-def _jacobian_product(
-    rows_fn: Callable[[Any, Any, Any], Any], residuals: Any, tangent: Any, axis: int, xp: Any
-) -> Any:
+def _jacobian_product(kind: str, transpose: bool, residuals: Any, tangent: Any, axis: int, xp: Any) -> Any:
     xp = namespace_of(tangent, xp)
     _validate.check_float_dtype(tangent, xp)
     ax = _validate.check_axis(axis, tangent.ndim)
@@ -284,7 +282,18 @@ def _jacobian_product(
             f"the tangent/cotangent has {tuple(rows.shape)} rows x entries along axis {axis}, but the "
             f"residuals were computed for {tuple(residuals.gprime.shape)}: pass an array shaped like `x`"
         )
-    out = from_rows(rows_fn(residuals, rows, xp), moved, ax, xp)
+    if residuals.perm is None and isinstance(residuals.gprime, np.ndarray) and isinstance(rows, np.ndarray):
+        # CPU fast path: the same formulas in Numba, without temporary arrays.  (isinstance,
+        # not the cached namespace test, which torch.compile refuses to trace.)
+        if kind == "mask":
+            out_rows = products.mask_product_rows(residuals, rows)
+        else:
+            out_rows = products.mag_product_rows(residuals, rows, transpose)
+    elif kind == "mask":  # J is symmetric: one function for both directions
+        out_rows = jacobians.mask_jvp_rows(residuals, rows, xp)
+    else:
+        out_rows = (jacobians.mag_vjp_rows if transpose else jacobians.mag_jvp_rows)(residuals, rows, xp)
+    out = from_rows(out_rows, moved, ax, xp)
     return xp.astype(out, tangent.dtype, copy=False)
 
 
@@ -299,22 +308,22 @@ def mask_jvp_from_residuals(residuals: MaskResiduals, tangent: ArrayT, *, axis: 
     >>> mask_jvp_from_residuals(res, np.array([0.3, -1.0, 0.7, 0.2])) == 0  # tied saturated entries
     array([ True,  True,  True,  True])
     """
-    return _jacobian_product(jacobians.mask_jvp_rows, residuals, tangent, axis, xp)
+    return _jacobian_product("mask", False, residuals, tangent, axis, xp)
 
 
 def mask_vjp_from_residuals(residuals: MaskResiduals, cotangent: ArrayT, *, axis: int = -1, xp: Any = None) -> ArrayT:
     """Vector-Jacobian product of the soft mask (equal to the JVP: the Jacobian is symmetric)."""
-    return _jacobian_product(jacobians.mask_jvp_rows, residuals, cotangent, axis, xp)
+    return _jacobian_product("mask", True, residuals, cotangent, axis, xp)
 
 
 def mag_jvp_from_residuals(residuals: MagResiduals, tangent: ArrayT, *, axis: int = -1, xp: Any = None) -> ArrayT:
     """Jacobian-vector product of the soft top-k in magnitude."""
-    return _jacobian_product(jacobians.mag_jvp_rows, residuals, tangent, axis, xp)
+    return _jacobian_product("mag", False, residuals, tangent, axis, xp)
 
 
 def mag_vjp_from_residuals(residuals: MagResiduals, cotangent: ArrayT, *, axis: int = -1, xp: Any = None) -> ArrayT:
     """Vector-Jacobian product of the soft top-k in magnitude."""
-    return _jacobian_product(jacobians.mag_vjp_rows, residuals, cotangent, axis, xp)
+    return _jacobian_product("mag", True, residuals, cotangent, axis, xp)
 
 
 def _hard(x: Any, k: Any, axis: Any, xp: Any, magnitude: bool) -> Any:

@@ -17,6 +17,7 @@ import array_api_compat.numpy as xp
 import numpy as np
 
 from ._agnostic.assemble import assemble_mag, assemble_mask
+from ._agnostic.common import poison
 from ._agnostic.residuals import MagResiduals, MaskResiduals
 from ._pav import pav_rows, topk_rows_forward, topk_rows_select
 
@@ -63,16 +64,6 @@ def _prepare(x: Any, k: int, is_mag: bool, sort_finite: bool) -> _SortedRows:
     return _SortedRows(x, np.ascontiguousarray(keys), perm, lo, hi, kk, inf_counts, nan_rows)
 
 
-def _poison(residuals: Any, nan_rows: Any) -> Any:
-    # A NaN row gets NaN derivatives, confined to that row.
-    fields = residuals._asdict()
-    fields["gprime"] = xp.where(nan_rows, xp.nan, residuals.gprime)
-    if isinstance(residuals, MagResiduals):
-        fields["scale"] = xp.where(nan_rows, xp.nan, residuals.scale)
-        fields["saturated"] = residuals.saturated & ~nan_rows
-    return type(residuals)(**fields)
-
-
 def _solve(x: Any, k: int, lam: float, q: float, is_mag: bool, with_residuals: bool, fused: bool) -> tuple[Any, Any]:
     rows = _prepare(x, k, is_mag, sort_finite=not fused)
     lo, hi, kk = rows.lo[:, 0], rows.hi[:, 0], rows.kk[:, 0]
@@ -82,18 +73,18 @@ def _solve(x: Any, k: int, lam: float, q: float, is_mag: bool, with_residuals: b
         shape = (batch, n) if with_residuals else (0, 0)
         gprime = np.empty(shape, dtype=y.dtype)
         scale = np.empty(shape if is_mag else (0, 0), dtype=y.dtype)
-        saturated = np.empty(shape if is_mag else (0, 0), dtype=np.bool_)
+        free_signs = np.empty(shape if is_mag else (0, 0), dtype=np.int8)
         offset = np.zeros(batch if is_mag and with_residuals else 0, dtype=np.int64)
         if rows.perm is None:
-            topk_rows_select(rows.keys, rows.x, k, lam, q, is_mag, y, gprime, scale, saturated, offset)
+            topk_rows_select(rows.keys, rows.x, k, lam, q, is_mag, y, gprime, scale, free_signs, offset)
         else:
             topk_rows_forward(
-                rows.keys, rows.perm, rows.x, lo, hi, kk, k, lam, q, is_mag, y, gprime, scale, saturated, offset
+                rows.keys, rows.perm, rows.x, lo, hi, kk, k, lam, q, is_mag, y, gprime, scale, free_signs, offset
             )
         res = None
         if with_residuals and is_mag:
             offset = xp.astype(offset[:, None], y.dtype)
-            res = MagResiduals(None, None, None, None, gprime, scale, saturated, xp.sign(rows.x), offset)
+            res = MagResiduals(None, None, None, None, gprime, scale, free_signs, offset)
         elif with_residuals:
             res = MaskResiduals(None, None, None, None, gprime)
     else:
@@ -109,7 +100,7 @@ def _solve(x: Any, k: int, lam: float, q: float, is_mag: bool, with_residuals: b
         y = xp.take_along_axis(y, inv, axis=-1)
     if rows.nan_rows is not None:
         y = xp.where(rows.nan_rows, xp.nan, y)
-        res = None if res is None else _poison(res, rows.nan_rows)
+        res = None if res is None else poison(res, rows.nan_rows, xp)
     return y, res
 
 

@@ -168,6 +168,7 @@ def _residual_layout(op: _Operator, static: Static, dtype: np.dtype, n: int) -> 
     scalars).  Found once, while tracing, by running the forward on one row
     of zeros: `jax.pure_callback` needs the structure before the data.
     Indices become int32 (valid for n < 2**31 and usable with x64 disabled).
+    Narrower integers and bools keep their dtype.
     """
     _, res = op.forward(np.zeros((1, n), dtype=dtype), static.k, **static.keywords())
     layout = []
@@ -175,8 +176,11 @@ def _residual_layout(op: _Operator, static: Static, dtype: np.dtype, n: int) -> 
         if value is None:
             layout.append(None)
             continue
-        kind = np.asarray(value).dtype.kind
-        field_dtype = np.int32 if kind in "iu" else np.bool_ if kind == "b" else dtype
+        core_dtype = np.asarray(value).dtype
+        # Wide integers (indices) become int32; narrower ones (int8 signs) and bools stay as they are.
+        field_dtype = np.int32 if core_dtype.kind in "iu" and core_dtype.itemsize >= 4 else (
+            core_dtype if core_dtype.kind in "iub" else dtype
+        )
         layout.append((np.dtype(field_dtype), np.shape(value)[-1]))
     return tuple(layout)
 

@@ -84,7 +84,7 @@ def layout(kind: str, method: str = "pav") -> tuple[Field, ...]:
         a = np.asarray(a)
         if a.shape not in ((2, 3), (2, 1)):
             raise RuntimeError(f"topk_torch: unexpected shape {a.shape} of residual {name!r} for (2, 3) rows")
-        dtype = {np.dtype(np.int64): torch.int64, np.dtype(np.bool_): torch.bool}.get(a.dtype)
+        dtype = {np.dtype(np.int64): torch.int64, np.dtype(np.int8): torch.int8, np.dtype(np.bool_): torch.bool}.get(a.dtype)
         if dtype is None and a.dtype != np.float64:
             raise RuntimeError(f"topk_torch: unexpected dtype {a.dtype} of residual {name!r} for float64 rows")
         fields.append(Field(True, dtype, a.shape == (2, 3)))

@@ -18,7 +18,7 @@ from typing import Any
 
 from .._compat import default_int
 from .regularizer import g, g_prime_on
-from .residuals import MagResiduals, MaskResiduals
+from .residuals import MagResiduals, MaskResiduals, mag_residuals
 
 
 def _positions(s: Any, xp: Any) -> Any:
@@ -76,8 +76,8 @@ def assemble_mag(
     saturated = (top & ~pooled) | kept
     out = xp.where(free, signs * (g(r, lam, q, xp) + r), xp.where(saturated, x_sorted, zeros))
     gprime = g_prime_on(r, free, lam, q, xp)
-    scale = xp.where(free, 1.0 + gprime, zeros)
     # Unit weights of a pooled block: the part of [lo, lo + kk) that it covers.
     covered = xp.minimum(block_end + 1, lo + kk) - xp.maximum(block_start, lo)
     offset = xp.where(pooled, xp.astype(xp.clip(covered, 0, None), s.dtype), zeros)
-    return out, MagResiduals(perm, inv_perm, block_start, block_end, gprime, scale, saturated, signs, offset)
+    return out, mag_residuals(perm, inv_perm, block_start, block_end, gprime, free, saturated, signs, offset, xp)
+

@@ -42,5 +42,4 @@ def poison(residuals: Any, nan_rows: Any, xp: Any) -> Any:
     fields["gprime"] = xp.where(nan_rows, xp.nan, residuals.gprime)
     if isinstance(residuals, MagResiduals):
         fields["scale"] = xp.where(nan_rows, xp.nan, residuals.scale)
-        fields["saturated"] = residuals.saturated & ~nan_rows
     return type(residuals)(**fields)

@@ -12,7 +12,13 @@ Per isotonic block `B` with value `gamma`:
 * magnitude, with `ds = sign(x) dx`: `D = sum_B g' + W_B` (`W_B` the unit
   weights of `B` outside the saturated set `A`), `dgamma = sum_B g' ds / D`,
   `do = sign(x) (1 + g')(ds - dgamma)` on the free set, `do = dx` on `A`,
-  0 elsewhere; the VJP is its transpose.
+  0 elsewhere; the VJP is its transpose.  With `scale` (`1 + g'` on the free
+  set, 1 on `A`, 0 elsewhere) and `sigma` (`sign(x)` on the free set, 0
+  elsewhere) both cases are one expression:
+  `do = scale dx - sigma scale dgamma`, `dgamma = sum_B sigma g' dx / D`.
+
+`topk_core._pav.products` evaluates the same formulas in Numba for NumPy
+residuals in input order (the CPU fast path, checked against these).
 """
 
 from __future__ import annotations
@@ -53,9 +59,9 @@ def _to_input(t: Any, inv_perm: Any, xp: Any) -> Any:
     return t if inv_perm is None else xp.take_along_axis(t, inv_perm, axis=-1)
 
 
-# Entries outside the free set have g' = 0 (and scale = 0), so the products below
-# vanish there without a select (the magnitude's saturated set takes one); in the
-# mask, `+ 0.0` turns the -0.0 of `0 * negative` into +0.0.
+# Entries outside the free set have g' = 0 (and, for the magnitude, scale = 0 outside the
+# free set and A, and sigma = 0 outside the free set), so the products below vanish there
+# without a select; `+ 0.0` turns the -0.0 of `0 * negative` into +0.0.
 
 
 def mask_jvp_rows(res: MaskResiduals, tangent: Any, xp: Any) -> Any:
@@ -70,19 +76,24 @@ def _mag_denominator(res: MagResiduals, xp: Any) -> Any:
     return _block_total(res.gprime, res, xp) + res.offset
 
 
+def _free_signs(res: MagResiduals, xp: Any) -> Any:
+    return xp.astype(res.free_signs, res.gprime.dtype)
+
+
 def mag_jvp_rows(res: MagResiduals, tangent: Any, xp: Any) -> Any:
     """`J dx` of the magnitude operator for (batch, n) tangents."""
     dx = _to_working(tangent, res.perm, xp)
-    dgamma = safe_divide(_block_total((res.signs * res.gprime) * dx, res, xp), _mag_denominator(res, xp), xp)
-    # On the free set sign^2 = 1, so sign (1 + g') (sign dx - dgamma) = scale (dx - sign dgamma).
-    out = xp.where(res.saturated, dx, res.scale * (dx - res.signs * dgamma))
+    sigma = _free_signs(res, xp)
+    dgamma = safe_divide(_block_total((sigma * res.gprime) * dx, res, xp), _mag_denominator(res, xp), xp)
+    out = res.scale * dx - (sigma * res.scale) * dgamma + 0.0
     return _to_input(out, res.inv_perm, xp)
 
 
 def mag_vjp_rows(res: MagResiduals, cotangent: Any, xp: Any) -> Any:
     """`J^T u` of the magnitude operator for (batch, n) cotangents."""
     u = _to_working(cotangent, res.perm, xp)
+    sigma = _free_signs(res, xp)
     scaled = res.scale * u
-    c = safe_divide(_block_total(res.signs * scaled, res, xp), _mag_denominator(res, xp), xp)
-    out = xp.where(res.saturated, u, scaled - (res.signs * res.gprime) * c)
+    c = safe_divide(_block_total(sigma * scaled, res, xp), _mag_denominator(res, xp), xp)
+    out = scaled - (sigma * res.gprime) * c + 0.0
     return _to_input(out, res.inv_perm, xp)

@@ -46,11 +46,12 @@ class MagResiduals(NamedTuple):
     perm, inv_perm, block_start, block_end, gprime
         As in `MaskResiduals` (the sort is by magnitude).
     scale : (batch, n) float
-        `1 + g'` on the free set, 0 elsewhere: the derivative of `z + r` in `r`.
-    saturated : (batch, n) bool
-        The set `A` of entries returned unchanged (identity derivative).
-    signs : (batch, n) float
-        `sign(x)`.
+        The derivative of the output's magnitude in the entry's own key:
+        `1 + g'` on the free set, 1 on the set `A` of entries returned
+        unchanged (identity derivative), 0 elsewhere.
+    free_signs : (batch, n) int8
+        `sign(x)` on the free set, 0 elsewhere (one byte per entry: with the
+        identity folded into `scale`, this is all the products need of `x`).
     offset : (batch, n) or (batch, 1) float
         The number of unit weights of the entry's block not in `A` (the
         `k - |A|` term of the denominator `D` of spec section 6).
@@ -62,6 +63,15 @@ class MagResiduals(NamedTuple):
     block_end: Any
     gprime: Any
     scale: Any
-    saturated: Any
-    signs: Any
+    free_signs: Any
     offset: Any
+
+
+def mag_residuals(
+    perm: Any, inv_perm: Any, block_start: Any, block_end: Any, gprime: Any, free: Any, saturated: Any,
+    signs: Any, offset: Any, xp: Any,
+) -> MagResiduals:
+    """`MagResiduals` from g' (0 outside `free`), the free and saturated sets and `sign(x)`."""
+    scale = xp.where(free, 1.0 + gprime, xp.astype(saturated, gprime.dtype))
+    free_signs = xp.astype(xp.where(free, signs, xp.zeros_like(signs)), xp.int8)
+    return MagResiduals(perm, inv_perm, block_start, block_end, gprime, scale, free_signs, offset)

@@ -54,9 +54,10 @@ Algorithm, for all rows at once ((batch, n) arrays, (batch, 1) scalars):
 Residuals feed the same closed-form Jacobians as PAV (`jacobians.py`), in
 input order with one segment per row (``perm``, ``inv_perm``,
 ``block_start`` and ``block_end`` are None): ``g'`` on the free set and 0
-elsewhere; for the magnitude also ``scale = 1 + g'`` on ``F``, the saturated
-set ``A``, ``sign(x)`` and the (batch, 1) ``offset = k - |A|``, so that the
-Jacobian denominator is ``D = sum_F g' + (k - |A|)``.
+elsewhere; for the magnitude also ``scale`` (``1 + g'`` on ``F``, 1 on the
+saturated set ``A``), ``sign(x)`` on ``F`` and the (batch, 1)
+``offset = k - |A|``, so that the Jacobian denominator is
+``D = sum_F g' + (k - |A|)``.
 
 Numerics: the mask is computed relative to the row maximum (ties at a huge
 value keep their exact differences) and rows whose finite values span more
@@ -84,7 +85,7 @@ from typing import Any
 from .._compat import default_int, device
 from .common import all_true, count, nan_rows_of, poison
 from .regularizer import g, g_prime_on
-from .residuals import MagResiduals, MaskResiduals
+from .residuals import MagResiduals, MaskResiduals, mag_residuals
 
 DEFAULT_MAX_ITER = 100
 """Iteration cap of the root finder (`max_iter=None`).  Random, tied, huge and
@@ -520,7 +521,6 @@ def threshold_mag(
     out = xp.where(nan_rows, xp.nan, out)
 
     gprime = g_prime_on(rc, free, lam_r, q, xp)
-    scale = xp.where(free, 1.0 + gprime, zero)
     offset = xp.astype(xp.maximum(k - count(saturated, xp), 0), dt)
-    res = MagResiduals(None, None, None, None, gprime, scale, saturated, signs, offset)
+    res = mag_residuals(None, None, None, None, gprime, free, saturated, signs, offset, xp)
     return out, poison(res, nan_rows, xp)

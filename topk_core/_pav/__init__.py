@@ -1,4 +1,4 @@
-"""Numba PAV kernels: the CPU fast path of the isotonic step (spec section 4)."""
+"""Numba kernels: the CPU fast paths of the isotonic step (spec section 4) and of the Jacobian products."""
 
 from .kernels import pav_rows, topk_rows_forward
 from .select import topk_rows_select

@@ -49,6 +49,12 @@ def _saturated(si: float, gamma: float, lam: float, q: float, is_mag: bool) -> b
     return g_scalar(si - gamma, lam, q) >= _target(gamma, is_mag)
 
 
+@nb.njit(cache=True, inline="always", error_model="numpy")
+def _key(keys, order, i, ref):
+    # The i-th key in the row's order, relative to the row's reference (see `_pooled_block`).
+    return float(keys[order[i]]) - ref
+
+
 @nb.njit(cache=True, error_model="numpy")
 def _closed_block_value(
     count: float, mean: float, m2: float, m3: float, wsum: float, lam: float, q: float, is_mag: bool
@@ -85,7 +91,7 @@ def _block_excess(c, count, mean, m2, m3, wsum, lam, q, is_mag):
 
 
 @nb.njit(cache=True, error_model="numpy")
-def _pool_closed(keys, order, lo, hi, kk, lam, q, is_mag):
+def _pool_closed(keys, order, lo, hi, kk, lam, q, is_mag, ref):
     """Grow the boundary block with O(1) moment updates; return (a, b, gamma).
 
     The growth tests compare a neighbour with the block value through the sign
@@ -96,8 +102,8 @@ def _pool_closed(keys, order, lo, hi, kk, lam, q, is_mag):
     a = lo + kk - 1
     b = lo + kk + 1
     # Moments of the two boundary entries.
-    x0 = float(keys[order[a]])
-    x1 = float(keys[order[a + 1]])
+    x0 = _key(keys, order, a, ref)
+    x1 = _key(keys, order, a + 1, ref)
     count = 2.0
     mean = 0.5 * (x0 + x1)
     m2 = 0.5 * (x0 - x1) * (x0 - x1)
@@ -107,7 +113,7 @@ def _pool_closed(keys, order, lo, hi, kk, lam, q, is_mag):
     while True:
         absorb_left = False
         if a > lo:
-            left = float(keys[order[a - 1]])
+            left = _key(keys, order, a - 1, ref)
             if is_mag:
                 if math.isnan(gamma):
                     gamma = _closed_block_value(count, mean, m2, m3, wsum, lam, q, is_mag)
@@ -119,8 +125,8 @@ def _pool_closed(keys, order, lo, hi, kk, lam, q, is_mag):
             a -= 1
             xi = left
             wsum += 1.0
-        elif b < hi and _block_excess(float(keys[order[b]]), count, mean, m2, m3, wsum, lam, q, is_mag) < 0.0:
-            xi = float(keys[order[b]])
+        elif b < hi and _block_excess(_key(keys, order, b, ref), count, mean, m2, m3, wsum, lam, q, is_mag) < 0.0:
+            xi = _key(keys, order, b, ref)
             b += 1
         else:
             break
@@ -140,12 +146,12 @@ def _pool_closed(keys, order, lo, hi, kk, lam, q, is_mag):
 
 
 @nb.njit(cache=True, error_model="numpy")
-def _first_unsaturated(keys, order, lo, hi, gamma, lam, q, is_mag):
+def _first_unsaturated(keys, order, lo, hi, gamma, lam, q, is_mag, ref):
     # Saturation is monotone along a descending row: binary search its end.
     left, right = lo, hi
     while left < right:
         mid = (left + right) // 2
-        if _saturated(float(keys[order[mid]]), gamma, lam, q, is_mag):
+        if _saturated(_key(keys, order, mid, ref), gamma, lam, q, is_mag):
             left = mid + 1
         else:
             right = mid
@@ -153,11 +159,11 @@ def _first_unsaturated(keys, order, lo, hi, gamma, lam, q, is_mag):
 
 
 @nb.njit(cache=True, error_model="numpy")
-def _first_not_above(keys, order, lo, hi, gamma):
+def _first_not_above(keys, order, lo, hi, gamma, ref):
     left, right = lo, hi
     while left < right:
         mid = (left + right) // 2
-        if float(keys[order[mid]]) > gamma:
+        if _key(keys, order, mid, ref) > gamma:
             left = mid + 1
         else:
             right = mid
@@ -165,14 +171,14 @@ def _first_not_above(keys, order, lo, hi, gamma):
 
 
 @nb.njit(cache=True, error_model="numpy")
-def _excess(keys, order, lo, hi, kk, gamma, lam, q, is_mag):
+def _excess(keys, order, lo, hi, kk, gamma, lam, q, is_mag, ref):
     """Return (sum(y) - k, d/dgamma) at threshold gamma, and the free range."""
-    a = _first_unsaturated(keys, order, lo, hi, gamma, lam, q, is_mag)
-    b = _first_not_above(keys, order, a, hi, gamma)
+    a = _first_unsaturated(keys, order, lo, hi, gamma, lam, q, is_mag, ref)
+    b = _first_not_above(keys, order, a, hi, gamma, ref)
     total = float(a - lo) - kk
     deriv = 0.0
     for i in range(a, b):
-        u = float(keys[order[i]]) - gamma
+        u = _key(keys, order, i, ref) - gamma
         gi = g_scalar(u, lam, q)
         gpi = g_prime_scalar(u, lam, q)
         if is_mag:
@@ -185,7 +191,7 @@ def _excess(keys, order, lo, hi, kk, gamma, lam, q, is_mag):
 
 
 @nb.njit(cache=True, error_model="numpy")
-def _pool_rootfind(keys, order, lo, hi, kk, lam, q, is_mag):
+def _pool_rootfind(keys, order, lo, hi, kk, lam, q, is_mag, ref):
     """General q: solve the pooled block equation for its value; return (a, b, gamma).
 
     `sum(y)` is continuous and non-increasing in the block value.  The bracket
@@ -194,14 +200,14 @@ def _pool_rootfind(keys, order, lo, hi, kk, lam, q, is_mag):
     saturated) more than k entries are saturated.
     """
     i0 = lo + kk - 1
-    upper = float(keys[order[i0]])
+    upper = _key(keys, order, i0, ref)
     if is_mag:
-        lower = mag_fixed_point(float(keys[order[i0 + 1]]), lam, q)
+        lower = mag_fixed_point(_key(keys, order, i0 + 1, ref), lam, q)
     else:
-        lower = float(keys[order[i0 + 1]]) - lam
+        lower = _key(keys, order, i0 + 1, ref) - lam
     gamma = 0.5 * (lower + upper)
     for _ in range(300):
-        f, fp, a, b = _excess(keys, order, lo, hi, kk, gamma, lam, q, is_mag)
+        f, fp, a, b = _excess(keys, order, lo, hi, kk, gamma, lam, q, is_mag, ref)
         if f == 0.0:
             break
         if f > 0.0:
@@ -214,23 +220,33 @@ def _pool_rootfind(keys, order, lo, hi, kk, lam, q, is_mag):
         if nxt == gamma or upper - lower <= 2.0 * _EPS * max(abs(lower), abs(upper)):
             break
         gamma = nxt
-    f, fp, a, b = _excess(keys, order, lo, hi, kk, gamma, lam, q, is_mag)
+    f, fp, a, b = _excess(keys, order, lo, hi, kk, gamma, lam, q, is_mag, ref)
     # The pooled block always straddles the boundary k - 1 | k.
     return min(a, i0), max(b, i0 + 2), gamma
 
 
 @nb.njit(cache=True, error_model="numpy")
 def _pooled_block(keys, order, lo, hi, kk, lam, q, is_mag, closed):
-    """Return (a, b, gamma): the pooled block [a, b) of a row and its value (a == b: none)."""
+    """Return (a, b, gamma, ref): the pooled block [a, b) of a row (a == b: none) and its value `ref + gamma`.
+
+    The mask is invariant to shifting a row, so its keys are taken relative to
+    the row's k-th key `ref`: an entry's `u = s - value` is then computed as
+    `(s - ref) - gamma` from two small numbers, and does not cancel when the
+    keys are large next to the strength (`u` ~ 1e-6 next to keys ~ 1e3 would
+    keep only ten digits).  The magnitude is not shift invariant: `ref = 0`.
+    """
     if kk <= 0 or kk >= hi - lo:
-        return lo, lo, 0.0
+        return lo, lo, 0.0, 0.0
+    ref = 0.0 if is_mag else float(keys[order[lo + kk - 1]])
     # Is there an adjacent violator at the boundary?  Entry k - 1 is
     # unsaturated at the value s[k] of its right neighbour.
-    if _saturated(float(keys[order[lo + kk - 1]]), float(keys[order[lo + kk]]), lam, q, is_mag):
-        return lo, lo, 0.0
+    if _saturated(_key(keys, order, lo + kk - 1, ref), _key(keys, order, lo + kk, ref), lam, q, is_mag):
+        return lo, lo, 0.0, ref
     if closed:
-        return _pool_closed(keys, order, lo, hi, kk, lam, q, is_mag)
-    return _pool_rootfind(keys, order, lo, hi, kk, lam, q, is_mag)
+        a, b, gamma = _pool_closed(keys, order, lo, hi, kk, lam, q, is_mag, ref)
+    else:
+        a, b, gamma = _pool_rootfind(keys, order, lo, hi, kk, lam, q, is_mag, ref)
+    return a, b, gamma, ref
 
 
 @nb.njit(cache=True, error_model="numpy")
@@ -244,9 +260,9 @@ def _pav_row(keys, order, lo, hi, kk, lam, q, is_mag, closed, v, bstart, bend):
             v[i] = mag_fixed_point(si, lam, q) if is_mag else si - lam
         else:
             v[i] = si
-    a, b, gamma = _pooled_block(keys, order, lo, hi, kk, lam, q, is_mag, closed)
+    a, b, gamma, ref = _pooled_block(keys, order, lo, hi, kk, lam, q, is_mag, closed)
     for i in range(a, b):
-        v[i] = gamma
+        v[i] = ref + gamma
         bstart[i] = a
         bend[i] = b - 1
 
@@ -292,7 +308,7 @@ def pav_rows(keys, perm, lo, hi, kk, lam, q, is_mag):
     return v, bstart, bend, inv
 
 
-def topk_rows_forward(keys, perm, x, lo, hi, kk, k, lam, q, is_mag, out, gprime, scale, saturated, offset):
+def topk_rows_forward(keys, perm, x, lo, hi, kk, k, lam, q, is_mag, out, gprime, scale, free_signs, offset):
     """PAV and the output assembly fused, written straight to input order.
 
     The CPU fast path of the PAV method: it writes ``out[r, perm[r, i]]``
@@ -306,9 +322,10 @@ def topk_rows_forward(keys, perm, x, lo, hi, kk, k, lam, q, is_mag, out, gprime,
     written too, in input order: the weights are a 0/1 prefix, so the only
     pooled block of a row is the free set ``F`` (spec section 6) and every
     other entry is a singleton block.  ``gprime`` is ``g'`` on ``F`` and 0
-    elsewhere; for the magnitude, ``scale`` is ``1 + g'`` on ``F``,
-    ``saturated`` marks the set ``A`` (unit-weight singletons and infinite
-    entries) and ``offset[r]`` is the number of unit weights of the pooled
+    elsewhere; for the magnitude, ``scale`` is ``1 + g'`` on ``F``, 1 on
+    the set ``A`` (unit-weight singletons and infinite entries) and 0
+    elsewhere, ``free_signs`` (int8) is ``sign(x)`` on ``F`` and 0 elsewhere,
+    and ``offset[r]`` is the number of unit weights of the pooled
     block (the ``k - |A|`` of the denominator ``D``).  Membership comes from
     the block's integer bounds, never from comparing floats.
     """
@@ -318,7 +335,7 @@ def topk_rows_forward(keys, perm, x, lo, hi, kk, k, lam, q, is_mag, out, gprime,
     for r in nb.prange(batch):
         row, pr = keys[r], perm[r]
         lo_r, hi_r, kk_r = lo[r], hi[r], kk[r]
-        a, b, gamma = _pooled_block(row, pr, lo_r, hi_r, kk_r, lam, q, is_mag, closed)
+        a, b, gamma, ref = _pooled_block(row, pr, lo_r, hi_r, kk_r, lam, q, is_mag, closed)
         n_pos = lo_r
         n_neg = n - hi_r
         share_pos = min(1.0, k / n_pos) if n_pos > 0 else 0.0
@@ -333,9 +350,9 @@ def topk_rows_forward(keys, perm, x, lo, hi, kk, k, lam, q, is_mag, out, gprime,
                 val, deriv, kept, free = share_neg, 0.0, False, False
             else:
                 val, deriv, kept, free = segment_entry(
-                    float(row[j]), float(x[r, j]), a <= i < b, i < lo_r + kk_r, gamma, lam, q, is_mag
+                    float(row[j]) - ref, float(x[r, j]), a <= i < b, i < lo_r + kk_r, gamma, lam, q, is_mag
                 )
-            emit_entry(r, j, val, deriv, kept, free, is_mag, with_residuals, out, gprime, scale, saturated)
+            emit_entry(r, j, val, deriv, kept, free, is_mag, with_residuals, out, gprime, scale, free_signs)
 
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
@@ -344,7 +361,8 @@ def segment_entry(si, xj, in_block, unit_weight, gamma, lam, q, is_mag):
 
     `in_block`: the entry is in the pooled block of value `gamma`; otherwise it
     is a singleton, saturated (`kept`) when it carries a unit weight, else 0.
-    `si` is its key, `xj` its signed value (read by the magnitude only).
+    `si` is its key relative to the row's reference (see `_pooled_block`), `xj` its signed
+    value (read by the magnitude only).
     """
     if in_block:
         rr = max(si - gamma, 0.0)
@@ -360,14 +378,15 @@ def segment_entry(si, xj, in_block, unit_weight, gamma, lam, q, is_mag):
 
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
-def emit_entry(r, j, val, deriv, kept, free, is_mag, with_residuals, out, gprime, scale, saturated):
+def emit_entry(r, j, val, deriv, kept, free, is_mag, with_residuals, out, gprime, scale, free_signs):
     """Write one output entry and, when asked, its residuals (see `topk_rows_forward`)."""
     out[r, j] = val
     if with_residuals:
         gprime[r, j] = deriv
         if is_mag:
-            scale[r, j] = 1.0 + deriv if free else 0.0
-            saturated[r, j] = kept
+            # The sign of a free entry is that of its (non-zero) output.
+            scale[r, j] = 1.0 + deriv if free else (1.0 if kept else 0.0)
+            free_signs[r, j] = (1 if val > 0.0 else -1) if free else 0
 
 
 # Each row kernel is compiled twice: threads pay off only on large batches, and a

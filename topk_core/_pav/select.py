@@ -112,7 +112,7 @@ def _cuts(upper, below, lam, q, is_mag):
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
 def _classify(
-    keys, x, r, j0, j1, zero_cut, saturated_cut, is_mag, with_residuals, out, gprime, scale, saturated, cval, cidx
+    keys, x, r, j0, j1, zero_cut, saturated_cut, is_mag, with_residuals, out, gprime, scale, free_signs, cval, cidx
 ):
     """Write entries [j0, j1) of row `r` as if each were saturated or 0, and collect the candidates.
 
@@ -130,8 +130,8 @@ def _classify(
             gprime[r, j] = 0.0
         if is_mag:
             for j in range(j0, j1):
-                scale[r, j] = 0.0
-                saturated[r, j] = float(keys[r, j]) > saturated_cut
+                scale[r, j] = 1.0 if float(keys[r, j]) > saturated_cut else 0.0
+                free_signs[r, j] = 0
     # Branch-free compaction: every entry is written at the next free slot, which
     # advances only past candidates (candidates are scattered: a branch mispredicts).
     m = j0
@@ -145,30 +145,30 @@ def _classify(
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
 def _solve_candidates(r, k, n_saturated, m, cval, cidx, order, x, lam, q, is_mag, closed, with_residuals,
-                      out, gprime, scale, saturated, offset):
+                      out, gprime, scale, free_signs, offset):
     """Sort the m candidates of row `r`, pool them, and write their outputs (and residuals)."""
     _order_candidates(cval, m, order)
     kk = k - n_saturated
-    a, b, gamma = _pooled_block(cval, order, 0, m, kk, lam, q, is_mag, closed)
+    a, b, gamma, ref = _pooled_block(cval, order, 0, m, kk, lam, q, is_mag, closed)
     if with_residuals and is_mag:
         offset[r] = kk - a if a < b else 0
     for i in range(m):
         j = cidx[order[i]]
-        val, deriv, kept, free = segment_entry(cval[order[i]], float(x[r, j]), a <= i < b, i < kk, gamma, lam, q, is_mag)
-        emit_entry(r, j, val, deriv, kept, free, is_mag, with_residuals, out, gprime, scale, saturated)
+        val, deriv, kept, free = segment_entry(cval[order[i]] - ref, float(x[r, j]), a <= i < b, i < kk, gamma, lam, q, is_mag)
+        emit_entry(r, j, val, deriv, kept, free, is_mag, with_residuals, out, gprime, scale, free_signs)
 
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
-def _all_saturated(r, x, is_mag, with_residuals, out, gprime, scale, saturated, offset):
+def _all_saturated(r, x, is_mag, with_residuals, out, gprime, scale, free_signs, offset):
     # k == n: every entry is saturated.
     for j in range(x.shape[1]):
         val = float(x[r, j]) if is_mag else 1.0
-        emit_entry(r, j, val, 0.0, True, False, is_mag, with_residuals, out, gprime, scale, saturated)
+        emit_entry(r, j, val, 0.0, True, False, is_mag, with_residuals, out, gprime, scale, free_signs)
     if with_residuals and is_mag:
         offset[r] = 0
 
 
-def _select_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, saturated, offset, n_chunks, ascending):
+def _select_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs, offset, n_chunks, ascending):
     """Kernel of `topk_rows_select`; rows are processed in `n_chunks` chunks.
 
     `ascending` is either the rows' keys sorted ascending (the order statistics
@@ -186,7 +186,7 @@ def _select_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, saturated, offs
         top = np.empty(TRACK_MAX, dtype=np.float64)
         for r in range(c * batch // n_chunks, (c + 1) * batch // n_chunks):
             if k >= n:
-                _all_saturated(r, x, is_mag, with_residuals, out, gprime, scale, saturated, offset)
+                _all_saturated(r, x, is_mag, with_residuals, out, gprime, scale, free_signs, offset)
                 continue
             if presorted:
                 upper, below = float(ascending[r, n - k]), float(ascending[r, n - k - 1])
@@ -194,18 +194,18 @@ def _select_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, saturated, offs
                 upper, below = order_statistics(keys[r], k, top)
             zero_cut, saturated_cut = _cuts(upper, below, lam, q, is_mag)
             n_saturated, m = _classify(
-                keys, x, r, 0, n, zero_cut, saturated_cut, is_mag, with_residuals, out, gprime, scale, saturated,
+                keys, x, r, 0, n, zero_cut, saturated_cut, is_mag, with_residuals, out, gprime, scale, free_signs,
                 cval, cidx,
             )
             _solve_candidates(r, k, n_saturated, m, cval, cidx, order, x, lam, q, is_mag, closed, with_residuals,
-                              out, gprime, scale, saturated, offset)
+                              out, gprime, scale, free_signs, offset)
 
 
 _select_rows = _compiled_pair(_select_rows)
 
 
 @nb.njit(parallel=True, cache=True, error_model="numpy")
-def _select_long_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, saturated, offset, n_parts, n_sample):
+def _select_long_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs, offset, n_parts, n_sample):
     """`_select_rows` for a few long rows: each row is split into `n_parts` parts across the threads.
 
     The order statistics come from a bracket: quantiles of a strided sample
@@ -227,7 +227,7 @@ def _select_long_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, saturated,
     sample = np.empty(n_sample, dtype=np.float64)
     for r in range(batch):
         if k >= n:
-            _all_saturated(r, x, is_mag, with_residuals, out, gprime, scale, saturated, offset)
+            _all_saturated(r, x, is_mag, with_residuals, out, gprime, scale, free_signs, offset)
             continue
         for i in range(n_sample):
             sample[i] = float(keys[r, (i * n) // n_sample])
@@ -272,7 +272,7 @@ def _select_long_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, saturated,
             j0 = c * n // n_parts
             part_a[c], part_b[c] = _classify(
                 keys, x, r, j0, (c + 1) * n // n_parts, zero_cut, saturated_cut, is_mag, with_residuals,
-                out, gprime, scale, saturated, cval, cidx,
+                out, gprime, scale, free_signs, cval, cidx,
             )
         # Gather the parts' candidates to the front (each part wrote from its own start).
         n_saturated = 0
@@ -285,10 +285,10 @@ def _select_long_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, saturated,
             m += part_b[c]
             n_saturated += part_a[c]
         _solve_candidates(r, k, n_saturated, m, cval, cidx, order, x, lam, q, is_mag, closed, with_residuals,
-                          out, gprime, scale, saturated, offset)
+                          out, gprime, scale, free_signs, offset)
 
 
-def topk_rows_select(keys, x, k, lam, q, is_mag, out, gprime, scale, saturated, offset):
+def topk_rows_select(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs, offset):
     """Selection-first fused forward of rows whose keys are all finite.
 
     Same outputs and residuals as `kernels.topk_rows_forward` (see there for
@@ -298,9 +298,9 @@ def topk_rows_select(keys, x, k, lam, q, is_mag, out, gprime, scale, saturated, 
     batch, n = keys.shape
     threads = nb.get_num_threads()
     if n >= LONG_ROW_MIN_N and batch < threads:
-        _select_long_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, saturated, offset, 4 * threads, SAMPLE_SIZE)
+        _select_long_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs, offset, 4 * threads, SAMPLE_SIZE)
         return
     n_chunks = min(batch, 4 * threads)
     # Short rows: NumPy's vectorized sort of the values beats a per-row selection.
     ascending = np.sort(keys, axis=-1) if n <= PRESORT_MAX_N else keys[:0]
-    _select_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, saturated, offset, n_chunks, ascending)
+    _select_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs, offset, n_chunks, ascending)

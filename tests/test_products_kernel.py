@@ -1,0 +1,86 @@
+"""The Numba Jacobian products (CPU fast path) against the Array-API products they mirror.
+
+`topk_core._pav.products` evaluates the formulas of
+`topk_core._agnostic.jacobians` for NumPy residuals in input order; the public
+`*_from_residuals` functions take it for NumPy arrays.  Here both are run on
+the same residuals (PAV and threshold methods, NaN rows, every entry
+saturated, float32 and float64) and must agree to round-off.
+"""
+
+from __future__ import annotations
+
+import array_api_compat.numpy as np_xp
+import numpy as np
+import pytest
+
+import topk_core as tc
+from topk_core._agnostic import jacobians
+from topk_core._pav import products
+
+FORWARD = {"mask": tc.soft_topk_mask_forward, "mag": tc.soft_topk_mag_forward}
+
+
+def _array_api(operator: str, transpose: bool, res, t):
+    if operator == "mask":
+        return jacobians.mask_jvp_rows(res, t, np_xp)
+    return (jacobians.mag_vjp_rows if transpose else jacobians.mag_jvp_rows)(res, t, np_xp)
+
+
+def _numba(operator: str, transpose: bool, res, t):
+    if operator == "mask":
+        return products.mask_product_rows(res, t)
+    return products.mag_product_rows(res, t, transpose)
+
+
+def _cases(rng, dtype):
+    x = rng.normal(size=(40, 33)).astype(dtype)
+    yield x, 5, 0.5  # many free entries per row
+    yield x, 33, 0.5  # k = n: every entry saturated
+    yield np.round(x * 2).astype(dtype), 7, 0.1  # ties
+    nan = x.copy()
+    nan[3, 4] = np.nan
+    yield nan, 5, 0.5  # a NaN row among finite ones
+    inf = x.copy()
+    inf[5, :3] = [np.inf, -np.inf, np.inf]
+    yield inf, 6, 0.5  # the full-sort route of the fused kernel
+
+
+@pytest.mark.parametrize("method", ["pav", "threshold"])
+@pytest.mark.parametrize("transpose", [False, True], ids=["jvp", "vjp"])
+def test_numba_products_match_the_array_api_products(rng, operator, transpose, method, float_dtype, p):
+    for x, k, lam in _cases(rng, float_dtype):
+        if method == "threshold" and not np.all(np.isfinite(x) | np.isnan(x)):
+            continue
+        _, res = FORWARD[operator](x, k, regularization_strength=lam, p=p, method=method)
+        assert res.perm is None
+        t = rng.normal(size=x.shape).astype(float_dtype)
+        got = _numba(operator, transpose, res, t)
+        want = _array_api(operator, transpose, res, t)
+        assert got.dtype == want.dtype == float_dtype
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+        tol = 1e-5 if float_dtype == np.float32 else 1e-12
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.nanmax(np.abs(want)))
+        # Outside the support (g' = 0, and scale = 0 for the magnitude) the product is +0.0 exactly.
+        outside = (res.gprime if operator == "mask" else res.scale) == 0
+        np.testing.assert_array_equal(got[outside], 0.0)
+        assert not np.any(np.signbit(got[outside]))
+
+
+def test_public_products_take_the_numba_path_for_numpy(monkeypatch, rng, operator):
+    x = rng.normal(size=(4, 9))
+    _, res = FORWARD[operator](x, 3)
+    calls = []
+    name = "mask_product_rows" if operator == "mask" else "mag_product_rows"
+    original = getattr(products, name)
+    monkeypatch.setattr(products, name, lambda *a: calls.append(1) or original(*a))
+    product = tc.mask_vjp_from_residuals if operator == "mask" else tc.mag_vjp_from_residuals
+    product(res, rng.normal(size=x.shape))
+    assert calls == [1]
+
+
+def test_numba_products_on_non_contiguous_tangents(rng, operator):
+    x = rng.normal(size=(6, 10))
+    _, res = FORWARD[operator](x, 3, p=2.0)
+    t = rng.normal(size=(10, 6)).T  # a transposed view
+    got = _numba(operator, True, res, t)
+    np.testing.assert_allclose(got, _array_api(operator, True, res, np.ascontiguousarray(t)), rtol=1e-12, atol=1e-14)

@@ -1,0 +1,87 @@
+"""Numba CPU fast path of the closed-form Jacobian products (spec section 6).
+
+The definitions are `topk_core._agnostic.jacobians`; this module evaluates
+the same expressions for NumPy residuals in input order (the layout of the
+PAV and threshold methods: one pooled block per row, the free set), one row
+per iteration and one pass over the row for its two sums, another for the
+output.  Written with Array-API operations, a product makes about six
+temporary (batch, n) arrays; here it writes only its output, which matters
+most for many short rows, where the fresh memory of those temporaries costs
+more than the arithmetic.  Sums accumulate in float64.  The tests check these
+kernels against the Array-API products.
+"""
+
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+
+from .kernels import _compiled_pair
+
+
+@nb.njit(cache=True, inline="always")
+def _safe_ratio(num, den):
+    # `segments.safe_divide`: 0 where the denominator is not positive (also NaN).
+    return num / den if den > 0.0 else 0.0
+
+
+def _mask_rows(gprime, t, out):
+    """`out = g' (t - dgamma)`, `dgamma = sum g' t / sum g'` per row (the mask's JVP = VJP)."""
+    for r in nb.prange(t.shape[0]):
+        num = 0.0
+        den = 0.0
+        for j in range(t.shape[1]):
+            gp = float(gprime[r, j])
+            num += gp * float(t[r, j])
+            den += gp
+        dgamma = _safe_ratio(num, den)
+        for j in range(t.shape[1]):
+            out[r, j] = float(gprime[r, j]) * (float(t[r, j]) - dgamma) + 0.0
+
+
+def _mag_rows(gprime, scale, free_signs, offset, t, transpose, out):
+    """The magnitude's JVP (``transpose=False``) or VJP of (batch, n) tangents `t`.
+
+    JVP: ``scale t - sigma scale dgamma``, ``dgamma = sum sigma g' t / D``;
+    VJP: ``scale t - sigma g' c``, ``c = sum sigma scale t / D``;
+    ``D = sum g' + offset``, ``sigma`` the free signs.
+    """
+    for r in nb.prange(t.shape[0]):
+        num = 0.0
+        den = float(offset[r, 0])
+        for j in range(t.shape[1]):
+            gp = float(gprime[r, j])
+            weight = float(scale[r, j]) if transpose else gp
+            num += float(free_signs[r, j]) * weight * float(t[r, j])
+            den += gp
+        ratio = _safe_ratio(num, den)
+        for j in range(t.shape[1]):
+            sc = float(scale[r, j])
+            weight = float(gprime[r, j]) if transpose else sc
+            out[r, j] = sc * float(t[r, j]) - float(free_signs[r, j]) * weight * ratio + 0.0
+
+
+_mask_rows = _compiled_pair(_mask_rows)
+_mag_rows = _compiled_pair(_mag_rows)
+
+
+def _contiguous(t: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(t)
+
+
+def mask_product_rows(res, t: np.ndarray) -> np.ndarray:
+    """The mask's JVP (= VJP) of NumPy (batch, n) rows `t` with input-order residuals."""
+    out = np.empty(t.shape, dtype=res.gprime.dtype)
+    _mask_rows(_contiguous(res.gprime), _contiguous(t), out)
+    return out
+
+
+def mag_product_rows(res, t: np.ndarray, transpose: bool) -> np.ndarray:
+    """The magnitude's JVP (or VJP, `transpose`) of NumPy (batch, n) rows `t` with input-order residuals."""
+    out = np.empty(t.shape, dtype=res.gprime.dtype)
+    offset = np.broadcast_to(res.offset, (t.shape[0], 1))
+    _mag_rows(
+        _contiguous(res.gprime), _contiguous(res.scale), _contiguous(res.free_signs), _contiguous(offset),
+        _contiguous(t), transpose, out,
+    )
+    return out
