@@ -135,3 +135,31 @@ def test_mask_of_large_tied_keys_sums_to_k(p, route):
         y = tk.soft_topk_mask(x, k, regularization_strength=1e-3, p=p)
         np.testing.assert_allclose(y.sum(axis=-1), k, rtol=0, atol=1e-13)
         np.testing.assert_allclose(y[0, :-1], k / 14, rtol=1e-13)
+
+
+@pytest.mark.parametrize("route", ["select", "full_sort"])
+@pytest.mark.parametrize("scale", [1e-300, 1e-200, 1e200, 1e300])
+def test_magnitude_of_tiny_and_huge_rows_is_homogeneous(p, route, scale):
+    # mag(c x; l c^(2-p)) = c mag(x; l). Rows of tiny or huge keys are solved rescaled by a
+    # power of two; before, their block equations underflowed or overflowed (e.g. keys ~1e200
+    # with p = 4/3 lost their second entry, and denormal keys came back 10^150 times larger).
+    import topk_numpy as tk
+
+    x = np.array([[3.0, 1.0, 1.0, 0.5, -2.0, 0.25], [0.3, -0.2, 0.1, 0.25, -0.05, 0.0]])
+    if route == "full_sort":
+        x = np.concatenate([x, np.full((1, 6), np.nan)])  # a NaN row sends the array through the full sort
+    lam = 0.5
+    want = tk.soft_topk_mag(x, 2, regularization_strength=lam, p=p)
+    got = tk.soft_topk_mag(x * scale, 2, regularization_strength=lam * scale ** (2.0 - p), p=p)
+    np.testing.assert_allclose(got / scale, want, rtol=1e-12, atol=0)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+
+
+def test_magnitude_of_denormal_ties():
+    # Found by hypothesis: two denormal keys, k = 1, l = 2, p = 3/2 came back as 2e-162.
+    import topk_numpy as tk
+
+    x = np.array([2.22507386e-309, 2.22507386e-309])
+    for p in (1.25, 4.0 / 3.0, 1.5, 2.0, 3.0):
+        y = tk.soft_topk_mag(x, 1, regularization_strength=2.0, p=p)
+        assert np.all(np.abs(y) <= np.abs(x))

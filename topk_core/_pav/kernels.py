@@ -50,9 +50,38 @@ def _saturated(si: float, gamma: float, lam: float, q: float, is_mag: bool) -> b
 
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
-def _key(keys, order, i, ref):
-    # The i-th key in the row's order, relative to the row's reference (see `_pooled_block`).
-    return float(keys[order[i]]) - ref
+def _key(keys, order, i, frame):
+    # The i-th key in the row's order, in the row's frame (see `_row_frame`).
+    return (float(keys[order[i]]) - frame[0]) * frame[1]
+
+
+# Magnitude rows whose k-th key has a binary exponent outside this range are solved
+# rescaled by a power of two (see `_row_frame`).
+_MAG_EXPONENT_RANGE = 100
+
+
+@nb.njit(cache=True, error_model="numpy")
+def _row_frame(kth_key, lam, q, is_mag):
+    """The frame `(ref, mult, lam)` in which a row is solved: keys become `(s - ref) * mult`.
+
+    * mask: shift invariant, so keys are taken relative to the row's k-th key
+      (`ref`): an entry's `u = s - value` is then computed from two small
+      numbers and does not cancel when the keys are large next to the
+      strength (`u` ~ 1e-6 next to keys ~ 1e3 would keep only ten digits).
+    * magnitude: homogeneous, ``mag(x; l) = mag(c x; l c^(2-p)) / c``, and its
+      Jacobian is the same at `x` and `c x`; rows whose k-th key is tiny or
+      huge (denormal keys lose digits, and their block equation underflows)
+      are solved scaled by a power of two `c` with the strength `l c^(2-p)`,
+      exactly (a power of two scales without rounding).
+    """
+    if not is_mag:
+        return (kth_key, 1.0, lam)
+    exponent = math.frexp(kth_key)[1]
+    if kth_key == 0.0 or abs(exponent) <= _MAG_EXPONENT_RANGE:
+        return (0.0, 1.0, lam)
+    # At most 2^1000 either way: 2^-exponent overflows for denormal keys.
+    mult = math.ldexp(1.0, min(max(-exponent, -1000), 1000))
+    return (0.0, mult, lam * math.pow(mult, (q - 2.0) / (q - 1.0)))
 
 
 @nb.njit(cache=True, error_model="numpy")
@@ -91,7 +120,7 @@ def _block_excess(c, count, mean, m2, m3, wsum, lam, q, is_mag):
 
 
 @nb.njit(cache=True, error_model="numpy")
-def _pool_closed(keys, order, lo, hi, kk, lam, q, is_mag, ref):
+def _pool_closed(keys, order, lo, hi, kk, lam, q, is_mag, frame):
     """Grow the boundary block with O(1) moment updates; return (a, b, gamma).
 
     The growth tests compare a neighbour with the block value through the sign
@@ -102,8 +131,8 @@ def _pool_closed(keys, order, lo, hi, kk, lam, q, is_mag, ref):
     a = lo + kk - 1
     b = lo + kk + 1
     # Moments of the two boundary entries.
-    x0 = _key(keys, order, a, ref)
-    x1 = _key(keys, order, a + 1, ref)
+    x0 = _key(keys, order, a, frame)
+    x1 = _key(keys, order, a + 1, frame)
     count = 2.0
     mean = 0.5 * (x0 + x1)
     m2 = 0.5 * (x0 - x1) * (x0 - x1)
@@ -113,7 +142,7 @@ def _pool_closed(keys, order, lo, hi, kk, lam, q, is_mag, ref):
     while True:
         absorb_left = False
         if a > lo:
-            left = _key(keys, order, a - 1, ref)
+            left = _key(keys, order, a - 1, frame)
             if is_mag:
                 if math.isnan(gamma):
                     gamma = _closed_block_value(count, mean, m2, m3, wsum, lam, q, is_mag)
@@ -125,8 +154,8 @@ def _pool_closed(keys, order, lo, hi, kk, lam, q, is_mag, ref):
             a -= 1
             xi = left
             wsum += 1.0
-        elif b < hi and _block_excess(_key(keys, order, b, ref), count, mean, m2, m3, wsum, lam, q, is_mag) < 0.0:
-            xi = _key(keys, order, b, ref)
+        elif b < hi and _block_excess(_key(keys, order, b, frame), count, mean, m2, m3, wsum, lam, q, is_mag) < 0.0:
+            xi = _key(keys, order, b, frame)
             b += 1
         else:
             break
@@ -146,12 +175,12 @@ def _pool_closed(keys, order, lo, hi, kk, lam, q, is_mag, ref):
 
 
 @nb.njit(cache=True, error_model="numpy")
-def _first_unsaturated(keys, order, lo, hi, gamma, lam, q, is_mag, ref):
+def _first_unsaturated(keys, order, lo, hi, gamma, lam, q, is_mag, frame):
     # Saturation is monotone along a descending row: binary search its end.
     left, right = lo, hi
     while left < right:
         mid = (left + right) // 2
-        if _saturated(_key(keys, order, mid, ref), gamma, lam, q, is_mag):
+        if _saturated(_key(keys, order, mid, frame), gamma, lam, q, is_mag):
             left = mid + 1
         else:
             right = mid
@@ -159,11 +188,11 @@ def _first_unsaturated(keys, order, lo, hi, gamma, lam, q, is_mag, ref):
 
 
 @nb.njit(cache=True, error_model="numpy")
-def _first_not_above(keys, order, lo, hi, gamma, ref):
+def _first_not_above(keys, order, lo, hi, gamma, frame):
     left, right = lo, hi
     while left < right:
         mid = (left + right) // 2
-        if _key(keys, order, mid, ref) > gamma:
+        if _key(keys, order, mid, frame) > gamma:
             left = mid + 1
         else:
             right = mid
@@ -171,14 +200,14 @@ def _first_not_above(keys, order, lo, hi, gamma, ref):
 
 
 @nb.njit(cache=True, error_model="numpy")
-def _excess(keys, order, lo, hi, kk, gamma, lam, q, is_mag, ref):
+def _excess(keys, order, lo, hi, kk, gamma, lam, q, is_mag, frame):
     """Return (sum(y) - k, d/dgamma) at threshold gamma, and the free range."""
-    a = _first_unsaturated(keys, order, lo, hi, gamma, lam, q, is_mag, ref)
-    b = _first_not_above(keys, order, a, hi, gamma, ref)
+    a = _first_unsaturated(keys, order, lo, hi, gamma, lam, q, is_mag, frame)
+    b = _first_not_above(keys, order, a, hi, gamma, frame)
     total = float(a - lo) - kk
     deriv = 0.0
     for i in range(a, b):
-        u = _key(keys, order, i, ref) - gamma
+        u = _key(keys, order, i, frame) - gamma
         gi = g_scalar(u, lam, q)
         gpi = g_prime_scalar(u, lam, q)
         if is_mag:
@@ -191,7 +220,7 @@ def _excess(keys, order, lo, hi, kk, gamma, lam, q, is_mag, ref):
 
 
 @nb.njit(cache=True, error_model="numpy")
-def _pool_rootfind(keys, order, lo, hi, kk, lam, q, is_mag, ref):
+def _pool_rootfind(keys, order, lo, hi, kk, lam, q, is_mag, frame):
     """General q: solve the pooled block equation for its value; return (a, b, gamma).
 
     `sum(y)` is continuous and non-increasing in the block value.  The bracket
@@ -200,14 +229,14 @@ def _pool_rootfind(keys, order, lo, hi, kk, lam, q, is_mag, ref):
     saturated) more than k entries are saturated.
     """
     i0 = lo + kk - 1
-    upper = _key(keys, order, i0, ref)
+    upper = _key(keys, order, i0, frame)
     if is_mag:
-        lower = mag_fixed_point(_key(keys, order, i0 + 1, ref), lam, q)
+        lower = mag_fixed_point(_key(keys, order, i0 + 1, frame), lam, q)
     else:
-        lower = _key(keys, order, i0 + 1, ref) - lam
+        lower = _key(keys, order, i0 + 1, frame) - lam
     gamma = 0.5 * (lower + upper)
     for _ in range(300):
-        f, fp, a, b = _excess(keys, order, lo, hi, kk, gamma, lam, q, is_mag, ref)
+        f, fp, a, b = _excess(keys, order, lo, hi, kk, gamma, lam, q, is_mag, frame)
         if f == 0.0:
             break
         if f > 0.0:
@@ -220,33 +249,30 @@ def _pool_rootfind(keys, order, lo, hi, kk, lam, q, is_mag, ref):
         if nxt == gamma or upper - lower <= 2.0 * _EPS * max(abs(lower), abs(upper)):
             break
         gamma = nxt
-    f, fp, a, b = _excess(keys, order, lo, hi, kk, gamma, lam, q, is_mag, ref)
+    f, fp, a, b = _excess(keys, order, lo, hi, kk, gamma, lam, q, is_mag, frame)
     # The pooled block always straddles the boundary k - 1 | k.
     return min(a, i0), max(b, i0 + 2), gamma
 
 
 @nb.njit(cache=True, error_model="numpy")
 def _pooled_block(keys, order, lo, hi, kk, lam, q, is_mag, closed):
-    """Return (a, b, gamma, ref): the pooled block [a, b) of a row (a == b: none) and its value `ref + gamma`.
-
-    The mask is invariant to shifting a row, so its keys are taken relative to
-    the row's k-th key `ref`: an entry's `u = s - value` is then computed as
-    `(s - ref) - gamma` from two small numbers, and does not cancel when the
-    keys are large next to the strength (`u` ~ 1e-6 next to keys ~ 1e3 would
-    keep only ten digits).  The magnitude is not shift invariant: `ref = 0`.
+    """Return (a, b, gamma, frame): the pooled block [a, b) of a row (a == b: none), its value
+    `gamma` and the frame `(ref, mult, lam)` in which it was solved (see `_row_frame`): the
+    keys are `(s - ref) * mult` there, the strength is `frame[2]`.
     """
     if kk <= 0 or kk >= hi - lo:
-        return lo, lo, 0.0, 0.0
-    ref = 0.0 if is_mag else float(keys[order[lo + kk - 1]])
+        return lo, lo, 0.0, (0.0, 1.0, lam)
+    frame = _row_frame(float(keys[order[lo + kk - 1]]), lam, q, is_mag)
+    lam = frame[2]
     # Is there an adjacent violator at the boundary?  Entry k - 1 is
     # unsaturated at the value s[k] of its right neighbour.
-    if _saturated(_key(keys, order, lo + kk - 1, ref), _key(keys, order, lo + kk, ref), lam, q, is_mag):
-        return lo, lo, 0.0, ref
+    if _saturated(_key(keys, order, lo + kk - 1, frame), _key(keys, order, lo + kk, frame), lam, q, is_mag):
+        return lo, lo, 0.0, frame
     if closed:
-        a, b, gamma = _pool_closed(keys, order, lo, hi, kk, lam, q, is_mag, ref)
+        a, b, gamma = _pool_closed(keys, order, lo, hi, kk, lam, q, is_mag, frame)
     else:
-        a, b, gamma = _pool_rootfind(keys, order, lo, hi, kk, lam, q, is_mag, ref)
-    return a, b, gamma, ref
+        a, b, gamma = _pool_rootfind(keys, order, lo, hi, kk, lam, q, is_mag, frame)
+    return a, b, gamma, frame
 
 
 @nb.njit(cache=True, error_model="numpy")
@@ -260,9 +286,9 @@ def _pav_row(keys, order, lo, hi, kk, lam, q, is_mag, closed, v, bstart, bend):
             v[i] = mag_fixed_point(si, lam, q) if is_mag else si - lam
         else:
             v[i] = si
-    a, b, gamma, ref = _pooled_block(keys, order, lo, hi, kk, lam, q, is_mag, closed)
+    a, b, gamma, frame = _pooled_block(keys, order, lo, hi, kk, lam, q, is_mag, closed)
     for i in range(a, b):
-        v[i] = ref + gamma
+        v[i] = frame[0] + gamma / frame[1]
         bstart[i] = a
         bend[i] = b - 1
 
@@ -335,7 +361,7 @@ def topk_rows_forward(keys, perm, x, lo, hi, kk, k, lam, q, is_mag, out, gprime,
     for r in nb.prange(batch):
         row, pr = keys[r], perm[r]
         lo_r, hi_r, kk_r = lo[r], hi[r], kk[r]
-        a, b, gamma, ref = _pooled_block(row, pr, lo_r, hi_r, kk_r, lam, q, is_mag, closed)
+        a, b, gamma, frame = _pooled_block(row, pr, lo_r, hi_r, kk_r, lam, q, is_mag, closed)
         n_pos = lo_r
         n_neg = n - hi_r
         share_pos = min(1.0, k / n_pos) if n_pos > 0 else 0.0
@@ -350,25 +376,26 @@ def topk_rows_forward(keys, perm, x, lo, hi, kk, k, lam, q, is_mag, out, gprime,
                 val, deriv, kept, free = share_neg, 0.0, False, False
             else:
                 val, deriv, kept, free = segment_entry(
-                    float(row[j]) - ref, float(x[r, j]), a <= i < b, i < lo_r + kk_r, gamma, lam, q, is_mag
+                    float(row[j]), float(x[r, j]), a <= i < b, i < lo_r + kk_r, gamma, frame, q, is_mag
                 )
             emit_entry(r, j, val, deriv, kept, free, is_mag, with_residuals, out, gprime, scale, free_signs)
 
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
-def segment_entry(si, xj, in_block, unit_weight, gamma, lam, q, is_mag):
+def segment_entry(si, xj, in_block, unit_weight, gamma, frame, q, is_mag):
     """Return (value, g', kept, free) of an entry of a row's finite segment.
 
-    `in_block`: the entry is in the pooled block of value `gamma`; otherwise it
-    is a singleton, saturated (`kept`) when it carries a unit weight, else 0.
-    `si` is its key relative to the row's reference (see `_pooled_block`), `xj` its signed
-    value (read by the magnitude only).
+    `in_block`: the entry is in the pooled block of value `gamma` (in the row's
+    `frame`, see `_row_frame`); otherwise it is a singleton, saturated
+    (`kept`) when it carries a unit weight, else 0.  `si` is its key, `xj` its
+    signed value (read by the magnitude only).
     """
     if in_block:
-        rr = max(si - gamma, 0.0)
+        lam = frame[2]
+        rr = max((si - frame[0]) * frame[1] - gamma, 0.0)
         gi = g_scalar(rr, lam, q)
         if is_mag:
-            val = math.copysign(gi + rr, xj) if rr > 0.0 else 0.0
+            val = math.copysign((gi + rr) / frame[1], xj) if rr > 0.0 else 0.0
         else:
             val = min(gi, 1.0)
         return val, g_prime_scalar(rr, lam, q), False, rr > 0.0

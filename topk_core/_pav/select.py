@@ -30,7 +30,7 @@ import numba as nb
 import numpy as np
 
 from ._scalar import mag_fixed_point
-from .kernels import _compiled_pair, _pooled_block, emit_entry, segment_entry
+from .kernels import _compiled_pair, _pooled_block, _row_frame, emit_entry, segment_entry
 
 # k + 1 up to this many: keep the k + 1 largest keys in a small sorted buffer
 # (a few insertions per row); beyond it, select with np.partition.
@@ -96,6 +96,16 @@ def _order_candidates(cval, m, order):
 @nb.njit(cache=True, error_model="numpy")
 def _cuts(upper, below, lam, q, is_mag):
     """(zero_cut, saturated_cut): keys below the first are 0, keys above the second saturated."""
+    if is_mag:
+        # In the row's frame (a power-of-two scale for tiny or huge keys, see `_row_frame`).
+        _, mult, lam_r = _row_frame(upper, lam, q, is_mag)
+        zero_cut, saturated_cut = _frame_cuts(upper * mult, below * mult, lam_r, q, is_mag)
+        return zero_cut / mult, saturated_cut / mult
+    return _frame_cuts(upper, below, lam, q, is_mag)
+
+
+@nb.njit(cache=True, error_model="numpy")
+def _frame_cuts(upper, below, lam, q, is_mag):
     margin = 8.0 * _EPS * (abs(upper) + abs(below) + lam)
     if is_mag:
         # Saturated at gamma: g(s - gamma) >= gamma, i.e. s >= gamma + l gamma^(1/(q-1)).
@@ -149,12 +159,12 @@ def _solve_candidates(r, k, n_saturated, m, cval, cidx, order, x, lam, q, is_mag
     """Sort the m candidates of row `r`, pool them, and write their outputs (and residuals)."""
     _order_candidates(cval, m, order)
     kk = k - n_saturated
-    a, b, gamma, ref = _pooled_block(cval, order, 0, m, kk, lam, q, is_mag, closed)
+    a, b, gamma, frame = _pooled_block(cval, order, 0, m, kk, lam, q, is_mag, closed)
     if with_residuals and is_mag:
         offset[r] = kk - a if a < b else 0
     for i in range(m):
         j = cidx[order[i]]
-        val, deriv, kept, free = segment_entry(cval[order[i]] - ref, float(x[r, j]), a <= i < b, i < kk, gamma, lam, q, is_mag)
+        val, deriv, kept, free = segment_entry(cval[order[i]], float(x[r, j]), a <= i < b, i < kk, gamma, frame, q, is_mag)
         emit_entry(r, j, val, deriv, kept, free, is_mag, with_residuals, out, gprime, scale, free_signs)
 
 
