@@ -163,3 +163,19 @@ def test_magnitude_of_denormal_ties():
     for p in (1.25, 4.0 / 3.0, 1.5, 2.0, 3.0):
         y = tk.soft_topk_mag(x, 1, regularization_strength=2.0, p=p)
         assert np.all(np.abs(y) <= np.abs(x))
+
+
+def test_mask_for_p_above_2_resolves_an_entry_just_above_the_threshold():
+    # Found by hypothesis: x = (3, 6e-8), k = 1, l = 3, p = 3. The second entry's u = s - value
+    # is ~3e-16, below the spacing of floats near 3, and g(u) = (u / l)^(1/2) is infinitely
+    # steep at 0: solved relative to the k-th key it came out as 0 (sum(y) = 1 - 1e-8).
+    # Reference: with y2 = sqrt(u2 / l) and y1 = 1 - y2 = sqrt((u2 + 3 - 6e-8) / l), eliminating
+    # u2 gives (1 - y2)^2 - y2^2 = (3 - 6e-8) / 3, so y2 = (1 - (3 - 6e-8) / 3) / 2 exactly
+    # (its float evaluation keeps about eight digits).
+    import topk_numpy as tk
+
+    x = np.array([3.0, 5.96046448e-08])
+    y = tk.soft_topk_mask(x, 1, regularization_strength=3.0, p=3.0)
+    y2 = (1.0 - (3.0 - 5.96046448e-08) / 3.0) / 2.0
+    np.testing.assert_allclose(y, [1.0 - y2, y2], rtol=1e-6, atol=0)
+    assert abs(y.sum() - 1.0) <= 1e-15

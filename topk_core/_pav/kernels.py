@@ -270,7 +270,13 @@ def _pooled_block(keys, order, lo, hi, kk, lam, q, is_mag, closed):
         return lo, lo, 0.0, frame
     if closed:
         a, b, gamma = _pool_closed(keys, order, lo, hi, kk, lam, q, is_mag, frame)
-    else:
+        return a, b, gamma, frame
+    a, b, gamma = _pool_rootfind(keys, order, lo, hi, kk, lam, q, is_mag, frame)
+    if not is_mag and q < 2.0 and b - 1 > lo + kk - 1:
+        # For q < 2 (p > 2) g is infinitely steep at 0, so the block's smallest entry needs
+        # its u = s - value to full relative precision (an error of eps * |s| in u would
+        # put an error of (eps |s| / l)^(q-1) into y): solve again relative to that key.
+        frame = _row_frame(float(keys[order[b - 1]]), lam, q, is_mag)
         a, b, gamma = _pool_rootfind(keys, order, lo, hi, kk, lam, q, is_mag, frame)
     return a, b, gamma, frame
 
