@@ -109,6 +109,26 @@ def test_mag_jacobian_is_identity_when_at_most_k_nonzeros():
     np.testing.assert_array_equal(jv, tangent)
 
 
+@pytest.mark.parametrize("method", ["pav", "threshold", "dykstra"])
+def test_mag_zeros_of_a_row_with_fewer_than_k_nonzeros_have_derivative_one(method):
+    # Moving one zero off 0 still leaves at most k non-zero entries, where the output is x: every
+    # partial derivative is 1, for every zero alike. (PAV used to give 1 to the zeros that its sort
+    # put among the first k and 0 to the others, and disagreed with the threshold method.)
+    # With exactly k non-zero entries a zero moved off 0 loses to them: derivative 0.
+    cases = [
+        (np.array([0.0, 0.0]), 1, [1.0, 1.0]),
+        (np.array([0.0, 3.0, 0.0, 0.0, 0.0]), 3, [1.0] * 5),
+        (np.array([[0.0, -2.0, 0.0, np.inf]]), 2, [[0.0, 1.0, 0.0, 1.0]]),  # inf takes one unit: k - 1 = 1
+        (np.array([0.0, 3.0, -1.0, 0.0]), 2, [0.0, 1.0, 1.0, 0.0]),
+    ]
+    for x, k, want in cases:
+        y, vjp_fn = tk.soft_topk_mag_vjp(x, k, p=2.0, method=method)
+        np.testing.assert_array_equal(y, x)
+        np.testing.assert_array_equal(vjp_fn(np.ones_like(x)), want)
+        _, jv = tk.soft_topk_mag_jvp(x, np.ones_like(x), k, p=2.0, method=method)
+        np.testing.assert_array_equal(jv, want)
+
+
 def test_mag_saturated_entries_pass_gradient_through(rng):
     x = np.array([10.0, -9.0, 0.3, 0.2, -0.25, 0.1])
     y, vjp_fn = tk.soft_topk_mag_vjp(x, 3, regularization_strength=0.2)

@@ -73,7 +73,11 @@ def assemble_mag(
     r = xp.where(free, r, xp.zeros_like(r))
     signs = xp.sign(x_sorted)
     zeros = xp.zeros_like(s)
-    saturated = (top & ~pooled) | kept
+    # Fewer than kk non-zero keys: the row is returned unchanged, every entry with derivative 1
+    # (a zero moved off 0 still leaves at most k non-zero entries).
+    kth = xp.take_along_axis(s, xp.clip(lo + kk - 1, 0, s.shape[-1] - 1), axis=-1)
+    identity = (kk > 0) & (kth == 0)
+    saturated = (top & ~pooled) | kept | (identity & (pos >= lo))
     out = xp.where(free, signs * (g(r, lam, q, xp) + r), xp.where(saturated, x_sorted, zeros))
     gprime = g_prime_on(r, free, lam, q, xp)
     # Unit weights of a pooled block: the part of [lo, lo + kk) that it covers.

@@ -374,9 +374,12 @@ def topk_rows_forward(keys, perm, x, lo, hi, kk, k, lam, q, is_mag, out, gprime,
         share_neg = max(k - n_pos - (hi_r - lo_r), 0) / n_neg if n_neg > 0 else 0.0
         if with_residuals and is_mag:
             offset[r] = lo_r + kk_r - a if a < b else 0
+        # Magnitude rows with fewer than kk non-zero finite entries are returned unchanged, with
+        # identity derivatives (see `select._all_saturated`).
+        identity = is_mag and 0 < kk_r and float(row[pr[lo_r + kk_r - 1]]) == 0.0
         for i in range(n):
             j = pr[i]
-            if i < lo_r:
+            if i < lo_r or (identity and i < hi_r):
                 val, deriv, kept, free = float(x[r, j]) if is_mag else share_pos, 0.0, True, False
             elif i >= hi_r:
                 val, deriv, kept, free = share_neg, 0.0, False, False

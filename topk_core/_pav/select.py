@@ -170,7 +170,9 @@ def _solve_candidates(r, k, n_saturated, m, cval, cidx, order, x, lam, q, is_mag
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
 def _all_saturated(r, x, is_mag, with_residuals, out, gprime, scale, free_signs, offset):
-    # k == n: every entry is saturated.
+    # Every entry saturated: k == n, or (magnitude) fewer than k non-zero entries, where the row
+    # is returned unchanged and each partial derivative is 1 (a zero moved off 0 still leaves at
+    # most k non-zero entries), as in the threshold method.
     for j in range(x.shape[1]):
         val = float(x[r, j]) if is_mag else 1.0
         emit_entry(r, j, val, 0.0, True, False, is_mag, with_residuals, out, gprime, scale, free_signs)
@@ -202,6 +204,10 @@ def _select_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs, off
                 upper, below = float(ascending[r, n - k]), float(ascending[r, n - k - 1])
             else:
                 upper, below = order_statistics(keys[r], k, top)
+            if is_mag and upper == 0.0:
+                # Fewer than k non-zero entries: the row is returned as it is (see `_all_saturated`).
+                _all_saturated(r, x, is_mag, with_residuals, out, gprime, scale, free_signs, offset)
+                continue
             zero_cut, saturated_cut = _cuts(upper, below, lam, q, is_mag)
             n_saturated, m = _classify(
                 keys, x, r, 0, n, zero_cut, saturated_cut, is_mag, with_residuals, out, gprime, scale, free_signs,
@@ -277,6 +283,9 @@ def _select_long_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs
                 below = max(below, inside_keys[i])
         else:
             upper, below = order_statistics(keys[r], k, top)
+        if is_mag and upper == 0.0:
+            _all_saturated(r, x, is_mag, with_residuals, out, gprime, scale, free_signs, offset)
+            continue
         zero_cut, saturated_cut = _cuts(upper, below, lam, q, is_mag)
         for c in nb.prange(n_parts):
             j0 = c * n // n_parts
