@@ -177,10 +177,12 @@ def _residual_layout(op: _Operator, static: Static, dtype: np.dtype, n: int) -> 
             layout.append(None)
             continue
         core_dtype = np.asarray(value).dtype
-        # Wide integers (indices) become int32; narrower ones (int8 signs) and bools stay as they are.
-        field_dtype = np.int32 if core_dtype.kind in "iu" and core_dtype.itemsize >= 4 else (
-            core_dtype if core_dtype.kind in "iub" else dtype
-        )
+        if core_dtype.kind in "iu" and core_dtype.itemsize >= 4:
+            field_dtype = np.int32  # indices
+        elif core_dtype.kind in "iub":
+            field_dtype = core_dtype  # int8 signs, bools
+        else:
+            field_dtype = dtype
         layout.append((np.dtype(field_dtype), np.shape(value)[-1]))
     return tuple(layout)
 

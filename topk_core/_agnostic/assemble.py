@@ -84,4 +84,3 @@ def assemble_mag(
     covered = xp.minimum(block_end + 1, lo + kk) - xp.maximum(block_start, lo)
     offset = xp.where(pooled, xp.astype(xp.clip(covered, 0, None), s.dtype), zeros)
     return out, mag_residuals(perm, inv_perm, block_start, block_end, gprime, free, saturated, signs, offset, xp)
-

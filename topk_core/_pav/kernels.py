@@ -375,7 +375,7 @@ def topk_rows_forward(keys, perm, x, lo, hi, kk, k, lam, q, is_mag, out, gprime,
         if with_residuals and is_mag:
             offset[r] = lo_r + kk_r - a if a < b else 0
         # Magnitude rows with fewer than kk non-zero finite entries are returned unchanged, with
-        # identity derivatives (see `select._all_saturated`).
+        # identity derivatives (see `select._cuts`).
         identity = is_mag and 0 < kk_r and float(row[pr[lo_r + kk_r - 1]]) == 0.0
         for i in range(n):
             j = pr[i]

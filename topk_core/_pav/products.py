@@ -65,14 +65,10 @@ _mask_rows = _compiled_pair(_mask_rows)
 _mag_rows = _compiled_pair(_mag_rows)
 
 
-def _contiguous(t: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(t)
-
-
 def mask_product_rows(res, t: np.ndarray) -> np.ndarray:
     """The mask's JVP (= VJP) of NumPy (batch, n) rows `t` with input-order residuals."""
     out = np.empty(t.shape, dtype=res.gprime.dtype)
-    _mask_rows(_contiguous(res.gprime), _contiguous(t), out)
+    _mask_rows(np.ascontiguousarray(res.gprime), np.ascontiguousarray(t), out)
     return out
 
 
@@ -80,8 +76,6 @@ def mag_product_rows(res, t: np.ndarray, transpose: bool) -> np.ndarray:
     """The magnitude's JVP (or VJP, `transpose`) of NumPy (batch, n) rows `t` with input-order residuals."""
     out = np.empty(t.shape, dtype=res.gprime.dtype)
     offset = np.broadcast_to(res.offset, (t.shape[0], 1))
-    _mag_rows(
-        _contiguous(res.gprime), _contiguous(res.scale), _contiguous(res.free_signs), _contiguous(offset),
-        _contiguous(t), transpose, out,
-    )
+    arrays = (res.gprime, res.scale, res.free_signs, offset, t)
+    _mag_rows(*(np.ascontiguousarray(a) for a in arrays), transpose, out)
     return out

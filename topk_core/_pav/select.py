@@ -96,6 +96,11 @@ def _order_candidates(cval, m, order):
 @nb.njit(cache=True, error_model="numpy")
 def _cuts(upper, below, lam, q, is_mag):
     """(zero_cut, saturated_cut): keys below the first are 0, keys above the second saturated."""
+    if is_mag and upper == 0.0:
+        # Fewer than k non-zero keys: every entry is saturated, so the row is returned as it is
+        # and each partial derivative is 1 (a zero moved off 0 still leaves at most k non-zero
+        # entries), as in the threshold method. Keys are >= 0: all lie above a cut at -1.
+        return -1.0, -1.0
     if is_mag:
         # In the row's frame (a power-of-two scale for tiny or huge keys, see `_row_frame`).
         _, mult, lam_r = _row_frame(upper, lam, q, is_mag)
@@ -170,9 +175,7 @@ def _solve_candidates(r, k, n_saturated, m, cval, cidx, order, x, lam, q, is_mag
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
 def _all_saturated(r, x, is_mag, with_residuals, out, gprime, scale, free_signs, offset):
-    # Every entry saturated: k == n, or (magnitude) fewer than k non-zero entries, where the row
-    # is returned unchanged and each partial derivative is 1 (a zero moved off 0 still leaves at
-    # most k non-zero entries), as in the threshold method.
+    # k == n: every entry is saturated.
     for j in range(x.shape[1]):
         val = float(x[r, j]) if is_mag else 1.0
         emit_entry(r, j, val, 0.0, True, False, is_mag, with_residuals, out, gprime, scale, free_signs)
@@ -204,10 +207,6 @@ def _select_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs, off
                 upper, below = float(ascending[r, n - k]), float(ascending[r, n - k - 1])
             else:
                 upper, below = order_statistics(keys[r], k, top)
-            if is_mag and upper == 0.0:
-                # Fewer than k non-zero entries: the row is returned as it is (see `_all_saturated`).
-                _all_saturated(r, x, is_mag, with_residuals, out, gprime, scale, free_signs, offset)
-                continue
             zero_cut, saturated_cut = _cuts(upper, below, lam, q, is_mag)
             n_saturated, m = _classify(
                 keys, x, r, 0, n, zero_cut, saturated_cut, is_mag, with_residuals, out, gprime, scale, free_signs,
@@ -283,9 +282,6 @@ def _select_long_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs
                 below = max(below, inside_keys[i])
         else:
             upper, below = order_statistics(keys[r], k, top)
-        if is_mag and upper == 0.0:
-            _all_saturated(r, x, is_mag, with_residuals, out, gprime, scale, free_signs, offset)
-            continue
         zero_cut, saturated_cut = _cuts(upper, below, lam, q, is_mag)
         for c in nb.prange(n_parts):
             j0 = c * n // n_parts
