@@ -3,8 +3,9 @@
 The full-sort route (argsort, `pav_rows` with integer blocks, Array-API
 assembly) is checked against the reference PAV and the threshold oracle
 elsewhere; here the fast path must give the same outputs and the same
-Jacobian products on every selection route: order statistics read off a
-presorted row, tracked in a small buffer, or selected with np.partition.
+Jacobian products on every selection route: order statistics tracked in SIMD
+lanes across rows, read off a presorted row, tracked in a small buffer, or
+selected with np.partition.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from topk_core._pav import select
 from topk_core._pav_path import pav_mag, pav_mask
 
 
-@pytest.fixture(params=["presorted", "tracked-or-partitioned"])
+@pytest.fixture(params=["lanes-or-presorted", "presorted", "tracked-or-partitioned"])
 def selection_route(request, monkeypatch):
+    if request.param == "presorted":
+        monkeypatch.setattr(select, "LANE_TRACK_MAX", 0)
     if request.param == "tracked-or-partitioned":
         monkeypatch.setattr(select, "PRESORT_MAX_N", 0)
     return request.param
@@ -82,6 +85,21 @@ def test_order_statistics_match_a_sort(rng, n):
         assert select.order_statistics(row, k, top) == (desc[k - 1], desc[k])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("batch", [1, 63, 64, 130, 3000])
+def test_lane_order_statistics_match_a_sort(rng, dtype, batch):
+    # Batches that do not fill the last group of lanes; ties; both compiled variants.
+    for n, k in [(2, 1), (16, 2), (17, 11), (64, 8), (256, 1)]:
+        rows = np.round(rng.normal(size=(batch, n)), 1).astype(dtype)
+        desc = -np.sort(-rows, axis=-1)
+        expected = np.stack([desc[:, k - 1], desc[:, k]], axis=-1)
+        for variant in (select.lane_order_statistics.serial, select.lane_order_statistics.parallel):
+            for n_chunks in (1, 3):
+                bounds = variant(rows, k, n_chunks)
+                assert bounds.dtype == np.float64
+                np.testing.assert_array_equal(bounds, expected)
+
+
 def test_every_entry_a_candidate_when_the_strength_is_huge(rng):
     # The cuts then keep the whole row: the selection route degenerates to a full sort.
     x = rng.normal(size=(3, 500))
@@ -106,7 +124,7 @@ def test_long_row_route_equals_the_row_per_thread_route(rng, p, is_mag, n_parts,
             if long_route:
                 select._select_long_rows(keys, x, k, lam, q, is_mag, *arrays, offset, n_parts, n_sample)
             else:
-                select._select_rows.serial(keys, x, k, lam, q, is_mag, *arrays, offset, 1, keys[:0])
+                select._select_rows.serial(keys, x, k, lam, q, is_mag, *arrays, offset, 1, np.empty((0, 2)))
             outputs.append([*arrays, offset] if is_mag else arrays[:2])
         for a, b in zip(*outputs, strict=True):
             np.testing.assert_array_equal(a, b, err_msg=str((x, k, lam)))
@@ -121,3 +139,15 @@ def test_long_rows_take_the_split_route(monkeypatch, rng):
     y, _ = pav_mask(x, 40, 0.1, 4.0, with_residuals=False)
     assert calls == [(1, 500)]
     np.testing.assert_allclose(y.sum(), 40.0, rtol=1e-12)
+
+
+@pytest.mark.parametrize("m", [1, 2, 5, 8, 9, 31, 33, 80])
+def test_candidates_are_ordered_on_every_route(rng, m):
+    # Ranks (m <= RANK_MAX), insertion sort, argsort: a descending order of the values,
+    # ties included, that uses every index once.
+    for _ in range(10):
+        cval = np.round(rng.normal(size=m), 1)
+        order = np.full(m, -1, dtype=np.int64)
+        select._order_candidates(cval, m, order)
+        assert sorted(order) == list(range(m))
+        assert np.all(np.diff(cval[order]) <= 0)

@@ -35,10 +35,17 @@ from .kernels import _compiled_pair, _pooled_block, _row_frame, emit_entry, segm
 # k + 1 up to this many: keep the k + 1 largest keys in a small sorted buffer
 # (a few insertions per row); beyond it, select with np.partition.
 TRACK_MAX = 16
-# Candidate sets up to this size are ordered by insertion sort, larger ones by np.argsort.
+# Candidate sets up to RANK_MAX entries are ordered by counting ranks, up to INSERTION_MAX
+# by insertion sort, larger ones by np.argsort.
+RANK_MAX = 8
 INSERTION_MAX = 32
-# Rows up to this length read their order statistics off np.sort of the keys (values only).
+# Rows up to this length get their order statistics from a pass over all rows before the
+# kernel: `lane_order_statistics` when k + 1 is at most LANE_TRACK_MAX, else np.sort of the
+# keys (values only).
 PRESORT_MAX_N = 256
+LANE_TRACK_MAX = 12
+# Rows processed side by side by `lane_order_statistics` (one SIMD lane each).
+LANES = 64
 # Rows at least this long, in batches smaller than the thread count, are split across
 # the threads (selection and classification) instead of taking one thread per row.
 LONG_ROW_MIN_N = 1 << 17
@@ -79,6 +86,17 @@ def order_statistics(row, k, top):
 @nb.njit(cache=True, error_model="numpy")
 def _order_candidates(cval, m, order):
     """Fill order[:m] with the indices of cval[:m] in descending order of value."""
+    if m <= RANK_MAX:
+        # At most RANK_MAX^2 compares with no data-dependent branch: cheaper than the
+        # mispredicted moves of an insertion sort for the few candidates of a typical row.
+        for i in range(m):
+            v = cval[i]
+            rank = 0
+            for j in range(m):
+                w = cval[j]
+                rank += 1 if (w > v) | ((w == v) & (j < i)) else 0
+            order[rank] = i
+        return
     if m <= INSERTION_MAX:
         for i in range(m):
             v = cval[i]
@@ -183,14 +201,14 @@ def _all_saturated(r, x, is_mag, with_residuals, out, gprime, scale, free_signs,
         offset[r] = 0
 
 
-def _select_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs, offset, n_chunks, ascending):
+def _select_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs, offset, n_chunks, bounds):
     """Kernel of `topk_rows_select`; rows are processed in `n_chunks` chunks.
 
-    `ascending` is either the rows' keys sorted ascending (the order statistics
-    are read off it) or an empty array (they are selected here).
+    `bounds` is either (batch, 2): the k-th and (k+1)-th largest key of every
+    row, or empty (they are selected here, row by row).
     """
     batch, n = keys.shape
-    presorted = ascending.shape[0] == batch
+    presorted = bounds.shape[0] == batch
     closed = q == 2.0 or q == 4.0
     with_residuals = gprime.shape[0] == batch and gprime.shape[1] == n
     # Scratch buffers are allocated per chunk of rows, not per row.
@@ -204,7 +222,7 @@ def _select_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs, off
                 _all_saturated(r, x, is_mag, with_residuals, out, gprime, scale, free_signs, offset)
                 continue
             if presorted:
-                upper, below = float(ascending[r, n - k]), float(ascending[r, n - k - 1])
+                upper, below = bounds[r, 0], bounds[r, 1]
             else:
                 upper, below = order_statistics(keys[r], k, top)
             zero_cut, saturated_cut = _cuts(upper, below, lam, q, is_mag)
@@ -316,6 +334,62 @@ def topk_rows_select(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs,
         _select_long_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs, offset, 4 * threads, SAMPLE_SIZE)
         return
     n_chunks = min(batch, 4 * threads)
-    # Short rows: NumPy's vectorized sort of the values beats a per-row selection.
-    ascending = np.sort(keys, axis=-1) if n <= PRESORT_MAX_N else keys[:0]
-    _select_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs, offset, n_chunks, ascending)
+    _select_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs, offset, n_chunks, _short_row_bounds(keys, k))
+
+
+def _short_row_bounds(keys, k):
+    """(batch, 2) float64: the k-th and (k+1)-th largest key of rows of at most PRESORT_MAX_N
+    entries (empty for longer rows, and when k >= n: the kernel needs none then).
+
+    Both passes beat selecting inside the kernel row by row, whose branches mispredict
+    on every row: for small k, tracking in SIMD lanes across rows; otherwise, NumPy's
+    vectorized sort of the values.
+    """
+    batch, n = keys.shape
+    if n > PRESORT_MAX_N or k >= n:
+        return np.empty((0, 2))
+    if k + 1 <= LANE_TRACK_MAX:
+        return lane_order_statistics(keys, k, min(-(-batch // LANES), 4 * nb.get_num_threads()))
+    ascending = np.sort(keys, axis=-1)
+    return np.stack([ascending[:, n - k], ascending[:, n - k - 1]], axis=-1).astype(np.float64)
+
+
+def lane_order_statistics(keys, k, n_chunks):
+    """(batch, 2) float64: the k-th and (k+1)-th largest entries of every row (1 <= k < n).
+
+    Rows are taken LANES at a time and transposed, so that each step works on one
+    entry of LANES rows at once (a loop over rows, which the compiler vectorizes):
+    k + 1 passes each move the largest remaining entry of every row to the top,
+    O((k + 1) n) per row with no data-dependent branch.  Rows are split into
+    `n_chunks` chunks of whole lane groups.
+    """
+    batch, n = keys.shape
+    bounds = np.empty((batch, 2), dtype=np.float64)
+    groups = -(-batch // LANES)
+    for c in nb.prange(n_chunks):
+        columns = np.empty((n, LANES), dtype=keys.dtype)
+        top = np.empty(LANES, dtype=keys.dtype)
+        for grp in range(c * groups // n_chunks, (c + 1) * groups // n_chunks):
+            r0 = grp * LANES
+            used = min(LANES, batch - r0)
+            for lane in range(LANES):
+                # Lanes past the last row repeat a real row: harmless, never read back.
+                r = r0 + lane if lane < used else r0
+                for j in range(n):
+                    columns[j, lane] = keys[r, j]
+            for level in range(k + 1):
+                for lane in range(LANES):
+                    top[lane] = -np.inf
+                for j in range(n):
+                    for lane in range(LANES):
+                        a = top[lane]
+                        b = columns[j, lane]
+                        top[lane] = a if a > b else b
+                        columns[j, lane] = b if a > b else a
+                if level >= k - 1:
+                    for lane in range(used):
+                        bounds[r0 + lane, level - k + 1] = top[lane]
+    return bounds
+
+
+lane_order_statistics = _compiled_pair(lane_order_statistics)
