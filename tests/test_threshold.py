@@ -90,6 +90,34 @@ def test_float32_is_close_to_pav(backend, rng, operator):
     assert np.all(np.abs(backend.back(y) - want) <= 2e-5 * (1 + np.abs(want)))
 
 
+@pytest.mark.parametrize("dominant", [1e2, 1e4, 1e8])
+def test_mask_with_a_dominant_entry_keeps_the_precision_of_the_small_keys(backend, rng, p, dominant):
+    # The threshold lies among keys ~0.01 while the row maximum is huge. Relative to the
+    # maximum those keys round to a few values (in float32 at 1e8, all to one), and sum(y)
+    # missed k by up to k - 1; the method now solves again relative to the key nearest
+    # to the threshold.
+    x = rng.normal(size=(16, 40)) * 0.01
+    x[:, 0] = dominant
+    for lam in (1e-4, 1e-6):
+        _check(backend, "mask", x, 8, p=p, regularization_strength=lam, atol=1e-8)
+    x32 = backend.to(x.astype(np.float32))
+    y32, _ = FORWARD["mask"](x32, 8, method="threshold", p=p, regularization_strength=1e-3)
+    want, _ = _pav("mask", x.astype(np.float32), 8, p=p, regularization_strength=1e-3)
+    np.testing.assert_allclose(backend.back(y32), want, rtol=0, atol=1e-3)
+    np.testing.assert_allclose(backend.back(y32).sum(-1), 8.0, rtol=1e-4)
+
+
+def test_mask_threshold_far_closer_to_a_key_than_to_the_maximum(backend):
+    # Keys 1 and ~1e-277 in one row, l = 1e-276: relative to the maximum the small keys are
+    # all -1, and bisecting from the first bracket (~1e-15 wide) to the root's scale took
+    # ~900 halvings. The second frame splits geometrically down to the scale l. p = 2
+    # has the closed form y = (x - tau) / l on the free entries: tau = -2e-277 here.
+    x = np.array([[1.0, 3e-277, 1e-277, 2e-300], [1e-3, 3e-277, 1e-277, 2e-300]])
+    y, _ = FORWARD["mask"](backend.to(x), 2, method="threshold", p=2.0, regularization_strength=1e-276)
+    want = np.array([[1.0, 0.5, 0.3, 0.2], [1.0, 0.5, 0.3, 0.2]])
+    np.testing.assert_allclose(backend.back(y), want, rtol=1e-12, atol=0)
+
+
 def test_nonfinite_rows_follow_the_pav_rule(backend, operator):
     inf, nan = np.inf, np.nan
     x = np.array([

@@ -60,7 +60,10 @@ saturated set ``A``), ``sign(x)`` on ``F`` and the (batch, 1)
 ``D = sum_F g' + (k - |A|)``.
 
 Numerics: the mask is computed relative to the row maximum (ties at a huge
-value keep their exact differences) and rows whose finite values span more
+value keep their exact differences), and rows whose threshold lies more than
+64 ``l`` below the maximum are solved a second time relative to the key
+nearest to the first threshold (`_mask_recentre`: relative to the maximum,
+keys near such a threshold lose digits); rows whose finite values span more
 than a quarter of the float range are scaled by 1/4 (with ``l``); the
 magnitude is computed on ``|x|`` scaled by a power of two into [1, 2) with the
 equivalent strength ``l c^(2-p)`` (``mag(x; l) = mag(c x; l c^(2-p)) / c``).
@@ -95,17 +98,30 @@ bound adversarial float64 rows well below this."""
 
 _ULPS = 4.0  # a bracket this many ulps wide has converged
 _FTOL_ULPS = 8.0  # default `tol`: |sum(y) - k| <= tol * max(k, 1)
-_MIN_COMPACT = 32  # gather the unconverged rows when at most half of >= this many are left
+_MIN_COMPACT = 32
+_RECENTRE_STRENGTHS = 64.0  # see `_mask_recentre`  # gather the unconverged rows when at most half of >= this many are left
 
 
-def _split(lo: Any, hi: Any, xp: Any) -> Any:
-    """A point strictly inside [lo, hi]: geometric mean across scales, else the midpoint."""
+def _split(lo: Any, hi: Any, floor: Any, xp: Any) -> Any:
+    """A point strictly inside [lo, hi]: geometric mean across scales, else the midpoint.
+
+    Brackets that contain or end at 0 and reach far beyond `floor` (> 0; the
+    scale of the root's own terms, 0 to disable) are split at 0 first and
+    then geometrically between `floor` and the far end, so that a root much
+    closer to 0 than the bracket is wide (a threshold near a key it was
+    computed relative to) costs O(log log) splits, not one per halving.
+    """
     mid = lo / 2 + hi / 2
     alo, ahi = xp.abs(lo), xp.abs(hi)
     big, small = xp.maximum(alo, ahi), xp.minimum(alo, ahi)
     same_sign = ((lo > 0) & (hi > 0)) | ((lo < 0) & (hi < 0))
     geo = xp.sqrt(small) * xp.sqrt(big)
-    return xp.where(same_sign & (big / 4 > small), xp.where(hi > 0, geo, -geo), mid)
+    out = xp.where(same_sign & (big / 4 > small), xp.where(hi > 0, geo, -geo), mid)
+    far = (floor > 0) & (big > 4 * floor)
+    toward_zero = xp.sqrt(big) * xp.sqrt(xp.where(floor > 0, floor, 1.0))
+    at_zero_end = xp.where(hi == 0, -toward_zero, toward_zero)
+    out = xp.where(far & (lo < 0) & (hi > 0), 0.0 * mid, out)
+    return xp.where(far & ((lo == 0) | (hi == 0)), at_zero_end, out)
 
 
 def _newton(
@@ -150,7 +166,7 @@ def _take_rows(arrays: tuple[Any, ...], idx: Any, xp: Any) -> tuple[Any, ...]:
 def _root(
     evaluate: Callable[..., tuple[Any, ...]], data: tuple[Any, ...], lo: Any, hi: Any,
     active: Any, ftol: Any, step_tol: float, scale: Any, ulps: float, exact_pieces: bool, max_iter: int, xp: Any,
-    loop: Callable[..., Any] | None = None,
+    loop: Callable[..., Any] | None = None, start: Any = None,
 ) -> tuple[Any, Any, Any]:
     """Safeguarded Newton on a non-increasing, piecewise-smooth scalar equation per row.
 
@@ -173,7 +189,8 @@ def _root(
     half of them are left, so a few slow rows do not cost full passes over the
     batch; with traced arrays it runs `max_iter` iterations on fixed shapes.
     `loop(cond, body, state)` (e.g. ``jax.lax.while_loop``) runs the same body
-    as a structured loop instead, on fixed shapes.  Returns, for every row,
+    as a structured loop instead, on fixed shapes.  The first point is
+    `start` (inside [lo, hi]; default `hi`).  Returns, for every row,
     the point where it settled (or, when only its bracket closed or the
     budget ran out, the evaluated point with the smallest miss) and its final
     bracket.
@@ -199,7 +216,7 @@ def _root(
         step = xp.where(xp.abs(step) < floor, xp.where(step < 0, -floor, floor), step)
         ok = ok & (step / 2 < hi / 2 - s / 2) & (step / 2 > lo / 2 - s / 2)
         was_newton = ok & (jump | (xp.abs(step) <= xp.abs(before_last) / 2))
-        nxt = xp.where(was_newton, s + step, _split(lo, hi, xp))
+        nxt = xp.where(was_newton, s + step, _split(lo, hi, scale, xp))
         before_last = last
         last = nxt - s
         s = xp.where(done, s, nxt)
@@ -207,8 +224,9 @@ def _root(
 
     half_width = hi / 2 - lo / 2
     no_piece = xp.zeros_like(hi, dtype=ints) - 1
+    start = hi if start is None else start
     state = (
-        hi, lo, hi, half_width, half_width, xp.zeros_like(active), no_piece, hi, xp.full_like(hi, xp.inf), ~active,
+        start, lo, hi, half_width, half_width, xp.zeros_like(active), no_piece, start, xp.full_like(hi, xp.inf), ~active,
         xp.zeros((), dtype=ints, device=device(hi)),
     )
     if loop is not None:
@@ -284,6 +302,59 @@ def _mask_evaluate(tau: Any, xs: Any, lam_r: Any, kkf: Any, q: float, guard: flo
     return excess, step, ok, jump, n_above * (n + 1) + n_sat, miss
 
 
+def _mask_recentre(
+    evaluate: Callable[..., tuple[Any, ...]], xs: Any, xf: Any, fin: Any, c: Any, top: Any, bottom: Any, tau: Any,
+    lo: Any, hi: Any, lam_r: Any, kkf: Any, solve: Any, ftol: Any, rtol: float, ulps: float, exact_pieces: bool,
+    iters: int, xp: Any, loop: Callable[..., Any] | None,
+) -> tuple[Any, Any, Any, Any]:
+    """Solve the mask again relative to the threshold found relative to the row maximum.
+
+    Relative to the maximum, every key carries a rounding error of up to
+    ``eps * (max - min)``: when the threshold lies far below the maximum
+    (one dominant entry), keys near it lose the digits that `y` depends on,
+    and ties appear that are not in the data.  Relative to the key nearest to
+    that threshold they keep their precision.  The first bracket, widened by
+    that rounding error, brackets the second root; a row whose widened
+    bracket does not straddle the root (a sign check) takes the whole data
+    bracket instead.  Rows whose threshold is within 64 `l` of the maximum
+    lose at most about 64 ulps of `y` and keep the first solve.  The second
+    solve starts from the first root.  Returns ``(xs, tau, lo, hi)`` in the frame of each row.
+    """
+    big = float(xp.finfo(xf.dtype).max)
+    eps = float(xp.finfo(xf.dtype).eps)
+    # Where the first equation had no root (keys that collapsed into one value make sum(y)
+    # jump past k), its point of smallest miss can lie outside the final bracket.
+    anchor = xp.clip(tau, lo, hi)
+    # Rounding of eps * |anchor| moves y by about eps * |anchor| / l: rows with the threshold
+    # within _RECENTRE_STRENGTHS strengths of the maximum keep the first solve.
+    again = solve & (-anchor > _RECENTRE_STRENGTHS * lam_r)
+    if all_true(~again, xp):  # readable arrays and no row to solve again (traced arrays: None)
+        return xs, tau, lo, hi
+    # The reference is the key nearest to the threshold: a data value, so it carries no
+    # rounding error of its own, and the keys near the threshold are small next to it.
+    keys = xf * c
+    estimate = top * c + anchor
+    dist = xp.where(fin, xp.abs(keys - estimate), xp.inf)
+    nearest = xp.max(xp.where(dist == xp.min(dist, axis=-1, keepdims=True), keys, -big), axis=-1, keepdims=True)
+    ref = xp.where(again, nearest, top * c)
+    xs = xp.where(again, xp.where(fin, keys - ref, -big), xs)
+    # The first bracket in the new frame, widened by the rounding of the first frame's keys.
+    shift = top * c - ref
+    slack = 8.0 * eps * (xp.abs(top * c) + xp.abs(bottom * c) + lam_r)
+    lo2, hi2 = (lo + shift) - slack, (hi + shift) + slack
+    # Widened brackets that fail the sign check fall back to the data's own bracket: every
+    # finite entry saturated at its lower end, none positive at its upper end.
+    low_ok = evaluate(lo2, xs, lam_r, kkf)[0] >= 0
+    high_ok = evaluate(hi2, xs, lam_r, kkf)[0] <= 0
+    lo2 = xp.where(low_ok, lo2, (bottom * c - ref) - lam_r)
+    hi2 = xp.where(high_ok, hi2, shift)
+    tau2, lo2, hi2 = _root(
+        evaluate, (xs, lam_r, kkf), lo2, hi2, again, ftol, rtol, lam_r, ulps, exact_pieces, iters, xp, loop,
+        start=xp.clip(anchor + shift, lo2, hi2),
+    )
+    return xs, xp.where(again, tau2, tau), xp.where(again, lo2, lo), xp.where(again, hi2, hi)
+
+
 def threshold_mask(
     x: Any, k: int, lam: float, q: float, xp: Any, *, max_iter: int | None = None, tol: float | None = None,
     loop: Callable[..., Any] | None = None,
@@ -350,6 +421,10 @@ def threshold_mask(
     tau, lo, hi = _root(
         evaluate, (xs, lam_r, kkf), lo, hi, solve, ftol, rtol, lam_r, ulps, q == 2.0, iters, xp, loop
     )
+    xs, tau, lo, hi = _mask_recentre(
+        evaluate, xs, xf, fin, c, top, bottom, tau, lo, hi, lam_r, kkf, solve, ftol, rtol, ulps, q == 2.0, iters, xp,
+        loop,
+    )
 
     # Exact polish on the support read at tau, kept only if the support does not change.
     uc, above, sat, free = _mask_pieces(tau, xs, lam_r, q, xp)
@@ -374,7 +449,7 @@ def threshold_mask(
     # Non-unique threshold: k clear winners separated from the rest by a saturating gap.
     winners = (y > 0.5) & fin
     n_win = count(winners, xp)
-    low_win = xp.min(xp.where(winners, xs, 0.0), axis=-1, keepdims=True)
+    low_win = xp.min(xp.where(winners, xs, big), axis=-1, keepdims=True)
     high_rest = xp.max(xp.where(fin & ~winners, xs, -big / 4), axis=-1, keepdims=True)
     gap = xp.clip(low_win - high_rest, 0.0, 2.0 * lam_r)
     flat = solve & (n_win == kk) & (g(gap, lam_r, q, xp) >= 1.0)
