@@ -156,6 +156,35 @@ def test_magnitude_of_tiny_and_huge_rows_is_homogeneous(p, route, scale):
     np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
 
 
+@pytest.mark.parametrize("route", ["select", "full_sort", "unfused"])
+@pytest.mark.parametrize("scale", [2.0**-400, 2.0**-120, 2.0**-3, 2.0**3, 2.0**120, 2.0**400])
+def test_mask_with_tiny_and_huge_strengths_is_homogeneous(p, route, scale):
+    # mask(c x; c l) = mask(x; l), with the Jacobian divided by c. For p = 4/3 the
+    # closed-form block equation holds l^3, which underflowed for l below ~1e-103 (a row
+    # with l = 1e-276 summed to 1.001 instead of 2) and overflowed above ~1e102; strengths
+    # outside 2^+-100 are now solved scaled by a power of two. 2^+-3 checks the identity.
+    import array_api_compat.numpy as xp
+
+    from topk_core._agnostic import jacobians
+    from topk_core._agnostic.regularizer import conjugate_exponent
+    from topk_core._pav_path import pav_mask
+
+    x = np.array([[3.0, 1.0, 1.0, 0.5, -2.0, 0.25], [0.3, -0.2, 0.1, 0.25, -0.05, 0.0]])
+    u = np.array([[0.3, -1.0, 0.5, 2.0, 0.1, -0.7], [1.0, 0.2, -0.4, 0.9, 0.3, 0.5]])
+    if route == "full_sort":
+        x[:, -1] = -np.inf  # an infinite entry sends the array through the full-sort kernel
+    q = conjugate_exponent(p)
+    lam = 0.4
+    fused = route != "unfused"
+    want, res0 = pav_mask(x, 2, lam, q, fused=fused)
+    got, res = pav_mask(x * scale, 2, lam * scale, q, fused=fused)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(got.sum(axis=-1), 2.0, rtol=1e-13)
+    j0 = jacobians.mask_jvp_rows(res0, u, xp)
+    j = jacobians.mask_jvp_rows(res, u, xp)
+    np.testing.assert_allclose(j * scale, j0, rtol=1e-11, atol=1e-11 * np.abs(j0).max())
+
+
 def test_magnitude_of_denormal_ties():
     # Found by hypothesis: two denormal keys, k = 1, l = 2, p = 3/2 came back as 2e-162.
     import topk_numpy as tk

@@ -68,6 +68,9 @@ def _row_frame(kth_key, lam, q, is_mag):
       (`ref`): an entry's `u = s - value` is then computed from two small
       numbers and does not cancel when the keys are large next to the
       strength (`u` ~ 1e-6 next to keys ~ 1e3 would keep only ten digits).
+      A strength whose binary exponent lies outside +-100 is scaled to [0.5, 1)
+      with the keys: ``mask(x; l) = mask(c x; c l)``, whose Jacobian is `c`
+      times that at `x`.
     * magnitude: homogeneous, ``mag(x; l) = mag(c x; l c^(2-p)) / c``, and its
       Jacobian is the same at `x` and `c x`; rows whose k-th key is tiny or
       huge (denormal keys lose digits, and their block equation underflows)
@@ -75,7 +78,13 @@ def _row_frame(kth_key, lam, q, is_mag):
       exactly (a power of two scales without rounding).
     """
     if not is_mag:
-        return (kth_key, 1.0, lam)
+        # Scaled by a power of two when the strength is tiny or huge: the closed-form block
+        # equation of q = 4 holds l^3, which would underflow or overflow.
+        lam_exponent = math.frexp(lam)[1]
+        if abs(lam_exponent) <= _MAG_EXPONENT_RANGE:
+            return (kth_key, 1.0, lam)
+        mult = math.ldexp(1.0, min(max(-lam_exponent, -1000), 1000))
+        return (kth_key, mult, lam * mult)
     exponent = math.frexp(kth_key)[1]
     if kth_key == 0.0 or abs(exponent) <= _MAG_EXPONENT_RANGE:
         return (0.0, 1.0, lam)
@@ -262,7 +271,8 @@ def _pooled_block(keys, order, lo, hi, kk, lam, q, is_mag, closed):
     """
     if kk <= 0 or kk >= hi - lo:
         return lo, lo, 0.0, (0.0, 1.0, lam)
-    frame = _row_frame(float(keys[order[lo + kk - 1]]), lam, q, is_mag)
+    lam0 = lam
+    frame = _row_frame(float(keys[order[lo + kk - 1]]), lam0, q, is_mag)
     lam = frame[2]
     # Is there an adjacent violator at the boundary?  Entry k - 1 is
     # unsaturated at the value s[k] of its right neighbour.
@@ -276,7 +286,7 @@ def _pooled_block(keys, order, lo, hi, kk, lam, q, is_mag, closed):
         # For q < 2 (p > 2) g is infinitely steep at 0, so the block's smallest entry needs
         # its u = s - value to full relative precision (an error of eps * |s| in u would
         # put an error of (eps |s| / l)^(q-1) into y): solve again relative to that key.
-        frame = _row_frame(float(keys[order[b - 1]]), lam, q, is_mag)
+        frame = _row_frame(float(keys[order[b - 1]]), lam0, q, is_mag)
         a, b, gamma = _pool_rootfind(keys, order, lo, hi, kk, lam, q, is_mag, frame)
     return a, b, gamma, frame
 
@@ -404,10 +414,11 @@ def segment_entry(si, xj, in_block, unit_weight, gamma, frame, q, is_mag):
         rr = max((si - frame[0]) * frame[1] - gamma, 0.0)
         gi = g_scalar(rr, lam, q)
         if is_mag:
+            # Homogeneous of degree 1: the derivative is the same in every frame.
             val = math.copysign((gi + rr) / frame[1], xj) if rr > 0.0 else 0.0
-        else:
-            val = min(gi, 1.0)
-        return val, g_prime_scalar(rr, lam, q), False, rr > 0.0
+            return val, g_prime_scalar(rr, lam, q), False, rr > 0.0
+        # Degree 0: d/dx = d/d(scaled key) * mult.
+        return min(gi, 1.0), g_prime_scalar(rr, lam, q) * frame[1], False, rr > 0.0
     if unit_weight:
         return (xj if is_mag else 1.0), 0.0, True, False
     return 0.0, 0.0, False, False
