@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 
 import topk_core as tc
 from topk_core._agnostic import threshold
@@ -238,3 +241,32 @@ def test_cuda_tensors_stay_on_the_device(operator):
     np.testing.assert_allclose(y.cpu().numpy(), want.numpy(), rtol=0, atol=1e-10)
     t = torch.randn_like(x)
     assert JVP[operator](res, t).device == x.device
+
+
+_keys = st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False, width=64)
+
+
+@settings(deadline=None)
+@given(
+    x=st.integers(2, 24).flatmap(lambda n: arrays(np.float64, n, elements=_keys)),
+    dominant=st.one_of(st.none(), st.floats(1e3, 1e12)),
+    data=st.data(),
+    lam=st.floats(1e-3, 1e2),
+    p=st.sampled_from([1.25, 4.0 / 3.0, 1.5, 2.0, 3.0]),
+)
+def test_threshold_agrees_with_pav_on_rows_with_and_without_a_dominant_entry(x, dominant, data, lam, p):
+    # Property: float64, the sort-free method against the sorted one. The tolerance is that of
+    # the keys' local scale (|x| <= 1e3 near the threshold): eps |x| / l for p <= 2, and its
+    # square root for p = 3 (steep g at 0, see docs/methods.md).
+    if dominant is not None:
+        x = x.copy()
+        x[data.draw(st.integers(0, x.size - 1))] = dominant
+    k = data.draw(st.integers(1, x.size))
+    tol = 1e-6 if p <= 2 else 1e-4
+    for operator in ("mask", "mag"):
+        want, _ = _pav(operator, x[None], k, p=p, regularization_strength=lam)
+        got, _ = FORWARD[operator](x[None], k, method="threshold", p=p, regularization_strength=lam)
+        scale = 1.0 if operator == "mask" else max(1.0, float(np.sort(np.abs(x))[-k]))
+        np.testing.assert_allclose(got, want, rtol=0, atol=tol * scale)
+        if operator == "mask":
+            np.testing.assert_allclose(got.sum(), k, rtol=0, atol=tol * k)
