@@ -89,5 +89,30 @@ def vjp(kind: str, res: Any, cotangent: torch.Tensor, x: Any, p: float, q: float
     The guard is only attached when grad mode is on, i.e. when the backward
     pass itself is being recorded (``create_graph=True`` or `torch.func`).
     """
+    if _plain_host_rows(res, cotangent):
+        # A plain backward on the CPU: the core's Numba product on the same memory.
+        host = type(res)(*(None if t is None else t.detach().resolve_neg().numpy() for t in res))
+        return torch.from_numpy(_VJP[kind](host, cotangent.detach().resolve_neg().numpy(), axis=-1))
     out = _VJP[kind](res, cotangent, axis=-1, xp=xp_torch)
     return _guard(out, x, p, q) if torch.is_grad_enabled() else out
+
+
+def _plain_host_rows(res: Any, cotangent: torch.Tensor) -> bool:
+    """Residuals in input order and a cotangent that are plain CPU tensors, in a product that
+    nothing records or traces: grad mode off (an ordinary backward, not ``create_graph``),
+    no `torch.compile` tracing, no `torch.func` transform and no tensor subclass (fake,
+    functional or batched tensors).  Only then may the product leave torch.
+    """
+    if res.perm is not None or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return False
+    return all(_plain_cpu(t) for t in (cotangent, *(t for t in res if t is not None)))
+
+
+def _plain_cpu(t: torch.Tensor) -> bool:
+    # Wrapped tensors (the batched tensors of torch.func.vmap and of gradcheck's older vmap)
+    # are of type torch.Tensor but lack the CPU dispatch key of their own.
+    return (
+        type(t) is torch.Tensor
+        and torch._C._dispatch_keys(t).has(torch._C.DispatchKey.CPU)
+        and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+    )
