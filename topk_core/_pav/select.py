@@ -210,7 +210,7 @@ def _select_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs, off
     row, or empty (they are selected here, row by row).
     """
     batch, n = keys.shape
-    presorted = bounds.shape[0] == batch
+    bounds_given = bounds.shape[0] == batch
     closed = q == 2.0 or q == 4.0
     with_residuals = gprime.shape[0] == batch and gprime.shape[1] == n
     # Scratch buffers are allocated per chunk of rows, not per row.
@@ -223,7 +223,7 @@ def _select_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs, off
             if k >= n:
                 _all_saturated(r, x, is_mag, with_residuals, out, gprime, scale, free_signs, offset)
                 continue
-            if presorted:
+            if bounds_given:
                 upper, below = bounds[r, 0], bounds[r, 1]
             else:
                 upper, below = order_statistics(keys[r], k, top)
