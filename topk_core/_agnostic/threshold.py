@@ -98,8 +98,8 @@ bound adversarial float64 rows well below this."""
 
 _ULPS = 4.0  # a bracket this many ulps wide has converged
 _FTOL_ULPS = 8.0  # default `tol`: |sum(y) - k| <= tol * max(k, 1)
-_MIN_COMPACT = 32
-_RECENTRE_STRENGTHS = 64.0  # see `_mask_recentre`  # gather the unconverged rows when at most half of >= this many are left
+_MIN_COMPACT = 32  # gather the unconverged rows when at most half of >= this many are left
+_RECENTRE_STRENGTHS = 64.0  # see `_mask_recentre`
 
 
 def _split(lo: Any, hi: Any, floor: Any, xp: Any) -> Any:
@@ -318,7 +318,8 @@ def _mask_recentre(
     bracket does not straddle the root (a sign check) takes the whole data
     bracket instead.  Rows whose threshold is within 64 `l` of the maximum
     lose at most about 64 ulps of `y` and keep the first solve.  The second
-    solve starts from the first root.  Returns ``(xs, tau, lo, hi)`` in the frame of each row.
+    solve starts from the first root.  Returns ``(xs, tau, lo, hi)``, each row
+    in its own frame.
     """
     big = float(xp.finfo(xf.dtype).max)
     eps = float(xp.finfo(xf.dtype).eps)
