@@ -89,3 +89,15 @@ def test_compiled_backward_stays_in_torch(routes):
     f(xx).backward()
     assert routes and not any(routes)  # traced once, with fake tensors
     torch.testing.assert_close(xx.grad, _grad(tt.soft_topk_mag, x, 3, u))
+
+
+def test_expanded_cotangent_of_a_sum(routes, monkeypatch):
+    # y.sum().backward() hands the backward a cotangent expanded from one element (stride 0).
+    x = torch.randn(5, 7, dtype=torch.float64)
+    host = x.clone().requires_grad_(True)
+    tt.soft_topk_mag(host, 3).sum().backward()
+    assert routes == [True]
+    monkeypatch.setattr(_products, "_plain_host_rows", lambda *a: False)
+    in_torch = x.clone().requires_grad_(True)
+    tt.soft_topk_mag(in_torch, 3).sum().backward()
+    torch.testing.assert_close(host.grad, in_torch.grad)
