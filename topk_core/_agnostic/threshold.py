@@ -120,7 +120,7 @@ def _split(lo: Any, hi: Any, floor: Any, xp: Any) -> Any:
     far = (floor > 0) & (big > 4 * floor)
     toward_zero = xp.sqrt(big) * xp.sqrt(xp.where(floor > 0, floor, 1.0))
     at_zero_end = xp.where(hi == 0, -toward_zero, toward_zero)
-    out = xp.where(far & (lo < 0) & (hi > 0), 0.0 * mid, out)
+    out = xp.where(far & (lo < 0) & (hi > 0), xp.zeros_like(mid), out)
     return xp.where(far & ((lo == 0) | (hi == 0)), at_zero_end, out)
 
 

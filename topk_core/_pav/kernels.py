@@ -55,9 +55,19 @@ def _key(keys, order, i, frame):
     return (float(keys[order[i]]) - frame[0]) * frame[1]
 
 
-# Magnitude rows whose k-th key has a binary exponent outside this range are solved
-# rescaled by a power of two (see `_row_frame`).
-_MAG_EXPONENT_RANGE = 100
+# Values (a magnitude row's k-th key, the mask's strength) whose binary exponent lies outside
+# this range are brought near 1 by a power of two (see `_row_frame`).
+_EXPONENT_RANGE = 100
+
+
+@nb.njit(cache=True, inline="always", error_model="numpy")
+def _unit_scale(value):
+    """1.0, or the power of two that brings `value` near 1 when its exponent is out of range."""
+    exponent = math.frexp(value)[1]  # 0 for value == 0
+    if abs(exponent) <= _EXPONENT_RANGE:
+        return 1.0
+    # At most 2^1000 either way: 2^-exponent overflows for denormal values.
+    return math.ldexp(1.0, min(max(-exponent, -1000), 1000))
 
 
 @nb.njit(cache=True, error_model="numpy")
@@ -78,18 +88,13 @@ def _row_frame(kth_key, lam, q, is_mag):
       exactly (a power of two scales without rounding).
     """
     if not is_mag:
-        # Scaled by a power of two when the strength is tiny or huge: the closed-form block
-        # equation of q = 4 holds l^3, which would underflow or overflow.
-        lam_exponent = math.frexp(lam)[1]
-        if abs(lam_exponent) <= _MAG_EXPONENT_RANGE:
-            return (kth_key, 1.0, lam)
-        mult = math.ldexp(1.0, min(max(-lam_exponent, -1000), 1000))
+        # Scaled when the strength is tiny or huge: the closed-form block equation of q = 4
+        # holds l^3, which would underflow or overflow.
+        mult = _unit_scale(lam)
         return (kth_key, mult, lam * mult)
-    exponent = math.frexp(kth_key)[1]
-    if kth_key == 0.0 or abs(exponent) <= _MAG_EXPONENT_RANGE:
+    mult = _unit_scale(kth_key)
+    if mult == 1.0:
         return (0.0, 1.0, lam)
-    # At most 2^1000 either way: 2^-exponent overflows for denormal keys.
-    mult = math.ldexp(1.0, min(max(-exponent, -1000), 1000))
     return (0.0, mult, lam * math.pow(mult, (q - 2.0) / (q - 1.0)))
 
 
@@ -271,23 +276,22 @@ def _pooled_block(keys, order, lo, hi, kk, lam, q, is_mag, closed):
     """
     if kk <= 0 or kk >= hi - lo:
         return lo, lo, 0.0, (0.0, 1.0, lam)
-    lam0 = lam
-    frame = _row_frame(float(keys[order[lo + kk - 1]]), lam0, q, is_mag)
-    lam = frame[2]
+    frame = _row_frame(float(keys[order[lo + kk - 1]]), lam, q, is_mag)
+    lam_r = frame[2]
     # Is there an adjacent violator at the boundary?  Entry k - 1 is
     # unsaturated at the value s[k] of its right neighbour.
-    if _saturated(_key(keys, order, lo + kk - 1, frame), _key(keys, order, lo + kk, frame), lam, q, is_mag):
+    if _saturated(_key(keys, order, lo + kk - 1, frame), _key(keys, order, lo + kk, frame), lam_r, q, is_mag):
         return lo, lo, 0.0, frame
     if closed:
-        a, b, gamma = _pool_closed(keys, order, lo, hi, kk, lam, q, is_mag, frame)
+        a, b, gamma = _pool_closed(keys, order, lo, hi, kk, lam_r, q, is_mag, frame)
         return a, b, gamma, frame
-    a, b, gamma = _pool_rootfind(keys, order, lo, hi, kk, lam, q, is_mag, frame)
+    a, b, gamma = _pool_rootfind(keys, order, lo, hi, kk, lam_r, q, is_mag, frame)
     if not is_mag and q < 2.0 and b - 1 > lo + kk - 1:
         # For q < 2 (p > 2) g is infinitely steep at 0, so the block's smallest entry needs
         # its u = s - value to full relative precision (an error of eps * |s| in u would
         # put an error of (eps |s| / l)^(q-1) into y): solve again relative to that key.
-        frame = _row_frame(float(keys[order[b - 1]]), lam0, q, is_mag)
-        a, b, gamma = _pool_rootfind(keys, order, lo, hi, kk, lam, q, is_mag, frame)
+        frame = _row_frame(float(keys[order[b - 1]]), lam, q, is_mag)
+        a, b, gamma = _pool_rootfind(keys, order, lo, hi, kk, frame[2], q, is_mag, frame)
     return a, b, gamma, frame
 
 
