@@ -20,7 +20,9 @@ def test_nan_row_is_nan_and_other_rows_are_untouched(rng, operator, p):
     x_nan[2, 4] = np.nan
     got = SOFT[operator](x_nan, 3, p=p, regularization_strength=0.7)
     assert np.all(np.isnan(got[2]))
-    np.testing.assert_array_equal(np.delete(got, 2, axis=0), np.delete(clean, 2, axis=0))
+    # An array with a NaN takes the full-sort route; a clean one, for p = 2, the lane solver:
+    # the same values up to float64 rounding.
+    np.testing.assert_allclose(np.delete(got, 2, axis=0), np.delete(clean, 2, axis=0), rtol=1e-14, atol=1e-15)
     hard = HARD[operator](x_nan, 3)
     assert np.all(np.isnan(hard[2]))
     np.testing.assert_array_equal(np.delete(hard, 2, axis=0), np.delete(HARD[operator](x, 3), 2, axis=0))

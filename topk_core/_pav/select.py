@@ -31,6 +31,7 @@ import numpy as np
 
 from ._scalar import mag_fixed_point
 from .kernels import _compiled_pair, _pooled_block, _row_frame, emit_entry, segment_entry
+from .lanes import LANES, MAX_PASSES, lane_rows, lanes_apply
 
 # k + 1 up to this many: keep the k + 1 largest keys in a small sorted buffer
 # (a few insertions per row); beyond it, select with np.partition.
@@ -46,8 +47,6 @@ PRESORT_MAX_N = 256
 # Each sweep of the lanes costs about a sixteenth of np.sort per entry (float32, AVX-512
 # machine, rows of 64): the break-even is near 13 sweeps.
 LANE_TRACK_MAX = 12
-# Rows processed side by side by `lane_order_statistics` (one SIMD lane each).
-LANES = 64
 # Rows at least this long, in batches smaller than the thread count, are split across
 # the threads (selection and classification) instead of taking one thread per row.
 LONG_ROW_MIN_N = 1 << 17
@@ -336,7 +335,29 @@ def topk_rows_select(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs,
         _select_long_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs, offset, 4 * threads, SAMPLE_SIZE)
         return
     n_chunks = min(batch, 4 * threads)
-    _select_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs, offset, n_chunks, _short_row_bounds(keys, k))
+    bounds = _short_row_bounds(keys, k)
+    if bounds.shape[0] == batch and lanes_apply(q, lam):
+        unresolved = np.empty(batch, dtype=np.bool_)
+        lane_rows(keys, x, k, lam, is_mag, bounds, out, gprime, scale, free_signs, offset, unresolved,
+                  min(-(-batch // LANES), n_chunks), MAX_PASSES)
+        rows = np.flatnonzero(unresolved)
+        if rows.size:
+            _select_subset(rows, keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs, offset, bounds)
+        return
+    _select_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs, offset, n_chunks, bounds)
+
+
+def _select_subset(rows, keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs, offset, bounds):
+    """`_select_rows` on the rows `rows` only (those the lane solver left), written back in place."""
+    def part(a):
+        return a[rows] if a.shape[0] == keys.shape[0] else a
+
+    parts = [part(a) for a in (out, gprime, scale, free_signs, offset)]
+    _select_rows(keys[rows], x[rows], k, lam, q, is_mag, *parts, min(rows.size, 4 * nb.get_num_threads()),
+                 bounds[rows])
+    for full, sub in zip((out, gprime, scale, free_signs, offset), parts):
+        if full.shape[0] == keys.shape[0]:
+            full[rows] = sub
 
 
 def _short_row_bounds(keys, k):

@@ -1,0 +1,144 @@
+"""The lane solver (many short rows side by side, p = 2) against the full-sort route.
+
+The full-sort route (argsort, `pav_rows` with integer blocks, Array-API
+assembly) is checked against the reference PAV elsewhere; the lane solver
+must give the same outputs and Jacobian products on every kind of row, hand
+the rows it does not solve to the selection kernel, and never be used where
+it does not apply.
+"""
+
+from __future__ import annotations
+
+import array_api_compat.numpy as xp
+import numpy as np
+import pytest
+
+from topk_core._agnostic import jacobians
+from topk_core._pav import lanes, select
+from topk_core._pav_path import pav_mag, pav_mask
+
+SOLVE = {"mask": pav_mask, "mag": pav_mag}
+PRODUCT = {"mask": jacobians.mask_jvp_rows, "mag": jacobians.mag_vjp_rows}
+
+
+@pytest.fixture
+def lane_calls(monkeypatch):
+    """Records the shapes the lane solver is called with."""
+    calls = []
+    original = select.lane_rows
+    monkeypatch.setattr(select, "lane_rows", lambda keys, *a: calls.append(keys.shape) or original(keys, *a))
+    return calls
+
+
+def _rows(rng, batch, n, kind, dtype):
+    x = rng.normal(size=(batch, n))
+    if kind == "ties":
+        x = np.round(x * 2) / 2  # ties and exact zeros
+    elif kind == "spread":
+        x = x * np.exp(rng.uniform(-8, 8, size=(batch, 1)))  # rows of very different scales
+    elif kind == "dominant":
+        x[:, 0] = 1e4  # one entry far above the rest
+    return x.astype(dtype)
+
+
+def _assert_same(operator, x, k, lam, rng):
+    solve = SOLVE[operator]
+    y, res = solve(x, k, lam, 2.0, with_residuals=True, fused=True)
+    y_ref, res_ref = solve(x, k, lam, 2.0, with_residuals=True, fused=False)
+    eps = np.finfo(x.dtype).eps
+    scale = max(1.0, float(np.abs(x).max()) / lam)
+    np.testing.assert_allclose(y, y_ref, rtol=100 * eps, atol=100 * eps * scale, err_msg=str((k, lam)))
+    u = rng.normal(size=x.shape).astype(x.dtype)
+    if operator == "mag":
+        # Rows with at most k non-zero magnitudes sit on a kink (see test_select_kernel).
+        desc = -np.sort(-np.abs(x), axis=-1)
+        u[desc[:, k] == 0] = 0.0
+    np.testing.assert_allclose(
+        PRODUCT[operator](res, u, xp), PRODUCT[operator](res_ref, u, xp),
+        rtol=1e3 * eps * scale, atol=1e3 * eps * scale, err_msg=str((k, lam)),
+    )
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "spread", "dominant"])
+@pytest.mark.parametrize(("batch", "n"), [(1, 2), (63, 16), (64, 17), (130, 64), (700, 7), (5, 256)])
+def test_lane_route_equals_full_sort_route(rng, operator, float_dtype, kind, batch, n, lane_calls):
+    x = _rows(rng, batch, n, kind, float_dtype)
+    # Strengths that are not dyadic: with dyadic keys (the ties) a dyadic strength can put a key
+    # exactly on the edge of the free set, a kink where each route keeps its own one-sided Jacobian.
+    for k in sorted({1, max(1, n // 8), n // 2, n - 1} - {0}):
+        for lam in (1.1e-4, 0.1, 0.7, 33.3):
+            _assert_same(operator, x, k, lam, rng)
+    assert lane_calls  # the lane solver ran
+
+
+@pytest.mark.parametrize("max_passes", [0, 1, 2])
+def test_rows_left_unsolved_go_to_the_selection_kernel(monkeypatch, rng, operator, max_passes):
+    # With too few steps allowed, some (0: all) rows are handed back and solved again.
+    monkeypatch.setattr(select, "MAX_PASSES", max_passes)
+    x = _rows(rng, 300, 40, "ties", np.float64)
+    for k in (1, 5, 20):
+        for lam in (0.01, 0.7, 10.3):
+            _assert_same(operator, x, k, lam, rng)
+
+
+def test_unsolved_rows_are_flagged(rng):
+    keys = rng.normal(size=(100, 16))
+    out = np.empty_like(keys)
+    gprime = np.empty_like(keys)
+    empty = np.empty((0, 0))
+    unresolved = np.zeros(100, dtype=np.bool_)
+    bounds = select._short_row_bounds(keys, 3)
+    args = (keys, keys, 3, 1.0, False, bounds, out, gprime, empty, empty.astype(np.int8), np.zeros(0, np.int64))
+    lanes.lane_rows.serial(*args, unresolved, 1, 0)
+    # With no step allowed, only the rows without a violator (a gap of at least l after
+    # the k-th key, solved at the start) are solved.
+    np.testing.assert_array_equal(unresolved, bounds[:, 0] - bounds[:, 1] < 1.0)
+    assert unresolved.any()
+    lanes.lane_rows.serial(*args, unresolved, 2, lanes.MAX_PASSES)
+    assert not unresolved.any()
+
+
+def test_no_violator_gives_the_exact_hard_mask_and_no_free_entry(rng, lane_calls):
+    # Gaps of at least l around the k-th entry: y is 0/1 and the Jacobian vanishes.
+    x = np.tile(np.array([5.0, 3.0, 1.0, 0.5, -1.0]), (70, 1)) + rng.normal(size=(70, 1))
+    y, res = pav_mask(x, 2, 1.0, 2.0, with_residuals=True)
+    np.testing.assert_array_equal(y, np.tile([1.0, 1.0, 0.0, 0.0, 0.0], (70, 1)))
+    np.testing.assert_array_equal(res.gprime, 0.0)
+    assert lane_calls
+
+
+def test_magnitude_rows_with_few_non_zero_entries(rng, lane_calls):
+    # At most k non-zero keys: the row is returned unchanged with identity derivatives
+    # (the selection kernel's rule); the lanes hand such rows back.
+    x = rng.normal(size=(90, 16))
+    x[::2, 2:] = 0.0  # two non-zero entries, k = 3
+    y, res = pav_mag(x, 3, 0.1, 2.0, with_residuals=True)
+    np.testing.assert_array_equal(y[::2], x[::2])
+    np.testing.assert_array_equal(res.scale[::2], 1.0)
+    _assert_same("mag", x, 3, 0.1, rng)
+    assert lane_calls
+
+
+@pytest.mark.parametrize(("p", "lam", "n"), [(4.0 / 3.0, 0.1, 16), (1.5, 0.1, 16), (2.0, 1e-200, 16), (2.0, 0.1, 300)])
+def test_lanes_only_where_they_apply(rng, operator, p, lam, n, lane_calls):
+    # p != 2, a strength outside the unscaled frame, rows longer than PRESORT_MAX_N.
+    SOLVE[operator](rng.normal(size=(200, n)), 2, lam, p / (p - 1.0), with_residuals=False)
+    assert lane_calls == []
+
+
+def test_both_compiled_variants_agree(rng, operator):
+    x = _rows(rng, 3000, 24, "ties", np.float32)
+    keys = np.abs(x) if operator == "mag" else x
+    bounds = select._short_row_bounds(keys, 4)
+    results = []
+    for variant, n_chunks in ((lanes.lane_rows.serial, 1), (lanes.lane_rows.parallel, 7)):
+        out, gprime, scale = (np.empty_like(x) for _ in range(3))
+        signs = np.empty(x.shape, np.int8)
+        offset = np.zeros(3000, np.int64)
+        unresolved = np.empty(3000, np.bool_)
+        variant(keys, x, 4, 0.3, operator == "mag", bounds, out, gprime, scale, signs, offset, unresolved, n_chunks,
+                lanes.MAX_PASSES)
+        written = (out, gprime, scale, signs, offset) if operator == "mag" else (out, gprime)
+        results.append((*written, unresolved))
+    for a, b in zip(*results, strict=True):
+        np.testing.assert_array_equal(a, b)

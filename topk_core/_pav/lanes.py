@@ -1,0 +1,245 @@
+"""Many short rows solved side by side, one SIMD lane per row: the CPU fast path for p = 2.
+
+For rows of at most `select.PRESORT_MAX_N` entries, the per-row work of the
+selection kernel (classification, ordering of the candidates, pooled block)
+is scalar code whose branches depend on the data, and costs more than a
+vectorized sort of the row.  Here `LANES` rows are transposed at a time, so
+that every step works on one entry of `LANES` rows at once, and each row's
+threshold (spec section 5) is found by iterating on its sets:
+
+* mask: ``S = {x_i - tau >= l}``, ``F = {0 < x_i - tau < l}`` and
+  ``|S| + sum_F (x_i - tau) / l = k``, in the row's frame (keys relative to the
+  k-th largest key, as in `kernels._row_frame`);
+* magnitude: ``A = {|x_i| - t >= l t}``, ``F = {0 < |x_i| - t < l t}`` and
+  ``|A| + sum_F (|x_i| - t) / (l t) = k``.
+
+For p = 2 the equation is linear on fixed sets, so each step solves it
+exactly on the sets of the current iterate (PAV's closed form for the block
+``F``; a Newton step on the piecewise-linear `sum(y)`), safeguarded by the
+bracket that the row's two order statistics give (module `select`).  The
+iteration starts from PAV's first block (the k-th and (k+1)-th keys), usually
+the answer, and a row is solved when the sets at its iterate are those the
+iterate was computed from: the sets are level sets of the keys, so equal
+counts mean equal sets.  Rows not solved within `MAX_PASSES` steps, and rows
+that need what the lanes do not do (a rescaled frame, a magnitude row with at
+most k non-zero keys), are flagged and solved again by the selection kernel.
+
+For p = 4/3 the same iteration needs a cube root per row and step and more
+steps; measured, it is slower than the selection kernel, which keeps it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba as nb
+import numpy as np
+
+from .kernels import _EXPONENT_RANGE, _closed_block_value, _compiled_pair
+
+# Rows processed side by side (one SIMD lane each).
+LANES = 64
+# Steps per row before a row is handed back to the selection kernel (p = 2 rows need 2-4).
+MAX_PASSES = 16
+_EPS = np.finfo(np.float64).eps
+# A row has converged when its Newton step is at most this many ulps of its scale.
+_STEP_ULPS = 8.0
+
+
+def lanes_apply(q: float, lam: float) -> bool:
+    """Whether the lane solver serves exponent `q` and strength `lam` (else: the selection kernel)."""
+    return q == 2.0 and abs(math.frexp(lam)[1]) <= _EXPONENT_RANGE
+
+
+@nb.njit(cache=True, error_model="numpy")
+def _pass(z, tau, lam, is_mag, acc):
+    """Per lane, at its threshold: |S| (|A|), |F| and sum_F (x - tau) / l (mask) or sum_F |x| (magnitude).
+
+    One loop over the lanes per entry, which the compiler vectorizes (the
+    accumulators live in one 2-D array so that it can check their aliasing).
+    """
+    inv = 1.0 / lam
+    for i in range(3):
+        for lane in range(LANES):
+            acc[i, lane] = 0.0
+    for j in range(z.shape[0]):
+        for lane in range(LANES):
+            a = z[j, lane]
+            t = tau[lane]
+            g = (a - t) * inv
+            if is_mag:
+                sat = g >= t
+                free = (g > 0.0) & (g < t)
+                acc[2, lane] += a if free else 0.0
+            else:
+                sat = g >= 1.0
+                free = (g > 0.0) & (g < 1.0)
+                acc[2, lane] += g if free else 0.0
+            acc[0, lane] += 1.0 if sat else 0.0
+            acc[1, lane] += 1.0 if free else 0.0
+
+
+@nb.njit(cache=True, inline="always", error_model="numpy")
+def _step(t, lam, k, is_mag, n_sat, n_free, s):
+    """(f(t), the root of the equation on the sets at t, or NaN when the free set is empty)."""
+    rest = k - n_sat  # what the free set must sum to
+    if is_mag:
+        # sum_F (|x| - t) / (l t) = rest, solved for t on these sets: PAV's closed form.
+        f = (s / t - n_free) / lam - rest
+        return f, (s / (n_free + lam * rest) if n_free > 0.0 else math.nan)
+    # Piecewise linear: the Newton step, exact once the sets are right.
+    f = s - rest
+    return f, (t + lam * f / n_free if n_free > 0.0 else math.nan)
+
+
+@nb.njit(cache=True, error_model="numpy")
+def _lane_outputs(z, tau, lam, is_mag, ybuf, gbuf, sbuf, fbuf):
+    """Outputs and residuals of a group at its thresholds, in the lane layout (vectorized).
+
+    ybuf: the mask's value, or the magnitude's |value|; gbuf: g' = 1 / l on F, else 0;
+    sbuf: the magnitude's scale (1 + g' on F, 1 on A, else 0); fbuf: 1 on F, else 0.
+    """
+    inv = 1.0 / lam
+    for j in range(z.shape[0]):
+        for lane in range(LANES):
+            a = z[j, lane]
+            t = tau[lane]
+            g = (a - t) * inv
+            if is_mag:
+                sat = g >= t
+                free = (g > 0.0) & (g < t)
+                ybuf[j, lane] = a if sat else (g + (a - t) if free else 0.0)
+                sbuf[j, lane] = 1.0 + inv if free else (1.0 if sat else 0.0)
+            else:
+                sat = g >= 1.0
+                free = (g > 0.0) & (g < 1.0)
+                ybuf[j, lane] = 1.0 if sat else (g if free else 0.0)
+            gbuf[j, lane] = inv if free else 0.0
+            fbuf[j, lane] = 1.0 if free else 0.0
+
+
+@nb.njit(cache=True, inline="always", error_model="numpy")
+def _two_entry_block(x0, x1, lam, is_mag):
+    # PAV's first block (the k-th and (k+1)-th keys, one unit weight): the usual answer,
+    # and the start of the iteration.
+    return _closed_block_value(2.0, 0.5 * (x0 + x1), 0.0, 0.0, 1.0, lam, 2.0, is_mag)
+
+
+def lane_rows(keys, x, k, lam, is_mag, bounds, out, gprime, scale, free_signs, offset, unresolved, n_chunks,
+              max_passes):
+    """Solve rows of `keys` LANES at a time (module docstring); flag the rows left to the caller.
+
+    Arguments as in `select._select_rows` (p = 2), with `bounds` the (batch, 2) k-th
+    and (k+1)-th largest keys of every row (1 <= k < n), `unresolved` a
+    (batch,) bool array, set where a row was not solved here (its outputs are
+    then garbage, to be overwritten), and `max_passes` the Newton steps
+    allowed per row.
+    """
+    batch, n = keys.shape
+    with_residuals = gprime.shape[0] == batch and gprime.shape[1] == n
+    groups = -(-batch // LANES)
+    for c in nb.prange(n_chunks):
+        z = np.empty((n, LANES), dtype=np.float64)
+        ybuf = np.empty((n, LANES), dtype=np.float64)
+        gbuf = np.empty((n, LANES), dtype=np.float64)
+        sbuf = np.empty((n, LANES), dtype=np.float64)
+        fbuf = np.empty((n, LANES), dtype=np.float64)
+        acc = np.empty((3, LANES), dtype=np.float64)
+        tau = np.empty(LANES, dtype=np.float64)
+        lo = np.empty(LANES, dtype=np.float64)
+        hi = np.empty(LANES, dtype=np.float64)
+        ref = np.empty(LANES, dtype=np.float64)
+        rows = np.empty(LANES, dtype=np.int64)
+        active = np.empty(LANES, dtype=np.float64)  # 1: iterating, 0: solved, -1: left to the caller
+        prev_sat = np.empty(LANES, dtype=np.float64)
+        prev_free = np.empty(LANES, dtype=np.float64)
+        for grp in range(c * groups // n_chunks, (c + 1) * groups // n_chunks):
+            r0 = grp * LANES
+            used = min(LANES, batch - r0)
+            for lane in range(LANES):
+                r = r0 + lane if lane < used else r0  # lanes past the last row repeat a real one
+                rows[lane] = r
+                upper, below = bounds[r, 0], bounds[r, 1]
+                active[lane] = 1.0
+                prev_sat[lane] = -1.0
+                prev_free[lane] = -1.0
+                if is_mag:
+                    ref[lane] = 0.0
+                    # t lies in (fixed point of s_(k+1), s_(k)); that point is s_(k+1) / (1 + l).
+                    lo[lane] = below / (1.0 + lam)
+                    hi[lane] = upper
+                    tau[lane] = _two_entry_block(upper, below, lam, is_mag)
+                    if below == 0.0 or abs(math.frexp(upper)[1]) > _EXPONENT_RANGE:
+                        # At most k non-zero keys, or a rescaled frame: the selection kernel's.
+                        active[lane] = -1.0
+                else:
+                    ref[lane] = upper  # the mask's frame: keys relative to s_(k)
+                    gap = below - upper
+                    lo[lane] = gap - lam
+                    hi[lane] = 0.0
+                    tau[lane] = _two_entry_block(0.0, gap, lam, is_mag)
+                    if -gap >= lam:
+                        # No violator at the boundary: the top k are saturated at any tau in
+                        # [s_(k+1), s_(k) - l]; the right end leaves the free set empty.
+                        tau[lane] = -lam
+                        active[lane] = 0.0
+            for j in range(n):
+                for lane in range(LANES):
+                    z[j, lane] = float(keys[rows[lane], j]) - ref[lane]
+            for _ in range(max_passes):
+                _pass(z, tau, lam, is_mag, acc)
+                remaining = 0
+                for lane in range(LANES):
+                    if active[lane] != 1.0:
+                        continue
+                    t = tau[lane]
+                    n_sat, n_free = acc[0, lane], acc[1, lane]
+                    f, nxt = _step(t, lam, k, is_mag, n_sat, n_free, acc[2, lane])
+                    size = t if is_mag else abs(t) + lam
+                    if f == 0.0 and n_free == 0.0:
+                        active[lane] = 0.0  # the non-unique case: no fractional entry
+                        continue
+                    if f > 0.0:
+                        lo[lane] = t
+                    elif f < 0.0:
+                        hi[lane] = t
+                    if not (lo[lane] <= nxt <= hi[lane]):
+                        nxt = 0.5 * (lo[lane] + hi[lane])
+                    same_sets = (n_sat == prev_sat[lane]) & (n_free == prev_free[lane])
+                    if same_sets and abs(nxt - t) <= _STEP_ULPS * _EPS * size:
+                        active[lane] = 0.0
+                    else:
+                        remaining += 1
+                    prev_sat[lane] = n_sat
+                    prev_free[lane] = n_free
+                    tau[lane] = nxt
+                if remaining == 0:
+                    break
+            _lane_outputs(z, tau, lam, is_mag, ybuf, gbuf, sbuf, fbuf)
+            for lane in range(used):
+                unresolved[r0 + lane] = active[lane] != 0.0
+            # Back to input order, a row at a time (unresolved rows too: the caller overwrites them).
+            for lane in range(used):
+                r = r0 + lane
+                if is_mag:
+                    n_kept = 0.0
+                    for j in range(n):
+                        m = ybuf[j, lane]
+                        out[r, j] = math.copysign(m, x[r, j]) if m != 0.0 else 0.0
+                    if with_residuals:
+                        for j in range(n):
+                            gprime[r, j] = gbuf[j, lane]
+                            scale[r, j] = sbuf[j, lane]
+                            sign = 1 if x[r, j] > 0.0 else -1
+                            free_signs[r, j] = sign if fbuf[j, lane] != 0.0 else 0
+                            n_kept += 1.0 if (sbuf[j, lane] == 1.0) & (fbuf[j, lane] == 0.0) else 0.0
+                        offset[r] = k - int(n_kept)
+                else:
+                    for j in range(n):
+                        out[r, j] = ybuf[j, lane]
+                    if with_residuals:
+                        for j in range(n):
+                            gprime[r, j] = gbuf[j, lane]
+
+
+lane_rows = _compiled_pair(lane_rows)
