@@ -1,6 +1,6 @@
 """Many short rows solved side by side, one SIMD lane per row: the CPU fast path for p = 2.
 
-For rows of at most `select.PRESORT_MAX_N` entries, the per-row work of the
+For rows of at most `LANE_MAX_N` entries, the per-row work of the
 selection kernel (classification, ordering of the candidates, pooled block)
 is scalar code whose branches depend on the data, and costs more than a
 vectorized sort of the row.  Here `LANES` rows are transposed at a time, so
@@ -39,6 +39,10 @@ from .kernels import _EXPONENT_RANGE, _closed_block_value, _compiled_pair
 
 # Rows processed side by side (one SIMD lane each).
 LANES = 64
+# Rows up to this length take the lanes: measured against the selection kernel (p = 2,
+# float32, k = n/8, AVX-512 machine), the lanes take 0.35x its time at n = 8, 0.5x at 16,
+# 0.8x at 32 and 1.1x at 64 (benchmarks/bench_lanes.py).
+LANE_MAX_N = 48
 # Steps per row before a row is handed back to the selection kernel (p = 2 rows need 2-4).
 MAX_PASSES = 16
 _EPS = np.finfo(np.float64).eps
@@ -46,9 +50,9 @@ _EPS = np.finfo(np.float64).eps
 _STEP_ULPS = 8.0
 
 
-def lanes_apply(q: float, lam: float) -> bool:
-    """Whether the lane solver serves exponent `q` and strength `lam` (else: the selection kernel)."""
-    return q == 2.0 and abs(math.frexp(lam)[1]) <= _EXPONENT_RANGE
+def lanes_apply(n: int, q: float, lam: float) -> bool:
+    """Whether the lane solver serves rows of `n` entries, exponent `q` and strength `lam`."""
+    return n <= LANE_MAX_N and q == 2.0 and abs(math.frexp(lam)[1]) <= _EXPONENT_RANGE
 
 
 @nb.njit(cache=True, error_model="numpy")
@@ -90,6 +94,37 @@ def _step(t, lam, k, is_mag, n_sat, n_free, s):
     # Piecewise linear: the Newton step, exact once the sets are right.
     f = s - rest
     return f, (t + lam * f / n_free if n_free > 0.0 else math.nan)
+
+
+@nb.njit(cache=True, error_model="numpy")
+def _update(state, acc, lam, k, is_mag):
+    """One safeguarded step of every active lane (rows of `state`: see `lane_rows`); returns how many
+    lanes still iterate.  Selects only, no branch: the compiler vectorizes it."""
+    remaining = 0
+    for lane in range(LANES):
+        t = state[0, lane]
+        lo = state[1, lane]
+        hi = state[2, lane]
+        active = state[3, lane] == 1.0
+        n_sat, n_free = acc[0, lane], acc[1, lane]
+        f, nxt = _step(t, lam, k, is_mag, n_sat, n_free, acc[2, lane])
+        size = t if is_mag else abs(t) + lam
+        lo = t if active & (f > 0.0) else lo
+        hi = t if active & (f < 0.0) else hi
+        nxt = nxt if (lo <= nxt) & (nxt <= hi) else 0.5 * (lo + hi)
+        same_sets = (n_sat == state[4, lane]) & (n_free == state[5, lane])
+        # Solved: the sets the iterate came from are its own, or no entry is fractional
+        # (f = 0 on an empty free set: the non-unique case, any tau of the interval will do).
+        non_unique = (f == 0.0) & (n_free == 0.0)
+        solved = (same_sets & (abs(nxt - t) <= _STEP_ULPS * _EPS * size)) | non_unique
+        state[0, lane] = nxt if active & ~non_unique else t
+        state[1, lane] = lo
+        state[2, lane] = hi
+        state[3, lane] = 0.0 if active & solved else state[3, lane]
+        state[4, lane] = n_sat if active else state[4, lane]
+        state[5, lane] = n_free if active else state[5, lane]
+        remaining += 1 if active & ~solved else 0
+    return remaining
 
 
 @nb.njit(cache=True, error_model="numpy")
@@ -145,14 +180,12 @@ def lane_rows(keys, x, k, lam, is_mag, bounds, out, gprime, scale, free_signs, o
         sbuf = np.empty((n, LANES), dtype=np.float64)
         fbuf = np.empty((n, LANES), dtype=np.float64)
         acc = np.empty((3, LANES), dtype=np.float64)
-        tau = np.empty(LANES, dtype=np.float64)
-        lo = np.empty(LANES, dtype=np.float64)
-        hi = np.empty(LANES, dtype=np.float64)
+        # Per lane: tau, bracket lo and hi, active (1: iterating, 0: solved, -1: left to the
+        # caller), and the set counts |S|, |F| the current tau was computed from.
+        state = np.empty((6, LANES), dtype=np.float64)
+        tau, lo, hi, active, prev_sat, prev_free = state[0], state[1], state[2], state[3], state[4], state[5]
         ref = np.empty(LANES, dtype=np.float64)
         rows = np.empty(LANES, dtype=np.int64)
-        active = np.empty(LANES, dtype=np.float64)  # 1: iterating, 0: solved, -1: left to the caller
-        prev_sat = np.empty(LANES, dtype=np.float64)
-        prev_free = np.empty(LANES, dtype=np.float64)
         for grp in range(c * groups // n_chunks, (c + 1) * groups // n_chunks):
             r0 = grp * LANES
             used = min(LANES, batch - r0)
@@ -188,31 +221,7 @@ def lane_rows(keys, x, k, lam, is_mag, bounds, out, gprime, scale, free_signs, o
                     z[j, lane] = float(keys[rows[lane], j]) - ref[lane]
             for _ in range(max_passes):
                 _pass(z, tau, lam, is_mag, acc)
-                remaining = 0
-                for lane in range(LANES):
-                    if active[lane] != 1.0:
-                        continue
-                    t = tau[lane]
-                    n_sat, n_free = acc[0, lane], acc[1, lane]
-                    f, nxt = _step(t, lam, k, is_mag, n_sat, n_free, acc[2, lane])
-                    size = t if is_mag else abs(t) + lam
-                    if f == 0.0 and n_free == 0.0:
-                        active[lane] = 0.0  # the non-unique case: no fractional entry
-                        continue
-                    if f > 0.0:
-                        lo[lane] = t
-                    elif f < 0.0:
-                        hi[lane] = t
-                    if not (lo[lane] <= nxt <= hi[lane]):
-                        nxt = 0.5 * (lo[lane] + hi[lane])
-                    same_sets = (n_sat == prev_sat[lane]) & (n_free == prev_free[lane])
-                    if same_sets and abs(nxt - t) <= _STEP_ULPS * _EPS * size:
-                        active[lane] = 0.0
-                    else:
-                        remaining += 1
-                    prev_sat[lane] = n_sat
-                    prev_free[lane] = n_free
-                    tau[lane] = nxt
+                remaining = _update(state, acc, lam, k, is_mag)
                 if remaining == 0:
                     break
             _lane_outputs(z, tau, lam, is_mag, ybuf, gbuf, sbuf, fbuf)

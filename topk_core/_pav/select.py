@@ -327,7 +327,9 @@ def topk_rows_select(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs,
 
     Same outputs and residuals as `kernels.topk_rows_forward` (see there for
     the arguments; here there is no permutation and no infinite segment), in
-    O(n) per row plus a sort of the candidates (module docstring).
+    O(n) per row plus a sort of the candidates (module docstring).  Many short
+    rows with p = 2 go to the lane solver (`lanes.lane_rows`), which hands the
+    rows it does not solve back to this kernel.
     """
     batch, n = keys.shape
     threads = nb.get_num_threads()
@@ -336,7 +338,7 @@ def topk_rows_select(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs,
         return
     n_chunks = min(batch, 4 * threads)
     bounds = _short_row_bounds(keys, k)
-    if bounds.shape[0] == batch and lanes_apply(q, lam):
+    if bounds.shape[0] == batch and lanes_apply(n, q, lam):
         unresolved = np.empty(batch, dtype=np.bool_)
         lane_rows(keys, x, k, lam, is_mag, bounds, out, gprime, scale, free_signs, offset, unresolved,
                   min(-(-batch // LANES), n_chunks), MAX_PASSES)
@@ -355,7 +357,7 @@ def _select_subset(rows, keys, x, k, lam, q, is_mag, out, gprime, scale, free_si
     parts = [part(a) for a in (out, gprime, scale, free_signs, offset)]
     _select_rows(keys[rows], x[rows], k, lam, q, is_mag, *parts, min(rows.size, 4 * nb.get_num_threads()),
                  bounds[rows])
-    for full, sub in zip((out, gprime, scale, free_signs, offset), parts):
+    for full, sub in zip((out, gprime, scale, free_signs, offset), parts, strict=True):
         if full.shape[0] == keys.shape[0]:
             full[rows] = sub
 
