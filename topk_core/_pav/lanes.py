@@ -55,6 +55,15 @@ def lanes_apply(n: int, q: float, lam: float) -> bool:
     return n <= LANE_MAX_N and q == 2.0 and abs(math.frexp(lam)[1]) <= _EXPONENT_RANGE
 
 
+@nb.njit(cache=True, inline="always", error_model="numpy")
+def _entry_sets(a, t, inv, is_mag):
+    """(g, saturated, free) of a key `a` at threshold `t` (inv = 1 / l): the one definition of the sets."""
+    g = (a - t) * inv
+    if is_mag:
+        return g, g >= t, (g > 0.0) & (g < t)
+    return g, g >= 1.0, (g > 0.0) & (g < 1.0)
+
+
 @nb.njit(cache=True, error_model="numpy")
 def _pass(z, tau, lam, is_mag, acc):
     """Per lane, at its threshold: |S| (|A|), |F| and sum_F (x - tau) / l (mask) or sum_F |x| (magnitude).
@@ -69,16 +78,8 @@ def _pass(z, tau, lam, is_mag, acc):
     for j in range(z.shape[0]):
         for lane in range(LANES):
             a = z[j, lane]
-            t = tau[lane]
-            g = (a - t) * inv
-            if is_mag:
-                sat = g >= t
-                free = (g > 0.0) & (g < t)
-                acc[2, lane] += a if free else 0.0
-            else:
-                sat = g >= 1.0
-                free = (g > 0.0) & (g < 1.0)
-                acc[2, lane] += g if free else 0.0
+            g, sat, free = _entry_sets(a, tau[lane], inv, is_mag)
+            acc[2, lane] += (a if is_mag else g) if free else 0.0
             acc[0, lane] += 1.0 if sat else 0.0
             acc[1, lane] += 1.0 if free else 0.0
 
@@ -139,15 +140,11 @@ def _lane_outputs(z, tau, lam, is_mag, ybuf, gbuf, sbuf, fbuf):
         for lane in range(LANES):
             a = z[j, lane]
             t = tau[lane]
-            g = (a - t) * inv
+            g, sat, free = _entry_sets(a, t, inv, is_mag)
             if is_mag:
-                sat = g >= t
-                free = (g > 0.0) & (g < t)
                 ybuf[j, lane] = a if sat else (g + (a - t) if free else 0.0)
                 sbuf[j, lane] = 1.0 + inv if free else (1.0 if sat else 0.0)
             else:
-                sat = g >= 1.0
-                free = (g > 0.0) & (g < 1.0)
                 ybuf[j, lane] = 1.0 if sat else (g if free else 0.0)
             gbuf[j, lane] = inv if free else 0.0
             fbuf[j, lane] = 1.0 if free else 0.0
