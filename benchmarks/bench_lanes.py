@@ -18,6 +18,7 @@ import sys
 import numpy as np
 
 from topk_core._pav import lanes, select
+from topk_core._pav.kernels import fused_outputs
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _report import machine, median_time, write_section
@@ -28,17 +29,10 @@ STRENGTH = 0.1
 
 
 def _kernels(x: np.ndarray, k: int, is_mag: bool, with_residuals: bool) -> tuple:
-    batch, n = x.shape
     keys = np.abs(x) if is_mag else x
     bounds = select._short_row_bounds(keys, k)
-    shape = (batch, n) if with_residuals else (0, 0)
-    out = np.empty_like(x)
-    gprime = np.empty(shape, x.dtype)
-    scale = np.empty(shape if is_mag else (0, 0), x.dtype)
-    signs = np.empty(shape if is_mag else (0, 0), np.int8)
-    offset = np.zeros(batch if is_mag and with_residuals else 0, np.int64)
-    unresolved = np.empty(batch, np.bool_)
-    arrays = (out, gprime, scale, signs, offset)
+    arrays = fused_outputs(x, is_mag, with_residuals)
+    unresolved = np.empty(x.shape[0], np.bool_)
 
     def selection() -> None:
         select._select_rows(keys, x, k, STRENGTH, 2.0, is_mag, *arrays, 8, bounds)

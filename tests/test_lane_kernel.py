@@ -15,6 +15,7 @@ import pytest
 
 from topk_core._agnostic import jacobians
 from topk_core._pav import lanes, select
+from topk_core._pav.kernels import fused_outputs
 from topk_core._pav_path import pav_mag, pav_mask
 
 SOLVE = {"mask": pav_mask, "mag": pav_mag}
@@ -83,12 +84,9 @@ def test_rows_left_unsolved_go_to_the_selection_kernel(monkeypatch, rng, operato
 
 def test_unsolved_rows_are_flagged(rng):
     keys = rng.normal(size=(100, 16))
-    out = np.empty_like(keys)
-    gprime = np.empty_like(keys)
-    empty = np.empty((0, 0))
     unresolved = np.zeros(100, dtype=np.bool_)
     bounds = select._short_row_bounds(keys, 3)
-    args = (keys, keys, 3, 1.0, False, bounds, out, gprime, empty, empty.astype(np.int8), np.zeros(0, np.int64))
+    args = (keys, keys, 3, 1.0, False, bounds, *fused_outputs(keys, False, True))
     lanes.lane_rows.serial(*args, unresolved, 1, 0)
     # With no step allowed, only the rows without a violator (a gap of at least l after
     # the k-th key, solved at the start) are solved.
@@ -132,13 +130,9 @@ def test_both_compiled_variants_agree(rng, operator):
     bounds = select._short_row_bounds(keys, 4)
     results = []
     for variant, n_chunks in ((lanes.lane_rows.serial, 1), (lanes.lane_rows.parallel, 7)):
-        out, gprime, scale = (np.empty_like(x) for _ in range(3))
-        signs = np.empty(x.shape, np.int8)
-        offset = np.zeros(3000, np.int64)
+        arrays = fused_outputs(x, operator == "mag", True)  # the mask's scale, signs, offset are empty
         unresolved = np.empty(3000, np.bool_)
-        variant(keys, x, 4, 0.3, operator == "mag", bounds, out, gprime, scale, signs, offset, unresolved, n_chunks,
-                lanes.MAX_PASSES)
-        written = (out, gprime, scale, signs, offset) if operator == "mag" else (out, gprime)
-        results.append((*written, unresolved))
+        variant(keys, x, 4, 0.3, operator == "mag", bounds, *arrays, unresolved, n_chunks, lanes.MAX_PASSES)
+        results.append((*arrays, unresolved))
     for a, b in zip(*results, strict=True):
         np.testing.assert_array_equal(a, b)

@@ -20,6 +20,7 @@ from ._agnostic.assemble import assemble_mag, assemble_mask
 from ._agnostic.common import poison
 from ._agnostic.residuals import MagResiduals, MaskResiduals
 from ._pav import pav_rows, topk_rows_forward, topk_rows_select
+from ._pav.kernels import fused_outputs
 
 
 class _SortedRows(NamedTuple):
@@ -68,13 +69,7 @@ def _solve(x: Any, k: int, lam: float, q: float, is_mag: bool, with_residuals: b
     rows = _prepare(x, k, is_mag, sort_finite=not fused)
     lo, hi, kk = rows.lo[:, 0], rows.hi[:, 0], rows.kk[:, 0]
     if fused:
-        batch, n = x.shape
-        y = np.empty_like(rows.x)
-        shape = (batch, n) if with_residuals else (0, 0)
-        gprime = np.empty(shape, dtype=y.dtype)
-        scale = np.empty(shape if is_mag else (0, 0), dtype=y.dtype)
-        free_signs = np.empty(shape if is_mag else (0, 0), dtype=np.int8)
-        offset = np.zeros(batch if is_mag and with_residuals else 0, dtype=np.int64)
+        y, gprime, scale, free_signs, offset = fused_outputs(rows.x, is_mag, with_residuals)
         if rows.perm is None:
             topk_rows_select(rows.keys, rows.x, k, lam, q, is_mag, y, gprime, scale, free_signs, offset)
         else:

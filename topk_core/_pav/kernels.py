@@ -404,6 +404,23 @@ def topk_rows_forward(keys, perm, x, lo, hi, kk, k, lam, q, is_mag, out, gprime,
             emit_entry(r, j, val, deriv, kept, free, is_mag, with_residuals, out, gprime, scale, free_signs)
 
 
+def fused_outputs(x, is_mag, with_residuals):
+    """(out, gprime, scale, free_signs, offset): the arrays the fused kernels write, for rows `x`.
+
+    Residual arrays that are not asked for (or that the operator has not) are
+    empty: the kernels read their shapes to know what to write.
+    """
+    batch, n = x.shape
+    shape = (batch, n) if with_residuals else (0, 0)
+    return (
+        np.empty_like(x),
+        np.empty(shape, dtype=x.dtype),
+        np.empty(shape if is_mag else (0, 0), dtype=x.dtype),
+        np.empty(shape if is_mag else (0, 0), dtype=np.int8),
+        np.zeros(batch if is_mag and with_residuals else 0, dtype=np.int64),
+    )
+
+
 @nb.njit(cache=True, inline="always", error_model="numpy")
 def segment_entry(si, xj, in_block, unit_weight, gamma, frame, q, is_mag):
     """Return (value, g', kept, free) of an entry of a row's finite segment.

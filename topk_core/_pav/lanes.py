@@ -35,7 +35,8 @@ import math
 import numba as nb
 import numpy as np
 
-from .kernels import _EXPONENT_RANGE, _closed_block_value, _compiled_pair
+from ._scalar import mag_fixed_point
+from .kernels import _closed_block_value, _compiled_pair, _unit_scale
 
 # Rows processed side by side (one SIMD lane each).
 LANES = 64
@@ -52,7 +53,8 @@ _STEP_ULPS = 8.0
 
 def lanes_apply(n: int, q: float, lam: float) -> bool:
     """Whether the lane solver serves rows of `n` entries, exponent `q` and strength `lam`."""
-    return n <= LANE_MAX_N and q == 2.0 and abs(math.frexp(lam)[1]) <= _EXPONENT_RANGE
+    # A strength the mask's frame would rescale (`kernels._row_frame`) stays with the selection kernel.
+    return n <= LANE_MAX_N and q == 2.0 and _unit_scale(lam) == 1.0
 
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
@@ -195,11 +197,11 @@ def lane_rows(keys, x, k, lam, is_mag, bounds, out, gprime, scale, free_signs, o
                 prev_free[lane] = -1.0
                 if is_mag:
                     ref[lane] = 0.0
-                    # t lies in (fixed point of s_(k+1), s_(k)); that point is s_(k+1) / (1 + l).
-                    lo[lane] = below / (1.0 + lam)
+                    # t lies in (fixed point of s_(k+1), s_(k)).
+                    lo[lane] = mag_fixed_point(below, lam, 2.0)
                     hi[lane] = upper
                     tau[lane] = _two_entry_block(upper, below, lam, is_mag)
-                    if below == 0.0 or abs(math.frexp(upper)[1]) > _EXPONENT_RANGE:
+                    if below == 0.0 or _unit_scale(upper) != 1.0:
                         # At most k non-zero keys, or a rescaled frame: the selection kernel's.
                         active[lane] = -1.0
                 else:
