@@ -35,7 +35,7 @@ def _kernels(x: np.ndarray, k: int, is_mag: bool, with_residuals: bool) -> tuple
     unresolved = np.empty(x.shape[0], np.bool_)
 
     def selection() -> None:
-        select._select_rows(keys, x, k, STRENGTH, 2.0, is_mag, *arrays, 8, bounds)
+        select._select_rows(keys, x, k, STRENGTH, 2.0, is_mag, *arrays, 8, bounds, 0)
 
     def lane() -> None:
         lanes.lane_rows(keys, x, k, STRENGTH, is_mag, bounds, *arrays, unresolved, 8, lanes.MAX_PASSES)

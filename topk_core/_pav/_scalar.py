@@ -15,10 +15,12 @@ import numpy as np
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
 def g_scalar(u: float, lam: float, q: float) -> float:
-    """Return g(u) for u >= 0 (0 for u <= 0, never NaN)."""
-    if u <= 0.0:
-        return 0.0
-    t = u / lam
+    """Return g(u) for u >= 0 (0 for u <= 0, never NaN).
+
+    Selects, not branches, on the sign of `u` (the branches on `q` are the
+    same for a whole loop): loops over entries stay vectorizable.
+    """
+    t = (u if u > 0.0 else 0.0) / lam
     if q == 2.0:
         return t
     if q == 4.0:
@@ -28,15 +30,15 @@ def g_scalar(u: float, lam: float, q: float) -> float:
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
 def g_prime_scalar(u: float, lam: float, q: float) -> float:
-    """Return g'(u) for u > 0 (0 for u <= 0: the kink is handled by the caller)."""
-    if u <= 0.0:
-        return 0.0
-    t = u / lam
+    """Return g'(u) for u > 0 (0 for u <= 0: the kink is handled by the caller); selects, as `g_scalar`."""
+    positive = u > 0.0
+    t = (u if positive else 0.0) / lam
     if q == 2.0:
-        return 1.0 / lam
+        return 1.0 / lam if positive else 0.0
     if q == 4.0:
         return 3.0 * t * t / lam
-    return (q - 1.0) * math.pow(t, q - 2.0) / lam
+    # For q < 2 the power is infinite at 0: select it away.
+    return (q - 1.0) * math.pow(t, q - 2.0) / lam if positive else 0.0
 
 
 @nb.njit(cache=True, inline="always", error_model="numpy")

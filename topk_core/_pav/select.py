@@ -30,7 +30,8 @@ import numba as nb
 import numpy as np
 
 from ._scalar import mag_fixed_point
-from .kernels import _compiled_pair, _pooled_block, _row_frame, emit_entry, segment_entry
+from .sortfree import ITERATE, MAX_STEPS, SOLVED, FAILED, advance, emit_row, row_sums, sample_size, sample_start, start_state
+from .kernels import _compiled_pair, _pooled_block, _row_frame, _unit_scale, emit_entry, segment_entry
 from .lanes import LANES, MAX_PASSES, lane_rows, lanes_apply
 
 # k + 1 up to this many: keep the k + 1 largest keys in a small sorted buffer
@@ -52,6 +53,9 @@ LANE_TRACK_MAX = 12
 LONG_ROW_MIN_N = 1 << 17
 # Size of the strided sample that brackets the order statistics of a long row.
 SAMPLE_SIZE = 8192
+# Rows at least this long, with p = 2 or 4/3 and k + 1 > TRACK_MAX, first try the sort-free
+# iteration of module `sortfree` (no order statistics, no ordering of candidates).
+SORTFREE_MIN_N = 1024
 _EPS = np.finfo(np.float64).eps
 
 
@@ -202,25 +206,77 @@ def _all_saturated(r, x, is_mag, with_residuals, out, gprime, scale, free_signs,
         offset[r] = 0
 
 
-def _select_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs, offset, n_chunks, bounds):
+def sortfree_applies(n: int, k: int, q: float, lam: float) -> bool:
+    """Whether rows of `n` entries try the sort-free iteration of module `sortfree` before the exact route."""
+    return n >= SORTFREE_MIN_N and k + 1 > TRACK_MAX and k < n and (q == 2.0 or q == 4.0) and _unit_scale(lam) == 1.0
+
+
+@nb.njit(cache=True, error_model="numpy")
+def _sortfree_start(keys, r, k, lam, q, is_mag, sample, state, ref_cast):
+    """Start row `r`'s iteration (module `sortfree`) from its sample; returns the frame's `ref`."""
+    t0, span = sample_start(keys, r, k, lam, q, is_mag, sample, state)
+    ref = 0.0
+    if not is_mag:
+        ref_cast[0] = t0  # a value of the keys' dtype next to t0: s - ref is then exact for float32 keys
+        ref = float(ref_cast[0])
+    start_state(state, t0 - ref, is_mag, span)
+    return ref
+
+
+@nb.njit(cache=True, error_model="numpy")
+def _sortfree_row(keys, x, r, k, lam, q, is_mag, with_residuals, out, gprime, scale, free_signs, offset, sample,
+                  state, ref_cast):
+    """Solve row `r` by the sort-free iteration; False (nothing written) when it did not settle."""
+    n = keys.shape[1]
+    ref = _sortfree_start(keys, r, k, lam, q, is_mag, sample, state, ref_cast)
+    row = keys[r]
+    for _ in range(MAX_STEPS):
+        status = advance(state, row_sums(row, 0, n, ref, state[0], lam, q, is_mag), float(k), lam, q, is_mag)
+        if status == SOLVED:
+            n_sat, n_free = emit_row(keys, x, r, 0, n, ref, state[0], lam, q, is_mag, with_residuals, out, gprime,
+                                     scale, free_signs)
+            _sortfree_offset(r, k, n_sat, n_free, is_mag, with_residuals, offset)
+            return True
+        if status == FAILED:
+            return False
+    return False
+
+
+@nb.njit(cache=True, inline="always", error_model="numpy")
+def _sortfree_offset(r, k, n_sat, n_free, is_mag, with_residuals, offset):
+    if with_residuals and is_mag:
+        # The free set's unit weights (k - |A|), as PAV's pooled block counts them.
+        offset[r] = k - n_sat if n_free > 0 else 0
+
+
+def _select_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs, offset, n_chunks, bounds, n_sample):
     """Kernel of `topk_rows_select`; rows are processed in `n_chunks` chunks.
 
     `bounds` is either (batch, 2): the k-th and (k+1)-th largest key of every
-    row, or empty (they are selected here, row by row).
+    row, or empty (they are selected here, row by row).  With ``n_sample > 0``
+    (and no bounds) each row first tries the sort-free iteration of module
+    `sortfree`, started from a sample of that size (see `sortfree_applies`).
     """
     batch, n = keys.shape
     bounds_given = bounds.shape[0] == batch
     closed = q == 2.0 or q == 4.0
     with_residuals = gprime.shape[0] == batch and gprime.shape[1] == n
+    sortfree = not bounds_given and n_sample > 0
     # Scratch buffers are allocated per chunk of rows, not per row.
     for c in nb.prange(n_chunks):
         cval = np.empty(n, dtype=np.float64)
         cidx = np.empty(n, dtype=np.int64)
         order = np.empty(n, dtype=np.int64)
         top = np.empty(TRACK_MAX, dtype=np.float64)
+        sample = np.empty(n_sample if sortfree else 0, dtype=np.float64)
+        state = np.empty(7, dtype=np.float64)
+        ref_cast = np.empty(1, dtype=keys.dtype)
         for r in range(c * batch // n_chunks, (c + 1) * batch // n_chunks):
             if k >= n:
                 _all_saturated(r, x, is_mag, with_residuals, out, gprime, scale, free_signs, offset)
+                continue
+            if sortfree and _sortfree_row(keys, x, r, k, lam, q, is_mag, with_residuals, out, gprime, scale,
+                                          free_signs, offset, sample, state, ref_cast):
                 continue
             if bounds_given:
                 upper, below = bounds[r, 0], bounds[r, 1]
@@ -346,7 +402,8 @@ def topk_rows_select(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs,
         if rows.size:
             _select_subset(rows, keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs, offset, bounds)
         return
-    _select_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs, offset, n_chunks, bounds)
+    n_sample = sample_size(n) if bounds.shape[0] == 0 and sortfree_applies(n, k, q, lam) else 0
+    _select_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs, offset, n_chunks, bounds, n_sample)
 
 
 def _select_subset(rows, keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs, offset, bounds):
@@ -356,7 +413,7 @@ def _select_subset(rows, keys, x, k, lam, q, is_mag, out, gprime, scale, free_si
 
     parts = [part(a) for a in (out, gprime, scale, free_signs, offset)]
     _select_rows(keys[rows], x[rows], k, lam, q, is_mag, *parts, min(rows.size, 4 * nb.get_num_threads()),
-                 bounds[rows])
+                 bounds[rows], 0)
     for full, sub in zip((out, gprime, scale, free_signs, offset), parts, strict=True):
         if full.shape[0] == keys.shape[0]:
             full[rows] = sub

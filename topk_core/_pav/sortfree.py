@@ -1,0 +1,253 @@
+"""A row's threshold by iteration over the whole row, with no sort: the CPU fast path for long rows, p = 2 and 4/3.
+
+The selection kernel (module `select`) finds a row's order statistics, then
+orders the entries between its cuts (the candidates) and runs PAV on them.
+On long rows both cost more than a vectorized sort: the selection is a
+branchy quickselect, and the candidates are many (a few percent of 10^6
+entries).  Neither is needed: the solution is fixed by one threshold `t`
+(spec section 5), and on fixed sets (saturated `S`, free `F`) the equation
+``sum(y) = k`` is PAV's block equation of `F`, with a closed form for p = 2
+(linear) and p = 4/3 (a cubic): `kernels._closed_block_value`.  So, per row,
+
+1. the same iteration on a strided sample of the row, with k scaled to the
+   sample's size, gives a first threshold (`sample_start`);
+2. every step is one pass over the row that counts `S` and `F` and sums
+   powers of ``d = s - t`` over `F` at the current threshold (no branch: the
+   compiler vectorizes it), then solves the equation exactly on those sets
+   (a Newton step of the piecewise smooth ``sum(y)``), safeguarded by a
+   bracket that the signs of ``sum(y) - k`` narrow (and widen, doubling, while
+   one end is still open);
+3. the row is solved when the sets at the new threshold are the ones it was
+   computed from: it is then the root on those sets and they are its own,
+   the exact threshold of the row (`advance`);
+4. one more pass writes the outputs and residuals (`emit_row`), vectorized.
+
+Rows need 3-5 passes.  A row that does not settle within `MAX_STEPS` is left
+to the caller (the selection kernel solves it exactly).  The mask's threshold
+is held relative to a value `ref` of the keys' own dtype next to it, so that
+``s - ref`` is exact for float32 keys and ``d`` keeps its digits when the keys
+are large next to the strength; the magnitude's is absolute.  The drivers (a
+row per thread, or a long row split across the threads) are in `select`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba as nb
+import numpy as np
+
+from ._scalar import g_prime_scalar, g_scalar
+from .kernels import _closed_block_value
+
+# Passes per row before the row is handed back to the selection kernel.
+MAX_STEPS = 40
+# Status codes of `advance`.
+ITERATE, SOLVED, FAILED = 0, 1, -1
+
+
+@nb.njit(cache=True, error_model="numpy")
+def sample_size(n: int) -> int:
+    """Size of the strided sample that starts a row of `n` entries: 2 sqrt(n), within [64, 4096], at most n."""
+    return min(n, max(64, min(4096, 2 * int(math.sqrt(n)))))
+
+
+@nb.njit(cache=True, inline="always", error_model="numpy")
+def _width(t, lam, q, is_mag):
+    # How far above the threshold a key is saturated: l for the mask; for the magnitude
+    # g(s - t) >= t, i.e. s - t >= l t^(1/(q-1)).
+    if not is_mag:
+        return lam
+    return lam * t if q == 2.0 else lam * np.cbrt(t)
+
+
+@nb.njit(cache=True, inline="always", error_model="numpy")
+def _entry_sets(s, ref, t, width):
+    """(d, saturated, free) of a key `s` at threshold `t` (relative to `ref`): the one definition of the sets."""
+    d = (s - ref) - t
+    return d, d >= width, (d > 0.0) & (d < width)
+
+
+@nb.njit(cache=True, fastmath={"reassoc"}, error_model="numpy")
+def row_sums(row, j0, j1, ref, t, lam, q, is_mag):
+    """(|S|, |F|, sum_F d, sum_F d^2, sum_F d^3) over row[j0:j1] at threshold `t`, d = s - ref - t.
+
+    Reassociation lets the compiler vectorize the sums (it changes only their
+    rounding); the sets themselves are exact comparisons.
+    """
+    width = _width(t, lam, q, is_mag)
+    cubic = q != 2.0
+    n_sat = 0
+    n_free = 0
+    s1 = 0.0
+    s2 = 0.0
+    s3 = 0.0
+    part = row[j0:j1]  # a view indexed from 0: see `emit_row`
+    for j in range(part.shape[0]):
+        d, sat, free = _entry_sets(float(part[j]), ref, t, width)
+        n_sat += 1 if sat else 0
+        n_free += 1 if free else 0
+        e = d if free else 0.0
+        s1 += e
+        if cubic:
+            e2 = e * e
+            s2 += e2
+            s3 += e2 * e
+    return n_sat, n_free, s1, s2, s3
+
+
+@nb.njit(cache=True, error_model="numpy")
+def _step(t, rest, n_sat, n_free, s1, s2, s3, lam, q, is_mag):
+    """(f, root): ``f = sum(y) - rest`` at `t`, and the root of that equation on the sets at `t`
+    (NaN when the free set is empty), from the sums of `row_sums`."""
+    # sum_F g(d) = sum_F (d / l)^(q-1): s1 / l (q = 2) or s3 / l^3 (q = 4); the magnitude's y is g(d) / t.
+    lq = lam if q == 2.0 else lam * lam * lam
+    f = n_sat + (s1 if q == 2.0 else s3) / (lq * t if is_mag else lq) - rest
+    if n_free == 0:
+        return f, math.nan
+    mean = s1 / n_free
+    # Central moments of F (shift invariant, so taken from the d = s - t).
+    m2 = max(s2 - s1 * mean, 0.0)
+    m3 = s3 - 3.0 * mean * s2 + 2.0 * n_free * mean * mean * mean
+    unit = rest - n_sat  # the free set's unit weights
+    if is_mag:
+        return f, _closed_block_value(float(n_free), t + mean, m2, m3, unit, lam, q, is_mag)
+    return f, t + _closed_block_value(float(n_free), mean, m2, m3, unit, lam, q, is_mag)
+
+
+@nb.njit(cache=True, error_model="numpy")
+def advance(state, sums, rest, lam, q, is_mag):
+    """One step of the iteration from the sums at the current threshold; returns ITERATE, SOLVED or FAILED.
+
+    `state` (float64, 7): threshold, bracket ends lo and hi (infinite while
+    open), the span of the next widening, whether the threshold came from an
+    unsafeguarded step (1.0) and the counts |S|, |F| at the threshold it came
+    from.  On SOLVED the threshold is the row's; no step is taken.
+    """
+    t, lo, hi, span = state[0], state[1], state[2], state[3]
+    n_sat, n_free, s1, s2, s3 = sums
+    if state[4] == 1.0 and n_sat == state[5] and n_free == state[6]:
+        return SOLVED
+    f, nxt = _step(t, rest, n_sat, n_free, s1, s2, s3, lam, q, is_mag)
+    if f == 0.0 and n_free == 0:
+        # No fractional entry: the threshold is not unique, and any t of the interval (this one
+        # included) gives the exact 0/1 answer with an empty free set.
+        return SOLVED
+    if f > 0.0:
+        lo = t
+    elif f < 0.0:
+        hi = t
+    from_step = lo <= nxt <= hi  # False for NaN
+    if not from_step:
+        if math.isinf(hi):
+            nxt = t + span
+            span *= 2.0
+        elif math.isinf(lo):
+            nxt = t - span
+            span *= 2.0
+        else:
+            nxt = 0.5 * (lo + hi)
+            if nxt == t:
+                return FAILED  # the bracket has shrunk to nothing without a root
+    state[0], state[1], state[2], state[3] = nxt, lo, hi, span
+    state[4] = 1.0 if from_step else 0.0
+    state[5], state[6] = n_sat, n_free
+    return ITERATE
+
+
+@nb.njit(cache=True, error_model="numpy")
+def start_state(state, t, is_mag, span):
+    """Set `state` (see `advance`) to start at threshold `t` with an open bracket."""
+    state[0] = t
+    state[1] = 0.0 if is_mag else -np.inf  # the magnitude's threshold is positive
+    state[2] = np.inf
+    state[3] = span
+    state[4] = 0.0
+    state[5] = -1.0
+    state[6] = -1.0
+
+
+@nb.njit(cache=True, error_model="numpy")
+def sample_start(keys, r, k, lam, q, is_mag, sample, state):
+    """A first threshold (absolute) for row `r` and the span of a first widening, from the iteration
+    run on a strided sample of ``len(sample)`` keys with k scaled to its size."""
+    n = keys.shape[1]
+    n_s = sample.shape[0]
+    low = np.inf
+    high = -np.inf
+    for i in range(n_s):
+        v = float(keys[r, (i * n) // n_s])
+        sample[i] = v
+        low = min(low, v)
+        high = max(high, v)
+    span = high - low + lam
+    start_state(state, 0.5 * (low + high), is_mag, span)
+    rest = k * n_s / n
+    for _ in range(MAX_STEPS):
+        t = state[0]
+        if advance(state, row_sums(sample, 0, n_s, 0.0, t, lam, q, is_mag), rest, lam, q, is_mag) != ITERATE:
+            break
+    return state[0], span
+
+
+@nb.njit(cache=True, error_model="numpy")
+def emit_row(keys, x, r, j0, j1, ref, t, lam, q, is_mag, with_residuals, out, gprime, scale, free_signs):
+    """Write the outputs (and residuals) of entries [j0, j1) of row `r` at its threshold `t`
+    (relative to `ref`); returns (|S|, |F|) over them.
+
+    Each loop is its own function over 1-D views indexed from 0 (indices
+    Numba knows to be non-negative), with selects only: the compiler
+    vectorizes them, which it does not do for one loop with every case.
+    """
+    width = _width(t, lam, q, is_mag)
+    s_row = keys[r, j0:j1]
+    if is_mag:
+        counts = _mag_values(s_row, x[r, j0:j1], out[r, j0:j1], ref, t, width, lam, q)
+    else:
+        counts = _mask_values(s_row, out[r, j0:j1], ref, t, width, lam, q)
+    if with_residuals:
+        _free_derivatives(s_row, gprime[r, j0:j1], ref, t, width, lam, q)
+        if is_mag:
+            _mag_scales(s_row, x[r, j0:j1], scale[r, j0:j1], free_signs[r, j0:j1], ref, t, width, lam, q)
+    return counts
+
+
+@nb.njit(cache=True, error_model="numpy")
+def _mask_values(s_row, y_row, ref, t, width, lam, q):
+    n_sat = 0
+    n_free = 0
+    for j in range(s_row.shape[0]):
+        d, sat, free = _entry_sets(float(s_row[j]), ref, t, width)
+        n_sat += 1 if sat else 0
+        n_free += 1 if free else 0
+        y_row[j] = 1.0 if sat else min(g_scalar(d if free else 0.0, lam, q), 1.0)
+    return n_sat, n_free
+
+
+@nb.njit(cache=True, error_model="numpy")
+def _mag_values(s_row, x_row, y_row, ref, t, width, lam, q):
+    n_sat = 0
+    n_free = 0
+    for j in range(s_row.shape[0]):
+        d, sat, free = _entry_sets(float(s_row[j]), ref, t, width)
+        n_sat += 1 if sat else 0
+        n_free += 1 if free else 0
+        xj = x_row[j]
+        # On F: sign(x) (g(d) + d), spec section 5.
+        y_row[j] = xj if sat else (math.copysign(g_scalar(d if free else 0.0, lam, q) + d, xj) if free else 0.0)
+    return n_sat, n_free
+
+
+@nb.njit(cache=True, error_model="numpy")
+def _free_derivatives(s_row, g_row, ref, t, width, lam, q):
+    for j in range(s_row.shape[0]):
+        d, _, free = _entry_sets(float(s_row[j]), ref, t, width)
+        g_row[j] = g_prime_scalar(d if free else 0.0, lam, q)
+
+
+@nb.njit(cache=True, error_model="numpy")
+def _mag_scales(s_row, x_row, scale_row, sign_row, ref, t, width, lam, q):
+    for j in range(s_row.shape[0]):
+        d, sat, free = _entry_sets(float(s_row[j]), ref, t, width)
+        scale_row[j] = 1.0 + g_prime_scalar(d, lam, q) if free else (1.0 if sat else 0.0)
+        sign_row[j] = (1 if x_row[j] > 0.0 else -1) if free else 0
