@@ -122,7 +122,7 @@ def test_long_row_route_equals_the_row_per_thread_route(rng, p, is_mag, n_parts,
             arrays = [np.empty_like(keys), np.empty_like(keys), np.empty_like(keys), np.empty(keys.shape, np.bool_)]
             offset = np.zeros(batch, np.int64)
             if long_route:
-                select._select_long_rows(keys, x, k, lam, q, is_mag, *arrays, offset, n_parts, n_sample)
+                select._select_long_rows(keys, x, k, lam, q, is_mag, *arrays, offset, n_parts, n_sample, False)
             else:
                 select._select_rows.serial(keys, x, k, lam, q, is_mag, *arrays, offset, 1, np.empty((0, 2)), 0)
             outputs.append([*arrays, offset] if is_mag else arrays[:2])

@@ -30,9 +30,22 @@ import numba as nb
 import numpy as np
 
 from ._scalar import mag_fixed_point
-from .sortfree import ITERATE, MAX_STEPS, SOLVED, FAILED, advance, emit_row, row_sums, sample_size, sample_start, start_state
 from .kernels import _compiled_pair, _pooled_block, _row_frame, _unit_scale, emit_entry, segment_entry
 from .lanes import LANES, MAX_PASSES, lane_rows, lanes_apply
+from .sortfree import (
+    FAILED,
+    ITERATE,
+    MAX_STEPS,
+    SOLVED,
+    STATE_SIZE,
+    advance,
+    emit_row,
+    leave_interval_end,
+    row_sums,
+    sample_size,
+    sample_start,
+    start_state,
+)
 
 # k + 1 up to this many: keep the k + 1 largest keys in a small sorted buffer
 # (a few insertions per row); beyond it, select with np.partition.
@@ -233,6 +246,7 @@ def _sortfree_row(keys, x, r, k, lam, q, is_mag, with_residuals, out, gprime, sc
     for _ in range(MAX_STEPS):
         status = advance(state, row_sums(row, 0, n, ref, state[0], lam, q, is_mag), float(k), lam, q, is_mag)
         if status == SOLVED:
+            leave_interval_end(row, ref, state, k, lam, q, is_mag)
             n_sat, n_free = emit_row(keys, x, r, 0, n, ref, state[0], lam, q, is_mag, with_residuals, out, gprime,
                                      scale, free_signs)
             _sortfree_offset(r, k, n_sat, n_free, is_mag, with_residuals, offset)
@@ -269,7 +283,7 @@ def _select_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs, off
         order = np.empty(n, dtype=np.int64)
         top = np.empty(TRACK_MAX, dtype=np.float64)
         sample = np.empty(n_sample if sortfree else 0, dtype=np.float64)
-        state = np.empty(7, dtype=np.float64)
+        state = np.empty(STATE_SIZE, dtype=np.float64)
         ref_cast = np.empty(1, dtype=keys.dtype)
         for r in range(c * batch // n_chunks, (c + 1) * batch // n_chunks):
             if k >= n:
@@ -295,8 +309,13 @@ _select_rows = _compiled_pair(_select_rows)
 
 
 @nb.njit(parallel=True, cache=True, error_model="numpy")
-def _select_long_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs, offset, n_parts, n_sample):
+def _select_long_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs, offset, n_parts, n_sample,
+                      sortfree):
     """`_select_rows` for a few long rows: each row is split into `n_parts` parts across the threads.
+
+    With `sortfree` (see `sortfree_applies`), each row first tries the
+    sort-free iteration of module `sortfree`, every pass split across the
+    threads; a row that does not settle takes the exact route below.
 
     The order statistics come from a bracket: quantiles of a strided sample
     of `n_sample` keys, checked by counting (at most k - 1 keys above it, at
@@ -315,10 +334,37 @@ def _select_long_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs
     part_b = np.zeros(n_parts, dtype=np.int64)
     n_sample = min(n, n_sample)
     sample = np.empty(n_sample, dtype=np.float64)
+    start_sample = np.empty(sample_size(n) if sortfree else 0, dtype=np.float64)
+    state = np.empty(STATE_SIZE, dtype=np.float64)
+    ref_cast = np.empty(1, dtype=keys.dtype)
+    part_sums = np.zeros((5, n_parts), dtype=np.float64)
     for r in range(batch):
         if k >= n:
             _all_saturated(r, x, is_mag, with_residuals, out, gprime, scale, free_signs, offset)
             continue
+        if sortfree:
+            ref = _sortfree_start(keys, r, k, lam, q, is_mag, start_sample, state, ref_cast)
+            status = ITERATE
+            for _ in range(MAX_STEPS):
+                t = state[0]
+                for c in nb.prange(n_parts):
+                    n_sat, n_free, s1, s2, s3 = row_sums(keys[r], c * n // n_parts, (c + 1) * n // n_parts, ref, t,
+                                                         lam, q, is_mag)
+                    part_sums[0, c], part_sums[1, c], part_sums[2, c] = n_sat, n_free, s1
+                    part_sums[3, c], part_sums[4, c] = s2, s3
+                totals = (int(part_sums[0].sum()), int(part_sums[1].sum()), part_sums[2].sum(), part_sums[3].sum(),
+                          part_sums[4].sum())
+                status = advance(state, totals, float(k), lam, q, is_mag)
+                if status != ITERATE:
+                    break
+            if status == SOLVED:
+                leave_interval_end(keys[r], ref, state, k, lam, q, is_mag)
+                for c in nb.prange(n_parts):
+                    part_a[c], part_b[c] = emit_row(keys, x, r, c * n // n_parts, (c + 1) * n // n_parts, ref,
+                                                    state[0], lam, q, is_mag, with_residuals, out, gprime, scale,
+                                                    free_signs)
+                _sortfree_offset(r, k, part_a.sum(), part_b.sum(), is_mag, with_residuals, offset)
+                continue
         for i in range(n_sample):
             sample[i] = float(keys[r, (i * n) // n_sample])
         sample.sort()
@@ -390,7 +436,8 @@ def topk_rows_select(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs,
     batch, n = keys.shape
     threads = nb.get_num_threads()
     if n >= LONG_ROW_MIN_N and batch < threads:
-        _select_long_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs, offset, 4 * threads, SAMPLE_SIZE)
+        _select_long_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs, offset, 4 * threads, SAMPLE_SIZE,
+                          sortfree_applies(n, k, q, lam))
         return
     n_chunks = min(batch, 4 * threads)
     bounds = _short_row_bounds(keys, k)

@@ -42,8 +42,12 @@ from .kernels import _closed_block_value
 
 # Passes per row before the row is handed back to the selection kernel.
 MAX_STEPS = 40
-# Status codes of `advance`.
+# A step of at most this many ulps of the threshold's scale is a step to the threshold itself.
+_STEP_ULPS = 8.0
+_EPS = np.finfo(np.float64).eps
+# Status codes of `advance`, and the length of its state.
 ITERATE, SOLVED, FAILED = 0, 1, -1
+STATE_SIZE = 9
 
 
 @nb.njit(cache=True, error_model="numpy")
@@ -119,10 +123,11 @@ def _step(t, rest, n_sat, n_free, s1, s2, s3, lam, q, is_mag):
 def advance(state, sums, rest, lam, q, is_mag):
     """One step of the iteration from the sums at the current threshold; returns ITERATE, SOLVED or FAILED.
 
-    `state` (float64, 7): threshold, bracket ends lo and hi (infinite while
-    open), the span of the next widening, whether the threshold came from an
-    unsafeguarded step (1.0) and the counts |S|, |F| at the threshold it came
-    from.  On SOLVED the threshold is the row's; no step is taken.
+    `state` (float64, STATE_SIZE): threshold, bracket ends lo and hi
+    (infinite while open), the span of the next widening, whether the
+    threshold came from an unsafeguarded step (1.0), the counts |S|, |F| at
+    the threshold it came from, and the lengths of the last two steps.  On
+    SOLVED the threshold is the row's; no step is taken.
     """
     t, lo, hi, span = state[0], state[1], state[2], state[3]
     n_sat, n_free, s1, s2, s3 = sums
@@ -137,7 +142,16 @@ def advance(state, sums, rest, lam, q, is_mag):
         lo = t
     elif f < 0.0:
         hi = t
-    from_step = lo <= nxt <= hi  # False for NaN
+    # Strictly inside: a step onto an end of the bracket (an earlier iterate) would let two
+    # iterates alternate for ever on a piecewise-linear sum(y); bisect then.  False for NaN.
+    from_step = lo < nxt < hi
+    # Brent's rule: a step longer than half the one before the last is not converging (far
+    # from the root, where the sets change a lot, the steps crawl): bisect instead.
+    from_step = from_step and abs(nxt - t) <= 0.5 * state[8]
+    if abs(nxt - t) <= _STEP_ULPS * _EPS * (abs(t) + _width(t, lam, q, is_mag)):
+        # The root on these sets is t itself, to rounding (the sets changed by entries at
+        # d = 0, or f is a rounding error): stay, and the next pass confirms the sets.
+        nxt, from_step = t, True
     if not from_step:
         if math.isinf(hi):
             nxt = t + span
@@ -149,10 +163,53 @@ def advance(state, sums, rest, lam, q, is_mag):
             nxt = 0.5 * (lo + hi)
             if nxt == t:
                 return FAILED  # the bracket has shrunk to nothing without a root
+    state[8], state[7] = state[7], abs(nxt - t)
     state[0], state[1], state[2], state[3] = nxt, lo, hi, span
     state[4] = 1.0 if from_step else 0.0
     state[5], state[6] = n_sat, n_free
     return ITERATE
+
+
+@nb.njit(cache=True, error_model="numpy")
+def _largest_unsaturated(row, ref, t, width, zero_only):
+    """The largest key of `row` (relative to `ref`) that is not saturated at `t`, or (`zero_only`)
+    that is 0 there; -inf when there is none."""
+    best = -np.inf
+    for j in range(row.shape[0]):
+        s = float(row[j])
+        _, sat, free = _entry_sets(s, ref, t, width)
+        below = not (sat or (free and zero_only))
+        best = max(best, s - ref if below else -np.inf)
+    return best
+
+
+@nb.njit(cache=True, error_model="numpy")
+def leave_interval_end(row, ref, state, k, lam, q, is_mag):
+    """Move a solved threshold off an end of a non-unique interval, where its free set is spurious.
+
+    When no entry is fractional, every threshold of an interval solves the
+    row (spec section 6) and the iteration, which approaches from outside,
+    settles on an end of it within rounding: there the entries of one group
+    sit at y = 1 - eps (|S| + |F| = k) or y = eps (|S| = k) and form a free
+    set that is not there.  Then the (k+1)-th largest key `s_(k+1)` is the
+    largest key below that group; at ``t = s_(k+1)`` the k largest keys are
+    all saturated exactly when the row has no violator (PAV's own test,
+    ``g(s_(k) - s_(k+1)) >= target``), and that threshold, inside the
+    interval, is taken.  One or two passes, on such rows only.
+    """
+    n_sat, n_free = state[5], state[6]
+    if n_free == 0.0 or (n_sat + n_free != k and n_sat != k):
+        return
+    t = state[0]
+    width = _width(t, lam, q, is_mag)
+    # Below the group: the zero set (|S| + |F| = k), or the free and zero sets (|S| = k).
+    t_next = _largest_unsaturated(row, ref, t, width, n_sat != k)
+    if is_mag and not t_next > 0.0:
+        return
+    sums = row_sums(row, 0, row.shape[0], ref, t_next, lam, q, is_mag)
+    if sums[0] == k and sums[1] == 0:
+        state[0] = t_next
+        state[5], state[6] = k, 0.0
 
 
 @nb.njit(cache=True, error_model="numpy")
@@ -165,6 +222,8 @@ def start_state(state, t, is_mag, span):
     state[4] = 0.0
     state[5] = -1.0
     state[6] = -1.0
+    state[7] = np.inf
+    state[8] = np.inf
 
 
 @nb.njit(cache=True, error_model="numpy")

@@ -1,0 +1,189 @@
+"""The sort-free route (a row's threshold by vectorized passes over the row, p = 2 and 4/3) against the full-sort route.
+
+The full-sort route (argsort, `pav_rows` with integer blocks, Array-API
+assembly) is checked against the reference PAV and the threshold oracle
+elsewhere.  Here the sort-free iteration must give the same outputs and
+Jacobian products on rows of every kind, settle on ordinary rows (so that
+the comparison is really of this route), hand back the rows it cannot settle
+(the exact route then answers), and serve both drivers: a row per thread,
+and a long row split across the threads.
+"""
+
+from __future__ import annotations
+
+import array_api_compat.numpy as xp
+import numpy as np
+import pytest
+
+from topk_core._agnostic import jacobians
+from topk_core._agnostic.residuals import MagResiduals, MaskResiduals
+from topk_core._pav import select, sortfree
+from topk_core._pav.kernels import fused_outputs
+from topk_core._pav_path import pav_mag, pav_mask
+
+SOLVE = {"mask": pav_mask, "mag": pav_mag}
+PRODUCT = {"mask": jacobians.mask_jvp_rows, "mag": jacobians.mag_vjp_rows}
+EXPONENTS = {"p=2": 2.0, "p=4/3": 4.0}  # the route's conjugate exponents q
+
+
+@pytest.fixture(params=list(EXPONENTS), ids=list(EXPONENTS))
+def q(request) -> float:
+    return EXPONENTS[request.param]
+
+
+@pytest.fixture
+def short_rows_too(monkeypatch):
+    """Let rows of a few dozen entries take the sort-free route (it starts at 1024 otherwise)."""
+    monkeypatch.setattr(select, "SORTFREE_MIN_N", 20)
+
+
+def _rows(rng, batch, n, kind, dtype):
+    x = rng.normal(size=(batch, n))
+    if kind == "ties":
+        x = np.round(x * 2) / 2  # ties and exact zeros
+    elif kind == "spread":
+        x = x * np.exp(rng.uniform(-6, 6, size=(batch, 1)))  # rows of very different scales
+    elif kind == "offset":
+        x = 1e3 + x  # keys large next to the strength: the mask's frame keeps d's digits
+    elif kind == "uniform":
+        x = rng.uniform(-1, 1, size=(batch, n))
+    return x.astype(dtype)
+
+
+def _assert_same_as_full_sort(x, k, lam, q, operator, rng):
+    solve, product = SOLVE[operator], PRODUCT[operator]
+    y_fast, res_fast = solve(x, k, lam, q, with_residuals=True, fused=True)
+    y_ref, res_ref = solve(x, k, lam, q, with_residuals=True, fused=False)
+    assert res_fast.perm is None  # the selection kernel's driver ran (the full-sort route was not taken)
+    eps = np.finfo(x.dtype).eps
+    scale = max(1.0, float(np.abs(x).max()) / lam)
+    np.testing.assert_allclose(y_fast, y_ref, rtol=100 * eps * scale, atol=100 * eps * scale)
+    u = rng.normal(size=x.shape).astype(x.dtype)
+    np.testing.assert_allclose(
+        product(res_fast, u, xp), product(res_ref, u, xp), rtol=1e3 * eps * scale, atol=1e3 * eps * scale
+    )
+
+
+def _settles(x, k, lam, q, is_mag):
+    """Whether `_sortfree_row` solves every row of `x` (with_residuals, scratch as the kernel has it)."""
+    keys = np.ascontiguousarray(np.abs(x) if is_mag else x)
+    arrays = fused_outputs(x, is_mag, True)
+    sample = np.empty(sortfree.sample_size(x.shape[1]))
+    state = np.empty(sortfree.STATE_SIZE)
+    ref_cast = np.empty(1, dtype=x.dtype)
+    return [
+        select._sortfree_row(keys, x, r, k, lam, q, is_mag, True, *arrays, sample, state, ref_cast)
+        for r in range(x.shape[0])
+    ]
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "spread", "offset", "uniform"])
+@pytest.mark.parametrize("n", [40, 300, 2000])
+def test_sortfree_route_equals_full_sort_route(rng, q, float_dtype, operator, kind, n, short_rows_too):
+    x = _rows(rng, 6, n, kind, float_dtype)
+    for k in sorted({17, max(17, n // 8), n // 2, n - 1}):
+        # Strengths not commensurate with the ties' spacing: with 0.5 and 3.0 a tied group can
+        # land exactly on y = 1 or y = 0, a kink where the routes take different one-sided
+        # derivatives (both valid).
+        for lam in (1.3e-3, 0.137, 2.71):
+            if kind == "offset" and float_dtype == np.float32 and lam < 0.1:
+                continue  # float32 keys near 1e3 are 6e-5 apart: the full-sort reference rounds to that
+            _assert_same_as_full_sort(x, k, lam, q, operator, rng)
+
+
+@pytest.mark.parametrize("kind", ["normal", "spread", "offset", "uniform"])
+def test_ordinary_rows_settle_on_the_sortfree_route(rng, q, float_dtype, operator, kind):
+    # So that the comparison above is one of this route: rows without ties settle in it.
+    x = _rows(rng, 8, 3000, kind, float_dtype)
+    for k in (17, 375, 1500, 2999):
+        assert all(_settles(x, k, 0.1, q, operator == "mag")), k
+
+
+def test_magnitude_rows_with_fewer_than_k_nonzero_entries_go_back(rng, q, short_rows_too):
+    # The threshold is then 0 (the row is returned as it is): the iteration, which keeps it
+    # positive, cannot settle and hands the row back to the exact route.
+    x = rng.normal(size=(3, 200))
+    x[:, 20:] = 0.0
+    k = 30
+    assert not any(_settles(x, k, 0.1, q, True))
+    y, _ = pav_mag(x, k, 0.1, q, with_residuals=False)
+    np.testing.assert_array_equal(y, x)
+    _assert_same_as_full_sort(x, k, 0.1, q, "mag", rng)
+
+
+def test_no_fractional_entry_gives_exact_zeros_and_ones(rng, q, short_rows_too):
+    # The top k keys lie more than l above the others: the threshold is not unique, the
+    # answer is exactly 0/1 and the Jacobian 0 (spec section 6).
+    k = 40
+    x = rng.normal(size=(4, 500)) * 0.01
+    x[:, :k] += 5.0
+    assert all(_settles(x, k, 0.1, q, False))
+    y, res = pav_mask(x, k, 0.1, q, with_residuals=True)
+    expected = np.zeros_like(x)
+    expected[:, :k] = 1.0
+    np.testing.assert_array_equal(y, expected)
+    np.testing.assert_array_equal(jacobians.mask_jvp_rows(res, rng.normal(size=x.shape), xp), 0.0)
+
+
+def test_every_entry_free_when_the_strength_is_huge(rng, q, short_rows_too):
+    x = rng.normal(size=(3, 400))
+    assert all(_settles(x, 50, 1e6, q, False))
+    _assert_same_as_full_sort(x, 50, 1e6, q, "mask", rng)
+
+
+@pytest.mark.parametrize("start", [-1e4, -3.0, 0.5, 2.0, 1e4])
+def test_iteration_settles_from_any_start(rng, q, operator, start):
+    # An open bracket widens (doubling) until it holds the root, then narrows: the
+    # threshold does not depend on the start that the sample gives.
+    is_mag = operator == "mag"
+    x = rng.normal(size=(1, 5000))
+    keys = np.abs(x) if is_mag else x
+    k = 600
+    state = np.empty(sortfree.STATE_SIZE)
+    thresholds = []
+    for t0 in (start, None):
+        if t0 is None:
+            t0, _ = sortfree.sample_start(keys, 0, k, 0.1, q, is_mag, np.empty(128), state)
+        sortfree.start_state(state, abs(t0) if is_mag else t0, is_mag, 1.0)
+        for _ in range(200):
+            status = sortfree.advance(state, sortfree.row_sums(keys[0], 0, 5000, 0.0, state[0], 0.1, q, is_mag),
+                                      float(k), 0.1, q, is_mag)
+            if status != sortfree.ITERATE:
+                break
+        assert status == sortfree.SOLVED
+        thresholds.append(state[0])
+    np.testing.assert_allclose(thresholds[0], thresholds[1], rtol=1e-13)
+
+
+@pytest.mark.parametrize("n_parts", [1, 3, 8])
+def test_long_row_driver_equals_full_sort_route(rng, q, float_dtype, operator, n_parts):
+    # The driver of a few long rows, each pass split into n_parts parts across the threads.
+    is_mag = operator == "mag"
+    eps = np.finfo(float_dtype).eps
+    for kind in ("normal", "ties", "offset"):
+        x = _rows(rng, 2, 5000, kind, float_dtype)
+        keys = np.ascontiguousarray(np.abs(x) if is_mag else x)
+        scale = max(1.0, float(np.abs(x).max()) / 0.1)
+        for k in (17, 625, 4000):
+            y, gprime, scales, free_signs, offset = arrays = fused_outputs(x, is_mag, True)
+            select._select_long_rows(keys, x, k, 0.1, q, is_mag, *arrays, n_parts, 8192, True)
+            if is_mag:
+                res = MagResiduals(None, None, None, None, gprime, scales, free_signs, offset[:, None].astype(x.dtype))
+            else:
+                res = MaskResiduals(None, None, None, None, gprime)
+            y_ref, res_ref = SOLVE[operator](x, k, 0.1, q, with_residuals=True, fused=False)
+            np.testing.assert_allclose(y, y_ref, rtol=100 * eps * scale, atol=100 * eps * scale)
+            u = rng.normal(size=x.shape).astype(x.dtype)
+            np.testing.assert_allclose(
+                PRODUCT[operator](res, u, xp), PRODUCT[operator](res_ref, u, xp),
+                rtol=1e3 * eps * scale, atol=1e3 * eps * scale,
+            )
+
+
+def test_route_choice():
+    assert select.sortfree_applies(4096, 512, 2.0, 0.1)
+    assert select.sortfree_applies(4096, 512, 4.0, 0.1)
+    assert not select.sortfree_applies(4096, 512, 3.0, 0.1)  # no closed form for the block: PAV's root finder
+    assert not select.sortfree_applies(4096, 8, 2.0, 0.1)  # small k: tracked order statistics, few candidates
+    assert not select.sortfree_applies(512, 64, 2.0, 0.1)  # short rows: the selection kernel or the lanes
+    assert not select.sortfree_applies(4096, 512, 2.0, 1e-40)  # a strength the frame would rescale
