@@ -45,6 +45,11 @@ MAX_STEPS = 40
 # A step of at most this many ulps of the threshold's scale is a step to the threshold itself.
 _STEP_ULPS = 8.0
 _EPS = np.finfo(np.float64).eps
+# Fast-math flags of the passes over a row, which change only the last bits and let the compiler
+# vectorize: reassociated sums (`row_sums`), and a multiplication by 1 / l instead of a division
+# by l per entry (the passes that write outputs), which would cost several times the rest.
+_REASSOC = {"reassoc"}
+_ARCP = {"arcp"}
 # Status codes of `advance`, and the length of its state.
 ITERATE, SOLVED, FAILED = 0, 1, -1
 STATE_SIZE = 9
@@ -65,19 +70,24 @@ def _width(t, lam, q, is_mag):
     return lam * t if q == 2.0 else lam * np.cbrt(t)
 
 
-@nb.njit(cache=True, inline="always", error_model="numpy")
+@nb.njit(cache=True, error_model="numpy")
 def _entry_sets(s, ref, t, width):
-    """(d, saturated, free) of a key `s` at threshold `t` (relative to `ref`): the one definition of the sets."""
+    """(d, saturated, free) of a key `s` at threshold `t` (relative to `ref`): the one definition of the sets.
+
+    Not inlined by Numba, so compiled without the callers' fast-math flags:
+    LLVM still inlines it, but may not reassociate ``(s - ref) - t`` into
+    ``s - (ref + t)``, which would lose the digits of `d` the frame keeps.
+    """
     d = (s - ref) - t
     return d, d >= width, (d > 0.0) & (d < width)
 
 
-@nb.njit(cache=True, fastmath={"reassoc"}, error_model="numpy")
+@nb.njit(cache=True, fastmath=_REASSOC, error_model="numpy")
 def row_sums(row, j0, j1, ref, t, lam, q, is_mag):
     """(|S|, |F|, sum_F d, sum_F d^2, sum_F d^3) over row[j0:j1] at threshold `t`, d = s - ref - t.
 
-    Reassociation lets the compiler vectorize the sums (it changes only their
-    rounding); the sets themselves are exact comparisons.
+    Reassociated sums (`_REASSOC`); `d` and the sets come from `_entry_sets`,
+    compiled without it, so they are those of `emit_row` to the bit.
     """
     width = _width(t, lam, q, is_mag)
     cubic = q != 2.0
@@ -271,7 +281,7 @@ def emit_row(keys, x, r, j0, j1, ref, t, lam, q, is_mag, with_residuals, out, gp
     return counts
 
 
-@nb.njit(cache=True, error_model="numpy")
+@nb.njit(cache=True, fastmath=_ARCP, error_model="numpy")
 def _mask_values(s_row, y_row, ref, t, width, lam, q):
     n_sat = 0
     n_free = 0
@@ -283,7 +293,7 @@ def _mask_values(s_row, y_row, ref, t, width, lam, q):
     return n_sat, n_free
 
 
-@nb.njit(cache=True, error_model="numpy")
+@nb.njit(cache=True, fastmath=_ARCP, error_model="numpy")
 def _mag_values(s_row, x_row, y_row, ref, t, width, lam, q):
     n_sat = 0
     n_free = 0
@@ -297,14 +307,14 @@ def _mag_values(s_row, x_row, y_row, ref, t, width, lam, q):
     return n_sat, n_free
 
 
-@nb.njit(cache=True, error_model="numpy")
+@nb.njit(cache=True, fastmath=_ARCP, error_model="numpy")
 def _free_derivatives(s_row, g_row, ref, t, width, lam, q):
     for j in range(s_row.shape[0]):
         d, _, free = _entry_sets(float(s_row[j]), ref, t, width)
         g_row[j] = g_prime_scalar(d if free else 0.0, lam, q)
 
 
-@nb.njit(cache=True, error_model="numpy")
+@nb.njit(cache=True, fastmath=_ARCP, error_model="numpy")
 def _mag_scales(s_row, x_row, scale_row, sign_row, ref, t, width, lam, q):
     for j in range(s_row.shape[0]):
         d, sat, free = _entry_sets(float(s_row[j]), ref, t, width)
