@@ -30,7 +30,7 @@ STRENGTH = 0.1
 
 def _kernels(x: np.ndarray, k: int, is_mag: bool, with_residuals: bool) -> tuple:
     keys = np.abs(x) if is_mag else x
-    bounds = select._short_row_bounds(keys, k)
+    bounds = select._row_bounds(keys, k)
     arrays = fused_outputs(x, is_mag, with_residuals)
     unresolved = np.empty(x.shape[0], np.bool_)
 

@@ -85,7 +85,7 @@ def test_rows_left_unsolved_go_to_the_selection_kernel(monkeypatch, rng, operato
 def test_unsolved_rows_are_flagged(rng):
     keys = rng.normal(size=(100, 16))
     unresolved = np.zeros(100, dtype=np.bool_)
-    bounds = select._short_row_bounds(keys, 3)
+    bounds = select._row_bounds(keys, 3)
     args = (keys, keys, 3, 1.0, False, bounds, *fused_outputs(keys, False, True))
     lanes.lane_rows.serial(*args, unresolved, 1, 0)
     # With no step allowed, only the rows without a violator (a gap of at least l after
@@ -127,7 +127,7 @@ def test_lanes_only_where_they_apply(rng, operator, p, lam, n, lane_calls):
 def test_both_compiled_variants_agree(rng, operator):
     x = _rows(rng, 3000, 24, "ties", np.float32)
     keys = np.abs(x) if operator == "mag" else x
-    bounds = select._short_row_bounds(keys, 4)
+    bounds = select._row_bounds(keys, 4)
     results = []
     for variant, n_chunks in ((lanes.lane_rows.serial, 1), (lanes.lane_rows.parallel, 7)):
         arrays = fused_outputs(x, operator == "mag", True)  # the mask's scale, signs, offset are empty

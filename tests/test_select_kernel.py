@@ -26,6 +26,7 @@ def selection_route(request, monkeypatch):
         monkeypatch.setattr(select, "LANE_TRACK_MAX", 0)
     if request.param == "tracked-or-partitioned":
         monkeypatch.setattr(select, "PRESORT_MAX_N", 0)
+        monkeypatch.setattr(select, "SORT_BOUNDS_MAX_N", 0)
     return request.param
 
 

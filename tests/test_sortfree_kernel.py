@@ -33,8 +33,9 @@ def q(request) -> float:
 
 @pytest.fixture
 def short_rows_too(monkeypatch):
-    """Let rows of a few dozen entries take the sort-free route (it starts at 1024 otherwise)."""
+    """Let rows of a few dozen entries take the sort-free route (it starts at hundreds of entries otherwise)."""
     monkeypatch.setattr(select, "SORTFREE_MIN_N", 20)
+    monkeypatch.setattr(select, "SORTFREE_CUBIC_MIN_N", 20)
 
 
 def _rows(rng, batch, n, kind, dtype):
@@ -185,5 +186,7 @@ def test_route_choice():
     assert select.sortfree_applies(4096, 512, 4.0, 0.1)
     assert not select.sortfree_applies(4096, 512, 3.0, 0.1)  # no closed form for the block: PAV's root finder
     assert not select.sortfree_applies(4096, 8, 2.0, 0.1)  # small k: tracked order statistics, few candidates
-    assert not select.sortfree_applies(512, 64, 2.0, 0.1)  # short rows: the selection kernel or the lanes
+    assert select.sortfree_applies(300, 64, 2.0, 0.1)
+    assert not select.sortfree_applies(256, 64, 2.0, 0.1)  # short rows: the selection kernel or the lanes
+    assert not select.sortfree_applies(512, 64, 4.0, 0.1)  # p = 4/3 pays from longer rows on
     assert not select.sortfree_applies(4096, 512, 2.0, 1e-40)  # a strength the frame would rescale

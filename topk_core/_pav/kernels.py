@@ -473,9 +473,11 @@ def _renamed(py_func, suffix):
     return twin
 
 
-def _compiled_pair(py_func):
-    serial = nb.njit(cache=True, error_model="numpy")(py_func)
-    parallel = nb.njit(parallel=True, cache=True, error_model="numpy")(_renamed(py_func, "_parallel"))
+def _compiled_pair(py_func, fastmath=False):
+    serial = nb.njit(cache=True, fastmath=fastmath, error_model="numpy")(py_func)
+    parallel = nb.njit(parallel=True, cache=True, fastmath=fastmath, error_model="numpy")(
+        _renamed(py_func, "_parallel")
+    )
 
     def dispatch(keys, *args):
         batch, n = keys.shape

@@ -58,6 +58,10 @@ INSERTION_MAX = 32
 # kernel: `lane_order_statistics` when k + 1 is at most LANE_TRACK_MAX, else np.sort of the
 # keys (values only).
 PRESORT_MAX_N = 256
+# Longer rows up to this length whose k + 1 exceeds TRACK_MAX, when the sort-free route does not
+# serve them, take np.sort of the keys too: NumPy's vectorized sort costs a fraction of Numba's
+# np.partition row by row (a quarter at 4096 entries).
+SORT_BOUNDS_MAX_N = 1 << 16
 # Each sweep of the lanes costs about a sixteenth of np.sort per entry (float32, AVX-512
 # machine, rows of 64): the break-even is near 13 sweeps.
 LANE_TRACK_MAX = 12
@@ -66,9 +70,13 @@ LANE_TRACK_MAX = 12
 LONG_ROW_MIN_N = 1 << 17
 # Size of the strided sample that brackets the order statistics of a long row.
 SAMPLE_SIZE = 8192
-# Rows at least this long, with p = 2 or 4/3 and k + 1 > TRACK_MAX, first try the sort-free
-# iteration of module `sortfree` (no order statistics, no ordering of candidates).
-SORTFREE_MIN_N = 1024
+# Rows at least this long, with p = 2 (SORTFREE_MIN_N) or p = 4/3 (SORTFREE_CUBIC_MIN_N) and
+# k + 1 > TRACK_MAX, first try the sort-free iteration of module `sortfree` (no order statistics,
+# no ordering of candidates).  Measured against np.sort bounds and the selection kernel (float32,
+# k = n/8, AVX-512 machine): for p = 2, 0.25-0.7x their time from 384 entries on, 1x at 256; for
+# p = 4/3, which needs more passes of more work, 0.6-0.9x from 768 on, 1.1-1.3x at 384-512.
+SORTFREE_MIN_N = PRESORT_MAX_N + 1
+SORTFREE_CUBIC_MIN_N = 768
 _EPS = np.finfo(np.float64).eps
 
 
@@ -221,7 +229,8 @@ def _all_saturated(r, x, is_mag, with_residuals, out, gprime, scale, free_signs,
 
 def sortfree_applies(n: int, k: int, q: float, lam: float) -> bool:
     """Whether rows of `n` entries try the sort-free iteration of module `sortfree` before the exact route."""
-    return n >= SORTFREE_MIN_N and k + 1 > TRACK_MAX and k < n and (q == 2.0 or q == 4.0) and _unit_scale(lam) == 1.0
+    min_n = SORTFREE_MIN_N if q == 2.0 else SORTFREE_CUBIC_MIN_N
+    return n >= min_n and k + 1 > TRACK_MAX and k < n and (q == 2.0 or q == 4.0) and _unit_scale(lam) == 1.0
 
 
 @nb.njit(cache=True, error_model="numpy")
@@ -440,7 +449,8 @@ def topk_rows_select(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs,
                           sortfree_applies(n, k, q, lam))
         return
     n_chunks = min(batch, 4 * threads)
-    bounds = _short_row_bounds(keys, k)
+    sortfree = sortfree_applies(n, k, q, lam)
+    bounds = np.empty((0, 2)) if sortfree else _row_bounds(keys, k)
     if bounds.shape[0] == batch and lanes_apply(n, q, lam):
         unresolved = np.empty(batch, dtype=np.bool_)
         lane_rows(keys, x, k, lam, is_mag, bounds, out, gprime, scale, free_signs, offset, unresolved,
@@ -449,7 +459,7 @@ def topk_rows_select(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs,
         if rows.size:
             _select_subset(rows, keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs, offset, bounds)
         return
-    n_sample = sample_size(n) if bounds.shape[0] == 0 and sortfree_applies(n, k, q, lam) else 0
+    n_sample = sample_size(n) if sortfree else 0
     _select_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs, offset, n_chunks, bounds, n_sample)
 
 
@@ -466,19 +476,22 @@ def _select_subset(rows, keys, x, k, lam, q, is_mag, out, gprime, scale, free_si
             full[rows] = sub
 
 
-def _short_row_bounds(keys, k):
-    """(batch, 2) float64: the k-th and (k+1)-th largest key of rows of at most PRESORT_MAX_N
-    entries (empty for longer rows, and when k >= n: the kernel needs none then).
+def _row_bounds(keys, k):
+    """(batch, 2) float64: the k-th and (k+1)-th largest key of every row, from a pass over all rows
+    before the kernel; empty when the kernel selects them row by row (rows longer than
+    PRESORT_MAX_N with k + 1 <= TRACK_MAX, or longer than SORT_BOUNDS_MAX_N) and when k >= n.
 
     Both passes beat selecting inside the kernel row by row, whose branches mispredict
-    on every row: for small k, tracking in SIMD lanes across rows; otherwise, NumPy's
-    vectorized sort of the values.
+    on every row: for short rows and small k, tracking in SIMD lanes across rows;
+    otherwise, NumPy's vectorized sort of the values.
     """
     batch, n = keys.shape
-    if n > PRESORT_MAX_N or k >= n:
+    if k >= n:
         return np.empty((0, 2))
-    if k + 1 <= LANE_TRACK_MAX:
+    if n <= PRESORT_MAX_N and k + 1 <= LANE_TRACK_MAX:
         return lane_order_statistics(keys, k, min(-(-batch // LANES), 4 * nb.get_num_threads()))
+    if n > PRESORT_MAX_N and (k + 1 <= TRACK_MAX or n > SORT_BOUNDS_MAX_N):
+        return np.empty((0, 2))
     ascending = np.sort(keys, axis=-1)
     return np.stack([ascending[:, n - k], ascending[:, n - k - 1]], axis=-1).astype(np.float64)
 
