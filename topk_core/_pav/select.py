@@ -45,6 +45,7 @@ from .sortfree import (
     sample_size,
     sample_start,
     start_state,
+    worth_emitting,
 )
 
 # k + 1 up to this many: keep the k + 1 largest keys in a small sorted buffer
@@ -253,13 +254,19 @@ def _sortfree_row(keys, x, r, k, lam, q, is_mag, with_residuals, out, gprime, sc
     ref = _sortfree_start(keys, r, k, lam, q, is_mag, sample, state, ref_cast)
     row = keys[r]
     for _ in range(MAX_STEPS):
-        status = advance(state, row_sums(row, 0, n, ref, state[0], lam, q, is_mag), float(k), lam, q, is_mag)
+        t_prev = state[0]
+        status = advance(state, row_sums(row, 0, n, ref, t_prev, lam, q, is_mag), float(k), lam, q, is_mag)
         if status == SOLVED:
             leave_interval_end(row, ref, state, k, lam, q, is_mag)
+        # Writing the outputs at a solved threshold; or, on a bet that the threshold just stepped
+        # to keeps the sets it came from (`worth_emitting`), writing them at once, which saves the
+        # pass that would confirm it when the counts agree (else the outputs are written again).
+        if status == SOLVED or (status == ITERATE and worth_emitting(state, t_prev, k, lam, q, is_mag)):
             n_sat, n_free = emit_row(keys, x, r, 0, n, ref, state[0], lam, q, is_mag, with_residuals, out, gprime,
                                      scale, free_signs)
-            _sortfree_offset(r, k, n_sat, n_free, is_mag, with_residuals, offset)
-            return True
+            if status == SOLVED or (n_sat == state[5] and n_free == state[6]):
+                _sortfree_offset(r, k, n_sat, n_free, is_mag, with_residuals, offset)
+                return True
         if status == FAILED:
             return False
     return False
@@ -353,26 +360,33 @@ def _select_long_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs
             continue
         if sortfree:
             ref = _sortfree_start(keys, r, k, lam, q, is_mag, start_sample, state, ref_cast)
-            status = ITERATE
+            solved = False
             for _ in range(MAX_STEPS):
-                t = state[0]
+                t_prev = state[0]
                 for c in nb.prange(n_parts):
-                    n_sat, n_free, s1, s2, s3 = row_sums(keys[r], c * n // n_parts, (c + 1) * n // n_parts, ref, t,
-                                                         lam, q, is_mag)
+                    n_sat, n_free, s1, s2, s3 = row_sums(keys[r], c * n // n_parts, (c + 1) * n // n_parts, ref,
+                                                         t_prev, lam, q, is_mag)
                     part_sums[0, c], part_sums[1, c], part_sums[2, c] = n_sat, n_free, s1
                     part_sums[3, c], part_sums[4, c] = s2, s3
                 totals = (int(part_sums[0].sum()), int(part_sums[1].sum()), part_sums[2].sum(), part_sums[3].sum(),
                           part_sums[4].sum())
                 status = advance(state, totals, float(k), lam, q, is_mag)
-                if status != ITERATE:
+                if status == SOLVED:
+                    leave_interval_end(keys[r], ref, state, k, lam, q, is_mag)
+                if status == SOLVED or (status == ITERATE and worth_emitting(state, t_prev, k, lam, q, is_mag)):
+                    # As in `_sortfree_row`: a bet that the new threshold keeps its sets saves a pass.
+                    for c in nb.prange(n_parts):
+                        part_a[c], part_b[c] = emit_row(keys, x, r, c * n // n_parts, (c + 1) * n // n_parts, ref,
+                                                        state[0], lam, q, is_mag, with_residuals, out, gprime, scale,
+                                                        free_signs)
+                    n_sat, n_free = part_a.sum(), part_b.sum()
+                    solved = status == SOLVED or (n_sat == state[5] and n_free == state[6])
+                    if solved:
+                        _sortfree_offset(r, k, n_sat, n_free, is_mag, with_residuals, offset)
+                        break
+                if status == FAILED:
                     break
-            if status == SOLVED:
-                leave_interval_end(keys[r], ref, state, k, lam, q, is_mag)
-                for c in nb.prange(n_parts):
-                    part_a[c], part_b[c] = emit_row(keys, x, r, c * n // n_parts, (c + 1) * n // n_parts, ref,
-                                                    state[0], lam, q, is_mag, with_residuals, out, gprime, scale,
-                                                    free_signs)
-                _sortfree_offset(r, k, part_a.sum(), part_b.sum(), is_mag, with_residuals, offset)
+            if solved:
                 continue
         for i in range(n_sample):
             sample[i] = float(keys[r, (i * n) // n_sample])

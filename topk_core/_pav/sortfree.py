@@ -193,6 +193,28 @@ def _largest_unsaturated(row, ref, t, width, zero_only):
     return best
 
 
+@nb.njit(cache=True, inline="always", error_model="numpy")
+def _at_interval_end(state, k):
+    # Whether the counts at a solved threshold say it may sit on an end of a non-unique
+    # interval (see `leave_interval_end`).
+    n_sat, n_free = state[5], state[6]
+    return n_free > 0.0 and (n_sat + n_free == k or n_sat == k)
+
+
+@nb.njit(cache=True, error_model="numpy")
+def worth_emitting(state, t_prev, k, lam, q, is_mag):
+    """Whether to write the outputs at the threshold `advance` just stepped to from `t_prev`, on the bet
+    that it keeps the sets it was computed from (then it is solved, and the pass that would confirm it
+    is saved; the caller compares the counts that `emit_row` returns with state[5], state[6]).
+
+    Bets when the step was a closed-form one and moves the ends of the free
+    window past fewer than a quarter of an entry, at the window's density.
+    """
+    if state[4] != 1.0 or state[6] == 0.0 or _at_interval_end(state, k):
+        return False
+    return abs(state[0] - t_prev) * 2.0 * state[6] < 0.25 * _width(t_prev, lam, q, is_mag)
+
+
 @nb.njit(cache=True, error_model="numpy")
 def leave_interval_end(row, ref, state, k, lam, q, is_mag):
     """Move a solved threshold off an end of a non-unique interval, where its free set is spurious.
@@ -207,13 +229,12 @@ def leave_interval_end(row, ref, state, k, lam, q, is_mag):
     ``g(s_(k) - s_(k+1)) >= target``), and that threshold, inside the
     interval, is taken.  One or two passes, on such rows only.
     """
-    n_sat, n_free = state[5], state[6]
-    if n_free == 0.0 or (n_sat + n_free != k and n_sat != k):
+    if not _at_interval_end(state, k):
         return
     t = state[0]
     width = _width(t, lam, q, is_mag)
     # Below the group: the zero set (|S| + |F| = k), or the free and zero sets (|S| = k).
-    t_next = _largest_unsaturated(row, ref, t, width, n_sat != k)
+    t_next = _largest_unsaturated(row, ref, t, width, state[5] != k)
     if is_mag and not t_next > 0.0:
         return
     sums = row_sums(row, 0, row.shape[0], ref, t_next, lam, q, is_mag)
