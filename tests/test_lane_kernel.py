@@ -136,3 +136,32 @@ def test_both_compiled_variants_agree(rng, operator):
         results.append((*arrays, unresolved))
     for a, b in zip(*results, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("batch", [1, 63, 130])
+def test_order_statistics_found_in_the_lanes_equal_given_ones(rng, operator, float_dtype, batch):
+    # With empty bounds the lane kernel sweeps its own transposed rows for them: the same
+    # order statistics, so the same outputs, residuals and hand-backs, to the bit.
+    x = _rows(rng, batch, 20, "ties", float_dtype)
+    keys = np.ascontiguousarray(np.abs(x) if operator == "mag" else x)
+    for k in (1, 2, 5, 11):
+        results = []
+        for bounds in (select._row_bounds(keys, k), np.empty((0, 2))):
+            assert bounds.shape[0] in (0, batch)
+            arrays = fused_outputs(x, operator == "mag", True)
+            unresolved = np.empty(batch, np.bool_)
+            lanes.lane_rows.serial(keys, x, k, 0.3, operator == "mag", bounds, *arrays, unresolved, 1,
+                                   lanes.MAX_PASSES)
+            results.append((*arrays, unresolved))
+        for a, b in zip(*results, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_sweeps_find_the_order_statistics(rng):
+    for k in (1, 2, 7):
+        columns = np.round(rng.normal(size=(12, lanes.LANES)), 1)  # ties
+        desc = -np.sort(-columns, axis=0)
+        uppers, belows = np.empty(lanes.LANES), np.empty(lanes.LANES)
+        lanes.sweep_order_statistics(columns.copy(), k, uppers, belows)
+        np.testing.assert_array_equal(uppers, desc[k - 1])
+        np.testing.assert_array_equal(belows, desc[k])

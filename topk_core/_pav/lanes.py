@@ -159,18 +159,44 @@ def _two_entry_block(x0, x1, lam, is_mag):
     return _closed_block_value(2.0, 0.5 * (x0 + x1), 0.0, 0.0, 1.0, lam, 2.0, is_mag)
 
 
+@nb.njit(cache=True, error_model="numpy")
+def sweep_order_statistics(columns, k, uppers, belows):
+    """The k-th and (k+1)-th largest entries of every lane of `columns` (n, LANES) into `uppers`, `belows`
+    (arrays of the dtype of `columns`).
+
+    k + 1 sweeps each move the largest remaining entry of every lane to the
+    top (destroying `columns`): one entry of all lanes per step, a loop the
+    compiler vectorizes, with no data-dependent branch; O((k + 1) n) per lane.
+    """
+    n = columns.shape[0]
+    for level in range(k + 1):
+        for lane in range(LANES):
+            belows[lane] = -np.inf
+        for j in range(n):
+            for lane in range(LANES):
+                a = belows[lane]
+                b = columns[j, lane]
+                belows[lane] = a if a > b else b
+                columns[j, lane] = b if a > b else a
+        if level == k - 1:
+            uppers[:] = belows
+
+
 def lane_rows(keys, x, k, lam, is_mag, bounds, out, gprime, scale, free_signs, offset, unresolved, n_chunks,
               max_passes):
     """Solve rows of `keys` LANES at a time (module docstring); flag the rows left to the caller.
 
     Arguments as in `select._select_rows` (p = 2), with `bounds` the (batch, 2) k-th
-    and (k+1)-th largest keys of every row (1 <= k < n), `unresolved` a
+    and (k+1)-th largest keys of every row (1 <= k < n), or empty: they are then
+    found here, by `sweep_order_statistics` on the rows already in the lane
+    layout (no second transposition; for small k only), `unresolved` a
     (batch,) bool array, set where a row was not solved here (its outputs are
     then garbage, to be overwritten), and `max_passes` the Newton steps
     allowed per row.
     """
     batch, n = keys.shape
     with_residuals = gprime.shape[0] == batch and gprime.shape[1] == n
+    bounds_inside = bounds.shape[0] != batch
     groups = -(-batch // LANES)
     for c in nb.prange(n_chunks):
         z = np.empty((n, LANES), dtype=np.float64)
@@ -185,13 +211,28 @@ def lane_rows(keys, x, k, lam, is_mag, bounds, out, gprime, scale, free_signs, o
         tau, lo, hi, active, prev_sat, prev_free = state[0], state[1], state[2], state[3], state[4], state[5]
         ref = np.empty(LANES, dtype=np.float64)
         rows = np.empty(LANES, dtype=np.int64)
+        # The sweeps run in the keys' dtype: float32 sweeps take half the time of float64 ones.
+        columns = np.empty((n, LANES) if bounds_inside else (0, LANES), dtype=keys.dtype)
+        uppers = np.empty(LANES, dtype=keys.dtype)
+        belows = np.empty(LANES, dtype=keys.dtype)
         for grp in range(c * groups // n_chunks, (c + 1) * groups // n_chunks):
             r0 = grp * LANES
             used = min(LANES, batch - r0)
             for lane in range(LANES):
-                r = r0 + lane if lane < used else r0  # lanes past the last row repeat a real one
-                rows[lane] = r
-                upper, below = bounds[r, 0], bounds[r, 1]
+                rows[lane] = r0 + lane if lane < used else r0  # lanes past the last row repeat a real one
+            for j in range(n):
+                for lane in range(LANES):
+                    z[j, lane] = float(keys[rows[lane], j])
+            if bounds_inside:
+                for j in range(n):
+                    for lane in range(LANES):
+                        columns[j, lane] = keys[rows[lane], j]
+                sweep_order_statistics(columns, k, uppers, belows)
+            for lane in range(LANES):
+                if bounds_inside:
+                    upper, below = float(uppers[lane]), float(belows[lane])
+                else:
+                    upper, below = bounds[rows[lane], 0], bounds[rows[lane], 1]
                 active[lane] = 1.0
                 prev_sat[lane] = -1.0
                 prev_free[lane] = -1.0
@@ -215,9 +256,10 @@ def lane_rows(keys, x, k, lam, is_mag, bounds, out, gprime, scale, free_signs, o
                         # [s_(k+1), s_(k) - l]; the right end leaves the free set empty.
                         tau[lane] = -lam
                         active[lane] = 0.0
-            for j in range(n):
-                for lane in range(LANES):
-                    z[j, lane] = float(keys[rows[lane], j]) - ref[lane]
+            if not is_mag:
+                for j in range(n):
+                    for lane in range(LANES):
+                        z[j, lane] -= ref[lane]
             for _ in range(max_passes):
                 _pass(z, tau, lam, is_mag, acc)
                 remaining = _update(state, acc, lam, k, is_mag)

@@ -31,7 +31,7 @@ import numpy as np
 
 from ._scalar import mag_fixed_point
 from .kernels import _compiled_pair, _pooled_block, _row_frame, _unit_scale, emit_entry, segment_entry
-from .lanes import LANES, MAX_PASSES, lane_rows, lanes_apply
+from .lanes import LANES, MAX_PASSES, lane_rows, lanes_apply, sweep_order_statistics
 from .sortfree import (
     FAILED,
     ITERATE,
@@ -463,9 +463,10 @@ def topk_rows_select(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs,
                           sortfree_applies(n, k, q, lam))
         return
     n_chunks = min(batch, 4 * threads)
-    sortfree = sortfree_applies(n, k, q, lam)
-    bounds = np.empty((0, 2)) if sortfree else _row_bounds(keys, k)
-    if bounds.shape[0] == batch and lanes_apply(n, q, lam):
+    if k < n and lanes_apply(n, q, lam):
+        # For small k the lane kernel finds the order statistics itself, on the rows it has
+        # already transposed; otherwise they come from np.sort.
+        bounds = np.empty((0, 2)) if k + 1 <= LANE_TRACK_MAX else _row_bounds(keys, k)
         unresolved = np.empty(batch, dtype=np.bool_)
         lane_rows(keys, x, k, lam, is_mag, bounds, out, gprime, scale, free_signs, offset, unresolved,
                   min(-(-batch // LANES), n_chunks), MAX_PASSES)
@@ -473,6 +474,8 @@ def topk_rows_select(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs,
         if rows.size:
             _select_subset(rows, keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs, offset, bounds)
         return
+    sortfree = sortfree_applies(n, k, q, lam)
+    bounds = np.empty((0, 2)) if sortfree else _row_bounds(keys, k)
     n_sample = sample_size(n) if sortfree else 0
     _select_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs, offset, n_chunks, bounds, n_sample)
 
@@ -484,7 +487,7 @@ def _select_subset(rows, keys, x, k, lam, q, is_mag, out, gprime, scale, free_si
 
     parts = [part(a) for a in (out, gprime, scale, free_signs, offset)]
     _select_rows(keys[rows], x[rows], k, lam, q, is_mag, *parts, min(rows.size, 4 * nb.get_num_threads()),
-                 bounds[rows], 0)
+                 bounds[rows] if bounds.shape[0] == keys.shape[0] else bounds, 0)
     for full, sub in zip((out, gprime, scale, free_signs, offset), parts, strict=True):
         if full.shape[0] == keys.shape[0]:
             full[rows] = sub
@@ -514,17 +517,17 @@ def lane_order_statistics(keys, k, n_chunks):
     """(batch, 2) float64: the k-th and (k+1)-th largest entries of every row (1 <= k < n).
 
     Rows are taken LANES at a time and transposed, so that each step works on one
-    entry of LANES rows at once (a loop over rows, which the compiler vectorizes):
-    k + 1 passes each move the largest remaining entry of every row to the top,
-    O((k + 1) n) per row with no data-dependent branch.  Rows are split into
-    `n_chunks` chunks of whole lane groups.
+    entry of LANES rows at once (`lanes.sweep_order_statistics`): O((k + 1) n) per
+    row with no data-dependent branch.  Rows are split into `n_chunks` chunks of
+    whole lane groups.
     """
     batch, n = keys.shape
     bounds = np.empty((batch, 2), dtype=np.float64)
     groups = -(-batch // LANES)
     for c in nb.prange(n_chunks):
         columns = np.empty((n, LANES), dtype=keys.dtype)
-        top = np.empty(LANES, dtype=keys.dtype)
+        uppers = np.empty(LANES, dtype=keys.dtype)
+        belows = np.empty(LANES, dtype=keys.dtype)
         for grp in range(c * groups // n_chunks, (c + 1) * groups // n_chunks):
             r0 = grp * LANES
             used = min(LANES, batch - r0)
@@ -533,18 +536,10 @@ def lane_order_statistics(keys, k, n_chunks):
                 r = r0 + lane if lane < used else r0
                 for j in range(n):
                     columns[j, lane] = keys[r, j]
-            for level in range(k + 1):
-                for lane in range(LANES):
-                    top[lane] = -np.inf
-                for j in range(n):
-                    for lane in range(LANES):
-                        a = top[lane]
-                        b = columns[j, lane]
-                        top[lane] = a if a > b else b
-                        columns[j, lane] = b if a > b else a
-                if level >= k - 1:
-                    for lane in range(used):
-                        bounds[r0 + lane, level - k + 1] = top[lane]
+            sweep_order_statistics(columns, k, uppers, belows)
+            for lane in range(used):
+                bounds[r0 + lane, 0] = uppers[lane]
+                bounds[r0 + lane, 1] = belows[lane]
     return bounds
 
 
