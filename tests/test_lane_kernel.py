@@ -18,6 +18,8 @@ from topk_core._pav import lanes, select
 from topk_core._pav.kernels import fused_outputs
 from topk_core._pav_path import pav_mag, pav_mask
 
+from ._rows import rows_of_kind
+
 SOLVE = {"mask": pav_mask, "mag": pav_mag}
 PRODUCT = {"mask": jacobians.mask_jvp_rows, "mag": jacobians.mag_vjp_rows}
 
@@ -29,17 +31,6 @@ def lane_calls(monkeypatch):
     original = select.lane_rows
     monkeypatch.setattr(select, "lane_rows", lambda keys, *a: calls.append(keys.shape) or original(keys, *a))
     return calls
-
-
-def _rows(rng, batch, n, kind, dtype):
-    x = rng.normal(size=(batch, n))
-    if kind == "ties":
-        x = np.round(x * 2) / 2  # ties and exact zeros
-    elif kind == "spread":
-        x = x * np.exp(rng.uniform(-8, 8, size=(batch, 1)))  # rows of very different scales
-    elif kind == "dominant":
-        x[:, 0] = 1e4  # one entry far above the rest
-    return x.astype(dtype)
 
 
 def _assert_same(operator, x, k, lam, rng):
@@ -63,7 +54,7 @@ def _assert_same(operator, x, k, lam, rng):
 @pytest.mark.parametrize("kind", ["normal", "ties", "spread", "dominant"])
 @pytest.mark.parametrize(("batch", "n"), [(1, 2), (63, 16), (64, 17), (130, 48), (700, 7), (5, 33)])
 def test_lane_route_equals_full_sort_route(rng, operator, float_dtype, kind, batch, n, lane_calls):
-    x = _rows(rng, batch, n, kind, float_dtype)
+    x = rows_of_kind(rng, batch, n, kind, float_dtype)
     # Strengths that are not dyadic: with dyadic keys (the ties) a dyadic strength can put a key
     # exactly on the edge of the free set, a kink where each route keeps its own one-sided Jacobian.
     for k in sorted({1, max(1, n // 8), n // 2, n - 1} - {0}):
@@ -76,7 +67,7 @@ def test_lane_route_equals_full_sort_route(rng, operator, float_dtype, kind, bat
 def test_rows_left_unsolved_go_to_the_selection_kernel(monkeypatch, rng, operator, max_passes):
     # With too few steps allowed, some (0: all) rows are handed back and solved again.
     monkeypatch.setattr(select, "MAX_PASSES", max_passes)
-    x = _rows(rng, 300, 40, "ties", np.float64)
+    x = rows_of_kind(rng, 300, 40, "ties", np.float64)
     for k in (1, 5, 20):
         for lam in (0.01, 0.7, 10.3):
             _assert_same(operator, x, k, lam, rng)
@@ -125,7 +116,7 @@ def test_lanes_only_where_they_apply(rng, operator, p, lam, n, lane_calls):
 
 
 def test_both_compiled_variants_agree(rng, operator):
-    x = _rows(rng, 3000, 24, "ties", np.float32)
+    x = rows_of_kind(rng, 3000, 24, "ties", np.float32)
     keys = np.abs(x) if operator == "mag" else x
     bounds = select._row_bounds(keys, 4)
     results = []
@@ -142,7 +133,7 @@ def test_both_compiled_variants_agree(rng, operator):
 def test_order_statistics_found_in_the_lanes_equal_given_ones(rng, operator, float_dtype, batch):
     # With empty bounds the lane kernel sweeps its own transposed rows for them: the same
     # order statistics, so the same outputs, residuals and hand-backs, to the bit.
-    x = _rows(rng, batch, 20, "ties", float_dtype)
+    x = rows_of_kind(rng, batch, 20, "ties", float_dtype)
     keys = np.ascontiguousarray(np.abs(x) if operator == "mag" else x)
     for k in (1, 2, 5, 11):
         results = []

@@ -21,6 +21,8 @@ from topk_core._pav import select, sortfree
 from topk_core._pav.kernels import fused_outputs
 from topk_core._pav_path import pav_mag, pav_mask
 
+from ._rows import rows_of_kind
+
 SOLVE = {"mask": pav_mask, "mag": pav_mag}
 PRODUCT = {"mask": jacobians.mask_jvp_rows, "mag": jacobians.mag_vjp_rows}
 EXPONENTS = {"p=2": 2.0, "p=4/3": 4.0}  # the route's conjugate exponents q
@@ -36,19 +38,6 @@ def short_rows_too(monkeypatch):
     """Let rows of a few dozen entries take the sort-free route (it starts at hundreds of entries otherwise)."""
     monkeypatch.setattr(select, "SORTFREE_MIN_N", 20)
     monkeypatch.setattr(select, "SORTFREE_CUBIC_MIN_N", 20)
-
-
-def _rows(rng, batch, n, kind, dtype):
-    x = rng.normal(size=(batch, n))
-    if kind == "ties":
-        x = np.round(x * 2) / 2  # ties and exact zeros
-    elif kind == "spread":
-        x = x * np.exp(rng.uniform(-6, 6, size=(batch, 1)))  # rows of very different scales
-    elif kind == "offset":
-        x = 1e3 + x  # keys large next to the strength: the mask's frame keeps d's digits
-    elif kind == "uniform":
-        x = rng.uniform(-1, 1, size=(batch, n))
-    return x.astype(dtype)
 
 
 def _assert_same_as_full_sort(x, k, lam, q, operator, rng):
@@ -81,7 +70,7 @@ def _settles(x, k, lam, q, is_mag):
 @pytest.mark.parametrize("kind", ["normal", "ties", "spread", "offset", "uniform"])
 @pytest.mark.parametrize("n", [40, 300, 2000])
 def test_sortfree_route_equals_full_sort_route(rng, q, float_dtype, operator, kind, n, short_rows_too):
-    x = _rows(rng, 6, n, kind, float_dtype)
+    x = rows_of_kind(rng, 6, n, kind, float_dtype)
     for k in sorted({17, max(17, n // 8), n // 2, n - 1}):
         # Strengths not commensurate with the ties' spacing: with 0.5 and 3.0 a tied group can
         # land exactly on y = 1 or y = 0, a kink where the routes take different one-sided
@@ -95,7 +84,7 @@ def test_sortfree_route_equals_full_sort_route(rng, q, float_dtype, operator, ki
 @pytest.mark.parametrize("kind", ["normal", "spread", "offset", "uniform"])
 def test_ordinary_rows_settle_on_the_sortfree_route(rng, q, float_dtype, operator, kind):
     # So that the comparison above is one of this route: rows without ties settle in it.
-    x = _rows(rng, 8, 3000, kind, float_dtype)
+    x = rows_of_kind(rng, 8, 3000, kind, float_dtype)
     for k in (17, 375, 1500, 2999):
         assert all(_settles(x, k, 0.1, q, operator == "mag")), k
 
@@ -162,7 +151,7 @@ def test_long_row_driver_equals_full_sort_route(rng, q, float_dtype, operator, n
     is_mag = operator == "mag"
     eps = np.finfo(float_dtype).eps
     for kind in ("normal", "ties", "offset"):
-        x = _rows(rng, 2, 5000, kind, float_dtype)
+        x = rows_of_kind(rng, 2, 5000, kind, float_dtype)
         keys = np.ascontiguousarray(np.abs(x) if is_mag else x)
         scale = max(1.0, float(np.abs(x).max()) / 0.1)
         for k in (17, 625, 4000):

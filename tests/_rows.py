@@ -1,0 +1,29 @@
+"""Test rows of the kinds that stress the CPU kernels: one generator for every kernel's tests."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def rows_of_kind(rng: np.random.Generator, batch: int, n: int, kind: str, dtype) -> np.ndarray:
+    """(batch, n) rows of `dtype`.
+
+    Kinds: "normal"; "ties" (halves: ties and exact zeros); "spread" (rows
+    scaled by e^u, u uniform in [-6, 6]: very different scales); "dominant"
+    (one entry far above the rest); "offset" (keys near 1e3, large next to the
+    strength); "uniform" (uniform in [-1, 1]).
+    """
+    x = rng.normal(size=(batch, n))
+    if kind == "ties":
+        x = np.round(x * 2) / 2
+    elif kind == "spread":
+        x = x * np.exp(rng.uniform(-6, 6, size=(batch, 1)))
+    elif kind == "dominant":
+        x[:, 0] = 1e4
+    elif kind == "offset":
+        x = 1e3 + x
+    elif kind == "uniform":
+        x = rng.uniform(-1, 1, size=(batch, n))
+    elif kind != "normal":
+        raise ValueError(f"unknown kind of rows: {kind!r}")
+    return x.astype(dtype)
