@@ -20,6 +20,12 @@ strength is so large that every entry is a candidate, this is the full sort.
 
 Both cuts are moved outward by a few float64 ulps: a candidate too many is
 harmless (PAV classifies it exactly), a misclassified entry would not be.
+
+`topk_rows_select` is also the driver of the two other CPU routes, which hand
+the rows they do not settle back to this kernel: many short rows with p = 2
+go to the lane solver (module `lanes`), and long rows with p = 2 or 4/3 to
+the sort-free iteration (module `sortfree`), which needs neither the order
+statistics nor an order of the candidates.
 """
 
 from __future__ import annotations
@@ -453,8 +459,9 @@ def topk_rows_select(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs,
     Same outputs and residuals as `kernels.topk_rows_forward` (see there for
     the arguments; here there is no permutation and no infinite segment), in
     O(n) per row plus a sort of the candidates (module docstring).  Many short
-    rows with p = 2 go to the lane solver (`lanes.lane_rows`), which hands the
-    rows it does not solve back to this kernel.
+    rows with p = 2 go to the lane solver (`lanes.lane_rows`), long rows with
+    p = 2 or 4/3 to the sort-free iteration (`sortfree_applies`); both hand
+    the rows they do not settle back to this kernel.
     """
     batch, n = keys.shape
     threads = nb.get_num_threads()
