@@ -179,3 +179,20 @@ def test_route_choice():
     assert not select.sortfree_applies(256, 64, 2.0, 0.1)  # short rows: the selection kernel or the lanes
     assert not select.sortfree_applies(512, 64, 4.0, 0.1)  # p = 4/3 pays from longer rows on
     assert not select.sortfree_applies(4096, 512, 2.0, 1e-40)  # a strength the frame would rescale
+
+
+@pytest.mark.parametrize("scale", [1e-310, 1e-300, 1e-160, 1e-40, 1e40, 1e160, 1e250])
+def test_magnitude_rows_of_extreme_scale(rng, q, scale):
+    # The magnitude is homogeneous: its outputs and products scale with the row.  Rows whose
+    # threshold lies beyond 2^+-100 are handed back (sums of d^3 would under- or overflow),
+    # and the selection kernel solves them in a rescaled frame.  Compared relative to the scale.
+    x = rng.normal(size=(3, 2000)) * scale
+    k = 250
+    settles = _settles(x, k, 0.1, q, True)
+    assert not any(settles) if not 1e-30 < scale < 1e30 else all(settles)
+    y, res = pav_mag(x, k, 0.1, q, with_residuals=True)
+    y_ref, res_ref = pav_mag(x, k, 0.1, q, with_residuals=True, fused=False)
+    np.testing.assert_allclose(y / scale, y_ref / scale, rtol=1e-12, atol=1e-12)
+    u = rng.normal(size=x.shape)
+    np.testing.assert_allclose(jacobians.mag_vjp_rows(res, u, xp), jacobians.mag_vjp_rows(res_ref, u, xp),
+                               rtol=1e-10, atol=1e-10)

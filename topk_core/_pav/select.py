@@ -242,14 +242,22 @@ def sortfree_applies(n: int, k: int, q: float, lam: float) -> bool:
 
 @nb.njit(cache=True, error_model="numpy")
 def _sortfree_start(keys, r, k, lam, q, is_mag, sample, state, ref_cast):
-    """Start row `r`'s iteration (module `sortfree`) from its sample; returns the frame's `ref`."""
+    """Start row `r`'s iteration (module `sortfree`) from its sample; returns (usable, the frame's `ref`).
+
+    Not usable: a magnitude row whose threshold is tiny or huge (binary exponent
+    beyond +-100, as `kernels._row_frame` measures it), where the sums of
+    powers of d under- or overflow; the selection kernel rescales such rows.
+    """
     t0, span = sample_start(keys, r, k, lam, q, is_mag, sample, state)
     ref = 0.0
-    if not is_mag:
+    if is_mag:
+        if _unit_scale(t0) != 1.0:
+            return False, ref
+    else:
         ref_cast[0] = t0  # a value of the keys' dtype next to t0: s - ref is then exact for float32 keys
         ref = float(ref_cast[0])
     start_state(state, t0 - ref, is_mag, span)
-    return ref
+    return True, ref
 
 
 @nb.njit(cache=True, error_model="numpy")
@@ -257,7 +265,9 @@ def _sortfree_row(keys, x, r, k, lam, q, is_mag, with_residuals, out, gprime, sc
                   state, ref_cast):
     """Solve row `r` by the sort-free iteration; False (nothing written) when it did not settle."""
     n = keys.shape[1]
-    ref = _sortfree_start(keys, r, k, lam, q, is_mag, sample, state, ref_cast)
+    usable, ref = _sortfree_start(keys, r, k, lam, q, is_mag, sample, state, ref_cast)
+    if not usable:
+        return False
     row = keys[r]
     for _ in range(MAX_STEPS):
         t_prev = state[0]
@@ -365,9 +375,9 @@ def _select_long_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs
             _all_saturated(r, x, is_mag, with_residuals, out, gprime, scale, free_signs, offset)
             continue
         if sortfree:
-            ref = _sortfree_start(keys, r, k, lam, q, is_mag, start_sample, state, ref_cast)
+            usable, ref = _sortfree_start(keys, r, k, lam, q, is_mag, start_sample, state, ref_cast)
             solved = False
-            for _ in range(MAX_STEPS):
+            for _ in range(MAX_STEPS if usable else 0):
                 t_prev = state[0]
                 for c in nb.prange(n_parts):
                     n_sat, n_free, s1, s2, s3 = row_sums(keys[r], c * n // n_parts, (c + 1) * n // n_parts, ref,
