@@ -80,3 +80,28 @@ def test_no_warnings_from_nonfinite_input(operator):
     x = np.array([[np.inf, -np.inf, np.nan, 1.0], [np.inf, -np.inf, 0.0, 1.0]])
     SOFT[operator](x, 2, p=3.0)
     SOFT[operator](x, 2, p=1.25)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(1, 7), (3, 50), (70000, 1), (512, 300)])
+def test_one_pass_finiteness_check_and_magnitude_keys(rng, dtype, shape):
+    # The pass that decides the all-finite route (and writes |x| for the magnitude), on small
+    # arrays and on arrays large enough for its threaded chunks; a non-finite entry anywhere
+    # (first, last, a chunk's edge) is seen.
+    from topk_core._pav.kernels import all_finite, row_keys
+
+    x = rng.normal(size=shape).astype(dtype)
+    x[0, 0] = np.finfo(dtype).max  # finite, however large
+    x[-1, -1] = -np.finfo(dtype).tiny
+    keys, finite = row_keys(x)
+    assert finite and all_finite(x)
+    np.testing.assert_array_equal(keys, np.abs(x))
+    size = x.size
+    for flat_index in (0, size - 1, size // 2, size // 3 + 1):
+        for bad in (np.nan, np.inf, -np.inf):
+            y = x.copy()
+            y.reshape(-1)[flat_index] = bad
+            assert not all_finite(y)
+            keys, finite = row_keys(y)
+            assert not finite
+            np.testing.assert_array_equal(keys, np.abs(y))

@@ -492,3 +492,42 @@ def _compiled_pair(py_func, fastmath=False):
 
 pav_rows = _compiled_pair(pav_rows)
 topk_rows_forward = _compiled_pair(topk_rows_forward)
+
+
+@nb.njit(parallel=True, cache=True, error_model="numpy")
+def _flat_keys(flat, keys, is_mag, n_chunks):
+    # Chunks of the flattened rows: long contiguous loops the compiler vectorizes, whatever n is.
+    size = flat.shape[0]
+    bad = 0
+    for c in nb.prange(n_chunks):
+        part = flat[c * size // n_chunks:(c + 1) * size // n_chunks]
+        chunk_bad = 0
+        if is_mag:
+            out = keys[c * size // n_chunks:(c + 1) * size // n_chunks]
+            for j in range(part.shape[0]):
+                a = abs(part[j])
+                out[j] = a
+                chunk_bad += 0 if a < np.inf else 1  # NaN compares false too
+        else:
+            for j in range(part.shape[0]):
+                chunk_bad += 0 if abs(part[j]) < np.inf else 1
+        bad += chunk_bad
+    return bad == 0
+
+
+def _chunks(size: int) -> int:
+    # Threads only pay off on large arrays (see PARALLEL_MIN_ENTRIES).
+    return 4 * nb.get_num_threads() if size >= PARALLEL_MIN_ENTRIES else 1
+
+
+def row_keys(x):
+    """(keys, all_finite) of C-contiguous NumPy rows `x` for the magnitude: |x|, and whether every
+    entry of x is finite, in one pass (instead of an abs, an isfinite and an all)."""
+    keys = np.empty_like(x)
+    return keys, _flat_keys(x.reshape(-1), keys.reshape(-1), True, _chunks(x.size))
+
+
+def all_finite(x):
+    """Whether every entry of the C-contiguous NumPy rows `x` is finite (one pass, no temporary)."""
+    # The unused `keys` must be writable for Numba to compile the loop that would write it.
+    return _flat_keys(x.reshape(-1), np.empty(0, dtype=x.dtype), False, _chunks(x.size))
