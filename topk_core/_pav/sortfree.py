@@ -16,14 +16,19 @@ entries).  Neither is needed: the solution is fixed by one threshold `t`
    compiler vectorizes it), then solves the equation exactly on those sets
    (a Newton step of the piecewise smooth ``sum(y)``), safeguarded by a
    bracket that the signs of ``sum(y) - k`` narrow (and widen, doubling, while
-   one end is still open);
+   one end is still open), steps strictly inside it and Brent's rule;
 3. the row is solved when the sets at the new threshold are the ones it was
    computed from: it is then the root on those sets and they are its own,
-   the exact threshold of the row (`advance`);
-4. one more pass writes the outputs and residuals (`emit_row`), vectorized.
+   the exact threshold of the row (`advance`); a threshold settled on an end
+   of a non-unique interval is moved inside it (`leave_interval_end`);
+4. one more pass writes the outputs and residuals (`emit_row`), vectorized;
+   when a step is small enough that the sets should not change
+   (`worth_emitting`), the drivers write the outputs at once and confirm the
+   sets from that pass's counts, which saves the confirming pass.
 
-Rows need 3-5 passes.  A row that does not settle within `MAX_STEPS` is left
-to the caller (the selection kernel solves it exactly).  The mask's threshold
+Rows need 3-5 passes for p = 2, 5-6 for p = 4/3.  A row that does not settle
+within `MAX_STEPS` is left to the caller (the selection kernel solves it
+exactly), and so is a magnitude row of extreme scale (see `select`).  The mask's threshold
 is held relative to a value `ref` of the keys' own dtype next to it, so that
 ``s - ref`` is exact for float32 keys and ``d`` keeps its digits when the keys
 are large next to the strength; the magnitude's is absolute.  The drivers (a
