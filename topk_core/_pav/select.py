@@ -263,7 +263,8 @@ def _sortfree_start(keys, r, k, lam, q, is_mag, sample, state, ref_cast):
 @nb.njit(cache=True, error_model="numpy")
 def _sortfree_row(keys, x, r, k, lam, q, is_mag, with_residuals, out, gprime, scale, free_signs, offset, sample,
                   state, ref_cast):
-    """Solve row `r` by the sort-free iteration; False (nothing written) when it did not settle."""
+    """Solve row `r` by the sort-free iteration; False when it did not settle (the outputs it may have
+    written on a lost bet are all written again by the caller's exact route)."""
     n = keys.shape[1]
     usable, ref = _sortfree_start(keys, r, k, lam, q, is_mag, sample, state, ref_cast)
     if not usable:
