@@ -14,6 +14,9 @@ from __future__ import annotations
 import array_api_compat.numpy as xp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 
 from topk_core._agnostic import jacobians
 from topk_core._agnostic.residuals import MagResiduals, MaskResiduals
@@ -196,3 +199,32 @@ def test_magnitude_rows_of_extreme_scale(rng, q, scale):
     u = rng.normal(size=x.shape)
     np.testing.assert_allclose(jacobians.mag_vjp_rows(res, u, xp), jacobians.mag_vjp_rows(res_ref, u, xp),
                                rtol=1e-10, atol=1e-10)
+
+
+_long_rows = st.integers(300, 700).flatmap(
+    lambda n: arrays(np.float64, n, elements=st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False, width=64))
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(x=_long_rows, data=st.data(), lam=st.floats(1e-3, 1e2), q=st.sampled_from([2.0, 4.0]), is_mag=st.booleans())
+def test_sortfree_invariants_and_agreement_on_arbitrary_rows(x, data, lam, q, is_mag):
+    # Hypothesis rows (repeated values, zeros, spans of 1e3): the sort-free route keeps the
+    # capped simplex and the order, and agrees with the full-sort route.
+    k = data.draw(st.integers(16, x.size - 1))
+    rows = x[None, :]
+    solve = pav_mag if is_mag else pav_mask
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(select, "SORTFREE_MIN_N", 20)
+        patch.setattr(select, "SORTFREE_CUBIC_MIN_N", 20)
+        y, _ = solve(rows, k, lam, q, with_residuals=False)
+    y_ref, _ = solve(rows, k, lam, q, with_residuals=False, fused=False)
+    scale = max(1.0, float(np.abs(x).max()) / lam)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-12 * scale, atol=1e-12 * scale)
+    if is_mag:
+        # Shrinks toward 0, never past it.
+        assert np.all(np.abs(y[0]) <= np.abs(x) * (1 + 1e-12)) and np.all(y[0] * x >= 0)
+    else:
+        assert np.all((y >= 0) & (y <= 1))
+        assert abs(y.sum() - k) <= 1e-9 * scale * x.size
+        assert np.all(np.diff(y[0][np.argsort(-x, kind="stable")]) <= 1e-9)  # larger inputs get no less
