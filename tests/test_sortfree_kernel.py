@@ -201,8 +201,12 @@ def test_magnitude_rows_of_extreme_scale(rng, q, scale):
                                rtol=1e-10, atol=1e-10)
 
 
+# Magnitudes of at least 1e-100 (or exact zeros): rows whose non-zero magnitudes span more than
+# ~1e200 are a known defect of the full-sort reference with p = 4/3, see
+# `test_magnitude_of_rows_spanning_1e254_with_p_4_3` in tests/test_nonfinite.py.
 _long_rows = st.integers(300, 700).flatmap(
-    lambda n: arrays(np.float64, n, elements=st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False, width=64))
+    lambda n: arrays(np.float64, n, elements=st.one_of(
+        st.just(0.0), st.floats(1e-100, 1e3), st.floats(-1e3, -1e-100)))
 )
 
 
