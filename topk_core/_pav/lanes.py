@@ -159,6 +159,19 @@ def _two_entry_block(x0, x1, lam, is_mag):
     return _closed_block_value(2.0, 0.5 * (x0 + x1), 0.0, 0.0, 1.0, lam, 2.0, is_mag)
 
 
+@nb.njit(cache=True, inline="always", error_model="numpy")
+def load_group(keys, r0, rows, out):
+    """Transpose the group of rows from `r0` on into `out` (n, LANES), one row per lane, in the
+    dtype of `out`; `rows` (LANES,) receives each lane's row.  Lanes past the last row repeat
+    row `r0`: harmless, never read back.  Shared by the lane solver and `select.lane_order_statistics`."""
+    used = min(LANES, keys.shape[0] - r0)
+    for lane in range(LANES):
+        r = r0 + lane if lane < used else r0
+        rows[lane] = r
+        for j in range(keys.shape[1]):
+            out[j, lane] = keys[r, j]
+
+
 @nb.njit(cache=True, error_model="numpy")
 def sweep_order_statistics(columns, k, uppers, belows):
     """The k-th and (k+1)-th largest entries of every lane of `columns` (n, LANES) into `uppers`, `belows`
@@ -218,15 +231,12 @@ def lane_rows(keys, x, k, lam, is_mag, bounds, out, gprime, scale, free_signs, o
         for grp in range(c * groups // n_chunks, (c + 1) * groups // n_chunks):
             r0 = grp * LANES
             used = min(LANES, batch - r0)
-            for lane in range(LANES):
-                rows[lane] = r0 + lane if lane < used else r0  # lanes past the last row repeat a real one
-            for j in range(n):
-                for lane in range(LANES):
-                    z[j, lane] = float(keys[rows[lane], j])
+            load_group(keys, r0, rows, z)
             if bounds_inside:
+                # The keys' own values, back from the block already loaded (exact in float64).
                 for j in range(n):
                     for lane in range(LANES):
-                        columns[j, lane] = keys[rows[lane], j]
+                        columns[j, lane] = z[j, lane]
                 sweep_order_statistics(columns, k, uppers, belows)
             for lane in range(LANES):
                 if bounds_inside:

@@ -37,7 +37,7 @@ import numpy as np
 
 from ._scalar import mag_fixed_point
 from .kernels import _compiled_pair, _pooled_block, _row_frame, _unit_scale, emit_entry, segment_entry
-from .lanes import LANES, MAX_PASSES, lane_rows, lanes_apply, sweep_order_statistics
+from .lanes import LANES, MAX_PASSES, lane_rows, lanes_apply, load_group, sweep_order_statistics
 from .sortfree import (
     FAILED,
     ITERATE,
@@ -544,16 +544,13 @@ def lane_order_statistics(keys, k, n_chunks):
     groups = -(-batch // LANES)
     for c in nb.prange(n_chunks):
         columns = np.empty((n, LANES), dtype=keys.dtype)
+        rows = np.empty(LANES, dtype=np.int64)
         uppers = np.empty(LANES, dtype=keys.dtype)
         belows = np.empty(LANES, dtype=keys.dtype)
         for grp in range(c * groups // n_chunks, (c + 1) * groups // n_chunks):
             r0 = grp * LANES
             used = min(LANES, batch - r0)
-            for lane in range(LANES):
-                # Lanes past the last row repeat a real row: harmless, never read back.
-                r = r0 + lane if lane < used else r0
-                for j in range(n):
-                    columns[j, lane] = keys[r, j]
+            load_group(keys, r0, rows, columns)
             sweep_order_statistics(columns, k, uppers, belows)
             for lane in range(used):
                 bounds[r0 + lane, 0] = uppers[lane]
