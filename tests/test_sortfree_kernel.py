@@ -137,10 +137,10 @@ def test_iteration_settles_from_any_start(rng, q, operator, start):
     for t0 in (start, None):
         if t0 is None:
             t0, _ = sortfree.sample_start(keys, 0, k, 0.1, q, is_mag, np.empty(128), state)
-        sortfree.start_state(state, abs(t0) if is_mag else t0, is_mag, 1.0)
+        sortfree.start_state(state, abs(t0) if is_mag else t0, 0.0, is_mag, 1.0)
         for _ in range(200):
             status = sortfree.advance(state, sortfree.row_sums(keys[0], 0, 5000, 0.0, state[0], 0.1, q, is_mag),
-                                      float(k), 0.1, q, is_mag)
+                                      float(k), 0.0, 0.1, q, is_mag)
             if status != sortfree.ITERATE:
                 break
         assert status == sortfree.SOLVED

@@ -42,16 +42,8 @@ def g_prime_scalar(u: float, lam: float, q: float) -> float:
 
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
-def depressed_cubic_root(pc: float, qc: float) -> float:
-    """The unique real root of d^3 + pc d + qc = 0 for pc >= 0.
-
-    Cardano's formula written without cancellation: with
-    A = cbrt(|qc|/2 + sqrt(qc^2/4 + pc^3/27)) and B = pc/(3A), the root
-    A - B equals |qc| / (A^2 + AB + B^2) where AB = pc/3.  One Newton step
-    polishes the last bits.
-    """
-    if qc == 0.0:
-        return 0.0
+def _cardano(pc: float, qc: float) -> float:
+    # The real root of d^3 + pc d + qc = 0 (pc >= 0) for coefficients of moderate size.
     disc = math.sqrt(0.25 * qc * qc + pc * pc * pc / 27.0)
     a = np.cbrt(0.5 * abs(qc) + disc)
     b = pc / (3.0 * a)
@@ -63,19 +55,56 @@ def depressed_cubic_root(pc: float, qc: float) -> float:
 
 
 @nb.njit(cache=True, error_model="numpy")
+def depressed_cubic_root(pc: float, qc: float) -> float:
+    """The unique real root of d^3 + pc d + qc = 0 for pc >= 0, for coefficients of any size.
+
+    Cardano's formula written without cancellation: with
+    A = cbrt(|qc|/2 + sqrt(qc^2/4 + pc^3/27)) and B = pc/(3A), the root
+    A - B equals |qc| / (A^2 + AB + B^2) where AB = pc/3.  One Newton step
+    polishes the last bits.  Coefficients whose squares or cubes would over-
+    or underflow are first scaled: ``d = 2^e delta`` with 2^e near the larger
+    of sqrt(pc) and cbrt(|qc|), exact powers of two; where the linear term
+    then dominates by far, the root is ``-qc / pc`` to first order.
+    """
+    if qc == 0.0:
+        return 0.0
+    aq = abs(qc)
+    if 1e-90 < aq < 1e90 and pc < 1e60:
+        return _cardano(pc, qc)
+    e = max(math.frexp(aq)[1] // 3, math.frexp(pc)[1] // 2 if pc > 0.0 else -1100)
+    pcs = math.ldexp(pc, -2 * e)
+    qcs = math.ldexp(qc, -3 * e)
+    if abs(qcs) < 1e-60 * pcs:
+        # |d| ~ |qc| / pc, far below sqrt(pc): d^3 is a relative correction of d^2 / pc.
+        d = -qc / pc
+        return d - d * (d / pc) * d
+    return math.ldexp(_cardano(pcs, qcs), e)
+
+
+@nb.njit(cache=True, error_model="numpy")
 def mag_fixed_point(s: float, lam: float, q: float) -> float:
     """Value u of a saturated magnitude entry: the root of g(s - u) = u in [0, s].
 
     With d = s - u this is g(d) + d = s, increasing in d, so bisection with
-    Newton steps inside the bracket [0, s] converges for every q.
+    Newton steps inside the bracket [0, s] converges for every q.  For q = 4,
+    in units of l (d = l e, ``e^3 + l e - s = 0``), so that no power of
+    l appears for any strength.
     """
     if s <= 0.0:
         return 0.0
     if q == 2.0:
         return s / (1.0 + lam)
     if q == 4.0:
-        l3 = lam * lam * lam
-        d = depressed_cubic_root(l3, -l3 * s)
+        ratio = (s / lam) * (s / lam) / lam  # s^2 / l^3: u / s when it is small
+        if ratio < 1e-6:
+            # u = s (1 - u/s)^3 ratio: a few fixed-point steps, each gaining six digits, with no
+            # cancellation (s - d would lose the digits of a u far below s).
+            phi = ratio
+            for _ in range(3):
+                c = 1.0 - phi
+                phi = ratio * c * c * c
+            return s * phi
+        d = depressed_cubic_root(lam, -s) * lam
         return s - min(max(d, 0.0), s)
     lo, hi = 0.0, s
     d = 0.5 * s

@@ -38,15 +38,16 @@ _EPS = np.finfo(np.float64).eps
 
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
-def _target(gamma: float, is_mag: bool) -> float:
-    # Right-hand side of the block equation per unit weight: 1 (mask) or gamma (mag).
-    return gamma if is_mag else 1.0
+def _target(gamma: float, is_mag: bool, shift: float) -> float:
+    # Right-hand side of the block equation per unit weight: 1 (mask) or the value itself (mag),
+    # whose keys are taken relative to `shift` (see `_row_frame`).
+    return gamma + shift if is_mag else 1.0
 
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
-def _saturated(si: float, gamma: float, lam: float, q: float, is_mag: bool) -> bool:
+def _saturated(si: float, gamma: float, lam: float, q: float, is_mag: bool, shift: float) -> bool:
     # An entry with weight 1 stays in its own block iff it is saturated at gamma.
-    return g_scalar(si - gamma, lam, q) >= _target(gamma, is_mag)
+    return g_scalar(si - gamma, lam, q) >= _target(gamma, is_mag, shift)
 
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
@@ -72,65 +73,86 @@ def _unit_scale(value):
 
 @nb.njit(cache=True, error_model="numpy")
 def _row_frame(kth_key, lam, q, is_mag):
-    """The frame `(ref, mult, lam)` in which a row is solved: keys become `(s - ref) * mult`.
+    """The frame `(ref, mult, lam, shift)` in which a row is solved: keys become `(s - ref) * mult`.
 
-    * mask: shift invariant, so keys are taken relative to the row's k-th key
-      (`ref`): an entry's `u = s - value` is then computed from two small
-      numbers and does not cancel when the keys are large next to the
-      strength (`u` ~ 1e-6 next to keys ~ 1e3 would keep only ten digits).
-      A strength whose binary exponent lies outside +-100 is scaled to [0.5, 1)
-      with the keys: ``mask(x; l) = mask(c x; c l)``, whose Jacobian is `c`
-      times that at `x`.
-    * magnitude: homogeneous, ``mag(x; l) = mag(c x; l c^(2-p)) / c``, and its
-      Jacobian is the same at `x` and `c x`; rows whose k-th key is tiny or
-      huge (denormal keys lose digits, and their block equation underflows)
-      are solved scaled by a power of two `c` with the strength `l c^(2-p)`,
+    Keys are taken relative to a key of the row (`ref`, the k-th largest, or
+    the pooled block's smallest): an entry's ``u = s - value`` is then
+    computed from two small numbers and does not cancel when the keys are
+    large next to the strength (`u` ~ 1e-6 next to keys ~ 1e3 would keep
+    only ten digits; ties at a strength of 1e-16 would keep none).
+
+    * mask: shift invariant.  A strength whose binary exponent lies outside
+      +-100 is scaled to [0.5, 1) with the keys: ``mask(x; l) = mask(c x; c l)``,
+      whose Jacobian is `c` times that at `x`.  `shift` is 0.
+    * magnitude: not shift invariant: the block equation's right-hand side is
+      the value itself, ``value + shift`` with ``shift = ref * mult``.  It is
+      homogeneous, ``mag(x; l) = mag(c x; l c^(2-p)) / c``, and its Jacobian
+      is the same at `x` and `c x`; rows whose k-th key is tiny or huge
+      (denormal keys lose digits, and their block equation underflows) are
+      solved scaled by a power of two `c` with the strength `l c^(2-p)`,
       exactly (a power of two scales without rounding).
     """
     if not is_mag:
         # Scaled when the strength is tiny or huge: the closed-form block equation of q = 4
         # holds l^3, which would underflow or overflow.
         mult = _unit_scale(lam)
-        return (kth_key, mult, lam * mult)
+        return (kth_key, mult, lam * mult, 0.0)
     mult = _unit_scale(kth_key)
     if mult == 1.0:
-        return (0.0, 1.0, lam)
-    return (0.0, mult, lam * math.pow(mult, (q - 2.0) / (q - 1.0)))
+        return (kth_key, 1.0, lam, kth_key)
+    return (kth_key, mult, lam * math.pow(mult, (q - 2.0) / (q - 1.0)), kth_key * mult)
 
 
 @nb.njit(cache=True, error_model="numpy")
 def _closed_block_value(
-    count: float, mean: float, m2: float, m3: float, wsum: float, lam: float, q: float, is_mag: bool
+    count: float, mean: float, m2: float, m3: float, wsum: float, lam: float, q: float, is_mag: bool, shift: float
 ) -> float:
+    """The value of a block (q = 2 or 4) from its central moments and unit weights `wsum`.
+
+    Keys, `mean` and the value are relative to `shift` (see `_row_frame`),
+    which only the magnitude's right-hand side ``wsum * (value + shift)`` reads.
+    """
     if q == 2.0:
         if is_mag:
-            return mean / (1.0 + lam * wsum / count)
+            # (value + shift) (n + l w) = n (mean + shift), written relative to the shift.
+            return (count * mean - lam * wsum * shift) / (count + lam * wsum)
         return mean - lam * wsum / count
-    # q == 4: sum (s - gamma)^3 = l^3 * rhs, with d = mean - gamma:
-    # M3 + 3 M2 d + n d^3 = l^3 rhs.
-    l3 = lam * lam * lam
+    # q == 4: sum (s - gamma)^3 = l^3 * rhs, with d = mean - gamma: M3 + 3 M2 d + n d^3 = l^3 rhs,
+    # rhs = wsum (mask) or wsum (mean + shift - d) (magnitude).  In units of l (d = l e) no power
+    # of l is formed: n e^3 + (3 M2 / l^2 [+ wsum l]) e + M3 / l^3 - wsum [(mean + shift)] = 0,
+    # so that a strength whose cube over- or underflows (the magnitude's rescaled rows) is solved too.
+    il = 1.0 / lam
+    m2l = m2 * il * il
+    m3l = m3 * il * il * il
     if is_mag:
-        d = depressed_cubic_root((3.0 * m2 + l3 * wsum) / count, (m3 - l3 * wsum * mean) / count)
-        # The magnitude's block value is positive; when it is far below the keys (keys
-        # ~1e-113 with l ~ 100), mean - d cancels to a round-off of either sign.
-        return max(mean - d, 0.0)
-    d = depressed_cubic_root(3.0 * m2 / count, (m3 - l3 * wsum) / count)
-    return mean - d
+        e = depressed_cubic_root((3.0 * m2l + wsum * lam) / count, (m3l - wsum * (mean + shift)) / count)
+        # The magnitude's value is positive; when it is far below the keys (keys ~1e-113 with
+        # l ~ 100), mean - d cancels to a round-off of either sign.
+        return max(mean - e * lam, -shift)
+    e = depressed_cubic_root(3.0 * m2l / count, (m3l - wsum) / count)
+    return mean - e * lam
 
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
-def _block_excess(c, count, mean, m2, m3, wsum, lam, q, is_mag):
+def _block_excess(c, count, mean, m2, m3, wsum, lam, q, is_mag, shift):
     """The block equation at value `c`: strictly decreasing in `c`, 0 at the block value.
 
     ``sum_B (s - c)^(q-1) - l^(q-1) * rhs`` with ``rhs = wsum`` (mask) or
-    ``wsum * c`` (magnitude), from the central moments (q = 2 or 4).  Its sign
-    says on which side of the block value `c` lies, without solving the cubic.
+    ``wsum * (c + shift)`` (magnitude), from the central moments (q = 2 or 4).
+    Its sign says on which side of the block value `c` lies, without solving
+    the cubic.
     """
     d = mean - c
-    rhs = wsum * c if is_mag else wsum
+    rhs = wsum * _target(c, is_mag, shift)
     if q == 2.0:
         return count * d - lam * rhs
-    return m3 + d * (3.0 * m2 + count * d * d) - lam * lam * lam * rhs
+    l3 = lam * lam * lam
+    if 1e-280 < l3 < 1e280:
+        return m3 + d * (3.0 * m2 + count * d * d) - l3 * rhs
+    # The cube of l over- or underflows (magnitude rows rescaled far from 1): the same sign in
+    # units of l (see `_closed_block_value`).
+    e = d / lam
+    return m3 / lam / lam / lam + e * (3.0 * (m2 / lam) / lam + count * e * e) - rhs
 
 
 @nb.njit(cache=True, error_model="numpy")
@@ -144,6 +166,7 @@ def _pool_closed(keys, order, lo, hi, kk, lam, q, is_mag, frame):
     """
     a = lo + kk - 1
     b = lo + kk + 1
+    shift = frame[3]
     # Moments of the two boundary entries.
     x0 = _key(keys, order, a, frame)
     x1 = _key(keys, order, a + 1, frame)
@@ -159,16 +182,17 @@ def _pool_closed(keys, order, lo, hi, kk, lam, q, is_mag, frame):
             left = _key(keys, order, a - 1, frame)
             if is_mag:
                 if math.isnan(gamma):
-                    gamma = _closed_block_value(count, mean, m2, m3, wsum, lam, q, is_mag)
-                absorb_left = not _saturated(left, gamma, lam, q, is_mag)
+                    gamma = _closed_block_value(count, mean, m2, m3, wsum, lam, q, is_mag, shift)
+                absorb_left = not _saturated(left, gamma, lam, q, is_mag, shift)
             else:
                 # The mask's left neighbour is saturated iff left - l >= gamma.
-                absorb_left = _block_excess(left - lam, count, mean, m2, m3, wsum, lam, q, is_mag) > 0.0
+                absorb_left = _block_excess(left - lam, count, mean, m2, m3, wsum, lam, q, is_mag, shift) > 0.0
         if absorb_left:
             a -= 1
             xi = left
             wsum += 1.0
-        elif b < hi and _block_excess(_key(keys, order, b, frame), count, mean, m2, m3, wsum, lam, q, is_mag) < 0.0:
+        elif b < hi and _block_excess(_key(keys, order, b, frame), count, mean, m2, m3, wsum, lam, q, is_mag,
+                                      shift) < 0.0:
             xi = _key(keys, order, b, frame)
             b += 1
         else:
@@ -184,7 +208,7 @@ def _pool_closed(keys, order, lo, hi, kk, lam, q, is_mag, frame):
         count = n1
         gamma = math.nan
     if math.isnan(gamma):
-        gamma = _closed_block_value(count, mean, m2, m3, wsum, lam, q, is_mag)
+        gamma = _closed_block_value(count, mean, m2, m3, wsum, lam, q, is_mag, shift)
     return a, b, gamma
 
 
@@ -194,7 +218,7 @@ def _first_unsaturated(keys, order, lo, hi, gamma, lam, q, is_mag, frame):
     left, right = lo, hi
     while left < right:
         mid = (left + right) // 2
-        if _saturated(_key(keys, order, mid, frame), gamma, lam, q, is_mag):
+        if _saturated(_key(keys, order, mid, frame), gamma, lam, q, is_mag, frame[3]):
             left = mid + 1
         else:
             right = mid
@@ -225,12 +249,32 @@ def _excess(keys, order, lo, hi, kk, gamma, lam, q, is_mag, frame):
         gi = g_scalar(u, lam, q)
         gpi = g_prime_scalar(u, lam, q)
         if is_mag:
-            total += gi / gamma
-            deriv -= gpi / gamma + gi / (gamma * gamma)
+            value = gamma + frame[3]  # the absolute value (see `_row_frame`)
+            total += gi / value
+            deriv -= gpi / value + gi / (value * value)
         else:
             total += gi
             deriv -= gpi
     return total, deriv, a, b
+
+
+@nb.njit(cache=True, inline="always", error_model="numpy")
+def _split(lower, upper, top):
+    """A point inside the bracket [lower, upper] of a block value below `top` (the k-th key).
+
+    The midpoint, or, when the bracket's ends lie at distances from `top`
+    that differ by more than a factor 4, their geometric mean: the value of
+    a block of ties at a tiny strength lies within ~l of the keys, orders of
+    magnitude closer than the bracket is wide, and halving would crawl there.
+    """
+    # Distances from `top` below a few of its ulps are not resolved, nor below 1e-300 of the
+    # bracket (near = 0 is one of them; 5e-324 where that underflows).
+    far = top - lower
+    near = max(top - upper, 4.0 * _EPS * abs(top), far * 1e-300, 5e-324)
+    if far > 4.0 * near:
+        # As sqrt(near) sqrt(far), which does not underflow.
+        return top - math.sqrt(near) * math.sqrt(far)
+    return 0.5 * (lower + upper)
 
 
 @nb.njit(cache=True, error_model="numpy")
@@ -244,8 +288,13 @@ def _pool_rootfind(keys, order, lo, hi, kk, lam, q, is_mag, frame):
     """
     i0 = lo + kk - 1
     upper = _key(keys, order, i0, frame)
+    top = upper
     if is_mag:
-        lower = mag_fixed_point(_key(keys, order, i0 + 1, frame), lam, q)
+        # The fixed point of the absolute key, back relative to the shift, moved out by the
+        # rounding of that subtraction.
+        shift = frame[3]
+        lower = mag_fixed_point(_key(keys, order, i0 + 1, frame) + shift, lam, q) - shift
+        lower -= 4.0 * _EPS * abs(shift)
     else:
         lower = _key(keys, order, i0 + 1, frame) - lam
     gamma = 0.5 * (lower + upper)
@@ -259,7 +308,7 @@ def _pool_rootfind(keys, order, lo, hi, kk, lam, q, is_mag, frame):
             upper = gamma
         nxt = gamma - f / fp if fp < 0.0 else math.nan
         if not (lower < nxt < upper):
-            nxt = 0.5 * (lower + upper)
+            nxt = _split(lower, upper, top)
         if nxt == gamma or upper - lower <= 2.0 * _EPS * max(abs(lower), abs(upper)):
             break
         gamma = nxt
@@ -271,22 +320,23 @@ def _pool_rootfind(keys, order, lo, hi, kk, lam, q, is_mag, frame):
 @nb.njit(cache=True, error_model="numpy")
 def _pooled_block(keys, order, lo, hi, kk, lam, q, is_mag, closed):
     """Return (a, b, gamma, frame): the pooled block [a, b) of a row (a == b: none), its value
-    `gamma` and the frame `(ref, mult, lam)` in which it was solved (see `_row_frame`): the
-    keys are `(s - ref) * mult` there, the strength is `frame[2]`.
+    `gamma` and the frame `(ref, mult, lam, shift)` in which it was solved (see `_row_frame`):
+    the keys are `(s - ref) * mult` there, the strength is `frame[2]`.
     """
     if kk <= 0 or kk >= hi - lo:
-        return lo, lo, 0.0, (0.0, 1.0, lam)
+        return lo, lo, 0.0, (0.0, 1.0, lam, 0.0)
     frame = _row_frame(float(keys[order[lo + kk - 1]]), lam, q, is_mag)
     lam_r = frame[2]
     # Is there an adjacent violator at the boundary?  Entry k - 1 is
     # unsaturated at the value s[k] of its right neighbour.
-    if _saturated(_key(keys, order, lo + kk - 1, frame), _key(keys, order, lo + kk, frame), lam_r, q, is_mag):
+    if _saturated(_key(keys, order, lo + kk - 1, frame), _key(keys, order, lo + kk, frame), lam_r, q, is_mag,
+                  frame[3]):
         return lo, lo, 0.0, frame
     if closed:
         a, b, gamma = _pool_closed(keys, order, lo, hi, kk, lam_r, q, is_mag, frame)
         return a, b, gamma, frame
     a, b, gamma = _pool_rootfind(keys, order, lo, hi, kk, lam_r, q, is_mag, frame)
-    if not is_mag and q < 2.0 and b - 1 > lo + kk - 1:
+    if q < 2.0 and b - 1 > lo + kk - 1:
         # For q < 2 (p > 2) g is infinitely steep at 0, so the block's smallest entry needs
         # its u = s - value to full relative precision (an error of eps * |s| in u would
         # put an error of (eps |s| / l)^(q-1) into y): solve again relative to that key.

@@ -8,10 +8,12 @@ that every step works on one entry of `LANES` rows at once, and each row's
 threshold (spec section 5) is found by iterating on its sets:
 
 * mask: ``S = {x_i - tau >= l}``, ``F = {0 < x_i - tau < l}`` and
-  ``|S| + sum_F (x_i - tau) / l = k``, in the row's frame (keys relative to the
-  k-th largest key, as in `kernels._row_frame`);
+  ``|S| + sum_F (x_i - tau) / l = k``;
 * magnitude: ``A = {|x_i| - t >= l t}``, ``F = {0 < |x_i| - t < l t}`` and
-  ``|A| + sum_F (|x_i| - t) / (l t) = k``.
+  ``|A| + sum_F (|x_i| - t) / (l t) = k``;
+
+both in the row's frame: keys and threshold relative to the k-th largest key
+(as in `kernels._row_frame`), so that ``x_i - tau`` does not cancel.
 
 For p = 2 the equation is linear on fixed sets, so each step solves it
 exactly on the sets of the current iterate (PAV's closed form for the block
@@ -58,17 +60,20 @@ def lanes_apply(n: int, q: float, lam: float) -> bool:
 
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
-def _entry_sets(a, t, inv, is_mag):
-    """(g, saturated, free) of a key `a` at threshold `t` (inv = 1 / l): the one definition of the sets."""
+def _entry_sets(a, t, inv, is_mag, ref):
+    """(g, saturated, free) of a key `a` at threshold `t`, both relative to `ref` (inv = 1 / l): the one
+    definition of the sets.  The magnitude's saturation level is the absolute threshold ``ref + t``."""
     g = (a - t) * inv
     if is_mag:
-        return g, g >= t, (g > 0.0) & (g < t)
+        level = ref + t
+        return g, g >= level, (g > 0.0) & (g < level)
     return g, g >= 1.0, (g > 0.0) & (g < 1.0)
 
 
 @nb.njit(cache=True, error_model="numpy")
-def _pass(z, tau, lam, is_mag, acc):
-    """Per lane, at its threshold: |S| (|A|), |F| and sum_F (x - tau) / l (mask) or sum_F |x| (magnitude).
+def _pass(z, tau, ref, lam, is_mag, acc):
+    """Per lane, at its threshold: |S| (|A|), |F| and sum_F (x - tau) / l (mask) or sum_F |x| - ref
+    (magnitude).
 
     One loop over the lanes per entry, which the compiler vectorizes (the
     accumulators live in one 2-D array so that it can check their aliasing).
@@ -80,27 +85,29 @@ def _pass(z, tau, lam, is_mag, acc):
     for j in range(z.shape[0]):
         for lane in range(LANES):
             a = z[j, lane]
-            g, sat, free = _entry_sets(a, tau[lane], inv, is_mag)
+            g, sat, free = _entry_sets(a, tau[lane], inv, is_mag, ref[lane])
             acc[2, lane] += (a if is_mag else g) if free else 0.0
             acc[0, lane] += 1.0 if sat else 0.0
             acc[1, lane] += 1.0 if free else 0.0
 
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
-def _step(t, lam, k, is_mag, n_sat, n_free, s):
-    """(f(t), the root of the equation on the sets at t, or NaN when the free set is empty)."""
+def _step(t, ref, lam, k, is_mag, n_sat, n_free, s):
+    """(f(t), the root of the equation on the sets at t, or NaN when the free set is empty), t relative to ref."""
     rest = k - n_sat  # what the free set must sum to
     if is_mag:
-        # sum_F (|x| - t) / (l t) = rest, solved for t on these sets: PAV's closed form.
-        f = (s / t - n_free) / lam - rest
-        return f, (s / (n_free + lam * rest) if n_free > 0.0 else math.nan)
+        # sum_F (|x| - t) / (l t) = rest with t absolute, solved for t on these sets: PAV's closed
+        # form (`kernels._closed_block_value`), relative to ref.
+        f = (s - n_free * t) / (lam * (ref + t)) - rest
+        den = n_free + lam * rest
+        return f, ((s - lam * rest * ref) / den if n_free > 0.0 else math.nan)
     # Piecewise linear: the Newton step, exact once the sets are right.
     f = s - rest
     return f, (t + lam * f / n_free if n_free > 0.0 else math.nan)
 
 
 @nb.njit(cache=True, error_model="numpy")
-def _update(state, acc, lam, k, is_mag):
+def _update(state, acc, ref, lam, k, is_mag):
     """One safeguarded step of every active lane (rows of `state`: see `lane_rows`); returns how many
     lanes still iterate.  Selects only, no branch: the compiler vectorizes it."""
     remaining = 0
@@ -110,8 +117,8 @@ def _update(state, acc, lam, k, is_mag):
         hi = state[2, lane]
         active = state[3, lane] == 1.0
         n_sat, n_free = acc[0, lane], acc[1, lane]
-        f, nxt = _step(t, lam, k, is_mag, n_sat, n_free, acc[2, lane])
-        size = t if is_mag else abs(t) + lam
+        f, nxt = _step(t, ref[lane], lam, k, is_mag, n_sat, n_free, acc[2, lane])
+        size = ref[lane] + t if is_mag else abs(t) + lam
         lo = t if active & (f > 0.0) else lo
         hi = t if active & (f < 0.0) else hi
         nxt = nxt if (lo <= nxt) & (nxt <= hi) else 0.5 * (lo + hi)
@@ -131,20 +138,21 @@ def _update(state, acc, lam, k, is_mag):
 
 
 @nb.njit(cache=True, error_model="numpy")
-def _lane_outputs(z, tau, lam, is_mag, ybuf, gbuf, sbuf, fbuf):
+def _lane_outputs(z, tau, ref, lam, is_mag, ybuf, gbuf, sbuf, fbuf):
     """Outputs and residuals of a group at its thresholds, in the lane layout (vectorized).
 
-    ybuf: the mask's value, or the magnitude's |value|; gbuf: g' = 1 / l on F, else 0;
-    sbuf: the magnitude's scale (1 + g' on F, 1 on A, else 0); fbuf: 1 on F, else 0.
+    ybuf: the mask's value, or the magnitude's |value| (-1 on A, whose output is x itself);
+    gbuf: g' = 1 / l on F, else 0; sbuf: the magnitude's scale (1 + g' on F, 1 on A, else 0);
+    fbuf: 1 on F, else 0.
     """
     inv = 1.0 / lam
     for j in range(z.shape[0]):
         for lane in range(LANES):
             a = z[j, lane]
             t = tau[lane]
-            g, sat, free = _entry_sets(a, t, inv, is_mag)
+            g, sat, free = _entry_sets(a, t, inv, is_mag, ref[lane])
             if is_mag:
-                ybuf[j, lane] = a if sat else (g + (a - t) if free else 0.0)
+                ybuf[j, lane] = -1.0 if sat else (g + (a - t) if free else 0.0)
                 sbuf[j, lane] = 1.0 + inv if free else (1.0 if sat else 0.0)
             else:
                 ybuf[j, lane] = 1.0 if sat else (g if free else 0.0)
@@ -153,10 +161,10 @@ def _lane_outputs(z, tau, lam, is_mag, ybuf, gbuf, sbuf, fbuf):
 
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
-def _two_entry_block(x0, x1, lam, is_mag):
-    # PAV's first block (the k-th and (k+1)-th keys, one unit weight): the usual answer,
-    # and the start of the iteration.
-    return _closed_block_value(2.0, 0.5 * (x0 + x1), 0.0, 0.0, 1.0, lam, 2.0, is_mag)
+def _two_entry_block(x0, x1, lam, is_mag, shift):
+    # PAV's first block (the k-th and (k+1)-th keys, one unit weight, relative to `shift`): the
+    # usual answer, and the start of the iteration.
+    return _closed_block_value(2.0, 0.5 * (x0 + x1), 0.0, 0.0, 1.0, lam, 2.0, is_mag, shift)
 
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
@@ -246,36 +254,35 @@ def lane_rows(keys, x, k, lam, is_mag, bounds, out, gprime, scale, free_signs, o
                 active[lane] = 1.0
                 prev_sat[lane] = -1.0
                 prev_free[lane] = -1.0
+                ref[lane] = upper  # the row's frame: keys relative to s_(k)
+                gap = below - upper
                 if is_mag:
-                    ref[lane] = 0.0
-                    # t lies in (fixed point of s_(k+1), s_(k)).
-                    lo[lane] = mag_fixed_point(below, lam, 2.0)
-                    hi[lane] = upper
-                    tau[lane] = _two_entry_block(upper, below, lam, is_mag)
+                    # t lies in (fixed point of s_(k+1), s_(k)), moved out by the rounding of its
+                    # subtraction.
+                    lo[lane] = mag_fixed_point(below, lam, 2.0) - upper - 4.0 * _EPS * upper
+                    hi[lane] = 0.0
+                    tau[lane] = _two_entry_block(0.0, gap, lam, is_mag, upper)
                     if below == 0.0 or _unit_scale(upper) != 1.0:
                         # At most k non-zero keys, or a rescaled frame: the selection kernel's.
                         active[lane] = -1.0
                 else:
-                    ref[lane] = upper  # the mask's frame: keys relative to s_(k)
-                    gap = below - upper
                     lo[lane] = gap - lam
                     hi[lane] = 0.0
-                    tau[lane] = _two_entry_block(0.0, gap, lam, is_mag)
+                    tau[lane] = _two_entry_block(0.0, gap, lam, is_mag, 0.0)
                     if -gap >= lam:
                         # No violator at the boundary: the top k are saturated at any tau in
                         # [s_(k+1), s_(k) - l]; the right end leaves the free set empty.
                         tau[lane] = -lam
                         active[lane] = 0.0
-            if not is_mag:
-                for j in range(n):
-                    for lane in range(LANES):
-                        z[j, lane] -= ref[lane]
+            for j in range(n):
+                for lane in range(LANES):
+                    z[j, lane] -= ref[lane]
             for _ in range(max_passes):
-                _pass(z, tau, lam, is_mag, acc)
-                remaining = _update(state, acc, lam, k, is_mag)
+                _pass(z, tau, ref, lam, is_mag, acc)
+                remaining = _update(state, acc, ref, lam, k, is_mag)
                 if remaining == 0:
                     break
-            _lane_outputs(z, tau, lam, is_mag, ybuf, gbuf, sbuf, fbuf)
+            _lane_outputs(z, tau, ref, lam, is_mag, ybuf, gbuf, sbuf, fbuf)
             for lane in range(used):
                 unresolved[r0 + lane] = active[lane] != 0.0
             # Back to input order, a row at a time (unresolved rows too: the caller overwrites them).
@@ -285,7 +292,7 @@ def lane_rows(keys, x, k, lam, is_mag, bounds, out, gprime, scale, free_signs, o
                     n_kept = 0.0
                     for j in range(n):
                         m = ybuf[j, lane]
-                        out[r, j] = math.copysign(m, x[r, j]) if m != 0.0 else 0.0
+                        out[r, j] = x[r, j] if m < 0.0 else (math.copysign(m, x[r, j]) if m != 0.0 else 0.0)
                     if with_residuals:
                         for j in range(n):
                             gprime[r, j] = gbuf[j, lane]

@@ -154,7 +154,7 @@ def _cuts(upper, below, lam, q, is_mag):
         return -1.0, -1.0
     if is_mag:
         # In the row's frame (a power-of-two scale for tiny or huge keys, see `_row_frame`).
-        _, mult, lam_r = _row_frame(upper, lam, q, is_mag)
+        _, mult, lam_r, _ = _row_frame(upper, lam, q, is_mag)
         zero_cut, saturated_cut = _frame_cuts(upper * mult, below * mult, lam_r, q, is_mag)
         return zero_cut / mult, saturated_cut / mult
     return _frame_cuts(upper, below, lam, q, is_mag)
@@ -249,14 +249,13 @@ def _sortfree_start(keys, r, k, lam, q, is_mag, sample, state, ref_cast):
     powers of d under- or overflow; the selection kernel rescales such rows.
     """
     t0, span = sample_start(keys, r, k, lam, q, is_mag, sample, state)
-    ref = 0.0
-    if is_mag:
-        if _unit_scale(t0) != 1.0:
-            return False, ref
-    else:
-        ref_cast[0] = t0  # a value of the keys' dtype next to t0: s - ref is then exact for float32 keys
-        ref = float(ref_cast[0])
-    start_state(state, t0 - ref, is_mag, span)
+    if is_mag and _unit_scale(t0) != 1.0:
+        return False, 0.0
+    # The threshold is held relative to a value of the keys' dtype next to t0: s - ref is then exact
+    # for float32 keys, and d = (s - ref) - t keeps its digits for keys next to the threshold.
+    ref_cast[0] = t0
+    ref = float(ref_cast[0])
+    start_state(state, t0 - ref, ref, is_mag, span)
     return True, ref
 
 
@@ -272,13 +271,13 @@ def _sortfree_row(keys, x, r, k, lam, q, is_mag, with_residuals, out, gprime, sc
     row = keys[r]
     for _ in range(MAX_STEPS):
         t_prev = state[0]
-        status = advance(state, row_sums(row, 0, n, ref, t_prev, lam, q, is_mag), float(k), lam, q, is_mag)
+        status = advance(state, row_sums(row, 0, n, ref, t_prev, lam, q, is_mag), float(k), ref, lam, q, is_mag)
         if status == SOLVED:
             leave_interval_end(row, ref, state, k, lam, q, is_mag)
         # Writing the outputs at a solved threshold; or, on a bet that the threshold just stepped
         # to keeps the sets it came from (`worth_emitting`), writing them at once, which saves the
         # pass that would confirm it when the counts agree (else the outputs are written again).
-        if status == SOLVED or (status == ITERATE and worth_emitting(state, t_prev, k, lam, q, is_mag)):
+        if status == SOLVED or (status == ITERATE and worth_emitting(state, t_prev, k, ref, lam, q, is_mag)):
             n_sat, n_free = emit_row(keys, x, r, 0, n, ref, state[0], lam, q, is_mag, with_residuals, out, gprime,
                                      scale, free_signs)
             if status == SOLVED or (n_sat == state[5] and n_free == state[6]):
@@ -387,10 +386,10 @@ def _select_long_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs
                     part_sums[3, c], part_sums[4, c] = s2, s3
                 totals = (int(part_sums[0].sum()), int(part_sums[1].sum()), part_sums[2].sum(), part_sums[3].sum(),
                           part_sums[4].sum())
-                status = advance(state, totals, float(k), lam, q, is_mag)
+                status = advance(state, totals, float(k), ref, lam, q, is_mag)
                 if status == SOLVED:
                     leave_interval_end(keys[r], ref, state, k, lam, q, is_mag)
-                if status == SOLVED or (status == ITERATE and worth_emitting(state, t_prev, k, lam, q, is_mag)):
+                if status == SOLVED or (status == ITERATE and worth_emitting(state, t_prev, k, ref, lam, q, is_mag)):
                     # As in `_sortfree_row`: a bet that the new threshold keeps its sets saves a pass.
                     for c in nb.prange(n_parts):
                         part_a[c], part_b[c] = emit_row(keys, x, r, c * n // n_parts, (c + 1) * n // n_parts, ref,

@@ -28,10 +28,12 @@ entries).  Neither is needed: the solution is fixed by one threshold `t`
 
 Rows need 3-5 passes for p = 2, 5-6 for p = 4/3.  A row that does not settle
 within `MAX_STEPS` is left to the caller (the selection kernel solves it
-exactly), and so is a magnitude row of extreme scale (see `select`).  The mask's threshold
-is held relative to a value `ref` of the keys' own dtype next to it, so that
+exactly), and so is a magnitude row of extreme scale (see `select`).  The threshold is
+held relative to a value `ref` of the keys' own dtype next to it, so that
 ``s - ref`` is exact for float32 keys and ``d`` keeps its digits when the keys
-are large next to the strength; the magnitude's is absolute.  The drivers (a
+are large next to the strength (or, for the magnitude, when the free entries
+are ties at a small strength); the magnitude's saturation width and
+right-hand side read the absolute threshold ``ref + t``.  The drivers (a
 row per thread, or a long row split across the threads) are in `select`.
 """
 
@@ -69,7 +71,7 @@ def sample_size(n: int) -> int:
 @nb.njit(cache=True, inline="always", error_model="numpy")
 def _width(t, lam, q, is_mag):
     # How far above the threshold a key is saturated: l for the mask; for the magnitude
-    # g(s - t) >= t, i.e. s - t >= l t^(1/(q-1)).
+    # g(s - t) >= t, i.e. s - t >= l t^(1/(q-1)), with `t` absolute (not relative to `ref`).
     if not is_mag:
         return lam
     return lam * t if q == 2.0 else lam * np.cbrt(t)
@@ -94,7 +96,7 @@ def row_sums(row, j0, j1, ref, t, lam, q, is_mag):
     Reassociated sums (`_REASSOC`); `d` and the sets come from `_entry_sets`,
     compiled without it, so they are those of `emit_row` to the bit.
     """
-    width = _width(t, lam, q, is_mag)
+    width = _width(ref + t, lam, q, is_mag)
     cubic = q != 2.0
     n_sat = 0
     n_free = 0
@@ -116,12 +118,13 @@ def row_sums(row, j0, j1, ref, t, lam, q, is_mag):
 
 
 @nb.njit(cache=True, error_model="numpy")
-def _step(t, rest, n_sat, n_free, s1, s2, s3, lam, q, is_mag):
-    """(f, root): ``f = sum(y) - rest`` at `t`, and the root of that equation on the sets at `t`
-    (NaN when the free set is empty), from the sums of `row_sums`."""
-    # sum_F g(d) = sum_F (d / l)^(q-1): s1 / l (q = 2) or s3 / l^3 (q = 4); the magnitude's y is g(d) / t.
+def _step(ref, t, rest, n_sat, n_free, s1, s2, s3, lam, q, is_mag):
+    """(f, root): ``f = sum(y) - rest`` at `t` (relative to `ref`), and the root of that equation on
+    the sets at `t` (NaN when the free set is empty), from the sums of `row_sums`."""
+    # sum_F g(d) = sum_F (d / l)^(q-1): s1 / l (q = 2) or s3 / l^3 (q = 4); the magnitude's y is
+    # g(d) / t, with t absolute.
     lq = lam if q == 2.0 else lam * lam * lam
-    f = n_sat + (s1 if q == 2.0 else s3) / (lq * t if is_mag else lq) - rest
+    f = n_sat + (s1 if q == 2.0 else s3) / (lq * (ref + t) if is_mag else lq) - rest
     if n_free == 0:
         return f, math.nan
     mean = s1 / n_free
@@ -130,15 +133,16 @@ def _step(t, rest, n_sat, n_free, s1, s2, s3, lam, q, is_mag):
     m3 = s3 - 3.0 * mean * s2 + 2.0 * n_free * mean * mean * mean
     unit = rest - n_sat  # the free set's unit weights
     if is_mag:
-        return f, _closed_block_value(float(n_free), t + mean, m2, m3, unit, lam, q, is_mag)
-    return f, t + _closed_block_value(float(n_free), mean, m2, m3, unit, lam, q, is_mag)
+        # The keys relative to `ref` have mean t + mean: the value comes back relative to `ref`.
+        return f, _closed_block_value(float(n_free), t + mean, m2, m3, unit, lam, q, is_mag, ref)
+    return f, t + _closed_block_value(float(n_free), mean, m2, m3, unit, lam, q, is_mag, 0.0)
 
 
 @nb.njit(cache=True, error_model="numpy")
-def advance(state, sums, rest, lam, q, is_mag):
+def advance(state, sums, rest, ref, lam, q, is_mag):
     """One step of the iteration from the sums at the current threshold; returns ITERATE, SOLVED or FAILED.
 
-    `state` (float64, STATE_SIZE): threshold, bracket ends lo and hi
+    `state` (float64, STATE_SIZE): threshold (relative to `ref`), bracket ends lo and hi
     (infinite while open), the span of the next widening, whether the
     threshold came from an unsafeguarded step (1.0), the counts |S|, |F| at
     the threshold it came from, and the lengths of the last two steps.  On
@@ -148,7 +152,7 @@ def advance(state, sums, rest, lam, q, is_mag):
     n_sat, n_free, s1, s2, s3 = sums
     if state[4] == 1.0 and n_sat == state[5] and n_free == state[6]:
         return SOLVED
-    f, nxt = _step(t, rest, n_sat, n_free, s1, s2, s3, lam, q, is_mag)
+    f, nxt = _step(ref, t, rest, n_sat, n_free, s1, s2, s3, lam, q, is_mag)
     if f == 0.0 and n_free == 0:
         # No fractional entry: the threshold is not unique, and any t of the interval (this one
         # included) gives the exact 0/1 answer with an empty free set.
@@ -163,7 +167,7 @@ def advance(state, sums, rest, lam, q, is_mag):
     # Brent's rule: a step longer than half the one before the last is not converging (far
     # from the root, where the sets change a lot, the steps crawl): bisect instead.
     from_step = from_step and abs(nxt - t) <= 0.5 * state[8]
-    if abs(nxt - t) <= _STEP_ULPS * _EPS * (abs(t) + _width(t, lam, q, is_mag)):
+    if abs(nxt - t) <= _STEP_ULPS * _EPS * (abs(t) + _width(ref + t, lam, q, is_mag)):
         # The root on these sets is t itself, to rounding (the sets changed by entries at
         # d = 0, or f is a rounding error): stay, and the next pass confirms the sets.
         nxt, from_step = t, True
@@ -207,7 +211,7 @@ def _at_interval_end(state, k):
 
 
 @nb.njit(cache=True, error_model="numpy")
-def worth_emitting(state, t_prev, k, lam, q, is_mag):
+def worth_emitting(state, t_prev, k, ref, lam, q, is_mag):
     """Whether to write the outputs at the threshold `advance` just stepped to from `t_prev`, on the bet
     that it keeps the sets it was computed from (then it is solved, and the pass that would confirm it
     is saved; the caller compares the counts that `emit_row` returns with state[5], state[6]).
@@ -217,7 +221,7 @@ def worth_emitting(state, t_prev, k, lam, q, is_mag):
     """
     if state[4] != 1.0 or state[6] == 0.0 or _at_interval_end(state, k):
         return False
-    return abs(state[0] - t_prev) * 2.0 * state[6] < 0.25 * _width(t_prev, lam, q, is_mag)
+    return abs(state[0] - t_prev) * 2.0 * state[6] < 0.25 * _width(ref + t_prev, lam, q, is_mag)
 
 
 @nb.njit(cache=True, error_model="numpy")
@@ -237,10 +241,10 @@ def leave_interval_end(row, ref, state, k, lam, q, is_mag):
     if not _at_interval_end(state, k):
         return
     t = state[0]
-    width = _width(t, lam, q, is_mag)
+    width = _width(ref + t, lam, q, is_mag)
     # Below the group: the zero set (|S| + |F| = k), or the free and zero sets (|S| = k).
     t_next = _largest_unsaturated(row, ref, t, width, state[5] != k)
-    if is_mag and not t_next > 0.0:
+    if is_mag and not ref + t_next > 0.0:
         return
     sums = row_sums(row, 0, row.shape[0], ref, t_next, lam, q, is_mag)
     if sums[0] == k and sums[1] == 0:
@@ -249,10 +253,10 @@ def leave_interval_end(row, ref, state, k, lam, q, is_mag):
 
 
 @nb.njit(cache=True, error_model="numpy")
-def start_state(state, t, is_mag, span):
-    """Set `state` (see `advance`) to start at threshold `t` with an open bracket."""
+def start_state(state, t, ref, is_mag, span):
+    """Set `state` (see `advance`) to start at threshold `t` (relative to `ref`) with an open bracket."""
     state[0] = t
-    state[1] = 0.0 if is_mag else -np.inf  # the magnitude's threshold is positive
+    state[1] = -ref if is_mag else -np.inf  # the magnitude's threshold is positive
     state[2] = np.inf
     state[3] = span
     state[4] = 0.0
@@ -276,11 +280,11 @@ def sample_start(keys, r, k, lam, q, is_mag, sample, state):
         low = min(low, v)
         high = max(high, v)
     span = high - low + lam
-    start_state(state, 0.5 * (low + high), is_mag, span)
+    start_state(state, 0.5 * (low + high), 0.0, is_mag, span)
     rest = k * n_s / n
     for _ in range(MAX_STEPS):
         t = state[0]
-        if advance(state, row_sums(sample, 0, n_s, 0.0, t, lam, q, is_mag), rest, lam, q, is_mag) != ITERATE:
+        if advance(state, row_sums(sample, 0, n_s, 0.0, t, lam, q, is_mag), rest, 0.0, lam, q, is_mag) != ITERATE:
             break
     return state[0], span
 
@@ -294,7 +298,7 @@ def emit_row(keys, x, r, j0, j1, ref, t, lam, q, is_mag, with_residuals, out, gp
     Numba knows to be non-negative), with selects only: the compiler
     vectorizes them, which it does not do for one loop with every case.
     """
-    width = _width(t, lam, q, is_mag)
+    width = _width(ref + t, lam, q, is_mag)
     s_row = keys[r, j0:j1]
     if is_mag:
         counts = _mag_values(s_row, x[r, j0:j1], out[r, j0:j1], ref, t, width, lam, q)

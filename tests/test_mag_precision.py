@@ -1,0 +1,105 @@
+"""The magnitude operator where float64 cancels: ties at tiny strengths, and magnitudes spanning hundreds of orders.
+
+Free entries sit just above the threshold, so ``r = |x| - t`` is far below
+``|x|``: computed from the absolute threshold it keeps few or no digits
+(ties at a strength of 1e-13 kept 3; at 1e-50, none, and the output was 0
+instead of ``x`` times the tie's share).  Rows whose magnitudes span 1e20 and
+more (p = 3) or 1e200 (p = 4/3, where l^3 overflowed in the rescaled frame)
+lost their small entries the same way.  Every CPU route of the PAV method
+is checked against the threshold form computed in arbitrary precision
+(`_oracles.mp_threshold_mag_parts`): the lane solver (p = 2, short rows), the
+selection kernel, the sort-free route (p = 2 and 4/3, long rows) and the
+full-sort route (taken when the array holds a non-finite entry anywhere).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+
+import topk_numpy as tk
+
+from ._oracles import mag_vjp_from_parts, mp_threshold_mag_parts
+
+TIE_ROW = np.array([3.0, -3.0, 2.0, 2.0, -2.0, 2.0, 1.0, 0.5, 0.25])
+P_VALUES = [1.25, 4.0 / 3.0, 1.5, 2.0, 3.0]
+P_IDS = ["p=5/4", "p=4/3", "p=3/2", "p=2", "p=3"]
+
+
+@functools.cache
+def _oracle(row: tuple, k: int, lam: float, p: float, digits: int):
+    return mp_threshold_mag_parts(np.array(row), k, lam, p, digits)
+
+
+def _routes(x: np.ndarray, k: int, lam: float, p: float) -> dict[str, np.ndarray]:
+    """Outputs of the row `x` on the fused route its shape selects, and on the full-sort route."""
+    fused = tk.soft_topk_mag(x[None], k, p=p, regularization_strength=lam)[0]
+    with_nan = np.stack([x, np.full_like(x, np.nan)])
+    full_sort = tk.soft_topk_mag(with_nan, k, p=p, regularization_strength=lam)[0]
+    return {"fused": fused, "full sort": full_sort}
+
+
+def _assert_entrywise(y: np.ndarray, expected: np.ndarray, rtol: float, label: str) -> None:
+    # Relative to each entry: the small entries are the ones that cancel.
+    scale = np.where(expected != 0.0, np.abs(expected), 1.0)
+    error = np.abs(y - expected) / scale
+    assert error.max() <= rtol, f"{label}: relative error {error.max():.2e} at entry {error.argmax()}"
+
+
+@pytest.mark.parametrize("p", P_VALUES, ids=P_IDS)
+@pytest.mark.parametrize("lam", [1e-2, 1e-9, 1e-13, 1e-50])
+@pytest.mark.parametrize("repeats", [2, 100], ids=["short", "long"])
+def test_ties_at_tiny_strengths(p, lam, repeats):
+    # Short rows: the lane solver (p = 2) or the selection kernel; long rows: the sort-free route
+    # (p = 2, 4/3) or the selection kernel with np.sort bounds.  The tied 2's are free.
+    x = np.tile(TIE_ROW, repeats)
+    k = 5 * repeats // 2 if repeats > 2 else 5
+    expected = _oracle(tuple(x), k, lam, p, 120)[0]
+    for label, y in _routes(x, k, lam, p).items():
+        _assert_entrywise(y, expected, 1e-13, label)
+
+
+@pytest.mark.parametrize("p", [4.0 / 3.0, 2.0, 3.0], ids=["p=4/3", "p=2", "p=3"])
+@pytest.mark.parametrize("lam", [1e-9, 1e-50])
+def test_vjp_of_ties_at_tiny_strengths(rng, p, lam):
+    # g' of the free entries comes from r: with r cancelled, J^T u was as wrong as the outputs.
+    x = np.tile(TIE_ROW, 2)
+    k = 5
+    _, gprime, saturated, free = _oracle(tuple(x), k, lam, p, 120)
+    u = rng.normal(size=x.shape)
+    expected = mag_vjp_from_parts(x, k, gprime, saturated, free, u)
+    for rows in (x[None], np.stack([x, np.full_like(x, np.nan)])):
+        _, vjp_fn = tk.soft_topk_mag_vjp(rows, k, p=p, regularization_strength=lam)
+        cotangent = np.zeros_like(rows)
+        cotangent[0] = u
+        np.testing.assert_allclose(vjp_fn(cotangent)[0], expected, rtol=1e-12, atol=1e-12 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize(
+    ("p", "small", "digits"),
+    [
+        (4.0 / 3.0, 1e-20, 60), (4.0 / 3.0, 8e-254, 60), (4.0 / 3.0, 1e-300, 60),
+        (2.0, 1e-100, 60), (2.0, 1e-300, 60),
+        (1.5, 1e-100, 60), (2.5, 1e-50, 140), (3.0, 1e-20, 80), (3.0, 1e-120, 280),
+    ],
+)
+def test_rows_spanning_hundreds_of_orders(p, small, digits):
+    # One entry of 1 (saturated) and twenty tiny ones: for p < 2 the threshold is far below them
+    # (outputs ~ x); for p > 2 they are tied within a strength that is tiny next to them.
+    x = np.full(21, small)
+    x[0] = 1.0
+    expected = _oracle(tuple(x), 6, 1.0, p, digits)[0]
+    for label, y in _routes(x, 6, 1.0, p).items():
+        assert y[0] == 1.0, label
+        _assert_entrywise(y, expected, 1e-12, label)
+
+
+@pytest.mark.parametrize("p", P_VALUES, ids=P_IDS)
+def test_float32_ties_at_a_tiny_strength(p):
+    x = np.tile(TIE_ROW, 2).astype(np.float32)
+    expected = _oracle(tuple(x.astype(np.float64)), 5, 1e-9, p, 120)[0]
+    for label, y in _routes(x, 5, 1e-9, p).items():
+        assert y.dtype == np.float32
+        _assert_entrywise(y.astype(np.float64), expected, 4 * np.finfo(np.float32).eps, label)
