@@ -7,6 +7,8 @@ public `*_from_residuals` functions.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -14,9 +16,11 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 import topk_core as tc
+import topk_numpy as tk
 from topk_core._agnostic import threshold
 
 from ._method_backends import FORWARD, JVP, VJP, cuda_torch
+from ._oracles import mp_threshold_mag_parts
 
 
 def _pav(operator, x, k, **kw):
@@ -119,6 +123,103 @@ def test_mask_threshold_far_closer_to_a_key_than_to_the_maximum(backend):
     y, _ = FORWARD["mask"](backend.to(x), 2, method="threshold", p=2.0, regularization_strength=1e-276)
     want = np.array([[1.0, 0.5, 0.3, 0.2], [1.0, 0.5, 0.3, 0.2]])
     np.testing.assert_allclose(backend.back(y), want, rtol=1e-12, atol=0)
+
+
+# Magnitude rows whose free entries sit just above the threshold, where r = |x| - t cancels:
+# the eight tied 2's share the one unit left by the four 3's (k = 5, y = 1/8 each, output -> 0.25
+# as the strength -> 0), and rows whose magnitudes span many orders (the 1.0 saturated, the
+# twelve entries s share the 3 units left, y = 1/4: about 2.5e-21 for s = 1e-20 at p = 3).
+# Computed from the absolute threshold, r kept 3 digits at a strength of 1e-13, none at 1e-50
+# (output 0), and the small entries of the spanning rows came back 0.
+_TIED_ROW = np.tile([3.0, -3.0, 2.0, 2.0, -2.0, 2.0, 1.0, 0.5, 0.25], 2)
+_CANCEL_P = [1.25, 4.0 / 3.0, 1.5, 2.0, 3.0]
+_CANCEL_P_IDS = ["p=5/4", "p=4/3", "p=3/2", "p=2", "p=3"]
+
+
+def _spanning_row(s: float) -> np.ndarray:
+    return np.array([1.0] + [s] * 12)
+
+
+@functools.cache
+def _mp_mag(row: tuple, k: int, lam: float, p: float):
+    """(out, g', saturated, free) of one row in 120-digit arithmetic, computed once per module."""
+    return mp_threshold_mag_parts(np.array(row), k, lam, p)
+
+
+def _assert_mag_close(got, want, rtol, entrywise=False):
+    got = np.asarray(got, dtype=np.float64)
+    scale = np.abs(want) if entrywise else np.max(np.abs(want))
+    np.testing.assert_array_equal(got == 0, want == 0)
+    assert np.all(np.abs(got - want) <= rtol * scale), np.max(np.abs(got - want) / np.maximum(scale, 1e-300))
+
+
+@pytest.mark.parametrize("p", _CANCEL_P, ids=_CANCEL_P_IDS)
+@pytest.mark.parametrize("lam", [1e-2, 1e-6, 1e-9, 1e-13, 1e-50])
+def test_mag_ties_at_tiny_strengths_keep_their_digits(p, lam):
+    want = _mp_mag(tuple(_TIED_ROW), 5, lam, p)[0]
+    got = tk.soft_topk_mag(_TIED_ROW, 5, p=p, regularization_strength=lam, method="threshold")
+    _assert_mag_close(got, want, 1e-12)
+
+
+@pytest.mark.parametrize("p", _CANCEL_P, ids=_CANCEL_P_IDS)
+@pytest.mark.parametrize("s", [1e-8, 1e-20, 1e-50, 1e-100])
+def test_mag_rows_spanning_many_orders_keep_their_small_entries(p, s):
+    if p == 1.25 and s == 1e-100:
+        pytest.skip("the threshold (~1e-400) underflows: test_mag_threshold_below_the_float_range")
+    x = _spanning_row(s)
+    want = _mp_mag(tuple(x), 4, 1.0, p)[0]
+    got = tk.soft_topk_mag(x, 4, p=p, regularization_strength=1.0, method="threshold")
+    _assert_mag_close(got, want, 1e-12, entrywise=True)
+
+
+@pytest.mark.xfail(reason="pre-existing: the threshold t ~ 4e-400 is below the float64 range; the free "
+                   "entries' z = y t underflow and they come back 0 instead of ~1e-100", strict=True)
+def test_mag_threshold_below_the_float_range():
+    x = _spanning_row(1e-100)
+    got = tk.soft_topk_mag(x, 4, p=1.25, regularization_strength=1.0, method="threshold")
+    _assert_mag_close(got, _mp_mag(tuple(x), 4, 1.0, 1.25)[0], 1e-12, entrywise=True)
+
+
+@pytest.mark.parametrize("p", [4.0 / 3.0, 2.0, 3.0], ids=["p=4/3", "p=2", "p=3"])
+def test_mag_cancelling_rows_on_every_backend_with_residuals(backend, p):
+    # Outputs and g' (from the same accurate r) against the arbitrary-precision parts.
+    for x, k, lam, entrywise in ((_TIED_ROW, 5, 1e-9, False), (_TIED_ROW, 5, 1e-50, False),
+                                 (_spanning_row(1e-20), 4, 1.0, True)):
+        want, gprime, saturated, free = _mp_mag(tuple(x), k, lam, p)
+        xb = backend.to(x[None])
+        out, res = FORWARD["mag"](xb, k, method="threshold", p=p, regularization_strength=lam)
+        backend.assert_like(out, xb)
+        _assert_mag_close(backend.back(out)[0], want, 1e-12, entrywise)
+        got_gprime = backend.back(res.gprime)[0]
+        np.testing.assert_array_equal(got_gprime != 0, free)
+        np.testing.assert_allclose(got_gprime, gprime, rtol=1e-10, atol=0)
+        want_scale = np.where(saturated, 1.0, np.where(free, 1.0 + gprime, 0.0))
+        np.testing.assert_allclose(backend.back(res.scale)[0], want_scale, rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("p", _CANCEL_P, ids=_CANCEL_P_IDS)
+def test_mag_cancelling_rows_in_float32(p):
+    # Float32 has its own cancellation (eps 1.2e-7): ties at a strength of 1e-6 lost every digit.
+    rows = [(_TIED_ROW, 5, lam) for lam in (1e-2, 1e-6, 1e-13)] + [(_spanning_row(1e-8), 4, 1.0)]
+    for x, k, lam in rows:
+        x32 = x.astype(np.float32)
+        got = tk.soft_topk_mag(x32, k, p=p, regularization_strength=lam, method="threshold")
+        assert got.dtype == np.float32
+        want = _mp_mag(tuple(x32.astype(np.float64)), k, lam, p)[0]
+        _assert_mag_close(got, want, 1e-5, entrywise=k == 4)
+
+
+def test_mag_cancelling_rows_under_jit():
+    # The second solve (relative to a key near the threshold) also runs in the adapters' structured loop.
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    with jax.enable_x64(True):
+        for x, k, lam, p, q in ((_TIED_ROW, 5, 1e-50, 4.0 / 3.0, 4.0), (_spanning_row(1e-20), 4, 1.0, 3.0, 1.5)):
+            solve = jax.jit(
+                lambda a, k=k, lam=lam, q=q: threshold.threshold_mag(a, k, lam, q, jnp, loop=jax.lax.while_loop)[0]
+            )
+            got = np.asarray(solve(jnp.asarray(x[None])))[0]
+            _assert_mag_close(got, _mp_mag(tuple(x), k, lam, p)[0], 1e-12, entrywise=k == 4)
 
 
 def test_nonfinite_rows_follow_the_pav_rule(backend, operator):

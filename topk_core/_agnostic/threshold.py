@@ -44,6 +44,8 @@ Algorithm, for all rows at once ((batch, n) arrays, (batch, 1) scalars):
    ``tau = (sum_F x - l (k - |S|)) / |F|``, magnitude
    ``t = sum_F |x| / (|F| + l (k - |S|))``), one Newton step otherwise; it is
    kept only if it stays in the bracket and leaves the support unchanged.
+   The magnitude's polish runs in the frame of a key near the threshold
+   where it has one (see Numerics).
 4. **Non-unique threshold** (spec section 6): when no entry is fractional the
    threshold may be anywhere in an interval, and a threshold at an end of it
    would make a spurious free entry with ``y`` within round-off of 0 or 1.
@@ -67,6 +69,20 @@ keys near such a threshold lose digits); rows whose finite values span more
 than a quarter of the float range are scaled by 1/4 (with ``l``); the
 magnitude is computed on ``|x|`` scaled by a power of two into [1, 2) with the
 equivalent strength ``l c^(2-p)`` (``mag(x; l) = mag(c x; l c^(2-p)) / c``).
+For the magnitude, ``r = |x| - t`` carries an absolute error of ``eps t``,
+and the free entries can lie far closer above ``t`` than that scale (ties at a
+small strength, magnitudes spanning many orders): rows whose threshold
+exceeds 64 saturation widths ``l t^(1/(q-1))`` are solved a second time
+relative to the non-zero key ``ref`` nearest to the first threshold, when it
+lies within a factor 2 of it (`_mag_recentre`).  The keys near the threshold
+are then exact differences ``|x| - ref`` (Sterbenz) and the threshold is
+carried as ``t = ref + delta`` with a small, accurate ``delta``; only
+``r = (|x| - ref) - delta`` uses the shift, while ``t`` itself, which enters
+``y = g(r) / t`` and the saturation width (the equation is not shift
+invariant), is formed as ``ref + delta``.  The polish of step 3 runs in that
+frame (p = 2: ``delta = (sum_F (|x| - ref) - l (k - |S|) ref) / (|F| + l (k - |S|))``),
+and the outputs and ``g'`` come from that ``r``.  A threshold below the
+float range (tiny entries next to a large one, p < 2) still underflows.
 Before ``g`` is evaluated its argument is clipped where the entry saturates,
 so no intermediate overflows: the code is warning-free in every namespace.
 
@@ -469,18 +485,26 @@ def threshold_mask(
     return y, poison(MaskResiduals(None, None, None, None, gprime), nan_rows, xp)
 
 
-def _mag_pieces(t: Any, an: Any, lam_r: Any, q: float, xp: Any) -> tuple[Any, Any, Any, Any, Any]:
-    r = an - t
+def _mag_pieces(delta: Any, d: Any, ref: Any, lam_r: Any, q: float, xp: Any) -> tuple[Any, ...]:
+    """Pieces of the magnitude at the threshold ``t = ref + delta``, with keys ``d = |x| - ref``.
+
+    ``r = d - delta``: in the frame of a key near the threshold (`_mag_recentre`)
+    the keys near it are exact differences and `delta` is small, so `r` keeps
+    its digits; ``ref = 0`` is the plain frame (``d = |x|``, ``delta = t``).
+    Returns ``(r, rc, above, sat, free, t)``.
+    """
+    t = ref + delta
+    r = d - delta
     # Entries with r >= sat_r have g(r) >= t, i.e. y = 1.
     sat_r = lam_r * (t if q == 2.0 else xp.pow(t, 1.0 / (q - 1.0)))
     rc = xp.clip(r, 0.0, sat_r)
     above, sat = r > 0, r >= sat_r
-    return r, rc, above, sat, above & ~sat
+    return r, rc, above, sat, above & ~sat, t
 
 
-def _mag_evaluate(t: Any, an: Any, lam_r: Any, kkf: Any, q: float, guard: float, xp: Any):
-    n = an.shape[-1]
-    _, rc, above, sat, free = _mag_pieces(t, an, lam_r, q, xp)
+def _mag_evaluate(delta: Any, d: Any, ref: Any, lam_r: Any, kkf: Any, q: float, guard: float, xp: Any):
+    n = d.shape[-1]
+    _, rc, above, sat, free, t = _mag_pieces(delta, d, ref, lam_r, q, xp)
     z = g(rc, lam_r, q, xp)
     n_sat, n_above = count(sat, xp), count(above, xp)
     target = kkf - xp.astype(n_sat, kkf.dtype)
@@ -497,6 +521,63 @@ def _mag_evaluate(t: Any, an: Any, lam_r: Any, kkf: Any, q: float, guard: float,
     excess = free_sum - target * t
     miss = xp.where(~has_free & (target == 0), 0.0 * excess, xp.abs(excess) / xp.where(t > 0, t, 1.0))
     return excess, step, ok, jump, n_above * (n + 1) + n_sat, miss
+
+
+def _mag_recentre(
+    evaluate: Callable[..., tuple[Any, ...]], an: Any, nonzero: Any, t: Any, lo: Any, hi: Any, lo0: Any, hi0: Any,
+    lam_r: Any, kkf: Any, solve: Any, ftol: Any, rtol: float, ulps: float, q: float, iters: int, xp: Any,
+    loop: Callable[..., Any] | None,
+) -> tuple[Any, Any, Any, Any, Any]:
+    """Solve the magnitude again relative to the key nearest to the threshold found first.
+
+    With ``t`` rounded to the float grid, ``r = |x| - t`` has an absolute error
+    of up to ``eps t``: where the free entries lie within a few saturation
+    widths ``l t^(1/(q-1))`` of a threshold that is far larger (ties at a small
+    strength, magnitudes spanning many orders), `r`, and with it every free
+    output, loses digits, or the free set vanishes (``t`` rounds onto the
+    tied key).  Relative to a key ``ref`` within a factor 2 of ``t``, the
+    keys near the threshold are exact differences (Sterbenz) and the
+    threshold is carried as ``t = ref + delta`` with a small, accurate
+    ``delta``; the equation is not shift invariant (``t`` itself enters
+    ``y = g(r) / t`` and the saturation width), so ``t`` is formed where it
+    is needed and only ``r = (|x| - ref) - delta`` uses the shift.  The first
+    bracket, widened by a few ulps of ``t``, brackets ``delta`` (checked;
+    else the data bracket is taken); the solve starts from the first root.
+    Rows whose threshold lies within 64 saturation widths of 0 lose about 64
+    ulps of ``y`` at most (more at the edge of the support for p > 2, where
+    ``g`` is steep at 0) and keep the first frame.  Returns
+    ``(d, ref, delta, lo, hi)``: the keys, the reference (0 in the plain
+    frame), the threshold and its bracket, each row in its own frame.
+    """
+    eps = float(xp.finfo(an.dtype).eps)
+    zero = xp.zeros_like(t)
+    plain = (an, zero, t, lo, hi)
+    # (Not xp.clip: rows without a root may keep a bracket with lo > hi.)
+    anchor = xp.minimum(xp.maximum(t, lo), hi)
+    width = lam_r * (anchor if q == 2.0 else xp.pow(anchor, 1.0 / (q - 1.0)))
+    again = solve & (anchor > _RECENTRE_STRENGTHS * width)
+    if all_true(~again, xp):  # readable arrays and no row to solve again (traced arrays: None)
+        return plain
+    # The reference is the non-zero key nearest to the threshold (a data value, exact); a
+    # frame only helps where it is within a factor 2, so that delta = t - ref is exact too.
+    dist = xp.where(nonzero, xp.abs(an - anchor), xp.inf)
+    nearest = xp.max(xp.where(dist == xp.min(dist, axis=-1, keepdims=True), an, 0.0), axis=-1, keepdims=True)
+    again = again & (nearest <= 2.0 * anchor) & (anchor <= 2.0 * nearest)
+    ref = xp.where(again, nearest, zero)
+    d = xp.where(again, an - ref, an)
+    slack = 8.0 * eps * hi
+    # delta >= -ref keeps t = ref + delta >= 0 (at t = 0 every non-zero entry saturates).
+    lo2, hi2 = xp.maximum((lo - ref) - slack, -ref), (hi - ref) + slack
+    data = (d, ref, lam_r, kkf)
+    low_ok = evaluate(lo2, *data)[0] >= 0
+    high_ok = evaluate(hi2, *data)[0] <= 0
+    lo2 = xp.where(low_ok, lo2, lo0 - ref)
+    hi2 = xp.where(high_ok, hi2, hi0 - ref)
+    delta, lo2, hi2 = _root(
+        evaluate, data, lo2, hi2, again, ftol, rtol, width, ulps, q == 2.0, iters, xp, loop,
+        start=xp.minimum(xp.maximum(anchor - ref, lo2), hi2),
+    )
+    return d, ref, xp.where(again, delta, t), xp.where(again, lo2, lo), xp.where(again, hi2, hi)
 
 
 def threshold_mag(
@@ -543,32 +624,38 @@ def threshold_mag(
     lo = xp.where(half > lam_r, half, xp.minimum(half, g(xp.minimum(half, lam_r), lam_r, q, xp)))
     hi = xp.max(an, axis=-1, keepdims=True)
 
-    def evaluate(t: Any, an: Any, lam_r: Any, kkf: Any) -> tuple[Any, ...]:
-        return _mag_evaluate(t, an, lam_r, kkf, q, guard, xp)
+    def evaluate(delta: Any, d: Any, ref: Any, lam_r: Any, kkf: Any) -> tuple[Any, ...]:
+        return _mag_evaluate(delta, d, ref, lam_r, kkf, q, guard, xp)
 
     ftol = rtol * xp.maximum(kkf, 1.0)
-    t, lo, hi = _root(
-        evaluate, (an, lam_r, kkf), lo, hi, solve, ftol, rtol, xp.zeros_like(hi), ulps, q == 2.0, iters, xp, loop
+    zero_ref = xp.zeros_like(hi)
+    t, lo1, hi1 = _root(
+        evaluate, (an, zero_ref, lam_r, kkf), lo, hi, solve, ftol, rtol, zero_ref, ulps, q == 2.0, iters, xp, loop
     )
+    d, ref, delta, lo1, hi1 = _mag_recentre(
+        evaluate, an, nonzero, t, lo1, hi1, lo, hi, lam_r, kkf, solve, ftol, rtol, ulps, q, iters, xp, loop
+    )
+    lo, hi = lo1, hi1
 
-    # Exact polish on the support read at t, kept only if the support does not change.
-    _, _, above, sat, free = _mag_pieces(t, an, lam_r, q, xp)
+    # Exact polish on the support read at delta, kept only if the support does not change.
+    _, _, above, sat, free, _ = _mag_pieces(delta, d, ref, lam_r, q, xp)
     if q == 2.0:
+        # t = sum_F |x| / (|F| + l (k - |S|)), i.e. delta = t - ref from the exact differences d.
         n_free = xp.astype(count(free, xp), dt)
         target = kkf - xp.astype(count(sat, xp), dt)
-        sum_free = xp.sum(xp.where(free, an, xp.zeros_like(an)), axis=-1, keepdims=True)
+        sum_free = xp.sum(xp.where(free, d, xp.zeros_like(d)), axis=-1, keepdims=True)
         den = n_free + lam_r * target
-        candidate = sum_free / xp.where(den > 0, den, 1.0)
+        candidate = (sum_free - lam_r * target * ref) / xp.where(den > 0, den, 1.0)
         usable = (den > 0) & (n_free > 0)
     else:
-        _, step, usable, _, _, _ = evaluate(t, an, lam_r, kkf)
-        candidate = t + xp.where(usable, step, xp.zeros_like(step))
-    usable = usable & solve & (candidate >= lo) & (candidate <= hi) & (candidate > 0)
-    _, _, above_c, sat_c, _ = _mag_pieces(xp.where(usable, candidate, t), an, lam_r, q, xp)
+        _, step, usable, _, _, _ = evaluate(delta, d, ref, lam_r, kkf)
+        candidate = delta + xp.where(usable, step, xp.zeros_like(step))
+    usable = usable & solve & (candidate >= lo) & (candidate <= hi) & (ref + candidate > 0)
+    _, _, above_c, sat_c, _, _ = _mag_pieces(xp.where(usable, candidate, delta), d, ref, lam_r, q, xp)
     usable = usable & xp.all((above_c == above) & (sat_c == sat), axis=-1, keepdims=True)
-    t = xp.where(usable, candidate, t)
+    delta = xp.where(usable, candidate, delta)
 
-    r, rc, _, sat, free = _mag_pieces(t, an, lam_r, q, xp)
+    r, rc, _, sat, free, t = _mag_pieces(delta, d, ref, lam_r, q, xp)
     sat, free = sat & solve, free & solve
     z = g(rc, lam_r, q, xp)
 
@@ -577,7 +664,7 @@ def threshold_mag(
     n_win = count(winners, xp)
     low_win = xp.min(xp.where(winners, an, 2.0), axis=-1, keepdims=True)
     high_rest = xp.max(xp.where(fin & ~winners, an, 0.0), axis=-1, keepdims=True)
-    _, _, _, still_sat, _ = _mag_pieces(high_rest, low_win, lam_r, q, xp)
+    _, _, _, still_sat, _, _ = _mag_pieces(high_rest, low_win, zero_ref, lam_r, q, xp)
     flat = solve & (n_win == kk) & still_sat
     sat = xp.where(flat, winners, sat)
     free = free & ~flat

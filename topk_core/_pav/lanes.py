@@ -60,18 +60,18 @@ def lanes_apply(n: int, q: float, lam: float) -> bool:
 
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
-def _entry_sets(a, t, inv, is_mag, ref):
-    """(g, saturated, free) of a key `a` at threshold `t`, both relative to `ref` (inv = 1 / l): the one
-    definition of the sets.  The magnitude's saturation level is the absolute threshold ``ref + t``."""
+def _entry_sets(a, t, inv, is_mag, level):
+    """(g, saturated, free) of a key `a` at threshold `t`, both relative to the lane's `ref` (inv = 1 / l):
+    the one definition of the sets.  The magnitude's saturation level is the absolute threshold
+    ``level = ref + t`` (see `_levels`)."""
     g = (a - t) * inv
     if is_mag:
-        level = ref + t
         return g, g >= level, (g > 0.0) & (g < level)
     return g, g >= 1.0, (g > 0.0) & (g < 1.0)
 
 
 @nb.njit(cache=True, error_model="numpy")
-def _pass(z, tau, ref, lam, is_mag, acc):
+def _pass(z, tau, level, lam, is_mag, acc):
     """Per lane, at its threshold: |S| (|A|), |F| and sum_F (x - tau) / l (mask) or sum_F |x| - ref
     (magnitude).
 
@@ -85,7 +85,7 @@ def _pass(z, tau, ref, lam, is_mag, acc):
     for j in range(z.shape[0]):
         for lane in range(LANES):
             a = z[j, lane]
-            g, sat, free = _entry_sets(a, tau[lane], inv, is_mag, ref[lane])
+            g, sat, free = _entry_sets(a, tau[lane], inv, is_mag, level[lane])
             acc[2, lane] += (a if is_mag else g) if free else 0.0
             acc[0, lane] += 1.0 if sat else 0.0
             acc[1, lane] += 1.0 if free else 0.0
@@ -138,7 +138,7 @@ def _update(state, acc, ref, lam, k, is_mag):
 
 
 @nb.njit(cache=True, error_model="numpy")
-def _lane_outputs(z, tau, ref, lam, is_mag, ybuf, gbuf, sbuf, fbuf):
+def _lane_outputs(z, tau, level, lam, is_mag, ybuf, gbuf, sbuf, fbuf):
     """Outputs and residuals of a group at its thresholds, in the lane layout (vectorized).
 
     ybuf: the mask's value, or the magnitude's |value| (-1 on A, whose output is x itself);
@@ -150,7 +150,7 @@ def _lane_outputs(z, tau, ref, lam, is_mag, ybuf, gbuf, sbuf, fbuf):
         for lane in range(LANES):
             a = z[j, lane]
             t = tau[lane]
-            g, sat, free = _entry_sets(a, t, inv, is_mag, ref[lane])
+            g, sat, free = _entry_sets(a, t, inv, is_mag, level[lane])
             if is_mag:
                 ybuf[j, lane] = -1.0 if sat else (g + (a - t) if free else 0.0)
                 sbuf[j, lane] = 1.0 + inv if free else (1.0 if sat else 0.0)
@@ -158,6 +158,13 @@ def _lane_outputs(z, tau, ref, lam, is_mag, ybuf, gbuf, sbuf, fbuf):
                 ybuf[j, lane] = 1.0 if sat else (g if free else 0.0)
             gbuf[j, lane] = inv if free else 0.0
             fbuf[j, lane] = 1.0 if free else 0.0
+
+
+@nb.njit(cache=True, inline="always", error_model="numpy")
+def _levels(ref, tau, level):
+    # Each lane's absolute threshold, the magnitude's saturation level: once per pass, not per entry.
+    for lane in range(LANES):
+        level[lane] = ref[lane] + tau[lane]
 
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
@@ -231,6 +238,7 @@ def lane_rows(keys, x, k, lam, is_mag, bounds, out, gprime, scale, free_signs, o
         state = np.empty((6, LANES), dtype=np.float64)
         tau, lo, hi, active, prev_sat, prev_free = state[0], state[1], state[2], state[3], state[4], state[5]
         ref = np.empty(LANES, dtype=np.float64)
+        level = np.empty(LANES, dtype=np.float64)
         rows = np.empty(LANES, dtype=np.int64)
         # The sweeps run in the keys' dtype: float32 sweeps take half the time of float64 ones.
         columns = np.empty((n, LANES) if bounds_inside else (0, LANES), dtype=keys.dtype)
@@ -278,11 +286,13 @@ def lane_rows(keys, x, k, lam, is_mag, bounds, out, gprime, scale, free_signs, o
                 for lane in range(LANES):
                     z[j, lane] -= ref[lane]
             for _ in range(max_passes):
-                _pass(z, tau, ref, lam, is_mag, acc)
+                _levels(ref, tau, level)
+                _pass(z, tau, level, lam, is_mag, acc)
                 remaining = _update(state, acc, ref, lam, k, is_mag)
                 if remaining == 0:
                     break
-            _lane_outputs(z, tau, ref, lam, is_mag, ybuf, gbuf, sbuf, fbuf)
+            _levels(ref, tau, level)
+            _lane_outputs(z, tau, level, lam, is_mag, ybuf, gbuf, sbuf, fbuf)
             for lane in range(used):
                 unresolved[r0 + lane] = active[lane] != 0.0
             # Back to input order, a row at a time (unresolved rows too: the caller overwrites them).
@@ -292,7 +302,10 @@ def lane_rows(keys, x, k, lam, is_mag, bounds, out, gprime, scale, free_signs, o
                     n_kept = 0.0
                     for j in range(n):
                         m = ybuf[j, lane]
-                        out[r, j] = x[r, j] if m < 0.0 else (math.copysign(m, x[r, j]) if m != 0.0 else 0.0)
+                        xj = x[r, j]
+                        signed = math.copysign(m, xj)
+                        # Selects only (m < 0 marks A, whose output is x itself; +0 outside the support).
+                        out[r, j] = xj if m < 0.0 else (signed if m > 0.0 else 0.0)
                     if with_residuals:
                         for j in range(n):
                             gprime[r, j] = gbuf[j, lane]
