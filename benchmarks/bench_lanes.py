@@ -1,9 +1,12 @@
-"""Where the lane solver pays: its time against the selection kernel's, by row length (p = 2).
+"""Where the lane solver pays: its time against the selection kernel's, by row length (p = 2 and 4/3).
 
-Both kernels get the same order statistics and write the same outputs (and,
-in the second column pair, the Jacobian residuals); the table prints their
-times on about 4 million float32 entries (k = max(2, n/8), l = 0.1) and the
-ratio lanes / selection, measured side by side.  `lanes.LANE_MAX_N` is set from it.
+Both columns run the selection-first forward (`select.topk_rows_select`) on
+the same rows, once with the lane solver switched on for that length (rows it
+hands back included) and once with it switched off (the selection kernel,
+with its own order statistics); the table prints their times on about 4
+million float32 entries (k = max(2, n/8), l = 0.1) and the ratio lanes /
+selection, measured side by side.  `lanes.LANE_MAX_N` (p = 2) and
+`lanes.CUBIC_LANE_MAX_N` (p = 4/3) are set from it.
 
     python benchmarks/bench_lanes.py                          # the table
     python benchmarks/bench_lanes.py --write docs/methods.md  # and update the docs page
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 
 import numpy as np
 
@@ -23,46 +27,49 @@ from topk_core._pav.kernels import fused_outputs
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _report import machine, median_time, write_section
 
-LENGTHS = [8, 16, 32, 64, 128]
+LENGTHS = [8, 16, 24, 32, 48, 64]
 ENTRIES = 1 << 22
 STRENGTH = 0.1
+EXPONENTS = {"2": 2.0, "4/3": 4.0}  # p: its conjugate exponent q
+_MAX_N = {2.0: "LANE_MAX_N", 4.0: "CUBIC_LANE_MAX_N"}
 
 
-def _kernels(x: np.ndarray, k: int, is_mag: bool, with_residuals: bool) -> tuple:
-    keys = np.abs(x) if is_mag else x
-    bounds = select._row_bounds(keys, k)
+def _forward(x: np.ndarray, k: int, q: float, is_mag: bool, with_residuals: bool, lanes_on: bool) -> Callable:
+    keys = np.ascontiguousarray(np.abs(x) if is_mag else x)
     arrays = fused_outputs(x, is_mag, with_residuals)
-    unresolved = np.empty(x.shape[0], np.bool_)
+    name = _MAX_N[q]
 
-    def selection() -> None:
-        select._select_rows(keys, x, k, STRENGTH, 2.0, is_mag, *arrays, 8, bounds, 0)
+    def run() -> None:
+        saved = getattr(lanes, name)
+        setattr(lanes, name, x.shape[1] if lanes_on else 0)
+        try:
+            select.topk_rows_select(keys, x, k, STRENGTH, q, is_mag, *arrays)
+        finally:
+            setattr(lanes, name, saved)
 
-    def lane() -> None:
-        lanes.lane_rows(keys, x, k, STRENGTH, is_mag, bounds, *arrays, unresolved, 8, lanes.MAX_PASSES)
-
-    return selection, lane
+    return run
 
 
 def table(repeats: int) -> list[str]:
     lines = [
-        "| n | operator | selection fwd (ms) | lanes fwd (ms) | lanes / selection "
+        "| p | n | operator | selection fwd (ms) | lanes fwd (ms) | lanes / selection "
         "| selection fwd+res. (ms) | lanes fwd+res. (ms) | lanes / selection |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     print("\n".join(lines), flush=True)
     rng = np.random.default_rng(0)
-    for n in LENGTHS:
-        x = rng.normal(size=(ENTRIES // n, n)).astype(np.float32)
-        k = max(2, n // 8)
-        for op in ("mask", "mag"):
-            cells = []
-            for with_residuals in (False, True):
-                selection, lane = _kernels(x, k, op == "mag", with_residuals)
-                t_sel = median_time(selection, repeats)
-                t_lane = median_time(lane, repeats)
-                cells.append(f"{t_sel * 1e3:.2f} | {t_lane * 1e3:.2f} | {t_lane / t_sel:.2f}")
-            lines.append(f"| {n} | {op} | {cells[0]} | {cells[1]} |")
-            print(lines[-1], flush=True)
+    for p_name, q in EXPONENTS.items():
+        for n in LENGTHS:
+            x = rng.normal(size=(ENTRIES // n, n)).astype(np.float32)
+            k = max(2, n // 8)
+            for op in ("mask", "mag"):
+                cells = []
+                for with_residuals in (False, True):
+                    t_sel = median_time(_forward(x, k, q, op == "mag", with_residuals, False), repeats)
+                    t_lane = median_time(_forward(x, k, q, op == "mag", with_residuals, True), repeats)
+                    cells.append(f"{t_sel * 1e3:.2f} | {t_lane * 1e3:.2f} | {t_lane / t_sel:.2f}")
+                lines.append(f"| {p_name} | {n} | {op} | {cells[0]} | {cells[1]} |")
+                print(lines[-1], flush=True)
     return lines
 
 
@@ -73,8 +80,9 @@ def main() -> None:
     args = parser.parse_args()
     head = [
         f"Machine: {machine()}, NumPy {np.__version__}.",
-        f"float32, {ENTRIES} entries, k = max(2, n/8), l = {STRENGTH}, p = 2; medians of {args.repeats} runs "
-        "after a warm-up; both kernels given the same order statistics.",
+        f"float32, {ENTRIES} entries, k = max(2, n/8), l = {STRENGTH}; medians of {args.repeats} runs "
+        "after a warm-up; the whole selection-first forward with the lanes on (rows handed back included) "
+        "and off.",
         "",
     ]
     print("\n".join(head), flush=True)

@@ -1,4 +1,4 @@
-"""The lane solver (many short rows side by side, p = 2) against the full-sort route.
+"""The lane solver (many short rows side by side, p = 2 and 4/3) against the full-sort route.
 
 The full-sort route (argsort, `pav_rows` with integer blocks, Array-API
 assembly) is checked against the reference PAV elsewhere; the lane solver
@@ -22,6 +22,14 @@ from ._rows import rows_of_kind
 
 SOLVE = {"mask": pav_mask, "mag": pav_mag}
 PRODUCT = {"mask": jacobians.mask_jvp_rows, "mag": jacobians.mag_vjp_rows}
+# Conjugate exponents q of the exponents the lanes serve (p = 2 and 4/3).
+Q_VALUES = [2.0, 4.0]
+Q_IDS = ["p=2", "p=4/3"]
+
+
+@pytest.fixture(params=Q_VALUES, ids=Q_IDS)
+def q(request) -> float:
+    return request.param
 
 
 @pytest.fixture
@@ -33,10 +41,10 @@ def lane_calls(monkeypatch):
     return calls
 
 
-def _assert_same(operator, x, k, lam, rng):
+def _assert_same(operator, x, k, lam, rng, q=2.0):
     solve = SOLVE[operator]
-    y, res = solve(x, k, lam, 2.0, with_residuals=True, fused=True)
-    y_ref, res_ref = solve(x, k, lam, 2.0, with_residuals=True, fused=False)
+    y, res = solve(x, k, lam, q, with_residuals=True, fused=True)
+    y_ref, res_ref = solve(x, k, lam, q, with_residuals=True, fused=False)
     eps = np.finfo(x.dtype).eps
     scale = max(1.0, float(np.abs(x).max()) / lam)
     np.testing.assert_allclose(y, y_ref, rtol=100 * eps, atol=100 * eps * scale, err_msg=str((k, lam)))
@@ -52,32 +60,40 @@ def _assert_same(operator, x, k, lam, rng):
 
 
 @pytest.mark.parametrize("kind", ["normal", "ties", "spread", "dominant"])
-@pytest.mark.parametrize(("batch", "n"), [(1, 2), (63, 16), (64, 17), (130, 48), (700, 7), (5, 33)])
-def test_lane_route_equals_full_sort_route(rng, operator, float_dtype, kind, batch, n, lane_calls):
+@pytest.mark.parametrize(
+    ("q", "batch", "n"),
+    [(2.0, 1, 2), (2.0, 63, 16), (2.0, 64, 17), (2.0, 130, 48), (2.0, 700, 7), (2.0, 5, 33),
+     (4.0, 1, 2), (4.0, 63, 16), (4.0, 130, 24), (4.0, 700, 7), (4.0, 5, 9)],
+)
+def test_lane_route_equals_full_sort_route(rng, operator, float_dtype, kind, q, batch, n, lane_calls):
     x = rows_of_kind(rng, batch, n, kind, float_dtype)
     # Strengths that are not dyadic: with dyadic keys (the ties) a dyadic strength can put a key
     # exactly on the edge of the free set, a kink where each route keeps its own one-sided Jacobian.
     for k in sorted({1, max(1, n // 8), n // 2, n - 1} - {0}):
         for lam in (1.1e-4, 0.1, 0.7, 33.3):
-            _assert_same(operator, x, k, lam, rng)
+            _assert_same(operator, x, k, lam, rng, q)
     assert lane_calls  # the lane solver ran
 
 
-@pytest.mark.parametrize("max_passes", [0, 1, 2])
-def test_rows_left_unsolved_go_to_the_selection_kernel(monkeypatch, rng, operator, max_passes):
-    # With too few steps allowed, some (0: all) rows are handed back and solved again.
-    monkeypatch.setattr(select, "MAX_PASSES", max_passes)
-    x = rows_of_kind(rng, 300, 40, "ties", np.float64)
-    for k in (1, 5, 20):
-        for lam in (0.01, 0.7, 10.3):
-            _assert_same(operator, x, k, lam, rng)
+@pytest.mark.parametrize("max_passes", [0, 1, 2, 16])
+def test_rows_left_unsolved_go_to_the_selection_kernel(monkeypatch, rng, operator, q, max_passes, lane_calls):
+    # With too few steps allowed, some (0: all) rows are handed back and solved again; with many
+    # (p = 4/3 takes one by default), the rows the lanes converge on match too.
+    monkeypatch.setattr(lanes, "MAX_PASSES" if q == 2.0 else "CUBIC_MAX_PASSES", max_passes)
+    x = rows_of_kind(rng, 300, 40 if q == 2.0 else 16, "ties", np.float64)
+    # Ties are multiples of 1/2: a strength l with l * r a multiple of 1/2 for some r <= k puts a
+    # threshold exactly on a tie (a kink, where each route keeps its own one-sided Jacobian).
+    for k in (1, 5, 10):
+        for lam in (0.0137, 0.737, 10.37):
+            _assert_same(operator, x, k, lam, rng, q)
+    assert lane_calls
 
 
-def test_unsolved_rows_are_flagged(rng):
+def test_unsolved_rows_are_flagged(rng, q):
     keys = rng.normal(size=(100, 16))
     unresolved = np.zeros(100, dtype=np.bool_)
     bounds = select._row_bounds(keys, 3)
-    args = (keys, keys, 3, 1.0, False, bounds, *fused_outputs(keys, False, True))
+    args = (keys, keys, 3, 1.0, q, False, bounds, *fused_outputs(keys, False, True))
     lanes.lane_rows.serial(*args, unresolved, 1, 0)
     # With no step allowed, only the rows without a violator (a gap of at least l after
     # the k-th key, solved at the start) are solved.
@@ -87,12 +103,24 @@ def test_unsolved_rows_are_flagged(rng):
     assert not unresolved.any()
 
 
-def test_no_violator_gives_the_exact_hard_mask_and_no_free_entry(rng, lane_calls):
+def test_no_violator_gives_the_exact_hard_mask_and_no_free_entry(rng, q, lane_calls):
     # Gaps of at least l around the k-th entry: y is 0/1 and the Jacobian vanishes.
     x = np.tile(np.array([5.0, 3.0, 1.0, 0.5, -1.0]), (70, 1)) + rng.normal(size=(70, 1))
-    y, res = pav_mask(x, 2, 1.0, 2.0, with_residuals=True)
+    y, res = pav_mask(x, 2, 1.0, q, with_residuals=True)
     np.testing.assert_array_equal(y, np.tile([1.0, 1.0, 0.0, 0.0, 0.0], (70, 1)))
     np.testing.assert_array_equal(res.gprime, 0.0)
+    assert lane_calls
+
+
+def test_magnitude_without_violator_keeps_the_top_k_with_identity_derivatives(rng, q, lane_calls):
+    # s_(k) saturated at a threshold s_(k+1): any threshold in between solves the row, the hard
+    # top-k is exact and locally constant in its set, so its derivatives are 1 on it and 0 off it.
+    # (p = 4/3 lanes once converged to the interval's end, where s_(k) looked free.)
+    x = np.tile(np.array([5.0, -3.0, 1.2, 0.5, -0.1]), (70, 1)) * rng.uniform(1.0, 2.0, size=(70, 1))
+    y, res = pav_mag(x, 2, 1.0, q, with_residuals=True)
+    np.testing.assert_array_equal(y, x * np.array([1.0, 1.0, 0.0, 0.0, 0.0]))
+    np.testing.assert_array_equal(res.gprime, 0.0)
+    np.testing.assert_array_equal(res.scale, np.tile([1.0, 1.0, 0.0, 0.0, 0.0], (70, 1)))
     assert lane_calls
 
 
@@ -101,21 +129,26 @@ def test_magnitude_rows_with_few_non_zero_entries(rng, lane_calls):
     # (the selection kernel's rule); the lanes hand such rows back.
     x = rng.normal(size=(90, 16))
     x[::2, 2:] = 0.0  # two non-zero entries, k = 3
-    y, res = pav_mag(x, 3, 0.1, 2.0, with_residuals=True)
-    np.testing.assert_array_equal(y[::2], x[::2])
-    np.testing.assert_array_equal(res.scale[::2], 1.0)
-    _assert_same("mag", x, 3, 0.1, rng)
+    for q in Q_VALUES:
+        y, res = pav_mag(x, 3, 0.1, q, with_residuals=True)
+        np.testing.assert_array_equal(y[::2], x[::2])
+        np.testing.assert_array_equal(res.scale[::2], 1.0)
+        _assert_same("mag", x, 3, 0.1, rng, q)
     assert lane_calls
 
 
-@pytest.mark.parametrize(("p", "lam", "n"), [(4.0 / 3.0, 0.1, 16), (1.5, 0.1, 16), (2.0, 1e-200, 16), (2.0, 0.1, 64)])
+@pytest.mark.parametrize(
+    ("p", "lam", "n"),
+    [(1.5, 0.1, 16), (3.0, 0.1, 8), (2.0, 1e-200, 16), (4.0 / 3.0, 1e200, 16), (2.0, 0.1, 64), (4.0 / 3.0, 0.1, 25)],
+)
 def test_lanes_only_where_they_apply(rng, operator, p, lam, n, lane_calls):
-    # p != 2, a strength outside the unscaled frame, rows longer than LANE_MAX_N.
+    # p other than 2 and 4/3, a strength outside the unscaled frame, rows longer than LANE_MAX_N
+    # (p = 2) or CUBIC_LANE_MAX_N (p = 4/3).
     SOLVE[operator](rng.normal(size=(200, n)), 2, lam, p / (p - 1.0), with_residuals=False)
     assert lane_calls == []
 
 
-def test_both_compiled_variants_agree(rng, operator):
+def test_both_compiled_variants_agree(rng, operator, q):
     x = rows_of_kind(rng, 3000, 24, "ties", np.float32)
     keys = np.abs(x) if operator == "mag" else x
     bounds = select._row_bounds(keys, 4)
@@ -123,14 +156,14 @@ def test_both_compiled_variants_agree(rng, operator):
     for variant, n_chunks in ((lanes.lane_rows.serial, 1), (lanes.lane_rows.parallel, 7)):
         arrays = fused_outputs(x, operator == "mag", True)  # the mask's scale, signs, offset are empty
         unresolved = np.empty(3000, np.bool_)
-        variant(keys, x, 4, 0.3, operator == "mag", bounds, *arrays, unresolved, n_chunks, lanes.MAX_PASSES)
+        variant(keys, x, 4, 0.3, q, operator == "mag", bounds, *arrays, unresolved, n_chunks, lanes.MAX_PASSES)
         results.append((*arrays, unresolved))
     for a, b in zip(*results, strict=True):
         np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("batch", [1, 63, 130])
-def test_order_statistics_found_in_the_lanes_equal_given_ones(rng, operator, float_dtype, batch):
+def test_order_statistics_found_in_the_lanes_equal_given_ones(rng, operator, float_dtype, q, batch):
     # With empty bounds the lane kernel sweeps its own transposed rows for them: the same
     # order statistics, so the same outputs, residuals and hand-backs, to the bit.
     x = rows_of_kind(rng, batch, 20, "ties", float_dtype)
@@ -141,7 +174,7 @@ def test_order_statistics_found_in_the_lanes_equal_given_ones(rng, operator, flo
             assert bounds.shape[0] in (0, batch)
             arrays = fused_outputs(x, operator == "mag", True)
             unresolved = np.empty(batch, np.bool_)
-            lanes.lane_rows.serial(keys, x, k, 0.3, operator == "mag", bounds, *arrays, unresolved, 1,
+            lanes.lane_rows.serial(keys, x, k, 0.3, q, operator == "mag", bounds, *arrays, unresolved, 1,
                                    lanes.MAX_PASSES)
             results.append((*arrays, unresolved))
         for a, b in zip(*results, strict=True):

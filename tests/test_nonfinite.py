@@ -36,7 +36,9 @@ def test_nan_row_gradients_stay_in_their_row(rng, operator):
     u = rng.normal(size=x.shape)
     g = vjp_fn(u)
     assert np.all(np.isnan(g[1]))
-    np.testing.assert_array_equal(np.delete(g, 1, axis=0), np.delete(vjp_clean(u), 1, axis=0))
+    # The array with a NaN takes the full-sort route, the clean one the lane solver: the same
+    # numbers up to rounding.
+    np.testing.assert_allclose(np.delete(g, 1, axis=0), np.delete(vjp_clean(u), 1, axis=0), rtol=1e-12, atol=1e-15)
 
 
 def test_mask_plus_inf_selected_first_and_minus_inf_last():

@@ -45,14 +45,16 @@ def test_permutation_equivariance(x, data, lam, p, magnitude):
 
 
 @SETTINGS
-@given(x=arrays(np.float64, st.integers(2, 20), elements=finite, unique=True), data=st.data())
-def test_hard_limit_for_distinct_values(x, data):
+@given(x=arrays(np.float64, st.integers(2, 20), elements=finite, unique=True), data=st.data(), p=exponents)
+def test_hard_limit_for_distinct_values(x, data, p):
+    # Gaps of at least l: no violator, exact zeros and ones (the lane solver's p = 2 rows once
+    # came back 1 - 1e-16, from l * (1 / l)).
     k = data.draw(st.integers(1, x.size))
     gap = np.min(np.diff(np.sort(x)))
     lam = gap / 4.0
     if lam <= 1e-9:
         return
-    np.testing.assert_array_equal(tk.soft_topk_mask(x, k, regularization_strength=lam), tk.hard_topk_mask(x, k))
+    np.testing.assert_array_equal(tk.soft_topk_mask(x, k, regularization_strength=lam, p=p), tk.hard_topk_mask(x, k))
 
 
 @SETTINGS

@@ -43,6 +43,21 @@ def test_bad_strength(fn, value, error):
 
 
 @pytest.mark.parametrize("fn", SOFT, ids=ids)
+@pytest.mark.parametrize("method", ["threshold", "dykstra"])
+def test_strength_below_the_dtype_of_the_array_api_methods(fn, method):
+    # They compute in the input's dtype: 1e-50 is 0 in float32 (the threshold method returned NaN).
+    x32 = np.array([[3.0, -3.0, 2.0, 2.0, -2.0, 2.0, 1.0, 0.5, 0.25]], dtype=np.float32)
+    with pytest.raises(ValueError, match="`regularization_strength` = 1e-50 is below the smallest normal"):
+        fn(x32, 5, regularization_strength=1e-50, p=2.0, method=method)
+    # float64 holds it; PAV computes in float64 for float32 inputs too: both give the l -> 0 limit,
+    # where the tied 2's share what is left.
+    expected = fn(x32.astype(np.float64), 5, regularization_strength=1e-50, p=2.0, method="threshold")
+    np.testing.assert_allclose(fn(x32, 5, regularization_strength=1e-50, p=2.0, method="pav"), expected, rtol=1e-7)
+    if fn is tk.soft_topk_mag:
+        np.testing.assert_allclose(expected[0, 2:6], [1.5, 1.5, -1.5, 1.5], rtol=1e-12)
+
+
+@pytest.mark.parametrize("fn", SOFT, ids=ids)
 @pytest.mark.parametrize(("value", "error"), [
     (1.0, ValueError), (0.5, ValueError), (-2.0, ValueError), (np.inf, ValueError), (np.nan, ValueError),
     ("2", TypeError),

@@ -70,6 +70,18 @@ def check_strength(regularization_strength: Any) -> float:
     return value
 
 
+def check_strength_in_dtype(lam: float, dtype: Any, xp: Any, method: str) -> None:
+    """The threshold and Dykstra methods compute in the input's floating dtype: `lam` must be a normal
+    number of it (a float32 strength of 1e-50 is 0 there, and the result was NaN)."""
+    smallest = float(xp.finfo(dtype).smallest_normal)
+    if lam < smallest:
+        raise ValueError(
+            f"`regularization_strength` = {lam:.3g} is below the smallest normal number ({smallest:.3g}) of "
+            f"{dtype}, the dtype method={method!r} computes in: pass float64 inputs, or use method='pav' "
+            "(CPU, computes in float64)"
+        )
+
+
 def check_p(p: Any) -> float:
     """Return `p` as a float after checking it is finite and > 1."""
     value = _check_real("p", p)

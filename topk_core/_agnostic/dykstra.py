@@ -43,6 +43,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .._compat import default_int, device
+from .._validate import check_strength_in_dtype
 from .assemble import assemble_mag, assemble_mask
 from .common import all_true, count, nan_rows_of, poison
 from .residuals import MagResiduals, MaskResiduals
@@ -234,6 +235,7 @@ def dykstra_mask(
     """
     _check_q(q)
     iters, rtol = _controls(max_iter, tol)
+    check_strength_in_dtype(lam, x.dtype, xp, "dykstra")
     n = x.shape[-1]
     x, nan_rows = nan_rows_of(x, xp)
     perm, inv = _sorted_rows(x, xp)
@@ -276,6 +278,7 @@ def dykstra_mag(
     """
     _check_q(q)
     iters, rtol = _controls(max_iter, tol)
+    check_strength_in_dtype(lam, x.dtype, xp, "dykstra")
     n = x.shape[-1]
     x, nan_rows = nan_rows_of(x, xp)
     perm, inv = _sorted_rows(xp.abs(x), xp)

@@ -102,6 +102,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .._compat import default_int, device
+from .._validate import check_strength_in_dtype
 from .common import all_true, count, nan_rows_of, poison
 from .regularizer import g, g_prime_on
 from .residuals import MagResiduals, MaskResiduals, mag_residuals
@@ -329,13 +330,14 @@ def _mask_recentre(
     ``eps * (max - min)``: when the threshold lies far below the maximum
     (one dominant entry), keys near it lose the digits that `y` depends on,
     and ties appear that are not in the data.  Relative to the key nearest to
-    that threshold they keep their precision.  The first bracket, widened by
-    that rounding error, brackets the second root; a row whose widened
-    bracket does not straddle the root (a sign check) takes the whole data
-    bracket instead.  Rows whose threshold is within 64 `l` of the maximum
-    lose at most about 64 ulps of `y` and keep the first solve.  The second
-    solve starts from the first root.  Returns ``(xs, tau, lo, hi)``, each row
-    in its own frame.
+    that threshold they keep their precision.  That key is found by a solve
+    in the absolute frame (keys as they are, each to its own precision),
+    started from the first root, whose bracket, widened by the rounding of its
+    keys, brackets the last root; a row whose widened bracket does not
+    straddle the root (a sign check) takes the whole data bracket instead.
+    Rows whose threshold is within 64 `l` of the maximum lose at most about
+    64 ulps of `y` and keep the first solve.  Returns ``(xs, tau, lo, hi)``,
+    each row in its own frame.
     """
     big = float(xp.finfo(xf.dtype).max)
     eps = float(xp.finfo(xf.dtype).eps)
@@ -347,18 +349,29 @@ def _mask_recentre(
     again = solve & (-anchor > _RECENTRE_STRENGTHS * lam_r)
     if all_true(~again, xp):  # readable arrays and no row to solve again (traced arrays: None)
         return xs, tau, lo, hi
-    # The reference is the key nearest to the threshold: a data value, so it carries no
-    # rounding error of its own, and the keys near the threshold are small next to it.
+    # Far below the maximum, keys that differ by less than eps * (max - min) collapsed into one
+    # value of the first frame, whose threshold can then be off by that much (a row spanning
+    # 1e-8..1e8 in float32 lost three digits; 1e-15..1e15, all).  Keys as they are (the absolute
+    # frame) keep their own precision, eps |x|: a solve there places the threshold among the keys
+    # near it, wherever it lies.
     keys = xf * c
-    estimate = top * c + anchor
-    dist = xp.where(fin, xp.abs(keys - estimate), xp.inf)
+    xa = xp.where(fin, keys, -big)
+    # The data's own bracket: every finite entry saturated at its lower end, none positive at its upper.
+    lo_a, hi_a = bottom * c - lam_r, top * c
+    tau_a, lo_a, hi_a = _root(
+        evaluate, (xa, lam_r, kkf), lo_a, hi_a, again, ftol, rtol, lam_r, ulps, exact_pieces, iters, xp, loop,
+        start=xp.clip(anchor + top * c, lo_a, hi_a),
+    )
+    # The reference is the key nearest to that threshold: a data value, so it carries no rounding
+    # error of its own, and the keys near the threshold are small next to it.
+    dist = xp.where(fin, xp.abs(keys - tau_a), xp.inf)
     nearest = xp.max(xp.where(dist == xp.min(dist, axis=-1, keepdims=True), keys, -big), axis=-1, keepdims=True)
     ref = xp.where(again, nearest, top * c)
     xs = xp.where(again, xp.where(fin, keys - ref, -big), xs)
-    # The first bracket in the new frame, widened by the rounding of the first frame's keys.
+    # The absolute frame's bracket in the new frame, widened by the rounding of its keys.
     shift = top * c - ref
-    slack = 8.0 * eps * (xp.abs(top * c) + xp.abs(bottom * c) + lam_r)
-    lo2, hi2 = (lo + shift) - slack, (hi + shift) + slack
+    slack = 8.0 * eps * (xp.abs(lo_a) + xp.abs(hi_a) + xp.abs(ref) + lam_r)
+    lo2, hi2 = (lo_a - ref) - slack, (hi_a - ref) + slack
     # Widened brackets that fail the sign check fall back to the data's own bracket: every
     # finite entry saturated at its lower end, none positive at its upper end.
     low_ok = evaluate(lo2, xs, lam_r, kkf)[0] >= 0
@@ -367,7 +380,7 @@ def _mask_recentre(
     hi2 = xp.where(high_ok, hi2, shift)
     tau2, lo2, hi2 = _root(
         evaluate, (xs, lam_r, kkf), lo2, hi2, again, ftol, rtol, lam_r, ulps, exact_pieces, iters, xp, loop,
-        start=xp.clip(anchor + shift, lo2, hi2),
+        start=xp.clip(tau_a - ref, lo2, hi2),
     )
     return xs, xp.where(again, tau2, tau), xp.where(again, lo2, lo), xp.where(again, hi2, hi)
 
@@ -405,6 +418,7 @@ def threshold_mask(
     residuals : MaskResiduals
         ``perm = inv_perm = None``, one block per row, ``g'`` on the free set.
     """
+    check_strength_in_dtype(lam, x.dtype, xp, "threshold")
     n = x.shape[-1]
     dt = x.dtype
     rtol, ulps, iters, big = _controls(dt, max_iter, tol, xp)
@@ -588,6 +602,7 @@ def threshold_mag(
 
     Parameters and returns as in `threshold_mask` (residuals `MagResiduals`).
     """
+    check_strength_in_dtype(lam, x.dtype, xp, "threshold")
     n = x.shape[-1]
     dt = x.dtype
     rtol, ulps, iters, big = _controls(dt, max_iter, tol, xp)
@@ -629,8 +644,13 @@ def threshold_mag(
 
     ftol = rtol * xp.maximum(kkf, 1.0)
     zero_ref = xp.zeros_like(hi)
+    # The threshold can lie hundreds of orders below the largest key (whose scale is 1 here): the
+    # root finder splits its bracket geometrically down to the smallest normal number (with a
+    # floor of 0 it halved, about 3 steps per order, and ran out of iterations from spans of
+    # 1e+-100 on).
+    floor = xp.full_like(hi, float(xp.finfo(dt).smallest_normal))
     t, lo1, hi1 = _root(
-        evaluate, (an, zero_ref, lam_r, kkf), lo, hi, solve, ftol, rtol, zero_ref, ulps, q == 2.0, iters, xp, loop
+        evaluate, (an, zero_ref, lam_r, kkf), lo, hi, solve, ftol, rtol, floor, ulps, q == 2.0, iters, xp, loop
     )
     d, ref, delta, lo1, hi1 = _mag_recentre(
         evaluate, an, nonzero, t, lo1, hi1, lo, hi, lam_r, kkf, solve, ftol, rtol, ulps, q, iters, xp, loop

@@ -125,3 +125,13 @@ def mag_fixed_point(s: float, lam: float, q: float) -> float:
             break
         d = nxt
     return s - d
+
+
+@nb.njit(cache=True, inline="always", error_model="numpy")
+def mag_lower_bracket(s: float, lam: float, q: float, ref: float) -> float:
+    """A lower end of a magnitude threshold held relative to `ref`, from the absolute key `s` below it.
+
+    The threshold lies above the fixed point of `s` (`mag_fixed_point`); taken
+    relative to `ref` and moved out by the rounding of that subtraction.
+    """
+    return mag_fixed_point(s, lam, q) - ref - 4.0 * np.finfo(np.float64).eps * abs(ref)

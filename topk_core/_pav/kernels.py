@@ -32,7 +32,7 @@ import types
 import numba as nb
 import numpy as np
 
-from ._scalar import depressed_cubic_root, g_prime_scalar, g_scalar, mag_fixed_point
+from ._scalar import depressed_cubic_root, g_prime_scalar, g_scalar, mag_fixed_point, mag_lower_bracket
 
 _EPS = np.finfo(np.float64).eps
 
@@ -290,11 +290,8 @@ def _pool_rootfind(keys, order, lo, hi, kk, lam, q, is_mag, frame):
     upper = _key(keys, order, i0, frame)
     top = upper
     if is_mag:
-        # The fixed point of the absolute key, back relative to the shift, moved out by the
-        # rounding of that subtraction.
         shift = frame[3]
-        lower = mag_fixed_point(_key(keys, order, i0 + 1, frame) + shift, lam, q) - shift
-        lower -= 4.0 * _EPS * abs(shift)
+        lower = mag_lower_bracket(_key(keys, order, i0 + 1, frame) + shift, lam, q, shift)
     else:
         lower = _key(keys, order, i0 + 1, frame) - lam
     gamma = 0.5 * (lower + upper)

@@ -1,35 +1,41 @@
-"""Many short rows solved side by side, one SIMD lane per row: the CPU fast path for p = 2.
+"""Many short rows solved side by side, one SIMD lane per row: the CPU fast path for p = 2 and 4/3.
 
-For rows of at most `LANE_MAX_N` entries, the per-row work of the
-selection kernel (classification, ordering of the candidates, pooled block)
-is scalar code whose branches depend on the data, and costs more than a
-vectorized sort of the row.  Here `LANES` rows are transposed at a time, so
-that every step works on one entry of `LANES` rows at once, and each row's
-threshold (spec section 5) is found by iterating on its sets:
+For rows of at most `LANE_MAX_N` (p = 2) or `CUBIC_LANE_MAX_N` (p = 4/3)
+entries, the per-row work of the selection kernel (classification, ordering
+of the candidates, pooled block) is scalar code whose branches depend on the
+data, and costs more than a vectorized sort of the row.  Here `LANES` rows
+are transposed at a time, so that every step works on one entry of `LANES`
+rows at once, and each row's threshold (spec section 5) is found by
+iterating on its sets (``e = (key - threshold) / l``, ``g = e^(q - 1)``):
 
-* mask: ``S = {x_i - tau >= l}``, ``F = {0 < x_i - tau < l}`` and
-  ``|S| + sum_F (x_i - tau) / l = k``;
-* magnitude: ``A = {|x_i| - t >= l t}``, ``F = {0 < |x_i| - t < l t}`` and
-  ``|A| + sum_F (|x_i| - t) / (l t) = k``;
+* mask: ``S = {e >= 1}``, ``F = {0 < e < 1}`` and ``|S| + sum_F g = k``;
+* magnitude: ``A = {g >= t}``, ``F = {e > 0, g < t}`` and
+  ``|A| + sum_F g / t = k`` (t the absolute threshold);
 
 both in the row's frame: keys and threshold relative to the k-th largest key
-(as in `kernels._row_frame`), so that ``x_i - tau`` does not cancel.
+(as in `kernels._row_frame`), so that ``key - threshold`` does not cancel.
 
-For p = 2 the equation is linear on fixed sets, so each step solves it
-exactly on the sets of the current iterate (PAV's closed form for the block
-``F``; a Newton step on the piecewise-linear `sum(y)`), safeguarded by the
-bracket that the row's two order statistics give (module `select`).  The
-iteration starts from PAV's first block (the k-th and (k+1)-th keys), usually
-the answer, and a row is solved when the sets at its iterate are those the
-iterate was computed from: the sets are level sets of the keys, so equal
-counts mean equal sets.  Rows not solved within `MAX_PASSES` steps, and rows
-that need what the lanes do not do (a rescaled frame, a magnitude row with at
-most k non-zero keys), are flagged and solved again by the selection kernel.
+The iteration starts from PAV's first block (the k-th and (k+1)-th keys, one
+unit weight), usually the answer, and a row is solved when the sets at its
+iterate are those the iterate was computed from: the sets are level sets of
+the keys, so equal counts mean equal sets (the start counts as computed from
+|S| = k - 1, |F| = 2, so one pass can confirm it).  Each step is safeguarded
+by the bracket that the row's two order statistics give (module `select`).
 
-For p = 4/3 the same iteration needs a cube root per row and step and more
-steps; measured, it is slower than the selection kernel, which keeps it.
+* p = 2: the equation is linear on fixed sets, so each step solves it
+  exactly on the sets of the current iterate (PAV's closed form for the
+  block ``F``; a Newton step on the piecewise-linear `sum(y)`).
+* p = 4/3: a cubic on fixed sets.  The start solves the first block's cubic
+  by Newton steps from bounds of its root (`_cubic_start`: no cube root, so
+  it vectorizes too); later steps are Newton steps on ``sum(y)``, not exact
+  on their sets, so rows whose sets change after the start take several.
+  Measured, one pass and handing the rest back beats more passes
+  (`CUBIC_MAX_PASSES`).
+
+Rows not solved within their passes, and rows that need what the lanes do
+not do (a rescaled frame, a magnitude row with at most k non-zero keys), are
+flagged and solved again by the selection kernel.
 """
-
 from __future__ import annotations
 
 import math
@@ -37,77 +43,178 @@ import math
 import numba as nb
 import numpy as np
 
-from ._scalar import mag_fixed_point
+from ._scalar import mag_lower_bracket
 from .kernels import _closed_block_value, _compiled_pair, _unit_scale
 
 # Rows processed side by side (one SIMD lane each).
 LANES = 64
 # Rows up to this length take the lanes: measured against the selection kernel (p = 2,
-# float32, k = n/8, AVX-512 machine), the lanes take 0.35x its time at n = 8, 0.5x at 16,
-# 0.8x at 32 and 1.1x at 64 (benchmarks/bench_lanes.py).
+# float32, k = n/8, AVX-512 machine), the lanes take 0.4x its time at n = 8, 0.5x at 16,
+# 0.75x at 32, 0.8x at 48 and 0.95-1.0x at 64 (benchmarks/bench_lanes.py).
 LANE_MAX_N = 48
 # Steps per row before a row is handed back to the selection kernel (p = 2 rows need 2-4).
 MAX_PASSES = 16
+# p = 4/3: rows up to this length take the lanes (the whole forward measured with the lanes on
+# and off, rows handed back included: 0.45-0.55x at n = 8, 0.65-0.85x at 16, 0.8-0.9x at 24,
+# 1.2-1.7x at 32), and the passes before the rows left are handed back (the rows a first pass
+# does not confirm, ~5% at n = 16, need three or four more: a pass over all rows costs more).
+CUBIC_LANE_MAX_N = 24
+CUBIC_MAX_PASSES = 1
 _EPS = np.finfo(np.float64).eps
 # A row has converged when its Newton step is at most this many ulps of its scale.
 _STEP_ULPS = 8.0
+# Newton steps from the bounds of `_cubic_start` (p = 4/3): quadratic convergence from a few
+# tens of percent.
+_CUBIC_NEWTON = 5
+_CBRT_HALF_UP = 0.7937005259841  # >= 0.5^(1/3)
 
 
 def lanes_apply(n: int, q: float, lam: float) -> bool:
     """Whether the lane solver serves rows of `n` entries, exponent `q` and strength `lam`."""
     # A strength the mask's frame would rescale (`kernels._row_frame`) stays with the selection kernel.
-    return n <= LANE_MAX_N and q == 2.0 and _unit_scale(lam) == 1.0
+    max_n = LANE_MAX_N if q == 2.0 else CUBIC_LANE_MAX_N if q == 4.0 else 0
+    return n <= max_n and _unit_scale(lam) == 1.0
+
+
+def lane_passes(q: float) -> int:
+    """The passes over its rows the lane solver makes (at most) for exponent `q` before handing rows back."""
+    return MAX_PASSES if q == 2.0 else CUBIC_MAX_PASSES
 
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
-def _entry_sets(a, t, inv, is_mag, level):
-    """(g, saturated, free) of a key `a` at threshold `t`, both relative to the lane's `ref` (inv = 1 / l):
-    the one definition of the sets.  The magnitude's saturation level is the absolute threshold
-    ``level = ref + t`` (see `_levels`)."""
-    g = (a - t) * inv
-    if is_mag:
-        return g, g >= level, (g > 0.0) & (g < level)
-    return g, g >= 1.0, (g > 0.0) & (g < 1.0)
+def _entry_sets(a, t, inv, q, is_mag, level):
+    """(e, g, saturated, free) of a key `a` at threshold `t`, both relative to the lane's `ref` (inv = 1 / l):
+    the one definition of the sets.  ``e = (a - t) / l`` and ``g = e^(q - 1)`` (q = 2 or 4).
+    `level` (see `_levels`) is the magnitude's saturation level, the absolute threshold
+    ``ref + t``, or the mask's, l itself: the mask saturates at ``a - t >= l``, compared
+    without the rounding of e (or e^3), so that a row without a violator, solved at
+    ``t = s_(k) - l``, gives exact ones."""
+    e = (a - t) * inv
+    g = e if q == 2.0 else e * e * e
+    sat = g >= level if is_mag else a - t >= level
+    return e, g, sat, (e > 0.0) & ~sat
 
 
 @nb.njit(cache=True, error_model="numpy")
-def _pass(z, tau, level, lam, is_mag, acc):
-    """Per lane, at its threshold: |S| (|A|), |F| and sum_F (x - tau) / l (mask) or sum_F |x| - ref
-    (magnitude).
+def _pass(z, tau, level, lam, q, is_mag, acc):
+    """Per lane, at its threshold: |S| (|A|), |F| and the sums over F the step needs.
 
-    One loop over the lanes per entry, which the compiler vectorizes (the
+    p = 2: ``sum_F e`` (mask) or ``sum_F (|x| - ref)`` (magnitude) in ``acc[2]``;
+    p = 4/3: ``sum_F e``, ``sum_F e^2``, ``sum_F e^3`` in ``acc[2:5]``.  One
+    loop over the lanes per entry, which the compiler vectorizes (the
     accumulators live in one 2-D array so that it can check their aliasing).
     """
     inv = 1.0 / lam
-    for i in range(3):
+    for i in range(acc.shape[0]):
         for lane in range(LANES):
             acc[i, lane] = 0.0
+    if q == 2.0:
+        for j in range(z.shape[0]):
+            for lane in range(LANES):
+                a = z[j, lane]
+                _, g, sat, free = _entry_sets(a, tau[lane], inv, q, is_mag, level[lane])
+                acc[2, lane] += (a if is_mag else g) if free else 0.0
+                acc[0, lane] += 1.0 if sat else 0.0
+                acc[1, lane] += 1.0 if free else 0.0
+        return
     for j in range(z.shape[0]):
         for lane in range(LANES):
-            a = z[j, lane]
-            g, sat, free = _entry_sets(a, tau[lane], inv, is_mag, level[lane])
-            acc[2, lane] += (a if is_mag else g) if free else 0.0
+            e, g, sat, free = _entry_sets(z[j, lane], tau[lane], inv, q, is_mag, level[lane])
             acc[0, lane] += 1.0 if sat else 0.0
             acc[1, lane] += 1.0 if free else 0.0
+            acc[2, lane] += e if free else 0.0
+            acc[3, lane] += e * e if free else 0.0
+            acc[4, lane] += g if free else 0.0
 
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
-def _step(t, ref, lam, k, is_mag, n_sat, n_free, s):
-    """(f(t), the root of the equation on the sets at t, or NaN when the free set is empty), t relative to ref."""
-    rest = k - n_sat  # what the free set must sum to
-    if is_mag:
-        # sum_F (|x| - t) / (l t) = rest with t absolute, solved for t on these sets: PAV's closed
-        # form (`kernels._closed_block_value`), relative to ref.
-        f = (s - n_free * t) / (lam * (ref + t)) - rest
-        den = n_free + lam * rest
-        return f, ((s - lam * rest * ref) / den if n_free > 0.0 else math.nan)
-    # Piecewise linear: the Newton step, exact once the sets are right.
-    f = s - rest
-    return f, (t + lam * f / n_free if n_free > 0.0 else math.nan)
+def _step(t, ref, lam, q, k, is_mag, n_sat, n_free, s1, s2, s3):
+    """(f(t), the root of the equation on the sets at t, or NaN when the free set is empty), t relative to ref.
+
+    f > 0: the free set sums to more than it must, the threshold lies above t.
+    """
+    rest = k - n_sat  # what the free set must sum to (times the absolute threshold, magnitude)
+    if q == 2.0:
+        if is_mag:
+            # sum_F (|x| - t) / (l t) = rest with t absolute, solved for t on these sets: PAV's
+            # closed form of a block with |F| entries of mean s / |F| and `rest` unit weights.
+            f = (s1 - n_free * t) / (lam * (ref + t)) - rest
+            root = _closed_block_value(n_free, s1 / n_free, 0.0, 0.0, rest, lam, 2.0, is_mag, ref)
+            return f, (root if n_free > 0.0 else math.nan)
+        # Piecewise linear: the Newton step, exact once the sets are right.
+        f = s1 - rest
+        return f, (t + lam * f / n_free if n_free > 0.0 else math.nan)
+    # sum_F g = rest (mask) or rest (ref + t) (magnitude): a Newton step on the cubic of these sets,
+    # whose derivative in t is -(3 / l) sum_F e^2 (- rest for the magnitude).
+    f = s3 - rest * (ref + t if is_mag else 1.0)
+    return f, (t + lam * f / (3.0 * s2 + (rest * lam if is_mag else 0.0)) if n_free > 0.0 else math.nan)
 
 
 @nb.njit(cache=True, error_model="numpy")
-def _update(state, acc, ref, lam, k, is_mag):
+def _cubic_start(state, ref, gaps, lam, is_mag):
+    """p = 4/3: the start of every active lane, PAV's first block, and the magnitude's lower bracket.
+
+    The first block (|S| = k - 1, F = {s_(k), s_(k+1)}, one unit weight) has
+    ``(e0 - d)^3 + (e1 - d)^3 = 1`` (mask) or ``= ref + l d`` (magnitude), with
+    the threshold ``l d`` and ``e = key / l`` relative to ref.  With
+    ``d = c + x``, ``c = (e0 + e1) / 2``, ``h = (e0 - e1) / 2`` this is
+    ``x^3 + P x + Q = 0``: ``P = 3 h^2 (+ l / 2)``, ``Q = 1 / 2`` (or ``(ref + l c) / 2``),
+    P >= 0 < Q.  The root is negative, with ``|x| <= Q / P`` and ``|x| <= Q^(1/3)
+    <= (Q + 2) / 3``; from that bound Newton steps increase monotonically to it
+    (x^3 + P x + Q is concave for x < 0): no cube root, and the loop over the lanes
+    vectorizes.
+
+    The magnitude's threshold lies above the fixed point u of ``((s - u) / l)^3 = u``
+    at ``s = s_(k+1)``: ``u = s - w`` with ``w^3 / l^3 + w - s = 0``, convex and
+    increasing in w >= 0, so Newton steps from an upper bound of w (s, and
+    ``l (s + 2) / 3 >= l s^(1/3)``) stay above it and ``s - w`` bounds u from below.
+    """
+    tau, lo = state[0], state[1]
+    for lane in range(LANES):
+        c = 0.5 * gaps[lane] / lam
+        h = -c
+        if is_mag:
+            p = 3.0 * h * h + 0.5 * lam
+            q = 0.5 * (ref[lane] + lam * c)
+            x = -min(q / p, (q + 2.0) / 3.0)
+        else:
+            p = 3.0 * h * h
+            q = 0.5
+            x = -min(q / p, _CBRT_HALF_UP)
+        for _ in range(_CUBIC_NEWTON):
+            x -= (x * (x * x + p) + q) / (3.0 * x * x + p)
+        tau[lane] = lam * (c + x) if state[3, lane] == 1.0 else tau[lane]
+    if is_mag:
+        for lane in range(LANES):
+            s = ref[lane] + gaps[lane]
+            w = min(s, lam * (s + 2.0) / 3.0)
+            for _ in range(_CUBIC_NEWTON):
+                r = w / lam
+                w -= (r * r * r + w - s) / (3.0 * r * r / lam + 1.0)
+            bound = s - w - ref[lane] - 8.0 * _EPS * ref[lane]
+            lo[lane] = bound if state[3, lane] == 1.0 else lo[lane]
+
+
+@nb.njit(cache=True, error_model="numpy")
+def _absolute_frame(state, ref):
+    """Magnitude lanes whose start lies below half their `ref` go on in absolute terms (ref = 0).
+
+    Held relative to ref = s_(k), the threshold is known to eps ref only, and
+    so is the saturation level t = ref + tau it sets: far below s_(k) (strengths
+    large next to the keys) that is too coarse to tell saturated entries from
+    free ones, whose g differs from t by less.  There, keys and threshold are
+    far apart and the absolute frame does not cancel.
+    """
+    for lane in range(LANES):
+        far = (ref[lane] + state[0, lane] < 0.5 * ref[lane]) & (state[3, lane] == 1.0)  # iterating lanes only
+        shift = ref[lane] if far else 0.0
+        for i in range(3):  # the threshold and its bracket
+            state[i, lane] += shift
+        ref[lane] -= shift
+
+
+@nb.njit(cache=True, error_model="numpy")
+def _update(state, acc, ref, lam, q, k, is_mag):
     """One safeguarded step of every active lane (rows of `state`: see `lane_rows`); returns how many
     lanes still iterate.  Selects only, no branch: the compiler vectorizes it."""
     remaining = 0
@@ -117,8 +224,10 @@ def _update(state, acc, ref, lam, k, is_mag):
         hi = state[2, lane]
         active = state[3, lane] == 1.0
         n_sat, n_free = acc[0, lane], acc[1, lane]
-        f, nxt = _step(t, ref[lane], lam, k, is_mag, n_sat, n_free, acc[2, lane])
-        size = ref[lane] + t if is_mag else abs(t) + lam
+        f, nxt = _step(t, ref[lane], lam, q, k, is_mag, n_sat, n_free, acc[2, lane], acc[-2, lane], acc[-1, lane])
+        # The scale of the step's rounding.  p = 4/3 steps are not exact on their sets, so their
+        # tolerance must resolve e = (key - t) / l: it scales with l, never with the keys alone.
+        size = ref[lane] + t if is_mag and q == 2.0 else abs(t) + lam
         lo = t if active & (f > 0.0) else lo
         hi = t if active & (f < 0.0) else hi
         nxt = nxt if (lo <= nxt) & (nxt <= hi) else 0.5 * (lo + hi)
@@ -138,33 +247,34 @@ def _update(state, acc, ref, lam, k, is_mag):
 
 
 @nb.njit(cache=True, error_model="numpy")
-def _lane_outputs(z, tau, level, lam, is_mag, ybuf, gbuf, sbuf, fbuf):
+def _lane_outputs(z, tau, level, lam, q, is_mag, ybuf, gbuf, sbuf, fbuf):
     """Outputs and residuals of a group at its thresholds, in the lane layout (vectorized).
 
     ybuf: the mask's value, or the magnitude's |value| (-1 on A, whose output is x itself);
-    gbuf: g' = 1 / l on F, else 0; sbuf: the magnitude's scale (1 + g' on F, 1 on A, else 0);
-    fbuf: 1 on F, else 0.
+    gbuf: g' on F (1 / l, or 3 e^2 / l for p = 4/3), else 0; sbuf: the magnitude's scale
+    (1 + g' on F, 1 on A, else 0); fbuf: 1 on F, else 0.
     """
     inv = 1.0 / lam
     for j in range(z.shape[0]):
         for lane in range(LANES):
             a = z[j, lane]
             t = tau[lane]
-            g, sat, free = _entry_sets(a, t, inv, is_mag, level[lane])
+            e, g, sat, free = _entry_sets(a, t, inv, q, is_mag, level[lane])
+            gp = inv if q == 2.0 else 3.0 * e * e * inv
             if is_mag:
                 ybuf[j, lane] = -1.0 if sat else (g + (a - t) if free else 0.0)
-                sbuf[j, lane] = 1.0 + inv if free else (1.0 if sat else 0.0)
+                sbuf[j, lane] = 1.0 + gp if free else (1.0 if sat else 0.0)
             else:
                 ybuf[j, lane] = 1.0 if sat else (g if free else 0.0)
-            gbuf[j, lane] = inv if free else 0.0
+            gbuf[j, lane] = gp if free else 0.0
             fbuf[j, lane] = 1.0 if free else 0.0
 
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
-def _levels(ref, tau, level):
-    # Each lane's absolute threshold, the magnitude's saturation level: once per pass, not per entry.
+def _levels(ref, tau, lam, is_mag, level):
+    # Each lane's saturation level (see `_entry_sets`): once per pass, not per entry.
     for lane in range(LANES):
-        level[lane] = ref[lane] + tau[lane]
+        level[lane] = ref[lane] + tau[lane] if is_mag else lam
 
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
@@ -210,11 +320,11 @@ def sweep_order_statistics(columns, k, uppers, belows):
             uppers[:] = belows
 
 
-def lane_rows(keys, x, k, lam, is_mag, bounds, out, gprime, scale, free_signs, offset, unresolved, n_chunks,
+def lane_rows(keys, x, k, lam, q, is_mag, bounds, out, gprime, scale, free_signs, offset, unresolved, n_chunks,
               max_passes):
     """Solve rows of `keys` LANES at a time (module docstring); flag the rows left to the caller.
 
-    Arguments as in `select._select_rows` (p = 2), with `bounds` the (batch, 2) k-th
+    Arguments as in `select._select_rows` (q = 2 or 4), with `bounds` the (batch, 2) k-th
     and (k+1)-th largest keys of every row (1 <= k < n), or empty: they are then
     found here, by `sweep_order_statistics` on the rows already in the lane
     layout (no second transposition; for small k only), `unresolved` a
@@ -232,7 +342,8 @@ def lane_rows(keys, x, k, lam, is_mag, bounds, out, gprime, scale, free_signs, o
         gbuf = np.empty((n, LANES), dtype=np.float64)
         sbuf = np.empty((n, LANES), dtype=np.float64)
         fbuf = np.empty((n, LANES), dtype=np.float64)
-        acc = np.empty((3, LANES), dtype=np.float64)
+        acc = np.empty((3 if q == 2.0 else 5, LANES), dtype=np.float64)
+        gaps = np.empty(LANES, dtype=np.float64)  # s_(k+1) - s_(k)
         # Per lane: tau, bracket lo and hi, active (1: iterating, 0: solved, -1: left to the
         # caller), and the set counts |S|, |F| the current tau was computed from.
         state = np.empty((6, LANES), dtype=np.float64)
@@ -260,16 +371,27 @@ def lane_rows(keys, x, k, lam, is_mag, bounds, out, gprime, scale, free_signs, o
                 else:
                     upper, below = bounds[rows[lane], 0], bounds[rows[lane], 1]
                 active[lane] = 1.0
-                prev_sat[lane] = -1.0
-                prev_free[lane] = -1.0
+                # The start is PAV's first block: its value solves the equation on the sets
+                # |S| = k - 1, F = {s_(k), s_(k+1)}, which a first pass that counts them confirms.
+                prev_sat[lane] = k - 1.0
+                prev_free[lane] = 2.0
                 ref[lane] = upper  # the row's frame: keys relative to s_(k)
                 gap = below - upper
+                gaps[lane] = gap
                 if is_mag:
-                    # t lies in (fixed point of s_(k+1), s_(k)), moved out by the rounding of its
-                    # subtraction.
-                    lo[lane] = mag_fixed_point(below, lam, 2.0) - upper - 4.0 * _EPS * upper
+                    # t lies in (fixed point of s_(k+1), s_(k)); for p = 4/3 a lower bound of that
+                    # fixed point comes below, for all lanes at once.
+                    lo[lane] = mag_lower_bracket(below, lam, q, upper) if q == 2.0 else -upper
                     hi[lane] = 0.0
                     tau[lane] = _two_entry_block(0.0, gap, lam, is_mag, upper)
+                    if _entry_sets(upper, below, 1.0 / lam, q, is_mag, below)[2]:
+                        # No violator: s_(k) is saturated at t = s_(k+1), where the free set is
+                        # empty (the selection kernel's rule; the threshold is not unique).  In
+                        # absolute terms (ref = 0): relative to s_(k), t = s_(k) + (s_(k+1) - s_(k))
+                        # can round far from s_(k+1) when s_(k+1) << s_(k).
+                        ref[lane] = 0.0
+                        tau[lane] = below
+                        active[lane] = 0.0
                     if below == 0.0 or _unit_scale(upper) != 1.0:
                         # At most k non-zero keys, or a rescaled frame: the selection kernel's.
                         active[lane] = -1.0
@@ -282,17 +404,21 @@ def lane_rows(keys, x, k, lam, is_mag, bounds, out, gprime, scale, free_signs, o
                         # [s_(k+1), s_(k) - l]; the right end leaves the free set empty.
                         tau[lane] = -lam
                         active[lane] = 0.0
+            if q != 2.0:
+                _cubic_start(state, ref, gaps, lam, is_mag)
+            if is_mag:
+                _absolute_frame(state, ref)
             for j in range(n):
                 for lane in range(LANES):
                     z[j, lane] -= ref[lane]
             for _ in range(max_passes):
-                _levels(ref, tau, level)
-                _pass(z, tau, level, lam, is_mag, acc)
-                remaining = _update(state, acc, ref, lam, k, is_mag)
+                _levels(ref, tau, lam, is_mag, level)
+                _pass(z, tau, level, lam, q, is_mag, acc)
+                remaining = _update(state, acc, ref, lam, q, k, is_mag)
                 if remaining == 0:
                     break
-            _levels(ref, tau, level)
-            _lane_outputs(z, tau, level, lam, is_mag, ybuf, gbuf, sbuf, fbuf)
+            _levels(ref, tau, lam, is_mag, level)
+            _lane_outputs(z, tau, level, lam, q, is_mag, ybuf, gbuf, sbuf, fbuf)
             for lane in range(used):
                 unresolved[r0 + lane] = active[lane] != 0.0
             # Back to input order, a row at a time (unresolved rows too: the caller overwrites them).

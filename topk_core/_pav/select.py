@@ -37,7 +37,7 @@ import numpy as np
 
 from ._scalar import mag_fixed_point
 from .kernels import _compiled_pair, _pooled_block, _row_frame, _unit_scale, emit_entry, segment_entry
-from .lanes import LANES, MAX_PASSES, lane_rows, lanes_apply, load_group, sweep_order_statistics
+from .lanes import LANES, lane_passes, lane_rows, lanes_apply, load_group, sweep_order_statistics
 from .sortfree import (
     FAILED,
     ITERATE,
@@ -485,8 +485,8 @@ def topk_rows_select(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs,
         # already transposed; otherwise they come from np.sort.
         bounds = np.empty((0, 2)) if k + 1 <= LANE_TRACK_MAX else _row_bounds(keys, k)
         unresolved = np.empty(batch, dtype=np.bool_)
-        lane_rows(keys, x, k, lam, is_mag, bounds, out, gprime, scale, free_signs, offset, unresolved,
-                  min(-(-batch // LANES), n_chunks), MAX_PASSES)
+        lane_rows(keys, x, k, lam, q, is_mag, bounds, out, gprime, scale, free_signs, offset, unresolved,
+                  min(-(-batch // LANES), n_chunks), lane_passes(q))
         rows = np.flatnonzero(unresolved)
         if rows.size:
             _select_subset(rows, keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs, offset, bounds)
