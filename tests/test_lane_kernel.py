@@ -63,7 +63,7 @@ def _assert_same(operator, x, k, lam, rng, q=2.0):
 @pytest.mark.parametrize(
     ("q", "batch", "n"),
     [(2.0, 1, 2), (2.0, 63, 16), (2.0, 64, 17), (2.0, 130, 48), (2.0, 700, 7), (2.0, 5, 33),
-     (4.0, 1, 2), (4.0, 63, 16), (4.0, 130, 24), (4.0, 700, 7), (4.0, 5, 9)],
+     (4.0, 1, 2), (4.0, 63, 16), (4.0, 130, 12), (4.0, 700, 7), (4.0, 5, 9)],
 )
 def test_lane_route_equals_full_sort_route(rng, operator, float_dtype, kind, q, batch, n, lane_calls):
     x = rows_of_kind(rng, batch, n, kind, float_dtype)
@@ -139,7 +139,7 @@ def test_magnitude_rows_with_few_non_zero_entries(rng, lane_calls):
 
 @pytest.mark.parametrize(
     ("p", "lam", "n"),
-    [(1.5, 0.1, 16), (3.0, 0.1, 8), (2.0, 1e-200, 16), (4.0 / 3.0, 1e200, 16), (2.0, 0.1, 64), (4.0 / 3.0, 0.1, 25)],
+    [(1.5, 0.1, 16), (3.0, 0.1, 8), (2.0, 1e-200, 16), (4.0 / 3.0, 1e200, 16), (2.0, 0.1, 64), (4.0 / 3.0, 0.1, 17)],
 )
 def test_lanes_only_where_they_apply(rng, operator, p, lam, n, lane_calls):
     # p other than 2 and 4/3, a strength outside the unscaled frame, rows longer than LANE_MAX_N

@@ -55,10 +55,10 @@ LANE_MAX_N = 48
 # Steps per row before a row is handed back to the selection kernel (p = 2 rows need 2-4).
 MAX_PASSES = 16
 # p = 4/3: rows up to this length take the lanes (the whole forward measured with the lanes on
-# and off, rows handed back included: 0.45-0.55x at n = 8, 0.65-0.85x at 16, 0.8-0.9x at 24,
-# 1.2-1.7x at 32), and the passes before the rows left are handed back (the rows a first pass
+# and off, rows handed back included: 0.45-0.55x at n = 8, 0.65-0.9x at 16, 0.85-1.3x at 24,
+# 1.1-1.7x at 32), and the passes before the rows left are handed back (the rows a first pass
 # does not confirm, ~5% at n = 16, need three or four more: a pass over all rows costs more).
-CUBIC_LANE_MAX_N = 24
+CUBIC_LANE_MAX_N = 16
 CUBIC_MAX_PASSES = 1
 _EPS = np.finfo(np.float64).eps
 # A row has converged when its Newton step is at most this many ulps of its scale.
