@@ -294,6 +294,9 @@ def _pool_rootfind(keys, order, lo, hi, kk, lam, q, is_mag, frame):
         lower = mag_lower_bracket(_key(keys, order, i0 + 1, frame) + shift, lam, q, shift)
     else:
         lower = _key(keys, order, i0 + 1, frame) - lam
+    # In absolute terms (`_pooled_block`'s second solve, ref = 0) the magnitude's value can lie
+    # orders of magnitude below the k-th key: split geometrically in the value itself.
+    absolute = is_mag and frame[0] == 0.0
     gamma = 0.5 * (lower + upper)
     for _ in range(300):
         f, fp, a, b = _excess(keys, order, lo, hi, kk, gamma, lam, q, is_mag, frame)
@@ -305,7 +308,11 @@ def _pool_rootfind(keys, order, lo, hi, kk, lam, q, is_mag, frame):
             upper = gamma
         nxt = gamma - f / fp if fp < 0.0 else math.nan
         if not (lower < nxt < upper):
-            nxt = _split(lower, upper, top)
+            floor = max(lower, 1e-300 * upper)
+            if absolute and upper > 4.0 * floor:
+                nxt = math.sqrt(floor) * math.sqrt(upper)
+            else:
+                nxt = _split(lower, upper, top)
         if nxt == gamma or upper - lower <= 2.0 * _EPS * max(abs(lower), abs(upper)):
             break
         gamma = nxt
@@ -325,18 +332,34 @@ def _pooled_block(keys, order, lo, hi, kk, lam, q, is_mag, closed):
     frame = _row_frame(float(keys[order[lo + kk - 1]]), lam, q, is_mag)
     lam_r = frame[2]
     # Is there an adjacent violator at the boundary?  Entry k - 1 is
-    # unsaturated at the value s[k] of its right neighbour.
-    if _saturated(_key(keys, order, lo + kk - 1, frame), _key(keys, order, lo + kk, frame), lam_r, q, is_mag,
-                  frame[3]):
+    # unsaturated at the value s[k] of its right neighbour.  The magnitude asks in absolute
+    # (scaled) terms: relative to s[k - 1], the value s[k] + shift loses s[k] when it lies
+    # far below (rows spanning many orders found no violator where there was one).
+    if is_mag:
+        no_violator = _saturated(float(keys[order[lo + kk - 1]]) * frame[1], float(keys[order[lo + kk]]) * frame[1],
+                                 lam_r, q, is_mag, 0.0)
+    else:
+        no_violator = _saturated(_key(keys, order, lo + kk - 1, frame), _key(keys, order, lo + kk, frame), lam_r, q,
+                                 is_mag, 0.0)
+    if no_violator:
         return lo, lo, 0.0, frame
     if closed:
         a, b, gamma = _pool_closed(keys, order, lo, hi, kk, lam_r, q, is_mag, frame)
         return a, b, gamma, frame
     a, b, gamma = _pool_rootfind(keys, order, lo, hi, kk, lam_r, q, is_mag, frame)
-    if q < 2.0 and b - 1 > lo + kk - 1:
-        # For q < 2 (p > 2) g is infinitely steep at 0, so the block's smallest entry needs
-        # its u = s - value to full relative precision (an error of eps * |s| in u would
-        # put an error of (eps |s| / l)^(q-1) into y): solve again relative to that key.
+    if is_mag and gamma + frame[3] < 0.5 * frame[3]:
+        # The magnitude's value far below the key it is held relative to (with q < 2 the block's
+        # free entries can sit hundreds of orders above it, their outputs ~x): relative to that
+        # key it is known to eps times the key only, too coarse to tell which entries lie above
+        # it.  Solve again in absolute terms (same scale), where it keeps its own digits.
+        frame = (0.0, frame[1], frame[2], 0.0)
+        a, b, gamma = _pool_rootfind(keys, order, lo, hi, kk, frame[2], q, is_mag, frame)
+    # For q < 2 (p > 2) g is infinitely steep at 0, so the block's smallest entry needs its
+    # u = s - value to full relative precision (an error of eps * |s| in u would put an error
+    # of (eps |s| / l)^(q-1) into y): solve again relative to that key, where that helps (for
+    # the magnitude, a key within a factor 2 of the value; one far above it has u ~ s).
+    near = not is_mag or float(keys[order[b - 1]]) * frame[1] <= 2.0 * (gamma + frame[3])
+    if q < 2.0 and b - 1 > lo + kk - 1 and near:
         frame = _row_frame(float(keys[order[b - 1]]), lam, q, is_mag)
         a, b, gamma = _pool_rootfind(keys, order, lo, hi, kk, frame[2], q, is_mag, frame)
     return a, b, gamma, frame
