@@ -114,6 +114,7 @@ def test_mask_with_a_dominant_entry_keeps_the_precision_of_the_small_keys(backen
     np.testing.assert_allclose(backend.back(y32).sum(-1), 8.0, rtol=1e-4)
 
 
+@pytest.mark.parametrize("p", [4.0 / 3.0, 2.0, 3.0], ids=["p=4/3", "p=2", "p=3"])
 @pytest.mark.parametrize(("dtype", "spans"), [(np.float64, (20, 50, 300)), (np.float32, (8, 15))])
 def test_mask_rows_spanning_many_orders(backend, p, dtype, spans):
     # Rows of 20 keys +-10^u, u uniform in [-span, span]: relative to the maximum, the keys far

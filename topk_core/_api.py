@@ -204,7 +204,9 @@ def soft_topk_mask(
         Non-floating `x`, non-integer `k`, non-real parameters.
     ValueError
         Out-of-range `k`, `axis`, `regularization_strength`, `p`, `method`,
-        `max_iter`, `tol`; ``method="dykstra"`` with ``p != 2``.
+        `max_iter`, `tol`; ``method="dykstra"`` with ``p != 2``; for
+        ``"threshold"`` and ``"dykstra"``, which compute in the input's dtype,
+        a strength below its smallest normal number (float32: about 1.2e-38).
 
     Notes
     -----
