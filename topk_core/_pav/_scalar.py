@@ -87,33 +87,25 @@ def mag_fixed_point(s: float, lam: float, q: float) -> float:
 
     With d = s - u this is g(d) + d = s, increasing in d, so bisection with
     Newton steps inside the bracket [0, s] converges for every q.  For q = 4,
-    in units of l (d = l e, ``e^3 + l e - s = 0``), so that no power of
-    l appears for any strength.  Where u is far below s (any q), a few steps
-    of the contracting iteration ``u = g(s - u)`` instead.
+    a cubic in units of l (d = l e, ``e^3 + l e - s = 0``), so that no power
+    of l appears for any strength.  Where u is far below s (any q), a few
+    steps of the contracting iteration ``u = g(s - u)`` instead.
     """
     if s <= 0.0:
         return 0.0
     if q == 2.0:
         return s / (1.0 + lam)
-    if q == 4.0:
-        ratio = (s / lam) * (s / lam) / lam  # s^2 / l^3: u / s when it is small
-        if ratio < 1e-6:
-            # u = s (1 - u/s)^3 ratio: a few fixed-point steps, each gaining six digits, with no
-            # cancellation (s - d would lose the digits of a u far below s).
-            phi = ratio
-            for _ in range(3):
-                c = 1.0 - phi
-                phi = ratio * c * c * c
-            return s * phi
-        d = depressed_cubic_root(lam, -s) * lam
-        return s - min(max(d, 0.0), s)
     u = g_scalar(s, lam, q)  # the value when it is far below s
     if u < 1e-6 * s:
         # u = g(s - u) as a fixed-point iteration that contracts by about (q - 1) u / s per step,
-        # with no cancellation (s - d from the bisection below keeps none of a u far below s).
+        # each gaining six digits, with no cancellation (s - d from the cubic or the bisection
+        # below keeps none of a u far below s).
         for _ in range(3):
             u = g_scalar(s - u, lam, q)
         return u
+    if q == 4.0:
+        d = depressed_cubic_root(lam, -s) * lam
+        return s - min(max(d, 0.0), s)
     lo, hi = 0.0, s
     d = 0.5 * s
     for _ in range(200):

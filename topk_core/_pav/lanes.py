@@ -167,7 +167,9 @@ def _cubic_start(state, ref, gaps, lam, is_mag):
     The magnitude's threshold lies above the fixed point u of ``((s - u) / l)^3 = u``
     at ``s = s_(k+1)``: ``u = s - w`` with ``w^3 / l^3 + w - s = 0``, convex and
     increasing in w >= 0, so Newton steps from an upper bound of w (s, and
-    ``l (s + 2) / 3 >= l s^(1/3)``) stay above it and ``s - w`` bounds u from below.
+    ``l (s + 2) / 3 >= l s^(1/3)``) stay above it and ``s - w`` bounds u from below
+    (the vectorized stand-in for `_scalar.mag_lower_bracket`, whose cubic takes a
+    cube root per lane).
     """
     tau, lo = state[0], state[1]
     for lane in range(LANES):
@@ -383,7 +385,8 @@ def lane_rows(keys, x, k, lam, q, is_mag, bounds, out, gprime, scale, free_signs
                     # fixed point comes below, for all lanes at once.
                     lo[lane] = mag_lower_bracket(below, lam, q, upper) if q == 2.0 else -upper
                     hi[lane] = 0.0
-                    tau[lane] = _two_entry_block(0.0, gap, lam, is_mag, upper)
+                    # PAV's first block; p = 4/3 solves its cubic for all lanes at once (`_cubic_start`).
+                    tau[lane] = _two_entry_block(0.0, gap, lam, is_mag, upper) if q == 2.0 else 0.0
                     if _entry_sets(upper, below, 1.0 / lam, q, is_mag, below)[2]:
                         # No violator: s_(k) is saturated at t = s_(k+1), where the free set is
                         # empty (the selection kernel's rule; the threshold is not unique).  In
@@ -398,7 +401,7 @@ def lane_rows(keys, x, k, lam, q, is_mag, bounds, out, gprime, scale, free_signs
                 else:
                     lo[lane] = gap - lam
                     hi[lane] = 0.0
-                    tau[lane] = _two_entry_block(0.0, gap, lam, is_mag, 0.0)
+                    tau[lane] = _two_entry_block(0.0, gap, lam, is_mag, 0.0) if q == 2.0 else 0.0
                     if -gap >= lam:
                         # No violator at the boundary: the top k are saturated at any tau in
                         # [s_(k+1), s_(k) - l]; the right end leaves the free set empty.
