@@ -121,6 +121,18 @@ def mp_threshold_mag_parts(x: np.ndarray, k: int, lam: float, p: float, digits: 
     return out, gprime, saturated, free
 
 
+def assert_within_input_rounding(y: np.ndarray, expected: np.ndarray, x: np.ndarray, label: str) -> None:
+    """|y - expected| <= 1e-12 |expected| + 64 ulps of |x|, entry by entry (float64).
+
+    Relative to each entry, or to its own input's rounding: a free output of
+    1e-17 next to an input of 3e12 (its r = |x| - t is 3e-30 of t) is 0 in
+    float64.
+    """
+    bound = 1e-12 * np.abs(expected) + 64 * np.finfo(np.float64).eps * np.abs(x)
+    error = np.abs(y - expected) / bound
+    assert error.max() <= 1.0, f"{label}: error {error.max():.2e} of the bound at entry {error.argmax()}"
+
+
 def mp_threshold_mag_row(x: np.ndarray, k: int, lam: float, p: float, digits: int = 120) -> np.ndarray:
     """The magnitude operator of one float64 row in `digits`-digit arithmetic (`mp_threshold_mag_parts`)."""
     return mp_threshold_mag_parts(x, k, lam, p, digits)[0]

@@ -23,7 +23,8 @@ import topk_numpy as tk
 from topk_core._pav import lanes
 from topk_core._pav.kernels import fused_outputs
 
-from ._oracles import mag_vjp_from_parts, mp_threshold_mag_parts
+from ._oracles import assert_within_input_rounding, mag_vjp_from_parts, mp_threshold_mag_parts
+from ._rows import spanning_row
 
 TIE_ROW = np.array([3.0, -3.0, 2.0, 2.0, -2.0, 2.0, 1.0, 0.5, 0.25])
 P_VALUES = [1.25, 4.0 / 3.0, 1.5, 2.0, 3.0]
@@ -119,12 +120,6 @@ def test_rows_spanning_hundreds_of_orders(p, small, digits):
         _assert_entrywise(y, expected, 1e-12, label)
 
 
-def _random_spanning_row(seed: int, span: float, n: int = 16) -> np.ndarray:
-    # n magnitudes 10^u, u uniform in [-span, span], random signs.
-    rng = np.random.default_rng(seed)
-    return 10.0 ** rng.uniform(-span, span, size=n) * rng.choice([-1.0, 1.0], size=n)
-
-
 @pytest.mark.parametrize(
     ("p", "span"),
     [(p, span) for p in (4.0 / 3.0, 2.0) for span in (20, 50, 100)] + [(1.25, 300), (1.5, 300), (3.0, 100), (3.0, 300)],
@@ -136,14 +131,10 @@ def test_random_rows_spanning_many_orders(p, span):
     # violator where there was one, or a block value far above the threshold (the fixed point of
     # a key, u << s, came out as s - d = 0 +- eps s): free entries whose output is ~x came back 0.
     for seed in range(3):
-        x = _random_spanning_row(seed, span)
+        x = spanning_row(seed, span, 16)
         expected = _oracle(tuple(x), 5, 0.1, p, 60)[0]
         for label, y in _routes(x, 5, 0.1, p).items():
-            # Relative to each entry, or to its own input's rounding: a free output of 1e-17 next to
-            # an input of 3e12 (its r = |x| - t is 3e-30 of t) is 0 in float64.
-            bound = 1e-12 * np.abs(expected) + 64 * np.finfo(float).eps * np.abs(x)
-            error = np.abs(y - expected) / bound
-            assert error.max() <= 1.0, f"{label}, seed {seed}: error {error.max():.2e} of the bound at {error.argmax()}"
+            assert_within_input_rounding(y, expected, x, f"{label}, seed {seed}")
 
 
 @pytest.mark.parametrize("p", P_VALUES, ids=P_IDS)
