@@ -122,7 +122,10 @@ def test_rows_spanning_hundreds_of_orders(p, small, digits):
 
 @pytest.mark.parametrize(
     ("p", "span"),
-    [(p, span) for p in (4.0 / 3.0, 2.0) for span in (20, 50, 100)] + [(1.25, 300), (1.5, 300), (3.0, 100), (3.0, 300)],
+    [(p, span) for p in (4.0 / 3.0, 2.0) for span in (20, 50, 100)] + [(1.25, 300), (1.5, 300), (3.0, 100), (3.0, 300)]
+    + [(6.0, 100), pytest.param(6.0, 200, marks=pytest.mark.xfail(
+        strict=True, reason="known limit: for large p the strength l c^(2-p) and the saturation width l t^(p-1) "
+        "of the frame scaled to a key leave the float range on rows spanning many orders (docs/methods.md)"))],
 )
 def test_random_rows_spanning_many_orders(p, span):
     # Rows of 16: the lane solver's (p = 2, 4/3) or the selection kernel's.  With s_(k+1) far below

@@ -24,13 +24,36 @@ def conjugate_exponent(p: float) -> float:
 
 
 def g(u: Any, lam: float, q: float, xp: Any) -> Any:
-    """`(u / l)^(q - 1)` for `u >= 0`."""
-    t = u / lam
+    """`(u / l)^(q - 1)` for `u >= 0`.
+
+    For q < 2 (p > 2) the power shrinks the range, and `u / l` can underflow
+    where the result is a normal number (``u = 1e-220``, ``l = 1e279``:
+    ``g = 1e-250``); it is then formed as ``u^(q-1) / l^(q-1)``, both in range.
+    For q > 2 the power widens the range: the quotient first cannot lose what
+    the result keeps.
+    """
     if q == 2.0:
-        return t
+        return u / lam
     if q == 4.0:
+        t = u / lam
         return t * t * t
-    return xp.pow(t, q - 1.0)
+    if q < 2.0:
+        return xp.pow(u, q - 1.0) / lam ** (q - 1.0)
+    return xp.pow(u / lam, q - 1.0)
+
+
+def g_inverse(v: Any, lam: float, q: float, xp: Any) -> Any:
+    """`l v^(1 / (q - 1))` for `v >= 0`: the `u` with `g(u) = v` (the saturation width at level `v`).
+
+    For q < 2 the power widens the range (``v^2`` for p = 3 underflows where
+    ``l v^2`` is a normal number); it is then formed as
+    ``(l^(q-1) v)^(1/(q-1))``, whose base is nearer 1 than the result.
+    """
+    if q == 2.0:
+        return lam * v
+    if q < 2.0:
+        return xp.pow(lam ** (q - 1.0) * v, 1.0 / (q - 1.0))
+    return lam * xp.pow(v, 1.0 / (q - 1.0))
 
 
 def g_prime_on(u: Any, free: Any, lam: float, q: float, xp: Any) -> Any:
@@ -42,6 +65,11 @@ def g_prime_on(u: Any, free: Any, lam: float, q: float, xp: Any) -> Any:
     """
     if q == 2.0:
         return xp.where(free, xp.ones_like(u) / lam, xp.zeros_like(u))
-    t = xp.where(free, u / lam, xp.ones_like(u))
-    deriv = (q - 1.0) / lam * (t * t if q == 4.0 else xp.pow(t, q - 2.0))
+    if q < 2.0:
+        # (q - 1) / (l^(q-1) u^(2-q)): as in `g`, u / l may underflow where g' is a normal number.
+        v = xp.where(free, u, xp.ones_like(u))
+        deriv = (q - 1.0) / lam ** (q - 1.0) / xp.pow(v, 2.0 - q)
+    else:
+        t = xp.where(free, u / lam, xp.ones_like(u))
+        deriv = (q - 1.0) / lam * (t * t if q == 4.0 else xp.pow(t, q - 2.0))
     return xp.where(free, deriv, xp.zeros_like(u))

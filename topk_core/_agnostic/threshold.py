@@ -104,7 +104,7 @@ from typing import Any
 from .._compat import default_int, device
 from .._validate import check_strength_in_dtype
 from .common import all_true, count, nan_rows_of, poison
-from .regularizer import g, g_prime_on
+from .regularizer import g, g_inverse, g_prime_on
 from .residuals import MagResiduals, MaskResiduals, mag_residuals
 
 DEFAULT_MAX_ITER = 100
@@ -442,7 +442,7 @@ def threshold_mask(
     xs = xp.where(fin, xf * c - top * c, -big)  # non-finite entries never reach the support
 
     ratio = xp.where(solve, kkf / xp.where(solve, n_fin_f, 1.0), 0.5)
-    hi = -lam_r * xp.pow(ratio, 1.0 / (q - 1.0))
+    hi = -g_inverse(ratio, lam_r, q, xp)
     lo = (bottom * c - top * c) - lam_r
 
     def evaluate(tau: Any, xs: Any, lam_r: Any, kkf: Any) -> tuple[Any, ...]:
@@ -510,7 +510,7 @@ def _mag_pieces(delta: Any, d: Any, ref: Any, lam_r: Any, q: float, xp: Any) -> 
     t = ref + delta
     r = d - delta
     # Entries with r >= sat_r have g(r) >= t, i.e. y = 1.
-    sat_r = lam_r * (t if q == 2.0 else xp.pow(t, 1.0 / (q - 1.0)))
+    sat_r = g_inverse(t, lam_r, q, xp)
     rc = xp.clip(r, 0.0, sat_r)
     above, sat = r > 0, r >= sat_r
     return r, rc, above, sat, above & ~sat, t
@@ -568,7 +568,7 @@ def _mag_recentre(
     plain = (an, zero, t, lo, hi)
     # (Not xp.clip: rows without a root may keep a bracket with lo > hi.)
     anchor = xp.minimum(xp.maximum(t, lo), hi)
-    width = lam_r * (anchor if q == 2.0 else xp.pow(anchor, 1.0 / (q - 1.0)))
+    width = g_inverse(anchor, lam_r, q, xp)
     again = solve & (anchor > _RECENTRE_STRENGTHS * width)
     if all_true(~again, xp):  # readable arrays and no row to solve again (traced arrays: None)
         return plain
