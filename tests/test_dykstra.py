@@ -50,6 +50,21 @@ def test_ties_and_nonfinite_rows(backend, operator):
         np.testing.assert_allclose(np.where(same, 0.0, got), np.where(same, 0.0, want), rtol=0, atol=1e-9)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_ties_at_small_strengths_are_split(backend, operator, dtype):
+    # A tie at the threshold is split evenly at any strength.  With targets s - l w (mask) or
+    # s / (1 + l w) (magnitude) formed from the keys as they are, a strength below the keys' ulp
+    # was lost (float32 at l = 1e-10: the tie came back 1 and 0, the magnitude's 1.5 and 0);
+    # relative to the k-th key it is kept.
+    tiny = float(np.finfo(dtype).tiny)
+    x = np.array([[3.0, 1.5, 1.5, 0.5], [1e3 + 2.0, 1e3, 1e3, -4.0]], dtype=dtype)
+    for lam in (1e-3, 1e-6, 1e-10, 1e-20, 1e4 * tiny):
+        y, _ = FORWARD[operator](backend.to(x), 2, p=2.0, regularization_strength=lam, method="dykstra")
+        want, _ = FORWARD[operator](x.astype(np.float64), 2, p=2.0, regularization_strength=lam, method="pav")
+        got = backend.back(y)
+        np.testing.assert_allclose(got, want, rtol=4 * np.finfo(dtype).eps, atol=0, err_msg=f"l = {lam}")
+
+
 def test_tied_saturated_entries_get_an_exact_zero_vjp(backend):
     # Spec section 6 pitfall: entries tied at y = 0 must not be pooled by the block tolerance.
     x = backend.to(np.array([[3.0, 1.0, 1.0, -2.0]]))

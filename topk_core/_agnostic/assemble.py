@@ -57,18 +57,19 @@ def assemble_mask(
 
 def assemble_mag(
     s: Any, x_sorted: Any, v: Any, perm: Any, inv_perm: Any, block_start: Any, block_end: Any,
-    lo: Any, kk: Any, lam: float, q: float, xp: Any,
+    lo: Any, kk: Any, lam: float, q: float, xp: Any, shift: Any = None,
 ) -> tuple[Any, MagResiduals]:
     """Return the sorted magnitude output `sign(x) (g(r) + r)`, `r = s - v`, and its residuals.
 
     `s = |x_sorted|` with infinite entries replaced by 0; positions `< lo`
-    hold the infinite entries, which are kept unchanged.
+    hold the infinite entries, which are kept unchanged.  With a `shift`
+    (batch, 1), `v` is relative to it and ``r = (s - shift) - v``.
     """
     pos = _positions(s, xp)
     pooled = block_end > block_start
     top = (pos >= lo) & (pos < lo + kk)
     kept = pos < lo
-    r = xp.where(pooled, s - v, xp.zeros_like(s))
+    r = xp.where(pooled, (s if shift is None else s - shift) - v, xp.zeros_like(s))
     free = pooled & (r > 0)
     r = xp.where(free, r, xp.zeros_like(r))
     signs = xp.sign(x_sorted)

@@ -201,6 +201,18 @@ def _sorted_rows(keys: Any, xp: Any) -> tuple[Any, Any]:
     return perm, xp.argsort(perm, axis=-1, stable=True)
 
 
+def _kth_key(s: Any, lo: Any, kk: Any, xp: Any) -> Any:
+    """The k-th largest finite key of sorted rows `s` (batch, 1), the shift of their frame.
+
+    Near the threshold the keys are then small exact differences (Sterbenz),
+    and the strength, which separates tied keys, is not lost below their ulp
+    (float32 ties at ``l = 1e-10`` came back 1 and 0 instead of 0.5 and 0.5).
+    Rows with ``kk = 0`` take the first finite key (any value serves: they have no block).
+    """
+    n = s.shape[-1]
+    return xp.take_along_axis(s, xp.clip(lo + kk - 1, 0, n - 1), axis=-1)
+
+
 def _check_q(q: float) -> None:
     if q != 2.0:
         raise ValueError(f"method='dykstra' solves the p = 2 operators only; got p = {q / (q - 1.0)!r}")
@@ -244,6 +256,9 @@ def dykstra_mask(
     n_fin = n - n_pos - n_neg
     lo, hi, kk = n_pos, n - n_neg, xp.minimum(xp.maximum(k - n_pos, 0), n_fin)
     s = xp.where(xp.isfinite(s), s, xp.zeros_like(s))
+    # Relative to the k-th key (shift invariant): target = s - l w keeps l where it is below the
+    # keys' ulp (ties at a small strength), so the pool of a tie splits it (see `_kth_key`).
+    s = s - _kth_key(s, lo, kk, xp)
     pos = xp.reshape(xp.arange(n, dtype=default_int(xp)), (1, n))
     unit = (pos >= lo) & (pos < lo + kk)
     target = s - lam * xp.astype(unit, s.dtype)
@@ -288,8 +303,15 @@ def dykstra_mag(
     lo, hi, kk = n_inf, xp.full_like(n_inf, n), xp.minimum(xp.maximum(k - n_inf, 0), n - n_inf)
     s = xp.where(xp.isfinite(s), s, xp.zeros_like(s))
     pos = xp.reshape(xp.arange(n, dtype=default_int(xp)), (1, n))
-    weight = 1.0 + lam * xp.astype((pos >= lo) & (pos < lo + kk), s.dtype)
-    target = s / weight
+    unit = xp.astype((pos >= lo) & (pos < lo + kk), s.dtype)
+    weight = 1.0 + lam * unit
+    # Iterates relative to the k-th key (see `_kth_key`): v = shift + v', with the targets
+    # s / w - shift = (u - l shift w') / w from the exact differences u = s - shift (w' the unit
+    # weights); formed as s / w, a tie at a small strength rounds onto one value and stays unsplit.
+    shift = _kth_key(s, lo, kk, xp)
+    u = s - shift
+    numerator = u - lam * shift * unit
+    target = numerator / weight
     tol_rows = xp.full_like(s[:, :1], rtol * lam)
     v, pooled_link = isotonic_dykstra(target, weight, pos >= lo, iters, tol_rows, xp, loop)
     bstart, bend, inside, _ = _boundary_block(
@@ -297,9 +319,9 @@ def dykstra_mag(
     )
     zero = xp.zeros_like(s)
     wsum = xp.sum(xp.where(inside, weight, zero), axis=-1, keepdims=True)
-    gamma = xp.sum(xp.where(inside, s, zero), axis=-1, keepdims=True) / xp.where(wsum > 0, wsum, 1.0)
+    gamma = xp.sum(xp.where(inside, numerator, zero), axis=-1, keepdims=True) / xp.where(wsum > 0, wsum, 1.0)
     v = xp.where(inside, gamma, target)
-    out, res = assemble_mag(s, x_sorted, v, perm, inv, bstart, bend, lo, kk, lam, q, xp)
+    out, res = assemble_mag(s, x_sorted, v, perm, inv, bstart, bend, lo, kk, lam, q, xp, shift=shift)
     out = xp.take_along_axis(out, inv, axis=-1)
     out = xp.where(nan_rows, xp.nan, out)
     return out, poison(res, nan_rows, xp)
