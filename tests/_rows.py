@@ -29,7 +29,7 @@ def rows_of_kind(rng: np.random.Generator, batch: int, n: int, kind: str, dtype)
     return x.astype(dtype)
 
 
-def spanning_row(seed: int, span: float, n: int) -> np.ndarray:
-    """n float64 values +-10^u, u uniform in [-span, span]: magnitudes spanning many orders."""
+def spanning_row(seed: int, span: float, n: int, centre: float = 0.0) -> np.ndarray:
+    """n float64 values +-10^u, u uniform in [centre - span, centre + span]: magnitudes spanning many orders."""
     rng = np.random.default_rng(seed)
-    return 10.0 ** rng.uniform(-span, span, size=n) * rng.choice([-1.0, 1.0], size=n)
+    return 10.0 ** (centre + rng.uniform(-span, span, size=n)) * rng.choice([-1.0, 1.0], size=n)

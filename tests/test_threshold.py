@@ -133,23 +133,41 @@ def test_mask_rows_spanning_many_orders(backend, p, dtype, spans):
 
 
 @pytest.mark.parametrize(
-    ("p", "span"),
-    [(1.25, 300), (4.0 / 3.0, 100), (4.0 / 3.0, 300), (1.5, 300), (2.0, 200), (3.0, 100), (3.0, 300), (4.0, 100),
-     pytest.param(6.0, 100, marks=pytest.mark.xfail(
-         strict=True, reason="known limit: for large p the strength l c^(2-p) and the saturation width l t^(p-1) "
-         "of the frame scaled to a key leave the float range on rows spanning many orders (docs/methods.md)"))],
+    ("p", "span", "centre"),
+    [(p, 300, 0) for p in (1.25, 4.0 / 3.0, 1.5, 3.0, 6.0, 20.0)] + [(4.0 / 3.0, 100, 0), (2.0, 200, 0), (3.0, 100, 0)]
+    # Rows of huge or tiny keys: the frames of large p (strength l c^(2-p)) left the float range.
+    + [(20.0, 20, 250), (6.0, 80, 200), (2.0, 20, -250), (3.0, 20, -250), (6.0, 80, -200),
+       pytest.param(1.25, 20, -250, marks=pytest.mark.xfail(
+        strict=True, reason="known limit: p < 2 on rows of keys ~1e-250: the threshold lies ~1e-470 below the "
+        "keys, out of the float range of any frame scaled to a key (docs/methods.md)")),
+       pytest.param(4.0 / 3.0, 20, -250, marks=pytest.mark.xfail(
+        strict=True, reason="known limit: p < 2 on rows of keys ~1e-250: the threshold lies ~1e-470 below the "
+        "keys, out of the float range of any frame scaled to a key (docs/methods.md)"))],
 )
-def test_mag_random_rows_spanning_many_orders(p, span):
+def test_mag_random_rows_spanning_many_orders(p, span, centre):
     # Magnitudes spanning 1e+-100 and more: the threshold lies hundreds of orders below the largest
     # key, and the first root finder, which halved its bracket toward 0, ran out of iterations: the
     # two smallest of the k saturated entries came back 0.  It now splits geometrically.  For p > 2
     # at 1e+-300 the free entries whose output is ~x came back 0: in the scaled frame l is ~1e279
     # and r ~1e-220, and r / l underflowed inside g (`regularizer.g` now forms it as a quotient of powers).
+    # For large p the strength of the frame scaled to the largest key, l c^(2-p), was clipped to
+    # the float range, which changed the problem; the scale is now bounded instead.
     for seed in range(3):
-        x = spanning_row(seed, span, 20)
+        x = spanning_row(seed, span, 20, centre)
         expected = mp_threshold_mag_parts(x, 5, 0.1, p, 60)[0]
         y, _ = FORWARD["mag"](x[None], 5, method="threshold", p=p)
         assert_within_input_rounding(y[0], expected, x, f"seed {seed}")
+
+
+@pytest.mark.parametrize("p", [3.0, 6.0, 20.0])
+@pytest.mark.parametrize("a", [1e-20, 1e-100, 1e-300])
+def test_mag_ties_of_tiny_keys_at_large_p(p, a):
+    # Two tied keys, k = 1: each output is t y = t / 2 plus r, and r / t = l (y t)^(p-1) / t is far
+    # below the float range here (1e-366 for p = 20 at 1e-20), so each output is a / 2.  Bounding
+    # the frame's scale on this side (instead of clipping its strength) returned a.
+    x = np.array([[a, a]])
+    y, _ = FORWARD["mag"](x, 1, method="threshold", p=p, regularization_strength=2.0)
+    np.testing.assert_allclose(y, x / 2, rtol=1e-12, atol=0)
 
 
 def test_mask_threshold_far_closer_to_a_key_than_to_the_maximum(backend):

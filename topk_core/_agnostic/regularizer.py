@@ -52,7 +52,12 @@ def g_inverse(v: Any, lam: float, q: float, xp: Any) -> Any:
     if q == 2.0:
         return lam * v
     if q < 2.0:
-        return xp.pow(lam ** (q - 1.0) * v, 1.0 / (q - 1.0))
+        base = lam ** (q - 1.0) * v
+        # A width beyond the float range is inf (no key saturates), without an overflow warning.
+        limit = float(xp.finfo(v.dtype).max) ** (q - 1.0)
+        inside = base < limit
+        width = xp.pow(xp.where(inside, base, xp.zeros_like(base)), 1.0 / (q - 1.0))
+        return xp.where(inside, width, xp.inf)
     return lam * xp.pow(v, 1.0 / (q - 1.0))
 
 

@@ -167,9 +167,11 @@ def _newton(
         rho = xp.where(positive, target * t / xp.where(positive, free_sum, one), one)
         transformed = positive & (rho <= 2.0 ** (60.0 / max(a, 1.0)))
         rho_a = xp.pow(xp.where(transformed, rho, one), a)
-        num = xp.where(transformed, free_sum * (1.0 - rho_a), excess)
+        # The step is (free_sum (1 - rho^a)) / (a (slope + rhs)), with a divided into the
+        # numerator: a (slope + rhs) overflowed where g' is huge (p = 20, keys ~1e-300).
+        num = xp.where(transformed, free_sum * (1.0 - rho_a) / a, excess)
         rhs_term = rho_a * free_sum / xp.where(t > 0, t, one) if rhs_scales else 0.0 * one
-        den = xp.where(transformed, a * (slope + rhs_term), plain_den)
+        den = xp.where(transformed, slope + rhs_term, plain_den)
     ok = (den > xp.abs(num) * guard) & (target > 0)
     step = num / xp.where(ok, den, one)
     leave = (target == 0) & has_free
@@ -626,11 +628,19 @@ def threshold_mag(
     emax = math.floor(math.log2(big))
     top = xp.max(af, axis=-1, keepdims=True)
     e = xp.clip(xp.floor(xp.log2(xp.where(top > 0, top, 1.0))), -(emax - 1.0), emax - 1.0)
-    two = xp.full_like(e, 2.0)
-    c = xp.pow(two, -e)
     log_lam = math.log2(lam)
     lam_lo = -(emax - 2.0) + 8.0 - log_lam
     lam_hi = emax - 8.0 - log_lam - max(1.0, 1.0 / (q - 1.0))
+    if p > 2.0:
+        # Huge keys and large p: the scale is bounded where l c^(2-p) would exceed 2^lam_hi (p = 6,
+        # keys to 1e300: clipped, the strength changed the problem and free entries came back 0).
+        e = xp.minimum(e, xp.full_like(e, math.floor(lam_hi / (p - 2.0))))
+    elif p < 2.0:
+        e = xp.maximum(e, xp.full_like(e, math.ceil(-lam_hi / (2.0 - p))))
+    two = xp.full_like(e, 2.0)
+    c = xp.pow(two, -e)
+    # Below 2^lam_lo (tiny keys and large p) the threshold is not a float number in any frame
+    # scaled to a key; the clipped strength keeps exact ties split evenly there.
     lam_r = lam * xp.pow(two, xp.clip(-e * (2.0 - p), lam_lo, lam_hi))
     an = af * c
 

@@ -59,6 +59,8 @@ def _key(keys, order, i, frame):
 # Values (a magnitude row's k-th key, the mask's strength) whose binary exponent lies outside
 # this range are brought near 1 by a power of two (see `_row_frame`).
 _EXPONENT_RANGE = 100
+# A magnitude row's frame keeps its strength l c^(2-p) within this binary exponent (see `_row_frame`).
+_STRENGTH_EXPONENT_MAX = 1000
 
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
@@ -90,7 +92,12 @@ def _row_frame(kth_key, lam, q, is_mag):
       is the same at `x` and `c x`; rows whose k-th key is tiny or huge
       (denormal keys lose digits, and their block equation underflows) are
       solved scaled by a power of two `c` with the strength `l c^(2-p)`,
-      exactly (a power of two scales without rounding).
+      exactly (a power of two scales without rounding).  For large p the
+      strength's exponent is (p - 2) times the scale's: where it would
+      exceed `_STRENGTH_EXPONENT_MAX` (huge keys) the row is solved unscaled
+      (p = 6 with s_(k) ~ 1e125 took l c^(2-p) to inf, and every output came
+      back 0).  (Where it underflows, tiny keys and large p, the row stays
+      scaled: there an exact threshold is not a float number in any frame.)
     """
     if not is_mag:
         # Scaled when the strength is tiny or huge: the closed-form block equation of q = 4
@@ -98,9 +105,11 @@ def _row_frame(kth_key, lam, q, is_mag):
         mult = _unit_scale(lam)
         return (kth_key, mult, lam * mult, 0.0)
     mult = _unit_scale(kth_key)
-    if mult == 1.0:
-        return (kth_key, 1.0, lam, kth_key)
-    return (kth_key, mult, lam * math.pow(mult, (q - 2.0) / (q - 1.0)), kth_key * mult)
+    if mult != 1.0:
+        lam_r = lam * math.pow(mult, (q - 2.0) / (q - 1.0))
+        if lam_r < math.inf and math.frexp(lam_r)[1] <= _STRENGTH_EXPONENT_MAX:
+            return (kth_key, mult, lam_r, kth_key * mult)
+    return (kth_key, 1.0, lam, kth_key)
 
 
 @nb.njit(cache=True, error_model="numpy")
