@@ -65,6 +65,17 @@ def test_ties_at_small_strengths_are_split(backend, operator, dtype):
         np.testing.assert_allclose(got, want, rtol=4 * np.finfo(dtype).eps, atol=0, err_msg=f"l = {lam}")
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_mag_of_keys_near_the_float_range(backend, dtype):
+    # Relative to the k-th key, the targets' term l s_(k) w' / (1 + l) is formed without the
+    # product l s_(k), which overflows at keys near the float range (the outputs were x, 0, 0).
+    big = float(np.finfo(dtype).max)
+    x = np.array([[big / 1.7, big / 3.4, 1.0]], dtype=dtype)
+    y, _ = FORWARD["mag"](backend.to(x), 1, p=2.0, regularization_strength=10.0, method="dykstra")
+    want, _ = FORWARD["mag"](x.astype(np.float64), 1, p=2.0, regularization_strength=10.0, method="pav")
+    np.testing.assert_allclose(backend.back(y), want, rtol=8 * np.finfo(dtype).eps, atol=0)
+
+
 def test_tied_saturated_entries_get_an_exact_zero_vjp(backend):
     # Spec section 6 pitfall: entries tied at y = 0 must not be pooled by the block tolerance.
     x = backend.to(np.array([[3.0, 1.0, 1.0, -2.0]]))

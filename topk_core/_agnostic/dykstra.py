@@ -306,12 +306,12 @@ def dykstra_mag(
     unit = xp.astype((pos >= lo) & (pos < lo + kk), s.dtype)
     weight = 1.0 + lam * unit
     # Iterates relative to the k-th key (see `_kth_key`): v = shift + v', with the targets
-    # s / w - shift = (u - l shift w') / w from the exact differences u = s - shift (w' the unit
-    # weights); formed as s / w, a tie at a small strength rounds onto one value and stays unsplit.
+    # s / w - shift = u / w - (l / (1 + l)) shift w' from the exact differences u = s - shift (w'
+    # the unit weights; neither term can overflow); formed as s / w, a tie at a small strength
+    # rounds onto one value and stays unsplit.
     shift = _kth_key(s, lo, kk, xp)
     u = s - shift
-    numerator = u - lam * shift * unit
-    target = numerator / weight
+    target = u / weight - (lam / (1.0 + lam)) * shift * unit
     tol_rows = xp.full_like(s[:, :1], rtol * lam)
     v, pooled_link = isotonic_dykstra(target, weight, pos >= lo, iters, tol_rows, xp, loop)
     bstart, bend, inside, _ = _boundary_block(
@@ -319,7 +319,9 @@ def dykstra_mag(
     )
     zero = xp.zeros_like(s)
     wsum = xp.sum(xp.where(inside, weight, zero), axis=-1, keepdims=True)
-    gamma = xp.sum(xp.where(inside, numerator, zero), axis=-1, keepdims=True) / xp.where(wsum > 0, wsum, 1.0)
+    # The weighted mean of the targets, with the weights normalized first (w t could overflow).
+    share = weight / xp.where(wsum > 0, wsum, 1.0)
+    gamma = xp.sum(xp.where(inside, share * target, zero), axis=-1, keepdims=True)
     v = xp.where(inside, gamma, target)
     out, res = assemble_mag(s, x_sorted, v, perm, inv, bstart, bend, lo, kk, lam, q, xp, shift=shift)
     out = xp.take_along_axis(out, inv, axis=-1)
