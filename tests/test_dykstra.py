@@ -111,13 +111,29 @@ def test_iteration_budget_controls_the_approximation(rng, operator):
     x = rng.normal(size=(4, 60))
     want, _ = FORWARD[operator](x, 20, p=2.0, regularization_strength=3.0, method="pav")
     errors = []
-    for max_iter in (4, 64, 4096):
-        y, _ = FORWARD[operator](x, 20, p=2.0, regularization_strength=3.0, method="dykstra", max_iter=max_iter)
+    for max_iter in (4, 64):
+        # Stopped before its tolerance: an approximation, and a warning says so.
+        with pytest.warns(tc.DykstraNotConverged, match="max_iter"):
+            y, _ = FORWARD[operator](x, 20, p=2.0, regularization_strength=3.0, method="dykstra", max_iter=max_iter)
         assert np.all(np.isfinite(y))
         errors.append(np.abs(y - want).max())
+    y, _ = FORWARD[operator](x, 20, p=2.0, regularization_strength=3.0, method="dykstra", max_iter=4096)
+    errors.append(np.abs(y - want).max())
     assert errors[0] > 1e-6 and errors[2] <= 1e-9 and errors[1] <= errors[0]
     loose, _ = FORWARD[operator](x, 20, p=2.0, regularization_strength=3.0, method="dykstra", tol=1e-2)
     assert np.all(np.isfinite(loose))
+
+
+def test_large_strength_pools_a_short_row_and_warns(rng):
+    # 48 keys near 1e3, l = 0.02: the magnitude's saturation width l t ~ 20 exceeds the keys'
+    # spread, every key pools, and the default budget is far too small (docs/methods.md).
+    x = 1e3 + rng.normal(size=(10, 48))
+    want, _ = FORWARD["mag"](x, 24, p=2.0, regularization_strength=0.02, method="pav")
+    with pytest.warns(tc.DykstraNotConverged):
+        y, _ = FORWARD["mag"](x, 24, p=2.0, regularization_strength=0.02, method="dykstra")
+    assert np.abs(y - want).max() > 1.0
+    y, _ = FORWARD["mag"](x, 24, p=2.0, regularization_strength=0.02, method="dykstra", max_iter=10_000)
+    np.testing.assert_allclose(y, want, rtol=1e-12, atol=0)
 
 
 def test_jit_with_a_structured_loop(operator):

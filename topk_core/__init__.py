@@ -5,6 +5,7 @@ Analysis Perspective" (ICML 2023).  Framework adapters with autodiff live in
 `topk_numpy`, `topk_jax` and `topk_torch`.
 """
 
+from ._agnostic.dykstra import DykstraNotConverged
 from ._agnostic.residuals import MagResiduals, MaskResiduals
 from ._api import (
     hard_topk_mag,
@@ -22,6 +23,7 @@ from ._api import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "DykstraNotConverged",
     "MagResiduals",
     "MaskResiduals",
     "__version__",

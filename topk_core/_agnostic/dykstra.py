@@ -39,6 +39,7 @@ round-off.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -47,6 +48,11 @@ from .._validate import check_strength_in_dtype
 from .assemble import assemble_mag, assemble_mask
 from .common import all_true, count, nan_rows_of, poison
 from .residuals import MagResiduals, MaskResiduals
+
+
+class DykstraNotConverged(UserWarning):
+    """Warned when `method="dykstra"` reaches `max_iter` on readable arrays before its tolerance is met."""
+
 
 DEFAULT_MAX_ITER = 1000
 """Iteration cap (`max_iter=None`).  Dykstra needs O(L^2) iterations for a
@@ -154,10 +160,22 @@ def isotonic_dykstra(
 
         state = loop(cond, body, state)
     else:
+        settled = None
         for it in range(1, max_iter + 1):
             state = body(state)
-            if it % CHECK_EVERY == 0 and all_true(xp.max(xp.abs(state[4]), axis=-1, keepdims=True) <= tol, xp):
-                break
+            if it % CHECK_EVERY == 0 or it == max_iter:
+                settled = all_true(xp.max(xp.abs(state[4]), axis=-1, keepdims=True) <= tol, xp)
+                if settled:
+                    break
+        if settled is False:
+            # Readable arrays only (traced ones cannot be read): the result is an approximation.
+            warnings.warn(
+                f"method='dykstra' stopped at max_iter={max_iter} before its tolerance was met: the result "
+                "is an approximation (a pooled block of L entries needs O(L^2) iterations); raise max_iter, "
+                "or use method='pav' or 'threshold', which are exact",
+                DykstraNotConverged,
+                stacklevel=2,
+            )
     x, p, c = state[0], state[1], state[2]
     v = x[:, 1 : n + 1]
     # Link j joins entries j and j + 1 (working index j + 1): set A for even j, B for odd j.
