@@ -482,7 +482,7 @@ def threshold_mask(
     # Non-unique threshold: k clear winners separated from the rest by a saturating gap.
     winners = (y > 0.5) & fin
     n_win = count(winners, xp)
-    low_win = xp.min(xp.where(winners, xs, big), axis=-1, keepdims=True)
+    low_win = xp.min(xp.where(winners, xs, big / 2), axis=-1, keepdims=True)  # (with big, big + big / 4 overflowed)
     high_rest = xp.max(xp.where(fin & ~winners, xs, -big / 4), axis=-1, keepdims=True)
     gap = xp.clip(low_win - high_rest, 0.0, 2.0 * lam_r)
     flat = solve & (n_win == kk) & (g(gap, lam_r, q, xp) >= 1.0)
