@@ -125,7 +125,8 @@ def test_long_row_route_equals_the_row_per_thread_route(rng, p, is_mag, n_parts,
             if long_route:
                 select._select_long_rows(keys, x, k, lam, q, is_mag, *arrays, offset, n_parts, n_sample, False)
             else:
-                select._select_rows.serial(keys, x, k, lam, q, is_mag, *arrays, offset, 1, np.empty((0, 2)), 0)
+                select._select_rows.serial(keys, x, k, lam, q, is_mag, *arrays, offset, 1, np.empty((0, 2)), 0,
+                                            np.empty(0, np.int64))
             outputs.append([*arrays, offset] if is_mag else arrays[:2])
         for a, b in zip(*outputs, strict=True):
             np.testing.assert_array_equal(a, b, err_msg=str((x, k, lam)))

@@ -295,15 +295,20 @@ def _sortfree_offset(r, k, n_sat, n_free, is_mag, with_residuals, offset):
         offset[r] = k - n_sat if n_free > 0 else 0
 
 
-def _select_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs, offset, n_chunks, bounds, n_sample):
+def _select_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs, offset, n_chunks, bounds, n_sample,
+                 rows):
     """Kernel of `topk_rows_select`; rows are processed in `n_chunks` chunks.
 
     `bounds` is either (batch, 2): the k-th and (k+1)-th largest key of every
     row, or empty (they are selected here, row by row).  With ``n_sample > 0``
     (and no bounds) each row first tries the sort-free iteration of module
     `sortfree`, started from a sample of that size (see `sortfree_applies`).
+    `rows`: the indices of the rows to solve, in place (those the lane solver
+    left), or empty for every row.
     """
     batch, n = keys.shape
+    subset = rows.shape[0] > 0
+    count = rows.shape[0] if subset else batch
     bounds_given = bounds.shape[0] == batch
     closed = q == 2.0 or q == 4.0
     with_residuals = gprime.shape[0] == batch and gprime.shape[1] == n
@@ -317,7 +322,8 @@ def _select_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs, off
         sample = np.empty(n_sample if sortfree else 0, dtype=np.float64)
         state = np.empty(STATE_SIZE, dtype=np.float64)
         ref_cast = np.empty(1, dtype=keys.dtype)
-        for r in range(c * batch // n_chunks, (c + 1) * batch // n_chunks):
+        for i in range(c * count // n_chunks, (c + 1) * count // n_chunks):
+            r = rows[i] if subset else i
             if k >= n:
                 _all_saturated(r, x, is_mag, with_residuals, out, gprime, scale, free_signs, offset)
                 continue
@@ -338,6 +344,8 @@ def _select_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs, off
 
 
 _select_rows = _compiled_pair(_select_rows)
+# `rows` of `_select_rows` meaning every row.
+_EVERY_ROW = np.empty(0, dtype=np.int64)
 
 
 @nb.njit(parallel=True, cache=True, error_model="numpy")
@@ -494,20 +502,14 @@ def topk_rows_select(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs,
     sortfree = sortfree_applies(n, k, q, lam)
     bounds = np.empty((0, 2)) if sortfree else _row_bounds(keys, k)
     n_sample = sample_size(n) if sortfree else 0
-    _select_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs, offset, n_chunks, bounds, n_sample)
+    _select_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs, offset, n_chunks, bounds, n_sample,
+                 _EVERY_ROW)
 
 
 def _select_subset(rows, keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs, offset, bounds):
-    """`_select_rows` on the rows `rows` only (those the lane solver left), written back in place."""
-    def part(a):
-        return a[rows] if a.shape[0] == keys.shape[0] else a
-
-    parts = [part(a) for a in (out, gprime, scale, free_signs, offset)]
-    _select_rows(keys[rows], x[rows], k, lam, q, is_mag, *parts, min(rows.size, 4 * nb.get_num_threads()),
-                 bounds[rows] if bounds.shape[0] == keys.shape[0] else bounds, 0)
-    for full, sub in zip((out, gprime, scale, free_signs, offset), parts, strict=True):
-        if full.shape[0] == keys.shape[0]:
-            full[rows] = sub
+    """`_select_rows` on the rows `rows` only (those the lane solver left), solved in place."""
+    _select_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs, offset,
+                 min(rows.size, 4 * nb.get_num_threads()), bounds, 0, rows)
 
 
 def _row_bounds(keys, k):
