@@ -15,9 +15,11 @@ with correction terms and converges to the projection onto the intersection.
 
 Stopping: after at most `max_iter` iterations (default `DEFAULT_MAX_ITER`), or
 earlier, checked every `CHECK_EVERY` iterations, once the largest change of
-the iterate over one iteration is at most ``tol * l`` (default
-`DEFAULT_TOL`; ``v / l`` is on the scale of the mask's output).  Traced arrays
-(``jax.jit``) cannot be read: they always run `max_iter` iterations.
+the iterate over one iteration, less 4 ulps of the iterate (rounding, not
+progress), is at most ``tol * l`` (default `DEFAULT_TOL`; ``v / l`` is on the
+scale of the mask's output).  Stopped by `max_iter` first, on arrays that can
+be read, it warns `DykstraNotConverged`.  Traced arrays (``jax.jit``) cannot
+be read: they always run `max_iter` iterations.
 
 Blocks (the one place where a tolerance is unavoidable): the solution of these
 two problems has at most one pooled block, the one that straddles the k-th
@@ -111,8 +113,9 @@ def isotonic_dykstra(
         Entries that take part; a pair is projected only when both are active.
     max_iter : int
     tol : (batch, 1) float array
-        Stop when the largest change of a row's iterate over one iteration is
-        at most its `tol` (checked every `CHECK_EVERY` iterations).
+        Stop when the largest change of a row's iterate over one iteration,
+        less 4 ulps of the iterate, is at most its `tol` (checked every
+        `CHECK_EVERY` iterations).
     loop : callable, optional
         ``loop(cond, body, state)`` with the semantics of
         ``jax.lax.while_loop`` (checked every iteration), instead of a Python
@@ -150,12 +153,15 @@ def isotonic_dykstra(
         c = z - x_next
         return x_next, p, c, it + 1, x_next - x
 
+    # A change of a few ulps of the iterate is rounding, not progress (float32 iterates near 1
+    # move by ~1e-7 for ever, and a float32 tolerance of 1e-7 l was never met).
+    ulps = 4.0 * float(xp.finfo(target.dtype).eps)
     x = _padded(target, length, xp)
     zero = xp.zeros_like(x)
     state = (x, zero, zero, xp.zeros((), dtype=default_int(xp), device=device(x)), zero)
     if loop is not None:
         def cond(st: tuple[Any, ...]) -> Any:
-            moving = xp.any(xp.max(xp.abs(st[4]), axis=-1, keepdims=True) > tol)
+            moving = xp.any(_largest_change(st, ulps, xp) > tol)
             return (st[3] < max_iter) & (moving | (st[3] == 0))
 
         state = loop(cond, body, state)
@@ -164,7 +170,7 @@ def isotonic_dykstra(
         for it in range(1, max_iter + 1):
             state = body(state)
             if it % CHECK_EVERY == 0 or it == max_iter:
-                settled = all_true(xp.max(xp.abs(state[4]), axis=-1, keepdims=True) <= tol, xp)
+                settled = all_true(_largest_change(state, ulps, xp) <= tol, xp)
                 if settled:
                     break
         if settled is False:
@@ -182,6 +188,11 @@ def isotonic_dykstra(
     j = xp.reshape(xp.arange(n - 1, dtype=default_int(xp)), (1, n - 1))
     pooled_link = xp.where(j % 2 == 0, p[:, 1:n] != 0, c[:, 1:n] != 0)
     return v, pooled_link
+
+
+def _largest_change(state: tuple[Any, ...], ulps: float, xp: Any) -> Any:
+    """(batch, 1): the largest change of a row's iterate over the last iteration, less `ulps` of the iterate."""
+    return xp.max(xp.abs(state[4]) - ulps * xp.abs(state[0]), axis=-1, keepdims=True)
 
 
 def _controls(max_iter: int | None, tol: float | None) -> tuple[int, float]:
