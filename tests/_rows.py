@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 
 def rows_of_kind(rng: np.random.Generator, batch: int, n: int, kind: str, dtype) -> np.ndarray:
@@ -33,3 +34,11 @@ def spanning_row(seed: int, span: float, n: int, centre: float = 0.0) -> np.ndar
     """n float64 values +-10^u, u uniform in [centre - span, centre + span]: magnitudes spanning many orders."""
     rng = np.random.default_rng(seed)
     return 10.0 ** (centre + rng.uniform(-span, span, size=n)) * rng.choice([-1.0, 1.0], size=n)
+
+
+def tiny_keys_limit(p: float) -> object:
+    """The (p, span, centre) case of `spanning_row` rows of keys near 1e-250 that no method solves for p < 2,
+    as a strict xfail (docs/methods.md, known limits)."""
+    return pytest.param(p, 20, -250, marks=pytest.mark.xfail(
+        strict=True, reason="known limit: p < 2 on rows of keys ~1e-250: the threshold lies ~1e-470 below the "
+        "keys, out of the float range of any frame scaled to a key (docs/methods.md)"))

@@ -21,7 +21,7 @@ from topk_core._agnostic import threshold
 
 from ._method_backends import FORWARD, JVP, VJP, cuda_torch
 from ._oracles import assert_within_input_rounding, mp_threshold_mag_parts
-from ._rows import spanning_row
+from ._rows import spanning_row, tiny_keys_limit
 
 
 def _pav(operator, x, k, **kw):
@@ -137,12 +137,8 @@ def test_mask_rows_spanning_many_orders(backend, p, dtype, spans):
     [(p, 300, 0) for p in (1.25, 4.0 / 3.0, 1.5, 3.0, 6.0, 20.0)] + [(4.0 / 3.0, 100, 0), (2.0, 200, 0), (3.0, 100, 0)]
     # Rows of huge or tiny keys: the frames of large p (strength l c^(2-p)) left the float range.
     + [(20.0, 20, 250), (6.0, 80, 200), (2.0, 20, -250), (3.0, 20, -250), (6.0, 80, -200),
-       pytest.param(1.25, 20, -250, marks=pytest.mark.xfail(
-        strict=True, reason="known limit: p < 2 on rows of keys ~1e-250: the threshold lies ~1e-470 below the "
-        "keys, out of the float range of any frame scaled to a key (docs/methods.md)")),
-       pytest.param(4.0 / 3.0, 20, -250, marks=pytest.mark.xfail(
-        strict=True, reason="known limit: p < 2 on rows of keys ~1e-250: the threshold lies ~1e-470 below the "
-        "keys, out of the float range of any frame scaled to a key (docs/methods.md)"))],
+       tiny_keys_limit(1.25),
+       tiny_keys_limit(4.0 / 3.0)],
 )
 def test_mag_random_rows_spanning_many_orders(p, span, centre):
     # Magnitudes spanning 1e+-100 and more: the threshold lies hundreds of orders below the largest

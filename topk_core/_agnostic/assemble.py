@@ -25,6 +25,15 @@ def _positions(s: Any, xp: Any) -> Any:
     return xp.reshape(xp.arange(s.shape[-1], dtype=default_int(xp)), (1, s.shape[-1]))
 
 
+def kth_key(s: Any, lo: Any, kk: Any, xp: Any) -> Any:
+    """(batch, 1): the key at sorted position ``lo + kk - 1`` (the k-th largest finite key) of sorted rows `s`.
+
+    Rows with ``kk = 0`` take the key before their finite segment (clipped to
+    the row): callers use it where any value serves.
+    """
+    return xp.take_along_axis(s, xp.clip(lo + kk - 1, 0, s.shape[-1] - 1), axis=-1)
+
+
 def assemble_mask(
     s: Any, v: Any, perm: Any, inv_perm: Any, block_start: Any, block_end: Any,
     lo: Any, kk: Any, lam: float, q: float, xp: Any, inf_counts: tuple[Any, Any, Any] | None = None,
@@ -76,8 +85,7 @@ def assemble_mag(
     zeros = xp.zeros_like(s)
     # Fewer than kk non-zero keys: the row is returned unchanged, every entry with derivative 1
     # (a zero moved off 0 still leaves at most k non-zero entries).
-    kth = xp.take_along_axis(s, xp.clip(lo + kk - 1, 0, s.shape[-1] - 1), axis=-1)
-    identity = (kk > 0) & (kth == 0)
+    identity = (kk > 0) & (kth_key(s, lo, kk, xp) == 0)
     saturated = (top & ~pooled) | kept | (identity & (pos >= lo))
     out = xp.where(free, signs * (g(r, lam, q, xp) + r), xp.where(saturated, x_sorted, zeros))
     gprime = g_prime_on(r, free, lam, q, xp)

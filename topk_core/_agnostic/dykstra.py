@@ -47,7 +47,7 @@ from typing import Any
 
 from .._compat import default_int, device
 from .._validate import check_strength_in_dtype
-from .assemble import assemble_mag, assemble_mask
+from .assemble import assemble_mag, assemble_mask, kth_key
 from .common import all_true, count, nan_rows_of, poison
 from .residuals import MagResiduals, MaskResiduals
 
@@ -230,18 +230,6 @@ def _sorted_rows(keys: Any, xp: Any) -> tuple[Any, Any]:
     return perm, xp.argsort(perm, axis=-1, stable=True)
 
 
-def _kth_key(s: Any, lo: Any, kk: Any, xp: Any) -> Any:
-    """The k-th largest finite key of sorted rows `s` (batch, 1), the shift of their frame.
-
-    Near the threshold the keys are then small exact differences (Sterbenz),
-    and the strength, which separates tied keys, is not lost below their ulp
-    (float32 ties at ``l = 1e-10`` came back 1 and 0 instead of 0.5 and 0.5).
-    Rows with ``kk = 0`` take the first finite key (any value serves: they have no block).
-    """
-    n = s.shape[-1]
-    return xp.take_along_axis(s, xp.clip(lo + kk - 1, 0, n - 1), axis=-1)
-
-
 def _check_q(q: float) -> None:
     if q != 2.0:
         raise ValueError(f"method='dykstra' solves the p = 2 operators only; got p = {q / (q - 1.0)!r}")
@@ -285,9 +273,10 @@ def dykstra_mask(
     n_fin = n - n_pos - n_neg
     lo, hi, kk = n_pos, n - n_neg, xp.minimum(xp.maximum(k - n_pos, 0), n_fin)
     s = xp.where(xp.isfinite(s), s, xp.zeros_like(s))
-    # Relative to the k-th key (shift invariant): target = s - l w keeps l where it is below the
-    # keys' ulp (ties at a small strength), so the pool of a tie splits it (see `_kth_key`).
-    s = s - _kth_key(s, lo, kk, xp)
+    # Relative to the k-th key (shift invariant): near the threshold the keys are then small exact
+    # differences (Sterbenz), and target = s - l w keeps l where it is below the keys' ulp (float32
+    # ties at l = 1e-10 came back 1 and 0 instead of 0.5 and 0.5); the pool of a tie splits it.
+    s = s - kth_key(s, lo, kk, xp)
     pos = xp.reshape(xp.arange(n, dtype=default_int(xp)), (1, n))
     unit = (pos >= lo) & (pos < lo + kk)
     target = s - lam * xp.astype(unit, s.dtype)
@@ -334,11 +323,11 @@ def dykstra_mag(
     pos = xp.reshape(xp.arange(n, dtype=default_int(xp)), (1, n))
     unit = xp.astype((pos >= lo) & (pos < lo + kk), s.dtype)
     weight = 1.0 + lam * unit
-    # Iterates relative to the k-th key (see `_kth_key`): v = shift + v', with the targets
+    # Iterates relative to the k-th key (as the mask's): v = shift + v', with the targets
     # s / w - shift = u / w - (l / (1 + l)) shift w' from the exact differences u = s - shift (w'
     # the unit weights; neither term can overflow); formed as s / w, a tie at a small strength
     # rounds onto one value and stays unsplit.
-    shift = _kth_key(s, lo, kk, xp)
+    shift = kth_key(s, lo, kk, xp)
     u = s - shift
     target = u / weight - (lam / (1.0 + lam)) * shift * unit
     tol_rows = xp.full_like(s[:, :1], rtol * lam)
