@@ -22,6 +22,19 @@ def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> floa
     return statistics.median(times)
 
 
+def best_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Shortest wall time of `fn()` over `repeats` runs (after `warmup` untimed ones): for side-by-side
+    comparisons of two kernels on a shared machine, whose slow phases hit one column or the other."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
 def machine() -> str:
     """One line describing the CPU, cores and Python."""
     cpu = platform.processor() or platform.machine()

@@ -34,10 +34,12 @@ def q(request) -> float:
 
 @pytest.fixture
 def lane_calls(monkeypatch):
-    """Records the shapes the lane solver is called with."""
+    """Records the calls of the lane solver: (shape of the keys, number of rows named, 0: every row)."""
     calls = []
     original = select.lane_rows
-    monkeypatch.setattr(select, "lane_rows", lambda keys, *a: calls.append(keys.shape) or original(keys, *a))
+    monkeypatch.setattr(
+        select, "lane_rows", lambda keys, *a: calls.append((keys.shape, a[-1].shape[0])) or original(keys, *a)
+    )
     return calls
 
 
@@ -62,8 +64,8 @@ def _assert_same(operator, x, k, lam, rng, q=2.0):
 @pytest.mark.parametrize("kind", ["normal", "ties", "spread", "dominant"])
 @pytest.mark.parametrize(
     ("q", "batch", "n"),
-    [(2.0, 1, 2), (2.0, 63, 16), (2.0, 64, 17), (2.0, 130, 48), (2.0, 700, 7), (2.0, 5, 33),
-     (4.0, 1, 2), (4.0, 63, 16), (4.0, 130, 12), (4.0, 700, 7), (4.0, 5, 9)],
+    [(2.0, 1, 2), (2.0, 63, 16), (2.0, 64, 17), (2.0, 130, 48), (2.0, 700, 7), (2.0, 5, 33), (2.0, 70, 64), (2.0, 30, 96),
+     (4.0, 1, 2), (4.0, 63, 16), (4.0, 130, 12), (4.0, 700, 7), (4.0, 5, 9), (4.0, 130, 40), (4.0, 70, 48)],
 )
 def test_lane_route_equals_full_sort_route(rng, operator, float_dtype, kind, q, batch, n, lane_calls):
     x = rows_of_kind(rng, batch, n, kind, float_dtype)
@@ -76,10 +78,15 @@ def test_lane_route_equals_full_sort_route(rng, operator, float_dtype, kind, q, 
 
 
 @pytest.mark.parametrize("max_passes", [0, 1, 2, 16])
-def test_rows_left_unsolved_go_to_the_selection_kernel(monkeypatch, rng, operator, q, max_passes, lane_calls):
-    # With too few steps allowed, some (0: all) rows are handed back and solved again; with many
-    # (p = 4/3 takes one by default), the rows the lanes converge on match too.
+@pytest.mark.parametrize(("q", "retry_passes"), [(2.0, 0), (4.0, 0), (4.0, 2), (4.0, 8)],
+                         ids=["p=2", "p=4/3-no-retry", "p=4/3-retry-2", "p=4/3-retry-8"])
+def test_rows_left_unsolved_go_to_the_selection_kernel(monkeypatch, rng, operator, q, max_passes, retry_passes,
+                                                       lane_calls):
+    # With too few steps allowed, some (0: all) rows are handed back and solved again: p = 4/3
+    # first by a second lane solve on those rows (`retry_passes`, 0: none), then by the selection
+    # kernel; with many, the rows the lanes converge on match too.  (p = 2 has no second solve.)
     monkeypatch.setattr(lanes, "MAX_PASSES" if q == 2.0 else "CUBIC_MAX_PASSES", max_passes)
+    monkeypatch.setattr(lanes, "CUBIC_RETRY_PASSES", retry_passes)
     x = rows_of_kind(rng, 300, 40 if q == 2.0 else 16, "ties", np.float64)
     # Ties are multiples of 1/2: a strength l with l * r a multiple of 1/2 for some r <= k puts a
     # threshold exactly on a tie (a kink, where each route keeps its own one-sided Jacobian).
@@ -87,6 +94,32 @@ def test_rows_left_unsolved_go_to_the_selection_kernel(monkeypatch, rng, operato
         for lam in (0.0137, 0.737, 10.37):
             _assert_same(operator, x, k, lam, rng, q)
     assert lane_calls
+    # The second lane solve runs on the rows left only, and only when it has passes.
+    retried = [named for _, named in lane_calls if named]
+    if q == 2.0 or retry_passes == 0:
+        assert not retried
+    elif max_passes == 0:
+        assert len(retried) == len(lane_calls) // 2 and min(retried) > 0
+
+
+def test_a_subset_of_rows_is_solved_in_place_as_in_a_full_solve(rng, operator, q):
+    # The second lane solve of the driver: the rows named (any order, any count), and no other,
+    # get the outputs, residuals and flags a solve of every row gives them, to the bit.
+    x = rows_of_kind(rng, 200, 24, "ties", np.float64)
+    keys = np.abs(x) if operator == "mag" else x
+    subset = rng.permutation(200)[:77]
+    results = []
+    for rows in (lanes.EVERY_ROW, subset):
+        arrays = [np.full_like(a, 7) for a in fused_outputs(x, operator == "mag", True)]
+        unresolved = np.zeros(200, np.bool_)
+        lanes.lane_rows.serial(keys, x, 3, 0.3, q, operator == "mag", np.empty((0, 2)), *arrays, unresolved, 1,
+                               lanes.MAX_PASSES, rows)
+        results.append((*arrays, unresolved))
+    untouched = np.setdiff1d(np.arange(200), subset)
+    for every, some in zip(*results, strict=True):
+        if every.size:
+            np.testing.assert_array_equal(some[subset], every[subset])
+            np.testing.assert_array_equal(some[untouched], 0 if some.dtype == np.bool_ else 7)
 
 
 def test_unsolved_rows_are_flagged(rng, q):
@@ -94,12 +127,12 @@ def test_unsolved_rows_are_flagged(rng, q):
     unresolved = np.zeros(100, dtype=np.bool_)
     bounds = select._row_bounds(keys, 3)
     args = (keys, keys, 3, 1.0, q, False, bounds, *fused_outputs(keys, False, True))
-    lanes.lane_rows.serial(*args, unresolved, 1, 0)
+    lanes.lane_rows.serial(*args, unresolved, 1, 0, lanes.EVERY_ROW)
     # With no step allowed, only the rows without a violator (a gap of at least l after
     # the k-th key, solved at the start) are solved.
     np.testing.assert_array_equal(unresolved, bounds[:, 0] - bounds[:, 1] < 1.0)
     assert unresolved.any()
-    lanes.lane_rows.serial(*args, unresolved, 2, lanes.MAX_PASSES)
+    lanes.lane_rows.serial(*args, unresolved, 2, lanes.MAX_PASSES, lanes.EVERY_ROW)
     assert not unresolved.any()
 
 
@@ -139,7 +172,7 @@ def test_magnitude_rows_with_few_non_zero_entries(rng, lane_calls):
 
 @pytest.mark.parametrize(
     ("p", "lam", "n"),
-    [(1.5, 0.1, 16), (3.0, 0.1, 8), (2.0, 1e-200, 16), (4.0 / 3.0, 1e200, 16), (2.0, 0.1, 64), (4.0 / 3.0, 0.1, 17)],
+    [(1.5, 0.1, 16), (3.0, 0.1, 8), (2.0, 1e-200, 16), (4.0 / 3.0, 1e200, 16), (2.0, 0.1, 97), (4.0 / 3.0, 0.1, 49)],
 )
 def test_lanes_only_where_they_apply(rng, operator, p, lam, n, lane_calls):
     # p other than 2 and 4/3, a strength outside the unscaled frame, rows longer than LANE_MAX_N
@@ -156,7 +189,8 @@ def test_both_compiled_variants_agree(rng, operator, q):
     for variant, n_chunks in ((lanes.lane_rows.serial, 1), (lanes.lane_rows.parallel, 7)):
         arrays = fused_outputs(x, operator == "mag", True)  # the mask's scale, signs, offset are empty
         unresolved = np.empty(3000, np.bool_)
-        variant(keys, x, 4, 0.3, q, operator == "mag", bounds, *arrays, unresolved, n_chunks, lanes.MAX_PASSES)
+        variant(keys, x, 4, 0.3, q, operator == "mag", bounds, *arrays, unresolved, n_chunks, lanes.MAX_PASSES,
+                lanes.EVERY_ROW)
         results.append((*arrays, unresolved))
     for a, b in zip(*results, strict=True):
         np.testing.assert_array_equal(a, b)
@@ -175,7 +209,7 @@ def test_order_statistics_found_in_the_lanes_equal_given_ones(rng, operator, flo
             arrays = fused_outputs(x, operator == "mag", True)
             unresolved = np.empty(batch, np.bool_)
             lanes.lane_rows.serial(keys, x, k, 0.3, q, operator == "mag", bounds, *arrays, unresolved, 1,
-                                   lanes.MAX_PASSES)
+                                   lanes.MAX_PASSES, lanes.EVERY_ROW)
             results.append((*arrays, unresolved))
         for a, b in zip(*results, strict=True):
             np.testing.assert_array_equal(a, b)

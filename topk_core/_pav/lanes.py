@@ -29,8 +29,9 @@ by the bracket that the row's two order statistics give (module `select`).
   by Newton steps from bounds of its root (`_cubic_start`: no cube root, so
   it vectorizes too); later steps are Newton steps on ``sum(y)``, not exact
   on their sets, so rows whose sets change after the start take several.
-  Measured, one pass and handing the rest back beats more passes
-  (`CUBIC_MAX_PASSES`).
+  Measured, one pass over every row, then more passes on the rows left,
+  gathered into full groups of their own (`CUBIC_RETRY_PASSES`, driven by
+  `select.topk_rows_select`), beats more passes over every group.
 
 Rows not solved within their passes, and rows that need what the lanes do
 not do (a rescaled frame, a magnitude row with at most k non-zero keys), are
@@ -48,19 +49,27 @@ from .kernels import _closed_block_value, _compiled_pair, _unit_scale
 
 # Rows processed side by side (one SIMD lane each).
 LANES = 64
-# Rows up to this length take the lanes: measured against the selection kernel (p = 2,
-# float32, k = n/8, AVX-512 machine), the lanes take 0.4x its time at n = 8, 0.5x at 16,
-# 0.75x at 32, 0.8x at 48 and 0.95-1.0x at 64 (benchmarks/bench_lanes.py).
-LANE_MAX_N = 48
+# Rows up to this length take the lanes: measured against the selection kernel (the whole
+# forward with the lanes on and off, rows handed back included; float32, k = n/8, 4M entries,
+# best of 21 runs; benchmarks/bench_lanes.py, table in docs/methods.md), the lanes take, for
+# p = 2, 0.25-0.5x its time at n <= 8, 0.4-0.6x at 16-48, 0.6-0.7x at 64-80 and 0.8-0.95x
+# at 96 (an AMD EPYC with AVX-512; an earlier Intel Xeon measured 0.95-1.0x at 64).
+LANE_MAX_N = 96
 # Steps per row before a row is handed back to the selection kernel (p = 2 rows need 2-4).
 MAX_PASSES = 16
-# p = 4/3: rows up to this length take the lanes (the whole forward measured with the lanes on
-# and off, rows handed back included: 0.45-0.55x at n = 8, 0.65-0.9x at 16, 0.85-1.3x at 24,
-# 1.1-1.7x at 32), and the passes before the rows left are handed back (the rows a first pass
-# does not confirm, ~5% at n = 16, need three or four more: a pass over all rows costs more).
-CUBIC_LANE_MAX_N = 16
+# p = 4/3: rows up to this length take the lanes (same measurement: 0.3-0.55x at n <= 16,
+# 0.55-0.8x at 24-32, 0.65-1.1x at 48, 0.95-1.15x at 64), and the passes over all rows
+# before the rows left are handed on: one, which confirms the start of ~95% of random rows.
+CUBIC_LANE_MAX_N = 48
 CUBIC_MAX_PASSES = 1
+# p = 4/3: the rows one pass leaves (5-8% of random rows at n = 16) need three to six more
+# passes.  Gathered into full lane groups, they get this many there (a pass over every
+# group would cost far more: most groups hold one of them), and the rest go to the selection
+# kernel (measured: 8 passes leave none of the random rows, and cost a tenth of the first solve).
+CUBIC_RETRY_PASSES = 8
 _EPS = np.finfo(np.float64).eps
+# The row-index argument (`subset`, `rows`) of the kernels meaning every row.
+EVERY_ROW = np.empty(0, dtype=np.int64)
 # A row has converged when its Newton step is at most this many ulps of its scale.
 _STEP_ULPS = 8.0
 # Newton steps from the bounds of `_cubic_start` (p = 4/3): quadratic convergence from a few
@@ -79,6 +88,11 @@ def lanes_apply(n: int, q: float, lam: float) -> bool:
 def lane_passes(q: float) -> int:
     """The passes over its rows the lane solver makes (at most) for exponent `q` before handing rows back."""
     return MAX_PASSES if q == 2.0 else CUBIC_MAX_PASSES
+
+
+def lane_retry_passes(q: float) -> int:
+    """The passes of a second lane solve on the rows the first left (0: none, they go to the selection kernel)."""
+    return 0 if q == 2.0 else CUBIC_RETRY_PASSES
 
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
@@ -249,12 +263,12 @@ def _update(state, acc, ref, lam, q, k, is_mag):
 
 
 @nb.njit(cache=True, error_model="numpy")
-def _lane_outputs(z, tau, level, lam, q, is_mag, ybuf, gbuf, sbuf, fbuf):
-    """Outputs and residuals of a group at its thresholds, in the lane layout (vectorized).
+def _lane_outputs(z, tau, level, lam, q, is_mag, ybuf, gbuf):
+    """Outputs and g' of a group at its thresholds, in the lane layout (vectorized).
 
-    ybuf: the mask's value, or the magnitude's |value| (-1 on A, whose output is x itself);
-    gbuf: g' on F (1 / l, or 3 e^2 / l for p = 4/3), else 0; sbuf: the magnitude's scale
-    (1 + g' on F, 1 on A, else 0); fbuf: 1 on F, else 0.
+    ybuf: the mask's value, or the magnitude's |value| on F (> 0), -1 on A (whose
+    output is x itself) and 0 elsewhere, which tells the magnitude's sets apart;
+    gbuf: g' on F (1 / l, or 3 e^2 / l for p = 4/3), else 0.
     """
     inv = 1.0 / lam
     for j in range(z.shape[0]):
@@ -264,12 +278,11 @@ def _lane_outputs(z, tau, level, lam, q, is_mag, ybuf, gbuf, sbuf, fbuf):
             e, g, sat, free = _entry_sets(a, t, inv, q, is_mag, level[lane])
             gp = inv if q == 2.0 else 3.0 * e * e * inv
             if is_mag:
+                # On F, a - t > 0 (e > 0): the value is positive.
                 ybuf[j, lane] = -1.0 if sat else (g + (a - t) if free else 0.0)
-                sbuf[j, lane] = 1.0 + gp if free else (1.0 if sat else 0.0)
             else:
                 ybuf[j, lane] = 1.0 if sat else (g if free else 0.0)
             gbuf[j, lane] = gp if free else 0.0
-            fbuf[j, lane] = 1.0 if free else 0.0
 
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
@@ -287,13 +300,16 @@ def _two_entry_block(x0, x1, lam, is_mag, shift):
 
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
-def load_group(keys, r0, rows, out):
-    """Transpose the group of rows from `r0` on into `out` (n, LANES), one row per lane, in the
-    dtype of `out`; `rows` (LANES,) receives each lane's row.  Lanes past the last row repeat
-    row `r0`: harmless, never read back.  Shared by the lane solver and `select.lane_order_statistics`."""
-    used = min(LANES, keys.shape[0] - r0)
+def load_group(keys, r0, rows, out, subset):
+    """Transpose the group of rows from position `r0` on into `out` (n, LANES), one row per lane, in
+    the dtype of `out`; `rows` (LANES,) receives each lane's row.  The positions index `subset`
+    (row indices), or the rows themselves when `subset` is empty.  Lanes past the last row repeat
+    the first: harmless, never read back.  Shared by the lane solver and `select.lane_order_statistics`."""
+    count = subset.shape[0] if subset.shape[0] > 0 else keys.shape[0]
+    used = min(LANES, count - r0)
     for lane in range(LANES):
-        r = r0 + lane if lane < used else r0
+        i = r0 + lane if lane < used else r0
+        r = subset[i] if subset.shape[0] > 0 else i
         rows[lane] = r
         for j in range(keys.shape[1]):
             out[j, lane] = keys[r, j]
@@ -323,7 +339,7 @@ def sweep_order_statistics(columns, k, uppers, belows):
 
 
 def lane_rows(keys, x, k, lam, q, is_mag, bounds, out, gprime, scale, free_signs, offset, unresolved, n_chunks,
-              max_passes):
+              max_passes, subset):
     """Solve rows of `keys` LANES at a time (module docstring); flag the rows left to the caller.
 
     Arguments as in `select._select_rows` (q = 2 or 4), with `bounds` the (batch, 2) k-th
@@ -332,18 +348,18 @@ def lane_rows(keys, x, k, lam, q, is_mag, bounds, out, gprime, scale, free_signs
     layout (no second transposition; for small k only), `unresolved` a
     (batch,) bool array, set where a row was not solved here (its outputs are
     then garbage, to be overwritten), and `max_passes` the Newton steps
-    allowed per row.
+    allowed per row, `subset` the indices of the rows to solve (in place), or empty for every
+    row.
     """
     batch, n = keys.shape
     with_residuals = gprime.shape[0] == batch and gprime.shape[1] == n
     bounds_inside = bounds.shape[0] != batch
-    groups = -(-batch // LANES)
+    count = subset.shape[0] if subset.shape[0] > 0 else batch
+    groups = -(-count // LANES)
     for c in nb.prange(n_chunks):
         z = np.empty((n, LANES), dtype=np.float64)
         ybuf = np.empty((n, LANES), dtype=np.float64)
         gbuf = np.empty((n, LANES), dtype=np.float64)
-        sbuf = np.empty((n, LANES), dtype=np.float64)
-        fbuf = np.empty((n, LANES), dtype=np.float64)
         acc = np.empty((3 if q == 2.0 else 5, LANES), dtype=np.float64)
         gaps = np.empty(LANES, dtype=np.float64)  # s_(k+1) - s_(k)
         # Per lane: tau, bracket lo and hi, active (1: iterating, 0: solved, -1: left to the
@@ -359,8 +375,8 @@ def lane_rows(keys, x, k, lam, q, is_mag, bounds, out, gprime, scale, free_signs
         belows = np.empty(LANES, dtype=keys.dtype)
         for grp in range(c * groups // n_chunks, (c + 1) * groups // n_chunks):
             r0 = grp * LANES
-            used = min(LANES, batch - r0)
-            load_group(keys, r0, rows, z)
+            used = min(LANES, count - r0)
+            load_group(keys, r0, rows, z, subset)
             if bounds_inside:
                 # The keys' own values, back from the block already loaded (exact in float64).
                 for j in range(n):
@@ -421,33 +437,32 @@ def lane_rows(keys, x, k, lam, q, is_mag, bounds, out, gprime, scale, free_signs
                 if remaining == 0:
                     break
             _levels(ref, tau, lam, is_mag, level)
-            _lane_outputs(z, tau, level, lam, q, is_mag, ybuf, gbuf, sbuf, fbuf)
+            _lane_outputs(z, tau, level, lam, q, is_mag, ybuf, gbuf)
             for lane in range(used):
-                unresolved[r0 + lane] = active[lane] != 0.0
+                unresolved[rows[lane]] = active[lane] != 0.0
             # Back to input order, a row at a time (unresolved rows too: the caller overwrites them).
             for lane in range(used):
-                r = r0 + lane
+                r = rows[lane]
                 if is_mag:
-                    n_kept = 0.0
+                    n_kept = 0
                     for j in range(n):
+                        # Selects only: m < 0 marks A (output x itself, scale 1), m > 0 F (the
+                        # value with x's sign, scale 1 + g'); +0 and no residual elsewhere.
                         m = ybuf[j, lane]
                         xj = x[r, j]
-                        signed = math.copysign(m, xj)
-                        # Selects only (m < 0 marks A, whose output is x itself; +0 outside the support).
-                        out[r, j] = xj if m < 0.0 else (signed if m > 0.0 else 0.0)
+                        out[r, j] = xj if m < 0.0 else (math.copysign(m, xj) if m > 0.0 else 0.0)
+                        if with_residuals:
+                            gp = gbuf[j, lane]
+                            gprime[r, j] = gp
+                            scale[r, j] = 1.0 + gp if m > 0.0 else (1.0 if m < 0.0 else 0.0)
+                            free_signs[r, j] = (1 if xj > 0.0 else -1) if m > 0.0 else 0
+                            n_kept += 1 if m < 0.0 else 0
                     if with_residuals:
-                        for j in range(n):
-                            gprime[r, j] = gbuf[j, lane]
-                            scale[r, j] = sbuf[j, lane]
-                            sign = 1 if x[r, j] > 0.0 else -1
-                            free_signs[r, j] = sign if fbuf[j, lane] != 0.0 else 0
-                            n_kept += 1.0 if (sbuf[j, lane] == 1.0) & (fbuf[j, lane] == 0.0) else 0.0
-                        offset[r] = k - int(n_kept)
+                        offset[r] = k - n_kept
                 else:
                     for j in range(n):
                         out[r, j] = ybuf[j, lane]
-                    if with_residuals:
-                        for j in range(n):
+                        if with_residuals:
                             gprime[r, j] = gbuf[j, lane]
 
 

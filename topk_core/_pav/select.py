@@ -37,7 +37,16 @@ import numpy as np
 
 from ._scalar import mag_fixed_point
 from .kernels import _compiled_pair, _pooled_block, _row_frame, _unit_scale, emit_entry, segment_entry
-from .lanes import LANES, lane_passes, lane_rows, lanes_apply, load_group, sweep_order_statistics
+from .lanes import (
+    EVERY_ROW,
+    LANES,
+    lane_passes,
+    lane_retry_passes,
+    lane_rows,
+    lanes_apply,
+    load_group,
+    sweep_order_statistics,
+)
 from .sortfree import (
     FAILED,
     ITERATE,
@@ -344,8 +353,6 @@ def _select_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs, off
 
 
 _select_rows = _compiled_pair(_select_rows)
-# `rows` of `_select_rows` meaning every row.
-_EVERY_ROW = np.empty(0, dtype=np.int64)
 
 
 @nb.njit(parallel=True, cache=True, error_model="numpy")
@@ -494,8 +501,14 @@ def topk_rows_select(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs,
         bounds = np.empty((0, 2)) if k + 1 <= LANE_TRACK_MAX else _row_bounds(keys, k)
         unresolved = np.empty(batch, dtype=np.bool_)
         lane_rows(keys, x, k, lam, q, is_mag, bounds, out, gprime, scale, free_signs, offset, unresolved,
-                  min(-(-batch // LANES), n_chunks), lane_passes(q))
+                  min(-(-batch // LANES), n_chunks), lane_passes(q), EVERY_ROW)
         rows = np.flatnonzero(unresolved)
+        if rows.size and lane_retry_passes(q):
+            # The few rows left, gathered into full lane groups: more passes on them cost a
+            # fraction of a pass over every group (most groups hold one of them).
+            lane_rows(keys, x, k, lam, q, is_mag, bounds, out, gprime, scale, free_signs, offset, unresolved,
+                      min(-(-rows.size // LANES), n_chunks), lane_retry_passes(q), rows)
+            rows = rows[unresolved[rows]]
         if rows.size:
             _select_subset(rows, keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs, offset, bounds)
         return
@@ -503,7 +516,7 @@ def topk_rows_select(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs,
     bounds = np.empty((0, 2)) if sortfree else _row_bounds(keys, k)
     n_sample = sample_size(n) if sortfree else 0
     _select_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs, offset, n_chunks, bounds, n_sample,
-                 _EVERY_ROW)
+                 EVERY_ROW)
 
 
 def _select_subset(rows, keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs, offset, bounds):
@@ -551,7 +564,7 @@ def lane_order_statistics(keys, k, n_chunks):
         for grp in range(c * groups // n_chunks, (c + 1) * groups // n_chunks):
             r0 = grp * LANES
             used = min(LANES, batch - r0)
-            load_group(keys, r0, rows, columns)
+            load_group(keys, r0, rows, columns, EVERY_ROW)
             sweep_order_statistics(columns, k, uppers, belows)
             for lane in range(used):
                 bounds[r0 + lane, 0] = uppers[lane]
