@@ -444,20 +444,23 @@ def lane_rows(keys, x, k, lam, q, is_mag, bounds, out, gprime, scale, free_signs
             for lane in range(used):
                 r = rows[lane]
                 if is_mag:
-                    n_kept = 0
+                    # Selects only: m < 0 marks A (output x itself, scale 1), m > 0 F (the value
+                    # with x's sign, scale 1 + g'); +0 and no residual elsewhere.  The sign is taken
+                    # before the selects, which the compiler then vectorizes.
                     for j in range(n):
-                        # Selects only: m < 0 marks A (output x itself, scale 1), m > 0 F (the
-                        # value with x's sign, scale 1 + g'); +0 and no residual elsewhere.
                         m = ybuf[j, lane]
                         xj = x[r, j]
-                        out[r, j] = xj if m < 0.0 else (math.copysign(m, xj) if m > 0.0 else 0.0)
-                        if with_residuals:
+                        signed = math.copysign(m, xj)
+                        out[r, j] = xj if m < 0.0 else (signed if m > 0.0 else 0.0)
+                    if with_residuals:
+                        n_kept = 0
+                        for j in range(n):
+                            m = ybuf[j, lane]
                             gp = gbuf[j, lane]
                             gprime[r, j] = gp
                             scale[r, j] = 1.0 + gp if m > 0.0 else (1.0 if m < 0.0 else 0.0)
-                            free_signs[r, j] = (1 if xj > 0.0 else -1) if m > 0.0 else 0
+                            free_signs[r, j] = (1 if x[r, j] > 0.0 else -1) if m > 0.0 else 0
                             n_kept += 1 if m < 0.0 else 0
-                    if with_residuals:
                         offset[r] = k - n_kept
                 else:
                     for j in range(n):
