@@ -10,8 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
-    """Median wall time of `fn()` over `repeats` runs, after `warmup` runs that are not timed."""
+def _wall_times(fn: Callable[[], object], repeats: int, warmup: int) -> list[float]:
+    """Wall times of `repeats` runs of `fn()`, after `warmup` runs that are not timed."""
     for _ in range(warmup):
         fn()
     times = []
@@ -19,20 +19,18 @@ def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> floa
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
+
+
+def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Median wall time of `fn()` over `repeats` runs, after `warmup` runs that are not timed."""
+    return statistics.median(_wall_times(fn, repeats, warmup))
 
 
 def best_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
     """Shortest wall time of `fn()` over `repeats` runs (after `warmup` untimed ones): for side-by-side
     comparisons of two kernels on a shared machine, whose slow phases hit one column or the other."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return min(_wall_times(fn, repeats, warmup))
 
 
 def machine() -> str:

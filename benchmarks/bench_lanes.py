@@ -81,8 +81,8 @@ def main() -> None:
     head = [
         f"Machine: {machine()}, NumPy {np.__version__}.",
         f"float32, {ENTRIES} entries, k = max(2, n/8), l = {STRENGTH}; best of {args.repeats} runs "
-        "after a warm-up (this machine's slow phases would otherwise hit one column or the other); the whole selection-first forward with the lanes on (rows handed back included) "
-        "and off.",
+        "after a warm-up (this machine's slow phases would otherwise hit one column or the other); "
+        "the whole selection-first forward with the lanes on (rows handed back included) and off.",
         "",
     ]
     print("\n".join(head), flush=True)

@@ -300,16 +300,26 @@ def _two_entry_block(x0, x1, lam, is_mag, shift):
 
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
+def row_count(subset, batch):
+    """How many rows a kernel solves: those `subset` names, or all `batch` when it is `EVERY_ROW`."""
+    return subset.shape[0] if subset.shape[0] > 0 else batch
+
+
+@nb.njit(cache=True, inline="always", error_model="numpy")
+def row_at(subset, i):
+    """The row at position `i` of the rows a kernel solves (see `row_count`)."""
+    return subset[i] if subset.shape[0] > 0 else i
+
+
+@nb.njit(cache=True, inline="always", error_model="numpy")
 def load_group(keys, r0, rows, out, subset):
     """Transpose the group of rows from position `r0` on into `out` (n, LANES), one row per lane, in
     the dtype of `out`; `rows` (LANES,) receives each lane's row.  The positions index `subset`
     (row indices), or the rows themselves when `subset` is empty.  Lanes past the last row repeat
     the first: harmless, never read back.  Shared by the lane solver and `select.lane_order_statistics`."""
-    count = subset.shape[0] if subset.shape[0] > 0 else keys.shape[0]
-    used = min(LANES, count - r0)
+    used = min(LANES, row_count(subset, keys.shape[0]) - r0)
     for lane in range(LANES):
-        i = r0 + lane if lane < used else r0
-        r = subset[i] if subset.shape[0] > 0 else i
+        r = row_at(subset, r0 + lane if lane < used else r0)
         rows[lane] = r
         for j in range(keys.shape[1]):
             out[j, lane] = keys[r, j]
@@ -354,7 +364,7 @@ def lane_rows(keys, x, k, lam, q, is_mag, bounds, out, gprime, scale, free_signs
     batch, n = keys.shape
     with_residuals = gprime.shape[0] == batch and gprime.shape[1] == n
     bounds_inside = bounds.shape[0] != batch
-    count = subset.shape[0] if subset.shape[0] > 0 else batch
+    count = row_count(subset, batch)
     groups = -(-count // LANES)
     for c in nb.prange(n_chunks):
         z = np.empty((n, LANES), dtype=np.float64)

@@ -45,6 +45,8 @@ from .lanes import (
     lane_rows,
     lanes_apply,
     load_group,
+    row_at,
+    row_count,
     sweep_order_statistics,
 )
 from .sortfree import (
@@ -316,8 +318,7 @@ def _select_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs, off
     left), or empty for every row.
     """
     batch, n = keys.shape
-    subset = rows.shape[0] > 0
-    count = rows.shape[0] if subset else batch
+    count = row_count(rows, batch)
     bounds_given = bounds.shape[0] == batch
     closed = q == 2.0 or q == 4.0
     with_residuals = gprime.shape[0] == batch and gprime.shape[1] == n
@@ -332,7 +333,7 @@ def _select_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs, off
         state = np.empty(STATE_SIZE, dtype=np.float64)
         ref_cast = np.empty(1, dtype=keys.dtype)
         for i in range(c * count // n_chunks, (c + 1) * count // n_chunks):
-            r = rows[i] if subset else i
+            r = row_at(rows, i)
             if k >= n:
                 _all_saturated(r, x, is_mag, with_residuals, out, gprime, scale, free_signs, offset)
                 continue
