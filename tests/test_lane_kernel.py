@@ -215,9 +215,11 @@ def test_order_statistics_found_in_the_lanes_equal_given_ones(rng, operator, flo
             np.testing.assert_array_equal(a, b)
 
 
-def test_sweeps_find_the_order_statistics(rng):
-    for k in (1, 2, 7):
-        columns = np.round(rng.normal(size=(12, lanes.LANES)), 1)  # ties
+@pytest.mark.parametrize("n", [2, 3, 12, 13])
+def test_sweeps_find_the_order_statistics(rng, n):
+    # Every k, odd and even n.
+    for k in range(1, n):
+        columns = np.round(rng.normal(size=(n, lanes.LANES)), 1)  # ties
         desc = -np.sort(-columns, axis=0)
         uppers, belows = np.empty(lanes.LANES), np.empty(lanes.LANES)
         lanes.sweep_order_statistics(columns.copy(), k, uppers, belows)

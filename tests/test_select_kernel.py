@@ -90,7 +90,7 @@ def test_order_statistics_match_a_sort(rng, n):
 @pytest.mark.parametrize("batch", [1, 63, 64, 130, 3000])
 def test_lane_order_statistics_match_a_sort(rng, dtype, batch):
     # Batches that do not fill the last group of lanes; ties; both compiled variants.
-    for n, k in [(2, 1), (16, 2), (17, 11), (64, 8), (256, 1)]:
+    for n, k in [(2, 1), (16, 2), (17, 11), (64, 8), (97, 24), (192, 32), (256, 1)]:
         rows = np.round(rng.normal(size=(batch, n)), 1).astype(dtype)
         desc = -np.sort(-rows, axis=-1)
         expected = np.stack([desc[:, k - 1], desc[:, k]], axis=-1)

@@ -73,16 +73,19 @@ TRACK_MAX = 16
 RANK_MAX = 8
 INSERTION_MAX = 32
 # Rows up to this length get their order statistics from a pass over all rows before the
-# kernel: `lane_order_statistics` when k + 1 is at most LANE_TRACK_MAX, else np.sort of the
-# keys (values only).
+# kernel: `lane_order_statistics` for rows up to LANE_TRACK_MAX_N entries with k + 1 at most
+# LANE_TRACK_MAX, else np.sort of the keys (values only).
 PRESORT_MAX_N = 256
 # Longer rows up to this length whose k + 1 exceeds TRACK_MAX, when the sort-free route does not
 # serve them, take np.sort of the keys too: NumPy's vectorized sort costs a fraction of Numba's
 # np.partition row by row (a quarter at 4096 entries).
 SORT_BOUNDS_MAX_N = 1 << 16
-# Each sweep of the lanes costs about a sixteenth of np.sort per entry (float32, AVX-512
-# machine, rows of 64): the break-even is near 13 sweeps.
-LANE_TRACK_MAX = 12
+# The lanes' sweeps (`lanes.sweep_order_statistics`) against np.sort of the keys, on 4M float32
+# entries (AVX-512 machine, 2 threads against np.sort's one, Numba's cache filled): 0.2-0.4x its
+# time for k + 1 = 9, 0.4-0.5x at 17 and 0.6-0.75x at 33, for rows of 32-192 entries; rows of
+# 256 (a transposed group no longer fits the L1 cache) take 1-1.8x its time.
+LANE_TRACK_MAX = 33
+LANE_TRACK_MAX_N = 192
 # Rows at least this long, in batches smaller than the thread count, are split across
 # the threads (selection and classification) instead of taking one thread per row.
 LONG_ROW_MIN_N = 1 << 17
@@ -538,7 +541,7 @@ def _row_bounds(keys, k):
     batch, n = keys.shape
     if k >= n:
         return np.empty((0, 2))
-    if n <= PRESORT_MAX_N and k + 1 <= LANE_TRACK_MAX:
+    if n <= LANE_TRACK_MAX_N and k + 1 <= LANE_TRACK_MAX:
         return lane_order_statistics(keys, k, min(-(-batch // LANES), 4 * nb.get_num_threads()))
     if n > PRESORT_MAX_N and (k + 1 <= TRACK_MAX or n > SORT_BOUNDS_MAX_N):
         return np.empty((0, 2))
