@@ -78,15 +78,15 @@ def test_lane_route_equals_full_sort_route(rng, operator, float_dtype, kind, q, 
 
 
 @pytest.mark.parametrize("max_passes", [0, 1, 2, 16])
-@pytest.mark.parametrize(("q", "retry_passes"), [(2.0, 0), (4.0, 0), (4.0, 2), (4.0, 8)],
-                         ids=["p=2", "p=4/3-no-retry", "p=4/3-retry-2", "p=4/3-retry-8"])
+@pytest.mark.parametrize(("q", "retry_passes"), [(2.0, 0), (2.0, 16), (4.0, 0), (4.0, 2), (4.0, 8)],
+                         ids=["p=2-no-retry", "p=2-retry-16", "p=4/3-no-retry", "p=4/3-retry-2", "p=4/3-retry-8"])
 def test_rows_left_unsolved_go_to_the_selection_kernel(monkeypatch, rng, operator, q, max_passes, retry_passes,
                                                        lane_calls):
-    # With too few steps allowed, some (0: all) rows are handed back and solved again: p = 4/3
-    # first by a second lane solve on those rows (`retry_passes`, 0: none), then by the selection
-    # kernel; with many, the rows the lanes converge on match too.  (p = 2 has no second solve.)
-    monkeypatch.setattr(lanes, "MAX_PASSES" if q == 2.0 else "CUBIC_MAX_PASSES", max_passes)
-    monkeypatch.setattr(lanes, "CUBIC_RETRY_PASSES", retry_passes)
+    # With too few steps allowed, some (0: all) rows are handed back and solved again: first by
+    # a second lane solve on those rows (`retry_passes`, 0: none), then by the selection kernel;
+    # with many, the rows the lanes converge on match too.
+    monkeypatch.setattr(select, "lane_passes", lambda q, n, is_mag: max_passes)
+    monkeypatch.setattr(select, "lane_retry_passes", lambda q: retry_passes)
     x = rows_of_kind(rng, 300, 40 if q == 2.0 else 16, "ties", np.float64)
     # Ties are multiples of 1/2: a strength l with l * r a multiple of 1/2 for some r <= k puts a
     # threshold exactly on a tie (a kink, where each route keeps its own one-sided Jacobian).
@@ -96,10 +96,21 @@ def test_rows_left_unsolved_go_to_the_selection_kernel(monkeypatch, rng, operato
     assert lane_calls
     # The second lane solve runs on the rows left only, and only when it has passes.
     retried = [named for _, named in lane_calls if named]
-    if q == 2.0 or retry_passes == 0:
+    if retry_passes == 0:
         assert not retried
     elif max_passes == 0:
         assert len(retried) == len(lane_calls) // 2 and min(retried) > 0
+
+
+def test_first_passes_grow_with_the_row_length(operator):
+    # p = 2: one pass over every group for short rows, more for long ones (the magnitude's at
+    # least as many as the mask's); p = 4/3 always one; both have a second lane solve.
+    is_mag = operator == "mag"
+    counts = [lanes.lane_passes(2.0, n, is_mag) for n in (2, 16, 24, 25, 48, 49, 96)]
+    assert counts == sorted(counts) and counts[0] == 1 and counts[-1] >= 2
+    assert lanes.lane_passes(2.0, 96, True) >= lanes.lane_passes(2.0, 96, False)
+    assert {lanes.lane_passes(4.0, n, is_mag) for n in (2, 48)} == {lanes.CUBIC_MAX_PASSES}
+    assert lanes.lane_retry_passes(2.0) > 0 and lanes.lane_retry_passes(4.0) > 0
 
 
 def test_a_subset_of_rows_is_solved_in_place_as_in_a_full_solve(rng, operator, q):

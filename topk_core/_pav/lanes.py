@@ -29,9 +29,12 @@ by the bracket that the row's two order statistics give (module `select`).
   by Newton steps from bounds of its root (`_cubic_start`: no cube root, so
   it vectorizes too); later steps are Newton steps on ``sum(y)``, not exact
   on their sets, so rows whose sets change after the start take several.
-  Measured, one pass over every row, then more passes on the rows left,
-  gathered into full groups of their own (`CUBIC_RETRY_PASSES`, driven by
-  `select.topk_rows_select`), beats more passes over every group.
+
+A group iterates until its slowest lane has converged.  Measured, a few
+passes over every group (`lane_passes`: one to three), then a second lane
+solve of the rows left, gathered into full groups of their own
+(`lane_retry_passes`, driven by `select.topk_rows_select`), beats passes
+over every group until all have converged.
 
 Rows not solved within their passes, and rows that need what the lanes do
 not do (a rescaled frame, a magnitude row with at most k non-zero keys), are
@@ -55,8 +58,15 @@ LANES = 64
 # p = 2, 0.25-0.5x its time at n <= 8, 0.4-0.6x at 16-48, 0.6-0.7x at 64-80 and 0.8-0.95x
 # at 96 (an AMD EPYC with AVX-512; an earlier Intel Xeon measured 0.95-1.0x at 64).
 LANE_MAX_N = 96
-# Steps per row before a row is handed back to the selection kernel (p = 2 rows need 2-4).
+# p = 2: steps per row in the second lane solve before a row is handed to the selection kernel
+# (random rows need 2-4).
 MAX_PASSES = 16
+# p = 2: one pass over every group for rows up to FIRST_PASSES_N[0] entries, two up to
+# FIRST_PASSES_N[1], three beyond for the magnitude (two for the mask), then a second lane
+# solve of the rows left, gathered into full groups (at most MAX_PASSES there).  Measured
+# against MAX_PASSES over every group (float32, k = n/8, 4M entries): 0.9-0.94x its time for the
+# mask, 0.93-1.0x for the magnitude at n = 8-96; one pass more or fewer was slower.
+FIRST_PASSES_N = (24, 48)
 # p = 4/3: rows up to this length take the lanes (same measurement: 0.3-0.55x at n <= 16,
 # 0.55-0.8x at 24-32, 0.65-1.1x at 48, 0.95-1.15x at 64), and the passes over all rows
 # before the rows left are handed on: one, which confirms the start of ~95% of random rows.
@@ -85,14 +95,19 @@ def lanes_apply(n: int, q: float, lam: float) -> bool:
     return n <= max_n and _unit_scale(lam) == 1.0
 
 
-def lane_passes(q: float) -> int:
-    """The passes over its rows the lane solver makes (at most) for exponent `q` before handing rows back."""
-    return MAX_PASSES if q == 2.0 else CUBIC_MAX_PASSES
+def lane_passes(q: float, n: int, is_mag: bool) -> int:
+    """The passes over every group of rows of `n` entries the lane solver makes (at most) for exponent `q`
+    before the rows left are handed on (to a second lane solve, `lane_retry_passes`)."""
+    if q != 2.0:
+        return CUBIC_MAX_PASSES
+    # Longer rows, and the magnitude's, move their sets more often after the start (random rows
+    # left after one pass: mask 3% at n = 16, 13% at 32, 38% at 64; magnitude 9%, 30%, 67%).
+    return 1 + (n > FIRST_PASSES_N[0]) + (is_mag and n > FIRST_PASSES_N[1])
 
 
 def lane_retry_passes(q: float) -> int:
     """The passes of a second lane solve on the rows the first left (0: none, they go to the selection kernel)."""
-    return 0 if q == 2.0 else CUBIC_RETRY_PASSES
+    return MAX_PASSES if q == 2.0 else CUBIC_RETRY_PASSES
 
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
@@ -122,8 +137,20 @@ def _pass(z, tau, level, lam, q, is_mag, acc):
     for i in range(acc.shape[0]):
         for lane in range(LANES):
             acc[i, lane] = 0.0
+    n = z.shape[0]
     if q == 2.0:
-        for j in range(z.shape[0]):
+        for j in range(0, n - 3, 4):
+            for lane in range(LANES):
+                t, lv = tau[lane], level[lane]
+                n_sat, n_free, s1 = acc[0, lane], acc[1, lane], acc[2, lane]
+                for u in range(4):
+                    a = z[j + u, lane]
+                    _, g, sat, free = _entry_sets(a, t, inv, q, is_mag, lv)
+                    s1 += (a if is_mag else g) if free else 0.0
+                    n_sat += 1.0 if sat else 0.0
+                    n_free += 1.0 if free else 0.0
+                acc[0, lane], acc[1, lane], acc[2, lane] = n_sat, n_free, s1
+        for j in range(n - n % 4, n):
             for lane in range(LANES):
                 a = z[j, lane]
                 _, g, sat, free = _entry_sets(a, tau[lane], inv, q, is_mag, level[lane])
@@ -131,7 +158,19 @@ def _pass(z, tau, level, lam, q, is_mag, acc):
                 acc[0, lane] += 1.0 if sat else 0.0
                 acc[1, lane] += 1.0 if free else 0.0
         return
-    for j in range(z.shape[0]):
+    for j in range(0, n - 3, 4):
+        for lane in range(LANES):
+            t, lv = tau[lane], level[lane]
+            n_sat, n_free, s1, s2, s3 = acc[0, lane], acc[1, lane], acc[2, lane], acc[3, lane], acc[4, lane]
+            for u in range(4):
+                e, g, sat, free = _entry_sets(z[j + u, lane], t, inv, q, is_mag, lv)
+                n_sat += 1.0 if sat else 0.0
+                n_free += 1.0 if free else 0.0
+                s1 += e if free else 0.0
+                s2 += e * e if free else 0.0
+                s3 += g if free else 0.0
+            acc[0, lane], acc[1, lane], acc[2, lane], acc[3, lane], acc[4, lane] = n_sat, n_free, s1, s2, s3
+    for j in range(n - n % 4, n):
         for lane in range(LANES):
             e, g, sat, free = _entry_sets(z[j, lane], tau[lane], inv, q, is_mag, level[lane])
             acc[0, lane] += 1.0 if sat else 0.0
@@ -263,12 +302,12 @@ def _update(state, acc, ref, lam, q, k, is_mag):
 
 
 @nb.njit(cache=True, error_model="numpy")
-def _lane_outputs(z, tau, level, lam, q, is_mag, ybuf, gbuf):
+def _lane_outputs(z, tau, level, lam, q, is_mag, ybuf, gbuf, with_residuals):
     """Outputs and g' of a group at its thresholds, in the lane layout (vectorized).
 
     ybuf: the mask's value, or the magnitude's |value| on F (> 0), -1 on A (whose
     output is x itself) and 0 elsewhere, which tells the magnitude's sets apart;
-    gbuf: g' on F (1 / l, or 3 e^2 / l for p = 4/3), else 0.
+    gbuf: g' on F (1 / l, or 3 e^2 / l for p = 4/3), else 0 (written only `with_residuals`).
     """
     inv = 1.0 / lam
     for j in range(z.shape[0]):
@@ -282,7 +321,8 @@ def _lane_outputs(z, tau, level, lam, q, is_mag, ybuf, gbuf):
                 ybuf[j, lane] = -1.0 if sat else (g + (a - t) if free else 0.0)
             else:
                 ybuf[j, lane] = 1.0 if sat else (g if free else 0.0)
-            gbuf[j, lane] = gp if free else 0.0
+            if with_residuals:
+                gbuf[j, lane] = gp if free else 0.0
 
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
@@ -447,7 +487,7 @@ def lane_rows(keys, x, k, lam, q, is_mag, bounds, out, gprime, scale, free_signs
                 if remaining == 0:
                     break
             _levels(ref, tau, lam, is_mag, level)
-            _lane_outputs(z, tau, level, lam, q, is_mag, ybuf, gbuf)
+            _lane_outputs(z, tau, level, lam, q, is_mag, ybuf, gbuf, with_residuals)
             for lane in range(used):
                 unresolved[rows[lane]] = active[lane] != 0.0
             # Back to input order, a row at a time (unresolved rows too: the caller overwrites them).

@@ -505,7 +505,7 @@ def topk_rows_select(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs,
         bounds = np.empty((0, 2)) if k + 1 <= LANE_TRACK_MAX else _row_bounds(keys, k)
         unresolved = np.empty(batch, dtype=np.bool_)
         lane_rows(keys, x, k, lam, q, is_mag, bounds, out, gprime, scale, free_signs, offset, unresolved,
-                  min(-(-batch // LANES), n_chunks), lane_passes(q), EVERY_ROW)
+                  min(-(-batch // LANES), n_chunks), lane_passes(q, n, is_mag), EVERY_ROW)
         rows = np.flatnonzero(unresolved)
         if rows.size and lane_retry_passes(q):
             # The few rows left, gathered into full lane groups: more passes on them cost a
