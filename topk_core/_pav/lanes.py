@@ -27,8 +27,10 @@ by the bracket that the row's two order statistics give (module `select`).
   block ``F``; a Newton step on the piecewise-linear `sum(y)`).
 * p = 4/3: a cubic on fixed sets.  The start solves the first block's cubic
   by Newton steps from bounds of its root (`_cubic_start`: no cube root, so
-  it vectorizes too); later steps are Newton steps on ``sum(y)``, not exact
-  on their sets, so rows whose sets change after the start take several.
+  it vectorizes too); a pass gathers ``sum_F e``, ``sum_F e^2`` and
+  ``sum_F e^3`` at the iterate, and the step solves the cubic of those sets
+  from these sums by Newton steps per lane (no further pass over the
+  entries), so it too is exact on the sets of its iterate.
 
 A group iterates until its slowest lane has converged.  Measured, a few
 passes over every group (`lane_passes`: one to three), then a second lane
@@ -58,32 +60,25 @@ LANES = 64
 # p = 2, 0.25-0.5x its time at n <= 8, 0.4-0.6x at 16-48, 0.6-0.7x at 64-80 and 0.8-0.95x
 # at 96 (an AMD EPYC with AVX-512; an earlier Intel Xeon measured 0.95-1.0x at 64).
 LANE_MAX_N = 96
-# p = 2: steps per row in the second lane solve before a row is handed to the selection kernel
+# p = 4/3: rows up to this length take the lanes (same measurement, with the exact cubic step:
+# 0.35-0.9x the selection kernel's time at n <= 64, 0.9-0.96x at 80, 1-1.2x at 96).
+CUBIC_LANE_MAX_N = 80
+# Steps per row in the second lane solve before a row is handed to the selection kernel
 # (random rows need 2-4).
 MAX_PASSES = 16
-# p = 2: one pass over every group for rows up to FIRST_PASSES_N[0] entries, two up to
-# FIRST_PASSES_N[1], three beyond for the magnitude (two for the mask), then a second lane
-# solve of the rows left, gathered into full groups (at most MAX_PASSES there).  Measured
-# against MAX_PASSES over every group (float32, k = n/8, 4M entries): 0.9-0.94x its time for the
-# mask, 0.93-1.0x for the magnitude at n = 8-96; one pass more or fewer was slower.
+# One pass over every group for rows up to FIRST_PASSES_N[0] entries, two beyond (three for
+# the p = 2 magnitude beyond FIRST_PASSES_N[1]), then a second lane solve of the rows left,
+# gathered into full groups (at most MAX_PASSES there).  Measured against MAX_PASSES over every
+# group (float32, k = n/8, 4M entries): 0.9-0.94x its time for the p = 2 mask, 0.93-1.0x for
+# its magnitude, 0.88-1.0x for p = 4/3, at n = 8-96; one pass more or fewer was slower.
 FIRST_PASSES_N = (24, 48)
-# p = 4/3: rows up to this length take the lanes (same measurement: 0.3-0.55x at n <= 16,
-# 0.55-0.8x at 24-32, 0.65-1.1x at 48, 0.95-1.15x at 64), and the passes over all rows
-# before the rows left are handed on: one, which confirms the start of ~95% of random rows.
-CUBIC_LANE_MAX_N = 48
-CUBIC_MAX_PASSES = 1
-# p = 4/3: the rows one pass leaves (5-8% of random rows at n = 16) need three to six more
-# passes.  Gathered into full lane groups, they get this many there (a pass over every
-# group would cost far more: most groups hold one of them), and the rest go to the selection
-# kernel (measured: 8 passes leave none of the random rows, and cost a tenth of the first solve).
-CUBIC_RETRY_PASSES = 8
 _EPS = np.finfo(np.float64).eps
 # The row-index argument (`subset`, `rows`) of the kernels meaning every row.
 EVERY_ROW = np.empty(0, dtype=np.int64)
 # A row has converged when its Newton step is at most this many ulps of its scale.
 _STEP_ULPS = 8.0
-# Newton steps from the bounds of `_cubic_start` (p = 4/3): quadratic convergence from a few
-# tens of percent.
+# Newton steps on a cubic (p = 4/3), from the bounds of `_cubic_start` or from the previous
+# iterate: quadratic convergence from a few tens of percent.
 _CUBIC_NEWTON = 5
 _CBRT_HALF_UP = 0.7937005259841  # >= 0.5^(1/3)
 
@@ -98,16 +93,14 @@ def lanes_apply(n: int, q: float, lam: float) -> bool:
 def lane_passes(q: float, n: int, is_mag: bool) -> int:
     """The passes over every group of rows of `n` entries the lane solver makes (at most) for exponent `q`
     before the rows left are handed on (to a second lane solve, `lane_retry_passes`)."""
-    if q != 2.0:
-        return CUBIC_MAX_PASSES
-    # Longer rows, and the magnitude's, move their sets more often after the start (random rows
-    # left after one pass: mask 3% at n = 16, 13% at 32, 38% at 64; magnitude 9%, 30%, 67%).
-    return 1 + (n > FIRST_PASSES_N[0]) + (is_mag and n > FIRST_PASSES_N[1])
+    # Longer rows, and the magnitude's, move their sets more often after the start (random rows,
+    # p = 2, left after one pass: mask 3% at n = 16, 13% at 32, 38% at 64; magnitude 9%, 30%, 67%).
+    return 1 + (n > FIRST_PASSES_N[0]) + (q == 2.0 and is_mag and n > FIRST_PASSES_N[1])
 
 
 def lane_retry_passes(q: float) -> int:
     """The passes of a second lane solve on the rows the first left (0: none, they go to the selection kernel)."""
-    return MAX_PASSES if q == 2.0 else CUBIC_RETRY_PASSES
+    return MAX_PASSES
 
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
@@ -197,10 +190,20 @@ def _step(t, ref, lam, q, k, is_mag, n_sat, n_free, s1, s2, s3):
         # Piecewise linear: the Newton step, exact once the sets are right.
         f = s1 - rest
         return f, (t + lam * f / n_free if n_free > 0.0 else math.nan)
-    # sum_F g = rest (mask) or rest (ref + t) (magnitude): a Newton step on the cubic of these sets,
-    # whose derivative in t is -(3 / l) sum_F e^2 (- rest for the magnitude).
+    # sum_F g = rest (mask) or rest (ref + t) (magnitude).  On these sets, at t + l d, it reads
+    # h(d) = sum_F (e - d)^3 - rest (1, or ref + t + l d) = 0: a cubic in d from the sums at t,
+    # decreasing (h' = -3 sum_F (e - d)^2 (- rest l)) and convex below the mean of e, so Newton steps
+    # from d = 0 converge to its root without a safeguard of their own (after the first they
+    # approach it from below).  Solved on its sets, like the p = 2 step, a row whose sets moved
+    # after the start takes a pass or two more, not four or five.
     f = s3 - rest * (ref + t if is_mag else 1.0)
-    return f, (t + lam * f / (3.0 * s2 + (rest * lam if is_mag else 0.0)) if n_free > 0.0 else math.nan)
+    d = 0.0
+    for _ in range(_CUBIC_NEWTON):
+        d2 = d * d
+        h = s3 - 3.0 * d * s2 + 3.0 * d2 * s1 - n_free * d2 * d - rest * (ref + t + lam * d if is_mag else 1.0)
+        slope = 3.0 * s2 - 6.0 * d * s1 + 3.0 * n_free * d2 + (rest * lam if is_mag else 0.0)  # -h'
+        d += h / slope
+    return f, (t + lam * d if n_free > 0.0 else math.nan)
 
 
 @nb.njit(cache=True, error_model="numpy")
