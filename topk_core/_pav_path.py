@@ -21,11 +21,13 @@ from ._agnostic.common import poison
 from ._agnostic.residuals import MagResiduals, MaskResiduals
 from ._pav import pav_rows, topk_rows_forward, topk_rows_select
 from ._pav.kernels import all_finite, fused_outputs, row_keys
+from ._pav.select import lane_route
 
 
 class _SortedRows(NamedTuple):
     x: Any  # the input rows, NaN rows zeroed
-    keys: Any  # what the rows are sorted by (x or |x|), infinite entries zeroed
+    keys: Any  # what the rows are sorted by (x or |x|), infinite entries zeroed; None: |x|, which
+    # the selection kernel's lane route takes from x (`select.lane_route`)
     perm: Any  # descending sorting permutation (None: all keys finite, the selection kernel needs none)
     lo: Any  # (batch, 1): the finite segment [lo, hi) of the sorted row and its unit weights kk (None with perm)
     hi: Any
@@ -34,9 +36,13 @@ class _SortedRows(NamedTuple):
     nan_rows: Any  # (batch, 1) bool, or None when no row has NaN
 
 
-def _prepare(x: Any, k: int, is_mag: bool, sort_finite: bool) -> _SortedRows:
+def _prepare(x: Any, k: int, lam: float, q: float, is_mag: bool, sort_finite: bool) -> _SortedRows:
     batch, n = x.shape
     x = np.ascontiguousarray(x)
+    if is_mag and not sort_finite and lane_route(n, k, q, lam) and all_finite(x):
+        # The lanes read |x| from x: no array of keys (fresh memory the size of x, a millisecond
+        # per 4M entries).
+        return _SortedRows(x, None, None, None, None, None, None, None)
     # One pass decides the common, all-finite case (and writes the magnitude's keys).
     keys, finite_keys = row_keys(x) if is_mag else (x, all_finite(x))
     inf_counts, nan_rows = None, None
@@ -72,7 +78,7 @@ def _prepare(x: Any, k: int, is_mag: bool, sort_finite: bool) -> _SortedRows:
 
 
 def _solve(x: Any, k: int, lam: float, q: float, is_mag: bool, with_residuals: bool, fused: bool) -> tuple[Any, Any]:
-    rows = _prepare(x, k, is_mag, sort_finite=not fused)
+    rows = _prepare(x, k, lam, q, is_mag, sort_finite=not fused)
     if fused:
         y, gprime, scale, free_signs, offset = fused_outputs(rows.x, is_mag, with_residuals)
         if rows.perm is None:

@@ -395,7 +395,8 @@ def lane_rows(keys, x, k, lam, q, is_mag, bounds, out, gprime, scale, free_signs
               max_passes, subset):
     """Solve rows of `keys` LANES at a time (module docstring); flag the rows left to the caller.
 
-    Arguments as in `select._select_rows` (q = 2 or 4), with `bounds` the (batch, 2) k-th
+    Arguments as in `select._select_rows` (q = 2 or 4; for the magnitude, `keys` may be x
+    itself, whose |.| the lanes take), with `bounds` the (batch, 2) k-th
     and (k+1)-th largest keys of every row (1 <= k < n), or empty: they are then
     found here, by `sweep_order_statistics` on the rows already in the lane
     layout (no second transposition; for small k only), `unresolved` a
@@ -430,6 +431,11 @@ def lane_rows(keys, x, k, lam, q, is_mag, bounds, out, gprime, scale, free_signs
             r0 = grp * LANES
             used = min(LANES, count - r0)
             load_group(keys, r0, rows, z, subset)
+            if is_mag:
+                # `keys` may be x itself (`select.topk_rows_select`): |.| costs nothing here.
+                for j in range(n):
+                    for lane in range(LANES):
+                        z[j, lane] = abs(z[j, lane])
             if bounds_inside:
                 # The keys' own values, back from the block already loaded (exact in float64).
                 for j in range(n):

@@ -486,34 +486,41 @@ def topk_rows_select(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs,
     """Selection-first fused forward of rows whose keys are all finite.
 
     Same outputs and residuals as `kernels.topk_rows_forward` (see there for
-    the arguments; here there is no permutation and no infinite segment), in
+    the arguments; here there is no permutation and no infinite segment, and
+    the magnitude's `keys` may be None where `lane_route` holds: they are then
+    taken from `x`, with no array of them unless a row needs the selection kernel), in
     O(n) per row plus a sort of the candidates (module docstring).  Many short
     rows with p = 2 go to the lane solver (`lanes.lane_rows`), long rows with
     p = 2 or 4/3 to the sort-free iteration (`sortfree_applies`); both hand
     the rows they do not settle back to this kernel.
     """
-    batch, n = keys.shape
+    batch, n = x.shape
     threads = nb.get_num_threads()
+    lanes = lane_route(n, k, q, lam)
+    if keys is None and not (lanes and k + 1 <= LANE_TRACK_MAX):
+        keys = np.abs(x)  # the lanes alone take the magnitude's keys from x
     if n >= LONG_ROW_MIN_N and batch < threads:
         _select_long_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs, offset, 4 * threads, SAMPLE_SIZE,
                           sortfree_applies(n, k, q, lam))
         return
     n_chunks = min(batch, 4 * threads)
-    if k < n and lanes_apply(n, q, lam):
+    if lanes:
         # For small k the lane kernel finds the order statistics itself, on the rows it has
         # already transposed; otherwise they come from np.sort.
         bounds = np.empty((0, 2)) if k + 1 <= LANE_TRACK_MAX else _row_bounds(keys, k)
         unresolved = np.empty(batch, dtype=np.bool_)
-        lane_rows(keys, x, k, lam, q, is_mag, bounds, out, gprime, scale, free_signs, offset, unresolved,
+        lane_keys = x if keys is None else keys
+        lane_rows(lane_keys, x, k, lam, q, is_mag, bounds, out, gprime, scale, free_signs, offset, unresolved,
                   min(-(-batch // LANES), n_chunks), lane_passes(q, n, is_mag), EVERY_ROW)
         rows = np.flatnonzero(unresolved)
         if rows.size and lane_retry_passes(q):
             # The few rows left, gathered into full lane groups: more passes on them cost a
             # fraction of a pass over every group (most groups hold one of them).
-            lane_rows(keys, x, k, lam, q, is_mag, bounds, out, gprime, scale, free_signs, offset, unresolved,
+            lane_rows(lane_keys, x, k, lam, q, is_mag, bounds, out, gprime, scale, free_signs, offset, unresolved,
                       min(-(-rows.size // LANES), n_chunks), lane_retry_passes(q), rows)
             rows = rows[unresolved[rows]]
         if rows.size:
+            keys = np.abs(x) if keys is None else keys
             _select_subset(rows, keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs, offset, bounds)
         return
     sortfree = sortfree_applies(n, k, q, lam)
@@ -521,6 +528,11 @@ def topk_rows_select(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs,
     n_sample = sample_size(n) if sortfree else 0
     _select_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs, offset, n_chunks, bounds, n_sample,
                  EVERY_ROW)
+
+
+def lane_route(n: int, k: int, q: float, lam: float) -> bool:
+    """Whether `topk_rows_select` gives rows of `n` entries to the lane solver first (`lanes.lane_rows`)."""
+    return k < n and lanes_apply(n, q, lam)
 
 
 def _select_subset(rows, keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs, offset, bounds):
