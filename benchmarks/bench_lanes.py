@@ -5,8 +5,7 @@ the same rows, once with the lane solver switched on for that length (rows it
 hands back included) and once with it switched off (the selection kernel,
 with its own order statistics); the table prints their times on about 4
 million float32 entries (k = max(2, n/8), l = 0.1) and the ratio lanes /
-selection, measured side by side.  `lanes.LANE_MAX_N` (p = 2) and
-`lanes.CUBIC_LANE_MAX_N` (p = 4/3) are set from it.
+selection, measured side by side.  `lanes.LANE_MAX_N` is set from it.
 
     python benchmarks/bench_lanes.py                          # the table
     python benchmarks/bench_lanes.py --write docs/methods.md  # and update the docs page
@@ -31,21 +30,19 @@ LENGTHS = [8, 16, 24, 32, 48, 64, 80, 96]
 ENTRIES = 1 << 22
 STRENGTH = 0.1
 EXPONENTS = {"2": 2.0, "4/3": 4.0}  # p: its conjugate exponent q
-_MAX_N = {2.0: "LANE_MAX_N", 4.0: "CUBIC_LANE_MAX_N"}
 
 
 def _forward(x: np.ndarray, k: int, q: float, is_mag: bool, with_residuals: bool, lanes_on: bool) -> Callable:
     keys = np.ascontiguousarray(np.abs(x) if is_mag else x)
     arrays = fused_outputs(x, is_mag, with_residuals)
-    name = _MAX_N[q]
 
     def run() -> None:
-        saved = getattr(lanes, name)
-        setattr(lanes, name, x.shape[1] if lanes_on else 0)
+        saved = lanes.LANE_MAX_N
+        lanes.LANE_MAX_N = x.shape[1] if lanes_on else 0
         try:
             select.topk_rows_select(keys, x, k, STRENGTH, q, is_mag, *arrays)
         finally:
-            setattr(lanes, name, saved)
+            lanes.LANE_MAX_N = saved
 
     return run
 

@@ -52,7 +52,7 @@ def _assert_entrywise(y: np.ndarray, expected: np.ndarray, rtol: float, label: s
 
 
 TIE_CASES = [(p, lam, 2) for p in P_VALUES for lam in (1e-2, 1e-9, 1e-13, 1e-50)]
-# Rows of 9: the lane solver serves p = 4/3 too (rows up to CUBIC_LANE_MAX_N).
+# Rows of 9: the lane solver serves p = 4/3 too (rows up to LANE_MAX_N).
 TIE_CASES += [(p, lam, 1) for p in (4.0 / 3.0, 2.0) for lam in (1e-9, 1e-13)]
 # Long rows (the oracle's cost grows with n): the sort-free route serves p = 2 and 4/3 only.
 TIE_CASES += [(p, lam, 100) for p in (4.0 / 3.0, 2.0) for lam in (1e-9, 1e-50)]

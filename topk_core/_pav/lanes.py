@@ -1,6 +1,6 @@
 """Many short rows solved side by side, one SIMD lane per row: the CPU fast path for p = 2 and 4/3.
 
-For rows of at most `LANE_MAX_N` (p = 2) or `CUBIC_LANE_MAX_N` (p = 4/3)
+For rows of at most `LANE_MAX_N` entries
 entries, the per-row work of the selection kernel (classification, ordering
 of the candidates, pooled block) is scalar code whose branches depend on the
 data, and costs more than a vectorized sort of the row.  Here `LANES` rows
@@ -54,15 +54,13 @@ from .kernels import _closed_block_value, _compiled_pair, _unit_scale
 
 # Rows processed side by side (one SIMD lane each).
 LANES = 64
-# Rows up to this length take the lanes: measured against the selection kernel (the whole
-# forward with the lanes on and off, rows handed back included; float32, k = n/8, 4M entries,
-# best of 21 runs; benchmarks/bench_lanes.py, table in docs/methods.md), the lanes take, for
-# p = 2, 0.25-0.5x its time at n <= 8, 0.4-0.6x at 16-48, 0.6-0.7x at 64-80 and 0.8-0.95x
-# at 96 (an AMD EPYC with AVX-512; an earlier Intel Xeon measured 0.95-1.0x at 64).
-LANE_MAX_N = 96
-# p = 4/3: rows up to this length take the lanes (same measurement, with the exact cubic step:
-# 0.35-0.9x the selection kernel's time at n <= 64, 0.9-0.96x at 80, 1-1.2x at 96).
-CUBIC_LANE_MAX_N = 80
+# Rows up to this length take the lanes (p = 2 and 4/3): measured against the selection kernel
+# (the whole forward with the lanes on and off, rows handed back included; float32, k = n/8,
+# 4M entries, best of 21 runs; benchmarks/bench_lanes.py, table in docs/methods.md), the
+# lanes take 0.3-0.5x its time at n <= 24, 0.45-0.8x at 32-64, 0.65-0.85x at 80 (forward;
+# 0.8-1.0x with residuals), and 0.75-1.05x at 96, 0.9-1.3x with residuals (an Intel Xeon with
+# AVX-512; an AMD EPYC measured 0.8-0.95x for p = 2 at 96).
+LANE_MAX_N = 80
 # Steps per row in the second lane solve before a row is handed to the selection kernel
 # (random rows need 2-4).
 MAX_PASSES = 16
@@ -86,8 +84,7 @@ _CBRT_HALF_UP = 0.7937005259841  # >= 0.5^(1/3)
 def lanes_apply(n: int, q: float, lam: float) -> bool:
     """Whether the lane solver serves rows of `n` entries, exponent `q` and strength `lam`."""
     # A strength the mask's frame would rescale (`kernels._row_frame`) stays with the selection kernel.
-    max_n = LANE_MAX_N if q == 2.0 else CUBIC_LANE_MAX_N if q == 4.0 else 0
-    return n <= max_n and _unit_scale(lam) == 1.0
+    return (q == 2.0 or q == 4.0) and n <= LANE_MAX_N and _unit_scale(lam) == 1.0
 
 
 def lane_passes(q: float, n: int, is_mag: bool) -> int:
