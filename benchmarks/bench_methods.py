@@ -6,7 +6,9 @@ Prints Markdown tables:
    (float32, k = max(2, n/8)) for every method, as ratios to `np.sort` of the
    same data in the same run (best of repeated runs, warm-up excluded: this
    shared machine has slow phases of seconds, which medians do not filter),
-   with the largest deviation from PAV's output.
+   with the largest deviation from PAV's output.  PAV is timed right after
+   np.sort, before the other methods, whose large temporaries change the
+   allocator's state (and the cost of fresh memory) for what runs after.
 2. The rule of method="auto" on other CPU backends: forward times of PAV and
    threshold on torch (CPU) tensors and JAX (CPU) arrays.
 3. PyTorch, p = 2 mask, forward+backward: `topk_torch.soft_topk_mask` against
@@ -53,6 +55,20 @@ def _forward_backward(fn: Callable, x: object, u: object) -> object:
     return xg.grad
 
 
+def _method_row(x: np.ndarray, u: np.ndarray, k: int, op: str, method: str, p: float, repeats: int,
+                dykstra_repeats: int) -> tuple[float, float, float]:
+    """(forward time, forward+VJP time, largest deviation from PAV) of one operator and method."""
+    forward = getattr(tc, f"soft_topk_{op}")
+    with_res = getattr(tc, f"soft_topk_{op}_forward")
+    vjp = getattr(tc, f"{op}_vjp_from_residuals")
+    reps, warm = (dykstra_repeats, 0) if method == "dykstra" else (repeats, 1)
+    kw = dict(p=p, regularization_strength=STRENGTH, method=method)
+    t_fwd = best_time(partial(forward, x, k, **kw), reps, warmup=warm)
+    t_both = best_time(partial(_forward_vjp, with_res, vjp, x, k, u, kw), reps, warmup=warm)
+    dev = np.abs(forward(x, k, **kw).astype(np.float64) - forward(x, k, p=p, method="pav")).max()
+    return t_fwd, t_both, dev
+
+
 def numpy_table(shapes: list[tuple[int, int]], repeats: int, dykstra_repeats: int) -> list[str]:
     lines = [
         "| shape | operator | p | method | forward (ms) | forward / np.sort | fwd+VJP (ms) | fwd+VJP / np.sort "
@@ -66,16 +82,17 @@ def numpy_table(shapes: list[tuple[int, int]], repeats: int, dykstra_repeats: in
         u = rng.normal(size=shape).astype(np.float32)
         k = _k(shape)
         t_sort = best_time(lambda x=x: np.sort(x, axis=-1), repeats)
+        # PAV first, next to np.sort: the other methods' large temporaries change the state of
+        # the process's allocator, and with it the cost of fresh memory (docs/faq.md).
+        rows = {}
+        for method in ("pav", "threshold", "dykstra"):
+            for op in ("mask", "mag"):
+                for m, p in METHODS:
+                    if m == method:
+                        rows[op, m, p] = _method_row(x, u, k, op, m, p, repeats, dykstra_repeats)
         for op in ("mask", "mag"):
-            forward = getattr(tc, f"soft_topk_{op}")
-            with_res = getattr(tc, f"soft_topk_{op}_forward")
-            vjp = getattr(tc, f"{op}_vjp_from_residuals")
             for method, p in METHODS:
-                reps, warm = (dykstra_repeats, 0) if method == "dykstra" else (repeats, 1)
-                kw = dict(p=p, regularization_strength=STRENGTH, method=method)
-                t_fwd = best_time(partial(forward, x, k, **kw), reps, warmup=warm)
-                t_both = best_time(partial(_forward_vjp, with_res, vjp, x, k, u, kw), reps, warmup=warm)
-                dev = np.abs(forward(x, k, **kw).astype(np.float64) - forward(x, k, p=p, method="pav")).max()
+                t_fwd, t_both, dev = rows[op, method, p]
                 line = (
                     f"| {shape} | {op} | {p:.3g} | {method} | {t_fwd * 1e3:.1f} | {t_fwd / t_sort:.2f} "
                     f"| {t_both * 1e3:.1f} | {t_both / t_sort:.2f} | {dev:.1e} |"
