@@ -81,6 +81,12 @@ def depressed_cubic_root(pc: float, qc: float) -> float:
     return math.ldexp(_cardano(pcs, qcs), e)
 
 
+@nb.njit(cache=True, inline="always", error_model="numpy")
+def quadratic_fixed_point(s: float, lam: float) -> float:
+    """`mag_fixed_point` for q = 2 (p = 2): g(s - u) = (s - u) / l = u, branch-free."""
+    return s / (1.0 + lam) if s > 0.0 else 0.0
+
+
 @nb.njit(cache=True, error_model="numpy")
 def mag_fixed_point(s: float, lam: float, q: float) -> float:
     """Value u of a saturated magnitude entry: the root of g(s - u) = u in [0, s].
@@ -91,10 +97,10 @@ def mag_fixed_point(s: float, lam: float, q: float) -> float:
     of l appears for any strength.  Where u is far below s (any q), a few
     steps of the contracting iteration ``u = g(s - u)`` instead.
     """
+    if q == 2.0:
+        return quadratic_fixed_point(s, lam)
     if s <= 0.0:
         return 0.0
-    if q == 2.0:
-        return s / (1.0 + lam)
     u = g_scalar(s, lam, q)  # the value when it is far below s
     if u < 1e-6 * s:
         # u = g(s - u) as a fixed-point iteration that contracts by about (q - 1) u / s per step,
@@ -134,4 +140,11 @@ def mag_lower_bracket(s: float, lam: float, q: float, ref: float) -> float:
     The threshold lies above the fixed point of `s` (`mag_fixed_point`); taken
     relative to `ref` and moved out by the rounding of that subtraction.
     """
-    return mag_fixed_point(s, lam, q) - ref - 4.0 * np.finfo(np.float64).eps * abs(ref)
+    return lower_bracket_relative(mag_fixed_point(s, lam, q), ref)
+
+
+@nb.njit(cache=True, inline="always", error_model="numpy")
+def lower_bracket_relative(u: float, ref: float) -> float:
+    """A lower end of a threshold above the absolute value `u`, held relative to `ref` (moved out by the
+    rounding of the subtraction)."""
+    return u - ref - 4.0 * np.finfo(np.float64).eps * abs(ref)

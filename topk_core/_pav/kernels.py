@@ -59,16 +59,26 @@ def _key(keys, order, i, frame):
 # Values (a magnitude row's k-th key, the mask's strength) whose binary exponent lies outside
 # this range are brought near 1 by a power of two (see `_row_frame`).
 _EXPONENT_RANGE = 100
+_UNIT_LOW = 2.0 ** (-_EXPONENT_RANGE - 1)
+_UNIT_HIGH = 2.0 ** _EXPONENT_RANGE
 # A magnitude row's frame keeps its strength l c^(2-p) within this binary exponent (see `_row_frame`).
 _STRENGTH_EXPONENT_MAX = 1000
 
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
+def _in_unit_range(value):
+    """Whether the binary exponent of a finite `value` lies within +-_EXPONENT_RANGE (0 does): compares
+    only, so that loops over lanes vectorize (math.frexp's exponent e has 2^(e-1) <= |value| < 2^e)."""
+    magnitude = abs(value)
+    return (magnitude == 0.0) | ((magnitude >= _UNIT_LOW) & (magnitude < _UNIT_HIGH))
+
+
+@nb.njit(cache=True, inline="always", error_model="numpy")
 def _unit_scale(value):
     """1.0, or the power of two that brings `value` near 1 when its exponent is out of range."""
-    exponent = math.frexp(value)[1]  # 0 for value == 0
-    if abs(exponent) <= _EXPONENT_RANGE:
+    if _in_unit_range(value):
         return 1.0
+    exponent = math.frexp(value)[1]
     # At most 2^1000 either way: 2^-exponent overflows for denormal values.
     return math.ldexp(1.0, min(max(-exponent, -1000), 1000))
 
@@ -112,6 +122,15 @@ def _row_frame(kth_key, lam, q, is_mag):
     return (kth_key, 1.0, lam, kth_key)
 
 
+@nb.njit(cache=True, inline="always", error_model="numpy")
+def _quadratic_block_value(count: float, mean: float, wsum: float, lam: float, is_mag: bool, shift: float) -> float:
+    """`_closed_block_value` for q = 2 (p = 2), branch-free where `is_mag` is fixed."""
+    if is_mag:
+        # (value + shift) (n + l w) = n (mean + shift), written relative to the shift.
+        return (count * mean - lam * wsum * shift) / (count + lam * wsum)
+    return mean - lam * wsum / count
+
+
 @nb.njit(cache=True, error_model="numpy")
 def _closed_block_value(
     count: float, mean: float, m2: float, m3: float, wsum: float, lam: float, q: float, is_mag: bool, shift: float
@@ -122,10 +141,7 @@ def _closed_block_value(
     which only the magnitude's right-hand side ``wsum * (value + shift)`` reads.
     """
     if q == 2.0:
-        if is_mag:
-            # (value + shift) (n + l w) = n (mean + shift), written relative to the shift.
-            return (count * mean - lam * wsum * shift) / (count + lam * wsum)
-        return mean - lam * wsum / count
+        return _quadratic_block_value(count, mean, wsum, lam, is_mag, shift)
     # q == 4: sum (s - gamma)^3 = l^3 * rhs, with d = mean - gamma: M3 + 3 M2 d + n d^3 = l^3 rhs,
     # rhs = wsum (mask) or wsum (mean + shift - d) (magnitude).  In units of l (d = l e) no power
     # of l is formed: n e^3 + (3 M2 / l^2 [+ wsum l]) e + M3 / l^3 - wsum [(mean + shift)] = 0,

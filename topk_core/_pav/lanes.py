@@ -49,8 +49,8 @@ import math
 import numba as nb
 import numpy as np
 
-from ._scalar import mag_lower_bracket
-from .kernels import _closed_block_value, _compiled_pair, _unit_scale
+from ._scalar import lower_bracket_relative, quadratic_fixed_point
+from .kernels import _compiled_pair, _in_unit_range, _quadratic_block_value, _unit_scale
 
 # Rows processed side by side (one SIMD lane each).
 LANES = 64
@@ -183,7 +183,7 @@ def _step(t, ref, lam, q, k, is_mag, n_sat, n_free, s1, s2, s3):
             # sum_F (|x| - t) / (l t) = rest with t absolute, solved for t on these sets: PAV's
             # closed form of a block with |F| entries of mean s / |F| and `rest` unit weights.
             f = (s1 - n_free * t) / (lam * (ref + t)) - rest
-            root = _closed_block_value(n_free, s1 / n_free, 0.0, 0.0, rest, lam, 2.0, is_mag, ref)
+            root = _quadratic_block_value(n_free, s1 / n_free, rest, lam, is_mag, ref)
             return f, (root if n_free > 0.0 else math.nan)
         # Piecewise linear: the Newton step, exact once the sets are right.
         f = s1 - rest
@@ -202,6 +202,49 @@ def _step(t, ref, lam, q, k, is_mag, n_sat, n_free, s1, s2, s3):
         slope = 3.0 * s2 - 6.0 * d * s1 + 3.0 * n_free * d2 + (rest * lam if is_mag else 0.0)  # -h'
         d += h / slope
     return f, (t + lam * d if n_free > 0.0 else math.nan)
+
+
+@nb.njit(cache=True, error_model="numpy")
+def _start(state, ref, lows, gaps, lam, q, k, is_mag):
+    """Every lane's start from its k-th and (k+1)-th keys (`ref` on entry, `lows`): the frame, the
+    bracket and PAV's first block (p = 2; p = 4/3 solves its cubic in `_cubic_start`), or the
+    answer (no violator), or a hand-back.  Selects only, no branch: the compiler vectorizes it.
+
+    The first block is F = {s_(k), s_(k+1)} with |S| = k - 1 and one unit weight: its value
+    solves the equation on these sets, which a first pass that counts them confirms.
+    """
+    tau, lo, hi, active, prev_sat, prev_free = state[0], state[1], state[2], state[3], state[4], state[5]
+    inv = 1.0 / lam
+    for lane in range(LANES):
+        upper, below = ref[lane], lows[lane]
+        gap = below - upper  # keys relative to s_(k): the row's frame
+        gaps[lane] = gap
+        prev_sat[lane] = k - 1.0
+        prev_free[lane] = 2.0
+        hi[lane] = 0.0
+        if is_mag:
+            # t lies in (fixed point of s_(k+1), s_(k)); for p = 4/3 a lower bound of that fixed
+            # point comes from `_cubic_start`.
+            lo[lane] = lower_bracket_relative(quadratic_fixed_point(below, lam), upper) if q == 2.0 else -upper
+            start = _quadratic_block_value(2.0, 0.5 * gap, 1.0, lam, is_mag, upper) if q == 2.0 else 0.0
+            # No violator: s_(k) is saturated at t = s_(k+1), where the free set is empty (the
+            # selection kernel's rule; the threshold is not unique).  In absolute terms (ref = 0):
+            # relative to s_(k), t = s_(k) + (s_(k+1) - s_(k)) can round far from s_(k+1) when
+            # s_(k+1) << s_(k).
+            solved = _entry_sets(upper, below, inv, q, is_mag, below)[2]
+            ref[lane] = 0.0 if solved else upper
+            tau[lane] = below if solved else start
+            # At most k non-zero keys, or a rescaled frame: the selection kernel's.
+            handed_back = (below == 0.0) | ~_in_unit_range(upper)
+            active[lane] = -1.0 if handed_back else (0.0 if solved else 1.0)
+        else:
+            lo[lane] = gap - lam
+            start = _quadratic_block_value(2.0, 0.5 * gap, 1.0, lam, is_mag, 0.0) if q == 2.0 else 0.0
+            # No violator at the boundary: the top k are saturated at any tau in
+            # [s_(k+1), s_(k) - l]; the right end leaves the free set empty.
+            solved = -gap >= lam
+            tau[lane] = -lam if solved else start
+            active[lane] = 0.0 if solved else 1.0
 
 
 @nb.njit(cache=True, error_model="numpy")
@@ -334,13 +377,6 @@ def _levels(ref, tau, lam, is_mag, level):
 
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
-def _two_entry_block(x0, x1, lam, is_mag, shift):
-    # PAV's first block (the k-th and (k+1)-th keys, one unit weight, relative to `shift`): the
-    # usual answer, and the start of the iteration.
-    return _closed_block_value(2.0, 0.5 * (x0 + x1), 0.0, 0.0, 1.0, lam, 2.0, is_mag, shift)
-
-
-@nb.njit(cache=True, inline="always", error_model="numpy")
 def row_count(subset, batch):
     """How many rows a kernel solves: those `subset` names, or all `batch` when it is `EVERY_ROW`."""
     return subset.shape[0] if subset.shape[0] > 0 else batch
@@ -417,8 +453,9 @@ def lane_rows(keys, x, k, lam, q, is_mag, bounds, out, gprime, scale, free_signs
         # Per lane: tau, bracket lo and hi, active (1: iterating, 0: solved, -1: left to the
         # caller), and the set counts |S|, |F| the current tau was computed from.
         state = np.empty((6, LANES), dtype=np.float64)
-        tau, lo, hi, active, prev_sat, prev_free = state[0], state[1], state[2], state[3], state[4], state[5]
+        tau, active = state[0], state[3]
         ref = np.empty(LANES, dtype=np.float64)
+        lows = np.empty(LANES, dtype=np.float64)  # s_(k+1)
         level = np.empty(LANES, dtype=np.float64)
         rows = np.empty(LANES, dtype=np.int64)
         # The sweeps run in the keys' dtype: float32 sweeps take half the time of float64 ones.
@@ -442,44 +479,10 @@ def lane_rows(keys, x, k, lam, q, is_mag, bounds, out, gprime, scale, free_signs
                 sweep_order_statistics(columns, k, uppers, belows)
             for lane in range(LANES):
                 if bounds_inside:
-                    upper, below = float(uppers[lane]), float(belows[lane])
+                    ref[lane], lows[lane] = uppers[lane], belows[lane]
                 else:
-                    upper, below = bounds[rows[lane], 0], bounds[rows[lane], 1]
-                active[lane] = 1.0
-                # The start is PAV's first block: its value solves the equation on the sets
-                # |S| = k - 1, F = {s_(k), s_(k+1)}, which a first pass that counts them confirms.
-                prev_sat[lane] = k - 1.0
-                prev_free[lane] = 2.0
-                ref[lane] = upper  # the row's frame: keys relative to s_(k)
-                gap = below - upper
-                gaps[lane] = gap
-                if is_mag:
-                    # t lies in (fixed point of s_(k+1), s_(k)); for p = 4/3 a lower bound of that
-                    # fixed point comes below, for all lanes at once.
-                    lo[lane] = mag_lower_bracket(below, lam, q, upper) if q == 2.0 else -upper
-                    hi[lane] = 0.0
-                    # PAV's first block; p = 4/3 solves its cubic for all lanes at once (`_cubic_start`).
-                    tau[lane] = _two_entry_block(0.0, gap, lam, is_mag, upper) if q == 2.0 else 0.0
-                    if _entry_sets(upper, below, 1.0 / lam, q, is_mag, below)[2]:
-                        # No violator: s_(k) is saturated at t = s_(k+1), where the free set is
-                        # empty (the selection kernel's rule; the threshold is not unique).  In
-                        # absolute terms (ref = 0): relative to s_(k), t = s_(k) + (s_(k+1) - s_(k))
-                        # can round far from s_(k+1) when s_(k+1) << s_(k).
-                        ref[lane] = 0.0
-                        tau[lane] = below
-                        active[lane] = 0.0
-                    if below == 0.0 or _unit_scale(upper) != 1.0:
-                        # At most k non-zero keys, or a rescaled frame: the selection kernel's.
-                        active[lane] = -1.0
-                else:
-                    lo[lane] = gap - lam
-                    hi[lane] = 0.0
-                    tau[lane] = _two_entry_block(0.0, gap, lam, is_mag, 0.0) if q == 2.0 else 0.0
-                    if -gap >= lam:
-                        # No violator at the boundary: the top k are saturated at any tau in
-                        # [s_(k+1), s_(k) - l]; the right end leaves the free set empty.
-                        tau[lane] = -lam
-                        active[lane] = 0.0
+                    ref[lane], lows[lane] = bounds[rows[lane], 0], bounds[rows[lane], 1]
+            _start(state, ref, lows, gaps, lam, q, k, is_mag)
             if q != 2.0:
                 _cubic_start(state, ref, gaps, lam, is_mag)
             if is_mag:
