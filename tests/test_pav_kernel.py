@@ -227,3 +227,32 @@ def test_mask_for_p_above_2_resolves_an_entry_just_above_the_threshold():
     y2 = (1.0 - (3.0 - 5.96046448e-08) / 3.0) / 2.0
     np.testing.assert_allclose(y, [1.0 - y2, y2], rtol=1e-6, atol=0)
     assert abs(y.sum() - 1.0) <= 1e-15
+
+
+def test_unit_range_is_the_exponent_rule():
+    # The compare-only test the lanes vectorize (`_in_unit_range`) against the binary-exponent rule
+    # of `_unit_scale`, at and around the edges of the range, denormals and zero.
+    import math
+
+    from topk_core._pav import kernels
+
+    edges = [2.0**e for e in (-1074, -1022, -102, -101, -100, 0, 99, 100, 101, 1023)]
+    below, above = np.nextafter(1.0, 0.0), np.nextafter(1.0, 2.0)
+    values = [0.0, 1.0, 3.0] + [float(f * v) for v in edges for f in (1.0, below, above)]
+    for v in values + [-v for v in values]:
+        expected = abs(math.frexp(v)[1]) <= kernels._EXPONENT_RANGE
+        assert kernels._in_unit_range(v) == expected, v
+        assert (kernels._unit_scale(v) == 1.0) == expected, v
+
+
+@pytest.mark.parametrize("lam", [1e-8, 0.1, 3.0, 1e8])
+def test_quadratic_fixed_point_solves_its_equation(lam):
+    # p = 2: u = g(s - u) = (s - u) / l, and 0 for keys that are not positive.
+    from topk_core._pav import _scalar
+
+    for s in (1e-200, 1e-3, 1.0, 7.5, 1e300):
+        u = _scalar.quadratic_fixed_point(s, lam)
+        assert 0.0 <= u <= s
+        assert abs(u * (1.0 + lam) - s) <= 4 * np.finfo(float).eps * s  # (s - u) / l = u, without s - u
+    assert _scalar.quadratic_fixed_point(0.0, lam) == 0.0
+    assert _scalar.quadratic_fixed_point(-2.0, lam) == 0.0

@@ -57,8 +57,8 @@ LANES = 64
 # Rows up to this length take the lanes (p = 2 and 4/3): measured against the selection kernel
 # (the whole forward with the lanes on and off, rows handed back included; float32, k = n/8,
 # 4M entries, best of 21 runs; benchmarks/bench_lanes.py, table in docs/methods.md), the
-# lanes take 0.3-0.5x its time at n <= 24, 0.45-0.8x at 32-64, 0.65-0.85x at 80 (forward;
-# 0.8-1.0x with residuals), and 0.75-1.05x at 96, 0.9-1.3x with residuals (an Intel Xeon with
+# lanes take 0.3-0.6x its time at n <= 24, 0.55-0.8x at 32-64, 0.7-0.85x at 80 (forward;
+# 0.75-1.0x with residuals), and 0.8-1.05x at 96, 0.85-1.25x with residuals (an Intel Xeon with
 # AVX-512; an AMD EPYC measured 0.8-0.95x for p = 2 at 96).
 LANE_MAX_N = 80
 # Steps per row in the second lane solve before a row is handed to the selection kernel

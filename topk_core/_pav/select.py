@@ -23,7 +23,7 @@ harmless (PAV classifies it exactly), a misclassified entry would not be.
 
 `topk_rows_select` is also the driver of the two other CPU routes, which hand
 the rows they do not settle back to this kernel: many short rows with p = 2
-go to the lane solver (module `lanes`), and long rows with p = 2 or 4/3 to
+or 4/3 go to the lane solver (module `lanes`), and long rows with p = 2 or 4/3 to
 the sort-free iteration (module `sortfree`), which needs neither the order
 statistics nor an order of the candidates.
 """
@@ -490,7 +490,7 @@ def topk_rows_select(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs,
     the magnitude's `keys` may be None where `lane_route` holds: they are then
     taken from `x`, with no array of them unless a row needs the selection kernel), in
     O(n) per row plus a sort of the candidates (module docstring).  Many short
-    rows with p = 2 go to the lane solver (`lanes.lane_rows`), long rows with
+    rows with p = 2 or 4/3 go to the lane solver (`lanes.lane_rows`), long rows with
     p = 2 or 4/3 to the sort-free iteration (`sortfree_applies`); both hand
     the rows they do not settle back to this kernel.
     """
