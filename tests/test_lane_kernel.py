@@ -34,12 +34,10 @@ def q(request) -> float:
 
 @pytest.fixture
 def lane_calls(monkeypatch):
-    """Records the calls of the lane solver: (shape of the keys, number of rows named, 0: every row)."""
+    """Records the calls of the lane solver: (shape of the rows, number of rows named, 0: every row)."""
     calls = []
     original = select.lane_rows
-    monkeypatch.setattr(
-        select, "lane_rows", lambda keys, *a: calls.append((keys.shape, a[-1].shape[0])) or original(keys, *a)
-    )
+    monkeypatch.setattr(select, "lane_rows", lambda x, *a: calls.append((x.shape, a[-1].shape[0])) or original(x, *a))
     return calls
 
 
@@ -118,13 +116,12 @@ def test_a_subset_of_rows_is_solved_in_place_as_in_a_full_solve(rng, operator, q
     # The second lane solve of the driver: the rows named (any order, any count), and no other,
     # get the outputs, residuals and flags a solve of every row gives them, to the bit.
     x = rows_of_kind(rng, 200, 24, "ties", np.float64)
-    keys = np.abs(x) if operator == "mag" else x
     subset = rng.permutation(200)[:77]
     results = []
     for rows in (lanes.EVERY_ROW, subset):
         arrays = [np.full_like(a, 7) for a in fused_outputs(x, operator == "mag", True)]
         unresolved = np.zeros(200, np.bool_)
-        lanes.lane_rows.serial(keys, x, 3, 0.3, q, operator == "mag", np.empty((0, 2)), *arrays, unresolved, 1,
+        lanes.lane_rows.serial(x, 3, 0.3, q, operator == "mag", np.empty((0, 2)), *arrays, unresolved, 1,
                                lanes.MAX_PASSES, rows)
         results.append((*arrays, unresolved))
     untouched = np.setdiff1d(np.arange(200), subset)
@@ -138,7 +135,7 @@ def test_unsolved_rows_are_flagged(rng, q):
     keys = rng.normal(size=(100, 16))
     unresolved = np.zeros(100, dtype=np.bool_)
     bounds = select._row_bounds(keys, 3)
-    args = (keys, keys, 3, 1.0, q, False, bounds, *fused_outputs(keys, False, True))
+    args = (keys, 3, 1.0, q, False, bounds, *fused_outputs(keys, False, True))
     lanes.lane_rows.serial(*args, unresolved, 1, 0, lanes.EVERY_ROW)
     # With no step allowed, only the rows without a violator (a gap of at least l after
     # the k-th key, solved at the start) are solved.
@@ -200,7 +197,7 @@ def test_both_compiled_variants_agree(rng, operator, q):
     for variant, n_chunks in ((lanes.lane_rows.serial, 1), (lanes.lane_rows.parallel, 7)):
         arrays = fused_outputs(x, operator == "mag", True)  # the mask's scale, signs, offset are empty
         unresolved = np.empty(3000, np.bool_)
-        variant(keys, x, 4, 0.3, q, operator == "mag", bounds, *arrays, unresolved, n_chunks, lanes.MAX_PASSES,
+        variant(x, 4, 0.3, q, operator == "mag", bounds, *arrays, unresolved, n_chunks, lanes.MAX_PASSES,
                 lanes.EVERY_ROW)
         results.append((*arrays, unresolved))
     for a, b in zip(*results, strict=True):
@@ -219,7 +216,7 @@ def test_order_statistics_found_in_the_lanes_equal_given_ones(rng, operator, flo
             assert bounds.shape[0] in (0, batch)
             arrays = fused_outputs(x, operator == "mag", True)
             unresolved = np.empty(batch, np.bool_)
-            lanes.lane_rows.serial(keys, x, k, 0.3, q, operator == "mag", bounds, *arrays, unresolved, 1,
+            lanes.lane_rows.serial(x, k, 0.3, q, operator == "mag", bounds, *arrays, unresolved, 1,
                                    lanes.MAX_PASSES, lanes.EVERY_ROW)
             results.append((*arrays, unresolved))
         for a, b in zip(*results, strict=True):

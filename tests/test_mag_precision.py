@@ -79,7 +79,7 @@ def test_lane_solver_converges_on_ties_at_tiny_strengths(p, lam):
     k = 5
     outputs = fused_outputs(x, True, True)
     unresolved = np.ones(1, np.bool_)
-    lanes.lane_rows(np.abs(x), x, k, lam, p / (p - 1.0), True, np.empty((0, 2)), *outputs, unresolved, 1,
+    lanes.lane_rows(x, k, lam, p / (p - 1.0), True, np.empty((0, 2)), *outputs, unresolved, 1,
                     lanes.MAX_PASSES, lanes.EVERY_ROW)
     assert not unresolved[0]
     _assert_entrywise(outputs[0][0], _oracle(tuple(TIE_ROW), k, lam, p, 120)[0], 1e-13, "lanes")

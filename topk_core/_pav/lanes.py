@@ -425,12 +425,12 @@ def sweep_order_statistics(columns, k, uppers, belows):
             uppers[:] = belows
 
 
-def lane_rows(keys, x, k, lam, q, is_mag, bounds, out, gprime, scale, free_signs, offset, unresolved, n_chunks,
+def lane_rows(x, k, lam, q, is_mag, bounds, out, gprime, scale, free_signs, offset, unresolved, n_chunks,
               max_passes, subset):
-    """Solve rows of `keys` LANES at a time (module docstring); flag the rows left to the caller.
+    """Solve rows of `x` LANES at a time (module docstring); flag the rows left to the caller.
 
-    Arguments as in `select._select_rows` (q = 2 or 4; for the magnitude, `keys` may be x
-    itself, whose |.| the lanes take), with `bounds` the (batch, 2) k-th
+    Arguments as in `select._select_rows` (q = 2 or 4; no keys: the mask's are x, and the
+    magnitude's |x| the lanes take as they load x), with `bounds` the (batch, 2) k-th
     and (k+1)-th largest keys of every row (1 <= k < n), or empty: they are then
     found here, by `sweep_order_statistics` on the rows already in the lane
     layout (no second transposition; for small k only), `unresolved` a
@@ -439,7 +439,7 @@ def lane_rows(keys, x, k, lam, q, is_mag, bounds, out, gprime, scale, free_signs
     allowed per row, `subset` the indices of the rows to solve (in place), or empty for every
     row.
     """
-    batch, n = keys.shape
+    batch, n = x.shape
     with_residuals = gprime.shape[0] == batch and gprime.shape[1] == n
     bounds_inside = bounds.shape[0] != batch
     count = row_count(subset, batch)
@@ -458,16 +458,16 @@ def lane_rows(keys, x, k, lam, q, is_mag, bounds, out, gprime, scale, free_signs
         lows = np.empty(LANES, dtype=np.float64)  # s_(k+1)
         level = np.empty(LANES, dtype=np.float64)
         rows = np.empty(LANES, dtype=np.int64)
-        # The sweeps run in the keys' dtype: float32 sweeps take half the time of float64 ones.
-        columns = np.empty((n, LANES) if bounds_inside else (0, LANES), dtype=keys.dtype)
-        uppers = np.empty(LANES, dtype=keys.dtype)
-        belows = np.empty(LANES, dtype=keys.dtype)
+        # The sweeps run in the input's dtype: float32 sweeps take half the time of float64 ones.
+        columns = np.empty((n, LANES) if bounds_inside else (0, LANES), dtype=x.dtype)
+        uppers = np.empty(LANES, dtype=x.dtype)
+        belows = np.empty(LANES, dtype=x.dtype)
         for grp in range(c * groups // n_chunks, (c + 1) * groups // n_chunks):
             r0 = grp * LANES
             used = min(LANES, count - r0)
-            load_group(keys, r0, rows, z, subset)
+            load_group(x, r0, rows, z, subset)
             if is_mag:
-                # `keys` may be x itself (`select.topk_rows_select`): |.| costs nothing here.
+                # The keys |x|, with no array of them (`select.topk_rows_select`): |.| costs nothing here.
                 for j in range(n):
                     for lane in range(LANES):
                         z[j, lane] = abs(z[j, lane])

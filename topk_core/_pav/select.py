@@ -509,14 +509,13 @@ def topk_rows_select(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs,
         # already transposed; otherwise they come from np.sort.
         bounds = np.empty((0, 2)) if k + 1 <= LANE_TRACK_MAX else _row_bounds(keys, k)
         unresolved = np.empty(batch, dtype=np.bool_)
-        lane_keys = x if keys is None else keys
-        lane_rows(lane_keys, x, k, lam, q, is_mag, bounds, out, gprime, scale, free_signs, offset, unresolved,
+        lane_rows(x, k, lam, q, is_mag, bounds, out, gprime, scale, free_signs, offset, unresolved,
                   min(-(-batch // LANES), n_chunks), lane_passes(q, n, is_mag), EVERY_ROW)
         rows = np.flatnonzero(unresolved)
         if rows.size and lane_retry_passes(q):
             # The few rows left, gathered into full lane groups: more passes on them cost a
             # fraction of a pass over every group (most groups hold one of them).
-            lane_rows(lane_keys, x, k, lam, q, is_mag, bounds, out, gprime, scale, free_signs, offset, unresolved,
+            lane_rows(x, k, lam, q, is_mag, bounds, out, gprime, scale, free_signs, offset, unresolved,
                       min(-(-rows.size // LANES), n_chunks), lane_retry_passes(q), rows)
             rows = rows[unresolved[rows]]
         if rows.size:
