@@ -74,6 +74,15 @@ def _in_unit_range(value):
 
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
+def far_below(value, ref):
+    """Whether a magnitude's absolute threshold `value` lies so far below the key `ref` it is held
+    relative to (below half of it) that it is solved in absolute terms instead: relative to `ref` it
+    is known to eps ref only, too coarse to tell the entries near it apart.  The rule of both
+    `_pooled_block` and the lane solver (`lanes._absolute_frame`)."""
+    return value < 0.5 * ref
+
+
+@nb.njit(cache=True, inline="always", error_model="numpy")
 def _unit_scale(value):
     """1.0, or the power of two that brings `value` near 1 when its exponent is out of range."""
     if _in_unit_range(value):
@@ -371,7 +380,7 @@ def _pooled_block(keys, order, lo, hi, kk, lam, q, is_mag, closed):
         a, b, gamma = _pool_closed(keys, order, lo, hi, kk, lam_r, q, is_mag, frame)
         return a, b, gamma, frame
     a, b, gamma = _pool_rootfind(keys, order, lo, hi, kk, lam_r, q, is_mag, frame, False)
-    if is_mag and gamma + frame[3] < 0.5 * frame[3]:
+    if is_mag and far_below(gamma + frame[3], frame[3]):
         # The magnitude's value far below the key it is held relative to (with q < 2 the block's
         # free entries can sit hundreds of orders above it, their outputs ~x): relative to that
         # key it is known to eps times the key only, too coarse to tell which entries lie above

@@ -50,7 +50,7 @@ import numba as nb
 import numpy as np
 
 from ._scalar import lower_bracket_relative, quadratic_fixed_point
-from .kernels import _compiled_pair, _in_unit_range, _quadratic_block_value, _unit_scale
+from .kernels import _compiled_pair, _in_unit_range, _quadratic_block_value, _unit_scale, far_below
 
 # Rows processed side by side (one SIMD lane each).
 LANES = 64
@@ -296,7 +296,7 @@ def _cubic_start(state, ref, gaps, lam, is_mag):
 
 @nb.njit(cache=True, error_model="numpy")
 def _absolute_frame(state, ref):
-    """Magnitude lanes whose start lies below half their `ref` go on in absolute terms (ref = 0).
+    """Magnitude lanes whose start lies far below their `ref` (`kernels.far_below`) go on in absolute terms (ref = 0).
 
     Held relative to ref = s_(k), the threshold is known to eps ref only, and
     so is the saturation level t = ref + tau it sets: far below s_(k) (strengths
@@ -305,7 +305,7 @@ def _absolute_frame(state, ref):
     far apart and the absolute frame does not cancel.
     """
     for lane in range(LANES):
-        far = (ref[lane] + state[0, lane] < 0.5 * ref[lane]) & (state[3, lane] == 1.0)  # iterating lanes only
+        far = far_below(ref[lane] + state[0, lane], ref[lane]) & (state[3, lane] == 1.0)  # iterating lanes only
         shift = ref[lane] if far else 0.0
         for i in range(3):  # the threshold and its bracket
             state[i, lane] += shift
