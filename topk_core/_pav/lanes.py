@@ -1,7 +1,7 @@
 """Many short rows solved side by side, one SIMD lane per row: the CPU fast path for p = 2 and 4/3.
 
-For rows of at most `LANE_MAX_N` entries
-entries, the per-row work of the selection kernel (classification, ordering
+For rows of at most `LANE_MAX_N` entries, the per-row work of the
+selection kernel (classification, ordering
 of the candidates, pooled block) is scalar code whose branches depend on the
 data, and costs more than a vectorized sort of the row.  Here `LANES` rows
 are transposed at a time, so that every step works on one entry of `LANES`
