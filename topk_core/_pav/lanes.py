@@ -346,10 +346,11 @@ def _update(state, acc, ref, lam, q, k, is_mag):
 
 
 @nb.njit(cache=True, error_model="numpy")
-def _lane_outputs(z, tau, level, lam, q, is_mag, ybuf, gbuf, with_residuals):
-    """Outputs and g' of a group at its thresholds, in the lane layout (vectorized).
+def _lane_outputs(z, tau, level, lam, q, is_mag, gbuf, with_residuals):
+    """Outputs and g' of a group at its thresholds, in the lane layout (vectorized), in place of the keys
+    `z` (no second buffer of the group's size: rows of 64 then keep within the L1 cache).
 
-    ybuf: the mask's value, or the magnitude's |value| on F (> 0), -1 on A (whose
+    z: the mask's value, or the magnitude's |value| on F (> 0), -1 on A (whose
     output is x itself) and 0 elsewhere, which tells the magnitude's sets apart;
     gbuf: g' on F (1 / l, or 3 e^2 / l for p = 4/3), else 0 (written only `with_residuals`).
     """
@@ -362,9 +363,9 @@ def _lane_outputs(z, tau, level, lam, q, is_mag, ybuf, gbuf, with_residuals):
             gp = inv if q == 2.0 else 3.0 * e * e * inv
             if is_mag:
                 # On F, a - t > 0 (e > 0): the value is positive.
-                ybuf[j, lane] = -1.0 if sat else (g + (a - t) if free else 0.0)
+                z[j, lane] = -1.0 if sat else (g + (a - t) if free else 0.0)
             else:
-                ybuf[j, lane] = 1.0 if sat else (g if free else 0.0)
+                z[j, lane] = 1.0 if sat else (g if free else 0.0)
             if with_residuals:
                 gbuf[j, lane] = gp if free else 0.0
 
@@ -446,7 +447,6 @@ def lane_rows(x, k, lam, q, is_mag, bounds, out, gprime, scale, free_signs, offs
     groups = -(-count // LANES)
     for c in nb.prange(n_chunks):
         z = np.empty((n, LANES), dtype=np.float64)
-        ybuf = np.empty((n, LANES), dtype=np.float64)
         gbuf = np.empty((n, LANES), dtype=np.float64)
         acc = np.empty((5, LANES), dtype=np.float64)  # rows: see `_pass` (p = 2 leaves the last two 0)
         gaps = np.empty(LANES, dtype=np.float64)  # s_(k+1) - s_(k)
@@ -497,7 +497,7 @@ def lane_rows(x, k, lam, q, is_mag, bounds, out, gprime, scale, free_signs, offs
                 if remaining == 0:
                     break
             _levels(ref, tau, lam, is_mag, level)
-            _lane_outputs(z, tau, level, lam, q, is_mag, ybuf, gbuf, with_residuals)
+            _lane_outputs(z, tau, level, lam, q, is_mag, gbuf, with_residuals)  # z: the outputs now
             for lane in range(used):
                 unresolved[rows[lane]] = active[lane] != 0.0
             # Back to input order, a row at a time (unresolved rows too: the caller overwrites them).
@@ -508,14 +508,14 @@ def lane_rows(x, k, lam, q, is_mag, bounds, out, gprime, scale, free_signs, offs
                     # with x's sign, scale 1 + g'); +0 and no residual elsewhere.  The sign is taken
                     # before the selects, which the compiler then vectorizes.
                     for j in range(n):
-                        m = ybuf[j, lane]
+                        m = z[j, lane]
                         xj = x[r, j]
                         signed = math.copysign(m, xj)
                         out[r, j] = xj if m < 0.0 else (signed if m > 0.0 else 0.0)
                     if with_residuals:
                         n_kept = 0
                         for j in range(n):
-                            m = ybuf[j, lane]
+                            m = z[j, lane]
                             gp = gbuf[j, lane]
                             gprime[r, j] = gp
                             scale[r, j] = 1.0 + gp if m > 0.0 else (1.0 if m < 0.0 else 0.0)
@@ -524,7 +524,7 @@ def lane_rows(x, k, lam, q, is_mag, bounds, out, gprime, scale, free_signs, offs
                         offset[r] = k - n_kept
                 else:
                     for j in range(n):
-                        out[r, j] = ybuf[j, lane]
+                        out[r, j] = z[j, lane]
                         if with_residuals:
                             gprime[r, j] = gbuf[j, lane]
 
