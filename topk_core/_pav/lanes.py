@@ -1,12 +1,12 @@
 """Many short rows solved side by side, one SIMD lane per row: the CPU fast path for p = 2 and 4/3.
 
-For rows of at most `LANE_MAX_N` entries, the per-row work of the
-selection kernel (classification, ordering
-of the candidates, pooled block) is scalar code whose branches depend on the
-data, and costs more than a vectorized sort of the row.  Here `LANES` rows
-are transposed at a time, so that every step works on one entry of `LANES`
-rows at once, and each row's threshold (spec section 5) is found by
-iterating on its sets (``e = (key - threshold) / l``, ``g = e^(q - 1)``):
+For rows of at most `LANE_MAX_N` entries, the per-row work of the selection
+kernel (classification, ordering of the candidates, pooled block) is scalar
+code whose branches depend on the data, and costs more than a vectorized sort
+of the row.  Here `LANES` rows are transposed at a time, so that every step
+works on one entry of `LANES` rows at once, and each row's threshold (spec
+section 5) is found by iterating on its sets (``e = (key - threshold) / l``,
+``g = e^(q - 1)``):
 
 * mask: ``S = {e >= 1}``, ``F = {0 < e < 1}`` and ``|S| + sum_F g = k``;
 * magnitude: ``A = {g >= t}``, ``F = {e > 0, g < t}`` and
@@ -222,11 +222,13 @@ def _start(state, ref, lows, gaps, lam, q, k, is_mag):
         prev_sat[lane] = k - 1.0
         prev_free[lane] = 2.0
         hi[lane] = 0.0
+        # p = 2: the first block's closed form (only the magnitude's reads the absolute frame,
+        # `upper`); p = 4/3 solves its cubic in `_cubic_start`.
+        start = _quadratic_block_value(2.0, 0.5 * gap, 1.0, lam, is_mag, upper) if q == 2.0 else 0.0
         if is_mag:
             # t lies in (fixed point of s_(k+1), s_(k)); for p = 4/3 a lower bound of that fixed
             # point comes from `_cubic_start`.
             lo[lane] = lower_bracket_relative(quadratic_fixed_point(below, lam), upper) if q == 2.0 else -upper
-            start = _quadratic_block_value(2.0, 0.5 * gap, 1.0, lam, is_mag, upper) if q == 2.0 else 0.0
             # No violator: s_(k) is saturated at t = s_(k+1), where the free set is empty (the
             # selection kernel's rule; the threshold is not unique).  In absolute terms (ref = 0):
             # relative to s_(k), t = s_(k) + (s_(k+1) - s_(k)) can round far from s_(k+1) when
@@ -239,7 +241,6 @@ def _start(state, ref, lows, gaps, lam, q, k, is_mag):
             active[lane] = -1.0 if handed_back else (0.0 if solved else 1.0)
         else:
             lo[lane] = gap - lam
-            start = _quadratic_block_value(2.0, 0.5 * gap, 1.0, lam, is_mag, 0.0) if q == 2.0 else 0.0
             # No violator at the boundary: the top k are saturated at any tau in
             # [s_(k+1), s_(k) - l]; the right end leaves the free set empty.
             solved = -gap >= lam
@@ -324,8 +325,9 @@ def _update(state, acc, ref, lam, q, k, is_mag):
         active = state[3, lane] == 1.0
         n_sat, n_free = acc[0, lane], acc[1, lane]
         f, nxt = _step(t, ref[lane], lam, q, k, is_mag, n_sat, n_free, acc[2, lane], acc[3, lane], acc[4, lane])
-        # The scale of the step's rounding.  p = 4/3 steps are not exact on their sets, so their
-        # tolerance must resolve e = (key - t) / l: it scales with l, never with the keys alone.
+        # The scale of the step's rounding.  p = 4/3 steps come from Newton steps on the cubic of
+        # e = (key - t) / l, exact to its rounding only: their tolerance scales with l, never with
+        # the keys alone.
         size = ref[lane] + t if is_mag and q == 2.0 else abs(t) + lam
         lo = t if active & (f > 0.0) else lo
         hi = t if active & (f < 0.0) else hi
