@@ -37,8 +37,8 @@ def spanning_row(seed: int, span: float, n: int, centre: float = 0.0) -> np.ndar
 
 
 def tiny_keys_limit(p: float) -> object:
-    """The (p, span, centre) case of `spanning_row` rows of keys near 1e-250 that no method solves for p < 2,
-    as a strict xfail (docs/methods.md, known limits)."""
+    """The (p, span, centre) case of `spanning_row` rows of keys near 1e-250 that the threshold method does
+    not solve for p < 2, as a strict xfail (docs/methods.md, known limits; PAV solves them)."""
     return pytest.param(p, 20, -250, marks=pytest.mark.xfail(
-        strict=True, reason="known limit: p < 2 on rows of keys ~1e-250: the threshold lies ~1e-470 below the "
-        "keys, out of the float range of any frame scaled to a key (docs/methods.md)"))
+        strict=True, reason="known limit of the threshold method: p < 2 on rows of keys ~1e-250, whose threshold "
+        "lies ~1e-470 below the keys, out of the float range of any frame scaled to a key (docs/methods.md)"))

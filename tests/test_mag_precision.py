@@ -24,7 +24,7 @@ from topk_core._pav import lanes
 from topk_core._pav.kernels import fused_outputs
 
 from ._oracles import assert_within_input_rounding, mag_vjp_from_parts, mp_threshold_mag_parts
-from ._rows import spanning_row, tiny_keys_limit
+from ._rows import spanning_row
 
 TIE_ROW = np.array([3.0, -3.0, 2.0, 2.0, -2.0, 2.0, 1.0, 0.5, 0.25])
 P_VALUES = [1.25, 4.0 / 3.0, 1.5, 2.0, 3.0]
@@ -126,7 +126,7 @@ def test_rows_spanning_hundreds_of_orders(p, small, digits):
     + [(p, 300, 0) for p in (1.25, 1.5, 3.0, 6.0, 20.0)] + [(3.0, 100, 0), (6.0, 200, 0)]
     # Rows of huge or tiny keys: the frames of large p (strength l c^(2-p)) overflowed, PAV returned zeros.
     + [(20.0, 20, 250), (6.0, 80, 200), (2.0, 20, -250), (3.0, 20, -250), (6.0, 80, -200),
-       tiny_keys_limit(4.0 / 3.0)],
+       (4.0 / 3.0, 20, -250), (1.25, 20, -250)],
 )
 def test_random_rows_spanning_many_orders(p, span, centre):
     # Rows of 16: the lane solver's (p = 2, 4/3) or the selection kernel's.  With s_(k+1) far below

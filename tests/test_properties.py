@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -85,6 +86,18 @@ def test_magnitude_never_grows_an_entry_when_the_block_value_underflows():
     x = np.array([5e-324] + [1.26818288e-113] * 20)
     y = tk.soft_topk_mag(x, 3, regularization_strength=84.125, p=4.0 / 3.0)
     assert np.all(np.abs(y) <= np.abs(x) * (1 + 1e-12) + 1e-300)
+
+
+@pytest.mark.parametrize("ones", [14, 100])  # a row of the lane solver, and one of the selection kernel
+def test_magnitude_keeps_a_key_far_below_the_reference_to_its_own_digits(ones):
+    # Found by the property below: with p = 4/3 (closed-form cubic), the pooled block of keys
+    # 7.9e-209 (the k-th) and 8.8e-218 was solved relative to the k-th key, where the smaller
+    # one kept only 7 digits: its output came back 3e-7 times larger than |x|.  Its threshold
+    # lies ~1e-625, so both outputs are x to float64 precision.
+    x = np.concatenate([np.ones(ones), [7.8784449e-209, -8.8390559e-218]])
+    for batch in (x, np.tile(x, (70, 1))):
+        y = tk.soft_topk_mag(batch, ones + 1, regularization_strength=1.0, p=4.0 / 3.0, method="pav")
+        np.testing.assert_array_equal(y, batch)
 
 
 @SETTINGS

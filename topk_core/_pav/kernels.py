@@ -378,19 +378,25 @@ def _pooled_block(keys, order, lo, hi, kk, lam, q, is_mag, closed):
         return lo, lo, 0.0, frame
     if closed:
         a, b, gamma = _pool_closed(keys, order, lo, hi, kk, lam_r, q, is_mag, frame)
-        return a, b, gamma, frame
-    a, b, gamma = _pool_rootfind(keys, order, lo, hi, kk, lam_r, q, is_mag, frame, False)
+    else:
+        a, b, gamma = _pool_rootfind(keys, order, lo, hi, kk, lam_r, q, is_mag, frame, False)
     if is_mag and far_below(gamma + frame[3], frame[3]):
         # The magnitude's value far below the key it is held relative to (with q < 2 the block's
-        # free entries can sit hundreds of orders above it, their outputs ~x): relative to that
-        # key it is known to eps times the key only, too coarse to tell which entries lie above
-        # it.  Solve again in absolute terms (same scale), where it keeps its own digits.
+        # free entries can sit hundreds of orders above it, their outputs ~x; with q = 4 a key
+        # 1e-9 times the reference kept only 7 digits in s - ref, and its output came back above
+        # |x|): relative to that key it is known to eps times the key only, too coarse to tell
+        # the entries near it apart.  Solve again in absolute terms (same scale), where it keeps
+        # its own digits.
         frame = (0.0, frame[1], frame[2], 0.0)
-        a, b, gamma = _pool_rootfind(keys, order, lo, hi, kk, frame[2], q, is_mag, frame, True)
+        if closed:
+            a, b, gamma = _pool_closed(keys, order, lo, hi, kk, frame[2], q, is_mag, frame)
+        else:
+            a, b, gamma = _pool_rootfind(keys, order, lo, hi, kk, frame[2], q, is_mag, frame, True)
     # For q < 2 (p > 2) g is infinitely steep at 0, so the block's smallest entry needs its
     # u = s - value to full relative precision (an error of eps * |s| in u would put an error
     # of (eps |s| / l)^(q-1) into y): solve again relative to that key, where that helps (for
     # the magnitude, a key within a factor 2 of the value; one far above it has u ~ s).
+    # (q < 2 is never `closed`.)
     near = not is_mag or float(keys[order[b - 1]]) * frame[1] <= 2.0 * (gamma + frame[3])
     if q < 2.0 and b - 1 > lo + kk - 1 and near:
         frame = _row_frame(float(keys[order[b - 1]]), lam, q, is_mag)
