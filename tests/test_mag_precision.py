@@ -143,6 +143,38 @@ def test_random_rows_spanning_many_orders(p, span, centre):
             assert_within_input_rounding(y, expected, x, f"{label}, seed {seed}")
 
 
+# Found by a randomized search against the oracle: five keys ~1e-31 and the rest far below, k = 1,
+# l = 0.4, p = 4/3.  The threshold lies near 1e-89.  The lane solver's start rounded it to 0, where
+# every non-zero key counts as saturated; f = 0 on the empty free set passed for the non-unique
+# case and every entry came back x (entries ~1e-100 instead of 0).  With 16 passes the lanes
+# settled on a threshold of -1e-45 within a tolerance that scales with l.  The selection kernel's
+# closed-form block, re-solved in absolute terms, cancelled in mean - d and returned x for the
+# free entry at 3e-79.  Now the lanes hand the row back and that block is found by root finding.
+UNDERFLOWING_START_ROW = (
+    -6.091785945711816e-156, -1.2765319533309024e-108, -3.0744679496698384e-31, 7.477365993666829e-31,
+    -5.521605055048139e-31, -1.5368814175035882e-104, -3.210749826466042e-79, 1.0716291037983793e-96,
+    7.64336798234531e-31, 4.82667132474957e-31, 3.198362362689387e-124, 1.6126507934516472e-93,
+)
+
+
+def test_a_threshold_far_below_the_keys_that_the_lane_start_rounds_to_zero():
+    x = np.array(UNDERFLOWING_START_ROW)
+    lam, p = 0.4038694106227086, 4.0 / 3.0
+    expected = _oracle(UNDERFLOWING_START_ROW, 1, lam, p, 200)[0]
+    assert np.count_nonzero(expected) == 6  # five keys ~1e-31 and one free entry at 3e-79
+    routes = _routes(x, 1, lam, p)
+    routes["lane groups"] = tk.soft_topk_mag(np.tile(x, (70, 1)), 1, p=p, regularization_strength=lam)[69]
+    for label, y in routes.items():
+        assert_within_input_rounding(y, expected, x, label)
+    # The lane solver alone: solved exactly, or handed back (then the selection kernel's).
+    out, gprime, scale, free_signs, offset = fused_outputs(x[None], True, False)
+    unresolved = np.empty(1, dtype=bool)
+    lanes.lane_rows(x[None], 1, lam, 4.0, True, np.empty((0, 2)), out, gprime, scale, free_signs, offset,
+                    unresolved, 1, lanes.MAX_PASSES, lanes.EVERY_ROW)
+    if not unresolved[0]:
+        assert_within_input_rounding(out[0], expected, x, "lanes")
+
+
 @pytest.mark.parametrize("p", P_VALUES, ids=P_IDS)
 def test_float32_ties_at_a_tiny_strength(p):
     x = np.tile(TIE_ROW, 2).astype(np.float32)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -14,7 +16,8 @@ finite = st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False, width=64)
 rows = st.integers(1, 24).flatmap(lambda n: arrays(np.float64, n, elements=finite))
 strengths = st.floats(1e-3, 1e2)
 exponents = st.sampled_from([1.25, 4.0 / 3.0, 1.5, 2.0, 3.0])
-SETTINGS = settings(max_examples=60, deadline=None)
+# TOPK_HYPOTHESIS_EXAMPLES=2000 for a longer search (the CI's run draws 60 new examples each time).
+SETTINGS = settings(max_examples=int(os.environ.get("TOPK_HYPOTHESIS_EXAMPLES", "60")), deadline=None)
 
 
 @SETTINGS

@@ -386,12 +386,10 @@ def _pooled_block(keys, order, lo, hi, kk, lam, q, is_mag, closed):
         # 1e-9 times the reference kept only 7 digits in s - ref, and its output came back above
         # |x|): relative to that key it is known to eps times the key only, too coarse to tell
         # the entries near it apart.  Solve again in absolute terms (same scale), where it keeps
-        # its own digits.
+        # its own digits, by root finding for every q: the closed form's value, mean - d, cancels
+        # there (a threshold of 1e-89 below keys ~1e-31 came out 0).
         frame = (0.0, frame[1], frame[2], 0.0)
-        if closed:
-            a, b, gamma = _pool_closed(keys, order, lo, hi, kk, frame[2], q, is_mag, frame)
-        else:
-            a, b, gamma = _pool_rootfind(keys, order, lo, hi, kk, frame[2], q, is_mag, frame, True)
+        a, b, gamma = _pool_rootfind(keys, order, lo, hi, kk, frame[2], q, is_mag, frame, True)
     # For q < 2 (p > 2) g is infinitely steep at 0, so the block's smallest entry needs its
     # u = s - value to full relative precision (an error of eps * |s| in u would put an error
     # of (eps |s| / l)^(q-1) into y): solve again relative to that key, where that helps (for
