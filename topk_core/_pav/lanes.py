@@ -39,8 +39,9 @@ solve of the rows left, gathered into full groups of their own
 over every group until all have converged.
 
 Rows not solved within their passes, and rows that need what the lanes do
-not do (a rescaled frame, a magnitude row with at most k non-zero keys), are
-flagged and solved again by the selection kernel.
+not do (a rescaled frame, a magnitude row with at most k non-zero keys, a
+magnitude threshold far below the keys that the lanes' frame does not
+resolve), are flagged and solved again by the selection kernel.
 """
 from __future__ import annotations
 
