@@ -115,6 +115,23 @@ def test_mask_with_a_dominant_entry_keeps_the_precision_of_the_small_keys(backen
     np.testing.assert_allclose(backend.back(y32).sum(-1), 8.0, rtol=1e-4)
 
 
+def test_float32_mask_of_tied_keys_that_the_strength_cannot_resolve_in_the_absolute_frame(backend):
+    # Found by a randomized search: float32 keys j * 1.2497e7 (j = -3..3, tied in groups) with
+    # l = 1.4e-4, k = 114.  Near the threshold adjacent float32 numbers are 1 apart, so sum(y)
+    # jumps from 109 to 130 between them; the solve in the absolute frame returned its point of
+    # smallest miss, at -42, outside its bracket, and the reference key taken nearest to it was
+    # the wrong group: sum(y) came back 109.  The reference now comes from the bracket.
+    counts = [25, 27, 21, 28, 34, 21, 26]
+    x = np.repeat(np.arange(-3.0, 4.0) * 12497099.37481811, counts).astype(np.float32)
+    x = np.random.default_rng(0).permutation(x)[None]
+    lam = 1.3970412145102766e-4
+    y, _ = FORWARD["mask"](backend.to(x), 114, method="threshold", p=3.0, regularization_strength=lam)
+    y = backend.back(y)
+    want, _ = _pav("mask", x.astype(np.float64), 114, p=3.0, regularization_strength=lam)
+    np.testing.assert_allclose(y, want, rtol=0, atol=1e-6)
+    assert abs(float(y.sum()) - 114.0) <= 1e-4
+
+
 @pytest.mark.parametrize("p", [4.0 / 3.0, 2.0, 3.0], ids=["p=4/3", "p=2", "p=3"])
 @pytest.mark.parametrize(("dtype", "spans"), [(np.float64, (20, 50, 300)), (np.float32, (8, 15))])
 def test_mask_rows_spanning_many_orders(backend, p, dtype, spans):

@@ -364,6 +364,10 @@ def _mask_recentre(
         evaluate, (xa, lam_r, kkf), lo_a, hi_a, again, ftol, rtol, lam_r, ulps, exact_pieces, iters, xp, loop,
         start=xp.clip(anchor + top * c, lo_a, hi_a),
     )
+    # Its point of smallest miss too can lie outside its final bracket, far from the root: where
+    # the keys near the threshold are tied within their own rounding (float32 keys ~1e7 with
+    # l ~ 1e-4), sum(y) jumps past k between adjacent floats and no point comes close.
+    tau_a = xp.minimum(xp.maximum(tau_a, lo_a), hi_a)
     # The reference is the key nearest to that threshold: a data value, so it carries no rounding
     # error of its own, and the keys near the threshold are small next to it.
     dist = xp.where(fin, xp.abs(keys - tau_a), xp.inf)
