@@ -175,6 +175,22 @@ def test_a_threshold_far_below_the_keys_that_the_lane_start_rounds_to_zero():
         assert_within_input_rounding(out[0], expected, x, "lanes")
 
 
+def test_a_left_neighbour_far_above_a_block_of_ties_far_below_stays_saturated():
+    # Found by the property test of the routes: ties at 7.5e-35 hold the last unit weight
+    # (k = 4, l = 1, p = 4/3), so their value is ~1e-102 (their outputs ~x).  Solved relative to
+    # the ties, it rounded to 1e-16 times them, above g of the entry 7.5e-18, which the closed-form
+    # block then took in as free, and then the whole row: the ties came back 0 (sum(y) = 3) and
+    # 7.5e-18 lost 11 digits.
+    row = (7.5e-13, 7.499999999999999e-18, 7.5e-11, 7.5e-35, 7.5e-35, 7.5e-35)
+    x = np.array(row)
+    expected = _oracle(row, 4, 1.0, 4.0 / 3.0, 300)[0]
+    np.testing.assert_array_equal(expected, x)
+    routes = _routes(x, 4, 1.0, 4.0 / 3.0)
+    routes["lane groups"] = tk.soft_topk_mag(np.tile(x, (70, 1)), 4, p=4.0 / 3.0, regularization_strength=1.0)[69]
+    for label, y in routes.items():
+        assert_within_input_rounding(y, expected, x, label)
+
+
 @pytest.mark.parametrize("p", P_VALUES, ids=P_IDS)
 def test_float32_ties_at_a_tiny_strength(p):
     x = np.tile(TIE_ROW, 2).astype(np.float32)

@@ -217,6 +217,12 @@ def _pool_closed(keys, order, lo, hi, kk, lam, q, is_mag, frame):
             if is_mag:
                 if math.isnan(gamma):
                     gamma = _closed_block_value(count, mean, m2, m3, wsum, lam, q, is_mag, shift)
+                if shift != 0.0 and far_below(gamma + shift, shift):
+                    # Known to eps * shift only, the value cannot tell a saturated left neighbour
+                    # from a free one (keys 7.5e-18 next to ties at 7.5e-35 whose value is ~1e-102:
+                    # the value rounded to 1e-16 times the ties, and the block took the whole
+                    # row).  `_pooled_block` solves this block again in absolute terms.
+                    return a, b, gamma
                 absorb_left = not _saturated(left, gamma, lam, q, is_mag, shift)
             else:
                 # The mask's left neighbour is saturated iff left - l >= gamma.
