@@ -36,12 +36,15 @@ def _oracle(row: tuple, k: int, lam: float, p: float, digits: int):
     return mp_threshold_mag_parts(np.array(row), k, lam, p, digits)
 
 
-def _routes(x: np.ndarray, k: int, lam: float, p: float) -> dict[str, np.ndarray]:
-    """Outputs of the row `x` on the fused route its shape selects, and on the full-sort route."""
-    fused = tk.soft_topk_mag(x[None], k, p=p, regularization_strength=lam)[0]
+def _routes(x: np.ndarray, k: int, lam: float, p: float, lane_groups: bool = False) -> dict[str, np.ndarray]:
+    """Outputs of the row `x` on the fused route its shape selects, and on the full-sort route;
+    with `lane_groups`, also as the last of 70 copies (a full lane group and a partial one)."""
+    routes = {"fused": tk.soft_topk_mag(x[None], k, p=p, regularization_strength=lam)[0]}
     with_nan = np.stack([x, np.full_like(x, np.nan)])
-    full_sort = tk.soft_topk_mag(with_nan, k, p=p, regularization_strength=lam)[0]
-    return {"fused": fused, "full sort": full_sort}
+    routes["full sort"] = tk.soft_topk_mag(with_nan, k, p=p, regularization_strength=lam)[0]
+    if lane_groups:
+        routes["lane groups"] = tk.soft_topk_mag(np.tile(x, (70, 1)), k, p=p, regularization_strength=lam)[69]
+    return routes
 
 
 def _assert_entrywise(y: np.ndarray, expected: np.ndarray, rtol: float, label: str) -> None:
@@ -162,9 +165,7 @@ def test_a_threshold_far_below_the_keys_that_the_lane_start_rounds_to_zero():
     lam, p = 0.4038694106227086, 4.0 / 3.0
     expected = _oracle(UNDERFLOWING_START_ROW, 1, lam, p, 200)[0]
     assert np.count_nonzero(expected) == 6  # five keys ~1e-31 and one free entry at 3e-79
-    routes = _routes(x, 1, lam, p)
-    routes["lane groups"] = tk.soft_topk_mag(np.tile(x, (70, 1)), 1, p=p, regularization_strength=lam)[69]
-    for label, y in routes.items():
+    for label, y in _routes(x, 1, lam, p, lane_groups=True).items():
         assert_within_input_rounding(y, expected, x, label)
     # The lane solver alone: solved exactly, or handed back (then the selection kernel's).
     out, gprime, scale, free_signs, offset = fused_outputs(x[None], True, False)
@@ -185,9 +186,7 @@ def test_a_left_neighbour_far_above_a_block_of_ties_far_below_stays_saturated():
     x = np.array(row)
     expected = _oracle(row, 4, 1.0, 4.0 / 3.0, 300)[0]
     np.testing.assert_array_equal(expected, x)
-    routes = _routes(x, 4, 1.0, 4.0 / 3.0)
-    routes["lane groups"] = tk.soft_topk_mag(np.tile(x, (70, 1)), 4, p=4.0 / 3.0, regularization_strength=1.0)[69]
-    for label, y in routes.items():
+    for label, y in _routes(x, 4, 1.0, 4.0 / 3.0, lane_groups=True).items():
         assert_within_input_rounding(y, expected, x, label)
 
 

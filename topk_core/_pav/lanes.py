@@ -315,20 +315,6 @@ def _absolute_frame(state, ref):
 
 
 @nb.njit(cache=True, error_model="numpy")
-def _hand_back_far_below(state, ref):
-    """Magnitude lanes still relative to their `ref` whose threshold ended far below it (the start did
-    not foresee it, so `_absolute_frame` kept them relative) are left to the caller.
-
-    There the threshold is known to eps ref only: an absolute threshold ~1e-89 held relative to
-    keys ~1e-30 rounded to <= 0, every entry came out saturated, and entries far below the
-    threshold came back x instead of 0.  The selection kernel solves them again in absolute terms.
-    """
-    for lane in range(LANES):
-        far = (ref[lane] != 0.0) & far_below(ref[lane] + state[0, lane], ref[lane])
-        state[3, lane] = -1.0 if far else state[3, lane]
-
-
-@nb.njit(cache=True, error_model="numpy")
 def _update(state, acc, ref, lam, q, k, is_mag):
     """One safeguarded step of every active lane (rows of `state`: see `lane_rows`); returns how many
     lanes still iterate.  Selects only, no branch: the compiler vectorizes it."""
@@ -355,13 +341,18 @@ def _update(state, acc, ref, lam, q, k, is_mag):
         # took all 12 entries of a row with k = 1).
         non_unique = (n_free == 0.0) & (n_sat == k)
         solved = (same_sets & (abs(nxt - t) <= _STEP_ULPS * _EPS * size)) | non_unique
-        state[0, lane] = nxt if active & ~non_unique else t
+        t_new = nxt if active & ~non_unique else t
+        state[0, lane] = t_new
         state[1, lane] = lo
         state[2, lane] = hi
-        # A magnitude threshold that is not above 0 by more than the step's rounding is no
-        # threshold (keys ~1e-31 next to l ~ 0.4, p = 4/3: the step's tolerance, which scales
-        # with l, passed a threshold of -1e-45 where it lies near 1e-89): the caller's.
-        unfounded = is_mag & (ref[lane] + nxt <= _STEP_ULPS * _EPS * size)
+        # Magnitude thresholds that the lane's frame does not resolve are the caller's (the
+        # selection kernel solves them again in absolute terms): one not above 0 by more than the
+        # step's rounding (keys ~1e-31 next to l ~ 0.4, p = 4/3: the step's tolerance, which scales
+        # with l, passed a threshold of -1e-45 where it lies near 1e-89), and one still held
+        # relative to s_(k) that ended far below it (the start did not foresee it, so
+        # `_absolute_frame` kept the lane relative), known there to eps s_(k) only.
+        unfounded = is_mag & ((ref[lane] + nxt <= _STEP_ULPS * _EPS * size)
+                              | ((ref[lane] != 0.0) & far_below(ref[lane] + t_new, ref[lane])))
         state[3, lane] = (-1.0 if unfounded else 0.0) if active & solved else state[3, lane]
         state[4, lane] = n_sat if active else state[4, lane]
         state[5, lane] = n_free if active else state[5, lane]
@@ -520,8 +511,6 @@ def lane_rows(x, k, lam, q, is_mag, bounds, out, gprime, scale, free_signs, offs
                 remaining = _update(state, acc, ref, lam, q, k, is_mag)
                 if remaining == 0:
                     break
-            if is_mag:
-                _hand_back_far_below(state, ref)
             _levels(ref, tau, lam, is_mag, level)
             _lane_outputs(z, tau, level, lam, q, is_mag, gbuf, with_residuals)  # z: the outputs now
             for lane in range(used):
