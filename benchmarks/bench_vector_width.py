@@ -102,7 +102,7 @@ def main() -> None:
         for name, env_features in configs.items():
             for key, vals in _run_child(env_features, args.repeats).items():
                 old = best[name].get(key, [np.inf, np.inf])
-                best[name][key] = [min(a, b) for a, b in zip(old, vals)]
+                best[name][key] = [min(a, b) for a, b in zip(old, vals, strict=True)]
     lines = [
         f"Machine: {machine()}, NumPy {np.__version__}; best of {args.rounds} fresh processes per configuration, "
         f"each the best of {args.repeats} runs.",

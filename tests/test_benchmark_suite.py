@@ -58,3 +58,14 @@ def test_framework_quick(tmp_path, framework):
     assert baseline in {row[1] for row in rows}
     ours = [row for row in rows if row[2] == "ours"]
     assert ours and all(float(row[7]) > 0 for row in ours)  # forward + backward measured
+
+
+def test_vector_width_child_measures_every_operator(monkeypatch):
+    """`bench_vector_width.py`'s per-process measurement, on small shapes (the script compares two such runs)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_vector_width
+
+    monkeypatch.setattr(bench_vector_width, "SHAPES", [(64, 16), (4, 256)])
+    ratios = bench_vector_width.child(1)
+    assert len(ratios) == 2 * 2 * len(bench_vector_width.EXPONENTS)
+    assert all(fwd > 0 and both > 0 for fwd, both in ratios.values())
