@@ -190,6 +190,18 @@ def test_a_left_neighbour_far_above_a_block_of_ties_far_below_stays_saturated():
         assert_within_input_rounding(y, expected, x, label)
 
 
+def test_a_pair_at_its_saturation_level_to_rounding_is_not_solved_at_a_bisection_midpoint():
+    # Found by the property test of the routes: the tied 0.2266 are free with y = 1 - 2e-16, so
+    # their sets flip within the rounding of the threshold t = 5.4e-8 (k = 15, l = 60, p = 4/3).
+    # The lanes' root moved out of the bracket and back, and their tolerance (8 ulps of l for
+    # p = 4/3) took a bisection midpoint 4e-11 off t: the free entries near 1e-6 lost 5 digits.
+    row = (5e-07,) + (1e-06,) * 5 + (2.26579182e-01,) * 2 + (4.53158364e-01,) * 13
+    x = np.array(row)
+    expected = _oracle(row, 15, 60.0, 4.0 / 3.0, 120)[0]
+    for label, y in _routes(x, 15, 60.0, 4.0 / 3.0, lane_groups=True).items():
+        assert_within_input_rounding(y, expected, x, label)
+
+
 @pytest.mark.parametrize("p", P_VALUES, ids=P_IDS)
 def test_float32_ties_at_a_tiny_strength(p):
     x = np.tile(TIE_ROW, 2).astype(np.float32)
