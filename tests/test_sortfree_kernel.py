@@ -24,6 +24,7 @@ from topk_core._pav import select, sortfree
 from topk_core._pav.kernels import fused_outputs
 from topk_core._pav_path import pav_mag, pav_mask
 
+from ._oracles import assert_within_input_rounding, mp_threshold_mag_row
 from ._rows import rows_of_kind
 
 SOLVE = {"mask": pav_mask, "mag": pav_mag}
@@ -171,6 +172,33 @@ def test_long_row_driver_equals_full_sort_route(rng, q, float_dtype, operator, n
                 PRODUCT[operator](res, u, xp), PRODUCT[operator](res_ref, u, xp),
                 rtol=1e3 * eps * scale, atol=1e3 * eps * scale,
             )
+
+
+# Tied keys at their saturation level to 2e-16 next to keys 4e6 times smaller (k = 15 per 21, p = 4/3):
+# the magnitude's threshold (5.4e-8) lies far below the free set's mean key.  The closed-form
+# step, exact to eps times that mean only, settled 9e-18 off it, and the free entries near 1e-6
+# lost 6 digits of |x| - t on both drivers (found from the lanes' property test); such rows now
+# go to the selection kernel, which solves them in absolute terms.
+FAR_BELOW_ROW = (5e-07,) + (1e-06,) * 5 + (2.26579182e-01,) * 2 + (4.53158364e-01,) * 13
+
+
+@pytest.mark.parametrize(("lam", "reps"), [(60.0, 40), (600.0, 50)])
+def test_magnitude_threshold_far_below_the_free_keys_keeps_its_digits(lam, reps):
+    x = np.tile(FAR_BELOW_ROW, reps)[None]
+    y, _ = pav_mag(x, 15 * reps, lam, 4.0, with_residuals=False, fused=True)
+    expected = mp_threshold_mag_row(x[0], 15 * reps, lam, 4.0 / 3.0, digits=60)
+    assert_within_input_rounding(y[0], expected, x[0], f"l = {lam}")
+
+
+@pytest.mark.parametrize("n_parts", [1, 3])
+def test_long_row_driver_keeps_the_digits_of_a_threshold_far_below_the_free_keys(n_parts):
+    reps = 400
+    x = np.tile(FAR_BELOW_ROW, reps)[None]
+    k = 15 * reps
+    arrays = fused_outputs(x, True, False)
+    select._select_long_rows(np.abs(x), x, k, 60.0, 4.0, True, *arrays, n_parts, 8192, True)
+    y_ref, _ = pav_mag(x, k, 60.0, 4.0, with_residuals=False, fused=False)
+    assert_within_input_rounding(arrays[0][0], y_ref[0], x[0], f"{n_parts} parts")
 
 
 def test_route_choice():
