@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 
 
 def rows_of_kind(rng: np.random.Generator, batch: int, n: int, kind: str, dtype) -> np.ndarray:
@@ -42,3 +44,14 @@ def tiny_keys_limit(p: float) -> object:
     return pytest.param(p, 20, -250, marks=pytest.mark.xfail(
         strict=True, reason="known limit of the threshold method: p < 2 on rows of keys ~1e-250, whose threshold "
         "lies ~1e-470 below the keys, out of the float range of any frame scaled to a key (docs/methods.md)"))
+
+
+def rows_spanning_many_orders(min_n: int, max_n: int) -> st.SearchStrategy:
+    """Hypothesis rows whose magnitudes span many orders: keys of one scale (0.5-2 times 10^c,
+    c in [-150, 150]), each lowered by up to 120 orders, with random signs."""
+    return st.integers(min_n, max_n).flatmap(lambda n: st.tuples(
+        arrays(np.float64, n, elements=st.floats(0.5, 2.0)),
+        arrays(np.float64, n, elements=st.floats(0.0, 120.0)),
+        arrays(np.bool_, n),
+        st.floats(-150.0, 150.0),
+    )).map(lambda t: t[0] * 10.0 ** (t[3] - t[1]) * np.where(t[2], -1.0, 1.0))

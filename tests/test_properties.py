@@ -12,6 +12,8 @@ from hypothesis.extra.numpy import arrays
 
 import topk_numpy as tk
 
+from ._rows import rows_spanning_many_orders
+
 finite = st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False, width=64)
 rows = st.integers(1, 24).flatmap(lambda n: arrays(np.float64, n, elements=finite))
 strengths = st.floats(1e-3, 1e2)
@@ -116,12 +118,7 @@ def test_magnitude_is_sparse_and_exact_on_sparse_inputs(x, data, lam, p):
 
 
 # Rows whose magnitudes span many orders: keys of one scale, some far below it, random signs.
-spanning_rows = st.integers(3, 40).flatmap(lambda n: st.tuples(
-    arrays(np.float64, n, elements=st.floats(0.5, 2.0)),
-    arrays(np.float64, n, elements=st.floats(0.0, 120.0)),
-    arrays(np.bool_, n),
-    st.floats(-150.0, 150.0),
-)).map(lambda t: t[0] * 10.0 ** (t[3] - t[1]) * np.where(t[2], -1.0, 1.0))
+spanning_rows = rows_spanning_many_orders(3, 40)
 
 
 @SETTINGS

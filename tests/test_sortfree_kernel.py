@@ -11,6 +11,8 @@ and a long row split across the threads.
 
 from __future__ import annotations
 
+import os
+
 import array_api_compat.numpy as xp
 import numpy as np
 import pytest
@@ -25,7 +27,7 @@ from topk_core._pav.kernels import fused_outputs
 from topk_core._pav_path import pav_mag, pav_mask
 
 from ._oracles import assert_within_input_rounding, mp_threshold_mag_row
-from ._rows import rows_of_kind
+from ._rows import rows_of_kind, rows_spanning_many_orders
 
 SOLVE = {"mask": pav_mask, "mag": pav_mag}
 PRODUCT = {"mask": jacobians.mask_jvp_rows, "mag": jacobians.mag_vjp_rows}
@@ -260,3 +262,39 @@ def test_sortfree_invariants_and_agreement_on_arbitrary_rows(x, data, lam, q, is
         assert np.all((y >= 0) & (y <= 1))
         assert abs(y.sum() - k) <= 1e-9 * scale * x.size
         assert np.all(np.diff(y[0][np.argsort(-x, kind="stable")]) <= 1e-9)  # larger inputs get no less
+
+
+def _rounding_reach(x, res_ref, is_mag):
+    """How far each output moves when every input moves by its own rounding (in units of eps): the
+    Jacobian (spec section 6) applied to |x|, from residuals in input order."""
+    g = res_ref.gprime[0]
+    ax = np.abs(x)
+    denominator = g.sum() + (float(res_ref.offset[0, 0]) if is_mag else 0.0)
+    spread = (g * ax).sum() / denominator if denominator > 0 else 0.0  # the threshold's reach
+    if is_mag:
+        return np.where(g > 0, (1.0 + g) * (ax + spread), ax)
+    return 1.0 + g * (ax + spread)
+
+
+@settings(max_examples=int(os.environ.get("TOPK_HYPOTHESIS_EXAMPLES", "40")), deadline=None)
+@given(x=rows_spanning_many_orders(20, 60), data=st.data(), lam=st.floats(1e-3, 1e2),
+       q=st.sampled_from([2.0, 4.0]), is_mag=st.booleans())
+def test_sortfree_route_agrees_entrywise_on_rows_spanning_many_orders(x, data, lam, q, is_mag):
+    # As the property of every PAV route (tests/test_properties.py), for this one: each output within
+    # a few ulps of its reach (how far it moves when the inputs move by their rounding; ties at small
+    # strengths reach far) of the full-sort route's.  Such a search found magnitude thresholds far below
+    # the free keys that the closed-form step knew to eps times those keys only.
+    k = data.draw(st.integers(16, x.size - 1))
+    rows = x[None, :]
+    lam = lam if is_mag else lam * float(np.max(np.abs(x)))
+    solve = pav_mag if is_mag else pav_mask
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(select, "SORTFREE_MIN_N", 20)
+        patch.setattr(select, "SORTFREE_CUBIC_MIN_N", 20)
+        y, _ = solve(rows, k, lam, q, with_residuals=False)
+    # The reference: the fused full-sort route, which a NaN row in the batch selects (the unfused
+    # route, which assembles outputs from absolute block values, has no digits of |x| - t left when
+    # |x| is large next to the strength: ties of 1e24 with p = 4/3 came back 2.4 x).
+    y_ref, res_ref = solve(np.stack([x, np.full_like(x, np.nan)]), k, lam, q, with_residuals=True)
+    tol = 64 * np.finfo(np.float64).eps * _rounding_reach(x, res_ref, is_mag) + 1e-300
+    assert np.all(np.abs(y[0] - y_ref[0]) <= tol)
