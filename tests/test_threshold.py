@@ -20,7 +20,7 @@ import topk_numpy as tk
 from topk_core._agnostic import threshold
 
 from ._method_backends import FORWARD, JVP, VJP, cuda_torch
-from ._oracles import assert_within_input_rounding, mp_threshold_mag_parts
+from ._oracles import assert_within_input_rounding, mp_threshold_mag_parts, mp_threshold_mag_row
 from ._rows import spanning_row, tiny_keys_limit
 
 
@@ -130,6 +130,19 @@ def test_float32_mask_of_tied_keys_that_the_strength_cannot_resolve_in_the_absol
     want, _ = _pav("mask", x.astype(np.float64), 114, p=3.0, regularization_strength=lam)
     np.testing.assert_allclose(y, want, rtol=0, atol=1e-6)
     assert abs(float(y.sum()) - 114.0) <= 1e-4
+
+
+def test_a_newton_landing_by_rounding_inside_the_bracket_is_no_root(backend):
+    # Found by a randomized search against PAV: |x| = 1e114 and seven ties of 1e77, k = 7, p = 2.
+    # Scaled to the largest key, the threshold is 8.8e-38.  On the piece where only the largest key
+    # is above the iterate, sum(y) = 1 and the Newton step aims at 0, outside the bracket; the
+    # rounding of s + step (3.6e-19 - 3.6e-19 (1 + eps)) landed it at 4.8e-35, inside, and the rule
+    # for exact piecewise-linear steps (a step that stays in its piece lands on the root) took it:
+    # the ties came back 0.
+    x = np.array([[1e114] + [1e77] * 7])
+    y, _ = FORWARD["mag"](backend.to(x), 7, method="threshold", p=2.0, regularization_strength=1.0)
+    want = mp_threshold_mag_row(x[0], 7, 1.0, 2.0, digits=300)
+    np.testing.assert_allclose(backend.back(y)[0], want, rtol=1e-12)
 
 
 @pytest.mark.parametrize("p", [4.0 / 3.0, 2.0, 3.0], ids=["p=4/3", "p=2", "p=3"])

@@ -222,7 +222,11 @@ def _root(
         small_step = ok & (xp.abs(step) <= step_tol * xp.maximum(xp.abs(s), scale))
         settled = (small_step & (miss <= ftol)) | (miss == 0) | ((excess == 0) & ~ok)
         if exact_pieces:
-            settled = settled | (was_newton & (piece == piece_before))
+            # A landing that misses k by more than rounding is no root, whatever its piece: a step
+            # toward a root outside the bracket (0, on the piece where only the largest key is
+            # above a threshold of 5e-38) landed inside it by the rounding of s + step (s - s(1 +
+            # eps)), and settled there with sum(y) = 1 for k = 7.
+            settled = settled | (was_newton & (piece == piece_before) & (miss <= _LANDING_MISS * ftol))
         # Until a row settles, `result` holds its point of smallest |sum(y) - k| (monotone on each
         # side of the root), the answer when only its bracket closes or the budget runs out.
         better = ~done & (miss < best_miss)
@@ -281,6 +285,11 @@ def _root(
         lo = xp.where(done_at, lo_at, xp.take(lo, pos, axis=0))
         hi = xp.where(done_at, hi_at, xp.take(hi, pos, axis=0))
     return s, lo, hi
+
+
+# How far above `ftol` the miss of an exact piecewise-linear landing may lie (the rounding of a
+# sum of n terms) for the landing to count as the root.
+_LANDING_MISS = 64.0
 
 
 def _controls(dtype: Any, max_iter: int | None, tol: float | None, xp: Any) -> tuple[float, float, int, float]:
