@@ -206,3 +206,16 @@ def mag_jacobian(x: np.ndarray, out: np.ndarray, k: int, lam: float, p: float) -
     if denom > 0:
         jac -= ((1.0 + gp) * s)[:, None] * (s * gp)[None, :] / denom * free[:, None] * free[None, :]
     return jac
+
+
+def rounding_reach(x: np.ndarray, res, is_mag: bool) -> np.ndarray:
+    """How far each output of the row `x` moves when every input moves by its own rounding, in units of
+    eps: the Jacobian (spec section 6) applied to |x|, from residuals in input order (first row of
+    `res`).  Ties at small strengths reach far; entries far below the threshold's keys do not."""
+    g = np.asarray(res.gprime)[0]
+    ax = np.abs(x)
+    denominator = g.sum() + (float(np.asarray(res.offset).reshape(-1)[0]) if is_mag else 0.0)
+    spread = (g * ax).sum() / denominator if denominator > 0 else 0.0  # the threshold's reach
+    if is_mag:
+        return np.where(g > 0, (1.0 + g) * (ax + spread), ax)
+    return 1.0 + g * (ax + spread)

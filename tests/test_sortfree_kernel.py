@@ -26,7 +26,7 @@ from topk_core._pav import select, sortfree
 from topk_core._pav.kernels import fused_outputs
 from topk_core._pav_path import pav_mag, pav_mask
 
-from ._oracles import assert_within_input_rounding, mp_threshold_mag_row
+from ._oracles import assert_within_input_rounding, mp_threshold_mag_row, rounding_reach
 from ._rows import rows_of_kind, rows_spanning_many_orders
 
 SOLVE = {"mask": pav_mask, "mag": pav_mag}
@@ -264,18 +264,6 @@ def test_sortfree_invariants_and_agreement_on_arbitrary_rows(x, data, lam, q, is
         assert np.all(np.diff(y[0][np.argsort(-x, kind="stable")]) <= 1e-9)  # larger inputs get no less
 
 
-def _rounding_reach(x, res_ref, is_mag):
-    """How far each output moves when every input moves by its own rounding (in units of eps): the
-    Jacobian (spec section 6) applied to |x|, from residuals in input order."""
-    g = res_ref.gprime[0]
-    ax = np.abs(x)
-    denominator = g.sum() + (float(res_ref.offset[0, 0]) if is_mag else 0.0)
-    spread = (g * ax).sum() / denominator if denominator > 0 else 0.0  # the threshold's reach
-    if is_mag:
-        return np.where(g > 0, (1.0 + g) * (ax + spread), ax)
-    return 1.0 + g * (ax + spread)
-
-
 @settings(max_examples=int(os.environ.get("TOPK_HYPOTHESIS_EXAMPLES", "40")), deadline=None)
 @given(x=rows_spanning_many_orders(20, 60), data=st.data(), lam=st.floats(1e-3, 1e2),
        q=st.sampled_from([2.0, 4.0]), is_mag=st.booleans())
@@ -296,5 +284,5 @@ def test_sortfree_route_agrees_entrywise_on_rows_spanning_many_orders(x, data, l
     # route, which assembles outputs from absolute block values, has no digits of |x| - t left when
     # |x| is large next to the strength: ties of 1e24 with p = 4/3 came back 2.4 x).
     y_ref, res_ref = solve(np.stack([x, np.full_like(x, np.nan)]), k, lam, q, with_residuals=True)
-    tol = 64 * np.finfo(np.float64).eps * _rounding_reach(x, res_ref, is_mag) + 1e-300
+    tol = 64 * np.finfo(np.float64).eps * rounding_reach(x, res_ref, is_mag) + 1e-300
     assert np.all(np.abs(y[0] - y_ref[0]) <= tol)
