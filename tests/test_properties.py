@@ -10,8 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+import topk_core as tc
 import topk_numpy as tk
 
+from ._oracles import rounding_reach
 from ._rows import rows_spanning_many_orders
 
 finite = st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False, width=64)
@@ -139,3 +141,24 @@ def test_every_pav_route_agrees_on_rows_spanning_many_orders(x, data, lam, p, ma
         assert np.all(np.abs(full_sort) <= np.abs(x))
     else:
         assert abs(full_sort.sum() - k) <= 1e-9 * x.size
+
+
+@SETTINGS
+@given(x=spanning_rows, data=st.data(), lam=st.floats(1e-3, 1e2), p=exponents, magnitude=st.booleans(),
+       reps=st.sampled_from([1, 30]))
+def test_pav_of_float32_rows_is_the_float64_answer_rounded(x, data, lam, p, magnitude, reps):
+    # PAV reads float32 keys and solves in float64 on every route (one row, lane groups, the full
+    # sort; rows of hundreds, the sort-free route), so its output is float64's of the same values,
+    # rounded.  Numba's float() keeps a float32 float32: a frame reference taken with it made every
+    # key - ref of float32 keys round to float32 (13 float32 ulps off at p = 3 on float32 ties).
+    x = np.tile(x / np.max(np.abs(x)) * 10.0 ** data.draw(st.floats(-20.0, 20.0)), reps).astype(np.float32)
+    k = data.draw(st.integers(1, x.size))
+    forward = tc.soft_topk_mag_forward if magnitude else tc.soft_topk_mask_forward
+    kw = dict(regularization_strength=lam * (1.0 if magnitude else float(np.max(np.abs(x)))), p=p)
+    y64, res = forward(x.astype(np.float64)[None], k, **kw)
+    reach = rounding_reach(x.astype(np.float64), res._replace(gprime=np.minimum(res.gprime, 1e300)), magnitude)
+    tol = 1.01 * np.spacing(np.abs(y64[0]).astype(np.float32)) + 64 * np.finfo(np.float64).eps * reach + 1e-45
+    for y in (forward(x[None], k, **kw)[0][0], forward(np.tile(x, (70, 1)), k, **kw)[0][69],
+              forward(np.stack([x, np.full_like(x, np.nan)]), k, **kw)[0][0]):
+        assert y.dtype == np.float32
+        assert np.all(np.abs(y.astype(np.float64) - y64[0]) <= tol)

@@ -118,6 +118,9 @@ def _row_frame(kth_key, lam, q, is_mag):
       back 0).  (Where it underflows, tiny keys and large p, the row stays
       scaled: there an exact threshold is not a float number in any frame.)
     """
+    # Numba's float() keeps a float32 key float32: the reference must be float64, or every
+    # key - ref of float32 keys rounds to float32 (p = 3, float32 ties: outputs 13 eps32 off).
+    kth_key = np.float64(kth_key)
     if not is_mag:
         # Scaled when the strength is tiny or huge: the closed-form block equation of q = 4
         # holds l^3, which would underflow or overflow.

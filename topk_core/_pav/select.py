@@ -126,8 +126,8 @@ def order_statistics(row, k, top):
     part = np.partition(row, n - k)  # ascending: part[n - k] is the k-th largest
     below = -np.inf
     for i in range(n - k):
-        below = max(below, float(part[i]))
-    return float(part[n - k]), below
+        below = max(below, np.float64(part[i]))
+    return np.float64(part[n - k]), below
 
 
 @nb.njit(cache=True, error_model="numpy")
@@ -268,7 +268,7 @@ def _sortfree_start(keys, r, k, lam, q, is_mag, sample, state, ref_cast):
     # The threshold is held relative to a value of the keys' dtype next to t0: s - ref is then exact
     # for float32 keys, and d = (s - ref) - t keeps its digits for keys next to the threshold.
     ref_cast[0] = t0
-    ref = float(ref_cast[0])
+    ref = np.float64(ref_cast[0])  # float64: Numba's float() keeps float32, and s - ref would round
     start_state(state, t0 - ref, ref, is_mag, span)
     return True, ref
 
