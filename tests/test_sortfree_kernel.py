@@ -203,6 +203,25 @@ def test_long_row_driver_keeps_the_digits_of_a_threshold_far_below_the_free_keys
     assert_within_input_rounding(arrays[0][0], y_ref[0], x[0], f"{n_parts} parts")
 
 
+# Keys 1.0 and 1e-7 (k = 181 of 450, p = 2): the sample's start, 0.5, is the frame's reference, and the
+# threshold settled on 9.96e-8, known there to eps * 0.5 only: the free entries' |x| - t (7.4e-10) lost
+# 7 digits.  A settled threshold far below its frame now moves the frame next to itself and iterates on.
+FAR_BELOW_START_ROW = (1.0,) * 6 + (1e-7,) * 9
+
+
+def test_magnitude_threshold_far_below_the_start_is_solved_again_next_to_itself():
+    x = np.tile(FAR_BELOW_START_ROW, 30)[None]
+    assert all(_settles(x, 181, 1.0, 2.0, True))  # on this route, not handed back
+    y, _ = pav_mag(x, 181, 1.0, 2.0, with_residuals=False)
+    expected = mp_threshold_mag_row(x[0], 181, 1.0, 2.0, digits=60)
+    assert_within_input_rounding(y[0], expected, x[0], "single-row driver")
+    x = np.tile(FAR_BELOW_START_ROW, 400)[None]
+    arrays = fused_outputs(x, True, False)
+    select._select_long_rows(np.abs(x), x, 181 * 400 // 30, 1.0, 2.0, True, *arrays, 3, 8192, True)
+    y_ref, _ = pav_mag(np.concatenate([x, np.full_like(x, np.nan)]), 181 * 400 // 30, 1.0, 2.0, with_residuals=False)
+    assert_within_input_rounding(arrays[0][0], y_ref[0], x[0], "long-row driver")
+
+
 def test_route_choice():
     assert select.sortfree_applies(4096, 512, 2.0, 0.1)
     assert select.sortfree_applies(4096, 512, 4.0, 0.1)

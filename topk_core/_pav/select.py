@@ -57,7 +57,9 @@ from .sortfree import (
     STATE_SIZE,
     advance,
     emit_row,
+    frame_holds,
     leave_interval_end,
+    recentre,
     row_sums,
     sample_size,
     sample_start,
@@ -295,6 +297,9 @@ def _sortfree_row(keys, x, r, k, lam, q, is_mag, with_residuals, out, gprime, sc
             n_sat, n_free = emit_row(keys, x, r, 0, n, ref, state[0], lam, q, is_mag, with_residuals, out, gprime,
                                      scale, free_signs)
             if status == SOLVED or (n_sat == state[5] and n_free == state[6]):
+                if not frame_holds(ref, state[0], is_mag):
+                    ref = recentre(state, ref, ref_cast)
+                    continue
                 _sortfree_offset(r, k, n_sat, n_free, is_mag, with_residuals, offset)
                 return True
         if status == FAILED:
@@ -416,6 +421,10 @@ def _select_long_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs
                                                         free_signs)
                     n_sat, n_free = part_a.sum(), part_b.sum()
                     solved = status == SOLVED or (n_sat == state[5] and n_free == state[6])
+                    if solved and not frame_holds(ref, state[0], is_mag):
+                        ref = recentre(state, ref, ref_cast)
+                        solved = False
+                        continue
                     if solved:
                         _sortfree_offset(r, k, n_sat, n_free, is_mag, with_residuals, offset)
                         break
