@@ -1,4 +1,4 @@
-"""Shared helpers of the benchmark scripts: timing, the machine line, writing into the docs."""
+"""Shared helpers of the benchmark scripts: timing, the forward+VJP step, the machine line, writing into the docs."""
 
 from __future__ import annotations
 
@@ -31,6 +31,11 @@ def best_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
     """Shortest wall time of `fn()` over `repeats` runs (after `warmup` untimed ones): for side-by-side
     comparisons of two kernels on a shared machine, whose slow phases hit one column or the other."""
     return min(_wall_times(fn, repeats, warmup))
+
+
+def forward_vjp(with_res: Callable, vjp: Callable, x: object, k: int, u: object, kw: dict) -> object:
+    """A forward with residuals (`with_res(x, k, **kw)`) and the VJP of `u` from them: what a training step pays."""
+    return vjp(with_res(x, k, **kw)[1], u)
 
 
 def machine() -> str:

@@ -33,7 +33,7 @@ import numpy as np
 import topk_core as tc
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _report import best_time, machine, write_section
+from _report import best_time, forward_vjp, machine, write_section
 
 SHAPES = [(1, 10**6), (64, 4096), (16384, 64), (262144, 16)]
 QUICK_SHAPES = [(1, 10**4), (16, 256), (256, 64), (1024, 16)]
@@ -44,9 +44,6 @@ METHODS = [("pav", 4.0 / 3.0), ("threshold", 4.0 / 3.0), ("pav", 2.0), ("thresho
 def _k(shape: tuple[int, int]) -> int:
     return max(2, shape[1] // 8)
 
-
-def _forward_vjp(with_res: Callable, vjp: Callable, x: object, k: int, u: object, kw: dict) -> object:
-    return vjp(with_res(x, k, **kw)[1], u)
 
 
 def _forward_backward(fn: Callable, x: object, u: object) -> object:
@@ -64,7 +61,7 @@ def _method_row(x: np.ndarray, u: np.ndarray, k: int, op: str, method: str, p: f
     reps, warm = (dykstra_repeats, 0) if method == "dykstra" else (repeats, 1)
     kw = dict(p=p, regularization_strength=STRENGTH, method=method)
     t_fwd = best_time(partial(forward, x, k, **kw), reps, warmup=warm)
-    t_both = best_time(partial(_forward_vjp, with_res, vjp, x, k, u, kw), reps, warmup=warm)
+    t_both = best_time(partial(forward_vjp, with_res, vjp, x, k, u, kw), reps, warmup=warm)
     dev = np.abs(forward(x, k, **kw).astype(np.float64) - forward(x, k, p=p, method="pav")).max()
     return t_fwd, t_both, dev
 

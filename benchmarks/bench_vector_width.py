@@ -29,15 +29,12 @@ from functools import partial
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _report import best_time, machine, write_section
+from _report import best_time, forward_vjp, machine, write_section
 
 SHAPES = [(16384, 64), (262144, 16), (64, 4096)]
 STRENGTH = 0.1
 EXPONENTS = (2.0, 4.0 / 3.0)
 
-
-def _forward_vjp(with_res, vjp, x, k, u, kw):
-    return vjp(with_res(x, k, **kw)[1], u)
 
 
 def child(repeats: int) -> dict[str, list[float]]:
@@ -58,7 +55,7 @@ def child(repeats: int) -> dict[str, list[float]]:
             for p in EXPONENTS:
                 kw = dict(p=p, regularization_strength=STRENGTH)
                 t_fwd = best_time(partial(forward, x, k, **kw), repeats)
-                t_both = best_time(partial(_forward_vjp, with_res, vjp, x, k, u, kw), repeats)
+                t_both = best_time(partial(forward_vjp, with_res, vjp, x, k, u, kw), repeats)
                 ratios[f"{shape}|{op}|{p:.3g}"] = [t_fwd / t_sort, t_both / t_sort]
     return ratios
 

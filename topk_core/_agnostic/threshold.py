@@ -115,6 +115,9 @@ bound adversarial float64 rows well below this."""
 
 _ULPS = 4.0  # a bracket this many ulps wide has converged
 _FTOL_ULPS = 8.0  # default `tol`: |sum(y) - k| <= tol * max(k, 1)
+# How far above `ftol` the miss of an exact piecewise-linear landing may lie (the rounding of a
+# sum of n terms) for the landing to count as the root.
+_LANDING_MISS = 64.0
 _MIN_COMPACT = 32  # gather the unconverged rows when at most half of >= this many are left
 _RECENTRE_STRENGTHS = 64.0  # see `_mask_recentre`
 
@@ -285,11 +288,6 @@ def _root(
         lo = xp.where(done_at, lo_at, xp.take(lo, pos, axis=0))
         hi = xp.where(done_at, hi_at, xp.take(hi, pos, axis=0))
     return s, lo, hi
-
-
-# How far above `ftol` the miss of an exact piecewise-linear landing may lie (the rounding of a
-# sum of n terms) for the landing to count as the root.
-_LANDING_MISS = 64.0
 
 
 def _controls(dtype: Any, max_iter: int | None, tol: float | None, xp: Any) -> tuple[float, float, int, float]:

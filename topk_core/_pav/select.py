@@ -58,6 +58,7 @@ from .sortfree import (
     advance,
     emit_row,
     frame_holds,
+    key_dtype_value,
     leave_interval_end,
     recentre,
     row_sums,
@@ -269,8 +270,7 @@ def _sortfree_start(keys, r, k, lam, q, is_mag, sample, state, ref_cast):
         return False, 0.0
     # The threshold is held relative to a value of the keys' dtype next to t0: s - ref is then exact
     # for float32 keys, and d = (s - ref) - t keeps its digits for keys next to the threshold.
-    ref_cast[0] = t0
-    ref = np.float64(ref_cast[0])  # float64: Numba's float() keeps float32, and s - ref would round
+    ref = key_dtype_value(t0, ref_cast)
     start_state(state, t0 - ref, ref, is_mag, span)
     return True, ref
 

@@ -173,6 +173,15 @@ def frame_holds(ref, t, is_mag):
     return not (is_mag and far_below(ref + t, ref))
 
 
+@nb.njit(cache=True, inline="always", error_model="numpy")
+def key_dtype_value(value, ref_cast):
+    """`value` rounded to the keys' dtype (through `ref_cast`, a 1-array of it), as float64: a frame
+    reference for which s - ref is exact for float32 keys (Numba's float() would keep it float32,
+    and s - ref would round)."""
+    ref_cast[0] = value
+    return np.float64(ref_cast[0])
+
+
 @nb.njit(cache=True, error_model="numpy")
 def recentre(state, ref, ref_cast):
     """Move the iteration's frame to a value of the keys' dtype next to its threshold; return the new ref.
@@ -182,8 +191,7 @@ def recentre(state, ref, ref_cast):
     that confirms its sets solve the row again in the new frame.
     """
     absolute = ref + state[0]
-    ref_cast[0] = absolute
-    new_ref = np.float64(ref_cast[0])
+    new_ref = key_dtype_value(absolute, ref_cast)
     shift = ref - new_ref
     state[0] = absolute - new_ref
     state[1] += shift
