@@ -51,21 +51,17 @@ from .lanes import (
 )
 from .sortfree import (
     FAILED,
-    ITERATE,
     MAX_STEPS,
-    SOLVED,
     STATE_SIZE,
     advance,
     emit_row,
-    frame_holds,
     key_dtype_value,
-    leave_interval_end,
-    recentre,
+    ready_to_emit,
     row_sums,
     sample_size,
     sample_start,
+    settle,
     start_state,
-    worth_emitting,
 )
 
 # k + 1 up to this many: keep the k + 1 largest keys in a small sorted buffer
@@ -288,18 +284,12 @@ def _sortfree_row(keys, x, r, k, lam, q, is_mag, with_residuals, out, gprime, sc
     for _ in range(MAX_STEPS):
         t_prev = state[0]
         status = advance(state, row_sums(row, 0, n, ref, t_prev, lam, q, is_mag), float(k), ref, lam, q, is_mag)
-        if status == SOLVED:
-            leave_interval_end(row, ref, state, k, lam, q, is_mag)
-        # Writing the outputs at a solved threshold; or, on a bet that the threshold just stepped
-        # to keeps the sets it came from (`worth_emitting`), writing them at once, which saves the
-        # pass that would confirm it when the counts agree (else the outputs are written again).
-        if status == SOLVED or (status == ITERATE and worth_emitting(state, t_prev, k, ref, lam, q, is_mag)):
+        if ready_to_emit(status, row, state, t_prev, k, ref, lam, q, is_mag):
+            # Outputs not settled are written again later (or by the caller's exact route).
             n_sat, n_free = emit_row(keys, x, r, 0, n, ref, state[0], lam, q, is_mag, with_residuals, out, gprime,
                                      scale, free_signs)
-            if status == SOLVED or (n_sat == state[5] and n_free == state[6]):
-                if not frame_holds(ref, state[0], is_mag):
-                    ref = recentre(state, ref, ref_cast)
-                    continue
+            settled, ref = settle(status, state, n_sat, n_free, ref, ref_cast, is_mag)
+            if settled:
                 _sortfree_offset(r, k, n_sat, n_free, is_mag, with_residuals, offset)
                 return True
         if status == FAILED:
@@ -411,20 +401,14 @@ def _select_long_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs
                 totals = (int(part_sums[0].sum()), int(part_sums[1].sum()), part_sums[2].sum(), part_sums[3].sum(),
                           part_sums[4].sum())
                 status = advance(state, totals, float(k), ref, lam, q, is_mag)
-                if status == SOLVED:
-                    leave_interval_end(keys[r], ref, state, k, lam, q, is_mag)
-                if status == SOLVED or (status == ITERATE and worth_emitting(state, t_prev, k, ref, lam, q, is_mag)):
-                    # As in `_sortfree_row`: a bet that the new threshold keeps its sets saves a pass.
+                if ready_to_emit(status, keys[r], state, t_prev, k, ref, lam, q, is_mag):
+                    # As in `_sortfree_row`, every pass split across the threads.
                     for c in nb.prange(n_parts):
                         part_a[c], part_b[c] = emit_row(keys, x, r, c * n // n_parts, (c + 1) * n // n_parts, ref,
                                                         state[0], lam, q, is_mag, with_residuals, out, gprime, scale,
                                                         free_signs)
                     n_sat, n_free = part_a.sum(), part_b.sum()
-                    solved = status == SOLVED or (n_sat == state[5] and n_free == state[6])
-                    if solved and not frame_holds(ref, state[0], is_mag):
-                        ref = recentre(state, ref, ref_cast)
-                        solved = False
-                        continue
+                    solved, ref = settle(status, state, n_sat, n_free, ref, ref_cast, is_mag)
                     if solved:
                         _sortfree_offset(r, k, n_sat, n_free, is_mag, with_residuals, offset)
                         break

@@ -24,7 +24,8 @@ entries).  Neither is needed: the solution is fixed by one threshold `t`
 4. one more pass writes the outputs and residuals (`emit_row`), vectorized;
    when a step is small enough that the sets should not change
    (`worth_emitting`), the drivers write the outputs at once and confirm the
-   sets from that pass's counts, which saves the confirming pass.
+   sets from that pass's counts, which saves the confirming pass.  Both
+   drivers take these decisions through `ready_to_emit` and `settle`.
 
 Rows need 3-5 passes for p = 2, 5-6 for p = 4/3.  A row that does not settle
 within `MAX_STEPS` is left to the caller (the selection kernel solves it
@@ -290,6 +291,38 @@ def worth_emitting(state, t_prev, k, ref, lam, q, is_mag):
     if far_below_width(ref, state[0], lam, q, is_mag):
         return False  # a pass confirms the sets first, then the threshold is polished (`advance`)
     return abs(state[0] - t_prev) * 2.0 * state[6] < 0.25 * _width(ref + t_prev, lam, q, is_mag)
+
+
+@nb.njit(cache=True, inline="always", error_model="numpy")
+def ready_to_emit(status, row, state, t_prev, k, ref, lam, q, is_mag):
+    """After `advance` (which returned `status` and stepped from `t_prev`): whether the driver writes the
+    row's outputs now (`emit_row`), then hands their counts to `settle`.
+
+    Yes at a solved threshold (first moved off an end of a non-unique interval,
+    `leave_interval_end`), and on the bet of `worth_emitting` that the
+    threshold just stepped to keeps its sets.
+    """
+    if status == SOLVED:
+        leave_interval_end(row, ref, state, k, lam, q, is_mag)
+        return True
+    return status == ITERATE and worth_emitting(state, t_prev, k, ref, lam, q, is_mag)
+
+
+@nb.njit(cache=True, inline="always", error_model="numpy")
+def settle(status, state, n_sat, n_free, ref, ref_cast, is_mag):
+    """Whether the outputs just written (with set counts `n_sat`, `n_free`) are the row's; returns
+    (settled, the frame's ref, which moves when the threshold re-centres).
+
+    They are at a solved threshold, or on a won bet (the counts are those the
+    threshold came from), unless the threshold is not known to its own digits
+    in its frame (`frame_holds`): the frame then moves next to it (`recentre`)
+    and the iteration goes on there.
+    """
+    if not (status == SOLVED or (n_sat == state[5] and n_free == state[6])):
+        return False, ref
+    if not frame_holds(ref, state[0], is_mag):
+        return False, recentre(state, ref, ref_cast)
+    return True, ref
 
 
 @nb.njit(cache=True, error_model="numpy")
