@@ -321,7 +321,7 @@ def _split(lower, upper, top):
 
 
 @nb.njit(cache=True, error_model="numpy")
-def _pool_rootfind(keys, order, lo, hi, kk, lam, q, is_mag, frame, absolute):
+def _pool_rootfind(keys, order, lo, hi, kk, lam, q, is_mag, frame):
     """General q: solve the pooled block equation for its value; return (a, b, gamma).
 
     `sum(y)` is continuous and non-increasing in the block value.  The bracket
@@ -337,8 +337,10 @@ def _pool_rootfind(keys, order, lo, hi, kk, lam, q, is_mag, frame, absolute):
         lower = mag_lower_bracket(_key(keys, order, i0 + 1, frame) + shift, lam, q, shift)
     else:
         lower = _key(keys, order, i0 + 1, frame) - lam
-    # In absolute terms (`absolute`: `_pooled_block`'s second solve, ref = 0) the magnitude's value
-    # can lie orders of magnitude below the k-th key: split geometrically in the value itself.
+    # In absolute terms (a frame whose ref is 0: `_pooled_block`'s second solve, or relative to a
+    # zero key) the magnitude's value can lie orders of magnitude below the k-th key: split
+    # geometrically in the value itself.
+    absolute = is_mag and frame[0] == 0.0
     gamma = 0.5 * (lower + upper)
     for _ in range(300):
         f, fp, a, b = _excess(keys, order, lo, hi, kk, gamma, lam, q, is_mag, frame)
@@ -388,7 +390,7 @@ def _pooled_block(keys, order, lo, hi, kk, lam, q, is_mag, closed):
     if closed:
         a, b, gamma = _pool_closed(keys, order, lo, hi, kk, lam_r, q, is_mag, frame)
     else:
-        a, b, gamma = _pool_rootfind(keys, order, lo, hi, kk, lam_r, q, is_mag, frame, False)
+        a, b, gamma = _pool_rootfind(keys, order, lo, hi, kk, lam_r, q, is_mag, frame)
     if is_mag and far_below(gamma + frame[3], frame[3]):
         # The magnitude's value far below the key it is held relative to (with q < 2 the block's
         # free entries can sit hundreds of orders above it, their outputs ~x; with q = 4 a key
@@ -398,7 +400,7 @@ def _pooled_block(keys, order, lo, hi, kk, lam, q, is_mag, closed):
         # its own digits, by root finding for every q: the closed form's value, mean - d, cancels
         # there (a threshold of 1e-89 below keys ~1e-31 came out 0).
         frame = (0.0, frame[1], frame[2], 0.0)
-        a, b, gamma = _pool_rootfind(keys, order, lo, hi, kk, frame[2], q, is_mag, frame, True)
+        a, b, gamma = _pool_rootfind(keys, order, lo, hi, kk, frame[2], q, is_mag, frame)
     # For q < 2 (p > 2) g is infinitely steep at 0, so the block's smallest entry needs its
     # u = s - value to full relative precision (an error of eps * |s| in u would put an error
     # of (eps |s| / l)^(q-1) into y): solve again relative to that key, where that helps (for
@@ -407,8 +409,7 @@ def _pooled_block(keys, order, lo, hi, kk, lam, q, is_mag, closed):
     near = not is_mag or float(keys[order[b - 1]]) * frame[1] <= 2.0 * (gamma + frame[3])
     if q < 2.0 and b - 1 > lo + kk - 1 and near:
         frame = _row_frame(float(keys[order[b - 1]]), lam, q, is_mag)
-        # Relative to a zero key (the magnitude's) the frame is the absolute one.
-        a, b, gamma = _pool_rootfind(keys, order, lo, hi, kk, frame[2], q, is_mag, frame, is_mag and frame[0] == 0.0)
+        a, b, gamma = _pool_rootfind(keys, order, lo, hi, kk, frame[2], q, is_mag, frame)
     return a, b, gamma, frame
 
 
