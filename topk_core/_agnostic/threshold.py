@@ -290,11 +290,14 @@ def _root(
     return s, lo, hi
 
 
-def _controls(dtype: Any, max_iter: int | None, tol: float | None, xp: Any) -> tuple[float, float, int, float]:
+def _controls(dtype: Any, max_iter: int | None, tol: float | None,
+              xp: Any) -> tuple[float, float, int, float, float]:
+    """(rtol, ulps, iterations, the dtype's largest value, the Newton steps' guard) of a solve in `dtype`."""
     finfo = xp.finfo(dtype)
     eps = float(finfo.eps)
     rtol = _FTOL_ULPS * eps if tol is None else float(tol)
-    return rtol, _ULPS * eps, DEFAULT_MAX_ITER if max_iter is None else int(max_iter), float(finfo.max)
+    big = float(finfo.max)
+    return rtol, _ULPS * eps, DEFAULT_MAX_ITER if max_iter is None else int(max_iter), big, 4.0 / big
 
 
 def _mask_pieces(tau: Any, xs: Any, lam_r: Any, q: float, xp: Any) -> tuple[Any, Any, Any, Any]:
@@ -434,8 +437,7 @@ def threshold_mask(
     check_strength_in_dtype(lam, x.dtype, xp, "threshold")
     n = x.shape[-1]
     dt = x.dtype
-    rtol, ulps, iters, big = _controls(dt, max_iter, tol, xp)
-    guard = 4.0 / big
+    rtol, ulps, iters, big, guard = _controls(dt, max_iter, tol, xp)
     x, nan_rows = nan_rows_of(x, xp)
     pos_inf, neg_inf = x == xp.inf, x == -xp.inf
     fin = xp.isfinite(x)
@@ -618,8 +620,7 @@ def threshold_mag(
     check_strength_in_dtype(lam, x.dtype, xp, "threshold")
     n = x.shape[-1]
     dt = x.dtype
-    rtol, ulps, iters, big = _controls(dt, max_iter, tol, xp)
-    guard = 4.0 / big
+    rtol, ulps, iters, big, guard = _controls(dt, max_iter, tol, xp)
     x, nan_rows = nan_rows_of(x, xp)
     a = xp.abs(x)
     infinite = a == xp.inf
