@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.sparse-topk-installed
 
-.PHONY: setup demo test lint docs bench clean
+.PHONY: setup demo test lint docs bench gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ bench: setup
 	$(BIN)/python benchmarks/bench_core.py
 	$(BIN)/python benchmarks/bench_methods.py
 	$(BIN)/python benchmarks/run.py
+
+# Pure-Python wheels that a GPU machine's image may lack, for benchmarks/gpu_check.sh (into .whl/).
+gpu-wheels:
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: -d .whl array-api-compat array-api-strict entmax
 
 clean:
 	rm -rf $(VENV) site .pytest_cache

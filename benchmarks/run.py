@@ -47,6 +47,10 @@ sys.path.insert(0, str(HERE))
 from _report import machine, median_time, write_section  # noqa: E402
 
 SHAPES = [(1, 10**6), (64, 4096), (16384, 64)]
+# The GPU shapes of issue 5: many router rows, a square block, one long row (default with --device cuda).
+GPU_SHAPES = [(2**20, 64), (4096, 4096), (1, 2**24)]
+# Target of issue 5 on the GPU: forward+backward at most this many times the hard top-k's, at this shape.
+GPU_TARGET, GPU_TARGET_SHAPE = 3.0, (2**20, 64)
 QUICK_SHAPES = [(1, 4096), (64, 64)]
 N_SWEEP = [10**j for j in range(2, 8)]
 QUICK_N_SWEEP = [1000]
@@ -170,8 +174,9 @@ def torch_entries(operators: list[str], device: str) -> tuple[list[Entry], Calla
     entries = [
         Entry("torch", "torch.sort", "baseline", "full sort of each row", "",
               lambda x, k: torch.sort(x, dim=-1), sweep=True),
-        Entry("torch", "torch.topk", "baseline", "hard top-k values and indices", "",
-              lambda x, k: torch.topk(x, k, dim=-1), sweep=True),
+        Entry("torch", "torch.topk", "baseline", "hard top-k values and indices (fwd+bwd: the values "
+              "scattered into a row of zeros, differentiated)", "",
+              lambda x, k: torch.topk(x, k, dim=-1), both_of(_torch_hard_topk), sweep=True),
     ]
     def make(op: str, p: float, method: str) -> tuple[Callable, Callable]:
         fwd = partial(_call, getattr(tk, f"soft_topk_{op}"), dict(p=p, regularization_strength=STRENGTH, method=method))
@@ -210,6 +215,14 @@ def torch_entries(operators: list[str], device: str) -> tuple[list[Entry], Calla
         return r
 
     return entries, lambda a: torch.asarray(a, device=dev), sync
+
+
+def _torch_hard_topk(x: object, k: int) -> object:
+    """The hard top-k in value with x's shape: torch.topk's values scattered into a row of zeros."""
+    import torch
+
+    values, indices = torch.topk(x, k, dim=-1)
+    return torch.zeros_like(x).scatter(-1, indices, values)
 
 
 def _entmax_budget(budget_bisect: Callable, x: object, k: int) -> object:
@@ -271,8 +284,9 @@ def jax_entries(operators: list[str], device: str) -> tuple[list[Entry], Callabl
     f, _ = jitted(lambda x, k: jnp.sort(x, axis=-1))
     entries = [Entry("jax", "jnp.sort (jit)", "baseline", "full sort of each row", "", f, sweep=True)]
     f, _ = jitted(lambda x, k: jax.lax.top_k(x, k))
-    entries.append(Entry("jax", "jax.lax.top_k (jit)", "baseline", "hard top-k values and indices", "", f,
-                         sweep=True))
+    _, b = jitted(_jax_hard_topk)
+    entries.append(Entry("jax", "jax.lax.top_k (jit)", "baseline", "hard top-k values and indices (fwd+bwd: the "
+                         "values scattered into a row of zeros, differentiated)", "", f, b, sweep=True))
     entries += our_entries(
         "jax", operators, lambda op, p, method: jitted(partial(_jax_soft, getattr(tk, f"soft_topk_{op}"), p, method)),
         suffix=" (jit)",
@@ -294,6 +308,16 @@ def jax_entries(operators: list[str], device: str) -> tuple[list[Entry], Callabl
         return jax.block_until_ready(r)
 
     return entries, lambda a: jax.device_put(jnp.asarray(a), target), sync
+
+
+def _jax_hard_topk(x: object, k: int) -> object:
+    """The hard top-k in value with x's shape: jax.lax.top_k's values scattered into a row of zeros."""
+    import jax
+    import jax.numpy as jnp
+
+    values, indices = jax.lax.top_k(x, k)
+    rows = jnp.arange(x.shape[0])[:, None]
+    return jnp.zeros_like(x).at[rows, indices].set(values)
 
 
 def _jax_soft(soft: Callable, p: float, method: str, x: object, k: int) -> object:
@@ -527,6 +551,7 @@ def report(all_results: dict, args: argparse.Namespace, figure_dir: Path | None,
                     cells = [_ms(r["first"]), _ms(r["forward"]), _ms(r["both"]), ratio, _mb(mem)]
                 lines.append("| " + " | ".join([framework, f"`{entry.name}`", entry.kind, entry.computes,
                                                 f"{shape}", *cells]) + " |")
+    lines += _gpu_target(all_results, args)
     lines += ["", f"Time vs n (one row, forward, medians of {args.sweep_repeats}; a sweep stops after the "
               f"first size whose call exceeds {args.time_cap:g} s; times in ms):", ""]
     lines += _sweep_table(all_results, "n_sweep", args.n_sweep, 1)
@@ -553,6 +578,24 @@ def report(all_results: dict, args: argparse.Namespace, figure_dir: Path | None,
             lines.append(f"![{path.stem}]({rel})")
             lines.append("")
     return "\n".join(lines)
+
+
+def _gpu_target(all_results: dict, args: argparse.Namespace) -> list[str]:
+    """On CUDA: forward+backward of this library's entries at GPU_TARGET_SHAPE as ratios to the hard top-k's."""
+    if args.device != "cuda" or GPU_TARGET_SHAPE not in args.shapes:
+        return []
+    lines = ["", f"Target on the GPU: forward+backward at most {GPU_TARGET:g}x the hard top-k's at "
+             f"{GPU_TARGET_SHAPE} (its values scattered into a row of zeros and differentiated):", ""]
+    for res in all_results.values():
+        hard = next((e.name for e in res["entries"] if e.kind == "baseline" and "top" in e.name), None)
+        base = res["table"].get((hard, GPU_TARGET_SHAPE), {}).get("both")
+        for entry in res["entries"]:
+            r = res["table"].get((entry.name, GPU_TARGET_SHAPE), {})
+            if entry.kind != "ours" or not base or not r.get("both"):
+                continue
+            ratio = r["both"] / base
+            lines.append(f"* `{entry.name}`: {ratio:.2f}x `{hard}` ({'met' if ratio <= GPU_TARGET else 'missed'})")
+    return lines
 
 
 def _sweep_table(all_results: dict, key: str, sizes: list[int], axis: int) -> list[str]:
@@ -676,7 +719,7 @@ def main(argv: list[str] | None = None) -> None:
     if set(args.operators) - set(OPERATORS):
         parser.error(f"--operators must be a subset of {OPERATORS}")
     if args.shapes is None:
-        args.shapes = QUICK_SHAPES if args.quick else SHAPES
+        args.shapes = QUICK_SHAPES if args.quick else GPU_SHAPES if args.device == "cuda" else SHAPES
     args.n_sweep = [n for n in (QUICK_N_SWEEP if args.quick else N_SWEEP) if n <= args.max_n]
     args.batch_sweep = QUICK_BATCH_SWEEP if args.quick else BATCH_SWEEP
     if args.quick:

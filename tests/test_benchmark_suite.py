@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -55,9 +56,34 @@ def test_framework_quick(tmp_path, framework):
     kinds = {row[2] for row in rows}
     assert {"ours", "baseline"} <= kinds
     baseline = "`torch.topk`" if framework == "torch" else "`jax.lax.top_k (jit)`"
-    assert baseline in {row[1] for row in rows}
+    hard = [row for row in rows if row[1] == baseline]
+    assert hard and all(float(row[7]) > 0 for row in hard)  # the hard top-k's forward + backward too
     ours = [row for row in rows if row[2] == "ours"]
     assert ours and all(float(row[7]) > 0 for row in ours)  # forward + backward measured
+
+
+def test_gpu_target_lines_compare_forward_backward_with_the_hard_topk(monkeypatch):
+    """The GPU report's target lines: each entry of ours at the target shape against the hard top-k."""
+    import argparse
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import run
+
+    def entry(name, kind):
+        return run.Entry("torch", name, kind, "", "", lambda x, k: x)
+
+    shape = run.GPU_TARGET_SHAPE
+    results = {"torch": {
+        "entries": [entry("torch.sort", "baseline"), entry("torch.topk", "baseline"), entry("fast", "ours"),
+                    entry("slow", "ours"), entry("failed", "ours")],
+        "table": {("torch.sort", shape): {"both": None}, ("torch.topk", shape): {"both": 2.0},
+                  ("fast", shape): {"both": 4.0}, ("slow", shape): {"both": 8.0}, ("failed", shape): {"error": "x"}},
+    }}
+    lines = run._gpu_target(results, argparse.Namespace(device="cuda", shapes=[shape]))
+    assert "* `fast`: 2.00x `torch.topk` (met)" in lines
+    assert "* `slow`: 4.00x `torch.topk` (missed)" in lines
+    assert not any("failed" in line for line in lines)
+    assert run._gpu_target(results, argparse.Namespace(device="cpu", shapes=[shape])) == []
 
 
 def test_vector_width_child_measures_every_operator(monkeypatch):
@@ -69,3 +95,18 @@ def test_vector_width_child_measures_every_operator(monkeypatch):
     ratios = bench_vector_width.child(1)
     assert len(ratios) == 2 * 2 * len(bench_vector_width.EXPONENTS)
     assert all(fwd > 0 and both > 0 for fwd, both in ratios.values())
+
+
+def test_gpu_check_script_smoke_run_on_the_cpu(tmp_path):
+    """`benchmarks/gpu_check.sh`'s benchmark step, as a smoke run without a GPU (DEVICE=cpu QUICK=1)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("jax")
+    env = {**os.environ, "PYTHON": sys.executable, "DEVICE": "cpu", "QUICK": "1", "STEPS": "bench"}
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(tmp_path)], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT, env=env)
+    assert done.returncode == 0, done.stdout[-3000:]
+    log = (tmp_path / "log.txt").read_text()
+    assert "== benchmark suite on cpu" in log and "status 0" in log
+    page = (tmp_path / "benchmarks.md").read_text()
+    assert "| torch | `torch.topk` |" in page
+    assert (tmp_path / "figures" / "bench_time_vs_n_cpu.png").stat().st_size > 0

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# The GPU part of issue 5 in one prepared run: the tests that need a GPU, the JAX tests on the
+# GPU (JAX's default device there), then the benchmark suite on CUDA (PyTorch and JAX) at the
+# issue's shapes. For a machine with a CUDA GPU whose Python already has CUDA builds of PyTorch
+# and JAX, NumPy, Numba and pytest (nothing is installed over them). From the repository's root:
+#
+#     bash benchmarks/gpu_check.sh OUTDIR
+#
+# OUTDIR receives log.txt (everything printed, measurements included as they come, so a run cut
+# short still leaves them), benchmarks.md (a copy of docs/benchmarks.md whose section
+# bench_suite_cuda holds the new tables) and its figures in OUTDIR/figures: copy the section and
+# the figures into docs/ to publish them. Pure-Python packages the machine may lack
+# (array-api-compat, array-api-strict, entmax) are installed from the wheels in .whl/ when that
+# folder has any, into a temporary folder (`make gpu-wheels` downloads them; docs/benchmarks.md).
+# STEPS (default "tests bench") picks the steps, so that they can run as two calls; each has a
+# time limit in seconds, STEP_TESTS (default 180, JAX tests on WORKERS=8 processes) and
+# STEP_BENCH (default 300): the whole run fits in a 10-minute call. DEVICE=cpu QUICK=1 runs the
+# same steps as a smoke run on a machine without a GPU (about 2 minutes on 2 cores).
+set -uo pipefail
+out=${1:?usage: bash benchmarks/gpu_check.sh OUTDIR}
+device=${DEVICE:-cuda}
+py=${PYTHON:-python3}
+mkdir -p "$out/figures"
+exec > >(tee "$out/log.txt") 2>&1
+started=$SECONDS
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+    site=$(mktemp -d)
+    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl || exit 1
+    export PYTHONPATH=$site
+fi
+# The packages from the working tree, uninstalled (import names: topk_core and the adapters).
+export PYTHONPATH="$PWD:$PWD/adapters${PYTHONPATH:+:$PYTHONPATH}"
+# PyTorch and JAX share the GPU in one process: JAX takes memory as it needs it, not 75% up front.
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+
+echo "== machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "(no nvidia-smi)"
+"$py" - <<'EOF' || exit 1
+import jax, numba, numpy, torch
+import topk_core, topk_jax, topk_torch  # noqa: F401  (the working tree imports)
+print("python", __import__("sys").version.split()[0], "| numpy", numpy.__version__, "| numba", numba.__version__)
+print("torch", torch.__version__, "cuda" if torch.cuda.is_available() else "no cuda",
+      torch.cuda.get_device_name() if torch.cuda.is_available() else "")
+print("jax", jax.__version__, jax.devices())
+EOF
+
+status=0
+steps=${STEPS:-tests bench}
+if [[ $steps == *tests* && $device == cuda ]]; then
+    echo "== tests that need a GPU ($((SECONDS - started)) s)"
+    log=$(mktemp)
+    timeout 120 "$py" -m pytest -q -p no:cacheprovider -rs -m gpu tests 2>&1 | tee "$log"
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    # Every one of them must have run: a skip here means the GPU was not seen.
+    if grep -q " skipped" "$log"; then echo "GPU tests were skipped"; status=1; fi
+fi
+if [[ $steps == *tests* ]]; then
+    echo "== the JAX tests on JAX's default device ($((SECONDS - started)) s)"
+    timeout "${STEP_TESTS:-180}" "$py" -m pytest -q -p no:cacheprovider -n "${WORKERS:-8}" -x \
+        tests/test_jax_methods.py tests/test_jax_adapter.py || status=1
+fi
+
+if [[ $steps == *bench* ]]; then
+    echo "== benchmark suite on $device ($((SECONDS - started)) s)"
+    cp docs/benchmarks.md "$out/benchmarks.md"
+    # The issue's target shape comes first (benchmarks/run.py: GPU_SHAPES), so a run cut short has it.
+    bench=(--device "$device" --framework "$([ "$device" = cuda ] && echo all || echo torch)"
+           --write "$out/benchmarks.md" --figures "$out/figures" --time-cap 1 --memory-timeout 60)
+    [ -n "${QUICK:-}" ] && bench+=(--quick --no-memory)
+    PYTHONUNBUFFERED=1 timeout "${STEP_BENCH:-300}" "$py" benchmarks/run.py "${bench[@]}" || status=1
+fi
+
+echo "== done in $((SECONDS - started)) s, status $status"
+exit $status
