@@ -52,6 +52,7 @@ import numpy as np
 
 from ._scalar import lower_bracket_relative, quadratic_fixed_point
 from .kernels import _compiled_pair, _in_unit_range, _quadratic_block_value, _unit_scale, far_below
+from .transpose import BLOCK, lanes_to_rows, rows_to_lanes
 
 # Rows processed side by side (one SIMD lane each).
 LANES = 64
@@ -397,6 +398,40 @@ def _lane_outputs(z, tau, level, lam, q, is_mag, gbuf, with_residuals):
                 gbuf[j, lane] = gp if free else 0.0
 
 
+@nb.njit(cache=True, error_model="numpy")
+def _scale_codes(z, gbuf):
+    """The magnitude's scales in the lane layout, in place of its codes `z` (see `_lane_outputs`):
+    1 + g' on F, -1 on A (whose scale is 1: the sign tells A apart once in the rows), else 0."""
+    for j in range(z.shape[0]):
+        for lane in range(LANES):
+            m = z[j, lane]
+            z[j, lane] = 1.0 + gbuf[j, lane] if m > 0.0 else (-1.0 if m < 0.0 else 0.0)
+
+
+@nb.njit(cache=True, inline="always", error_model="numpy")
+def _mag_row(x, r, k, out, scale, free_signs, offset, with_residuals):
+    """Row `r` of the magnitude's outputs (and residuals) from the codes stored in it (`lane_rows`).
+
+    `out[r]` holds the codes (-1 on A: the output is x itself; the value on F, given x's
+    sign; +0 elsewhere), `scale[r]` the scales with -1 on A (`_scale_codes`).  Selects
+    only: the compiler vectorizes both loops.
+    """
+    n = x.shape[1]
+    for j in range(n):
+        m = out[r, j]
+        xj = x[r, j]
+        signed = math.copysign(m, xj)
+        out[r, j] = xj if m < 0.0 else (signed if m > 0.0 else 0.0)
+    if with_residuals:
+        n_kept = 0
+        for j in range(n):
+            s = scale[r, j]
+            free_signs[r, j] = (1 if x[r, j] > 0.0 else -1) if s > 0.0 else 0
+            scale[r, j] = 1.0 if s < 0.0 else s
+            n_kept += 1 if s < 0.0 else 0
+        offset[r] = k - n_kept
+
+
 @nb.njit(cache=True, inline="always", error_model="numpy")
 def _levels(ref, tau, lam, is_mag, level):
     # Each lane's saturation level (see `_entry_sets`): once per pass, not per entry.
@@ -424,10 +459,39 @@ def load_group(keys, r0, rows, out, subset):
     the first: harmless, never read back.  Shared by the lane solver and `select.lane_order_statistics`."""
     used = min(LANES, row_count(subset, keys.shape[0]) - r0)
     for lane in range(LANES):
-        r = row_at(subset, r0 + lane if lane < used else r0)
-        rows[lane] = r
-        for j in range(keys.shape[1]):
+        rows[lane] = row_at(subset, r0 + lane if lane < used else r0)
+    n = keys.shape[1]
+    # 8 x 8 blocks in registers (module `transpose`), the last n % 8 entries one by one.
+    blocked = n - n % BLOCK if _unit_stride(keys) and _unit_stride(out) else 0
+    for first in range(0, LANES, BLOCK):
+        for j0 in range(0, blocked, BLOCK):
+            rows_to_lanes(keys, rows, first, j0, out)
+    for lane in range(LANES):
+        r = rows[lane]
+        for j in range(blocked, n):
             out[j, lane] = keys[r, j]
+
+
+@nb.njit(cache=True, inline="always", error_model="numpy")
+def store_group(z, used, rows, out):
+    """Write the group `z` (n, LANES) back to the rows `rows[:used]` of `out` (batch, n), in the dtype of `out`:
+    the inverse of `load_group`.  Full groups of float32 rows go by 8 x 8 blocks in registers (for
+    float64 rows the loop below was as fast)."""
+    n = z.shape[0]
+    blocked = n - n % BLOCK if used == LANES and out.itemsize == 4 and _unit_stride(out) and _unit_stride(z) else 0
+    for first in range(0, LANES, BLOCK):
+        for j0 in range(0, blocked, BLOCK):
+            lanes_to_rows(z, j0, first, out, rows)
+    for lane in range(used):
+        r = rows[lane]
+        for j in range(blocked, n):
+            out[r, j] = z[j, lane]
+
+
+@nb.njit(cache=True, inline="always", error_model="numpy")
+def _unit_stride(a):
+    # Contiguous along the last axis, as the block transposes read and write it.
+    return a.strides[1] == a.itemsize
 
 
 @nb.njit(cache=True, error_model="numpy")
@@ -527,33 +591,20 @@ def lane_rows(x, k, lam, q, is_mag, bounds, out, gprime, scale, free_signs, offs
             _lane_outputs(z, tau, level, lam, q, is_mag, gbuf, with_residuals)  # z: the outputs now
             for lane in range(used):
                 unresolved[rows[lane]] = active[lane] != 0.0
-            # Back to input order, a row at a time (unresolved rows too: the caller overwrites them).
-            for lane in range(used):
-                r = rows[lane]
-                if is_mag:
-                    # Selects only: m < 0 marks A (output x itself, scale 1), m > 0 F (the value
-                    # with x's sign, scale 1 + g'); +0 and no residual elsewhere.  The sign is taken
-                    # before the selects, which the compiler then vectorizes.
-                    for j in range(n):
-                        m = z[j, lane]
-                        xj = x[r, j]
-                        signed = math.copysign(m, xj)
-                        out[r, j] = xj if m < 0.0 else (signed if m > 0.0 else 0.0)
-                    if with_residuals:
-                        n_kept = 0
-                        for j in range(n):
-                            m = z[j, lane]
-                            gp = gbuf[j, lane]
-                            gprime[r, j] = gp
-                            scale[r, j] = 1.0 + gp if m > 0.0 else (1.0 if m < 0.0 else 0.0)
-                            free_signs[r, j] = (1 if x[r, j] > 0.0 else -1) if m > 0.0 else 0
-                            n_kept += 1 if m < 0.0 else 0
-                        offset[r] = k - n_kept
-                else:
-                    for j in range(n):
-                        out[r, j] = z[j, lane]
-                        if with_residuals:
-                            gprime[r, j] = gbuf[j, lane]
-
+            # Back to input order (unresolved rows too: the caller overwrites them).
+            if is_mag:
+                # The sets' codes (z: -1 on A, the value on F, else 0) go back as they are, then each
+                # row's outputs and residuals are read off them and x, contiguously.
+                store_group(z, used, rows, out)
+                if with_residuals:
+                    store_group(gbuf, used, rows, gprime)
+                    _scale_codes(z, gbuf)  # z: the scales, -1 marking A
+                    store_group(z, used, rows, scale)
+                for lane in range(used):
+                    _mag_row(x, rows[lane], k, out, scale, free_signs, offset, with_residuals)
+            else:
+                store_group(z, used, rows, out)
+                if with_residuals:
+                    store_group(gbuf, used, rows, gprime)
 
 lane_rows = _compiled_pair(lane_rows)
