@@ -3,7 +3,8 @@
 For rows of at most `LANE_MAX_N` entries, the per-row work of the selection
 kernel (classification, ordering of the candidates, pooled block) is scalar
 code whose branches depend on the data, and costs more than a vectorized sort
-of the row.  Here `LANES` rows are transposed at a time, so that every step
+of the row.  Here `LANES` rows are transposed at a time (by 8 x 8 blocks in
+registers, module `transpose`), so that every step
 works on one entry of `LANES` rows at once, and each row's threshold (spec
 section 5) is found by iterating on its sets (``e = (key - threshold) / l``,
 ``g = e^(q - 1)``):
@@ -59,9 +60,9 @@ LANES = 64
 # Rows up to this length take the lanes (p = 2 and 4/3): measured against the selection kernel
 # (the whole forward with the lanes on and off, rows handed back included; float32, k = n/8,
 # 4M entries, best of 21 runs; benchmarks/bench_lanes.py, table in docs/methods.md), the
-# lanes take 0.3-0.6x its time at n <= 24, 0.55-0.8x at 32-64, 0.7-0.85x at 80 (forward;
-# 0.75-1.0x with residuals), and 0.8-1.05x at 96, 0.85-1.25x with residuals (an Intel Xeon with
-# AVX-512; an AMD EPYC measured 0.8-0.95x for p = 2 at 96).
+# lanes take 0.25-0.55x its time at n <= 24, 0.5-0.75x at 32-64, 0.7-0.85x at 80 (forward;
+# 0.8-0.9x with residuals), and 0.8-0.95x at 96, 0.85-1.05x with residuals (an Intel Xeon with
+# AVX-512, block transposes; an AMD EPYC measured 0.8-0.95x for p = 2 at 96 before them).
 LANE_MAX_N = 80
 # Steps per row in the second lane solve before a row is handed to the selection kernel
 # (random rows need 2-4).
