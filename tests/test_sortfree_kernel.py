@@ -222,6 +222,63 @@ def test_magnitude_threshold_far_below_the_start_is_solved_again_next_to_itself(
     assert_within_input_rounding(arrays[0][0], y_ref[0], x[0], "long-row driver")
 
 
+# p = 4/3 magnitude thresholds many orders below the free keys and far below the first iterates
+# (both found by the float32-vs-float64 property): keys 10 (kept), 1e-11 (free) and 1e-32, whose
+# threshold 2.8e-33 a single Newton correction from 1.3e-22 left 1e-6 off (the output of 1e-32 with
+# it); and keys 100, 1, 5.6e-13, 1e-14 (free) and 1e-38, whose threshold 7.5e-41, reached by a
+# correction of nearly -8.4e-23, kept only eps * 8.4e-23 (it came out 2.4e-38: the output of 1e-38
+# came back 0 instead of 9.9e-39).  The polish now iterates on the absolute threshold to convergence,
+# and a root the frame cannot hold moves the frame first.
+DEEP_BELOW_ROWS = [
+    ((1e-32, 10.0, 10.0) + (1e-11,) * 23, 30, 91),
+    ((100.0, 100.0, 1e-38, 100.0, 1.0, 5.62341325e-13, 100.0) + (1e-14,) * 20, 30, 181),
+]
+
+
+_ANSWERS: dict = {}
+
+
+def _deep_below_answer(x, k):
+    # The oracle's answer (80 digits), once per row.
+    key = (x.tobytes(), k)
+    if key not in _ANSWERS:
+        _ANSWERS[key] = mp_threshold_mag_row(x, k, 2.0, 4.0 / 3.0, digits=80)
+    return _ANSWERS[key]
+
+
+def _assert_close_to(y, expected, x, label):
+    if y.dtype == np.float32:  # float32 outputs: the float64 answer rounded, to an ulp
+        bound = np.spacing(np.abs(expected).astype(np.float32)).astype(np.float64) + 1e-45
+        assert np.all(np.abs(y.astype(np.float64) - expected) <= bound), label
+    else:
+        assert_within_input_rounding(y, expected, x, label)
+
+
+@pytest.mark.parametrize(("row", "reps", "k"), DEEP_BELOW_ROWS)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("frame", ["absolute", "at the start"])
+def test_magnitude_threshold_deep_below_its_first_iterates_keeps_its_digits(row, reps, k, dtype, frame):
+    # The iteration from a start among the free keys (1e-12), in the absolute frame (ref = 0) or in
+    # one at the start, which cannot hold the threshold: it must settle on the row's outputs.
+    x = np.tile(np.asarray(row, dtype=dtype), reps)[None]
+    expected = _deep_below_answer(x[0].astype(np.float64), k)
+    arrays = fused_outputs(x, True, True)
+    state = np.empty(sortfree.STATE_SIZE)
+    ref = 0.0 if frame == "absolute" else float(dtype(1e-12))
+    sortfree.start_state(state, 1e-12 - ref, ref, True, 1e-12)
+    keys = np.abs(x)
+    assert select.sortfree_iterate(keys, x, 0, k, 2.0, 4.0, True, True, *arrays, state, ref, np.empty(1, dtype))
+    _assert_close_to(arrays[0][0], expected, x[0].astype(np.float64), f"iteration, {frame} frame")
+    # And every route's answer (rows of this scale leave the sort-free route at its start).
+    y, _ = pav_mag(x, k, 2.0, 4.0, with_residuals=False)
+    _assert_close_to(y[0], expected, x[0].astype(np.float64), "single-row driver")
+    wide = np.tile(x, (1, 10))
+    arrays = fused_outputs(wide, True, False)
+    select._select_long_rows(np.abs(wide), wide, 10 * k, 2.0, 4.0, True, *arrays, 3, 8192, True)
+    # (The same row ten times over: each output is the short row's.)
+    _assert_close_to(arrays[0][0], np.tile(expected, 10), wide[0].astype(np.float64), "long-row driver")
+
+
 def test_route_choice():
     assert select.sortfree_applies(4096, 512, 2.0, 0.1)
     assert select.sortfree_applies(4096, 512, 4.0, 0.1)

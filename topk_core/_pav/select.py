@@ -276,15 +276,25 @@ def _sortfree_row(keys, x, r, k, lam, q, is_mag, with_residuals, out, gprime, sc
                   state, ref_cast):
     """Solve row `r` by the sort-free iteration; False when it did not settle (the outputs it may have
     written on a lost bet are all written again by the caller's exact route)."""
-    n = keys.shape[1]
     usable, ref = _sortfree_start(keys, r, k, lam, q, is_mag, sample, state, ref_cast)
     if not usable:
         return False
+    return sortfree_iterate(keys, x, r, k, lam, q, is_mag, with_residuals, out, gprime, scale, free_signs, offset,
+                            state, ref, ref_cast)
+
+
+@nb.njit(cache=True, error_model="numpy")
+def sortfree_iterate(keys, x, r, k, lam, q, is_mag, with_residuals, out, gprime, scale, free_signs, offset, state,
+                     ref, ref_cast):
+    """The iteration of `_sortfree_row` from the start in `state` (threshold relative to `ref`, a value of the
+    keys' dtype); False when the row did not settle within `MAX_STEPS` passes."""
+    n = keys.shape[1]
     row = keys[r]
     for _ in range(MAX_STEPS):
         t_prev = state[0]
         status = advance(state, row_sums(row, 0, n, ref, t_prev, lam, q, is_mag), float(k), ref, lam, q, is_mag)
-        if ready_to_emit(status, row, state, t_prev, k, ref, lam, q, is_mag):
+        emit, ref = ready_to_emit(status, row, state, t_prev, k, ref, ref_cast, lam, q, is_mag)
+        if emit:
             # Outputs not settled are written again later (or by the caller's exact route).
             n_sat, n_free = emit_row(keys, x, r, 0, n, ref, state[0], lam, q, is_mag, with_residuals, out, gprime,
                                      scale, free_signs)
@@ -401,7 +411,8 @@ def _select_long_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs
                 totals = (int(part_sums[0].sum()), int(part_sums[1].sum()), part_sums[2].sum(), part_sums[3].sum(),
                           part_sums[4].sum())
                 status = advance(state, totals, float(k), ref, lam, q, is_mag)
-                if ready_to_emit(status, keys[r], state, t_prev, k, ref, lam, q, is_mag):
+                emit, ref = ready_to_emit(status, keys[r], state, t_prev, k, ref, ref_cast, lam, q, is_mag)
+                if emit:
                     # As in `_sortfree_row`, every pass split across the threads.
                     for c in nb.prange(n_parts):
                         part_a[c], part_b[c] = emit_row(keys, x, r, c * n // n_parts, (c + 1) * n // n_parts, ref,

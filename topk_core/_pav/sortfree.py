@@ -53,14 +53,17 @@ MAX_STEPS = 40
 # A step of at most this many ulps of the threshold's scale is a step to the threshold itself.
 _STEP_ULPS = 8.0
 _EPS = np.finfo(np.float64).eps
+# Newton steps at most of `_cubic_polish` (quadratic convergence: a few from any start below the keys).
+_POLISH_STEPS = 12
 # Fast-math flags of the passes over a row, which change only the last bits and let the compiler
 # vectorize: reassociated sums (`row_sums`), and a multiplication by 1 / l instead of a division
 # by l per entry (the passes that write outputs), which would cost several times the rest.
 _REASSOC = {"reassoc"}
 _ARCP = {"arcp"}
-# Status codes of `advance`, and the length of its state.
-ITERATE, SOLVED, FAILED = 0, 1, -1
-STATE_SIZE = 9
+# Status codes of `advance` (RECENTRE: move the frame next to the absolute threshold in state[9],
+# `recentre`), and the length of its state.
+ITERATE, SOLVED, FAILED, RECENTRE = 0, 1, -1, 2
+STATE_SIZE = 10
 
 
 @nb.njit(cache=True, error_model="numpy")
@@ -155,12 +158,32 @@ def far_below_width(ref, t, lam, q, is_mag):
 
 
 @nb.njit(cache=True, error_model="numpy")
-def _cubic_polish(ref, t, unit, n_free, s2, s3, lam):
-    """The Newton correction of a magnitude threshold `t` (p = 4/3, relative to `ref`) on its own sets, from
-    the sums of `row_sums` at `t`: ``h(u) = sum_F (d - u)^3 - l^3 unit (ref + t + u)`` at u = 0, where it
-    is exact to eps times the absolute threshold (`unit`: the free set's unit weights)."""
+def _cubic_polish(ref, t, unit, n_free, s1, s2, s3, lam):
+    """The root of a magnitude's equation (p = 4/3) on the sets at `t` (relative to `ref`), as an absolute
+    threshold, from the sums of `row_sums` at `t`: ``h = sum_F (d - u)^3 - l^3 unit T`` at ``T = ref + t + u``,
+    a cubic in u exact to eps times T (`unit`: the free set's unit weights).
+
+    h is decreasing and convex below the free keys, so Newton steps converge
+    to its root without a safeguard (after the first, from below),
+    quadratically: from 1.3e-22 to a root of 2.8e-33 under free keys of
+    1e-11 in two steps (one step had left the root 1e-6 off, and the outputs
+    of keys near it with it).  The iterate is the absolute threshold itself,
+    not a correction of `t`, nor `t` relative to `ref`: either keeps only
+    eps t (or eps ref) of a root far below it (a root of 7.5e-41 came out
+    2.4e-38 from 8.4e-23).  u's own rounding moves the cubic's terms by eps
+    of themselves only.
+    """
     l3 = lam * lam * lam
-    return (s3 - l3 * unit * (ref + t)) / (3.0 * s2 + l3 * unit)
+    root = ref + t
+    for _ in range(_POLISH_STEPS):
+        u = (root - ref) - t
+        h = s3 - u * (3.0 * s2 - u * (3.0 * s1 - n_free * u)) - l3 * unit * root
+        slope = 3.0 * s2 - u * (6.0 * s1 - 3.0 * n_free * u) + l3 * unit  # -h'
+        step = h / slope
+        root += step
+        if abs(step) <= _EPS * abs(root):
+            break
+    return root
 
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
@@ -187,11 +210,13 @@ def key_dtype_value(value, ref_cast):
 def recentre(state, ref, ref_cast):
     """Move the iteration's frame to a value of the keys' dtype next to its threshold; return the new ref.
 
-    The threshold and its bracket are shifted into the new frame; the
-    threshold counts as not coming from a step there, so a step and a pass
-    that confirms its sets solve the row again in the new frame.
+    The threshold is `state[9]` where a polish left it (absolute, with all its
+    digits, `advance`), else ``ref + state[0]``.  The threshold and its bracket
+    are shifted into the new frame; the threshold counts as not coming from a
+    step there, so a step and a pass that confirms its sets solve the row
+    again in the new frame.
     """
-    absolute = ref + state[0]
+    absolute = state[9] if state[9] == state[9] else ref + state[0]
     new_ref = key_dtype_value(absolute, ref_cast)
     shift = ref - new_ref
     state[0] = absolute - new_ref
@@ -200,26 +225,42 @@ def recentre(state, ref, ref_cast):
     state[4] = 0.0
     state[7] = np.inf  # Brent's rule: the next step is not judged by the old frame's steps
     state[8] = np.inf
+    state[9] = np.nan
     return new_ref
 
 
 @nb.njit(cache=True, error_model="numpy")
 def advance(state, sums, rest, ref, lam, q, is_mag):
-    """One step of the iteration from the sums at the current threshold; returns ITERATE, SOLVED or FAILED.
+    """One step of the iteration from the sums at the current threshold; returns ITERATE, SOLVED, FAILED or
+    RECENTRE.
 
     `state` (float64, STATE_SIZE): threshold (relative to `ref`), bracket ends lo and hi
     (infinite while open), the span of the next widening, whether the
-    threshold came from an unsafeguarded step (1.0), the counts |S|, |F| at
-    the threshold it came from, and the lengths of the last two steps.  On
-    SOLVED the threshold is the row's; no step is taken.
+    threshold came from an unsafeguarded step (1.0; 2.0: from a polish on
+    SOLVED, whose sets `settle` checks), the counts |S|, |F| at the threshold
+    it came from, the lengths of the last two steps, and the absolute root
+    of the last polish (NaN: none).  On SOLVED the threshold is the row's; no
+    step is taken.  On RECENTRE the step's root lies far below the frame: the
+    driver moves the frame there (`ready_to_emit`) and iterates on.
     """
     t, lo, hi, span = state[0], state[1], state[2], state[3]
     n_sat, n_free, s1, s2, s3 = sums
+    # Below the saturation width the closed form cancels (`far_below_width`); Newton steps on
+    # the same sets do not.  Their root is absolute (state[9] keeps it for `recentre`).
+    polish = far_below_width(ref, t, lam, q, is_mag) and n_free > 0
+    root = _cubic_polish(ref, t, rest - n_sat, n_free, s1, s2, s3, lam) if polish else math.nan
+    state[9] = root
     if state[4] == 1.0 and n_sat == state[5] and n_free == state[6]:
-        if far_below_width(ref, t, lam, q, is_mag) and n_free > 0:
-            state[0] = t + _cubic_polish(ref, t, rest - n_sat, n_free, s2, s3, lam)
+        if polish:
+            moved = abs((root - ref) - t) > _STEP_ULPS * _EPS * abs(root)
+            state[0] = root - ref
+            # The sets at the polished threshold must be these (`settle` compares the counts of
+            # the pass that writes the outputs): mark it as a threshold that moved.
+            state[4] = 2.0 if moved else 1.0
         return SOLVED
     f, nxt = _step(ref, t, rest, n_sat, n_free, s1, s2, s3, lam, q, is_mag)
+    if polish:
+        nxt = root - ref
     if f == 0.0 and n_free == 0:
         # No fractional entry: the threshold is not unique, and any t of the interval (this one
         # included) gives the exact 0/1 answer with an empty free set.
@@ -228,6 +269,11 @@ def advance(state, sums, rest, ref, lam, q, is_mag):
         lo = t
     elif f < 0.0:
         hi = t
+    if polish and ref != 0.0 and far_below(root, ref):
+        # The frame cannot hold the step's root (relative to ref it keeps eps ref of it, and may
+        # round onto the bracket's end): move the frame next to it first.
+        state[1], state[2] = lo, hi
+        return RECENTRE
     # Strictly inside: a step onto an end of the bracket (an earlier iterate) would let two
     # iterates alternate for ever on a piecewise-linear sum(y); bisect then.  False for NaN.
     from_step = lo < nxt < hi
@@ -294,18 +340,23 @@ def worth_emitting(state, t_prev, k, ref, lam, q, is_mag):
 
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
-def ready_to_emit(status, row, state, t_prev, k, ref, lam, q, is_mag):
+def ready_to_emit(status, row, state, t_prev, k, ref, ref_cast, lam, q, is_mag):
     """After `advance` (which returned `status` and stepped from `t_prev`): whether the driver writes the
-    row's outputs now (`emit_row`), then hands their counts to `settle`.
+    row's outputs now (`emit_row`), then hands their counts to `settle`; returns (write, the frame's ref).
 
     Yes at a solved threshold (first moved off an end of a non-unique interval,
-    `leave_interval_end`), and on the bet of `worth_emitting` that the
-    threshold just stepped to keeps its sets.
+    `leave_interval_end`), unless its frame does not resolve it
+    (`frame_holds`): the frame then moves next to it (`recentre`) and the
+    iteration goes on there, with no pass spent on outputs the frame cannot
+    give.  And yes on the bet of `worth_emitting` that the threshold just
+    stepped to keeps its sets.
     """
+    if status == RECENTRE or (status == SOLVED and not frame_holds(ref, state[0], is_mag)):
+        return False, recentre(state, ref, ref_cast)
     if status == SOLVED:
         leave_interval_end(row, ref, state, k, lam, q, is_mag)
-        return True
-    return status == ITERATE and worth_emitting(state, t_prev, k, ref, lam, q, is_mag)
+        return True, ref
+    return status == ITERATE and worth_emitting(state, t_prev, k, ref, lam, q, is_mag), ref
 
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
@@ -313,12 +364,14 @@ def settle(status, state, n_sat, n_free, ref, ref_cast, is_mag):
     """Whether the outputs just written (with set counts `n_sat`, `n_free`) are the row's; returns
     (settled, the frame's ref, which moves when the threshold re-centres).
 
-    They are at a solved threshold, or on a won bet (the counts are those the
-    threshold came from), unless the threshold is not known to its own digits
-    in its frame (`frame_holds`): the frame then moves next to it (`recentre`)
-    and the iteration goes on there.
+    They are at a solved threshold (whose sets, when `advance` polished it,
+    must be those it came from), or on a won bet (the counts are those the
+    threshold came from), unless the threshold is not known to its own
+    digits in its frame (`frame_holds`): the frame then moves next to it
+    (`recentre`) and the iteration goes on there.
     """
-    if not (status == SOLVED or (n_sat == state[5] and n_free == state[6])):
+    same_sets = n_sat == state[5] and n_free == state[6]
+    if not ((status == SOLVED and state[4] != 2.0) or same_sets):
         return False, ref
     if not frame_holds(ref, state[0], is_mag):
         return False, recentre(state, ref, ref_cast)
@@ -365,6 +418,7 @@ def start_state(state, t, ref, is_mag, span):
     state[6] = -1.0
     state[7] = np.inf
     state[8] = np.inf
+    state[9] = np.nan
 
 
 @nb.njit(cache=True, error_model="numpy")
