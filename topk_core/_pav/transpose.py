@@ -70,6 +70,18 @@ def _converted(builder, value, target):
     return builder.fpext(value, target) if widen else builder.fptrunc(value, target)
 
 
+def _float_matrices(*arrays):
+    # The typing rule of both intrinsics: 2-d float32 or float64 arrays (else no signature).
+    return all(isinstance(a, types.Array) and a.ndim == 2 and a.dtype in (types.float32, types.float64)
+               for a in arrays)
+
+
+def _row_index(context, builder, rows_type, rows, first, lane):
+    """The row index ``rows[first + lane]`` (an int64 array)."""
+    index = context.make_array(rows_type)(context, builder, rows)
+    return builder.load(builder.gep(index.data, [builder.add(first, ir.Constant(_I64, lane))]))
+
+
 def _vector_types(context, source, destination):
     return (ir.VectorType(context.get_data_type(source.dtype), BLOCK),
             ir.VectorType(context.get_data_type(destination.dtype), BLOCK))
@@ -82,18 +94,16 @@ def rows_to_lanes(typingctx, src, rows, first, j0, dst):
     `src` (batch, n) and `dst` (n, LANES): float32 or float64, contiguous along their last axis;
     `rows` int64 row indices.
     """
-    if not all(isinstance(a, types.Array) and a.ndim == 2 and a.dtype in (types.float32, types.float64)
-               for a in (src, dst)):
+    if not _float_matrices(src, dst):
         return None
 
     def codegen(context, builder, signature, args):
         src_t, rows_t, _, _, dst_t = signature.args
         src_v, rows_v, first_v, j0_v, dst_v = args
         load_t, store_t = _vector_types(context, src_t, dst_t)
-        row_index = context.make_array(rows_t)(context, builder, rows_v)
         vectors = []
         for lane in range(BLOCK):
-            r = builder.load(builder.gep(row_index.data, [builder.add(first_v, ir.Constant(_I64, lane))]))
+            r = _row_index(context, builder, rows_t, rows_v, first_v, lane)
             vectors.append(builder.load(_address(context, builder, src_t, src_v, r, j0_v, load_t), align=4))
         for c, column in enumerate(_transposed(builder, vectors)):
             pointer = _address(context, builder, dst_t, dst_v, builder.add(j0_v, ir.Constant(_I64, c)), first_v,
@@ -110,8 +120,7 @@ def lanes_to_rows(typingctx, src, j0, first, dst, rows):
 
     The inverse of `rows_to_lanes`: `src` (n, LANES), `dst` (batch, n).
     """
-    if not all(isinstance(a, types.Array) and a.ndim == 2 and a.dtype in (types.float32, types.float64)
-               for a in (src, dst)):
+    if not _float_matrices(src, dst):
         return None
 
     def codegen(context, builder, signature, args):
@@ -123,9 +132,8 @@ def lanes_to_rows(typingctx, src, j0, first, dst, rows):
             pointer = _address(context, builder, src_t, src_v, builder.add(j0_v, ir.Constant(_I64, c)), first_v,
                                load_t)
             vectors.append(builder.load(pointer, align=4))
-        row_index = context.make_array(rows_t)(context, builder, rows_v)
         for lane, row in enumerate(_transposed(builder, vectors)):
-            r = builder.load(builder.gep(row_index.data, [builder.add(first_v, ir.Constant(_I64, lane))]))
+            r = _row_index(context, builder, rows_t, rows_v, first_v, lane)
             builder.store(_converted(builder, row, store_t), _address(context, builder, dst_t, dst_v, r, j0_v, store_t),
                           align=4)
         return context.get_dummy_value()
