@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from topk_core._agnostic import jacobians
+from topk_core._agnostic.residuals import KEPT_CODE
 from topk_core._pav import lanes, select
 from topk_core._pav.kernels import fused_outputs
 from topk_core._pav_path import pav_mag, pav_mask
@@ -162,7 +163,7 @@ def test_magnitude_without_violator_keeps_the_top_k_with_identity_derivatives(rn
     y, res = pav_mag(x, 2, 1.0, q, with_residuals=True)
     np.testing.assert_array_equal(y, x * np.array([1.0, 1.0, 0.0, 0.0, 0.0]))
     np.testing.assert_array_equal(res.gprime, 0.0)
-    np.testing.assert_array_equal(res.scale, np.tile([1.0, 1.0, 0.0, 0.0, 0.0], (70, 1)))
+    np.testing.assert_array_equal(res.codes, np.tile([KEPT_CODE, KEPT_CODE, 0, 0, 0], (70, 1)))
     assert lane_calls
 
 
@@ -174,7 +175,7 @@ def test_magnitude_rows_with_few_non_zero_entries(rng, lane_calls):
     for q in Q_VALUES:
         y, res = pav_mag(x, 3, 0.1, q, with_residuals=True)
         np.testing.assert_array_equal(y[::2], x[::2])
-        np.testing.assert_array_equal(res.scale[::2], 1.0)
+        np.testing.assert_array_equal(res.codes[::2], KEPT_CODE)
         _assert_same("mag", x, 3, 0.1, rng, q)
     assert lane_calls
 

@@ -168,9 +168,9 @@ def test_a_threshold_far_below_the_keys_that_the_lane_start_rounds_to_zero():
     for label, y in _routes(x, 1, lam, p, lane_groups=True).items():
         assert_within_input_rounding(y, expected, x, label)
     # The lane solver alone: solved exactly, or handed back (then the selection kernel's).
-    out, gprime, scale, free_signs, offset = fused_outputs(x[None], True, False)
+    out, gprime, codes, offset = fused_outputs(x[None], True, False)
     unresolved = np.empty(1, dtype=bool)
-    lanes.lane_rows(x[None], 1, lam, 4.0, True, np.empty((0, 2)), out, gprime, scale, free_signs, offset,
+    lanes.lane_rows(x[None], 1, lam, 4.0, True, np.empty((0, 2)), out, gprime, codes, offset,
                     unresolved, 1, lanes.MAX_PASSES, lanes.EVERY_ROW)
     if not unresolved[0]:
         assert_within_input_rounding(out[0], expected, x, "lanes")

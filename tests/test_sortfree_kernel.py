@@ -161,10 +161,10 @@ def test_long_row_driver_equals_full_sort_route(rng, q, float_dtype, operator, n
         keys = np.ascontiguousarray(np.abs(x) if is_mag else x)
         scale = max(1.0, float(np.abs(x).max()) / 0.1)
         for k in (17, 625, 4000):
-            y, gprime, scales, free_signs, offset = arrays = fused_outputs(x, is_mag, True)
+            y, gprime, codes, offset = arrays = fused_outputs(x, is_mag, True)
             select._select_long_rows(keys, x, k, 0.1, q, is_mag, *arrays, n_parts, 8192, True)
             if is_mag:
-                res = MagResiduals(None, None, None, None, gprime, scales, free_signs, offset[:, None].astype(x.dtype))
+                res = MagResiduals(None, None, None, None, gprime, codes, offset[:, None].astype(x.dtype))
             else:
                 res = MaskResiduals(None, None, None, None, gprime)
             y_ref, res_ref = SOLVE[operator](x, k, 0.1, q, with_residuals=True, fused=False)

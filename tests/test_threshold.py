@@ -20,6 +20,7 @@ from hypothesis.extra.numpy import arrays
 import topk_core as tc
 import topk_numpy as tk
 from topk_core._agnostic import threshold
+from topk_core._agnostic.residuals import KEPT_CODE
 
 from ._method_backends import FORWARD, JVP, VJP, cuda_torch
 from ._oracles import assert_within_input_rounding, mp_threshold_mag_parts, mp_threshold_mag_row, rounding_reach
@@ -276,8 +277,8 @@ def test_mag_cancelling_rows_on_every_backend_with_residuals(backend, p):
         got_gprime = backend.back(res.gprime)[0]
         np.testing.assert_array_equal(got_gprime != 0, free)
         np.testing.assert_allclose(got_gprime, gprime, rtol=1e-10, atol=0)
-        want_scale = np.where(saturated, 1.0, np.where(free, 1.0 + gprime, 0.0))
-        np.testing.assert_allclose(backend.back(res.scale)[0], want_scale, rtol=1e-10, atol=0)
+        want_codes = np.where(free, np.sign(x), np.where(saturated, KEPT_CODE, 0))
+        np.testing.assert_array_equal(backend.back(res.codes)[0], want_codes)
 
 
 @pytest.mark.parametrize("p", _CANCEL_P, ids=_CANCEL_P_IDS)
@@ -334,9 +335,8 @@ def test_non_unique_threshold_has_no_spurious_free_entry(backend, p):
     xm = backend.to(np.array([[5.0, -4.0, 0.1, 0.05], [2.0, 0.3, -3.0, 0.2]]))
     out, mres = tc.soft_topk_mag_forward(xm, 2, regularization_strength=0.1, p=p, method="threshold")
     np.testing.assert_array_equal(backend.back(out), [[5.0, -4.0, 0.0, 0.0], [2.0, 0.0, -3.0, 0.0]])
-    # scale is 1 on the saturated entries (identity) and 0 elsewhere; no entry is free.
-    np.testing.assert_array_equal(backend.back(mres.scale), [[1, 1, 0, 0], [1, 0, 1, 0]])
-    np.testing.assert_array_equal(backend.back(mres.free_signs), 0)
+    # The saturated entries (identity) are coded as A, the others 0; no entry is free.
+    np.testing.assert_array_equal(backend.back(mres.codes), [[2, 2, 0, 0], [2, 0, 2, 0]])
 
 
 def test_exactly_on_a_kink_of_the_flat_interval(p):
@@ -357,7 +357,7 @@ def test_residuals_are_input_order_with_one_segment_per_row(backend, operator, r
     assert tuple(res.gprime.shape) == (5, 6)
     if operator == "mag":
         assert tuple(res.offset.shape) == (5, 1)
-        assert tuple(res.scale.shape) == tuple(res.free_signs.shape) == (5, 6)
+        assert tuple(res.codes.shape) == (5, 6)
 
 
 def test_jacobians_agree_with_pav(backend, rng, p, operator):

@@ -80,18 +80,18 @@ def _prepare(x: Any, k: int, lam: float, q: float, is_mag: bool, sort_finite: bo
 def _solve(x: Any, k: int, lam: float, q: float, is_mag: bool, with_residuals: bool, fused: bool) -> tuple[Any, Any]:
     rows = _prepare(x, k, lam, q, is_mag, sort_finite=not fused)
     if fused:
-        y, gprime, scale, free_signs, offset = fused_outputs(rows.x, is_mag, with_residuals)
+        y, gprime, codes, offset = fused_outputs(rows.x, is_mag, with_residuals)
         if rows.perm is None:
-            topk_rows_select(rows.keys, rows.x, k, lam, q, is_mag, y, gprime, scale, free_signs, offset)
+            topk_rows_select(rows.keys, rows.x, k, lam, q, is_mag, y, gprime, codes, offset)
         else:
             lo, hi, kk = rows.lo[:, 0], rows.hi[:, 0], rows.kk[:, 0]
             topk_rows_forward(
-                rows.keys, rows.perm, rows.x, lo, hi, kk, k, lam, q, is_mag, y, gprime, scale, free_signs, offset
+                rows.keys, rows.perm, rows.x, lo, hi, kk, k, lam, q, is_mag, y, gprime, codes, offset
             )
         res = None
         if with_residuals and is_mag:
-            offset = xp.astype(offset[:, None], y.dtype)
-            res = MagResiduals(None, None, None, None, gprime, scale, free_signs, offset)
+            offset = offset[:, None]
+            res = MagResiduals(None, None, None, None, gprime, codes, offset)
         elif with_residuals:
             res = MaskResiduals(None, None, None, None, gprime)
     else:

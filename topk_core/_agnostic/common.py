@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from .residuals import MagResiduals
-
 
 def count(mask: Any, xp: Any) -> Any:
     """Number of true entries of every row, as a (batch, 1) array of the default integer dtype."""
@@ -38,8 +36,6 @@ def nan_rows_of(x: Any, xp: Any) -> tuple[Any, Any]:
 
 def poison(residuals: Any, nan_rows: Any, xp: Any) -> Any:
     """NaN derivatives on NaN rows (confined to those rows), as the PAV path does."""
-    fields = residuals._asdict()
-    fields["gprime"] = xp.where(nan_rows, xp.nan, residuals.gprime)
-    if isinstance(residuals, MagResiduals):
-        fields["scale"] = xp.where(nan_rows, xp.nan, residuals.scale)
-    return type(residuals)(**fields)
+    # A NaN g' is enough: the magnitude's products multiply every entry by g' or by its scale
+    # (`jacobians`), never select it away.
+    return residuals._replace(gprime=xp.where(nan_rows, xp.nan, residuals.gprime))

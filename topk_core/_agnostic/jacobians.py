@@ -16,6 +16,8 @@ Per isotonic block `B` with value `gamma`:
   set, 1 on `A`, 0 elsewhere) and `sigma` (`sign(x)` on the free set, 0
   elsewhere) both cases are one expression:
   `do = scale dx - sigma scale dgamma`, `dgamma = sum_B sigma g' dx / D`.
+  Both are read off the residuals' set codes: `scale = (1 + g') [code != 0]`
+  (`g' = 0` on `A`), `sigma = code` on the free set.
 
 `topk_core._pav.products` evaluates the same formulas in Numba for NumPy
 residuals in input order (the CPU fast path, checked against these).
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .residuals import MagResiduals, MaskResiduals
+from .residuals import KEPT_CODE, MagResiduals, MaskResiduals
 from .segments import safe_divide, segment_sum
 
 
@@ -76,24 +78,30 @@ def _mag_denominator(res: MagResiduals, xp: Any) -> Any:
     return _block_total(res.gprime, res, xp) + res.offset
 
 
-def _free_signs(res: MagResiduals, xp: Any) -> Any:
-    return xp.astype(res.free_signs, res.gprime.dtype)
+def _scale_and_sigma(res: MagResiduals, xp: Any) -> tuple[Any, Any]:
+    """(`scale`, `sigma`) of the module docstring from the set codes.  `scale` multiplies by the
+    indicator, never selects, so that the NaN g' of a NaN row stays NaN on every entry."""
+    dt = res.gprime.dtype
+    codes = res.codes
+    scale = (1.0 + res.gprime) * xp.astype(codes != 0, dt)
+    sigma = xp.astype(xp.where(codes == KEPT_CODE, xp.zeros_like(codes), codes), dt)
+    return scale, sigma
 
 
 def mag_jvp_rows(res: MagResiduals, tangent: Any, xp: Any) -> Any:
     """`J dx` of the magnitude operator for (batch, n) tangents."""
     dx = _to_working(tangent, res.perm, xp)
-    sigma = _free_signs(res, xp)
+    scale, sigma = _scale_and_sigma(res, xp)
     dgamma = safe_divide(_block_total((sigma * res.gprime) * dx, res, xp), _mag_denominator(res, xp), xp)
-    out = res.scale * dx - (sigma * res.scale) * dgamma + 0.0
+    out = scale * dx - (sigma * scale) * dgamma + 0.0
     return _to_input(out, res.inv_perm, xp)
 
 
 def mag_vjp_rows(res: MagResiduals, cotangent: Any, xp: Any) -> Any:
     """`J^T u` of the magnitude operator for (batch, n) cotangents."""
     u = _to_working(cotangent, res.perm, xp)
-    sigma = _free_signs(res, xp)
-    scaled = res.scale * u
+    scale, sigma = _scale_and_sigma(res, xp)
+    scaled = scale * u
     c = safe_divide(_block_total(sigma * scaled, res, xp), _mag_denominator(res, xp), xp)
     out = scaled - (sigma * res.gprime) * c + 0.0
     return _to_input(out, res.inv_perm, xp)

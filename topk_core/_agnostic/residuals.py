@@ -16,6 +16,9 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+# The code of an entry of `A` in `MagResiduals.codes` (any value but -1, 0 and 1 would do).
+KEPT_CODE = 2
+
 
 class MaskResiduals(NamedTuple):
     """Residuals of the soft top-k mask.
@@ -45,13 +48,12 @@ class MagResiduals(NamedTuple):
     ----------
     perm, inv_perm, block_start, block_end, gprime
         As in `MaskResiduals` (the sort is by magnitude).
-    scale : (batch, n) float
-        The derivative of the output's magnitude in the entry's own key:
-        `1 + g'` on the free set, 1 on the set `A` of entries returned
-        unchanged (identity derivative), 0 elsewhere.
-    free_signs : (batch, n) int8
-        `sign(x)` on the free set, 0 elsewhere (one byte per entry: with the
-        identity folded into `scale`, this is all the products need of `x`).
+    codes : (batch, n) int8
+        The entry's set, one byte per entry: `sign(x)` (+1 or -1) on the free
+        set, `KEPT_CODE` (2) on the set `A` of entries returned unchanged
+        (identity derivative), 0 elsewhere.  With `gprime` this is all the
+        products need: the derivative of the output's magnitude in the
+        entry's own key is `1 + g'` where the code is not 0 (`g' = 0` on `A`).
     offset : (batch, n) or (batch, 1) float
         The number of unit weights of the entry's block not in `A` (the
         `k - |A|` term of the denominator `D` of spec section 6).
@@ -62,8 +64,7 @@ class MagResiduals(NamedTuple):
     block_start: Any
     block_end: Any
     gprime: Any
-    scale: Any
-    free_signs: Any
+    codes: Any
     offset: Any
 
 
@@ -72,6 +73,6 @@ def mag_residuals(
     signs: Any, offset: Any, xp: Any,
 ) -> MagResiduals:
     """`MagResiduals` from g' (0 outside `free`), the free and saturated sets and `sign(x)`."""
-    scale = xp.where(free, 1.0 + gprime, xp.astype(saturated, gprime.dtype))
-    free_signs = xp.astype(xp.where(free, signs, xp.zeros_like(signs)), xp.int8)
-    return MagResiduals(perm, inv_perm, block_start, block_end, gprime, scale, free_signs, offset)
+    kept = xp.where(saturated, xp.full_like(signs, KEPT_CODE), xp.zeros_like(signs))
+    codes = xp.astype(xp.where(free, signs, kept), xp.int8)
+    return MagResiduals(perm, inv_perm, block_start, block_end, gprime, codes, offset)

@@ -32,6 +32,7 @@ import types
 import numba as nb
 import numpy as np
 
+from .._agnostic.residuals import KEPT_CODE
 from ._scalar import depressed_cubic_root, g_prime_scalar, g_scalar, mag_fixed_point, mag_lower_bracket
 
 _EPS = np.finfo(np.float64).eps
@@ -472,7 +473,7 @@ def pav_rows(keys, perm, lo, hi, kk, lam, q, is_mag):
     return v, bstart, bend, inv
 
 
-def topk_rows_forward(keys, perm, x, lo, hi, kk, k, lam, q, is_mag, out, gprime, scale, free_signs, offset):
+def topk_rows_forward(keys, perm, x, lo, hi, kk, k, lam, q, is_mag, out, gprime, codes, offset):
     """PAV and the output assembly fused, written straight to input order.
 
     The CPU fast path of the PAV method: it writes ``out[r, perm[r, i]]``
@@ -486,12 +487,12 @@ def topk_rows_forward(keys, perm, x, lo, hi, kk, k, lam, q, is_mag, out, gprime,
     written too, in input order: the weights are a 0/1 prefix, so the only
     pooled block of a row is the free set ``F`` (spec section 6) and every
     other entry is a singleton block.  ``gprime`` is ``g'`` on ``F`` and 0
-    elsewhere; for the magnitude, ``scale`` is ``1 + g'`` on ``F``, 1 on
-    the set ``A`` (unit-weight singletons and infinite entries) and 0
-    elsewhere, ``free_signs`` (int8) is ``sign(x)`` on ``F`` and 0 elsewhere,
-    and ``offset[r]`` is the number of unit weights of the pooled
-    block (the ``k - |A|`` of the denominator ``D``).  Membership comes from
-    the block's integer bounds, never from comparing floats.
+    elsewhere; for the magnitude, ``codes`` (int8) is ``sign(x)`` on ``F``,
+    ``KEPT_CODE`` on the set ``A`` (unit-weight singletons and infinite
+    entries) and 0 elsewhere (`MagResiduals`), and ``offset[r]`` is the
+    number of unit weights of the pooled block (the ``k - |A|`` of the
+    denominator ``D``).  Membership comes from the block's integer bounds,
+    never from comparing floats.
     """
     batch, n = keys.shape
     closed = q == 2.0 or q == 4.0
@@ -519,11 +520,11 @@ def topk_rows_forward(keys, perm, x, lo, hi, kk, k, lam, q, is_mag, out, gprime,
                 val, deriv, kept, free = segment_entry(
                     float(row[j]), float(x[r, j]), a <= i < b, i < lo_r + kk_r, gamma, frame, q, is_mag
                 )
-            emit_entry(r, j, val, deriv, kept, free, is_mag, with_residuals, out, gprime, scale, free_signs)
+            emit_entry(r, j, val, deriv, kept, free, is_mag, with_residuals, out, gprime, codes)
 
 
 def fused_outputs(x, is_mag, with_residuals):
-    """(out, gprime, scale, free_signs, offset): the arrays the fused kernels write, for rows `x`.
+    """(out, gprime, codes, offset): the arrays the fused kernels write, for rows `x`.
 
     Residual arrays that are not asked for (or that the operator has not) are
     empty: the kernels read their shapes to know what to write.
@@ -533,9 +534,9 @@ def fused_outputs(x, is_mag, with_residuals):
     return (
         np.empty_like(x),
         np.empty(shape, dtype=x.dtype),
-        np.empty(shape if is_mag else (0, 0), dtype=x.dtype),
         np.empty(shape if is_mag else (0, 0), dtype=np.int8),
-        np.zeros(batch if is_mag and with_residuals else 0, dtype=np.int64),
+        # Unit-weight counts, in the rows' dtype as `MagResiduals.offset` holds them.
+        np.zeros(batch if is_mag and with_residuals else 0, dtype=x.dtype),
     )
 
 
@@ -564,15 +565,14 @@ def segment_entry(si, xj, in_block, unit_weight, gamma, frame, q, is_mag):
 
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
-def emit_entry(r, j, val, deriv, kept, free, is_mag, with_residuals, out, gprime, scale, free_signs):
+def emit_entry(r, j, val, deriv, kept, free, is_mag, with_residuals, out, gprime, codes):
     """Write one output entry and, when asked, its residuals (see `topk_rows_forward`)."""
     out[r, j] = val
     if with_residuals:
         gprime[r, j] = deriv
         if is_mag:
             # The sign of a free entry is that of its (non-zero) output.
-            scale[r, j] = 1.0 + deriv if free else (1.0 if kept else 0.0)
-            free_signs[r, j] = (1 if val > 0.0 else -1) if free else 0
+            codes[r, j] = (1 if val > 0.0 else -1) if free else (KEPT_CODE if kept else 0)
 
 
 # Each row kernel is compiled twice: threads pay off only on large batches, and a

@@ -51,6 +51,7 @@ import math
 import numba as nb
 import numpy as np
 
+from .._agnostic.residuals import KEPT_CODE
 from ._scalar import lower_bracket_relative, quadratic_fixed_point
 from .kernels import _compiled_pair, _in_unit_range, _quadratic_block_value, _unit_scale, far_below
 from .transpose import BLOCK, lanes_to_rows, rows_to_lanes
@@ -379,8 +380,8 @@ def _lane_outputs(z, tau, level, lam, q, is_mag, gbuf, with_residuals):
     """Outputs and g' of a group at its thresholds, in the lane layout (vectorized), in place of the keys
     `z` (no second buffer of the group's size: rows of 64 then keep within the L1 cache).
 
-    z: the mask's value, or the magnitude's |value| on F (> 0), -1 on A (whose
-    output is x itself) and 0 elsewhere, which tells the magnitude's sets apart;
+    z: the mask's value, or the magnitude's |value| on F (>= +0), -1 on A (whose
+    output is x itself) and -0 elsewhere, which tells the magnitude's sets apart;
     gbuf: g' on F (1 / l, or 3 e^2 / l for p = 4/3), else 0 (written only `with_residuals`).
     """
     inv = 1.0 / lam
@@ -391,46 +392,38 @@ def _lane_outputs(z, tau, level, lam, q, is_mag, gbuf, with_residuals):
             e, g, sat, free = _entry_sets(a, t, inv, q, is_mag, level[lane])
             gp = inv if q == 2.0 else 3.0 * e * e * inv
             if is_mag:
-                # On F, a - t > 0 (e > 0): the value is positive.
-                z[j, lane] = -1.0 if sat else (g + (a - t) if free else 0.0)
+                # On F, a - t > 0 (e > 0): the value is positive, or +0 once rounded to float32;
+                # -0 marks the entries outside F and A (`_mag_row` reads the sign bit).
+                z[j, lane] = -1.0 if sat else (g + (a - t) if free else -0.0)
             else:
                 z[j, lane] = 1.0 if sat else (g if free else 0.0)
             if with_residuals:
                 gbuf[j, lane] = gp if free else 0.0
 
 
-@nb.njit(cache=True, error_model="numpy")
-def _scale_codes(z, gbuf):
-    """The magnitude's scales in the lane layout, in place of its codes `z` (see `_lane_outputs`):
-    1 + g' on F, -1 on A (whose scale is 1: the sign tells A apart once in the rows), else 0."""
-    for j in range(z.shape[0]):
-        for lane in range(LANES):
-            m = z[j, lane]
-            z[j, lane] = 1.0 + gbuf[j, lane] if m > 0.0 else (-1.0 if m < 0.0 else 0.0)
-
-
 @nb.njit(cache=True, inline="always", error_model="numpy")
-def _mag_row(x, r, k, out, scale, free_signs, offset, with_residuals):
+def _mag_row(x, r, k, out, codes, offset, with_residuals):
     """Row `r` of the magnitude's outputs (and residuals) from the codes stored in it (`lane_rows`).
 
-    `out[r]` holds the codes (-1 on A: the output is x itself; the value on F, given x's
-    sign; +0 elsewhere), `scale[r]` the scales with -1 on A (`_scale_codes`).  Selects
-    only: the compiler vectorizes both loops.
+    `out[r]` holds the codes of `_lane_outputs` (-1 on A: the output is x itself; the value
+    on F, given x's sign; -0 elsewhere), which give the set codes of the residuals first.
+    F is told apart by the sign bit, not by a positive value: a value that rounded to +0 in
+    float32 is still on F.  Selects only: the compiler vectorizes both loops.
     """
     n = x.shape[1]
+    if with_residuals:
+        n_kept = 0
+        for j in range(n):
+            m = out[r, j]
+            on_free = math.copysign(1.0, m) > 0.0
+            codes[r, j] = (1 if x[r, j] > 0.0 else -1) if on_free else (KEPT_CODE if m < 0.0 else 0)
+            n_kept += 1 if m < 0.0 else 0
+        offset[r] = k - n_kept
     for j in range(n):
         m = out[r, j]
         xj = x[r, j]
         signed = math.copysign(m, xj)
         out[r, j] = xj if m < 0.0 else (signed if m > 0.0 else 0.0)
-    if with_residuals:
-        n_kept = 0
-        for j in range(n):
-            s = scale[r, j]
-            free_signs[r, j] = (1 if x[r, j] > 0.0 else -1) if s > 0.0 else 0
-            scale[r, j] = 1.0 if s < 0.0 else s
-            n_kept += 1 if s < 0.0 else 0
-        offset[r] = k - n_kept
 
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
@@ -518,7 +511,7 @@ def sweep_order_statistics(columns, k, uppers, belows):
             uppers[:] = belows
 
 
-def lane_rows(x, k, lam, q, is_mag, bounds, out, gprime, scale, free_signs, offset, unresolved, n_chunks,
+def lane_rows(x, k, lam, q, is_mag, bounds, out, gprime, codes, offset, unresolved, n_chunks,
               max_passes, subset):
     """Solve rows of `x` LANES at a time (module docstring); flag the rows left to the caller.
 
@@ -599,10 +592,8 @@ def lane_rows(x, k, lam, q, is_mag, bounds, out, gprime, scale, free_signs, offs
                 store_group(z, used, rows, out)
                 if with_residuals:
                     store_group(gbuf, used, rows, gprime)
-                    _scale_codes(z, gbuf)  # z: the scales, -1 marking A
-                    store_group(z, used, rows, scale)
                 for lane in range(used):
-                    _mag_row(x, rows[lane], k, out, scale, free_signs, offset, with_residuals)
+                    _mag_row(x, rows[lane], k, out, codes, offset, with_residuals)
             else:
                 store_group(z, used, rows, out)
                 if with_residuals:

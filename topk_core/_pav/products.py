@@ -16,6 +16,7 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
+from .._agnostic.residuals import KEPT_CODE
 from .kernels import _compiled_pair
 
 
@@ -23,6 +24,12 @@ from .kernels import _compiled_pair
 def _safe_ratio(num, den):
     # `segments.safe_divide`: 0 where the denominator is not positive (also NaN).
     return num / den if den > 0.0 else 0.0
+
+
+@nb.njit(cache=True, inline="always")
+def _sigma_scale(code, gp):
+    # `jacobians._scale_and_sigma` for one entry (a product, not a select: NaN g' stays NaN).
+    return (0.0 if code == KEPT_CODE else float(code)), (1.0 + gp) * (1.0 if code != 0 else 0.0)
 
 
 def _mask_rows(gprime, t, out):
@@ -39,26 +46,29 @@ def _mask_rows(gprime, t, out):
             out[r, j] = float(gprime[r, j]) * (float(t[r, j]) - dgamma) + 0.0
 
 
-def _mag_rows(gprime, scale, free_signs, offset, t, transpose, out):
+def _mag_rows(gprime, codes, offset, t, transpose, out):
     """The magnitude's JVP (``transpose=False``) or VJP of (batch, n) tangents `t`.
 
     JVP: ``scale t - sigma scale dgamma``, ``dgamma = sum sigma g' t / D``;
     VJP: ``scale t - sigma g' c``, ``c = sum sigma scale t / D``;
-    ``D = sum g' + offset``, ``sigma`` the free signs.
+    ``D = sum g' + offset``, ``scale`` and ``sigma`` read off the set codes
+    (`jacobians._scale_and_sigma`).
     """
     for r in nb.prange(t.shape[0]):
         num = 0.0
         den = float(offset[r, 0])
         for j in range(t.shape[1]):
             gp = float(gprime[r, j])
-            weight = float(scale[r, j]) if transpose else gp
-            num += float(free_signs[r, j]) * weight * float(t[r, j])
+            sigma, sc = _sigma_scale(codes[r, j], gp)
+            weight = sc if transpose else gp
+            num += sigma * weight * float(t[r, j])
             den += gp
         ratio = _safe_ratio(num, den)
         for j in range(t.shape[1]):
-            sc = float(scale[r, j])
-            weight = float(gprime[r, j]) if transpose else sc
-            out[r, j] = sc * float(t[r, j]) - float(free_signs[r, j]) * weight * ratio + 0.0
+            gp = float(gprime[r, j])
+            sigma, sc = _sigma_scale(codes[r, j], gp)
+            weight = gp if transpose else sc
+            out[r, j] = sc * float(t[r, j]) - sigma * weight * ratio + 0.0
 
 
 # Reassociated row sums: the compiler vectorizes them (only their last bits change).
@@ -77,6 +87,6 @@ def mag_product_rows(res, t: np.ndarray, transpose: bool) -> np.ndarray:
     """The magnitude's JVP (or VJP, `transpose`) of NumPy (batch, n) rows `t` with input-order residuals."""
     out = np.empty(t.shape, dtype=res.gprime.dtype)
     offset = np.broadcast_to(res.offset, (t.shape[0], 1))
-    arrays = (res.gprime, res.scale, res.free_signs, offset, t)
+    arrays = (res.gprime, res.codes, offset, t)
     _mag_rows(*(np.ascontiguousarray(a) for a in arrays), transpose, out)
     return out

@@ -35,6 +35,7 @@ import math
 import numba as nb
 import numpy as np
 
+from .._agnostic.residuals import KEPT_CODE
 from ._scalar import mag_fixed_point
 from .kernels import _compiled_pair, _pooled_block, _row_frame, _unit_scale, emit_entry, segment_entry
 from .lanes import (
@@ -191,7 +192,7 @@ def _frame_cuts(upper, below, lam, q, is_mag):
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
 def _classify(
-    keys, x, r, j0, j1, zero_cut, saturated_cut, is_mag, with_residuals, out, gprime, scale, free_signs, cval, cidx
+    keys, x, r, j0, j1, zero_cut, saturated_cut, is_mag, with_residuals, out, gprime, codes, cval, cidx
 ):
     """Write entries [j0, j1) of row `r` as if each were saturated or 0, and collect the candidates.
 
@@ -209,8 +210,7 @@ def _classify(
             gprime[r, j] = 0.0
         if is_mag:
             for j in range(j0, j1):
-                scale[r, j] = 1.0 if float(keys[r, j]) > saturated_cut else 0.0
-                free_signs[r, j] = 0
+                codes[r, j] = KEPT_CODE if float(keys[r, j]) > saturated_cut else 0
     # Branch-free compaction: every entry is written at the next free slot, which
     # advances only past candidates (candidates are scattered: a branch mispredicts).
     m = j0
@@ -224,7 +224,7 @@ def _classify(
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
 def _solve_candidates(r, k, n_saturated, m, cval, cidx, order, x, lam, q, is_mag, closed, with_residuals,
-                      out, gprime, scale, free_signs, offset):
+                      out, gprime, codes, offset):
     """Sort the m candidates of row `r`, pool them, and write their outputs (and residuals)."""
     _order_candidates(cval, m, order)
     kk = k - n_saturated
@@ -234,15 +234,15 @@ def _solve_candidates(r, k, n_saturated, m, cval, cidx, order, x, lam, q, is_mag
     for i in range(m):
         j = cidx[order[i]]
         val, deriv, kept, free = segment_entry(cval[order[i]], float(x[r, j]), a <= i < b, i < kk, gamma, frame, q, is_mag)
-        emit_entry(r, j, val, deriv, kept, free, is_mag, with_residuals, out, gprime, scale, free_signs)
+        emit_entry(r, j, val, deriv, kept, free, is_mag, with_residuals, out, gprime, codes)
 
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
-def _all_saturated(r, x, is_mag, with_residuals, out, gprime, scale, free_signs, offset):
+def _all_saturated(r, x, is_mag, with_residuals, out, gprime, codes, offset):
     # k == n: every entry is saturated.
     for j in range(x.shape[1]):
         val = float(x[r, j]) if is_mag else 1.0
-        emit_entry(r, j, val, 0.0, True, False, is_mag, with_residuals, out, gprime, scale, free_signs)
+        emit_entry(r, j, val, 0.0, True, False, is_mag, with_residuals, out, gprime, codes)
     if with_residuals and is_mag:
         offset[r] = 0
 
@@ -272,19 +272,19 @@ def _sortfree_start(keys, r, k, lam, q, is_mag, sample, state, ref_cast):
 
 
 @nb.njit(cache=True, error_model="numpy")
-def _sortfree_row(keys, x, r, k, lam, q, is_mag, with_residuals, out, gprime, scale, free_signs, offset, sample,
+def _sortfree_row(keys, x, r, k, lam, q, is_mag, with_residuals, out, gprime, codes, offset, sample,
                   state, ref_cast):
     """Solve row `r` by the sort-free iteration; False when it did not settle (the outputs it may have
     written on a lost bet are all written again by the caller's exact route)."""
     usable, ref = _sortfree_start(keys, r, k, lam, q, is_mag, sample, state, ref_cast)
     if not usable:
         return False
-    return sortfree_iterate(keys, x, r, k, lam, q, is_mag, with_residuals, out, gprime, scale, free_signs, offset,
+    return sortfree_iterate(keys, x, r, k, lam, q, is_mag, with_residuals, out, gprime, codes, offset,
                             state, ref, ref_cast)
 
 
 @nb.njit(cache=True, error_model="numpy")
-def sortfree_iterate(keys, x, r, k, lam, q, is_mag, with_residuals, out, gprime, scale, free_signs, offset, state,
+def sortfree_iterate(keys, x, r, k, lam, q, is_mag, with_residuals, out, gprime, codes, offset, state,
                      ref, ref_cast):
     """The iteration of `_sortfree_row` from the start in `state` (threshold relative to `ref`, a value of the
     keys' dtype); False when the row did not settle within `MAX_STEPS` passes."""
@@ -297,7 +297,7 @@ def sortfree_iterate(keys, x, r, k, lam, q, is_mag, with_residuals, out, gprime,
         if emit:
             # Outputs not settled are written again later (or by the caller's exact route).
             n_sat, n_free = emit_row(keys, x, r, 0, n, ref, state[0], lam, q, is_mag, with_residuals, out, gprime,
-                                     scale, free_signs)
+                                     codes)
             settled, ref = settle(status, state, n_sat, n_free, ref, ref_cast, is_mag)
             if settled:
                 _sortfree_offset(r, k, n_sat, n_free, is_mag, with_residuals, offset)
@@ -314,7 +314,7 @@ def _sortfree_offset(r, k, n_sat, n_free, is_mag, with_residuals, offset):
         offset[r] = k - n_sat if n_free > 0 else 0
 
 
-def _select_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs, offset, n_chunks, bounds, n_sample,
+def _select_rows(keys, x, k, lam, q, is_mag, out, gprime, codes, offset, n_chunks, bounds, n_sample,
                  rows):
     """Kernel of `topk_rows_select`; rows are processed in `n_chunks` chunks.
 
@@ -343,10 +343,10 @@ def _select_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs, off
         for i in range(c * count // n_chunks, (c + 1) * count // n_chunks):
             r = row_at(rows, i)
             if k >= n:
-                _all_saturated(r, x, is_mag, with_residuals, out, gprime, scale, free_signs, offset)
+                _all_saturated(r, x, is_mag, with_residuals, out, gprime, codes, offset)
                 continue
-            if sortfree and _sortfree_row(keys, x, r, k, lam, q, is_mag, with_residuals, out, gprime, scale,
-                                          free_signs, offset, sample, state, ref_cast):
+            if sortfree and _sortfree_row(keys, x, r, k, lam, q, is_mag, with_residuals, out, gprime, codes,
+                                          offset, sample, state, ref_cast):
                 continue
             if bounds_given:
                 upper, below = bounds[r, 0], bounds[r, 1]
@@ -354,18 +354,18 @@ def _select_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs, off
                 upper, below = order_statistics(keys[r], k, top)
             zero_cut, saturated_cut = _cuts(upper, below, lam, q, is_mag)
             n_saturated, m = _classify(
-                keys, x, r, 0, n, zero_cut, saturated_cut, is_mag, with_residuals, out, gprime, scale, free_signs,
+                keys, x, r, 0, n, zero_cut, saturated_cut, is_mag, with_residuals, out, gprime, codes,
                 cval, cidx,
             )
             _solve_candidates(r, k, n_saturated, m, cval, cidx, order, x, lam, q, is_mag, closed, with_residuals,
-                              out, gprime, scale, free_signs, offset)
+                              out, gprime, codes, offset)
 
 
 _select_rows = _compiled_pair(_select_rows)
 
 
 @nb.njit(parallel=True, cache=True, error_model="numpy")
-def _select_long_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs, offset, n_parts, n_sample,
+def _select_long_rows(keys, x, k, lam, q, is_mag, out, gprime, codes, offset, n_parts, n_sample,
                       sortfree):
     """`_select_rows` for a few long rows: each row is split into `n_parts` parts across the threads.
 
@@ -396,7 +396,7 @@ def _select_long_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs
     part_sums = np.zeros((5, n_parts), dtype=np.float64)
     for r in range(batch):
         if k >= n:
-            _all_saturated(r, x, is_mag, with_residuals, out, gprime, scale, free_signs, offset)
+            _all_saturated(r, x, is_mag, with_residuals, out, gprime, codes, offset)
             continue
         if sortfree:
             usable, ref = _sortfree_start(keys, r, k, lam, q, is_mag, start_sample, state, ref_cast)
@@ -416,8 +416,7 @@ def _select_long_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs
                     # As in `_sortfree_row`, every pass split across the threads.
                     for c in nb.prange(n_parts):
                         part_a[c], part_b[c] = emit_row(keys, x, r, c * n // n_parts, (c + 1) * n // n_parts, ref,
-                                                        state[0], lam, q, is_mag, with_residuals, out, gprime, scale,
-                                                        free_signs)
+                                                        state[0], lam, q, is_mag, with_residuals, out, gprime, codes)
                     n_sat, n_free = part_a.sum(), part_b.sum()
                     solved, ref = settle(status, state, n_sat, n_free, ref, ref_cast, is_mag)
                     if solved:
@@ -470,7 +469,7 @@ def _select_long_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs
             j0 = c * n // n_parts
             part_a[c], part_b[c] = _classify(
                 keys, x, r, j0, (c + 1) * n // n_parts, zero_cut, saturated_cut, is_mag, with_residuals,
-                out, gprime, scale, free_signs, cval, cidx,
+                out, gprime, codes, cval, cidx,
             )
         # Gather the parts' candidates to the front (each part wrote from its own start).
         n_saturated = 0
@@ -483,10 +482,10 @@ def _select_long_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs
             m += part_b[c]
             n_saturated += part_a[c]
         _solve_candidates(r, k, n_saturated, m, cval, cidx, order, x, lam, q, is_mag, closed, with_residuals,
-                          out, gprime, scale, free_signs, offset)
+                          out, gprime, codes, offset)
 
 
-def topk_rows_select(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs, offset):
+def topk_rows_select(keys, x, k, lam, q, is_mag, out, gprime, codes, offset):
     """Selection-first fused forward of rows whose keys are all finite.
 
     Same outputs and residuals as `kernels.topk_rows_forward` (see there for
@@ -504,7 +503,7 @@ def topk_rows_select(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs,
     if keys is None and not (lanes and k + 1 <= LANE_TRACK_MAX):
         keys = np.abs(x)  # the lanes alone take the magnitude's keys from x
     if n >= LONG_ROW_MIN_N and batch < threads:
-        _select_long_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs, offset, 4 * threads, SAMPLE_SIZE,
+        _select_long_rows(keys, x, k, lam, q, is_mag, out, gprime, codes, offset, 4 * threads, SAMPLE_SIZE,
                           sortfree_applies(n, k, q, lam))
         return
     n_chunks = min(batch, 4 * threads)
@@ -513,23 +512,23 @@ def topk_rows_select(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs,
         # already transposed; otherwise they come from np.sort.
         bounds = np.empty((0, 2)) if k + 1 <= LANE_TRACK_MAX else _row_bounds(keys, k)
         unresolved = np.empty(batch, dtype=np.bool_)
-        lane_rows(x, k, lam, q, is_mag, bounds, out, gprime, scale, free_signs, offset, unresolved,
+        lane_rows(x, k, lam, q, is_mag, bounds, out, gprime, codes, offset, unresolved,
                   min(-(-batch // LANES), n_chunks), lane_passes(q, n, is_mag), EVERY_ROW)
         rows = np.flatnonzero(unresolved)
         if rows.size and lane_retry_passes(q):
             # The few rows left, gathered into full lane groups: more passes on them cost a
             # fraction of a pass over every group (most groups hold one of them).
-            lane_rows(x, k, lam, q, is_mag, bounds, out, gprime, scale, free_signs, offset, unresolved,
+            lane_rows(x, k, lam, q, is_mag, bounds, out, gprime, codes, offset, unresolved,
                       min(-(-rows.size // LANES), n_chunks), lane_retry_passes(q), rows)
             rows = rows[unresolved[rows]]
         if rows.size:
             keys = np.abs(x) if keys is None else keys
-            _select_subset(rows, keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs, offset, bounds)
+            _select_subset(rows, keys, x, k, lam, q, is_mag, out, gprime, codes, offset, bounds)
         return
     sortfree = sortfree_applies(n, k, q, lam)
     bounds = np.empty((0, 2)) if sortfree else _row_bounds(keys, k)
     n_sample = sample_size(n) if sortfree else 0
-    _select_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs, offset, n_chunks, bounds, n_sample,
+    _select_rows(keys, x, k, lam, q, is_mag, out, gprime, codes, offset, n_chunks, bounds, n_sample,
                  EVERY_ROW)
 
 
@@ -538,9 +537,9 @@ def lane_route(n: int, k: int, q: float, lam: float) -> bool:
     return k < n and lanes_apply(n, q, lam)
 
 
-def _select_subset(rows, keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs, offset, bounds):
+def _select_subset(rows, keys, x, k, lam, q, is_mag, out, gprime, codes, offset, bounds):
     """`_select_rows` on the rows `rows` only (those the lane solver left), solved in place."""
-    _select_rows(keys, x, k, lam, q, is_mag, out, gprime, scale, free_signs, offset,
+    _select_rows(keys, x, k, lam, q, is_mag, out, gprime, codes, offset,
                  min(rows.size, 4 * nb.get_num_threads()), bounds, 0, rows)
 
 

@@ -45,6 +45,7 @@ import math
 import numba as nb
 import numpy as np
 
+from .._agnostic.residuals import KEPT_CODE
 from ._scalar import g_prime_scalar, g_scalar
 from .kernels import _closed_block_value, far_below
 
@@ -445,7 +446,7 @@ def sample_start(keys, r, k, lam, q, is_mag, sample, state):
 
 
 @nb.njit(cache=True, error_model="numpy")
-def emit_row(keys, x, r, j0, j1, ref, t, lam, q, is_mag, with_residuals, out, gprime, scale, free_signs):
+def emit_row(keys, x, r, j0, j1, ref, t, lam, q, is_mag, with_residuals, out, gprime, codes):
     """Write the outputs (and residuals) of entries [j0, j1) of row `r` at its threshold `t`
     (relative to `ref`); returns (|S|, |F|) over them.
 
@@ -462,7 +463,7 @@ def emit_row(keys, x, r, j0, j1, ref, t, lam, q, is_mag, with_residuals, out, gp
     if with_residuals:
         _free_derivatives(s_row, gprime[r, j0:j1], ref, t, width, lam, q)
         if is_mag:
-            _mag_scales(s_row, x[r, j0:j1], scale[r, j0:j1], free_signs[r, j0:j1], ref, t, width, lam, q)
+            _mag_codes(s_row, x[r, j0:j1], codes[r, j0:j1], ref, t, width)
     return counts
 
 
@@ -500,8 +501,7 @@ def _free_derivatives(s_row, g_row, ref, t, width, lam, q):
 
 
 @nb.njit(cache=True, fastmath=_ARCP, error_model="numpy")
-def _mag_scales(s_row, x_row, scale_row, sign_row, ref, t, width, lam, q):
+def _mag_codes(s_row, x_row, code_row, ref, t, width):
     for j in range(s_row.shape[0]):
-        d, sat, free = _entry_sets(float(s_row[j]), ref, t, width)
-        scale_row[j] = 1.0 + g_prime_scalar(d, lam, q) if free else (1.0 if sat else 0.0)
-        sign_row[j] = (1 if x_row[j] > 0.0 else -1) if free else 0
+        _, sat, free = _entry_sets(float(s_row[j]), ref, t, width)
+        code_row[j] = (1 if x_row[j] > 0.0 else -1) if free else (KEPT_CODE if sat else 0)
