@@ -402,28 +402,37 @@ def _lane_outputs(z, tau, level, lam, q, is_mag, gbuf, with_residuals):
 
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
-def _mag_row(x, r, k, out, codes, offset, with_residuals):
-    """Row `r` of the magnitude's outputs (and residuals) from the codes stored in it (`lane_rows`).
+def _kept_counts(z, kept):
+    """|A| of every lane from the magnitude's codes `z` (-1 on A, see `_lane_outputs`), counted in the
+    lane layout: a per-row count after the rows are written back costs a reduction per row."""
+    for lane in range(LANES):
+        kept[lane] = 0.0
+    for j in range(z.shape[0]):
+        for lane in range(LANES):
+            kept[lane] += 1.0 if z[j, lane] < 0.0 else 0.0
+
+
+@nb.njit(cache=True, inline="always", error_model="numpy")
+def _mag_row(x, r, out, codes, with_residuals):
+    """Row `r` of the magnitude's outputs (and set codes) from the codes stored in it (`lane_rows`).
 
     `out[r]` holds the codes of `_lane_outputs` (-1 on A: the output is x itself; the value
-    on F, given x's sign; -0 elsewhere), which give the set codes of the residuals first.
-    F is told apart by the sign bit, not by a positive value: a value that rounded to +0 in
-    float32 is still on F.  Selects only: the compiler vectorizes both loops.
+    on F, given x's sign; -0 elsewhere).  F is told apart by the sign bit, not by a positive
+    value: a value that rounded to +0 in float32 is still on F.  One loop of selects, which
+    the compiler vectorizes.
     """
     n = x.shape[1]
     if with_residuals:
-        n_kept = 0
         for j in range(n):
             m = out[r, j]
-            on_free = math.copysign(1.0, m) > 0.0
-            codes[r, j] = (1 if x[r, j] > 0.0 else -1) if on_free else (KEPT_CODE if m < 0.0 else 0)
-            n_kept += 1 if m < 0.0 else 0
-        offset[r] = k - n_kept
-    for j in range(n):
-        m = out[r, j]
-        xj = x[r, j]
-        signed = math.copysign(m, xj)
-        out[r, j] = xj if m < 0.0 else (signed if m > 0.0 else 0.0)
+            xj = x[r, j]
+            codes[r, j] = (1 if xj > 0.0 else -1) if math.copysign(1.0, m) > 0.0 else (KEPT_CODE if m < 0.0 else 0)
+            out[r, j] = xj if m < 0.0 else (math.copysign(m, xj) if m > 0.0 else 0.0)
+    else:
+        for j in range(n):
+            m = out[r, j]
+            xj = x[r, j]
+            out[r, j] = xj if m < 0.0 else (math.copysign(m, xj) if m > 0.0 else 0.0)
 
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
@@ -542,6 +551,7 @@ def lane_rows(x, k, lam, q, is_mag, bounds, out, gprime, codes, offset, unresolv
         ref = np.empty(LANES, dtype=np.float64)
         lows = np.empty(LANES, dtype=np.float64)  # s_(k+1)
         level = np.empty(LANES, dtype=np.float64)
+        kept = np.empty(LANES, dtype=np.float64)  # |A| per lane (the magnitude's residuals)
         rows = np.empty(LANES, dtype=np.int64)
         # The sweeps run in the input's dtype: float32 sweeps take half the time of float64 ones.
         columns = np.empty((n, LANES) if bounds_inside else (0, LANES), dtype=x.dtype)
@@ -589,11 +599,15 @@ def lane_rows(x, k, lam, q, is_mag, bounds, out, gprime, codes, offset, unresolv
             if is_mag:
                 # The sets' codes (z: -1 on A, the value on F, else 0) go back as they are, then each
                 # row's outputs and residuals are read off them and x, contiguously.
+                if with_residuals:
+                    _kept_counts(z, kept)
+                    for lane in range(used):
+                        offset[rows[lane]] = k - kept[lane]
                 store_group(z, used, rows, out)
                 if with_residuals:
                     store_group(gbuf, used, rows, gprime)
                 for lane in range(used):
-                    _mag_row(x, rows[lane], k, out, codes, offset, with_residuals)
+                    _mag_row(x, rows[lane], out, codes, with_residuals)
             else:
                 store_group(z, used, rows, out)
                 if with_residuals:
