@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import topk_core as tc
 import topk_numpy as tk
 
 SOFT = {"mask": tk.soft_topk_mask, "mag": tk.soft_topk_mag}
@@ -39,6 +40,25 @@ def test_nan_row_gradients_stay_in_their_row(rng, operator):
     # The array with a NaN takes the full-sort route, the clean one the lane solver: the same
     # numbers up to rounding.
     np.testing.assert_allclose(np.delete(g, 1, axis=0), np.delete(vjp_clean(u), 1, axis=0), rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("method", ["pav", "threshold", "dykstra"])
+def test_nan_row_products_are_nan_in_both_directions_on_every_method(rng, operator, method):
+    # The magnitude's residuals carry NaN in g' only (its set codes are integers): every entry of
+    # both products must still be NaN on that row, and the other rows untouched.
+    x = rng.normal(size=(3, 7))
+    x[0, 4] = np.nan
+    forward = getattr(tc, f"soft_topk_{operator}_forward")
+    _, res = forward(x, 2, p=2.0, regularization_strength=0.5, method=method)
+    _, res_clean = forward(x[1:], 2, p=2.0, regularization_strength=0.5, method=method)
+    t = rng.normal(size=x.shape)
+    for name in ("jvp", "vjp"):
+        product = getattr(tc, f"{operator}_{name}_from_residuals")
+        got = product(res, t)
+        assert np.all(np.isnan(got[0])), name
+        # (Routes and Dykstra's stopping test depend on the batch: equal up to their tolerance.)
+        tol = 1e-6 if method == "dykstra" else 1e-12
+        np.testing.assert_allclose(got[1:], product(res_clean, t[1:]), rtol=tol, atol=tol)
 
 
 def test_mask_plus_inf_selected_first_and_minus_inf_last():
