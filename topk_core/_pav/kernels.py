@@ -34,6 +34,7 @@ import numpy as np
 
 from .._agnostic.residuals import KEPT_CODE
 from ._scalar import depressed_cubic_root, g_prime_scalar, g_scalar, mag_fixed_point, mag_lower_bracket
+from .vector_width import prefer_wide_vectors
 
 _EPS = np.finfo(np.float64).eps
 
@@ -618,6 +619,7 @@ def _flat_keys(flat, keys, is_mag, n_chunks):
     size = flat.shape[0]
     bad = 0
     for c in nb.prange(n_chunks):
+        prefer_wide_vectors()
         part = flat[c * size // n_chunks:(c + 1) * size // n_chunks]
         chunk_bad = 0
         if is_mag:

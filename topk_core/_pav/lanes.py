@@ -55,6 +55,7 @@ from .._agnostic.residuals import KEPT_CODE
 from ._scalar import lower_bracket_relative, quadratic_fixed_point
 from .kernels import _compiled_pair, _in_unit_range, _quadratic_block_value, _unit_scale, far_below
 from .transpose import BLOCK, lanes_to_rows, rows_to_lanes
+from .vector_width import prefer_wide_vectors
 
 # Rows processed side by side (one SIMD lane each).
 LANES = 64
@@ -130,6 +131,7 @@ def _pass(z, tau, level, lam, q, is_mag, acc):
     four entries: the sums stay in registers across them (measured 20% faster
     than one entry per loop, whose sums went through memory every entry).
     """
+    prefer_wide_vectors()
     inv = 1.0 / lam
     for i in range(acc.shape[0]):
         for lane in range(LANES):
@@ -219,6 +221,7 @@ def _start(state, ref, lows, gaps, lam, q, k, is_mag):
     The first block is F = {s_(k), s_(k+1)} with |S| = k - 1 and one unit weight: its value
     solves the equation on these sets, which a first pass that counts them confirms.
     """
+    prefer_wide_vectors()
     tau, lo, hi, active, prev_sat, prev_free = state[0], state[1], state[2], state[3], state[4], state[5]
     inv = 1.0 / lam
     for lane in range(LANES):
@@ -275,6 +278,7 @@ def _cubic_start(state, ref, gaps, lam, is_mag):
     (the vectorized stand-in for `_scalar.mag_lower_bracket`, whose cubic takes a
     cube root per lane).
     """
+    prefer_wide_vectors()
     tau, lo = state[0], state[1]
     for lane in range(LANES):
         c = 0.5 * gaps[lane] / lam
@@ -315,6 +319,7 @@ def _absolute_frame(state, ref):
     free ones, whose g differs from t by less.  There, keys and threshold are
     far apart and the absolute frame does not cancel.
     """
+    prefer_wide_vectors()
     for lane in range(LANES):
         far = far_below(ref[lane] + state[0, lane], ref[lane]) & (state[3, lane] == 1.0)  # iterating lanes only
         shift = ref[lane] if far else 0.0
@@ -327,6 +332,7 @@ def _absolute_frame(state, ref):
 def _update(state, acc, ref, lam, q, k, is_mag):
     """One safeguarded step of every active lane (rows of `state`: see `lane_rows`); returns how many
     lanes still iterate.  Selects only, no branch: the compiler vectorizes it."""
+    prefer_wide_vectors()
     remaining = 0
     for lane in range(LANES):
         t = state[0, lane]
@@ -384,6 +390,7 @@ def _lane_outputs(z, tau, level, lam, q, is_mag, gbuf, with_residuals):
     output is x itself) and -0 elsewhere, which tells the magnitude's sets apart;
     gbuf: g' on F (1 / l, or 3 e^2 / l for p = 4/3), else 0 (written only `with_residuals`).
     """
+    prefer_wide_vectors()
     inv = 1.0 / lam
     for j in range(z.shape[0]):
         for lane in range(LANES):
@@ -506,6 +513,7 @@ def sweep_order_statistics(columns, k, uppers, belows):
     top (destroying `columns`): one entry of all lanes per step, a loop the
     compiler vectorizes, with no data-dependent branch; O((k + 1) n) per lane.
     """
+    prefer_wide_vectors()
     n = columns.shape[0]
     for level in range(k + 1):
         for lane in range(LANES):
@@ -540,6 +548,7 @@ def lane_rows(x, k, lam, q, is_mag, bounds, out, gprime, codes, offset, unresolv
     count = row_count(subset, batch)
     groups = -(-count // LANES)
     for c in nb.prange(n_chunks):
+        prefer_wide_vectors()
         z = np.empty((n, LANES), dtype=np.float64)
         gbuf = np.empty((n, LANES), dtype=np.float64)
         acc = np.empty((5, LANES), dtype=np.float64)  # rows: see `_pass` (p = 2 leaves the last two 0)

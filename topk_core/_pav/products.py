@@ -18,6 +18,7 @@ import numpy as np
 
 from .._agnostic.residuals import KEPT_CODE
 from .kernels import _compiled_pair
+from .vector_width import prefer_wide_vectors
 
 
 @nb.njit(cache=True, inline="always")
@@ -35,6 +36,7 @@ def _sigma_scale(code, gp):
 def _mask_rows(gprime, t, out):
     """`out = g' (t - dgamma)`, `dgamma = sum g' t / sum g'` per row (the mask's JVP = VJP)."""
     for r in nb.prange(t.shape[0]):
+        prefer_wide_vectors()
         num = 0.0
         den = 0.0
         for j in range(t.shape[1]):
@@ -55,6 +57,7 @@ def _mag_rows(gprime, codes, offset, t, transpose, out):
     (`jacobians._scale_and_sigma`).
     """
     for r in nb.prange(t.shape[0]):
+        prefer_wide_vectors()
         num = 0.0
         den = float(offset[r, 0])
         for j in range(t.shape[1]):

@@ -64,6 +64,7 @@ from .sortfree import (
     settle,
     start_state,
 )
+from .vector_width import prefer_wide_vectors
 
 # k + 1 up to this many: keep the k + 1 largest keys in a small sorted buffer
 # (a few insertions per row); beyond it, select with np.partition.
@@ -333,6 +334,7 @@ def _select_rows(keys, x, k, lam, q, is_mag, out, gprime, codes, offset, n_chunk
     sortfree = not bounds_given and n_sample > 0
     # Scratch buffers are allocated per chunk of rows, not per row.
     for c in nb.prange(n_chunks):
+        prefer_wide_vectors()
         cval = np.empty(n, dtype=np.float64)
         cidx = np.empty(n, dtype=np.int64)
         order = np.empty(n, dtype=np.int64)
@@ -575,6 +577,7 @@ def lane_order_statistics(keys, k, n_chunks):
     bounds = np.empty((batch, 2), dtype=np.float64)
     groups = -(-batch // LANES)
     for c in nb.prange(n_chunks):
+        prefer_wide_vectors()
         columns = np.empty((n, LANES), dtype=keys.dtype)
         rows = np.empty(LANES, dtype=np.int64)
         uppers = np.empty(LANES, dtype=keys.dtype)

@@ -48,6 +48,7 @@ import numpy as np
 from .._agnostic.residuals import KEPT_CODE
 from ._scalar import g_prime_scalar, g_scalar
 from .kernels import _closed_block_value, far_below
+from .vector_width import prefer_wide_vectors
 
 # Passes per row before the row is handed back to the selection kernel.
 MAX_STEPS = 40
@@ -101,6 +102,7 @@ def row_sums(row, j0, j1, ref, t, lam, q, is_mag):
     Reassociated sums (`_REASSOC`); `d` and the sets come from `_entry_sets`,
     compiled without it, so they are those of `emit_row` to the bit.
     """
+    prefer_wide_vectors()
     width = _width(ref + t, lam, q, is_mag)
     cubic = q != 2.0
     n_sat = 0
@@ -471,6 +473,7 @@ def emit_row(keys, x, r, j0, j1, ref, t, lam, q, is_mag, with_residuals, out, gp
 
 @nb.njit(cache=True, fastmath=_ARCP, error_model="numpy")
 def _mask_values(s_row, y_row, ref, t, width, lam, q):
+    prefer_wide_vectors()
     n_sat = 0
     n_free = 0
     for j in range(s_row.shape[0]):
@@ -483,6 +486,7 @@ def _mask_values(s_row, y_row, ref, t, width, lam, q):
 
 @nb.njit(cache=True, fastmath=_ARCP, error_model="numpy")
 def _mag_values(s_row, x_row, y_row, ref, t, width, lam, q):
+    prefer_wide_vectors()
     n_sat = 0
     n_free = 0
     for j in range(s_row.shape[0]):
@@ -497,6 +501,7 @@ def _mag_values(s_row, x_row, y_row, ref, t, width, lam, q):
 
 @nb.njit(cache=True, fastmath=_ARCP, error_model="numpy")
 def _free_derivatives(s_row, g_row, ref, t, width, lam, q):
+    prefer_wide_vectors()
     for j in range(s_row.shape[0]):
         d, _, free = _entry_sets(float(s_row[j]), ref, t, width)
         g_row[j] = g_prime_scalar(d if free else 0.0, lam, q)
@@ -504,6 +509,7 @@ def _free_derivatives(s_row, g_row, ref, t, width, lam, q):
 
 @nb.njit(cache=True, fastmath=_ARCP, error_model="numpy")
 def _mag_residuals(s_row, x_row, g_row, code_row, ref, t, width, lam, q):
+    prefer_wide_vectors()
     for j in range(s_row.shape[0]):
         d, sat, free = _entry_sets(float(s_row[j]), ref, t, width)
         g_row[j] = g_prime_scalar(d if free else 0.0, lam, q)

@@ -1,0 +1,119 @@
+"""The CPU kernels ask LLVM for 512-bit vectors (`topk_core._pav.vector_width`).
+
+The attribute is checked in each kernel's LLVM IR (any host), and on a host
+with AVX-512 in its machine code too: a kernel that lost its
+`prefer_wide_vectors()` call would compile to 256-bit vectors again.
+"""
+
+from __future__ import annotations
+
+import llvmlite.binding as llvm
+import numba as nb
+import numpy as np
+import pytest
+
+import topk_core as tc
+from topk_core._pav import kernels, lanes, products, select, sortfree
+from topk_core._pav.vector_width import PREFERRED_VECTOR_BITS
+
+ATTRIBUTE = f'"prefer-vector-width"="{PREFERRED_VECTOR_BITS}"'
+
+# (name, dispatcher): every kernel whose loops the attribute widens.  Parallel variants compile their
+# prange bodies into functions of their own, which carry the attribute too.
+KERNELS = [
+    ("lanes.lane_rows (serial)", lanes.lane_rows.serial),
+    ("lanes.lane_rows (parallel)", lanes.lane_rows.parallel),
+    ("lanes._pass", lanes._pass),
+    ("lanes._lane_outputs", lanes._lane_outputs),
+    ("lanes._update", lanes._update),
+    ("lanes._start", lanes._start),
+    ("lanes._cubic_start", lanes._cubic_start),
+    ("lanes._absolute_frame", lanes._absolute_frame),
+    ("lanes.sweep_order_statistics", lanes.sweep_order_statistics),
+    ("sortfree.row_sums", sortfree.row_sums),
+    ("sortfree._mask_values", sortfree._mask_values),
+    ("sortfree._mag_values", sortfree._mag_values),
+    ("sortfree._free_derivatives", sortfree._free_derivatives),
+    ("sortfree._mag_residuals", sortfree._mag_residuals),
+    ("products._mask_rows (parallel)", products._mask_rows.parallel),
+    ("products._mag_rows (parallel)", products._mag_rows.parallel),
+    ("products._mask_rows (serial)", products._mask_rows.serial),
+    ("products._mag_rows (serial)", products._mag_rows.serial),
+    ("select._select_rows (parallel)", select._select_rows.parallel),
+    ("select.lane_order_statistics (parallel)", select.lane_order_statistics.parallel),
+    ("kernels._flat_keys", kernels._flat_keys),
+]
+
+
+# The kernels called from Python; the others are called from these (compiled with them).
+TOP_LEVEL = [lanes.lane_rows.serial, lanes.lane_rows.parallel, products._mask_rows.serial,
+             products._mask_rows.parallel, products._mag_rows.serial, products._mag_rows.parallel,
+             select._select_rows.serial, select._select_rows.parallel, select.lane_order_statistics.parallel,
+             kernels._flat_keys]
+
+
+def _fresh(dispatcher):
+    """`dispatcher` compiled again for its signatures, without the cache (Numba keeps no IR of code
+    that it loads from its cache).  Compiling a kernel compiles, or loads, the kernels it calls: their
+    signatures are known afterwards."""
+    options = {key: value for key, value in dispatcher.targetoptions.items() if key not in ("cache", "nopython")}
+    fresh = nb.njit(**options)(dispatcher.py_func)
+    for signature in dispatcher.signatures:
+        fresh.compile(signature)
+    return fresh
+
+
+@pytest.fixture(scope="module")
+def fresh_ir():
+    """Run the public operators on inputs that reach every kernel above, in both compilations; then
+    return the IR of each kernel compiled afresh (top-level kernels first, which gives the others
+    their signatures)."""
+    rng = np.random.default_rng(0)
+    cases = [
+        ((16, 16), 3, 2.0),  # lanes, serial
+        ((8192, 16), 3, 2.0),  # lanes, parallel
+        ((8192, 16), 3, 4.0 / 3.0),  # lanes with the cubic start
+        ((4, 3000), 40, 2.0),  # sort-free rows
+        ((8192, 16), 10, 2.0),  # k + 1 beyond the lanes' own sweeps: lane_order_statistics
+        ((8192, 16), 3, 1.5),  # neither lanes nor sort-free: the selection kernel
+        ((4, 16), 3, 1.5),
+    ]
+    for shape, k, p in cases:
+        x = rng.normal(size=shape)
+        for op in ("mask", "mag"):
+            _, res = getattr(tc, f"soft_topk_{op}_forward")(x, k, p=p, regularization_strength=0.1)
+            getattr(tc, f"{op}_vjp_from_residuals")(res, x)
+            getattr(tc, f"{op}_jvp_from_residuals")(res, x)
+    irs = {}
+    # Callers before callees: a caller loaded from the cache leaves its callees uncompiled, a fresh
+    # compilation of it gives them their signatures.
+    chain = TOP_LEVEL + [select._sortfree_row, select.sortfree_iterate, sortfree.emit_row]
+    for dispatcher in chain + [d for _, d in KERNELS if d not in chain]:
+        irs[id(dispatcher)] = list(_fresh(dispatcher).inspect_llvm().values())
+    return irs
+
+
+@pytest.mark.parametrize(("name", "dispatcher"), KERNELS, ids=[name for name, _ in KERNELS])
+def test_kernels_prefer_512_bit_vectors(fresh_ir, name, dispatcher):
+    irs = fresh_ir[id(dispatcher)]
+    assert irs, f"{name} was not compiled by the calls of the fixture"
+    for ir in irs:
+        assert ATTRIBUTE in ir, f"{name} lacks {ATTRIBUTE}"
+
+
+def test_a_kernel_without_the_call_lacks_the_attribute():
+    # The check above can fail: a loop compiled without `prefer_wide_vectors()` has no attribute.
+    def plain_sum(a):
+        s = 0.0
+        for i in range(a.shape[0]):
+            s += a[i]
+        return s
+
+    kernel = nb.njit(plain_sum)
+    kernel(np.ones(4))
+    assert ATTRIBUTE not in next(iter(kernel.inspect_llvm().values()))
+
+
+@pytest.mark.skipif("avx512f" not in llvm.get_host_cpu_features().flatten(), reason="needs a CPU with AVX-512")
+def test_a_product_kernel_uses_512_bit_registers_on_an_avx512_host(fresh_ir):
+    assert all("zmm" in asm for asm in _fresh(products._mask_rows.serial).inspect_asm().values())
