@@ -87,7 +87,7 @@ def fresh_ir():
     irs = {}
     # Callers before callees: a caller loaded from the cache leaves its callees uncompiled, a fresh
     # compilation of it gives them their signatures.
-    chain = TOP_LEVEL + [select._sortfree_row, select.sortfree_iterate, sortfree.emit_row]
+    chain = [*TOP_LEVEL, select._sortfree_row, select.sortfree_iterate, sortfree.emit_row]
     for dispatcher in chain + [d for _, d in KERNELS if d not in chain]:
         irs[id(dispatcher)] = list(_fresh(dispatcher).inspect_llvm().values())
     return irs
