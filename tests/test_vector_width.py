@@ -64,10 +64,10 @@ def _fresh(dispatcher):
 
 
 @pytest.fixture(scope="module")
-def fresh_ir():
+def fresh_kernels():
     """Run the public operators on inputs that reach every kernel above, in both compilations; then
-    return the IR of each kernel compiled afresh (top-level kernels first, which gives the others
-    their signatures)."""
+    return each kernel compiled afresh, by `id` of its dispatcher (top-level kernels first, which
+    gives the others their signatures)."""
     rng = np.random.default_rng(0)
     cases = [
         ((16, 16), 3, 2.0),  # lanes, serial
@@ -84,18 +84,18 @@ def fresh_ir():
             _, res = getattr(tc, f"soft_topk_{op}_forward")(x, k, p=p, regularization_strength=0.1)
             getattr(tc, f"{op}_vjp_from_residuals")(res, x)
             getattr(tc, f"{op}_jvp_from_residuals")(res, x)
-    irs = {}
+    fresh = {}
     # Callers before callees: a caller loaded from the cache leaves its callees uncompiled, a fresh
     # compilation of it gives them their signatures.
     chain = [*TOP_LEVEL, select._sortfree_row, select.sortfree_iterate, sortfree.emit_row]
     for dispatcher in chain + [d for _, d in KERNELS if d not in chain]:
-        irs[id(dispatcher)] = list(_fresh(dispatcher).inspect_llvm().values())
-    return irs
+        fresh[id(dispatcher)] = _fresh(dispatcher)
+    return fresh
 
 
 @pytest.mark.parametrize(("name", "dispatcher"), KERNELS, ids=[name for name, _ in KERNELS])
-def test_kernels_prefer_512_bit_vectors(fresh_ir, name, dispatcher):
-    irs = fresh_ir[id(dispatcher)]
+def test_kernels_prefer_512_bit_vectors(fresh_kernels, name, dispatcher):
+    irs = list(fresh_kernels[id(dispatcher)].inspect_llvm().values())
     assert irs, f"{name} was not compiled by the calls of the fixture"
     for ir in irs:
         assert ATTRIBUTE in ir, f"{name} lacks {ATTRIBUTE}"
@@ -115,5 +115,5 @@ def test_a_kernel_without_the_call_lacks_the_attribute():
 
 
 @pytest.mark.skipif("avx512f" not in llvm.get_host_cpu_features().flatten(), reason="needs a CPU with AVX-512")
-def test_a_product_kernel_uses_512_bit_registers_on_an_avx512_host(fresh_ir):
-    assert all("zmm" in asm for asm in _fresh(products._mask_rows.serial).inspect_asm().values())
+def test_a_product_kernel_uses_512_bit_registers_on_an_avx512_host(fresh_kernels):
+    assert all("zmm" in asm for asm in fresh_kernels[id(products._mask_rows.serial)].inspect_asm().values())

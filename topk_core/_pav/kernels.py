@@ -566,6 +566,13 @@ def segment_entry(si, xj, in_block, unit_weight, gamma, frame, q, is_mag):
 
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
+def set_code(signed, free, kept):
+    """The magnitude's residual code of an entry (`MagResiduals.codes`): the sign of `signed` (x, or the
+    entry's non-zero output) on the free set, `KEPT_CODE` on A, else 0."""
+    return (1 if signed > 0.0 else -1) if free else (KEPT_CODE if kept else 0)
+
+
+@nb.njit(cache=True, inline="always", error_model="numpy")
 def emit_entry(r, j, val, deriv, kept, free, is_mag, with_residuals, out, gprime, codes):
     """Write one output entry and, when asked, its residuals (see `topk_rows_forward`)."""
     out[r, j] = val
@@ -573,7 +580,7 @@ def emit_entry(r, j, val, deriv, kept, free, is_mag, with_residuals, out, gprime
         gprime[r, j] = deriv
         if is_mag:
             # The sign of a free entry is that of its (non-zero) output.
-            codes[r, j] = (1 if val > 0.0 else -1) if free else (KEPT_CODE if kept else 0)
+            codes[r, j] = set_code(val, free, kept)
 
 
 # Each row kernel is compiled twice: threads pay off only on large batches, and a

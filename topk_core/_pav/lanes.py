@@ -51,9 +51,8 @@ import math
 import numba as nb
 import numpy as np
 
-from .._agnostic.residuals import KEPT_CODE
 from ._scalar import lower_bracket_relative, quadratic_fixed_point
-from .kernels import _compiled_pair, _in_unit_range, _quadratic_block_value, _unit_scale, far_below
+from .kernels import _compiled_pair, _in_unit_range, _quadratic_block_value, _unit_scale, far_below, set_code
 from .transpose import BLOCK, lanes_to_rows, rows_to_lanes
 from .vector_width import prefer_wide_vectors
 
@@ -433,7 +432,7 @@ def _mag_row(x, r, out, codes, with_residuals):
         for j in range(n):
             m = out[r, j]
             xj = x[r, j]
-            codes[r, j] = (1 if xj > 0.0 else -1) if math.copysign(1.0, m) > 0.0 else (KEPT_CODE if m < 0.0 else 0)
+            codes[r, j] = set_code(xj, math.copysign(1.0, m) > 0.0, m < 0.0)
             out[r, j] = xj if m < 0.0 else (math.copysign(m, xj) if m > 0.0 else 0.0)
     else:
         for j in range(n):

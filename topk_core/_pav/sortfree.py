@@ -45,9 +45,8 @@ import math
 import numba as nb
 import numpy as np
 
-from .._agnostic.residuals import KEPT_CODE
 from ._scalar import g_prime_scalar, g_scalar
-from .kernels import _closed_block_value, far_below
+from .kernels import _closed_block_value, far_below, set_code
 from .vector_width import prefer_wide_vectors
 
 # Passes per row before the row is handed back to the selection kernel.
@@ -513,4 +512,4 @@ def _mag_residuals(s_row, x_row, g_row, code_row, ref, t, width, lam, q):
     for j in range(s_row.shape[0]):
         d, sat, free = _entry_sets(float(s_row[j]), ref, t, width)
         g_row[j] = g_prime_scalar(d if free else 0.0, lam, q)
-        code_row[j] = (1 if x_row[j] > 0.0 else -1) if free else (KEPT_CODE if sat else 0)
+        code_row[j] = set_code(x_row[j], free, sat)
