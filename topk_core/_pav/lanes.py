@@ -75,6 +75,8 @@ MAX_PASSES = 16
 # its magnitude, 0.88-1.0x for p = 4/3, at n = 8-96; one pass more or fewer was slower.
 FIRST_PASSES_N = (24, 48)
 _EPS = np.finfo(np.float64).eps
+# Largest entries that each sweep of `sweep_order_statistics` takes out of every lane.
+SWEEP_DEPTH = 3
 # The row-index argument (`subset`, `rows`) of the kernels meaning every row.
 EVERY_ROW = np.empty(0, dtype=np.int64)
 # A row has converged when its Newton step is at most this many ulps of its scale.
@@ -508,23 +510,31 @@ def sweep_order_statistics(columns, k, uppers, belows):
     """The k-th and (k+1)-th largest entries of every lane of `columns` (n, LANES) into `uppers`, `belows`
     (arrays of the dtype of `columns`).
 
-    k + 1 sweeps each move the largest remaining entry of every lane to the
-    top (destroying `columns`): one entry of all lanes per step, a loop the
-    compiler vectorizes, with no data-dependent branch; O((k + 1) n) per lane.
+    Each sweep moves the three largest remaining entries of every lane out of
+    `columns` (destroying it) by a cascade of three compare-exchanges per entry:
+    one entry of all lanes per step, a loop the compiler vectorizes, with no
+    data-dependent branch; ceil((k + 1) / 3) sweeps, O((k + 1) n) per lane.
     """
     prefer_wide_vectors()
     n = columns.shape[0]
-    for level in range(k + 1):
-        for lane in range(LANES):
-            belows[lane] = -np.inf
+    tops = np.empty((SWEEP_DEPTH, LANES), dtype=columns.dtype)
+    for base in range(0, k + 1, SWEEP_DEPTH):
+        for i in range(SWEEP_DEPTH):
+            for lane in range(LANES):
+                tops[i, lane] = -np.inf
         for j in range(n):
             for lane in range(LANES):
-                a = belows[lane]
                 b = columns[j, lane]
-                belows[lane] = a if a > b else b
-                columns[j, lane] = b if a > b else a
-        if level == k - 1:
-            uppers[:] = belows
+                for i in range(SWEEP_DEPTH):
+                    a = tops[i, lane]
+                    tops[i, lane] = a if a > b else b
+                    b = b if a > b else a
+                columns[j, lane] = b
+        for i in range(SWEEP_DEPTH):
+            if base + i == k - 1:
+                uppers[:] = tops[i]
+            if base + i == k:
+                belows[:] = tops[i]
 
 
 def lane_rows(x, k, lam, q, is_mag, bounds, out, gprime, codes, offset, unresolved, n_chunks,
