@@ -421,20 +421,24 @@ def _kept_counts(z, kept):
 
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
-def _mag_row(x, r, out, codes, with_residuals):
+def _mag_row(x, r, out, codes, gprime, free_gprime, with_residuals):
     """Row `r` of the magnitude's outputs (and set codes) from the codes stored in it (`lane_rows`).
 
     `out[r]` holds the codes of `_lane_outputs` (-1 on A: the output is x itself; the value
     on F, given x's sign; -0 elsewhere).  F is told apart by the sign bit, not by a positive
-    value: a value that rounded to +0 in float32 is still on F.  One loop of selects, which
-    the compiler vectorizes.
+    value: a value that rounded to +0 in float32 is still on F.  `free_gprime` > 0 is g' on F,
+    the same for every entry (p = 2: 1 / l), written here with the codes; otherwise g' came
+    from the lanes.  One loop of selects, which the compiler vectorizes.
     """
     n = x.shape[1]
     if with_residuals:
         for j in range(n):
             m = out[r, j]
             xj = x[r, j]
-            codes[r, j] = set_code(xj, math.copysign(1.0, m) > 0.0, m < 0.0)
+            free = math.copysign(1.0, m) > 0.0
+            codes[r, j] = set_code(xj, free, m < 0.0)
+            if free_gprime > 0.0:
+                gprime[r, j] = free_gprime if free else 0.0
             out[r, j] = xj if m < 0.0 else (math.copysign(m, xj) if m > 0.0 else 0.0)
     else:
         for j in range(n):
@@ -610,7 +614,10 @@ def lane_rows(x, k, lam, q, is_mag, bounds, out, gprime, codes, offset, unresolv
                 if remaining == 0:
                     break
             _levels(ref, tau, lam, is_mag, level)
-            _lane_outputs(z, tau, level, lam, q, is_mag, gbuf, with_residuals)  # z: the outputs now
+            # The p = 2 magnitude's g' (1 / l on F) is written with its codes, from the signs of F.
+            free_gprime = 1.0 / lam if is_mag and q == 2.0 else 0.0
+            lane_gprime = with_residuals and free_gprime == 0.0
+            _lane_outputs(z, tau, level, lam, q, is_mag, gbuf, lane_gprime)  # z: the outputs now
             for lane in range(used):
                 unresolved[rows[lane]] = active[lane] != 0.0
             # Back to input order (unresolved rows too: the caller overwrites them).
@@ -622,10 +629,10 @@ def lane_rows(x, k, lam, q, is_mag, bounds, out, gprime, codes, offset, unresolv
                     for lane in range(used):
                         offset[rows[lane]] = k - kept[lane]
                 store_group(z, used, rows, out)
-                if with_residuals:
+                if lane_gprime:
                     store_group(gbuf, used, rows, gprime)
                 for lane in range(used):
-                    _mag_row(x, rows[lane], out, codes, with_residuals)
+                    _mag_row(x, rows[lane], out, codes, gprime, free_gprime, with_residuals)
             else:
                 store_group(z, used, rows, out)
                 if with_residuals:
