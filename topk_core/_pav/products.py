@@ -18,7 +18,6 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
-from .._agnostic.residuals import KEPT_CODE
 from .kernels import _compiled_pair
 from .vector_width import prefer_wide_vectors
 
