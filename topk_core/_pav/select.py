@@ -84,7 +84,8 @@ SORT_BOUNDS_MAX_N = 1 << 16
 # The lanes' sweeps (`lanes.sweep_order_statistics`) against np.sort of the keys, on 4M float32
 # entries (AVX-512 machine, 2 threads against np.sort's one, Numba's cache filled): 0.2-0.4x its
 # time for k + 1 = 9, 0.4-0.5x at 17 and 0.6-0.75x at 33, for rows of 32-192 entries; rows of
-# 256 (a transposed group no longer fits the L1 cache) take 1-1.8x its time.
+# 256 (a transposed group no longer fits the L1 cache) take 1-1.8x its time.  (Measured with one
+# entry per sweep; three per sweep, `lanes.SWEEP_DEPTH`, took 0.85-0.9x that time at n = 64.)
 LANE_TRACK_MAX = 33
 LANE_TRACK_MAX_N = 192
 # Rows at least this long, in batches smaller than the thread count, are split across
