@@ -566,6 +566,10 @@ def lane_rows(x, k, lam, q, is_mag, bounds, out, gprime, codes, offset, unresolv
     """
     batch, n = x.shape
     with_residuals = gprime.shape[0] == batch and gprime.shape[1] == n
+    # The p = 2 magnitude's g' (1 / l on F) is written with its codes, from the signs of F (`_mag_row`);
+    # otherwise g' is computed in the lane layout.
+    free_gprime = 1.0 / lam if is_mag and q == 2.0 else 0.0
+    lane_gprime = with_residuals and free_gprime == 0.0
     bounds_inside = bounds.shape[0] != batch
     count = row_count(subset, batch)
     groups = -(-count // LANES)
@@ -623,9 +627,6 @@ def lane_rows(x, k, lam, q, is_mag, bounds, out, gprime, codes, offset, unresolv
                 if remaining == 0:
                     break
             _levels(ref, tau, lam, is_mag, level)
-            # The p = 2 magnitude's g' (1 / l on F) is written with its codes, from the signs of F.
-            free_gprime = 1.0 / lam if is_mag and q == 2.0 else 0.0
-            lane_gprime = with_residuals and free_gprime == 0.0
             _lane_outputs(z, tau, level, lam, q, is_mag, gbuf, lane_gprime)  # z: the outputs now
             for lane in range(used):
                 unresolved[rows[lane]] = active[lane] != 0.0

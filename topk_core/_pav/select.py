@@ -35,9 +35,8 @@ import math
 import numba as nb
 import numpy as np
 
-from .._agnostic.residuals import KEPT_CODE
 from ._scalar import mag_fixed_point
-from .kernels import _compiled_pair, _pooled_block, _row_frame, _unit_scale, emit_entry, segment_entry
+from .kernels import _compiled_pair, _pooled_block, _row_frame, _unit_scale, emit_entry, segment_entry, set_code
 from .lanes import (
     EVERY_ROW,
     LANES,
@@ -212,7 +211,7 @@ def _classify(
             gprime[r, j] = 0.0
         if is_mag:
             for j in range(j0, j1):
-                codes[r, j] = KEPT_CODE if float(keys[r, j]) > saturated_cut else 0
+                codes[r, j] = set_code(0.0, False, float(keys[r, j]) > saturated_cut)
     # Branch-free compaction: every entry is written at the next free slot, which
     # advances only past candidates (candidates are scattered: a branch mispredicts).
     m = j0
