@@ -113,10 +113,12 @@ def test_first_passes_grow_with_the_row_length(operator):
         assert lanes.lane_retry_passes(q) > 0
 
 
-def test_a_subset_of_rows_is_solved_in_place_as_in_a_full_solve(rng, operator, q):
+@pytest.mark.parametrize("n", [24, lanes.ROW_OUTPUTS_MIN_N + 16], ids=["lane-layout-outputs", "row-order-outputs"])
+def test_a_subset_of_rows_is_solved_in_place_as_in_a_full_solve(rng, operator, q, n):
     # The second lane solve of the driver: the rows named (any order, any count), and no other,
-    # get the outputs, residuals and flags a solve of every row gives them, to the bit.
-    x = rows_of_kind(rng, 200, 24, "ties", np.float64)
+    # get the outputs, residuals and flags a solve of every row gives them, to the bit (with
+    # outputs written in the lane layout and transposed back, or row by row: `_row_outputs`).
+    x = rows_of_kind(rng, 200, n, "ties", np.float64)
     subset = rng.permutation(200)[:77]
     results = []
     for rows in (lanes.EVERY_ROW, subset):
@@ -130,6 +132,18 @@ def test_a_subset_of_rows_is_solved_in_place_as_in_a_full_solve(rng, operator, q
         if every.size:
             np.testing.assert_array_equal(some[subset], every[subset])
             np.testing.assert_array_equal(some[untouched], 0 if some.dtype == np.bool_ else 7)
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "dominant"])
+def test_outputs_written_row_by_row_equal_those_transposed_back(rng, operator, float_dtype, q, kind):
+    # From ROW_OUTPUTS_MIN_N on, a solve with residuals writes its outputs row by row
+    # (`_row_outputs`), the forward alone in the lane layout: the same numbers, to the bit.
+    n = lanes.ROW_OUTPUTS_MIN_N + 16
+    x = rows_of_kind(rng, 150, n, kind, float_dtype)
+    for k, lam in ((1, 0.1), (n // 8, 0.7), (n // 2, 33.3)):
+        y_only, _ = SOLVE[operator](x, k, lam, q, with_residuals=False)
+        y_res, _ = SOLVE[operator](x, k, lam, q, with_residuals=True)
+        np.testing.assert_array_equal(y_res, y_only, err_msg=str((k, lam)))
 
 
 def test_unsolved_rows_are_flagged(rng, q):

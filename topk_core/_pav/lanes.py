@@ -58,6 +58,15 @@ from .vector_width import prefer_wide_vectors
 
 # Rows processed side by side (one SIMD lane each).
 LANES = 64
+# From this row length on, a solve with residuals writes outputs and residuals row by row from x at
+# each row's threshold (`_row_outputs`), not in the lane layout then transposed back (two
+# transpositions, outputs and g').  Measured (float32, k = n/10, 1M entries, fresh processes,
+# interleaved, forward+VJP, ratios to np.sort): n = 64: mask 1.34-1.45 -> 1.20-1.35 (p = 2),
+# 1.47-1.60 -> 1.31-1.48 (p = 4/3), magnitude 1.67-1.96 -> 1.64-1.72 (p = 4/3), p = 2 within noise;
+# n = 80 and 48 alike or better; n = 32 worse for the p = 2 mask (1.56-1.65 -> 1.61-1.77).  The
+# forward alone keeps the lane layout: row by row it was no faster at 64 and slower at 32-48
+# (0.57-0.61 -> 0.62-0.70 at 48, p = 2 mask): the loop over a row is short for the vector units.
+ROW_OUTPUTS_MIN_N = 48
 # Rows up to this length take the lanes (p = 2 and 4/3): measured against the selection kernel
 # (the whole forward with the lanes on and off, rows handed back included; float32, k = n/8,
 # 4M entries, best of 21 runs; benchmarks/bench_lanes.py, table in docs/methods.md), the
@@ -456,6 +465,34 @@ def _mag_row(x, r, out, codes, gprime, free_gprime, with_residuals):
             out[r, j] = xj if m < zero else (math.copysign(m, xj) if m > zero else zero)
 
 
+@nb.njit(cache=True, error_model="numpy")
+def _row_outputs(x_row, out_row, g_row, code_row, ref, t, level, lam, q, is_mag, with_residuals):
+    """One row's outputs (and residuals) at its threshold, read off its entries in input order (no
+    transposition back); returns |A| (the magnitude's, else 0).
+
+    The sets are `_entry_sets` of the keys as the lanes hold them (``key - ref``
+    in float64), so that each entry lands in the set it had in the lanes.  A
+    function over 1-D views with selects only: the compiler vectorizes the loop.
+    """
+    prefer_wide_vectors()
+    inv = 1.0 / lam
+    kept = 0
+    for j in range(x_row.shape[0]):
+        xj = x_row[j]
+        a = (abs(float(xj)) if is_mag else float(xj)) - ref
+        e, g, sat, free = _entry_sets(a, t, inv, q, is_mag, level)
+        if is_mag:
+            kept += 1 if sat else 0
+            out_row[j] = xj if sat else (math.copysign(g + (a - t), xj) if free else 0.0)
+        else:
+            out_row[j] = 1.0 if sat else (g if free else 0.0)
+        if with_residuals:
+            g_row[j] = (inv if q == 2.0 else 3.0 * e * e * inv) if free else 0.0
+            if is_mag:
+                code_row[j] = set_code(xj, free, sat)
+    return kept
+
+
 @nb.njit(cache=True, inline="always", error_model="numpy")
 def _levels(ref, tau, lam, is_mag, level):
     # Each lane's saturation level (see `_entry_sets`): once per pass, not per entry.
@@ -570,6 +607,9 @@ def lane_rows(x, k, lam, q, is_mag, bounds, out, gprime, codes, offset, unresolv
     # otherwise g' is computed in the lane layout.
     free_gprime = 1.0 / lam if is_mag and q == 2.0 else 0.0
     lane_gprime = with_residuals and free_gprime == 0.0
+    row_order = with_residuals and n >= ROW_OUTPUTS_MIN_N
+    no_gprime = np.empty(0, dtype=out.dtype)  # the rows' residual views when none are written
+    no_codes = np.empty(0, dtype=np.int8)
     bounds_inside = bounds.shape[0] != batch
     count = row_count(subset, batch)
     groups = -(-count // LANES)
@@ -627,9 +667,18 @@ def lane_rows(x, k, lam, q, is_mag, bounds, out, gprime, codes, offset, unresolv
                 if remaining == 0:
                     break
             _levels(ref, tau, lam, is_mag, level)
-            _lane_outputs(z, tau, level, lam, q, is_mag, gbuf, lane_gprime)  # z: the outputs now
             for lane in range(used):
                 unresolved[rows[lane]] = active[lane] != 0.0
+            if row_order:
+                for lane in range(used):
+                    r = rows[lane]
+                    kept_r = _row_outputs(x[r], out[r], gprime[r] if with_residuals else no_gprime,
+                                          codes[r] if is_mag and with_residuals else no_codes,
+                                          ref[lane], tau[lane], level[lane], lam, q, is_mag, with_residuals)
+                    if is_mag and with_residuals:
+                        offset[r] = k - kept_r
+                continue
+            _lane_outputs(z, tau, level, lam, q, is_mag, gbuf, lane_gprime)  # z: the outputs now
             # Back to input order (unresolved rows too: the caller overwrites them).
             if is_mag:
                 # The sets' codes (z: -1 on A, the value on F, else 0) go back as they are, then each
