@@ -147,3 +147,34 @@ def test_magnitude_of_rows_spanning_1e254_with_p_4_3():
     assert y[0, 0] == 1.0
     # The tiny entries share the remaining mass with a threshold far below them: outputs ~ x.
     np.testing.assert_allclose(y[0, 1:], x[0, 1:], rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("p", [2.0, 4.0 / 3.0])
+@pytest.mark.parametrize("n", [16, 64])
+def test_lane_solver_finds_the_non_finite_entries_it_loads(rng, operator, dtype, p, n):
+    # Short rows with p = 2 or 4/3 and small k go to the lane solver with no finiteness pass before
+    # it: the lanes find a NaN or infinite entry anywhere (any group, any lane, either end of a row,
+    # threaded chunks), and the array takes the route that handles them.
+    from topk_core._agnostic.regularizer import conjugate_exponent
+    from topk_core._pav.select import lanes_check_finite
+
+    k, lam = 2, 0.3
+    assert lanes_check_finite(n, k, conjugate_exponent(p), lam)
+    x = rng.normal(size=(3000, n)).astype(dtype)
+    clean = SOFT[operator](x, k, p=p, regularization_strength=lam)
+    for row, col, bad in ((0, 0, np.nan), (1500, n - 1, np.inf), (2999, n // 2, -np.inf), (2999, 0, np.nan)):
+        x_bad = x.copy()
+        x_bad[row, col] = bad
+        y = SOFT[operator](x_bad, k, p=p, regularization_strength=lam)
+        y_res, vjp = VJP[operator](x_bad, k, p=p, regularization_strength=lam)
+        np.testing.assert_array_equal(y_res, y)
+        assert np.all(np.isfinite(np.delete(vjp(np.ones_like(x)), row, axis=0)))
+        # The row alone, which no lane solves (it has a non-finite entry), and every other row as
+        # the lanes solve them (the routes agree to rounding).
+        alone = SOFT[operator](x_bad[row:row + 1], k, p=p, regularization_strength=lam)[0]
+        np.testing.assert_array_equal(y[row], alone)
+        assert np.all(np.isnan(y[row])) == np.isnan(bad)
+        eps = np.finfo(dtype).eps
+        np.testing.assert_allclose(np.delete(y, row, axis=0), np.delete(clean, row, axis=0),
+                                   rtol=10 * eps, atol=10 * eps)

@@ -456,6 +456,18 @@ def test_threshold_agrees_with_pav_on_rows_with_and_without_a_dominant_entry(x, 
             np.testing.assert_allclose(got.sum(), k, rtol=0, atol=tol * k)
 
 
+@pytest.mark.parametrize("p", [1.5, 3.0])
+def test_threshold_of_subnormal_keys_agrees_with_pav_without_overflow(operator, p):
+    # Found by the property above: keys of 2e-313 with p = 3, whose frame cannot scale them to 1 and
+    # clips the strength, put g' of the free entries beyond the float range there; it is inf, with
+    # no overflow in its division (warnings are errors in the tests).
+    for x in (np.full((1, 2), 2.22507386e-313), np.array([[2.22507386e-313, 6.7e-313, -1e-320]])):
+        for k in (1, 2):
+            want, _ = _pav(operator, x, k, p=p, regularization_strength=1.0)
+            got, _ = FORWARD[operator](x, k, method="threshold", p=p, regularization_strength=1.0)
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+
+
 @settings(max_examples=int(os.environ.get("TOPK_HYPOTHESIS_EXAMPLES", "60")), deadline=None)
 @given(x=rows_spanning_many_orders(3, 40), data=st.data(), lam=st.floats(1e-3, 1e2),
        p=st.sampled_from([1.25, 4.0 / 3.0, 1.5, 2.0]), magnitude=st.booleans())

@@ -73,7 +73,13 @@ def g_prime_on(u: Any, free: Any, lam: float, q: float, xp: Any) -> Any:
     if q < 2.0:
         # (q - 1) / (l^(q-1) u^(2-q)): as in `g`, u / l may underflow where g' is a normal number.
         v = xp.where(free, u, xp.ones_like(u))
-        deriv = (q - 1.0) / lam ** (q - 1.0) / xp.pow(v, 2.0 - q)
+        num = (q - 1.0) / lam ** (q - 1.0)
+        den = xp.pow(v, 2.0 - q)
+        # Beyond the float range (subnormal keys, whose frame clips the strength: 2e-313 with p = 3
+        # gave 4.5e309) g' is inf, reached without the division's overflow (a warning, an error
+        # where warnings are).
+        huge = den < num / xp.finfo(u.dtype).max
+        deriv = xp.where(huge, xp.full_like(u, xp.inf), num / xp.where(huge, xp.ones_like(u), den))
     else:
         t = xp.where(free, u / lam, xp.ones_like(u))
         deriv = (q - 1.0) / lam * (t * t if q == 4.0 else xp.pow(t, q - 2.0))

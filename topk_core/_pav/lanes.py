@@ -600,6 +600,10 @@ def lane_rows(x, k, lam, q, is_mag, bounds, out, gprime, codes, offset, unresolv
     then garbage, to be overwritten), and `max_passes` the Newton steps
     allowed per row, `subset` the indices of the rows to solve (in place), or empty for every
     row.
+
+    Returns whether every key was finite, as far as the lanes looked (with `bounds` empty, every
+    entry of the rows solved; otherwise none, and True): rows with a non-finite key come out as
+    garbage, flagged or not, and are the caller's to solve again.
     """
     batch, n = x.shape
     with_residuals = gprime.shape[0] == batch and gprime.shape[1] == n
@@ -613,6 +617,7 @@ def lane_rows(x, k, lam, q, is_mag, bounds, out, gprime, codes, offset, unresolv
     bounds_inside = bounds.shape[0] != batch
     count = row_count(subset, batch)
     groups = -(-count // LANES)
+    non_finite = 0
     for c in nb.prange(n_chunks):
         prefer_wide_vectors()
         z = np.empty((n, LANES), dtype=np.float64)
@@ -642,10 +647,16 @@ def lane_rows(x, k, lam, q, is_mag, bounds, out, gprime, codes, offset, unresolv
                     for lane in range(LANES):
                         z[j, lane] = abs(z[j, lane])
             if bounds_inside:
-                # The keys' own values, back from the block already loaded (exact in float64).
+                # The keys' own values, back from the block already loaded (exact in float64), and
+                # whether all are finite (NaN fails the test too): the caller checks the rows no
+                # other way (`select.topk_rows_select`).
+                group_bad = 0
                 for j in range(n):
                     for lane in range(LANES):
-                        columns[j, lane] = z[j, lane]
+                        key = z[j, lane]
+                        columns[j, lane] = key
+                        group_bad += 0 if abs(key) < np.inf else 1
+                non_finite += group_bad
                 sweep_order_statistics(columns, k, uppers, belows)
             for lane in range(LANES):
                 if bounds_inside:
@@ -696,5 +707,6 @@ def lane_rows(x, k, lam, q, is_mag, bounds, out, gprime, codes, offset, unresolv
                 store_group(z, used, rows, out)
                 if with_residuals:
                     store_group(gbuf, used, rows, gprime)
+    return non_finite == 0
 
 lane_rows = _compiled_pair(lane_rows)

@@ -498,24 +498,29 @@ def topk_rows_select(keys, x, k, lam, q, is_mag, out, gprime, codes, offset):
     rows with p = 2 or 4/3 go to the lane solver (`lanes.lane_rows`), long rows with
     p = 2 or 4/3 to the sort-free iteration (`sortfree_applies`); both hand
     the rows they do not settle back to this kernel.
+
+    Returns True, or False where `lanes_check_finite` holds and the lane solver
+    found a non-finite entry (the caller need not check the keys there): the
+    outputs are then garbage, for the route that handles such rows.
     """
     batch, n = x.shape
     threads = nb.get_num_threads()
     lanes = lane_route(n, k, q, lam)
-    if keys is None and not (lanes and k + 1 <= LANE_TRACK_MAX):
+    if keys is None and not lanes_check_finite(n, k, q, lam):
         keys = np.abs(x)  # the lanes alone take the magnitude's keys from x
     if n >= LONG_ROW_MIN_N and batch < threads:
         _select_long_rows(keys, x, k, lam, q, is_mag, out, gprime, codes, offset, 4 * threads, SAMPLE_SIZE,
                           sortfree_applies(n, k, q, lam))
-        return
+        return True
     n_chunks = min(batch, 4 * threads)
     if lanes:
         # For small k the lane kernel finds the order statistics itself, on the rows it has
         # already transposed; otherwise they come from np.sort.
-        bounds = np.empty((0, 2)) if k + 1 <= LANE_TRACK_MAX else _row_bounds(keys, k)
+        bounds = np.empty((0, 2)) if lanes_check_finite(n, k, q, lam) else _row_bounds(keys, k)
         unresolved = np.empty(batch, dtype=np.bool_)
-        lane_rows(x, k, lam, q, is_mag, bounds, out, gprime, codes, offset, unresolved,
-                  min(-(-batch // LANES), n_chunks), lane_passes(q, n, is_mag), EVERY_ROW)
+        if not lane_rows(x, k, lam, q, is_mag, bounds, out, gprime, codes, offset, unresolved,
+                         min(-(-batch // LANES), n_chunks), lane_passes(q, n, is_mag), EVERY_ROW):
+            return False
         rows = np.flatnonzero(unresolved)
         if rows.size and lane_retry_passes(q):
             # The few rows left, gathered into full lane groups: more passes on them cost a
@@ -526,17 +531,24 @@ def topk_rows_select(keys, x, k, lam, q, is_mag, out, gprime, codes, offset):
         if rows.size:
             keys = np.abs(x) if keys is None else keys
             _select_subset(rows, keys, x, k, lam, q, is_mag, out, gprime, codes, offset, bounds)
-        return
+        return True
     sortfree = sortfree_applies(n, k, q, lam)
     bounds = np.empty((0, 2)) if sortfree else _row_bounds(keys, k)
     n_sample = sample_size(n) if sortfree else 0
     _select_rows(keys, x, k, lam, q, is_mag, out, gprime, codes, offset, n_chunks, bounds, n_sample,
                  EVERY_ROW)
+    return True
 
 
 def lane_route(n: int, k: int, q: float, lam: float) -> bool:
     """Whether `topk_rows_select` gives rows of `n` entries to the lane solver first (`lanes.lane_rows`)."""
     return k < n and lanes_apply(n, q, lam)
+
+
+def lanes_check_finite(n: int, k: int, q: float, lam: float) -> bool:
+    """Whether the lane solver loads every entry of rows of `n` entries (it finds their order statistics
+    itself) and so tells `topk_rows_select` when one is not finite: no pass of the caller's need check."""
+    return lane_route(n, k, q, lam) and k + 1 <= LANE_TRACK_MAX
 
 
 def _select_subset(rows, keys, x, k, lam, q, is_mag, out, gprime, codes, offset, bounds):
