@@ -97,6 +97,21 @@ def test_vector_width_child_measures_every_operator(monkeypatch):
     assert all(fwd > 0 and both > 0 for fwd, both in ratios.values())
 
 
+def test_strengths_table_has_a_row_per_case_and_restores_the_rule(monkeypatch):
+    """`bench_strengths.py` on a small shape: every operator, exponent and strength, and the rule it
+    switches off for one column is back afterwards."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_strengths
+
+    from topk_core._pav import select
+
+    rule = select.busy_lanes
+    lines = bench_strengths.table([(256, 16)], 1)
+    assert len(lines) == 2 + 2 * len(bench_strengths.EXPONENTS) * len(bench_strengths.STRENGTHS)
+    assert all(float(cell) > 0 for line in lines[2:] for cell in line.strip("| ").split(" | ")[4:])
+    assert select.busy_lanes is rule
+
+
 def test_gpu_check_script_smoke_run_on_the_cpu(tmp_path):
     """`benchmarks/gpu_check.sh`'s benchmark step, as a smoke run without a GPU (DEVICE=cpu QUICK=1)."""
     pytest.importorskip("torch")

@@ -38,7 +38,7 @@ def lane_calls(monkeypatch):
     """Records the calls of the lane solver: (shape of the rows, number of rows named, 0: every row)."""
     calls = []
     original = select.lane_rows
-    monkeypatch.setattr(select, "lane_rows", lambda x, *a: calls.append((x.shape, a[-1].shape[0])) or original(x, *a))
+    monkeypatch.setattr(select, "lane_rows", lambda x, *a: calls.append((x.shape, a[12].shape[0])) or original(x, *a))
     return calls
 
 
@@ -87,6 +87,7 @@ def test_rows_left_unsolved_go_to_the_selection_kernel(monkeypatch, rng, operato
     # with many, the rows the lanes converge on match too.
     monkeypatch.setattr(select, "lane_passes", lambda q, n, is_mag: max_passes)
     monkeypatch.setattr(select, "lane_retry_passes", lambda q: retry_passes)
+    monkeypatch.setattr(select, "busy_lanes", lambda: lanes.LANES)  # no group goes on past max_passes
     x = rows_of_kind(rng, 300, 40 if q == 2.0 else 16, "ties", np.float64)
     # Ties are multiples of 1/2: a strength l with l * r a multiple of 1/2 for some r <= k puts a
     # threshold exactly on a tie (a kink, where each route keeps its own one-sided Jacobian).
@@ -100,6 +101,29 @@ def test_rows_left_unsolved_go_to_the_selection_kernel(monkeypatch, rng, operato
         assert not retried
     elif max_passes == 0:
         assert len(retried) == len(lane_calls) // 2 and min(retried) > 0
+
+
+@pytest.mark.parametrize("n", [16, 64])
+def test_groups_with_many_rows_iterating_go_on_past_their_passes(rng, operator, q, n):
+    # One pass allowed, at a strength that moves the sets far from the start: with `busy_lanes` a
+    # group stops only once at most that many of its rows iterate (or at MAX_PASSES), without it
+    # most rows are left; either way the rows solved are those of a full solve.
+    x = rng.normal(size=(640, n))
+    left = {}
+    for busy in (lanes.LANES, 16):
+        arrays = [np.zeros_like(a) for a in fused_outputs(x, operator == "mag", True)]
+        unresolved = np.zeros(640, np.bool_)
+        lanes.lane_rows.serial(x, 2, 10.0, q, operator == "mag", np.empty((0, 2)), *arrays, unresolved, 1, 1,
+                               lanes.EVERY_ROW, busy)
+        left[busy] = unresolved.reshape(10, lanes.LANES).sum(axis=1)
+        full = [np.zeros_like(a) for a in fused_outputs(x, operator == "mag", True)]
+        lanes.lane_rows.serial(x, 2, 10.0, q, operator == "mag", np.empty((0, 2)), *full, np.zeros(640, np.bool_),
+                               1, lanes.MAX_PASSES, lanes.EVERY_ROW)
+        for got, want in zip(arrays, full, strict=True):
+            if got.size:
+                np.testing.assert_array_equal(got[~unresolved], want[~unresolved])
+    assert left[lanes.LANES].sum() > 4 * 640 // 10  # the case this is about
+    assert np.all(left[16] <= 16) and left[16].sum() < left[lanes.LANES].sum()
 
 
 def test_first_passes_grow_with_the_row_length(operator):

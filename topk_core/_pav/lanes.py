@@ -83,6 +83,16 @@ MAX_PASSES = 16
 # group (float32, k = n/8, 4M entries): 0.9-0.94x its time for the p = 2 mask, 0.93-1.0x for
 # its magnitude, 0.88-1.0x for p = 4/3, at n = 8-96; one pass more or fewer was slower.
 FIRST_PASSES_N = (24, 48)
+# After those passes a group with more than this many rows still iterating goes on (up to
+# MAX_PASSES): rows left to the second lane solve start again from their order statistics, which
+# costs more than a pass over the group when many are left.  Larger strengths move the sets
+# further from the start: with l = 1 or 10, 80-100% of random rows were left (the p = 4/3
+# magnitude, n = 16 and 64), and the forwards took 1.5-3x their time at l = 0.1.  Measured
+# (float32, k = n/10, 1M and 4M entries, l = 0.1, 1, 10, both operators and exponents, best of 7),
+# against no such rule: at l = 1 and 10 0.5-0.75x the time ((262144, 16): the p = 2 mask 15.6-18
+# -> 10.5-11.5 ms at l = 10, the p = 4/3 magnitude 17-21.7 -> 11.4-12.5 ms at l = 1), at l = 0.1
+# 0.9-1.0x; 8 and 32 were the same within the noise.
+BUSY_LANES = 16
 _EPS = np.finfo(np.float64).eps
 # Largest entries that each sweep of `sweep_order_statistics` takes out of every lane: a sweep
 # loads and stores an entry and the running values of every lane once, however deep its cascade.
@@ -114,6 +124,12 @@ def lane_passes(q: float, n: int, is_mag: bool) -> int:
     # Longer rows, and the magnitude's, move their sets more often after the start (random rows,
     # p = 2, left after one pass: mask 3% at n = 16, 13% at 32, 38% at 64; magnitude 9%, 30%, 67%).
     return 1 + (n > FIRST_PASSES_N[0]) + (q == 2.0 and is_mag and n > FIRST_PASSES_N[1])
+
+
+def busy_lanes() -> int:
+    """How many rows of a group may still iterate after its `lane_passes` for the group to stop there
+    (more go on, up to MAX_PASSES: see `BUSY_LANES`)."""
+    return BUSY_LANES
 
 
 def lane_retry_passes(q: float) -> int:
@@ -588,7 +604,7 @@ def sweep_order_statistics(columns, k, uppers, belows):
 
 
 def lane_rows(x, k, lam, q, is_mag, bounds, out, gprime, codes, offset, unresolved, n_chunks,
-              max_passes, subset):
+              max_passes, subset, busy_lanes=LANES):
     """Solve rows of `x` LANES at a time (module docstring); flag the rows left to the caller.
 
     Arguments as in `select._select_rows` (q = 2 or 4; no keys: the mask's are x, and the
@@ -599,7 +615,8 @@ def lane_rows(x, k, lam, q, is_mag, bounds, out, gprime, codes, offset, unresolv
     (batch,) bool array, set where a row was not solved here (its outputs are
     then garbage, to be overwritten), and `max_passes` the Newton steps
     allowed per row, `subset` the indices of the rows to solve (in place), or empty for every
-    row.
+    row; a group with more than `busy_lanes` rows still iterating after `max_passes` steps
+    goes on, up to MAX_PASSES.
 
     Returns whether every key was finite, as far as the lanes looked (with `bounds` empty, every
     entry of the rows solved; otherwise none, and True): rows with a non-finite key come out as
@@ -618,6 +635,7 @@ def lane_rows(x, k, lam, q, is_mag, bounds, out, gprime, codes, offset, unresolv
     count = row_count(subset, batch)
     groups = -(-count // LANES)
     non_finite = 0
+    pass_limit = max_passes if busy_lanes >= LANES else max(max_passes, MAX_PASSES)
     for c in nb.prange(n_chunks):
         prefer_wide_vectors()
         z = np.empty((n, LANES), dtype=np.float64)
@@ -671,11 +689,13 @@ def lane_rows(x, k, lam, q, is_mag, bounds, out, gprime, codes, offset, unresolv
             for j in range(n):
                 for lane in range(LANES):
                     z[j, lane] -= ref[lane]
-            for _ in range(max_passes):
+            for step in range(pass_limit):
                 _levels(ref, tau, lam, is_mag, level)
                 _pass(z, tau, level, lam, q, is_mag, acc)
                 remaining = _update(state, acc, ref, lam, q, k, is_mag)
-                if remaining == 0:
+                # Past `max_passes`, only a group with many lanes still iterating goes on: the rows
+                # left are solved again from the start, which costs more than a pass for many.
+                if remaining == 0 or (step + 1 >= max_passes and remaining <= busy_lanes):
                     break
             _levels(ref, tau, lam, is_mag, level)
             for lane in range(used):

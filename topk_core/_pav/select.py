@@ -40,6 +40,7 @@ from .kernels import _compiled_pair, _pooled_block, _row_frame, _unit_scale, emi
 from .lanes import (
     EVERY_ROW,
     LANES,
+    busy_lanes,
     lane_passes,
     lane_retry_passes,
     lane_rows,
@@ -519,7 +520,8 @@ def topk_rows_select(keys, x, k, lam, q, is_mag, out, gprime, codes, offset):
         bounds = np.empty((0, 2)) if lanes_check_finite(n, k, q, lam) else _row_bounds(keys, k)
         unresolved = np.empty(batch, dtype=np.bool_)
         if not lane_rows(x, k, lam, q, is_mag, bounds, out, gprime, codes, offset, unresolved,
-                         min(-(-batch // LANES), n_chunks), lane_passes(q, n, is_mag), EVERY_ROW):
+                         min(-(-batch // LANES), n_chunks), lane_passes(q, n, is_mag), EVERY_ROW,
+                         busy_lanes()):
             return False
         rows = np.flatnonzero(unresolved)
         if rows.size and lane_retry_passes(q):
