@@ -26,7 +26,7 @@ from topk_core._pav.kernels import fused_outputs
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _report import best_time, machine, write_section
 
-LENGTHS = [8, 16, 24, 32, 48, 64, 80, 96]
+LENGTHS = [8, 16, 24, 32, 48, 64, 80, 96, 128, 192, 256, 384, 512]
 ENTRIES = 1 << 22
 STRENGTH = 0.1
 EXPONENTS = {"2": 2.0, "4/3": 4.0}  # p: its conjugate exponent q

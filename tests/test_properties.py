@@ -126,7 +126,7 @@ spanning_rows = rows_spanning_many_orders(3, 40)
 @SETTINGS
 @given(x=spanning_rows, data=st.data(), lam=st.floats(1e-3, 1e2), p=exponents, magnitude=st.booleans())
 def test_every_pav_route_agrees_on_rows_spanning_many_orders(x, data, lam, p, magnitude):
-    # The same row alone (the lane solver for p = 2, 4/3 up to 80 entries; else the selection
+    # The same row alone (the lane solver for p = 2, 4/3 up to 256 entries; else the selection
     # kernel), in a batch of 70 (lane groups and hand-backs), and next to a NaN row (the full-sort
     # route) gives the same outputs to a few ulps of each input.  A randomized search of this kind
     # found lanes that returned x for entries far below a threshold of 1e-89 (keys ~1e-31).

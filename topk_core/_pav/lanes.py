@@ -70,10 +70,12 @@ ROW_OUTPUTS_MIN_N = 48
 # Rows up to this length take the lanes (p = 2 and 4/3): measured against the selection kernel
 # (the whole forward with the lanes on and off, rows handed back included; float32, k = n/8,
 # 4M entries, best of 21 runs; benchmarks/bench_lanes.py, table in docs/methods.md), the
-# lanes take 0.25-0.55x its time at n <= 24, 0.5-0.75x at 32-64, 0.7-0.85x at 80 (forward;
-# 0.8-0.9x with residuals), and 0.8-0.95x at 96, 0.85-1.05x with residuals (an Intel Xeon with
-# AVX-512, block transposes; an AMD EPYC measured 0.8-0.95x for p = 2 at 96 before them).
-LANE_MAX_N = 80
+# lanes take 0.2-0.5x its time at n <= 24, 0.45-0.8x at 32-96, 0.55-0.85x at 128-256 (with
+# residuals alike; k = n/2 and k = 4: 0.45-0.9x; l = 1 and 10: 0.03-0.3x), and 1.0-1.75x at
+# 384-512 for p = 2, where k + 1 > 33 takes the order statistics from a sort and the sort-free
+# route serves p = 2 (an Intel Xeon with AVX-512; the limit was 80 before the three-deep sweeps,
+# the finiteness check in the lanes and the row-by-row write-back with residuals).
+LANE_MAX_N = 256
 # Steps per row in the second lane solve before a row is handed to the selection kernel
 # (random rows need 2-4).
 MAX_PASSES = 16
