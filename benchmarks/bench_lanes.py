@@ -9,6 +9,7 @@ selection, measured side by side.  `lanes.LANE_MAX_N` is set from it.
 
     python benchmarks/bench_lanes.py                          # the table
     python benchmarks/bench_lanes.py --write docs/methods.md  # and update the docs page
+    python benchmarks/bench_lanes.py --strength 10            # another strength (no docs table)
 """
 
 from __future__ import annotations
@@ -71,10 +72,14 @@ def table(repeats: int) -> list[str]:
 
 
 def main() -> None:
+    global STRENGTH
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=21)
+    parser.add_argument("--strength", type=float, default=STRENGTH,
+                        help="regularization strength l (the docs' table: the default)")
     parser.add_argument("--write", metavar="PAGE", help="also write the table into this Markdown page")
     args = parser.parse_args()
+    STRENGTH = args.strength
     head = [
         f"Machine: {machine()}, NumPy {np.__version__}.",
         f"float32, {ENTRIES} entries, k = max(2, n/8), l = {STRENGTH}; best of {args.repeats} runs "
