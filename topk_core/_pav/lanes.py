@@ -91,9 +91,10 @@ FIRST_PASSES_N = (24, 48)
 # further from the start: with l = 1 or 10, 80-100% of random rows were left (the p = 4/3
 # magnitude, n = 16 and 64), and the forwards took 1.5-3x their time at l = 0.1.  Measured
 # (float32, k = n/10, 1M and 4M entries, l = 0.1, 1, 10, both operators and exponents, best of 7),
-# against no such rule: at l = 1 and 10 0.5-0.75x the time ((262144, 16): the p = 2 mask 15.6-18
+# against no such rule: at l = 1 and 10 0.5-0.8x the time ((262144, 16): the p = 2 mask 15.6-18
 # -> 10.5-11.5 ms at l = 10, the p = 4/3 magnitude 17-21.7 -> 11.4-12.5 ms at l = 1), at l = 0.1
-# 0.9-1.0x; 8 and 32 were the same within the noise.
+# 0.9-1.0x; 8 and 32 were the same within the noise (benchmarks/bench_strengths.py: the p = 2
+# magnitude at n = 64, which makes three passes anyway, the same at every strength).
 BUSY_LANES = 16
 _EPS = np.finfo(np.float64).eps
 # Largest entries that each sweep of `sweep_order_statistics` takes out of every lane: a sweep
@@ -484,9 +485,9 @@ def _mag_row(x, r, out, codes, gprime, free_gprime, with_residuals):
 
 
 @nb.njit(cache=True, error_model="numpy")
-def _row_outputs(x_row, out_row, g_row, code_row, ref, t, level, lam, q, is_mag, with_residuals):
-    """One row's outputs (and residuals) at its threshold, read off its entries in input order (no
-    transposition back); returns |A| (the magnitude's, else 0).
+def _row_outputs(x_row, out_row, g_row, code_row, ref, t, level, lam, q, is_mag):
+    """One row's outputs and residuals (g', and the magnitude's set codes) at its threshold, read off its
+    entries in input order (no transposition back); returns |A| (the magnitude's, else 0).
 
     The sets are `_entry_sets` of the keys as the lanes hold them (``key - ref``
     in float64), so that each entry lands in the set it had in the lanes.  A
@@ -499,15 +500,13 @@ def _row_outputs(x_row, out_row, g_row, code_row, ref, t, level, lam, q, is_mag,
         xj = x_row[j]
         a = (abs(float(xj)) if is_mag else float(xj)) - ref
         e, g, sat, free = _entry_sets(a, t, inv, q, is_mag, level)
+        g_row[j] = (inv if q == 2.0 else 3.0 * e * e * inv) if free else 0.0
         if is_mag:
             kept += 1 if sat else 0
             out_row[j] = xj if sat else (math.copysign(g + (a - t), xj) if free else 0.0)
+            code_row[j] = set_code(xj, free, sat)
         else:
             out_row[j] = 1.0 if sat else (g if free else 0.0)
-        if with_residuals:
-            g_row[j] = (inv if q == 2.0 else 3.0 * e * e * inv) if free else 0.0
-            if is_mag:
-                code_row[j] = set_code(xj, free, sat)
     return kept
 
 
@@ -631,8 +630,7 @@ def lane_rows(x, k, lam, q, is_mag, bounds, out, gprime, codes, offset, unresolv
     free_gprime = 1.0 / lam if is_mag and q == 2.0 else 0.0
     lane_gprime = with_residuals and free_gprime == 0.0
     row_order = with_residuals and n >= ROW_OUTPUTS_MIN_N
-    no_gprime = np.empty(0, dtype=out.dtype)  # the rows' residual views when none are written
-    no_codes = np.empty(0, dtype=np.int8)
+    no_codes = np.empty(0, dtype=np.int8)  # the mask's rows of codes (it has none)
     bounds_inside = bounds.shape[0] != batch
     count = row_count(subset, batch)
     groups = -(-count // LANES)
@@ -705,10 +703,9 @@ def lane_rows(x, k, lam, q, is_mag, bounds, out, gprime, codes, offset, unresolv
             if row_order:
                 for lane in range(used):
                     r = rows[lane]
-                    kept_r = _row_outputs(x[r], out[r], gprime[r] if with_residuals else no_gprime,
-                                          codes[r] if is_mag and with_residuals else no_codes,
-                                          ref[lane], tau[lane], level[lane], lam, q, is_mag, with_residuals)
-                    if is_mag and with_residuals:
+                    kept_r = _row_outputs(x[r], out[r], gprime[r], codes[r] if is_mag else no_codes,
+                                          ref[lane], tau[lane], level[lane], lam, q, is_mag)
+                    if is_mag:
                         offset[r] = k - kept_r
                 continue
             _lane_outputs(z, tau, level, lam, q, is_mag, gbuf, lane_gprime)  # z: the outputs now
