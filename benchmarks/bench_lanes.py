@@ -5,7 +5,7 @@ the same rows, once with the lane solver switched on for that length (rows it
 hands back included) and once with it switched off (the selection kernel,
 with its own order statistics); the table prints their times on about 4
 million float32 entries (k = max(2, n/8), l = 0.1) and the ratio lanes /
-selection, measured side by side.  `lanes.LANE_MAX_N` is set from it.
+selection, measured side by side.  `lanes.LANE_MAX_N` and `CUBIC_LANE_MAX_N` are set from it.
 
     python benchmarks/bench_lanes.py                          # the table
     python benchmarks/bench_lanes.py --write docs/methods.md  # and update the docs page
@@ -38,12 +38,12 @@ def _forward(x: np.ndarray, k: int, q: float, is_mag: bool, with_residuals: bool
     arrays = fused_outputs(x, is_mag, with_residuals)
 
     def run() -> None:
-        saved = lanes.LANE_MAX_N
-        lanes.LANE_MAX_N = x.shape[1] if lanes_on else 0
+        saved = lanes.LANE_MAX_N, lanes.CUBIC_LANE_MAX_N
+        lanes.LANE_MAX_N = lanes.CUBIC_LANE_MAX_N = x.shape[1] if lanes_on else 0
         try:
             select.topk_rows_select(keys, x, k, STRENGTH, q, is_mag, *arrays)
         finally:
-            lanes.LANE_MAX_N = saved
+            lanes.LANE_MAX_N, lanes.CUBIC_LANE_MAX_N = saved
 
     return run
 

@@ -65,7 +65,7 @@ def _assert_same(operator, x, k, lam, rng, q=2.0):
     ("q", "batch", "n"),
     [(2.0, 1, 2), (2.0, 63, 16), (2.0, 64, 17), (2.0, 130, 48), (2.0, 700, 7), (2.0, 5, 33), (2.0, 70, 64), (2.0, 30, 80),
      (4.0, 1, 2), (4.0, 63, 16), (4.0, 130, 12), (4.0, 700, 7), (4.0, 5, 9), (4.0, 130, 40), (4.0, 70, 48),
-     (4.0, 70, 64), (4.0, 30, 80), (2.0, 20, 128), (4.0, 20, 200), (2.0, 3, 256), (4.0, 66, 256)],
+     (4.0, 70, 64), (4.0, 30, 80), (2.0, 20, 128), (4.0, 20, 200), (2.0, 3, 256), (4.0, 66, 256), (4.0, 3, 512)],
 )
 def test_lane_route_equals_full_sort_route(rng, operator, float_dtype, kind, q, batch, n, lane_calls):
     x = rows_of_kind(rng, batch, n, kind, float_dtype)
@@ -221,10 +221,11 @@ def test_magnitude_rows_with_few_non_zero_entries(rng, lane_calls):
 @pytest.mark.parametrize(
     ("p", "lam", "n"),
     [(1.5, 0.1, 16), (3.0, 0.1, 8), (2.0, 1e-200, 16), (4.0 / 3.0, 1e200, 16), (2.0, 0.1, lanes.LANE_MAX_N + 1),
-     (4.0 / 3.0, 0.1, lanes.LANE_MAX_N + 1)],
+     (4.0 / 3.0, 0.1, lanes.CUBIC_LANE_MAX_N + 1)],
 )
 def test_lanes_only_where_they_apply(rng, operator, p, lam, n, lane_calls):
-    # p other than 2 and 4/3, a strength outside the unscaled frame, rows longer than LANE_MAX_N.
+    # p other than 2 and 4/3, a strength outside the unscaled frame, rows longer than LANE_MAX_N
+    # (CUBIC_LANE_MAX_N for p = 4/3).
     SOLVE[operator](rng.normal(size=(200, n)), 2, lam, p / (p - 1.0), with_residuals=False)
     assert lane_calls == []
 

@@ -1,7 +1,7 @@
 """Many short rows solved side by side, one SIMD lane per row: the CPU fast path for p = 2 and 4/3.
 
-For rows of at most `LANE_MAX_N` entries, the per-row work of the selection
-kernel (classification, ordering of the candidates, pooled block) is scalar
+For rows of at most `LANE_MAX_N` entries (`CUBIC_LANE_MAX_N` for p = 4/3), the per-row
+work of the selection kernel (classification, ordering of the candidates, pooled block) is scalar
 code whose branches depend on the data, and costs more than a vectorized sort
 of the row.  Here `LANES` rows are transposed at a time (by 8 x 8 blocks in
 registers, module `transpose`), so that every step
@@ -76,6 +76,10 @@ ROW_OUTPUTS_MIN_N = 48
 # route serves p = 2 (an Intel Xeon with AVX-512; the limit was 80 before the three-deep sweeps,
 # the finiteness check in the lanes and the row-by-row write-back with residuals).
 LANE_MAX_N = 256
+# The same for p = 4/3, whose selection kernel costs more (its blocks' cubics) and whose sort-free
+# route starts at 768: the lanes took 0.5-0.8x its time at 512 (k = 4, 64, 256; the mask with
+# k = n/8 0.95-1.1x at 384), 0.7-1.0x at 640, and lost at 768 (1.0-1.35x).
+CUBIC_LANE_MAX_N = 512
 # Steps per row in the second lane solve before a row is handed to the selection kernel
 # (random rows need 2-4).
 MAX_PASSES = 16
@@ -118,7 +122,8 @@ _BRACKET_NEWTON = 2
 def lanes_apply(n: int, q: float, lam: float) -> bool:
     """Whether the lane solver serves rows of `n` entries, exponent `q` and strength `lam`."""
     # A strength the mask's frame would rescale (`kernels._row_frame`) stays with the selection kernel.
-    return (q == 2.0 or q == 4.0) and n <= LANE_MAX_N and _unit_scale(lam) == 1.0
+    longest = LANE_MAX_N if q == 2.0 else CUBIC_LANE_MAX_N
+    return (q == 2.0 or q == 4.0) and n <= longest and _unit_scale(lam) == 1.0
 
 
 def lane_passes(q: float, n: int, is_mag: bool) -> int:
