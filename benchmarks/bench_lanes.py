@@ -10,6 +10,7 @@ selection, measured side by side.  `lanes.LANE_MAX_N` and `CUBIC_LANE_MAX_N` are
     python benchmarks/bench_lanes.py                          # the table
     python benchmarks/bench_lanes.py --write docs/methods.md  # and update the docs page
     python benchmarks/bench_lanes.py --strength 10            # another strength (no docs table)
+    python benchmarks/bench_lanes.py --k 4                    # a fixed k (no docs table)
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def _forward(x: np.ndarray, k: int, q: float, is_mag: bool, with_residuals: bool
     return run
 
 
-def table(repeats: int) -> list[str]:
+def table(repeats: int, fixed_k: int = 0) -> list[str]:
     lines = [
         "| p | n | operator | selection fwd (ms) | lanes fwd (ms) | lanes / selection "
         "| selection fwd+res. (ms) | lanes fwd+res. (ms) | lanes / selection |",
@@ -59,7 +60,7 @@ def table(repeats: int) -> list[str]:
     for p_name, q in EXPONENTS.items():
         for n in LENGTHS:
             x = rng.normal(size=(ENTRIES // n, n)).astype(np.float32)
-            k = max(2, n // 8)
+            k = min(fixed_k, n - 1) if fixed_k else max(2, n // 8)
             for op in ("mask", "mag"):
                 cells = []
                 for with_residuals in (False, True):
@@ -77,18 +78,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--strength", type=float, default=STRENGTH,
                         help="regularization strength l (the docs' table: the default)")
+    parser.add_argument("--k", type=int, default=0, help="this k (at most n - 1) instead of max(2, n/8)")
     parser.add_argument("--write", metavar="PAGE", help="also write the table into this Markdown page")
     args = parser.parse_args()
     STRENGTH = args.strength
     head = [
         f"Machine: {machine()}, NumPy {np.__version__}.",
-        f"float32, {ENTRIES} entries, k = max(2, n/8), l = {STRENGTH}; best of {args.repeats} runs "
+        f"float32, {ENTRIES} entries, k = {args.k or 'max(2, n/8)'}, l = {STRENGTH}; best of {args.repeats} runs "
         "after a warm-up (this machine's slow phases would otherwise hit one column or the other); "
         "the whole selection-first forward with the lanes on (rows handed back included) and off.",
         "",
     ]
     print("\n".join(head), flush=True)
-    out = [*head, *table(args.repeats)]
+    out = [*head, *table(args.repeats, args.k)]
     if args.write:
         write_section(args.write, "bench_lanes", "\n".join(out))
 

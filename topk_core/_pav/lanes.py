@@ -77,8 +77,8 @@ ROW_OUTPUTS_MIN_N = 48
 # the finiteness check in the lanes and the row-by-row write-back with residuals).
 LANE_MAX_N = 256
 # The same for p = 4/3, whose selection kernel costs more (its blocks' cubics) and whose sort-free
-# route starts at 768: the lanes took 0.5-0.8x its time at 512 (k = 4, 64, 256; the mask with
-# k = n/8 0.95-1.1x at 384), 0.7-1.0x at 640, and lost at 768 (1.0-1.35x).
+# route starts at 768: the lanes took 0.5-0.75x its time at 512 for k = 4 and 256, 0.7-1.0x for
+# k = n/8 (0.75-1.05x at 384), 0.7-1.0x at 640, and lost at 768 (1.0-1.35x).
 CUBIC_LANE_MAX_N = 512
 # Steps per row in the second lane solve before a row is handed to the selection kernel
 # (random rows need 2-4).
