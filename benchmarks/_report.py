@@ -6,8 +6,10 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+import numpy as np
 
 
 def _wall_times(fn: Callable[[], object], repeats: int, warmup: int) -> list[float]:
@@ -59,3 +61,14 @@ def write_section(path: str | Path, name: str, text: str) -> None:
     head, rest = page.split(start, 1)
     _, tail = rest.split(end, 1)
     path.write_text(f"{head}{start}\n{text.rstrip()}\n{end}{tail}")
+
+
+def random_rows(shapes: list[tuple[int, int]], header: list[str]) -> Iterator[tuple[tuple[int, int], np.ndarray, np.ndarray, int]]:
+    """Print a table's `header`, then yield (shape, x, u, k) per shape: float32 normal rows `x`, a cotangent `u`
+    and k = max(1, n/10), the same data in every script that uses it (seed 0)."""
+    print("\n".join(header), flush=True)
+    rng = np.random.default_rng(0)
+    for shape in shapes:
+        x = rng.normal(size=shape).astype(np.float32)
+        u = rng.normal(size=shape).astype(np.float32)
+        yield shape, x, u, max(1, shape[1] // 10)

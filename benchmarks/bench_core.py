@@ -24,7 +24,7 @@ import numpy as np
 import topk_numpy as tk
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _report import machine, median_time, write_section
+from _report import machine, median_time, random_rows, write_section
 
 SHAPES = [(1, 10**6), (64, 4096), (16384, 64)]
 QUICK_SHAPES = [(1, 10**4), (16, 256), (256, 64)]
@@ -89,12 +89,7 @@ def main() -> None:
         "| fwd+VJP / argsort | peak memory / input |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    print("\n".join(lines), flush=True)
-    rng = np.random.default_rng(0)
-    for shape in shapes:
-        x = rng.normal(size=shape).astype(np.float32)
-        u = rng.normal(size=shape).astype(np.float32)
-        k = max(1, shape[1] // 10)
+    for shape, x, u, k in random_rows(shapes, lines):
         t_sort = median_time(lambda x=x: np.argsort(x, axis=-1), repeats)
         for op in ("mask", "mag"):
             fwd = getattr(tk, f"soft_topk_{op}")

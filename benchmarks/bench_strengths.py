@@ -28,7 +28,7 @@ import topk_numpy as tk
 from topk_core._pav import lanes, select
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _report import best_time, machine, write_section
+from _report import best_time, machine, random_rows, write_section
 
 SHAPES = [(16384, 64), (262144, 16)]
 STRENGTHS = [0.1, 1.0, 10.0]
@@ -59,12 +59,7 @@ def table(shapes: list[tuple[int, int]], repeats: int) -> list[str]:
         "| shape | operator | p | l | forward / np.sort | without the rule | fwd+VJP / np.sort |",
         "|---|---|---|---|---|---|---|",
     ]
-    print("\n".join(lines), flush=True)
-    rng = np.random.default_rng(0)
-    for shape in shapes:
-        x = rng.normal(size=shape).astype(np.float32)
-        u = rng.normal(size=shape).astype(np.float32)
-        k = max(1, shape[1] // 10)
+    for shape, x, u, k in random_rows(shapes, lines):
         for op in ("mask", "mag"):
             forward, vjp = getattr(tk, f"soft_topk_{op}"), getattr(tk, f"soft_topk_{op}_vjp")
             for p_name, p in EXPONENTS.items():
