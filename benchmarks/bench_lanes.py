@@ -34,7 +34,8 @@ STRENGTH = 0.1
 EXPONENTS = {"2": 2.0, "4/3": 4.0}  # p: its conjugate exponent q
 
 
-def _forward(x: np.ndarray, k: int, q: float, is_mag: bool, with_residuals: bool, lanes_on: bool) -> Callable:
+def _forward(x: np.ndarray, k: int, q: float, is_mag: bool, with_residuals: bool, lanes_on: bool,
+             strength: float = STRENGTH) -> Callable:
     keys = np.ascontiguousarray(np.abs(x) if is_mag else x)
     arrays = fused_outputs(x, is_mag, with_residuals)
 
@@ -42,14 +43,14 @@ def _forward(x: np.ndarray, k: int, q: float, is_mag: bool, with_residuals: bool
         saved = lanes.LANE_MAX_N, lanes.CUBIC_LANE_MAX_N
         lanes.LANE_MAX_N = lanes.CUBIC_LANE_MAX_N = x.shape[1] if lanes_on else 0
         try:
-            select.topk_rows_select(keys, x, k, STRENGTH, q, is_mag, *arrays)
+            select.topk_rows_select(keys, x, k, strength, q, is_mag, *arrays)
         finally:
             lanes.LANE_MAX_N, lanes.CUBIC_LANE_MAX_N = saved
 
     return run
 
 
-def table(repeats: int, fixed_k: int = 0) -> list[str]:
+def table(repeats: int, fixed_k: int = 0, strength: float = STRENGTH) -> list[str]:
     lines = [
         "| p | n | operator | selection fwd (ms) | lanes fwd (ms) | lanes / selection "
         "| selection fwd+res. (ms) | lanes fwd+res. (ms) | lanes / selection |",
@@ -64,8 +65,8 @@ def table(repeats: int, fixed_k: int = 0) -> list[str]:
             for op in ("mask", "mag"):
                 cells = []
                 for with_residuals in (False, True):
-                    t_sel = best_time(_forward(x, k, q, op == "mag", with_residuals, False), repeats)
-                    t_lane = best_time(_forward(x, k, q, op == "mag", with_residuals, True), repeats)
+                    t_sel = best_time(_forward(x, k, q, op == "mag", with_residuals, False, strength), repeats)
+                    t_lane = best_time(_forward(x, k, q, op == "mag", with_residuals, True, strength), repeats)
                     cells.append(f"{t_sel * 1e3:.2f} | {t_lane * 1e3:.2f} | {t_lane / t_sel:.2f}")
                 lines.append(f"| {p_name} | {n} | {op} | {cells[0]} | {cells[1]} |")
                 print(lines[-1], flush=True)
@@ -73,7 +74,6 @@ def table(repeats: int, fixed_k: int = 0) -> list[str]:
 
 
 def main() -> None:
-    global STRENGTH
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--strength", type=float, default=STRENGTH,
@@ -81,16 +81,15 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=0, help="this k (at most n - 1) instead of max(2, n/8)")
     parser.add_argument("--write", metavar="PAGE", help="also write the table into this Markdown page")
     args = parser.parse_args()
-    STRENGTH = args.strength
     head = [
         f"Machine: {machine()}, NumPy {np.__version__}.",
-        f"float32, {ENTRIES} entries, k = {args.k or 'max(2, n/8)'}, l = {STRENGTH}; best of {args.repeats} runs "
+        f"float32, {ENTRIES} entries, k = {args.k or 'max(2, n/8)'}, l = {args.strength}; best of {args.repeats} runs "
         "after a warm-up (this machine's slow phases would otherwise hit one column or the other); "
         "the whole selection-first forward with the lanes on (rows handed back included) and off.",
         "",
     ]
     print("\n".join(head), flush=True)
-    out = [*head, *table(args.repeats, args.k)]
+    out = [*head, *table(args.repeats, args.k, args.strength)]
     if args.write:
         write_section(args.write, "bench_lanes", "\n".join(out))
 

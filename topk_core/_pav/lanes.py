@@ -419,6 +419,14 @@ def _update(state, acc, ref, lam, q, k, is_mag):
     return remaining
 
 
+@nb.njit(cache=True, inline="always", error_model="numpy")
+def _free_entry(a, t, e, g, inv, q, is_mag):
+    """(output, g') of a free entry from its `_entry_sets` (e, g): the one definition of both, for the
+    lane layout (`_lane_outputs`) and the rows (`_row_outputs`).  The output is the mask's g, or the
+    magnitude's |value| ``g + (a - t)`` (its sign is x's); ``g' = 1 / l`` or ``3 e^2 / l`` (p = 4/3)."""
+    return (g + (a - t) if is_mag else g), (inv if q == 2.0 else 3.0 * e * e * inv)
+
+
 @nb.njit(cache=True, error_model="numpy")
 def _lane_outputs(z, tau, level, lam, q, is_mag, gbuf, with_residuals):
     """Outputs and g' of a group at its thresholds, in the lane layout (vectorized), in place of the keys
@@ -435,13 +443,13 @@ def _lane_outputs(z, tau, level, lam, q, is_mag, gbuf, with_residuals):
             a = z[j, lane]
             t = tau[lane]
             e, g, sat, free = _entry_sets(a, t, inv, q, is_mag, level[lane])
-            gp = inv if q == 2.0 else 3.0 * e * e * inv
+            value, gp = _free_entry(a, t, e, g, inv, q, is_mag)
             if is_mag:
                 # On F, a - t > 0 (e > 0): the value is positive, or +0 once rounded to float32;
                 # -0 marks the entries outside F and A (`_mag_row` reads the sign bit).
-                z[j, lane] = -1.0 if sat else (g + (a - t) if free else -0.0)
+                z[j, lane] = -1.0 if sat else (value if free else -0.0)
             else:
-                z[j, lane] = 1.0 if sat else (g if free else 0.0)
+                z[j, lane] = 1.0 if sat else (value if free else 0.0)
             if with_residuals:
                 gbuf[j, lane] = gp if free else 0.0
 
@@ -505,13 +513,14 @@ def _row_outputs(x_row, out_row, g_row, code_row, ref, t, level, lam, q, is_mag)
         xj = x_row[j]
         a = (abs(float(xj)) if is_mag else float(xj)) - ref
         e, g, sat, free = _entry_sets(a, t, inv, q, is_mag, level)
-        g_row[j] = (inv if q == 2.0 else 3.0 * e * e * inv) if free else 0.0
+        value, gp = _free_entry(a, t, e, g, inv, q, is_mag)
+        g_row[j] = gp if free else 0.0
         if is_mag:
             kept += 1 if sat else 0
-            out_row[j] = xj if sat else (math.copysign(g + (a - t), xj) if free else 0.0)
+            out_row[j] = xj if sat else (math.copysign(value, xj) if free else 0.0)
             code_row[j] = set_code(xj, free, sat)
         else:
-            out_row[j] = 1.0 if sat else (g if free else 0.0)
+            out_row[j] = 1.0 if sat else (value if free else 0.0)
     return kept
 
 

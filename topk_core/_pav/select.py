@@ -507,7 +507,8 @@ def topk_rows_select(keys, x, k, lam, q, is_mag, out, gprime, codes, offset):
     batch, n = x.shape
     threads = nb.get_num_threads()
     lanes = lane_route(n, k, q, lam)
-    if keys is None and not lanes_check_finite(n, k, q, lam):
+    lanes_load_all = lanes_check_finite(n, k, q, lam)
+    if keys is None and not lanes_load_all:
         keys = np.abs(x)  # the lanes alone take the magnitude's keys from x
     if n >= LONG_ROW_MIN_N and batch < threads:
         _select_long_rows(keys, x, k, lam, q, is_mag, out, gprime, codes, offset, 4 * threads, SAMPLE_SIZE,
@@ -517,7 +518,7 @@ def topk_rows_select(keys, x, k, lam, q, is_mag, out, gprime, codes, offset):
     if lanes:
         # For small k the lane kernel finds the order statistics itself, on the rows it has
         # already transposed; otherwise they come from np.sort.
-        bounds = np.empty((0, 2)) if lanes_check_finite(n, k, q, lam) else _row_bounds(keys, k)
+        bounds = np.empty((0, 2)) if lanes_load_all else _row_bounds(keys, k)
         unresolved = np.empty(batch, dtype=np.bool_)
         if not lane_rows(x, k, lam, q, is_mag, bounds, out, gprime, codes, offset, unresolved,
                          min(-(-batch // LANES), n_chunks), lane_passes(q, n, is_mag), EVERY_ROW,
