@@ -26,6 +26,8 @@ KERNELS = [
     ("lanes._pass", lanes._pass),
     ("lanes._lane_outputs", lanes._lane_outputs),
     ("lanes._update", lanes._update),
+    ("lanes._last_update", lanes._last_update),
+    ("lanes._signed_outputs", lanes._signed_outputs),
     ("lanes._start", lanes._start),
     ("lanes._cubic_start", lanes._cubic_start),
     ("lanes._absolute_frame", lanes._absolute_frame),

@@ -218,8 +218,9 @@ def _pass(z, tau, level, lam, q, is_mag, acc):
 
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
-def _step(t, ref, lam, q, k, is_mag, n_sat, n_free, s1, s2, s3):
-    """(f(t), the root of the equation on the sets at t, or NaN when the free set is empty), t relative to ref.
+def _step(t, ref, lam, q, k, is_mag, n_sat, n_free, s1, s2, s3, newton):
+    """(f(t), the root of the equation on the sets at t, or NaN when the free set is empty), t relative to ref;
+    p = 4/3 takes `newton` Newton steps on its cubic.
 
     f > 0: the free set sums to more than it must, the threshold lies above t.
     """
@@ -242,7 +243,7 @@ def _step(t, ref, lam, q, k, is_mag, n_sat, n_free, s1, s2, s3):
     # after the start takes a pass or two more, not four or five.
     f = s3 - rest * (ref + t if is_mag else 1.0)
     d = 0.0
-    for _ in range(_CUBIC_NEWTON):
+    for _ in range(newton):
         d2 = d * d
         h = s3 - 3.0 * d * s2 + 3.0 * d2 * s1 - n_free * d2 * d - rest * (ref + t + lam * d if is_mag else 1.0)
         slope = 3.0 * s2 - 6.0 * d * s1 + 3.0 * n_free * d2 + (rest * lam if is_mag else 0.0)  # -h'
@@ -317,13 +318,18 @@ def _cubic_start(state, ref, gaps, lam, is_mag):
     cube root per lane).
     """
     prefer_wide_vectors()
-    tau, lo = state[0], state[1]
+    inv = 1.0 / lam
     for lane in range(LANES):
-        c = 0.5 * gaps[lane] / lam
+        # Every load before the selects at the end: a load in a select's branch (``else
+        # state[0, lane]``) is not speculated, and the loop compiled to scalar code (a division per
+        # Newton step and lane).
+        gap, r, old_tau, old_lo = gaps[lane], ref[lane], state[0, lane], state[1, lane]
+        iterating = state[3, lane] == 1.0
+        c = 0.5 * gap / lam
         h = -c
         if is_mag:
             p = 3.0 * h * h + 0.5 * lam
-            q = 0.5 * (ref[lane] + lam * c)
+            q = 0.5 * (r + lam * c)
             x = -min(q / p, (q + 2.0) / 3.0)
         else:
             p = 3.0 * h * h
@@ -331,20 +337,18 @@ def _cubic_start(state, ref, gaps, lam, is_mag):
             x = -min(q / p, _CBRT_HALF_UP)
         for _ in range(_CUBIC_NEWTON):
             x -= (x * (x * x + p) + q) / (3.0 * x * x + p)
-        tau[lane] = lam * (c + x) if state[3, lane] == 1.0 else tau[lane]
-    if is_mag:
-        inv = 1.0 / lam
-        for lane in range(LANES):
-            s = ref[lane] + gaps[lane]
+        state[0, lane] = lam * (c + x) if iterating else old_tau
+        if is_mag:
+            s = r + gap
             w = min(s, lam * (s + 2.0) / 3.0)
             # Every iterate bounds w from above, so a few steps do: the bound only safeguards the
             # iteration (five steps, two divisions each, took 0.7 ms of a 9.5 ms forward at
             # (262144, 16) and left as many rows to the retry on random data).
             for _ in range(_BRACKET_NEWTON):
-                r = w * inv
-                w -= (r * r * r + w - s) / (3.0 * r * r * inv + 1.0)
-            bound = s - w - ref[lane] - 8.0 * _EPS * ref[lane]
-            lo[lane] = bound if state[3, lane] == 1.0 else lo[lane]
+                rw = w * inv
+                w -= (rw * rw * rw + w - s) / (3.0 * rw * rw * inv + 1.0)
+            bound = s - w - r - 8.0 * _EPS * r
+            state[1, lane] = bound if iterating else old_lo
 
 
 @nb.njit(cache=True, error_model="numpy")
@@ -371,6 +375,30 @@ def _update(state, acc, ref, lam, q, k, is_mag):
     """One safeguarded step of every active lane (rows of `state`: see `lane_rows`); returns how many
     lanes still iterate.  Selects only, no branch: the compiler vectorizes it."""
     prefer_wide_vectors()
+    return _advance(state, state, acc, ref, lam, q, k, is_mag, _CUBIC_NEWTON)
+
+
+@nb.njit(cache=True, error_model="numpy")
+def _last_update(state, trial, acc, ref, lam, q, k, is_mag, busy_lanes):
+    """`_update` for a pass that may be the group's last (it is if at most `busy_lanes` lanes still iterate
+    after it), with one Newton step on the p = 4/3 cubic where that is: its size tells a converged lane
+    (the further steps change it by about its square), and the steps of lanes left iterating are
+    not taken.  Measured, the Newton steps of the last pass took a tenth of the p = 4/3 forwards at
+    (262144, 16) (a division each per lane).  The trial step goes to `trial` (state's shape), kept
+    when it is the last."""
+    prefer_wide_vectors()
+    remaining = _advance(state, trial, acc, ref, lam, q, k, is_mag, 1)
+    if remaining > busy_lanes:
+        return _advance(state, state, acc, ref, lam, q, k, is_mag, _CUBIC_NEWTON)
+    for i in range(state.shape[0]):
+        for lane in range(LANES):
+            state[i, lane] = trial[i, lane]
+    return remaining
+
+
+@nb.njit(cache=True, inline="always", error_model="numpy")
+def _advance(state, new, acc, ref, lam, q, k, is_mag, newton):
+    # `_update` from `state` into `new` (which may be `state`), with `newton` steps on a p = 4/3 cubic.
     remaining = 0
     for lane in range(LANES):
         t = state[0, lane]
@@ -378,7 +406,8 @@ def _update(state, acc, ref, lam, q, k, is_mag):
         hi = state[2, lane]
         active = state[3, lane] == 1.0
         n_sat, n_free = acc[0, lane], acc[1, lane]
-        f, nxt = _step(t, ref[lane], lam, q, k, is_mag, n_sat, n_free, acc[2, lane], acc[3, lane], acc[4, lane])
+        f, nxt = _step(t, ref[lane], lam, q, k, is_mag, n_sat, n_free, acc[2, lane], acc[3, lane], acc[4, lane],
+                       newton)
         # The scale of the step's rounding.  p = 4/3 steps come from Newton steps on the cubic of
         # e = (key - t) / l, exact to its rounding only: their tolerance scales with l, never with
         # the keys alone.
@@ -401,9 +430,9 @@ def _update(state, acc, ref, lam, q, k, is_mag):
         # out and back, and the loose tolerance of the p = 4/3 step took a midpoint, 4e-11 off.
         solved = (same_sets & inside & (abs(nxt - t) <= _STEP_ULPS * _EPS * size)) | non_unique
         t_new = nxt if active & ~non_unique else t
-        state[0, lane] = t_new
-        state[1, lane] = lo
-        state[2, lane] = hi
+        new[0, lane] = t_new
+        new[1, lane] = lo
+        new[2, lane] = hi
         # Magnitude thresholds that the lane's frame does not resolve are the caller's (the
         # selection kernel solves them again in absolute terms): one not above 0 by more than the
         # step's rounding (keys ~1e-31 next to l ~ 0.4, p = 4/3: the step's tolerance, which scales
@@ -412,9 +441,9 @@ def _update(state, acc, ref, lam, q, k, is_mag):
         # `_absolute_frame` kept the lane relative), known there to eps s_(k) only.
         unfounded = is_mag & ((ref[lane] + nxt <= _STEP_ULPS * _EPS * size)
                               | ((ref[lane] != 0.0) & far_below(ref[lane] + t_new, ref[lane])))
-        state[3, lane] = (-1.0 if unfounded else 0.0) if active & solved else state[3, lane]
-        state[4, lane] = (n_sat if inside else -1.0) if active else state[4, lane]
-        state[5, lane] = n_free if active else state[5, lane]
+        new[3, lane] = (-1.0 if unfounded else 0.0) if active & solved else state[3, lane]
+        new[4, lane] = (n_sat if inside else -1.0) if active else state[4, lane]
+        new[5, lane] = n_free if active else state[5, lane]
         remaining += 1 if active & ~solved else 0
     return remaining
 
@@ -454,6 +483,29 @@ def _lane_outputs(z, tau, level, lam, q, is_mag, gbuf, with_residuals):
                 gbuf[j, lane] = gp if free else 0.0
 
 
+@nb.njit(cache=True, error_model="numpy")
+def _signed_outputs(z, signed, tau, level, lam, q):
+    """The magnitude's outputs of a group at its thresholds, in the lane layout, in place of its rows as
+    loaded (`signed`, in the input's dtype): x on A, its sign times the value on F, else 0.
+
+    The forward's (no residuals): its outputs go back as they are, with no pass over each row
+    after (`_mag_row`, which reads x again).  Measured with the rows loaded once in their dtype
+    (`lane_rows`) and `_last_update` (float32, k = n/8, l = 0.1, both versions alternating in one
+    process, best of 21-61 calls, 2 threads), the p = 4/3 magnitude's forward took 0.89-0.94x its
+    time at (262144, 16) and (16384, 64).
+    """
+    prefer_wide_vectors()
+    inv = 1.0 / lam
+    for j in range(z.shape[0]):
+        for lane in range(LANES):
+            a = z[j, lane]
+            t = tau[lane]
+            xj = signed[j, lane]
+            e, g, sat, free = _entry_sets(a, t, inv, q, True, level[lane])
+            value, _ = _free_entry(a, t, e, g, inv, q, True)
+            signed[j, lane] = xj if sat else (math.copysign(value, xj) if free else 0.0)
+
+
 @nb.njit(cache=True, inline="always", error_model="numpy")
 def _kept_counts(z, kept):
     """|A| of every lane from the magnitude's codes `z` (-1 on A, see `_lane_outputs`), counted in the
@@ -466,8 +518,9 @@ def _kept_counts(z, kept):
 
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
-def _mag_row(x, r, out, codes, gprime, free_gprime, with_residuals):
-    """Row `r` of the magnitude's outputs (and set codes) from the codes stored in it (`lane_rows`).
+def _mag_row(x, r, out, codes, gprime, free_gprime):
+    """Row `r` of the magnitude's outputs and set codes from the codes stored in it (`lane_rows`, a solve with
+    residuals in the lane layout).
 
     `out[r]` holds the codes of `_lane_outputs` (-1 on A: the output is x itself; the value
     on F, given x's sign; -0 elsewhere).  F is told apart by the sign bit, not by a positive
@@ -476,25 +529,19 @@ def _mag_row(x, r, out, codes, gprime, free_gprime, with_residuals):
     from the lanes.  One loop of selects, which the compiler vectorizes.
     """
     n = x.shape[1]
-    # In the rows' dtype throughout: a float64 literal in a select widens every entry (measured,
-    # the p = 4/3 magnitude's forward at n = 64 took 0.85-0.95x its time without; others alike).
+    # In the rows' dtype throughout: a float64 literal in a select widens every entry (measured when
+    # forwards came this way too: the p = 4/3 magnitude's at n = 64 took 0.85-0.95x its time without).
     zero = out.dtype.type(0)
     one = out.dtype.type(1)
-    if with_residuals:
-        g_free = out.dtype.type(free_gprime)
-        for j in range(n):
-            m = out[r, j]
-            xj = x[r, j]
-            free = math.copysign(one, m) > zero
-            codes[r, j] = set_code(xj, free, m < zero)
-            if free_gprime > 0.0:
-                gprime[r, j] = g_free if free else zero
-            out[r, j] = xj if m < zero else (math.copysign(m, xj) if m > zero else zero)
-    else:
-        for j in range(n):
-            m = out[r, j]
-            xj = x[r, j]
-            out[r, j] = xj if m < zero else (math.copysign(m, xj) if m > zero else zero)
+    g_free = out.dtype.type(free_gprime)
+    for j in range(n):
+        m = out[r, j]
+        xj = x[r, j]
+        free = math.copysign(one, m) > zero
+        codes[r, j] = set_code(xj, free, m < zero)
+        if free_gprime > 0.0:
+            gprime[r, j] = g_free if free else zero
+        out[r, j] = xj if m < zero else (math.copysign(m, xj) if m > zero else zero)
 
 
 @nb.njit(cache=True, error_model="numpy")
@@ -659,6 +706,7 @@ def lane_rows(x, k, lam, q, is_mag, bounds, out, gprime, codes, offset, unresolv
         # Per lane: tau, bracket lo and hi, active (1: iterating, 0: solved, -1: left to the
         # caller), and the set counts |S|, |F| the current tau was computed from.
         state = np.empty((6, LANES), dtype=np.float64)
+        trial = np.empty((6, LANES), dtype=np.float64)  # `_last_update`'s
         tau, active = state[0], state[3]
         ref = np.empty(LANES, dtype=np.float64)
         lows = np.empty(LANES, dtype=np.float64)  # s_(k+1)
@@ -667,25 +715,23 @@ def lane_rows(x, k, lam, q, is_mag, bounds, out, gprime, codes, offset, unresolv
         rows = np.empty(LANES, dtype=np.int64)
         # The sweeps run in the input's dtype: float32 sweeps take half the time of float64 ones.
         columns = np.empty((n, LANES) if bounds_inside else (0, LANES), dtype=x.dtype)
+        # The rows as loaded, in their dtype: the sweeps' columns and the keys z are taken from them,
+        # and the magnitude's forward writes its outputs over them (`_signed_outputs`).
+        raw = np.empty((n, LANES), dtype=x.dtype)
         uppers = np.empty(LANES, dtype=x.dtype)
         belows = np.empty(LANES, dtype=x.dtype)
         for grp in range(c * groups // n_chunks, (c + 1) * groups // n_chunks):
             r0 = grp * LANES
             used = min(LANES, count - r0)
-            load_group(x, r0, rows, z, subset)
-            if is_mag:
-                # The keys |x|, with no array of them (`select.topk_rows_select`): |.| costs nothing here.
-                for j in range(n):
-                    for lane in range(LANES):
-                        z[j, lane] = abs(z[j, lane])
+            load_group(x, r0, rows, raw, subset)
             if bounds_inside:
-                # The keys' own values, back from the block already loaded (exact in float64), and
+                # The keys (the magnitude's |x|, with no array of them: `select.topk_rows_select`), and
                 # whether all are finite (NaN fails the test too): the caller checks the rows no
-                # other way (`select.topk_rows_select`).
+                # other way.
                 group_bad = 0
                 for j in range(n):
                     for lane in range(LANES):
-                        key = z[j, lane]
+                        key = abs(raw[j, lane]) if is_mag else raw[j, lane]
                         columns[j, lane] = key
                         group_bad += 0 if abs(key) < np.inf else 1
                 non_finite += group_bad
@@ -702,14 +748,19 @@ def lane_rows(x, k, lam, q, is_mag, bounds, out, gprime, codes, offset, unresolv
                 _absolute_frame(state, ref)
             for j in range(n):
                 for lane in range(LANES):
-                    z[j, lane] -= ref[lane]
+                    key = float(raw[j, lane])  # exact
+                    z[j, lane] = (abs(key) if is_mag else key) - ref[lane]
             for step in range(pass_limit):
                 _levels(ref, tau, lam, is_mag, level)
                 _pass(z, tau, level, lam, q, is_mag, acc)
-                remaining = _update(state, acc, ref, lam, q, k, is_mag)
+                may_stop = step + 1 >= max_passes
+                if may_stop and q != 2.0:
+                    remaining = _last_update(state, trial, acc, ref, lam, q, k, is_mag, busy_lanes)
+                else:
+                    remaining = _update(state, acc, ref, lam, q, k, is_mag)
                 # Past `max_passes`, only a group with many lanes still iterating goes on: the rows
                 # left are solved again from the start, which costs more than a pass for many.
-                if remaining == 0 or (step + 1 >= max_passes and remaining <= busy_lanes):
+                if remaining == 0 or (may_stop and remaining <= busy_lanes):
                     break
             _levels(ref, tau, lam, is_mag, level)
             for lane in range(used):
@@ -722,20 +773,23 @@ def lane_rows(x, k, lam, q, is_mag, bounds, out, gprime, codes, offset, unresolv
                     if is_mag:
                         offset[r] = k - kept_r
                 continue
+            if is_mag and not with_residuals:
+                _signed_outputs(z, raw, tau, level, lam, q)
+                store_group(raw, used, rows, out)
+                continue
             _lane_outputs(z, tau, level, lam, q, is_mag, gbuf, lane_gprime)  # z: the outputs now
             # Back to input order (unresolved rows too: the caller overwrites them).
             if is_mag:
-                # The sets' codes (z: -1 on A, the value on F, else 0) go back as they are, then each
-                # row's outputs and residuals are read off them and x, contiguously.
-                if with_residuals:
-                    _kept_counts(z, kept)
-                    for lane in range(used):
-                        offset[rows[lane]] = k - kept[lane]
+                # With residuals: the sets' codes (z: -1 on A, the value on F, else 0) go back as they
+                # are, then each row's outputs and residuals are read off them and x, contiguously.
+                _kept_counts(z, kept)
+                for lane in range(used):
+                    offset[rows[lane]] = k - kept[lane]
                 store_group(z, used, rows, out)
                 if lane_gprime:
                     store_group(gbuf, used, rows, gprime)
                 for lane in range(used):
-                    _mag_row(x, rows[lane], out, codes, gprime, free_gprime, with_residuals)
+                    _mag_row(x, rows[lane], out, codes, gprime, free_gprime)
             else:
                 store_group(z, used, rows, out)
                 if with_residuals:
