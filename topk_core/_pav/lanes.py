@@ -757,11 +757,15 @@ def lane_rows(x, k, lam, q, is_mag, bounds, out, gprime, codes, offset, unresolv
                 for lane in range(LANES):
                     key = float(raw[j, lane])  # exact
                     z[j, lane] = (abs(key) if is_mag else key) - ref[lane]
+            remaining = LANES
             for step in range(pass_limit):
                 _levels(ref, tau, lam, is_mag, level)
                 _pass(z, tau, level, lam, q, is_mag, acc)
                 may_stop = step + 1 >= max_passes
-                if may_stop and q != 2.0:
+                # The trial of `_last_update` at the first pass that may stop, and at later ones once
+                # few enough lanes iterate for it to be the last (groups that go on, at large
+                # strengths, would pay a trial per pass).
+                if may_stop and q != 2.0 and (step + 1 == max_passes or remaining <= busy_lanes):
                     remaining = _last_update(state, trial, acc, ref, lam, q, k, is_mag, busy_lanes)
                 else:
                     remaining = _update(state, acc, ref, lam, q, k, is_mag)
