@@ -125,3 +125,26 @@ def test_gpu_check_script_smoke_run_on_the_cpu(tmp_path):
     page = (tmp_path / "benchmarks.md").read_text()
     assert "| torch | `torch.topk` |" in page
     assert (tmp_path / "figures" / "bench_time_vs_n_cpu.png").stat().st_size > 0
+
+
+def test_ab_versions_copies_a_revision_and_the_working_tree(tmp_path):
+    """`ab_versions.py` copies the core of a revision and of the working tree as packages of their own,
+    rewriting only what changed and dropping files the version does not have."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import ab_versions
+
+    dest = tmp_path / "topk_core_b"
+    (dest / "_pav").mkdir(parents=True)
+    (dest / "_pav" / "stale.py").write_text("raise ImportError\n")
+    ab_versions._copy_version(None, dest)
+    for rel in ("__init__.py", "_api.py", "_pav/lanes.py"):
+        assert (dest / rel).read_bytes() == (ROOT / "topk_core" / rel).read_bytes()
+    assert not (dest / "_pav" / "stale.py").exists()
+    lanes = dest / "_pav" / "lanes.py"
+    stamp = lanes.stat().st_mtime_ns
+    ab_versions._copy_version(None, dest)  # unchanged files are not rewritten (Numba's cache keys on them)
+    assert lanes.stat().st_mtime_ns == stamp
+    head = tmp_path / "topk_core_a"
+    ab_versions._copy_version("HEAD", head)
+    assert (head / "_pav" / "lanes.py").exists()
+    assert b"def lane_rows" in (head / "_pav" / "lanes.py").read_bytes()

@@ -1,0 +1,121 @@
+"""Two versions of the core side by side in one process: the way changes to the CPU kernels are measured.
+
+On a shared machine, timings of separate processes drift by 10-25% between
+slow and quiet phases that last minutes; two versions whose calls alternate
+in one process see the same phases.  The script copies `topk_core` of a git
+revision (A) and of the working tree or a second revision (B) into a scratch
+directory as the packages `topk_core_a` and `topk_core_b` (the core imports
+itself by relative imports only, so each copy is a package of its own with
+its own Numba cache), then alternates forward and forward+VJP calls of one
+operator and prints the best times as ratios to `np.sort` and B / A.
+
+    python benchmarks/ab_versions.py f33692f                                  # A: that commit, B: working tree
+    python benchmarks/ab_versions.py f33692f HEAD --op mask --p 2 --shape 262144x16 --rounds 21
+    python benchmarks/ab_versions.py HEAD~1 --strength 1                      # larger strengths
+
+The first run of each version compiles its kernels (minutes); the copies are
+kept in `--workdir` and refreshed only where files changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _copy_version(revision: str | None, dest: Path) -> None:
+    """The `topk_core` of `revision` (None: the working tree) into `dest`, rewriting changed files only."""
+    with tempfile.TemporaryDirectory() as tmp:
+        if revision is None:
+            source = ROOT / "topk_core"
+        else:
+            archive = subprocess.run(["git", "-C", str(ROOT), "archive", revision, "topk_core"], check=True,
+                                     capture_output=True).stdout
+            subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+            source = Path(tmp) / "topk_core"
+        wanted = {p.relative_to(source) for p in source.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+        for rel in wanted:
+            target = dest / rel
+            data = (source / rel).read_bytes()
+            if not target.exists() or target.read_bytes() != data:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(data)
+        for path in list(dest.rglob("*.py")):
+            if path.relative_to(dest) not in wanted:
+                path.unlink()
+
+
+def _calls(tc: object, op: str, x: np.ndarray, u: np.ndarray, k: int, p: float, lam: float
+           ) -> tuple[Callable[[], object], Callable[[], object]]:
+    forward = getattr(tc, f"soft_topk_{op}")
+    with_res = getattr(tc, f"soft_topk_{op}_forward")
+    vjp = getattr(tc, f"{op}_vjp_from_residuals")
+    kw = dict(p=p, regularization_strength=lam)
+    return (lambda: forward(x, k, **kw)), (lambda: vjp(with_res(x, k, **kw)[1], u))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("rev_a", help="git revision of version A")
+    parser.add_argument("rev_b", nargs="?", default=None, help="git revision of version B (default: working tree)")
+    parser.add_argument("--op", choices=["mask", "mag"], default="mag")
+    parser.add_argument("--p", default="4/3", help="exponent: 4/3, 2, 1.5, ...")
+    parser.add_argument("--shape", default="16384x64", help="rows x n")
+    parser.add_argument("--strength", type=float, default=0.1)
+    parser.add_argument("--rounds", type=int, default=31, help="alternating calls of each version")
+    parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "sparse_topk_ab"))
+    args = parser.parse_args()
+
+    work = Path(args.workdir)
+    _copy_version(args.rev_a, work / "topk_core_a")
+    _copy_version(args.rev_b, work / "topk_core_b")
+    sys.path.insert(0, str(work))
+    versions = {"A": importlib.import_module("topk_core_a"), "B": importlib.import_module("topk_core_b")}
+
+    num, _, den = args.p.partition("/")
+    p = float(num) / float(den or 1)
+    batch, n = (int(float(v)) for v in args.shape.lower().split("x"))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(batch, n)).astype(np.float32)
+    u = rng.normal(size=(batch, n)).astype(np.float32)
+    k = max(2, n // 8)
+    calls = {name: _calls(tc, args.op, x, u, k, p, args.strength) for name, tc in versions.items()}
+    deviation = np.abs(calls["A"][0]() - calls["B"][0]()).max()
+
+    best: dict[tuple[str, str], float] = {}
+
+    def timed(key: tuple[str, str], fn: Callable[[], object]) -> None:
+        start = time.perf_counter()
+        fn()
+        best[key] = min(best.get(key, np.inf), time.perf_counter() - start)
+
+    for fns in calls.values():
+        for fn in fns:
+            fn()  # compilation and warm-up
+    for r in range(args.rounds):
+        timed(("sort", ""), lambda: np.sort(x, axis=-1))
+        for i, kind in enumerate(("forward", "fwd+VJP")):
+            order = ("A", "B") if r % 2 else ("B", "A")
+            for name in order:
+                timed((name, kind), calls[name][i])
+    sort = best["sort", ""]
+    print(f"{args.op} p={args.p} {batch}x{n} l={args.strength}: np.sort {sort * 1e3:.2f} ms, "
+          f"max |A - B| {deviation:.1e}")
+    for kind in ("forward", "fwd+VJP"):
+        a, b = best["A", kind], best["B", kind]
+        print(f"  {kind:8s} A {a / sort:.3f}x np.sort  B {b / sort:.3f}x np.sort  B / A {b / a:.3f}")
+
+
+if __name__ == "__main__":
+    main()
