@@ -456,11 +456,14 @@ def _advance(state, new, acc, ref, lam, q, k, is_mag, newton):
 
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
-def _free_entry(a, t, e, g, inv, q, is_mag):
-    """(output, g') of a free entry from its `_entry_sets` (e, g): the one definition of both, for the
-    lane layout (`_lane_outputs`) and the rows (`_row_outputs`).  The output is the mask's g, or the
-    magnitude's |value| ``g + (a - t)`` (its sign is x's); ``g' = 1 / l`` or ``3 e^2 / l`` (p = 4/3)."""
-    return (g + (a - t) if is_mag else g), (inv if q == 2.0 else 3.0 * e * e * inv)
+def _entry_outputs(a, t, inv, q, is_mag, level):
+    """(output, g', saturated, free) of a key `a` at threshold `t` (arguments of `_entry_sets`): the one
+    definition of a free entry's output and g', for the lane layout (`_lane_outputs`,
+    `_signed_outputs`) and the rows (`_row_outputs`).  The output is the mask's g, or the
+    magnitude's |value| ``g + (a - t)`` (its sign is x's); ``g' = 1 / l`` or ``3 e^2 / l`` (p = 4/3);
+    both are meaningful on the free set only."""
+    e, g, sat, free = _entry_sets(a, t, inv, q, is_mag, level)
+    return (g + (a - t) if is_mag else g), (inv if q == 2.0 else 3.0 * e * e * inv), sat, free
 
 
 @nb.njit(cache=True, error_model="numpy")
@@ -478,8 +481,7 @@ def _lane_outputs(z, tau, level, lam, q, is_mag, gbuf, with_residuals):
         for lane in range(LANES):
             a = z[j, lane]
             t = tau[lane]
-            e, g, sat, free = _entry_sets(a, t, inv, q, is_mag, level[lane])
-            value, gp = _free_entry(a, t, e, g, inv, q, is_mag)
+            value, gp, sat, free = _entry_outputs(a, t, inv, q, is_mag, level[lane])
             if is_mag:
                 # On F, a - t > 0 (e > 0): the value is positive, or +0 once rounded to float32;
                 # -0 marks the entries outside F and A (`_mag_row` reads the sign bit).
@@ -508,8 +510,7 @@ def _signed_outputs(z, signed, tau, level, lam, q):
             a = z[j, lane]
             t = tau[lane]
             xj = signed[j, lane]
-            e, g, sat, free = _entry_sets(a, t, inv, q, True, level[lane])
-            value, _ = _free_entry(a, t, e, g, inv, q, True)
+            value, _, sat, free = _entry_outputs(a, t, inv, q, True, level[lane])
             signed[j, lane] = xj if sat else (math.copysign(value, xj) if free else 0.0)
 
 
@@ -566,8 +567,7 @@ def _row_outputs(x_row, out_row, g_row, code_row, ref, t, level, lam, q, is_mag)
     for j in range(x_row.shape[0]):
         xj = x_row[j]
         a = (abs(float(xj)) if is_mag else float(xj)) - ref
-        e, g, sat, free = _entry_sets(a, t, inv, q, is_mag, level)
-        value, gp = _free_entry(a, t, e, g, inv, q, is_mag)
+        value, gp, sat, free = _entry_outputs(a, t, inv, q, is_mag, level)
         g_row[j] = gp if free else 0.0
         if is_mag:
             kept += 1 if sat else 0
