@@ -324,7 +324,6 @@ def _cubic_start(state, ref, gaps, lam, is_mag):
     """
     prefer_wide_vectors()
     inv = 1.0 / lam
-    unit = unfolded_one(state)  # plain stores of the lanes not iterating (see there)
     for lane in range(LANES):
         # Every load before the selects at the end: a load in a select's branch (``else
         # state[0, lane]``) is not speculated, and the loop compiled to scalar code (a division per
@@ -345,7 +344,7 @@ def _cubic_start(state, ref, gaps, lam, is_mag):
             f = x * (x * x + p) + q
             d1 = 3.0 * x * x + p
             x -= 2.0 * f * d1 / (2.0 * d1 * d1 - 6.0 * x * f)
-        state[0, lane] = lam * (c + x) if iterating else old_tau * unit
+        state[0, lane] = lam * (c + x) if iterating else old_tau
         if is_mag:
             s = r + gap
             w = min(s, lam * (s + 2.0) / 3.0)
@@ -356,7 +355,7 @@ def _cubic_start(state, ref, gaps, lam, is_mag):
                 rw = w * inv
                 w -= (rw * rw * rw + w - s) / (3.0 * rw * rw * inv + 1.0)
             bound = s - w - r - 8.0 * _EPS * r
-            state[1, lane] = bound if iterating else old_lo * unit
+            state[1, lane] = bound if iterating else old_lo
 
 
 @nb.njit(cache=True, error_model="numpy")
@@ -408,7 +407,6 @@ def _last_update(state, trial, acc, ref, lam, q, k, is_mag, busy_lanes):
 def _advance(state, new, acc, ref, lam, q, k, is_mag, newton):
     # `_update` from `state` into `new` (which may be `state`), with `newton` steps on a p = 4/3 cubic.
     remaining = 0
-    unit = unfolded_one(state)  # plain stores where `new` is `state` (see there)
     for lane in range(LANES):
         t = state[0, lane]
         lo = state[1, lane]
@@ -450,9 +448,9 @@ def _advance(state, new, acc, ref, lam, q, k, is_mag, newton):
         # `_absolute_frame` kept the lane relative), known there to eps s_(k) only.
         unfounded = is_mag & ((ref[lane] + nxt <= _STEP_ULPS * _EPS * size)
                               | ((ref[lane] != 0.0) & far_below(ref[lane] + t_new, ref[lane])))
-        new[3, lane] = (-1.0 if unfounded else 0.0) if active & solved else state[3, lane] * unit
-        new[4, lane] = (n_sat if inside else -1.0) if active else state[4, lane] * unit
-        new[5, lane] = n_free if active else state[5, lane] * unit
+        new[3, lane] = (-1.0 if unfounded else 0.0) if active & solved else state[3, lane]
+        new[4, lane] = (n_sat if inside else -1.0) if active else state[4, lane]
+        new[5, lane] = n_free if active else state[5, lane]
         remaining += 1 if active & ~solved else 0
     return remaining
 
