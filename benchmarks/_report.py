@@ -48,7 +48,18 @@ def machine() -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{cpu}, {os.cpu_count()} cores, Linux, Python {platform.python_version()}"
+    return f"{cpu}{_vector_extension()}, {os.cpu_count()} cores, Linux, Python {platform.python_version()}"
+
+
+def _vector_extension() -> str:
+    """" with AVX-512" or " with AVX2" (the widest x86 vectors the kernels compile to), else ""."""
+    import llvmlite.binding as llvm  # Numba's; imported here so that the other helpers do without it
+
+    features = llvm.get_host_cpu_features().flatten().split(",")
+    for flag, name in (("+avx512f", "AVX-512"), ("+avx2", "AVX2")):
+        if flag in features:
+            return f" with {name}"
+    return ""
 
 
 def write_section(path: str | Path, name: str, text: str) -> None:

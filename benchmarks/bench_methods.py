@@ -17,6 +17,7 @@ Prints Markdown tables:
     python benchmarks/bench_methods.py                          # full tables (a few minutes)
     python benchmarks/bench_methods.py --quick                  # small shapes, a smoke run
     python benchmarks/bench_methods.py --write docs/methods.md  # and update the docs page
+    python benchmarks/bench_methods.py --write docs/methods.md --section bench_methods_avx2  # on a CPU without AVX-512
 """
 
 from __future__ import annotations
@@ -184,6 +185,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--dykstra-repeats", type=int, default=1, help="Dykstra runs (no warm-up; it is slow)")
     parser.add_argument("--write", metavar="PAGE", help="also write the tables into this Markdown page")
+    parser.add_argument("--section", default="bench_methods",
+                        help="the page's section to write (its markers); another for another CPU's tables")
     args = parser.parse_args()
     # Dykstra stops at its default max_iter on the long rows; the table's last column says how far from PAV.
     warnings.simplefilter("ignore", tc.DykstraNotConverged)
@@ -203,7 +206,7 @@ def main() -> None:
     out += ["PyTorch (CPU), p = 2 mask, forward + backward, against `entmax.budget_bisect(x / l, budget=k)`:", ""]
     out += entmax_table(shapes, repeats)
     if args.write:
-        write_section(args.write, "bench_methods", "\n".join(out))
+        write_section(args.write, args.section, "\n".join(out))
 
 
 if __name__ == "__main__":

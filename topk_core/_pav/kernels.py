@@ -572,7 +572,7 @@ def set_code(signed, free, kept):
 
     int8 throughout, the codes' dtype: with int64 literals the selects widen to int64 before the
     store, and the compiler left loops writing codes scalar, with branches (on an AMD EPYC with
-    AVX2, `lanes._mag_row` took 10x the time it takes with int8)."""
+    AVX2: with int8 codes the magnitude's forward+VJP took 0.78-0.9x its time; docs/faq.md)."""
     sign = np.int8(1) if signed > 0.0 else np.int8(-1)
     return sign if free else (np.int8(KEPT_CODE) if kept else np.int8(0))
 

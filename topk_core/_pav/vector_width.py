@@ -50,9 +50,9 @@ def unfolded_one(a):
     ``buf[i] = new if cond else buf[i]``, is compiled as a store of `new` where `cond`
     holds only: in a vectorized loop, a masked store.  On CPUs with AVX2 but not
     AVX-512 that is `vmaskmovps`/`vmaskmovpd`, microcoded, and in some processes
-    (by where the buffers lie) it took many times the time of a plain store (an AMD
-    EPYC (Zen 3): `select.lane_order_statistics` 35 ms instead of 5 on (65536, 64)
-    float32 rows).  ``buf[i] * unfolded_one(buf)`` in that branch is exact (infinities
+    (by where the buffers lie) it took many times the time of a plain store: on an
+    AMD EPYC (Zen 3), the sweeps of `lanes.sweep_order_statistics` took 3-7x their
+    time in such processes (timed alone and in `perf` profiles; docs/faq.md).  ``buf[i] * unfolded_one(buf)`` in that branch is exact (infinities
     and NaN included) and no longer the value read, so the store is plain (a blend).
     """
     return a.dtype.type(a.size > 0)
