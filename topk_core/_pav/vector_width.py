@@ -17,6 +17,9 @@ be in the function whose loops it widens: in a kernel's body, and inside the
 body of a `prange` loop, which the parallel compilation moves into a function
 of its own.  A kernel that Numba inlines (``inline="always"``) inherits its
 caller's.  `tests/test_vector_width.py` checks the attribute on the kernels.
+
+`unfolded_one` keeps a select that may store back what it read from becoming a
+masked store (slow on CPUs with AVX2 only).
 """
 
 from __future__ import annotations
@@ -52,7 +55,8 @@ def unfolded_one(a):
     AVX-512 that is `vmaskmovps`/`vmaskmovpd`, microcoded, and in some processes
     (by where the buffers lie) it took many times the time of a plain store: on an
     AMD EPYC (Zen 3), the sweeps of `lanes.sweep_order_statistics` took 3-7x their
-    time in such processes (timed alone and in `perf` profiles; docs/faq.md).  ``buf[i] * unfolded_one(buf)`` in that branch is exact (infinities
-    and NaN included) and no longer the value read, so the store is plain (a blend).
+    time in such processes (timed alone and in `perf` profiles; docs/faq.md).
+    ``buf[i] * unfolded_one(buf)`` in that branch is exact (infinities and NaN
+    included) and no longer the value read, so the store is plain (a blend).
     """
     return a.dtype.type(a.size > 0)
