@@ -53,11 +53,11 @@ def machine() -> str:
 
 def _vector_extension() -> str:
     """" with AVX-512" or " with AVX2" (the widest x86 vectors the kernels compile to), else ""."""
-    import llvmlite.binding as llvm  # Numba's; imported here so that the other helpers do without it
+    from topk_core._pav.vector_width import host_features, host_has
 
-    features = llvm.get_host_cpu_features().flatten().split(",")
-    for flag, name in (("+avx512f", "AVX-512"), ("+avx2", "AVX2")):
-        if flag in features:
+    features = host_features()
+    for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2")):
+        if host_has(flag, features):
             return f" with {name}"
     return ""
 

@@ -27,9 +27,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _report import forward_vjp
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,7 +66,7 @@ def _calls(tc: object, op: str, x: np.ndarray, u: np.ndarray, k: int, p: float, 
     with_res = getattr(tc, f"soft_topk_{op}_forward")
     vjp = getattr(tc, f"{op}_vjp_from_residuals")
     kw = dict(p=p, regularization_strength=lam)
-    return (lambda: forward(x, k, **kw)), (lambda: vjp(with_res(x, k, **kw)[1], u))
+    return partial(forward, x, k, **kw), partial(forward_vjp, with_res, vjp, x, k, u, kw)
 
 
 def main() -> None:

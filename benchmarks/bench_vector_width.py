@@ -61,12 +61,6 @@ def child(repeats: int) -> dict[str, list[float]]:
     return ratios
 
 
-def _host_features() -> str:
-    import llvmlite.binding as llvm
-
-    return llvm.get_host_cpu_features().flatten()
-
-
 def _run_child(env_features: str | None, repeats: int) -> dict[str, list[float]]:
     env = dict(os.environ)
     env.pop("NUMBA_CPU_FEATURES", None)
@@ -87,11 +81,13 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args.repeats)))
         return
-    features = _host_features()
-    if "+avx512f" not in features.split(","):
+    from topk_core._pav.vector_width import host_features, host_has  # in the parent only (children set Numba's target)
+
+    features = host_features()
+    if not host_has("avx512f", features):
         print(f"{machine()}: no AVX-512, nothing to compare.")
         return
-    narrow = ",".join("-" + f[1:] if f.startswith("+avx512") else f for f in features.split(","))
+    narrow = ",".join("-" + f[1:] if f.startswith("+avx512") else f for f in features)
     configs = {"default": None, "no AVX-512": narrow}
     for env_features in configs.values():  # compile (and cache) each configuration, untimed
         _run_child(env_features, 1)

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import re
 
-import llvmlite.binding as llvm
 import numba as nb
 import numpy as np
 import pytest
 
 import topk_core as tc
 from topk_core._pav import kernels, lanes, products, select, sortfree
-from topk_core._pav.vector_width import PREFERRED_VECTOR_BITS
+from topk_core._pav.vector_width import PREFERRED_VECTOR_BITS, host_features, host_has
 
 ATTRIBUTE = f'"prefer-vector-width"="{PREFERRED_VECTOR_BITS}"'
 
@@ -118,28 +117,25 @@ def test_a_kernel_without_the_call_lacks_the_attribute():
     assert ATTRIBUTE not in next(iter(kernel.inspect_llvm().values()))
 
 
-def _host_has(feature: str) -> bool:
-    # The flattened features list every known one, "+name" where the host has it and "-name" where not.
-    return f"+{feature}" in llvm.get_host_cpu_features().flatten().split(",")
-
-
-@pytest.mark.skipif(not _host_has("avx512f"), reason="needs a CPU with AVX-512")
+@pytest.mark.skipif(not host_has("avx512f"), reason="needs a CPU with AVX-512")
 def test_a_product_kernel_uses_512_bit_registers_on_an_avx512_host(fresh_kernels):
     assert all("zmm" in asm for asm in fresh_kernels[id(products._mask_rows.serial)].inspect_asm().values())
 
 
 def test_the_host_check_reads_the_sign_of_a_feature():
     # "-avx512f" (a host without it) must not count: the skip above once tested the bare name.
-    features = llvm.get_host_cpu_features().flatten().split(",")
-    assert any(f in features for f in ("+sse2", "-sse2")) or not features[0]
-    assert not _host_has("no-such-feature")
+    features = ["+sse2", "-avx512f", "+avx2"]
+    assert host_has("sse2", features) and host_has("avx2", features)
+    assert not host_has("avx512f", features)
+    assert not host_has("no-such-feature")
+    assert all(f[:1] in "+-" for f in host_features() if f)
 
 
 # A vector store under a mask: AVX's `vmaskmovps`/`vmaskmovpd` (memory last, in AT&T syntax).
 MASKED_STORE = re.compile(r"vmaskmovp[sd]\s+%[xy]mm\d+, %[xy]mm\d+, [^%\s]")
 # The masked stores that cost are AVX's (`vmaskmovps`); AVX-512 hosts, whose opmask stores were not
 # measured slow, are not checked.
-needs_masked_stores = pytest.mark.skipif(not _host_has("avx") or _host_has("avx512f"),
+needs_masked_stores = pytest.mark.skipif(not host_has("avx") or host_has("avx512f"),
                                          reason="needs an x86 CPU with AVX but not AVX-512")
 
 

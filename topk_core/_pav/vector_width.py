@@ -19,11 +19,13 @@ of its own.  A kernel that Numba inlines (``inline="always"``) inherits its
 caller's.  `tests/test_vector_width.py` checks the attribute on the kernels.
 
 `unfolded_one` keeps a select that may store back what it read from becoming a
-masked store (slow on CPUs with AVX2 only).
+masked store (slow on CPUs with AVX2 only); `host_features` and `host_has` tell
+what the host's vectors are (benchmarks and tests).
 """
 
 from __future__ import annotations
 
+import llvmlite.binding as llvm
 import numba as nb
 from numba import types
 from numba.extending import intrinsic
@@ -60,3 +62,17 @@ def unfolded_one(a):
     included) and no longer the value read, so the store is plain (a blend).
     """
     return a.dtype.type(a.size > 0)
+
+
+def host_features() -> list[str]:
+    """The host CPU's features as LLVM (Numba's compiler) lists them: every feature it knows,
+    ``"+name"`` where the host has it and ``"-name"`` where not."""
+    return llvm.get_host_cpu_features().flatten().split(",")
+
+
+def host_has(feature: str, features: list[str] | None = None) -> bool:
+    """Whether the host (or the list `features`, as `host_features` gives it) has `feature`, e.g. "avx512f".
+
+    The sign decides: the bare name is in the list of a host without it too ("-avx512f").
+    """
+    return f"+{feature}" in (host_features() if features is None else features)
