@@ -139,11 +139,20 @@ needs_masked_stores = pytest.mark.skipif(not host_has("avx") or host_has("avx512
                                          reason="needs an x86 CPU with AVX but not AVX-512")
 
 
+# Kernels whose loops over every entry select between a new value and the one they read from the same
+# place (the sweeps' running maxima, the magnitude's x on A): `vector_width.unfolded_one` keeps them plain.
+IN_PLACE_SELECTS = [("lanes.sweep_order_statistics", lanes.sweep_order_statistics),
+                    ("lanes._signed_outputs", lanes._signed_outputs)]
+
+
 @needs_masked_stores
-def test_the_sweeps_store_their_running_maxima_without_masked_stores(fresh_kernels):
-    # `vector_width.unfolded_one`: an in-place select compiles to a masked store, slow on AVX2 hosts.
-    for asm in fresh_kernels[id(lanes.sweep_order_statistics)].inspect_asm().values():
-        assert not MASKED_STORE.search(asm)
+@pytest.mark.parametrize(("name", "dispatcher"), IN_PLACE_SELECTS, ids=[name for name, _ in IN_PLACE_SELECTS])
+def test_in_place_selects_store_without_masked_stores(fresh_kernels, name, dispatcher):
+    # An in-place select compiles to a masked store, slow on AVX2 hosts.
+    asms = list(fresh_kernels[id(dispatcher)].inspect_asm().values())
+    assert asms, f"{name} was not compiled by the calls of the fixture"
+    for asm in asms:
+        assert not MASKED_STORE.search(asm), name
 
 
 @needs_masked_stores
@@ -157,3 +166,21 @@ def test_an_in_place_select_compiles_to_a_masked_store():
     kernel = nb.njit(running_max)
     kernel(np.zeros(64, dtype=np.float32), np.ones(64, dtype=np.float32))
     assert MASKED_STORE.search(next(iter(kernel.inspect_asm().values())))
+
+
+# A division of 4 (ymm) or 8 (zmm) float64 lanes at once.
+PACKED_DIVISION = re.compile(r"vdivpd\s+[^\n]*%[yz]mm")
+# The lane solver's per-group steps, one Newton or closed-form division per lane: each loop has the
+# exponent as a constant (`lanes._update`); with q read at run time they compiled to scalar divisions
+# on an AVX2 host.
+LANE_STEPS = [("lanes._update", lanes._update), ("lanes._last_update", lanes._last_update),
+              ("lanes._start", lanes._start)]
+
+
+@pytest.mark.skipif(not host_has("avx"), reason="needs an x86 CPU with AVX")
+@pytest.mark.parametrize(("name", "dispatcher"), LANE_STEPS, ids=[name for name, _ in LANE_STEPS])
+def test_the_lane_steps_divide_whole_vectors(fresh_kernels, name, dispatcher):
+    asms = list(fresh_kernels[id(dispatcher)].inspect_asm().values())
+    assert asms, f"{name} was not compiled by the calls of the fixture"
+    for asm in asms:
+        assert PACKED_DIVISION.search(asm), f"{name} divides one lane at a time"

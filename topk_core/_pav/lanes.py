@@ -523,13 +523,16 @@ def _signed_outputs(z, signed, tau, level, lam, q):
     """
     prefer_wide_vectors()
     inv = 1.0 / lam
+    # x on A, times a 1 the compiler cannot fold: stored as read, it made the store a masked one
+    # (`vector_width.unfolded_one`).
+    unit = unfolded_one(signed)
     for j in range(z.shape[0]):
         for lane in range(LANES):
             a = z[j, lane]
             t = tau[lane]
             xj = signed[j, lane]
             value, _, sat, free = _entry_outputs(a, t, inv, q, True, level[lane])
-            signed[j, lane] = xj if sat else (math.copysign(value, xj) if free else 0.0)
+            signed[j, lane] = xj * unit if sat else (math.copysign(value, xj) if free else 0.0)
 
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
