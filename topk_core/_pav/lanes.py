@@ -485,11 +485,12 @@ def _entry_outputs(a, t, inv, q, is_mag, level):
 
 
 @nb.njit(cache=True, error_model="numpy")
-def _lane_outputs(z, tau, level, lam, q, is_mag, gbuf, with_residuals):
-    """Outputs and g' of a group at its thresholds, in the lane layout (vectorized), in place of the keys
-    `z` (no second buffer of the group's size: rows of 64 then keep within the L1 cache).
+def _lane_outputs(z, dest, tau, level, lam, q, is_mag, gbuf, with_residuals):
+    """Outputs and g' of a group at its thresholds, in the lane layout (vectorized), from the keys `z`
+    into `dest` (the group's rows as loaded, in the outputs' dtype: no buffer more, and float32 rows
+    go back by float32 block transposes).
 
-    z: the mask's value, or the magnitude's |value| on F (>= +0), -1 on A (whose
+    dest: the mask's value, or the magnitude's |value| on F (>= +0), -1 on A (whose
     output is x itself) and -0 elsewhere, which tells the magnitude's sets apart;
     gbuf: g' on F (1 / l, or 3 e^2 / l for p = 4/3), else 0 (written only `with_residuals`).
     """
@@ -503,9 +504,9 @@ def _lane_outputs(z, tau, level, lam, q, is_mag, gbuf, with_residuals):
             if is_mag:
                 # On F, a - t > 0 (e > 0): the value is positive, or +0 once rounded to float32;
                 # -0 marks the entries outside F and A (`_mag_row` reads the sign bit).
-                z[j, lane] = -1.0 if sat else (value if free else -0.0)
+                dest[j, lane] = -1.0 if sat else (value if free else -0.0)
             else:
-                z[j, lane] = 1.0 if sat else (value if free else 0.0)
+                dest[j, lane] = 1.0 if sat else (value if free else 0.0)
             if with_residuals:
                 gbuf[j, lane] = gp if free else 0.0
 
@@ -732,7 +733,7 @@ def lane_rows(x, k, lam, q, is_mag, bounds, out, gprime, codes, offset, unresolv
     for c in nb.prange(n_chunks):
         prefer_wide_vectors()
         z = np.empty((n, LANES), dtype=np.float64)
-        gbuf = np.empty((n, LANES), dtype=np.float64)
+        gbuf = np.empty((n, LANES), dtype=x.dtype)  # g' in the lane layout, in the dtype of `gprime` (x's)
         acc = np.empty((5, LANES), dtype=np.float64)  # rows: see `_pass` (p = 2 leaves the last two 0)
         gaps = np.empty(LANES, dtype=np.float64)  # s_(k+1) - s_(k)
         # Per lane: tau, bracket lo and hi, active (1: iterating, 0: solved, -1: left to the
@@ -748,7 +749,8 @@ def lane_rows(x, k, lam, q, is_mag, bounds, out, gprime, codes, offset, unresolv
         # The sweeps run in the input's dtype: float32 sweeps take half the time of float64 ones.
         columns = np.empty((n, LANES) if bounds_inside else (0, LANES), dtype=x.dtype)
         # The rows as loaded, in their dtype: the sweeps' columns and the keys z are taken from them,
-        # and the magnitude's forward writes its outputs over them (`_signed_outputs`).
+        # and the outputs are written over them (`_signed_outputs`, `_lane_outputs`), in the dtype
+        # of `out` (x's), which float32 rows take back by float32 block transposes.
         raw = np.empty((n, LANES), dtype=x.dtype)
         uppers = np.empty(LANES, dtype=x.dtype)
         belows = np.empty(LANES, dtype=x.dtype)
@@ -813,21 +815,21 @@ def lane_rows(x, k, lam, q, is_mag, bounds, out, gprime, codes, offset, unresolv
                 _signed_outputs(z, raw, tau, level, lam, q)
                 store_group(raw, used, rows, out)
                 continue
-            _lane_outputs(z, tau, level, lam, q, is_mag, gbuf, lane_gprime)  # z: the outputs now
+            _lane_outputs(z, raw, tau, level, lam, q, is_mag, gbuf, lane_gprime)  # raw: the outputs now
             # Back to input order (unresolved rows too: the caller overwrites them).
             if is_mag:
-                # With residuals: the sets' codes (z: -1 on A, the value on F, else 0) go back as they
+                # With residuals: the sets' codes (raw: -1 on A, the value on F, else 0) go back as they
                 # are, then each row's outputs and residuals are read off them and x, contiguously.
-                _kept_counts(z, kept)
+                _kept_counts(raw, kept)
                 for lane in range(used):
                     offset[rows[lane]] = k - kept[lane]
-                store_group(z, used, rows, out)
+                store_group(raw, used, rows, out)
                 if lane_gprime:
                     store_group(gbuf, used, rows, gprime)
                 for lane in range(used):
                     _mag_row(x, rows[lane], out, codes, gprime, free_gprime)
             else:
-                store_group(z, used, rows, out)
+                store_group(raw, used, rows, out)
                 if with_residuals:
                     store_group(gbuf, used, rows, gprime)
     return non_finite == 0
