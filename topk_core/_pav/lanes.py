@@ -668,7 +668,7 @@ def sweep_order_statistics(columns, k, uppers, belows):
     (arrays of the dtype of `columns`).
 
     Each sweep moves the three largest remaining entries of every lane out of
-    `columns` (destroying it) by a cascade of three compare-exchanges per entry:
+    `columns` (destroying it, but for the last sweep's) by a cascade of three compare-exchanges per entry:
     one entry of all lanes per step, a loop the compiler vectorizes, with no
     data-dependent branch; ceil((k + 1) / 3) sweeps, O((k + 1) n) per lane.
 
@@ -680,6 +680,8 @@ def sweep_order_statistics(columns, k, uppers, belows):
     unit = unfolded_one(uppers)
     tops = np.empty((SWEEP_DEPTH, LANES), dtype=columns.dtype)
     for base in range(0, k + 1, SWEEP_DEPTH):
+        # The last sweep leaves `columns` as they are: what remains in them is not read again.
+        last = base + SWEEP_DEPTH >= k + 1
         for i in range(SWEEP_DEPTH):
             for lane in range(LANES):
                 tops[i, lane] = -np.inf
@@ -690,7 +692,8 @@ def sweep_order_statistics(columns, k, uppers, belows):
                     a = tops[i, lane]
                     tops[i, lane] = a * unit if a > b else b
                     b = b if a > b else a
-                columns[j, lane] = b
+                if not last:
+                    columns[j, lane] = b
         for i in range(SWEEP_DEPTH):
             if base + i == k - 1:
                 uppers[:] = tops[i]
