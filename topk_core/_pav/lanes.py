@@ -394,8 +394,9 @@ def _update(state, acc, ref, lam, q, k, is_mag):
 
     Each exponent has its own loop, with q a constant there: with q read at run time
     the loop holding both steps compiled to scalar code on an AVX2 CPU (AMD EPYC,
-    Zen 3: a `vdivsd` per division and lane; it vectorized with AVX-512).  Timed alone
-    there, per group: p = 2 0.66-0.70 -> 0.35-0.39 us, p = 4/3 3.2-3.5 -> 1.2 us.
+    Zen 3: a `vdivsd` per division and lane; it vectorized with AVX-512), and the
+    short-row forwards there took 1.1-1.3x their present time (`benchmarks/ab_versions.py
+    c1c619a 5b2ef63`: 0.77-0.91x with the split).
     """
     prefer_wide_vectors()
     if q == 2.0:
