@@ -139,6 +139,13 @@ needs_masked_stores = pytest.mark.skipif(not host_has("avx") or host_has("avx512
                                          reason="needs an x86 CPU with AVX but not AVX-512")
 
 
+def _machine_code(fresh_kernels, name, dispatcher):
+    """The assembly of every signature of the kernel `dispatcher` compiled afresh (at least one)."""
+    asms = list(fresh_kernels[id(dispatcher)].inspect_asm().values())
+    assert asms, f"{name} was not compiled by the calls of the fixture"
+    return asms
+
+
 # Kernels whose loops over every entry select between a new value and the one they read from the same
 # place (the sweeps' running maxima, the magnitude's x on A): `vector_width.unfolded_one` keeps them plain.
 IN_PLACE_SELECTS = [("lanes.sweep_order_statistics", lanes.sweep_order_statistics),
@@ -149,9 +156,7 @@ IN_PLACE_SELECTS = [("lanes.sweep_order_statistics", lanes.sweep_order_statistic
 @pytest.mark.parametrize(("name", "dispatcher"), IN_PLACE_SELECTS, ids=[name for name, _ in IN_PLACE_SELECTS])
 def test_in_place_selects_store_without_masked_stores(fresh_kernels, name, dispatcher):
     # An in-place select compiles to a masked store, slow on AVX2 hosts.
-    asms = list(fresh_kernels[id(dispatcher)].inspect_asm().values())
-    assert asms, f"{name} was not compiled by the calls of the fixture"
-    for asm in asms:
+    for asm in _machine_code(fresh_kernels, name, dispatcher):
         assert not MASKED_STORE.search(asm), name
 
 
@@ -180,7 +185,5 @@ LANE_STEPS = [("lanes._update", lanes._update), ("lanes._last_update", lanes._la
 @pytest.mark.skipif(not host_has("avx"), reason="needs an x86 CPU with AVX")
 @pytest.mark.parametrize(("name", "dispatcher"), LANE_STEPS, ids=[name for name, _ in LANE_STEPS])
 def test_the_lane_steps_divide_whole_vectors(fresh_kernels, name, dispatcher):
-    asms = list(fresh_kernels[id(dispatcher)].inspect_asm().values())
-    assert asms, f"{name} was not compiled by the calls of the fixture"
-    for asm in asms:
+    for asm in _machine_code(fresh_kernels, name, dispatcher):
         assert PACKED_DIVISION.search(asm), f"{name} divides one lane at a time"

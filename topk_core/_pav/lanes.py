@@ -538,14 +538,14 @@ def _signed_outputs(z, signed, tau, level, lam, q):
 
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
-def _kept_counts(z, kept):
-    """|A| of every lane from the magnitude's codes `z` (-1 on A, see `_lane_outputs`), counted in the
-    lane layout: a per-row count after the rows are written back costs a reduction per row."""
+def _kept_counts(codes, kept):
+    """|A| of every lane from the magnitude's codes in the lane layout (`_lane_outputs`' `dest`: -1 on A),
+    counted there: a per-row count after the rows are written back costs a reduction per row."""
     for lane in range(LANES):
         kept[lane] = 0.0
-    for j in range(z.shape[0]):
+    for j in range(codes.shape[0]):
         for lane in range(LANES):
-            kept[lane] += 1.0 if z[j, lane] < 0.0 else 0.0
+            kept[lane] += 1.0 if codes[j, lane] < 0.0 else 0.0
 
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
