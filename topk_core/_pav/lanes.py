@@ -758,6 +758,7 @@ def lane_rows(x, k, lam, q, is_mag, bounds, out, gprime, codes, offset, unresolv
         raw = np.empty((n, LANES), dtype=x.dtype)
         uppers = np.empty(LANES, dtype=x.dtype)
         belows = np.empty(LANES, dtype=x.dtype)
+        poison = np.zeros(LANES, dtype=x.dtype)  # per lane: 0 while the keys it held were finite, else NaN
         for grp in range(c * groups // n_chunks, (c + 1) * groups // n_chunks):
             r0 = grp * LANES
             used = min(LANES, count - r0)
@@ -766,13 +767,14 @@ def lane_rows(x, k, lam, q, is_mag, bounds, out, gprime, codes, offset, unresolv
                 # The keys (the magnitude's |x|, with no array of them: `select.topk_rows_select`), and
                 # whether all are finite (NaN fails the test too): the caller checks the rows no
                 # other way.
-                group_bad = 0
+                # key - key is 0 for a finite key, NaN for NaN and both infinities: a sum per lane in the
+                # keys' dtype, with no select (an int64 count narrows such a loop to 128-bit vectors on
+                # an AVX2 host).
                 for j in range(n):
                     for lane in range(LANES):
                         key = abs(raw[j, lane]) if is_mag else raw[j, lane]
                         columns[j, lane] = key
-                        group_bad += 0 if abs(key) < np.inf else 1
-                non_finite += group_bad
+                        poison[lane] += key - key
                 sweep_order_statistics(columns, k, uppers, belows)
             for lane in range(LANES):
                 if bounds_inside:
@@ -836,6 +838,8 @@ def lane_rows(x, k, lam, q, is_mag, bounds, out, gprime, codes, offset, unresolv
                 store_group(raw, used, rows, out)
                 if with_residuals:
                     store_group(gbuf, used, rows, gprime)
+        for lane in range(LANES):
+            non_finite += 0 if poison[lane] == 0.0 else 1
     return non_finite == 0
 
 lane_rows = _compiled_pair(lane_rows)
