@@ -178,3 +178,30 @@ def test_lane_solver_finds_the_non_finite_entries_it_loads(rng, operator, dtype,
         eps = np.finfo(dtype).eps
         np.testing.assert_allclose(np.delete(y, row, axis=0), np.delete(clean, row, axis=0),
                                    rtol=10 * eps, atol=10 * eps)
+
+
+
+@pytest.mark.parametrize("p", [2.0, 4.0 / 3.0])
+def test_lane_solver_takes_the_largest_finite_entries_as_finite(rng, operator, p, monkeypatch):
+    # The lanes' check flags a key by ``key - key`` (NaN for NaN and both infinities): the largest
+    # float32 numbers, whose sum or square overflows, are finite keys like any other, and the lanes
+    # report every row finite (a NaN, the control, is reported).
+    from topk_core._pav import select
+
+    reports = []
+    original = select.lane_rows
+    monkeypatch.setattr(select, "lane_rows", lambda *a: reports.append(original(*a)) or reports[-1])
+    k, lam, n = 2, 0.3, 16
+    x = rng.normal(size=(3000, n)).astype(np.float32)
+    big = np.finfo(np.float32).max
+    x[1500, 3], x[2999, 0], x[7, 5], x[7, 6] = big, -big, big, -big
+    y = SOFT[operator](x, k, p=p, regularization_strength=lam)
+    assert reports and all(reports)
+    reference = SOFT[operator](x, k, p=p, regularization_strength=lam, method="pav")
+    assert np.all(np.isfinite(y))
+    eps = np.finfo(np.float32).eps
+    np.testing.assert_allclose(y, reference, rtol=10 * eps, atol=10 * eps)
+    reports.clear()
+    x[40, 1] = np.nan
+    SOFT[operator](x, k, p=p, regularization_strength=lam)
+    assert reports[0] is False
