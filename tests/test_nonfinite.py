@@ -180,7 +180,6 @@ def test_lane_solver_finds_the_non_finite_entries_it_loads(rng, operator, dtype,
                                    rtol=10 * eps, atol=10 * eps)
 
 
-
 @pytest.mark.parametrize("p", [2.0, 4.0 / 3.0])
 def test_lane_solver_takes_the_largest_finite_entries_as_finite(rng, operator, p, monkeypatch):
     # The lanes' check flags a key by ``key - key`` (NaN for NaN and both infinities): the largest
