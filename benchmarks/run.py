@@ -731,22 +731,31 @@ def main(argv: list[str] | None = None) -> None:
         frameworks.remove("numpy")
         print("(--device cuda: NumPy runs on the host only and is left out)", file=sys.stderr)
     started = time.perf_counter()
-    all_results = {fw: run_framework(fw, args) for fw in frameworks}
-    args.elapsed_note = f"{(time.perf_counter() - started) / 60:.0f} minutes on this machine"
+    all_results: dict = {}
+    for fw in frameworks:
+        all_results[fw] = run_framework(fw, args)
+        # Written after each framework, so that a run cut short (a GPU lease's time limit) keeps what it measured.
+        args.elapsed_note = f"{(time.perf_counter() - started) / 60:.0f} minutes on this machine" + (
+            "" if fw == frameworks[-1] else f"; a partial report, written after {fw}")
+        text = publish(all_results, args)
+    print(text)
+
+
+def publish(all_results: dict, args: argparse.Namespace) -> str:
+    """The report of the frameworks measured so far, written into `args.write`'s section if asked."""
     page_dir = figure_dir = None
     if args.write:
         page = Path(args.write)
         page_dir = page.parent
         figure_dir = Path(args.figures) if args.figures else page_dir / "figures"
     text = report(all_results, args, figure_dir, page_dir)
-    print(text)
     if args.write:
         name = f"bench_suite_{args.device}"
         if not page.exists() or f"<!-- {name}:start -->" not in page.read_text():
             with page.open("a") as fh:
                 fh.write(f"\n<!-- {name}:start -->\n<!-- {name}:end -->\n")
         write_section(page, name, text)
-
+    return text
 
 if __name__ == "__main__":
     main()
