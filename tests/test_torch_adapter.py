@@ -356,26 +356,36 @@ def test_cpu_device_preserved(fn):
     assert fn(x, 2).device == x.device
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+_CUDA = pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("method", ["pav", "auto", "threshold"])
-def test_cuda(rng, operator, dtype, method):
+@pytest.mark.parametrize("where", ["cpu", _CUDA])
+def test_device_run_matches_pav_on_the_host(rng, operator, dtype, method, where):
     # "pav" copies to the host and back explicitly; "auto" (threshold on CUDA) stays on the GPU.
+    # On "cpu" the same checks run everywhere, with the tolerances the GPU run needs.
     x_cpu = torch.tensor(separated_rows(rng, (4, 9)), dtype=dtype)
-    x = x_cpu.cuda().requires_grad_()
+    x = x_cpu.to(where, copy=True).requires_grad_()
     y = SOFT[operator](x, 3, axis=0, method=method)
     assert (y.device, y.dtype) == (x.device, dtype)
-    torch.testing.assert_close(y.cpu(), SOFT[operator](x_cpu, 3, axis=0))
+    # The reference is PAV on the host. In float32 another method's rounding differs: the mask's
+    # threshold gradient came within 4e-6 of the largest entry of the float64 one (PAV's: 1.5e-6),
+    # beyond assert_close's float32 default (the first H200 run failed these cases; on the host too).
+    close = {} if method == "pav" or dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(y.cpu(), SOFT[operator](x_cpu, 3, axis=0), **close)
     u = torch.tensor(rng.normal(size=(4, 9)), dtype=dtype)
-    y.backward(u.cuda())
+    y.backward(u.to(where))
     assert x.grad.device == x.device
     x_ref = x_cpu.clone().requires_grad_()
     SOFT[operator](x_ref, 3, axis=0).backward(u)
-    torch.testing.assert_close(x.grad.cpu(), x_ref.grad)
-    grad = torch.func.grad(lambda t: (SOFT[operator](t, 3, method=method) * u.cuda()).sum())(x.detach())
+    scale = float(x_ref.grad.abs().max())
+    close = {} if not close else {"rtol": 1e-5, "atol": 1e-5 * scale}
+    torch.testing.assert_close(x.grad.cpu(), x_ref.grad, **close)
+    grad = torch.func.grad(lambda t: (SOFT[operator](t, 3, method=method) * u.to(where)).sum())(x.detach())
     assert grad.device == x.device
-    _, y_dot = torch.func.jvp(lambda t: SOFT[operator](t, 3, method=method), (x.detach(),), (u.cuda(),))
+    _, y_dot = torch.func.jvp(lambda t: SOFT[operator](t, 3, method=method), (x.detach(),), (u.to(where),))
     assert y_dot.device == x.device
     for fn in HARD.values():
         out = fn(x.detach(), 3)

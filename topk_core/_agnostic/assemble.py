@@ -16,13 +16,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .._compat import default_int
+from .common import positions
 from .regularizer import g, g_prime_on
 from .residuals import MagResiduals, MaskResiduals, mag_residuals
-
-
-def _positions(s: Any, xp: Any) -> Any:
-    return xp.reshape(xp.arange(s.shape[-1], dtype=default_int(xp)), (1, s.shape[-1]))
 
 
 def kth_key(s: Any, lo: Any, kk: Any, xp: Any) -> Any:
@@ -45,7 +41,7 @@ def assemble_mask(
     only when some entry is infinite; `s` must then be finite (infinities
     replaced by 0) and `k` the requested k.
     """
-    pos = _positions(s, xp)
+    pos = positions(s.shape[-1], s, xp)
     pooled = block_end > block_start
     top = (pos >= lo) & (pos < lo + kk)
     r = xp.where(pooled, s - v, xp.zeros_like(s))
@@ -74,7 +70,7 @@ def assemble_mag(
     hold the infinite entries, which are kept unchanged.  With a `shift`
     (batch, 1), `v` is relative to it and ``r = (s - shift) - v``.
     """
-    pos = _positions(s, xp)
+    pos = positions(s.shape[-1], s, xp)
     pooled = block_end > block_start
     top = (pos >= lo) & (pos < lo + kk)
     kept = pos < lo

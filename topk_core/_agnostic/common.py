@@ -8,10 +8,21 @@ from __future__ import annotations
 
 from typing import Any
 
+from .._compat import default_int, device
+
 
 def count(mask: Any, xp: Any) -> Any:
     """Number of true entries of every row, as a (batch, 1) array of the default integer dtype."""
     return xp.count_nonzero(mask, axis=-1, keepdims=True)
+
+
+def positions(n: int, like: Any, xp: Any) -> Any:
+    """(1, n) array ``0, 1, ..., n - 1`` of the default integer dtype, on the device of `like`.
+
+    `xp.arange` without ``device=`` makes it on the namespace's default device
+    (the host for torch), which a CUDA tensor cannot be combined with.
+    """
+    return xp.reshape(xp.arange(n, dtype=default_int(xp), device=device(like)), (1, n))
 
 
 def all_true(cond: Any, xp: Any) -> bool | None:

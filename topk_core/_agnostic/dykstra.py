@@ -48,7 +48,7 @@ from typing import Any
 from .._compat import default_int, device
 from .._validate import check_strength_in_dtype
 from .assemble import assemble_mag, assemble_mask, kth_key
-from .common import all_true, count, nan_rows_of, poison
+from .common import all_true, count, nan_rows_of, poison, positions
 from .residuals import MagResiduals, MaskResiduals
 
 
@@ -185,7 +185,7 @@ def isotonic_dykstra(
     x, p, c = state[0], state[1], state[2]
     v = x[:, 1 : n + 1]
     # Link j joins entries j and j + 1 (working index j + 1): set A for even j, B for odd j.
-    j = xp.reshape(xp.arange(n - 1, dtype=default_int(xp)), (1, n - 1))
+    j = positions(n - 1, x, xp)
     pooled_link = xp.where(j % 2 == 0, p[:, 1:n] != 0, c[:, 1:n] != 0)
     return v, pooled_link
 
@@ -208,7 +208,7 @@ def _boundary_block(
     membership mask and the (batch, 1) flag of rows that have a pooled block.
     """
     n = v.shape[-1]
-    pos = xp.reshape(xp.arange(n, dtype=default_int(xp)), (1, n))
+    pos = positions(n, v, xp)
     if n == 1:
         start = pos + xp.zeros_like(kk)  # n = 1: (batch, 1), every entry its own block
         none = start > 0
@@ -277,7 +277,7 @@ def dykstra_mask(
     # differences (Sterbenz), and target = s - l w keeps l where it is below the keys' ulp (float32
     # ties at l = 1e-10 came back 1 and 0 instead of 0.5 and 0.5); the pool of a tie splits it.
     s = s - kth_key(s, lo, kk, xp)
-    pos = xp.reshape(xp.arange(n, dtype=default_int(xp)), (1, n))
+    pos = positions(n, s, xp)
     unit = (pos >= lo) & (pos < lo + kk)
     target = s - lam * xp.astype(unit, s.dtype)
     active = (pos >= lo) & (pos < hi)
@@ -320,7 +320,7 @@ def dykstra_mag(
     n_inf = count(s == xp.inf, xp)
     lo, hi, kk = n_inf, xp.full_like(n_inf, n), xp.minimum(xp.maximum(k - n_inf, 0), n - n_inf)
     s = xp.where(xp.isfinite(s), s, xp.zeros_like(s))
-    pos = xp.reshape(xp.arange(n, dtype=default_int(xp)), (1, n))
+    pos = positions(n, s, xp)
     unit = xp.astype((pos >= lo) & (pos < lo + kk), s.dtype)
     weight = 1.0 + lam * unit
     # Iterates relative to the k-th key (as the mask's): v = shift + v', with the targets
