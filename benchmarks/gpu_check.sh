@@ -71,7 +71,8 @@ if [[ $steps == *bench* ]]; then
     echo "== benchmark suite on $device ($((SECONDS - started)) s)"
     cp docs/benchmarks.md "$out/benchmarks.md"
     # The issue's target shape comes first (benchmarks/run.py: GPU_SHAPES), so a run cut short has it.
-    bench=(--device "$device" --framework "$([ "$device" = cuda ] && echo all || echo torch)"
+    # JAX first on the GPU: the first run (PyTorch first) reached its limit before JAX's figures.
+    bench=(--device "$device" --framework "$([ "$device" = cuda ] && echo jax,torch || echo torch)"
            --write "$out/benchmarks.md" --figures "$out/figures" --time-cap 1 --memory-timeout 60)
     [ -n "${QUICK:-}" ] && bench+=(--quick --no-memory)
     PYTHONUNBUFFERED=1 timeout "${STEP_BENCH:-300}" "$py" benchmarks/run.py "${bench[@]}" || status=1

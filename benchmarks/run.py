@@ -698,7 +698,8 @@ def main(argv: list[str] | None = None) -> None:
 
     warnings.simplefilter("ignore", topk_core.DykstraNotConverged)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--framework", choices=["numpy", "torch", "jax", "all"], default="all")
+    parser.add_argument("--framework", default="all",
+                        help="numpy, torch, jax, a comma-separated list of them (run in that order), or all")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--shapes", type=_shapes, default=None,
                         help=f"comma-separated ROWSxN, e.g. 1x1e6,64x4096 (default: {SHAPES})")
@@ -726,7 +727,9 @@ def main(argv: list[str] | None = None) -> None:
         args.repeats = 2
         args.memory_max_n = min(args.memory_max_n, 1e4)
     args.sweep_repeats = 2 if args.quick else 3
-    frameworks = ["numpy", "torch", "jax"] if args.framework == "all" else [args.framework]
+    frameworks = ["numpy", "torch", "jax"] if args.framework == "all" else args.framework.split(",")
+    if not frameworks or set(frameworks) - set(BUILDERS) or len(set(frameworks)) < len(frameworks):
+        parser.error(f"--framework must be all or a list of distinct names among {sorted(BUILDERS)}")
     if args.device == "cuda" and "numpy" in frameworks:
         frameworks.remove("numpy")
         print("(--device cuda: NumPy runs on the host only and is left out)", file=sys.stderr)

@@ -86,6 +86,34 @@ def test_gpu_target_lines_compare_forward_backward_with_the_hard_topk(monkeypatc
     assert run._gpu_target(results, argparse.Namespace(device="cpu", shapes=[shape])) == []
 
 
+def test_report_is_written_after_each_framework_in_the_order_given(tmp_path, monkeypatch):
+    """A run cut short after its first framework (a GPU lease's limit) leaves that framework's report
+    in the page; `--framework` takes a list, run in its order."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import run
+
+    order = []
+
+    def fake_run_framework(framework, args):
+        order.append(framework)
+        if len(order) == 2:
+            raise KeyboardInterrupt  # the time limit's kill, as the second framework runs
+        entry = run.Entry(framework, "fake sort", "baseline", "a sort", "", lambda x, k: x)
+        table = {("fake sort", (1, 4096)): {"first": 1e-3, "forward": 2e-3, "both": None}}
+        return {"entries": [entry], "table": table, "n_sweep": {}, "batch_sweep": {}, "memory": {},
+                "sort": "fake sort"}
+
+    monkeypatch.setattr(run, "run_framework", fake_run_framework)
+    page = tmp_path / "bench.md"
+    with pytest.raises(KeyboardInterrupt):
+        run.main(["--quick", "--framework", "jax,numpy", "--write", str(page)])
+    assert order == ["jax", "numpy"]
+    text = page.read_text()
+    assert "| jax | `fake sort` | baseline |" in text and "a partial report, written after jax" in text
+    with pytest.raises(SystemExit):
+        run.main(["--framework", "jax,jax"])
+
+
 def test_vector_width_child_measures_every_operator(monkeypatch):
     """`bench_vector_width.py`'s per-process measurement, on small shapes (the script compares two such runs)."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
@@ -148,3 +176,18 @@ def test_ab_versions_copies_a_revision_and_the_working_tree(tmp_path):
     ab_versions._copy_version("HEAD", head)
     assert (head / "_pav" / "lanes.py").exists()
     assert b"def lane_rows" in (head / "_pav" / "lanes.py").read_bytes()
+
+
+def test_op_count_counts_top_level_operations_syncs_and_root_evaluations(monkeypatch):
+    """`op_count.py`'s counters on calls whose counts are known, and on the threshold method."""
+    torch = pytest.importorskip("torch")
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import op_count
+
+    import topk_torch
+
+    a = torch.ones(3)
+    assert op_count.count_ops(lambda: (a + a).sum().item()) == (3, 1)  # add, sum, item (a sync)
+    x = torch.randn(8, 16)
+    assert op_count.count_evaluations(lambda: topk_torch.soft_topk_mask(x, 3, method="threshold")) > 0
+    assert op_count.count_evaluations(lambda: topk_torch.soft_topk_mask(x, 3, method="pav")) == 0
