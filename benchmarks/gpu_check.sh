@@ -12,7 +12,8 @@
 # the figures into docs/ to publish them. Pure-Python packages the machine may lack
 # (array-api-compat, array-api-strict, entmax) are installed from the wheels in .whl/ when that
 # folder has any, into a temporary folder (`make gpu-wheels` downloads them; docs/benchmarks.md).
-# STEPS (default "tests bench") picks the steps, so that they can run as two calls; each has a
+# STEPS (default "tests bench"; "fused" adds benchmarks/bench_fused_threshold.py at the target
+# shape, STEP_FUSED=240 s) picks the steps, so that they can run as two calls; each has a
 # time limit in seconds, STEP_GPU_TESTS (default 300), STEP_TESTS (default 180, JAX tests on
 # WORKERS=8 processes) and STEP_BENCH (default 300): STEPS=tests and STEPS=bench each fit in a
 # 10-minute call (in the first run, on an H200, Numba's first compilation took 100 s of the GPU
@@ -67,6 +68,12 @@ if [[ $steps == *tests* ]]; then
         tests/test_jax_methods.py tests/test_jax_adapter.py || status=1
 fi
 
+if [[ $steps == *fused* ]]; then
+    # Not in the default steps: the experiment of benchmarks/bench_fused_threshold.py at the target shape.
+    echo "== fused threshold experiment on $device ($((SECONDS - started)) s)"
+    PYTHONUNBUFFERED=1 timeout "${STEP_FUSED:-240}" "$py" benchmarks/bench_fused_threshold.py --device "$device" \
+        --shapes "${FUSED_SHAPES:-1048576x64}" --operators mask --p 2,4/3 || status=1
+fi
 if [[ $steps == *bench* ]]; then
     echo "== benchmark suite on $device ($((SECONDS - started)) s)"
     cp docs/benchmarks.md "$out/benchmarks.md"

@@ -191,3 +191,15 @@ def test_op_count_counts_top_level_operations_syncs_and_root_evaluations(monkeyp
     x = torch.randn(8, 16)
     assert op_count.count_evaluations(lambda: topk_torch.soft_topk_mask(x, 3, method="threshold")) > 0
     assert op_count.count_evaluations(lambda: topk_torch.soft_topk_mask(x, 3, method="pav")) == 0
+
+
+def test_fused_threshold_experiment_runs_and_matches_eager(monkeypatch):
+    """`bench_fused_threshold.py`'s plumbing, with Dynamo alone (`--backend eager`: no compiler, seconds):
+    the traced step gives the eager step's numbers."""
+    pytest.importorskip("torch")
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_fused_threshold
+
+    rows = bench_fused_threshold.main(["--shapes", "8x16", "--p", "4/3", "--operators", "mag", "--backend", "eager",
+                                       "--repeats", "1"])
+    assert len(rows) == 1 and rows[0]["diff"] == 0.0 and rows[0]["fused"] > 0 and rows[0]["topk"] > 0
