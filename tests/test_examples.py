@@ -121,13 +121,16 @@ def test_moe_ddp_two_processes_matches_one_process(quick_runs, tmp_path):
     _run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
          "--master_port", str(_free_port()), str(EXAMPLES / "moe.py"), "--quick", "--ddp", "--seed", "0",
-         "--out", str(tmp_path)],
+         "--ks", "2", "--out", str(tmp_path)],
         cwd=tmp_path,
     )
     ddp = json.loads((tmp_path / "results.json").read_text())
     single = json.loads((quick_runs["moe"] / "results.json").read_text())
     assert ddp["world_size"] == 2 and single["world_size"] == 1
-    for one, two in zip(single["results"], ddp["results"], strict=True):
+    # k = 2 only (each run seeds its own model and data order): half the training, same check.
+    single_k2 = [one for one in single["results"] if one["k"] == 2]
+    assert len(single_k2) == len(ddp["results"]) == 2
+    for one, two in zip(single_k2, ddp["results"], strict=True):
         assert (one["router"], one["k"]) == (two["router"], two["k"])
         # float64 training; the gradients differ only by the summation order of the two half-batches.
         assert abs(one["test_accuracy"] - two["test_accuracy"]) <= 1 / 450 + 1e-12
