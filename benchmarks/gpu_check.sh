@@ -57,7 +57,8 @@ if [[ $steps == *tests* && $device == cuda ]]; then
     echo "== tests that need a GPU ($((SECONDS - started)) s)"
     log=$(mktemp)
     # The first call of a PAV test compiles the Numba kernels (about 100 s on the H200 machine).
-    timeout "${STEP_GPU_TESTS:-300}" "$py" -m pytest -q "${pytest_opts[@]}" -rs --durations=5 -m gpu tests 2>&1 | tee "$log"
+    timeout "${STEP_GPU_TESTS:-300}" "$py" -m pytest -q "${pytest_opts[@]}" -rs --durations=5 -m gpu tests 2>&1 \
+        | tee "$log"
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
     # Every one of them must have run: a skip here means the GPU was not seen.
     if grep -q " skipped" "$log"; then echo "GPU tests were skipped"; status=1; fi

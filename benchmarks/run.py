@@ -760,5 +760,6 @@ def publish(all_results: dict, args: argparse.Namespace) -> str:
         write_section(page, name, text)
     return text
 
+
 if __name__ == "__main__":
     main()

@@ -3,8 +3,8 @@
 Each backend converts NumPy float64 test data to its own arrays and back, so
 that the same test runs on numpy, torch (CPU), jax (with x64) and
 array_api_strict (on its second device, "device1", which catches arrays made
-on the default device the way a CUDA tensor does).  `assert_like` checks namespace, dtype, shape and device
-before any value is compared.
+on the default device the way a CUDA tensor does).  `assert_like` checks
+namespace, dtype, shape and device before any value is compared.
 """
 
 from __future__ import annotations
