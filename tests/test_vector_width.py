@@ -78,14 +78,9 @@ def _contiguous(signature):
 
 
 def _of_the_fixture(signature):
-    """Whether a signature can come from the fixture's calls: float64 arrays, the rows (first argument)
-    writable.  Tests run before it in the same process add float32 ones and read-only rows (JAX's
-    arrays): compiling those afresh too, the fixture's setup took 394 s in the suite (`--durations`),
-    301 s without them (150 s with a warm cache and no test before it)."""
-    first = signature[0]
-    read_only_rows = isinstance(first, nb.types.Array) and not first.mutable
-    return not read_only_rows and not any(isinstance(a, nb.types.Array) and a.dtype == nb.types.float32
-                                          for a in signature)
+    """Whether a signature can come from the fixture's calls: float64 arrays.  Tests run before it in
+    the same process add float32 ones."""
+    return not any(isinstance(a, nb.types.Array) and a.dtype == nb.types.float32 for a in signature)
 
 
 @pytest.fixture(scope="module")

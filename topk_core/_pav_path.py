@@ -20,7 +20,7 @@ from ._agnostic.assemble import assemble_mag, assemble_mask
 from ._agnostic.common import poison
 from ._agnostic.residuals import MagResiduals, MaskResiduals
 from ._pav import pav_rows, topk_rows_forward, topk_rows_select
-from ._pav.kernels import all_finite, fused_outputs, row_keys
+from ._pav.kernels import all_finite, fused_outputs, read_only, row_keys
 from ._pav.select import lane_route, lanes_check_finite
 
 
@@ -38,8 +38,14 @@ class _SortedRows(NamedTuple):
 
 def _prepare(x: Any, k: int, lam: float, q: float, is_mag: bool, sort_finite: bool, lanes_check: bool = True
              ) -> _SortedRows:
+    rows = _prepare_rows(x, k, lam, q, is_mag, sort_finite, lanes_check)
+    return rows._replace(x=read_only(rows.x), keys=read_only(rows.keys))
+
+
+def _prepare_rows(x: Any, k: int, lam: float, q: float, is_mag: bool, sort_finite: bool, lanes_check: bool
+                  ) -> _SortedRows:
     batch, n = x.shape
-    x = np.ascontiguousarray(x)
+    x = read_only(np.ascontiguousarray(x))
     if lanes_check and not sort_finite and lanes_check_finite(n, k, q, lam):
         # The lane solver checks that every entry is finite as it loads the rows (a pass over x
         # fewer: the forwards at (262144, 16) took 0.91-0.96x their time); `_solve` comes back

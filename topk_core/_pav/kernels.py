@@ -652,6 +652,24 @@ def _chunks(size: int) -> int:
     return 4 * nb.get_num_threads() if size >= PARALLEL_MIN_ENTRIES else 1
 
 
+def read_only(a):
+    """A read-only view of the NumPy array `a` (None stays None).
+
+    Numba compiles a kernel once per signature, and an array's writeable flag
+    is part of it: JAX's arrays come as read-only views, NumPy's usually
+    writable, so the same call compiled every kernel twice (the lane solver
+    alone, serial and parallel, about 50 s on a 2-core machine).  The kernels
+    never write their inputs: handing them read-only views always makes one
+    signature serve both (side by side, `benchmarks/ab_versions.py`, the
+    timings moved within the noise, medians 0.96-1.04x).
+    """
+    if a is None or not a.flags.writeable:
+        return a
+    view = a.view()
+    view.flags.writeable = False
+    return view
+
+
 def row_keys(x):
     """(keys, all_finite) of C-contiguous NumPy rows `x` for the magnitude: |x|, and whether every
     entry of x is finite, in one pass (instead of an abs, an isfinite and an all)."""

@@ -36,7 +36,16 @@ import numba as nb
 import numpy as np
 
 from ._scalar import mag_fixed_point
-from .kernels import _compiled_pair, _pooled_block, _row_frame, _unit_scale, emit_entry, segment_entry, set_code
+from .kernels import (
+    _compiled_pair,
+    _pooled_block,
+    _row_frame,
+    _unit_scale,
+    emit_entry,
+    read_only,
+    segment_entry,
+    set_code,
+)
 from .lanes import (
     EVERY_ROW,
     LANES,
@@ -509,7 +518,7 @@ def topk_rows_select(keys, x, k, lam, q, is_mag, out, gprime, codes, offset):
     lanes = lane_route(n, k, q, lam)
     lanes_load_all = lanes_check_finite(n, k, q, lam)
     if keys is None and not lanes_load_all:
-        keys = np.abs(x)  # the lanes alone take the magnitude's keys from x
+        keys = read_only(np.abs(x))  # the lanes alone take the magnitude's keys from x
     if n >= LONG_ROW_MIN_N and batch < threads:
         _select_long_rows(keys, x, k, lam, q, is_mag, out, gprime, codes, offset, 4 * threads, SAMPLE_SIZE,
                           sortfree_applies(n, k, q, lam))
@@ -528,11 +537,13 @@ def topk_rows_select(keys, x, k, lam, q, is_mag, out, gprime, codes, offset):
         if rows.size and lane_retry_passes(q):
             # The few rows left, gathered into full lane groups: more passes on them cost a
             # fraction of a pass over every group (most groups hold one of them).
+            # busy_lanes passed (LANES: no group stops early), not left to its default: an omitted
+            # argument is a signature of its own, compiled again (38 s for the parallel variant).
             lane_rows(x, k, lam, q, is_mag, bounds, out, gprime, codes, offset, unresolved,
-                      min(-(-rows.size // LANES), n_chunks), lane_retry_passes(q), rows)
+                      min(-(-rows.size // LANES), n_chunks), lane_retry_passes(q), rows, LANES)
             rows = rows[unresolved[rows]]
         if rows.size:
-            keys = np.abs(x) if keys is None else keys
+            keys = read_only(np.abs(x)) if keys is None else keys
             _select_subset(rows, keys, x, k, lam, q, is_mag, out, gprime, codes, offset, bounds)
         return True
     sortfree = sortfree_applies(n, k, q, lam)
