@@ -16,7 +16,7 @@ import pytest
 from topk_core._agnostic import jacobians
 from topk_core._agnostic.residuals import KEPT_CODE
 from topk_core._pav import lanes, select
-from topk_core._pav.kernels import fused_outputs
+from topk_core._pav.kernels import fused_outputs, read_only
 from topk_core._pav_path import pav_mag, pav_mask
 
 from ._rows import rows_of_kind
@@ -113,12 +113,12 @@ def test_groups_with_many_rows_iterating_go_on_past_their_passes(rng, operator, 
     for busy in (lanes.LANES, 16):
         arrays = [np.zeros_like(a) for a in fused_outputs(x, operator == "mag", True)]
         unresolved = np.zeros(640, np.bool_)
-        lanes.lane_rows.serial(x, 2, 10.0, q, operator == "mag", np.empty((0, 2)), *arrays, unresolved, 1, 1,
-                               lanes.EVERY_ROW, busy)
+        lanes.lane_rows.serial(read_only(x), 2, 10.0, q, operator == "mag", np.empty((0, 2)), *arrays, unresolved,
+                               1, 1, lanes.EVERY_ROW, busy)
         left[busy] = unresolved.reshape(10, lanes.LANES).sum(axis=1)
         full = [np.zeros_like(a) for a in fused_outputs(x, operator == "mag", True)]
-        lanes.lane_rows.serial(x, 2, 10.0, q, operator == "mag", np.empty((0, 2)), *full, np.zeros(640, np.bool_),
-                               1, lanes.MAX_PASSES, lanes.EVERY_ROW)
+        lanes.lane_rows.serial(read_only(x), 2, 10.0, q, operator == "mag", np.empty((0, 2)), *full,
+                               np.zeros(640, np.bool_), 1, lanes.MAX_PASSES, lanes.EVERY_ROW, lanes.LANES)
         for got, want in zip(arrays, full, strict=True):
             if got.size:
                 np.testing.assert_array_equal(got[~unresolved], want[~unresolved])
@@ -148,8 +148,8 @@ def test_a_subset_of_rows_is_solved_in_place_as_in_a_full_solve(rng, operator, q
     for rows in (lanes.EVERY_ROW, subset):
         arrays = [np.full_like(a, 7) for a in fused_outputs(x, operator == "mag", True)]
         unresolved = np.zeros(200, np.bool_)
-        lanes.lane_rows.serial(x, 3, 0.3, q, operator == "mag", np.empty((0, 2)), *arrays, unresolved, 1,
-                               lanes.MAX_PASSES, rows)
+        lanes.lane_rows.serial(read_only(x), 3, 0.3, q, operator == "mag", np.empty((0, 2)), *arrays, unresolved, 1,
+                               lanes.MAX_PASSES, rows, lanes.LANES)
         results.append((*arrays, unresolved))
     untouched = np.setdiff1d(np.arange(200), subset)
     for every, some in zip(*results, strict=True):
@@ -174,13 +174,13 @@ def test_unsolved_rows_are_flagged(rng, q):
     keys = rng.normal(size=(100, 16))
     unresolved = np.zeros(100, dtype=np.bool_)
     bounds = select._row_bounds(keys, 3)
-    args = (keys, 3, 1.0, q, False, bounds, *fused_outputs(keys, False, True))
-    lanes.lane_rows.serial(*args, unresolved, 1, 0, lanes.EVERY_ROW)
+    args = (read_only(keys), 3, 1.0, q, False, bounds, *fused_outputs(keys, False, True))
+    lanes.lane_rows.serial(*args, unresolved, 1, 0, lanes.EVERY_ROW, lanes.LANES)
     # With no step allowed, only the rows without a violator (a gap of at least l after
     # the k-th key, solved at the start) are solved.
     np.testing.assert_array_equal(unresolved, bounds[:, 0] - bounds[:, 1] < 1.0)
     assert unresolved.any()
-    lanes.lane_rows.serial(*args, unresolved, 2, lanes.MAX_PASSES, lanes.EVERY_ROW)
+    lanes.lane_rows.serial(*args, unresolved, 2, lanes.MAX_PASSES, lanes.EVERY_ROW, lanes.LANES)
     assert not unresolved.any()
 
 
@@ -257,8 +257,8 @@ def test_order_statistics_found_in_the_lanes_equal_given_ones(rng, operator, flo
             assert bounds.shape[0] in (0, batch)
             arrays = fused_outputs(x, operator == "mag", True)
             unresolved = np.empty(batch, np.bool_)
-            lanes.lane_rows.serial(x, k, 0.3, q, operator == "mag", bounds, *arrays, unresolved, 1,
-                                   lanes.MAX_PASSES, lanes.EVERY_ROW)
+            lanes.lane_rows.serial(read_only(x), k, 0.3, q, operator == "mag", bounds, *arrays, unresolved, 1,
+                                   lanes.MAX_PASSES, lanes.EVERY_ROW, lanes.LANES)
             results.append((*arrays, unresolved))
         for a, b in zip(*results, strict=True):
             np.testing.assert_array_equal(a, b)

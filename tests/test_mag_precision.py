@@ -21,7 +21,7 @@ import pytest
 
 import topk_numpy as tk
 from topk_core._pav import lanes
-from topk_core._pav.kernels import fused_outputs
+from topk_core._pav.kernels import fused_outputs, read_only
 
 from ._oracles import assert_within_input_rounding, mag_vjp_from_parts, mp_threshold_mag_parts
 from ._rows import spanning_row
@@ -82,8 +82,8 @@ def test_lane_solver_converges_on_ties_at_tiny_strengths(p, lam):
     k = 5
     outputs = fused_outputs(x, True, True)
     unresolved = np.ones(1, np.bool_)
-    lanes.lane_rows(x, k, lam, p / (p - 1.0), True, np.empty((0, 2)), *outputs, unresolved, 1,
-                    lanes.MAX_PASSES, lanes.EVERY_ROW)
+    lanes.lane_rows(read_only(x), k, lam, p / (p - 1.0), True, np.empty((0, 2)), *outputs, unresolved, 1,
+                    lanes.MAX_PASSES, lanes.EVERY_ROW, lanes.LANES)
     assert not unresolved[0]
     _assert_entrywise(outputs[0][0], _oracle(tuple(TIE_ROW), k, lam, p, 120)[0], 1e-13, "lanes")
 
@@ -170,8 +170,8 @@ def test_a_threshold_far_below_the_keys_that_the_lane_start_rounds_to_zero():
     # The lane solver alone: solved exactly, or handed back (then the selection kernel's).
     out, gprime, codes, offset = fused_outputs(x[None], True, False)
     unresolved = np.empty(1, dtype=bool)
-    lanes.lane_rows(x[None], 1, lam, 4.0, True, np.empty((0, 2)), out, gprime, codes, offset,
-                    unresolved, 1, lanes.MAX_PASSES, lanes.EVERY_ROW)
+    lanes.lane_rows(read_only(x[None]), 1, lam, 4.0, True, np.empty((0, 2)), out, gprime, codes, offset,
+                    unresolved, 1, lanes.MAX_PASSES, lanes.EVERY_ROW, lanes.LANES)
     if not unresolved[0]:
         assert_within_input_rounding(out[0], expected, x, "lanes")
 

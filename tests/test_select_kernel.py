@@ -17,7 +17,7 @@ import pytest
 from topk_core._agnostic import jacobians
 from topk_core._agnostic.regularizer import conjugate_exponent
 from topk_core._pav import select
-from topk_core._pav.kernels import fused_outputs
+from topk_core._pav.kernels import fused_outputs, read_only
 from topk_core._pav_path import pav_mag, pav_mask
 
 
@@ -122,9 +122,11 @@ def test_long_row_route_equals_the_row_per_thread_route(rng, p, is_mag, n_parts,
         for long_route in (False, True):
             arrays = fused_outputs(x, is_mag, True)  # out, g', codes, offset
             if long_route:
-                select._select_long_rows(keys, x, k, lam, q, is_mag, *arrays, n_parts, n_sample, False)
+                select._select_long_rows(read_only(keys), read_only(x), k, lam, q, is_mag, *arrays, n_parts, n_sample,
+                                         False)
             else:
-                select._select_rows.serial(keys, x, k, lam, q, is_mag, *arrays, 1, np.empty((0, 2)), 0,
+                select._select_rows.serial(read_only(keys), read_only(x), k, lam, q, is_mag, *arrays, 1,
+                                           np.empty((0, 2)), 0,
                                             np.empty(0, np.int64))
             outputs.append(arrays)
         for a, b in zip(*outputs, strict=True):

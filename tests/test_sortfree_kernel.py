@@ -23,7 +23,7 @@ from hypothesis.extra.numpy import arrays
 from topk_core._agnostic import jacobians
 from topk_core._agnostic.residuals import MagResiduals, MaskResiduals
 from topk_core._pav import select, sortfree
-from topk_core._pav.kernels import fused_outputs
+from topk_core._pav.kernels import fused_outputs, read_only
 from topk_core._pav_path import pav_mag, pav_mask
 
 from ._oracles import assert_within_input_rounding, mp_threshold_mag_row, rounding_reach
@@ -162,7 +162,7 @@ def test_long_row_driver_equals_full_sort_route(rng, q, float_dtype, operator, n
         scale = max(1.0, float(np.abs(x).max()) / 0.1)
         for k in (17, 625, 4000):
             y, gprime, codes, offset = arrays = fused_outputs(x, is_mag, True)
-            select._select_long_rows(keys, x, k, 0.1, q, is_mag, *arrays, n_parts, 8192, True)
+            select._select_long_rows(read_only(keys), read_only(x), k, 0.1, q, is_mag, *arrays, n_parts, 8192, True)
             if is_mag:
                 res = MagResiduals(None, None, None, None, gprime, codes, offset[:, None].astype(x.dtype))
             else:
@@ -198,7 +198,7 @@ def test_long_row_driver_keeps_the_digits_of_a_threshold_far_below_the_free_keys
     x = np.tile(FAR_BELOW_ROW, reps)[None]
     k = 15 * reps
     arrays = fused_outputs(x, True, False)
-    select._select_long_rows(np.abs(x), x, k, 60.0, 4.0, True, *arrays, n_parts, 8192, True)
+    select._select_long_rows(read_only(np.abs(x)), read_only(x), k, 60.0, 4.0, True, *arrays, n_parts, 8192, True)
     y_ref, _ = pav_mag(x, k, 60.0, 4.0, with_residuals=False, fused=False)
     assert_within_input_rounding(arrays[0][0], y_ref[0], x[0], f"{n_parts} parts")
 
@@ -217,7 +217,8 @@ def test_magnitude_threshold_far_below_the_start_is_solved_again_next_to_itself(
     assert_within_input_rounding(y[0], expected, x[0], "single-row driver")
     x = np.tile(FAR_BELOW_START_ROW, 400)[None]
     arrays = fused_outputs(x, True, False)
-    select._select_long_rows(np.abs(x), x, 181 * 400 // 30, 1.0, 2.0, True, *arrays, 3, 8192, True)
+    select._select_long_rows(read_only(np.abs(x)), read_only(x), 181 * 400 // 30, 1.0, 2.0, True, *arrays, 3, 8192,
+                             True)
     y_ref, _ = pav_mag(np.concatenate([x, np.full_like(x, np.nan)]), 181 * 400 // 30, 1.0, 2.0, with_residuals=False)
     assert_within_input_rounding(arrays[0][0], y_ref[0], x[0], "long-row driver")
 
@@ -274,7 +275,8 @@ def test_magnitude_threshold_deep_below_its_first_iterates_keeps_its_digits(row,
     _assert_close_to(y[0], expected, x[0].astype(np.float64), "single-row driver")
     wide = np.tile(x, (1, 10))
     arrays = fused_outputs(wide, True, False)
-    select._select_long_rows(np.abs(wide), wide, 10 * k, 2.0, 4.0, True, *arrays, 3, 8192, True)
+    select._select_long_rows(read_only(np.abs(wide)), read_only(wide), 10 * k, 2.0, 4.0, True, *arrays, 3, 8192,
+                             True)
     # (The same row ten times over: each output is the short row's.)
     _assert_close_to(arrays[0][0], np.tile(expected, 10), wide[0].astype(np.float64), "long-row driver")
 
