@@ -1,4 +1,5 @@
-"""Shared helpers of the benchmark scripts: timing, the forward+VJP step, the machine line, writing into the docs."""
+"""Shared helpers of the benchmark scripts: timing, the forward+VJP step, the machine line, writing into the docs,
+the exponents timed, `ROWSxN` shape lists and the hard top-k baseline of PyTorch."""
 
 from __future__ import annotations
 
@@ -10,6 +11,26 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
+
+# The two exponents the benchmarks time: p = 4/3 (the library's default) and 2.
+EXPONENTS = {"4/3": 4.0 / 3.0, "2": 2.0}
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """Comma-separated ``ROWSxN`` (numbers as 1e6 allowed), e.g. ``1x1e6,64x4096``, as (rows, n) pairs."""
+    shapes = []
+    for item in text.split(","):
+        rows, n = (int(float(v)) for v in item.lower().split("x"))
+        shapes.append((rows, n))
+    return shapes
+
+
+def torch_hard_topk(x: object, k: int) -> object:
+    """The hard top-k in value with x's shape: torch.topk's values scattered into a row of zeros."""
+    import torch
+
+    values, indices = torch.topk(x, k, dim=-1)
+    return torch.zeros_like(x).scatter(-1, indices, values)
 
 
 def _wall_times(fn: Callable[[], object], repeats: int, warmup: int) -> list[float]:

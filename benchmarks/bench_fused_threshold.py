@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import median_time
+from _report import EXPONENTS, median_time, parse_shapes, torch_hard_topk
 
 import topk_core
 from topk_core._agnostic import threshold
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--shapes", default="1048576x64,4096x4096,1x16777216")
-    parser.add_argument("--p", default="2,4/3", help="comma-separated exponents")
+    parser.add_argument("--p", default="2,4/3", help=f"comma-separated exponents among {list(EXPONENTS)}")
     parser.add_argument("--operators", default="mask,mag")
     parser.add_argument("--backend", default="inductor", help="torch.compile's backend ('eager': Dynamo only)")
     parser.add_argument("--repeats", type=int, default=5)
@@ -65,8 +65,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print("| operator | p | shape | torch.topk fwd+bwd (ms) | eager fwd+bwd (ms) | fused first call (s) "
           "| fused fwd+bwd (ms) | fused / topk | max abs diff |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for shape_text in args.shapes.split(","):
-        batch, n = (int(float(v)) for v in shape_text.lower().split("x"))
+    for batch, n in parse_shapes(args.shapes):
         gen = torch.Generator(device=args.device).manual_seed(0)
         x = torch.randn(batch, n, device=args.device, generator=gen)
         u = torch.randn(batch, n, device=args.device, generator=gen)
@@ -74,15 +73,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
         def hard(x=x, k=k, u=u):
             xr = x.detach().requires_grad_()
-            vals, idx = torch.topk(xr, k)
-            torch.zeros_like(xr).scatter(-1, idx, vals).mul(u).sum().backward()
+            torch_hard_topk(xr, k).mul(u).sum().backward()
             sync()
 
         topk_time = median_time(hard, args.repeats)
         for operator in args.operators.split(","):
             for p_text in args.p.split(","):
-                num, _, den = p_text.partition("/")
-                q = conjugate_exponent(float(num) / float(den or 1))
+                q = conjugate_exponent(EXPONENTS[p_text])
                 solve, vjp = SOLVE[operator], VJP[operator]
 
                 def eager(solve=solve, vjp=vjp, q=q, x=x, k=k, u=u):

@@ -15,9 +15,11 @@ evaluations of the threshold method, the iteration count of its root finder.
 from __future__ import annotations
 
 import argparse
+import sys
 import warnings
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -25,6 +27,9 @@ from torch.profiler import ProfilerActivity, profile
 import topk_core
 import topk_torch
 from topk_core._agnostic import threshold
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import EXPONENTS, parse_shapes
 
 SYNCS = {"aten::item", "aten::_local_scalar_dense", "aten::is_nonzero"}
 
@@ -68,12 +73,11 @@ def main() -> None:
     torch.manual_seed(0)
     print("| operator | p | method | shape | ATen operations | host synchronisations | root evaluations |")
     print("|---|---|---|---|---|---|---|")
-    for shape in args.shapes.split(","):
-        rows, n = (int(v) for v in shape.split("x"))
+    for rows, n in parse_shapes(args.shapes):
         x = torch.randn(rows, n)
         k = max(1, n // 10)
         for operator in ("mask", "mag"):
-            for p_name, p in (("4/3", 4.0 / 3.0), ("2", 2.0)):
+            for p_name, p in EXPONENTS.items():
                 for method in args.methods.split(","):
                     if method == "dykstra" and p != 2.0:
                         continue

@@ -44,7 +44,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _report import machine, median_time, write_section  # noqa: E402
+from _report import EXPONENTS, machine, median_time, parse_shapes, torch_hard_topk, write_section  # noqa: E402
 
 SHAPES = [(1, 10**6), (64, 4096), (16384, 64)]
 # The GPU shapes of issue 5: many router rows, a square block, one long row (default with --device cuda).
@@ -57,7 +57,6 @@ QUICK_N_SWEEP = [1000]
 BATCH_SWEEP = [1, 16, 256, 4096, 65536]
 QUICK_BATCH_SWEEP = [8]
 STRENGTH = 0.1
-EXPONENTS = {"4/3": 4.0 / 3.0, "2": 2.0}
 OPERATORS = ["mask", "mag"]
 MEMORY_BUDGET = 24 * 2**30  # the issue's 24 GB, or the machine's memory if smaller
 DYKSTRA_MAX_N = 4096  # Dykstra needs O(L^2) iterations per pooled block of length L
@@ -176,7 +175,7 @@ def torch_entries(operators: list[str], device: str) -> tuple[list[Entry], Calla
               lambda x, k: torch.sort(x, dim=-1), sweep=True),
         Entry("torch", "torch.topk", "baseline", "hard top-k values and indices (fwd+bwd: the values "
               "scattered into a row of zeros, differentiated)", "",
-              lambda x, k: torch.topk(x, k, dim=-1), both_of(_torch_hard_topk), sweep=True),
+              lambda x, k: torch.topk(x, k, dim=-1), both_of(torch_hard_topk), sweep=True),
     ]
     def make(op: str, p: float, method: str) -> tuple[Callable, Callable]:
         fwd = partial(_call, getattr(tk, f"soft_topk_{op}"), dict(p=p, regularization_strength=STRENGTH, method=method))
@@ -215,14 +214,6 @@ def torch_entries(operators: list[str], device: str) -> tuple[list[Entry], Calla
         return r
 
     return entries, lambda a: torch.asarray(a, device=dev), sync
-
-
-def _torch_hard_topk(x: object, k: int) -> object:
-    """The hard top-k in value with x's shape: torch.topk's values scattered into a row of zeros."""
-    import torch
-
-    values, indices = torch.topk(x, k, dim=-1)
-    return torch.zeros_like(x).scatter(-1, indices, values)
 
 
 def _entmax_budget(budget_bisect: Callable, x: object, k: int) -> object:
@@ -684,14 +675,6 @@ def _versions(all_results: dict) -> str:
     return ", ".join(out)
 
 
-def _shapes(text: str) -> list[tuple[int, int]]:
-    shapes = []
-    for item in text.split(","):
-        rows, n = (int(float(v)) for v in item.lower().split("x"))
-        shapes.append((rows, n))
-    return shapes
-
-
 def main(argv: list[str] | None = None) -> None:
     # Dykstra (p = 2, rows up to DYKSTRA_MAX_N) is timed at its default max_iter, converged or not.
     import topk_core
@@ -701,7 +684,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--framework", default="all",
                         help="numpy, torch, jax, a comma-separated list of them (run in that order), or all")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--shapes", type=_shapes, default=None,
+    parser.add_argument("--shapes", type=parse_shapes, default=None,
                         help=f"comma-separated ROWSxN, e.g. 1x1e6,64x4096 (default: {SHAPES})")
     parser.add_argument("--operators", default="mask,mag", help="comma-separated subset of mask,mag")
     parser.add_argument("--quick", action="store_true", help="small shapes, short sweeps, 2 repeats (smoke run)")
