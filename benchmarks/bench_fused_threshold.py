@@ -1,16 +1,16 @@
-"""Would fusing the threshold method's eager operations make it fast on a GPU? An experiment.
+"""The PyTorch adapter's compiled solver loop against its eager loop and PAV, side by side.
 
-The first GPU run found the eager threshold method bound by kernel launches
-(thousands of ATen operations per call, `op_count.py`). This script times,
-side by side in one process, the core's threshold solve and its
-vector-Jacobian product as the library runs them (eager PyTorch operations)
-and the same two functions under `torch.compile` (which fuses the
-elementwise work and row reductions of each stretch between two host
-synchronisations into a few kernels), next to `torch.topk` and the issue's
-target (forward+backward at most 3x the hard top-k's). It prints the first
-call (compilation) apart, and the largest difference between the two
-outputs and gradients. Nothing of this is wired into the library: the
-numbers decide whether it should be.
+On a GPU the eager threshold method is bound by kernel launches (thousands
+of ATen operations per call, `op_count.py`; a floor of about 20 ms per call
+on an H200). The adapter therefore runs the core's root-finding loop with its
+body under `torch.compile` on CUDA tensors (`topk_torch._fused`, environment
+variable ``SPARSE_TOPK_TORCH_COMPILE``). This script times, in one process,
+forward+backward of the public operators with method ``"threshold"`` with
+the loop compiled (``always``) and eager (``never``), method ``"pav"`` (on
+CUDA: a round trip to the host) and `torch.topk` (its values scattered into
+zeros, differentiated), prints the compiled loop's first call (compilation)
+apart, its ratio to `torch.topk` (the issue's GPU target: at most 3x at
+(2^20, 64)), and the largest difference between the two threshold outputs.
 
     python benchmarks/bench_fused_threshold.py --device cuda                  # the GPU shapes
     python benchmarks/bench_fused_threshold.py --shapes 4096x64 --p 2         # a CPU try (inductor's C++)
@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -31,20 +31,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import EXPONENTS, median_time, parse_shapes, torch_hard_topk
 
-import topk_core
-from topk_core._agnostic import threshold
-from topk_core._agnostic.regularizer import conjugate_exponent
-from topk_torch._namespace import xp as torch_xp
+import topk_torch
+from topk_torch import _fused
 
 STRENGTH = 0.1
-SOLVE = {"mask": threshold.threshold_mask, "mag": threshold.threshold_mag}
-VJP = {"mask": topk_core.mask_vjp_from_residuals, "mag": topk_core.mag_vjp_from_residuals}
-
-
-def step(solve, vjp, x: torch.Tensor, k: int, q: float, u: torch.Tensor) -> torch.Tensor:
-    """Forward (with residuals) and the VJP of `u`: a training step's work."""
-    _, res = solve(x, k, STRENGTH, q, torch_xp)
-    return vjp(res, u, xp=torch_xp)
+COLUMNS = ("topk", "pav", "eager", "compiled")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -55,16 +46,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--operators", default="mask,mag")
     parser.add_argument("--backend", default="inductor", help="torch.compile's backend ('eager': Dynamo only)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--pav-below", type=float, default=float("inf"),
+                        help="time PAV only on shapes of fewer entries (its first call compiles Numba's kernels)")
     args = parser.parse_args(argv)
-    # Dynamo logs each graph break (the root finder's early exit reads a value on the host): expected here.
     torch._logging.set_logs(dynamo=logging.ERROR)
-    # Dynamo warns that it traces through array_api_compat's lru_cache-wrapped type checks: harmless here.
-    warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`")
+    _fused.BACKEND = args.backend
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     rows = []
-    print("| operator | p | shape | torch.topk fwd+bwd (ms) | eager fwd+bwd (ms) | fused first call (s) "
-          "| fused fwd+bwd (ms) | fused / topk | max abs diff |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| operator | p | shape | torch.topk (ms) | pav (ms) | threshold eager (ms) | compiled first call (s) "
+          "| threshold compiled (ms) | compiled / topk | max abs diff |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for batch, n in parse_shapes(args.shapes):
         gen = torch.Generator(device=args.device).manual_seed(0)
         x = torch.randn(batch, n, device=args.device, generator=gen)
@@ -79,34 +70,31 @@ def main(argv: list[str] | None = None) -> list[dict]:
         topk_time = median_time(hard, args.repeats)
         for operator in args.operators.split(","):
             for p_text in args.p.split(","):
-                q = conjugate_exponent(EXPONENTS[p_text])
-                solve, vjp = SOLVE[operator], VJP[operator]
+                fn = getattr(topk_torch, f"soft_topk_{operator}")
 
-                def eager(solve=solve, vjp=vjp, q=q, x=x, k=k, u=u):
-                    out = step(solve, vjp, x, k, q, u)
+                def step(mode, method, fn=fn, p=EXPONENTS[p_text], x=x, k=k, u=u):
+                    os.environ[_fused.ENVIRONMENT_VARIABLE] = mode
+                    xr = x.detach().requires_grad_()
+                    y = fn(xr, k, regularization_strength=STRENGTH, p=p, method=method)
+                    (grad,) = torch.autograd.grad(y, xr, u)
                     sync()
-                    return out
-
-                fused_step = torch.compile(step, dynamic=True, backend=args.backend)
-
-                def fused(solve=solve, vjp=vjp, q=q, x=x, k=k, u=u, fused_step=fused_step):
-                    out = fused_step(solve, vjp, x, k, q, u)
-                    sync()
-                    return out
+                    return y.detach(), grad
 
                 start = time.perf_counter()
-                got = fused()
+                got = step("always", "threshold")
                 first = time.perf_counter() - start
-                diff = float((got - eager()).abs().max())
-                eager_time = median_time(eager, args.repeats)
-                fused_time = median_time(fused, args.repeats)
-                row = {"operator": operator, "p": p_text, "shape": (batch, n), "topk": topk_time,
-                       "eager": eager_time, "first": first, "fused": fused_time, "diff": diff}
-                rows.append(row)
-                print(f"| {operator} | {p_text} | {(batch, n)} | {topk_time * 1e3:.3g} | {eager_time * 1e3:.3g} "
-                      f"| {first:.1f} | {fused_time * 1e3:.3g} | {fused_time / topk_time:.1f} | {diff:.2e} |",
-                      flush=True)
-                torch._dynamo.reset()
+                want = step("never", "threshold")
+                diff = max(float((a - b).abs().max()) for a, b in zip(got, want, strict=True))
+                times = {"topk": topk_time, "first": first,
+                         "eager": median_time(lambda step=step: step("never", "threshold"), args.repeats),
+                         "compiled": median_time(lambda step=step: step("always", "threshold"), args.repeats),
+                         "pav": median_time(lambda step=step: step("never", "pav"), args.repeats)
+                         if batch * n < args.pav_below else float("nan")}
+                rows.append({"operator": operator, "p": p_text, "shape": (batch, n), "diff": diff, **times})
+                ms = " | ".join(f"{times[c] * 1e3:.3g}" for c in COLUMNS[:3])
+                print(f"| {operator} | {p_text} | {(batch, n)} | {ms} | {first:.1f} | {times['compiled'] * 1e3:.3g} "
+                      f"| {times['compiled'] / topk_time:.1f} | {diff:.2e} |", flush=True)
+    os.environ.pop(_fused.ENVIRONMENT_VARIABLE, None)
     return rows
 
 

@@ -12,8 +12,9 @@
 # the figures into docs/ to publish them. Pure-Python packages the machine may lack
 # (array-api-compat, array-api-strict, entmax) are installed from the wheels in .whl/ when that
 # folder has any, into a temporary folder (`make gpu-wheels` downloads them; docs/benchmarks.md).
-# STEPS (default "tests bench"; "fused" adds benchmarks/bench_fused_threshold.py at the target
-# shape, STEP_FUSED=240 s) picks the steps, so that they can run as two calls; each has a
+# STEPS (default "tests bench"; "tests" is "gpu-tests jax-tests"; "fused" adds
+# benchmarks/bench_fused_threshold.py at FUSED_SHAPES, PAV timed below PAV_BELOW entries,
+# STEP_FUSED=240 s) picks the steps, so that they can run as two calls; each has a
 # time limit in seconds, STEP_GPU_TESTS (default 300), STEP_TESTS (default 180, JAX tests on
 # WORKERS=8 processes) and STEP_BENCH (default 300): STEPS=tests and STEPS=bench each fit in a
 # 10-minute call (in the first run, on an H200, Numba's first compilation took 100 s of the GPU
@@ -53,7 +54,7 @@ steps=${STEPS:-tests bench}
 # pytest-benchmark (in the H200 image) warns under xdist at start-up, which filterwarnings=error
 # turned into an internal error of the whole JAX step in the first run: keep it out.
 pytest_opts=(-p no:cacheprovider -p no:benchmark)
-if [[ $steps == *tests* && $device == cuda ]]; then
+if [[ $steps == *tests* && $steps != *jax-tests* || $steps == *gpu-tests* ]] && [ "$device" = cuda ]; then
     echo "== tests that need a GPU ($((SECONDS - started)) s)"
     log=$(mktemp)
     # The first call of a PAV test compiles the Numba kernels (about 100 s on the H200 machine).
@@ -63,17 +64,17 @@ if [[ $steps == *tests* && $device == cuda ]]; then
     # Every one of them must have run: a skip here means the GPU was not seen.
     if grep -q " skipped" "$log"; then echo "GPU tests were skipped"; status=1; fi
 fi
-if [[ $steps == *tests* ]]; then
+if [[ $steps == *tests* && $steps != *gpu-tests* || $steps == *jax-tests* ]]; then
     echo "== the JAX tests on JAX's default device ($((SECONDS - started)) s)"
     timeout "${STEP_TESTS:-180}" "$py" -m pytest -q "${pytest_opts[@]}" -n "${WORKERS:-8}" -x \
         tests/test_jax_methods.py tests/test_jax_adapter.py || status=1
 fi
 
 if [[ $steps == *fused* ]]; then
-    # Not in the default steps: the experiment of benchmarks/bench_fused_threshold.py at the target shape.
+    # Not in the default steps: the adapter's compiled loop against its eager loop and PAV.
     echo "== fused threshold experiment on $device ($((SECONDS - started)) s)"
     PYTHONUNBUFFERED=1 timeout "${STEP_FUSED:-240}" "$py" benchmarks/bench_fused_threshold.py --device "$device" \
-        --shapes "${FUSED_SHAPES:-1048576x64}" --operators mask --p 2,4/3 || status=1
+        --shapes "${FUSED_SHAPES:-1048576x64}" --pav-below "${PAV_BELOW:-10000000}" || status=1
 fi
 if [[ $steps == *bench* ]]; then
     echo "== benchmark suite on $device ($((SECONDS - started)) s)"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -193,13 +194,15 @@ def test_op_count_counts_top_level_operations_syncs_and_root_evaluations(monkeyp
     assert op_count.count_evaluations(lambda: topk_torch.soft_topk_mask(x, 3, method="pav")) == 0
 
 
-def test_fused_threshold_experiment_runs_and_matches_eager(monkeypatch):
+def test_fused_threshold_benchmark_runs_and_matches_eager(monkeypatch):
     """`bench_fused_threshold.py`'s plumbing, with Dynamo alone (`--backend eager`: no compiler, seconds):
-    the traced step gives the eager step's numbers."""
+    the compiled loop gives the eager loop's numbers; PAV is timed only below `--pav-below` entries."""
     pytest.importorskip("torch")
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import bench_fused_threshold
 
-    rows = bench_fused_threshold.main(["--shapes", "8x16", "--p", "4/3", "--operators", "mag", "--backend", "eager",
-                                       "--repeats", "1"])
-    assert len(rows) == 1 and rows[0]["diff"] == 0.0 and rows[0]["fused"] > 0 and rows[0]["topk"] > 0
+    rows = bench_fused_threshold.main(["--shapes", "8x16,2x16", "--p", "4/3", "--operators", "mag", "--backend",
+                                       "eager", "--repeats", "1", "--pav-below", "100"])
+    assert [r["shape"] for r in rows] == [(8, 16), (2, 16)]
+    assert all(r["diff"] == 0.0 and r["compiled"] > 0 and r["eager"] > 0 and r["topk"] > 0 for r in rows)
+    assert math.isnan(rows[0]["pav"]) and rows[1]["pav"] > 0

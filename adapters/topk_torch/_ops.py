@@ -42,10 +42,11 @@ import numpy as np
 import torch
 
 import topk_core
-from topk_core import MagResiduals, MaskResiduals
+from topk_core import MagResiduals, MaskResiduals, _validate
 from topk_core._agnostic.regularizer import conjugate_exponent
+from topk_core._api import _AGNOSTIC
 
-from . import _products
+from . import _fused, _products
 from ._namespace import xp as xp_torch
 
 KINDS = ("mask", "mag")
@@ -157,9 +158,14 @@ def _solve(family: str, kind: str, x: torch.Tensor, k: int, lam: float, p: float
         out = solver(arr, k, regularization_strength=lam, p=p, axis=-1, method="pav")
         convert = functools.partial(_from_numpy, source=arr)
     else:
+        # The core's solver itself on the rows (checked again: the operator is public), with the
+        # loop that `_fused` picks for the rows' device.
         method, max_iter, tol = extra
-        out = solver(x.detach(), k, regularization_strength=lam, p=p, axis=-1, method=method, max_iter=max_iter,
-                     tol=tol, xp=xp_torch)
+        k, lam, p = _validate.check_k(k, x.shape[-1], -1), _validate.check_strength(lam), _validate.check_p(p)
+        method = _validate.check_method(method, p, max_iter, tol, auto="threshold")
+        out = _AGNOSTIC[method, kind](x.detach(), k, lam, conjugate_exponent(p), xp_torch, max_iter=max_iter,
+                                      tol=tol, loop=_fused.loop_for(x))
+        out = out if residuals else out[0]
         convert = _Fresh(x)
     if not residuals:
         return (convert(out),)

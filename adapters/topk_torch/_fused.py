@@ -1,0 +1,93 @@
+"""The loop of the core's iterative solvers with its body compiled by `torch.compile`.
+
+The threshold and Dykstra methods of the core repeat one loop body (a few
+dozen elementwise operations and row reductions) until every row has
+converged.  Eager PyTorch runs each of those operations as its own kernel:
+on a GPU a call costs thousands of launches, a floor of about 20 ms whatever
+the size (docs/benchmarks.md).  The core accepts the loop as
+``loop(cond, body, state)``, with the semantics of ``jax.lax.while_loop``;
+`compiled_loop` is that loop with `body` compiled, so that one iteration is a
+few fused kernels, while `cond` (a reduction of the state to one boolean)
+stays eager and ends the loop, as the eager solver does, once every row has
+converged.
+
+When it is used (`use_compiled_loop`) is set by the environment variable
+``SPARSE_TOPK_TORCH_COMPILE``: ``auto`` (the default: CUDA tensors only),
+``always`` (any device; the CPU has its own fast path, PAV, so this is for
+tests and measurements) or ``never``.  The first call compiles (seconds to
+tens of seconds per operator, p and dtype); a compiler that fails (no
+working Triton or C++ toolchain) makes the loop eager again for the rest of
+the process, with a warning.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+ENVIRONMENT_VARIABLE = "SPARSE_TOPK_TORCH_COMPILE"
+MODES = ("auto", "always", "never")
+# torch.compile's backend; the tests set "eager" (Dynamo's tracing without a compiler).
+BACKEND = "inductor"
+# Every solver shares one loop body per method, specialized on each (operator, p, dtype):
+# more graphs than Dynamo's default limit of 8 per function before it falls back to eager.
+RECOMPILE_LIMIT = 64
+
+_failures: list[str] = []
+
+
+def compile_mode() -> str:
+    """The mode that ``SPARSE_TOPK_TORCH_COMPILE`` sets (``"auto"`` when unset)."""
+    mode = os.environ.get(ENVIRONMENT_VARIABLE, "auto").strip().lower() or "auto"
+    if mode not in MODES:
+        raise ValueError(f"{ENVIRONMENT_VARIABLE} must be one of {MODES}, got {mode!r}")
+    return mode
+
+
+def use_compiled_loop(x: torch.Tensor) -> bool:
+    """Whether the solvers' loops run compiled for rows `x` (see the module's docstring)."""
+    mode = compile_mode()
+    return not _failures and (mode == "always" or (mode == "auto" and x.device.type == "cuda"))
+
+
+def _distinct(state: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The state with aliased tensors copied: an alias in the first call would compile a second graph."""
+    seen: set[int] = set()
+    out = []
+    for t in state:
+        if isinstance(t, torch.Tensor) and id(t) in seen:
+            t = t.clone()
+        seen.add(id(t))
+        out.append(t)
+    return tuple(out)
+
+
+def compiled_loop(cond: Callable[[Any], Any], body: Callable[[Any], Any], state: Any) -> Any:
+    """``while cond(state): state = body(state)``, with `body` compiled; the semantics of ``lax.while_loop``."""
+    step = torch.compile(body, dynamic=True, backend=BACKEND)
+    state = _distinct(state)
+    with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+        while bool(cond(state)):
+            try:
+                state = step(state)
+            except Exception as err:  # a compiler that cannot run here: stay correct, eagerly
+                if step is body:
+                    raise
+                _failures.append(f"{type(err).__name__}: {err}")
+                warnings.warn(
+                    f"sparse-topk: torch.compile failed on a solver's loop ({_failures[-1][:200]}); its loops "
+                    f"run eagerly for the rest of this process (set {ENVIRONMENT_VARIABLE}=never to skip it)",
+                    RuntimeWarning, stacklevel=2,
+                )
+                step = body
+                state = step(state)
+    return state
+
+
+def loop_for(x: torch.Tensor) -> Callable[..., Any] | None:
+    """The `loop` to hand the core for rows `x`: `compiled_loop`, or None (the core's own eager loop)."""
+    return compiled_loop if use_compiled_loop(x) else None

@@ -1,0 +1,153 @@
+"""The PyTorch adapter's compiled solver loop (`topk_torch._fused`).
+
+On CUDA tensors the threshold and Dykstra methods run the core's loop with
+its body under `torch.compile`; ``SPARSE_TOPK_TORCH_COMPILE=always`` does the
+same on the CPU, which is how these tests reach it. Most of them compile with
+Dynamo alone (backend ``"eager"``: the tracing, guards and graph reuse of the
+real path, in seconds); one compiles with inductor. The reference is PAV (an
+independent exact solver) in float64, and the eager loop.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import topk_torch as tk  # noqa: E402
+from topk_torch import _fused  # noqa: E402
+
+from ._torch_helpers import quiet_lazy_torch_imports  # noqa: E402
+
+quiet_lazy_torch_imports()
+
+CASES = [("mask", "threshold", 4 / 3), ("mask", "threshold", 2.0), ("mask", "dykstra", 2.0),
+         ("mag", "threshold", 4 / 3), ("mag", "threshold", 2.0), ("mag", "dykstra", 2.0)]
+
+
+@pytest.fixture
+def compiled_loops(monkeypatch):
+    """Loops compiled on the CPU by Dynamo alone; counts the compiled loops run."""
+    monkeypatch.setenv(_fused.ENVIRONMENT_VARIABLE, "always")
+    monkeypatch.setattr(_fused, "BACKEND", "eager")
+    monkeypatch.setattr(_fused, "_failures", [])
+    calls = []
+    original = _fused.compiled_loop
+
+    def counted(*args):
+        calls.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(_fused, "compiled_loop", counted)
+    return calls
+
+
+def _rows(shape=(6, 9), seed=0, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=gen, dtype=dtype), torch.randn(shape, generator=gen, dtype=dtype)
+
+
+def _value_and_grad(op, x, u, **kw):
+    xr = x.detach().requires_grad_()
+    y = getattr(tk, f"soft_topk_{op}")(xr, 3, **kw)
+    (grad,) = torch.autograd.grad(y, xr, u)
+    return y.detach(), grad
+
+
+@pytest.mark.parametrize(("mode", "device", "compiled"), [
+    (None, "cpu", False), ("auto", "cpu", False), ("AUTO", "cpu", False), ("never", "cpu", False),
+    ("always", "cpu", True), ("", "cpu", False), ("auto", "meta", False), ("never", "meta", False),
+])
+def test_the_environment_variable_picks_the_loop(monkeypatch, mode, device, compiled):
+    if mode is None:
+        monkeypatch.delenv(_fused.ENVIRONMENT_VARIABLE, raising=False)
+    else:
+        monkeypatch.setenv(_fused.ENVIRONMENT_VARIABLE, mode)
+    monkeypatch.setattr(_fused, "_failures", [])
+    loop = _fused.loop_for(torch.zeros(2, 3, device=device))
+    assert (loop is _fused.compiled_loop) is compiled and (loop is None) is not compiled
+
+
+def test_cuda_tensors_get_the_compiled_loop_by_default(monkeypatch):
+    """The default rule, without a GPU: a tensor whose device type is cuda (a stand-in object)."""
+    monkeypatch.delenv(_fused.ENVIRONMENT_VARIABLE, raising=False)
+    monkeypatch.setattr(_fused, "_failures", [])
+
+    class OnCuda:
+        device = torch.device("cuda", 0)
+
+    assert _fused.use_compiled_loop(OnCuda())
+    monkeypatch.setenv(_fused.ENVIRONMENT_VARIABLE, "never")
+    assert not _fused.use_compiled_loop(OnCuda())
+
+
+def test_a_wrong_value_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv(_fused.ENVIRONMENT_VARIABLE, "yes")
+    with pytest.raises(ValueError, match="SPARSE_TOPK_TORCH_COMPILE must be one of"):
+        tk.soft_topk_mask(torch.zeros(2, 3), 1, method="threshold")
+
+
+@pytest.mark.parametrize(("op", "method", "p"), CASES)
+def test_compiled_loop_matches_pav_and_the_eager_loop(compiled_loops, monkeypatch, op, method, p):
+    x, u = _rows()
+    x[1, 2] = x[1, 5]  # a tie
+    x[2] = 0.0  # a row of zeros
+    got = _value_and_grad(op, x, u, p=p, method=method)
+    assert len(compiled_loops) > 0
+    want = _value_and_grad(op, x, u, p=p, method="pav")
+    tol = 1e-10 if method == "threshold" else 1e-6  # Dykstra: approximate, its default tolerance
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=0, atol=tol)
+    monkeypatch.setenv(_fused.ENVIRONMENT_VARIABLE, "never")
+    calls = len(compiled_loops)
+    eager = _value_and_grad(op, x, u, p=p, method=method)
+    assert len(compiled_loops) == calls
+    for a, b in zip(got, eager, strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=0, atol=1e-12)
+
+
+def test_one_graph_serves_other_batch_sizes(compiled_loops):
+    """`dynamic=True`: a new batch size reuses the traced loop body (no new graph per shape)."""
+    counts = torch._dynamo.utils.counters
+    for batch in (5, 7, 11, 13):
+        x, u = _rows((batch, 9), seed=batch)
+        got = _value_and_grad("mask", x, u, p=2.0, method="threshold")
+        want = _value_and_grad("mask", x, u, p=2.0, method="pav")
+        np.testing.assert_allclose(got[0].numpy(), want[0].numpy(), rtol=0, atol=1e-10)
+        if batch == 7:
+            traced = counts["stats"]["unique_graphs"]
+    assert counts["stats"]["unique_graphs"] == traced
+
+
+def test_a_failing_compiler_falls_back_to_the_eager_loop_with_a_warning(compiled_loops, monkeypatch):
+    def broken_backend(graph, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(_fused, "BACKEND", broken_backend)
+    x, u = _rows(seed=3)
+    with pytest.warns(RuntimeWarning, match="torch.compile failed on a solver's loop"):
+        got = _value_and_grad("mag", x, u, p=4 / 3, method="threshold")
+    want = _value_and_grad("mag", x, u, p=4 / 3, method="pav")
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=0, atol=1e-10)
+    # The rest of the process runs eagerly, without another warning.
+    assert not _fused.use_compiled_loop(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _value_and_grad("mag", x, u, p=4 / 3, method="threshold")
+
+
+def test_inductor_compiled_loop_matches_pav(monkeypatch):
+    """The real compiler (inductor's C++ on the CPU), once: float32 rows, both operators' p = 2 path."""
+    monkeypatch.setenv(_fused.ENVIRONMENT_VARIABLE, "always")
+    monkeypatch.setattr(_fused, "_failures", [])
+    x, u = _rows((64, 16), seed=5, dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback to eager would warn
+        got = _value_and_grad("mask", x, u, p=2.0, method="threshold")
+    want = _value_and_grad("mask", x.double(), u.double(), p=2.0, method="pav")
+    np.testing.assert_allclose(got[0].numpy(), want[0].numpy(), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(got[1].numpy(), want[1].numpy(), rtol=0, atol=1e-5 * float(want[1].abs().max()))
