@@ -38,6 +38,8 @@ BACKEND = "inductor"
 RECOMPILE_LIMIT = 64
 
 _failures: list[str] = []
+# Dynamo's name for that limit (`cache_size_limit` before torch 2.6).
+_LIMIT_NAME = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
 
 
 def compile_mode() -> str:
@@ -70,7 +72,7 @@ def compiled_loop(cond: Callable[[Any], Any], body: Callable[[Any], Any], state:
     """``while cond(state): state = body(state)``, with `body` compiled; the semantics of ``lax.while_loop``."""
     step = torch.compile(body, dynamic=True, backend=BACKEND)
     state = _distinct(state)
-    with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+    with torch._dynamo.config.patch(**{_LIMIT_NAME: RECOMPILE_LIMIT}):
         while bool(cond(state)):
             try:
                 state = step(state)
