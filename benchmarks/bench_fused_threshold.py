@@ -10,7 +10,11 @@ the loop compiled (``always``) and eager (``never``), method ``"pav"`` (on
 CUDA: a round trip to the host) and `torch.topk` (its values scattered into
 zeros, differentiated), prints the compiled loop's first call (compilation)
 apart, its ratio to `torch.topk` (the issue's GPU target: at most 3x at
-(2^20, 64)), and the largest difference between the two threshold outputs.
+(2^20, 64)), the largest difference between the compiled and eager outputs
+(*dy*), between their gradients relative to the largest gradient entry
+(*dg*), and, where PAV ran, the same relative difference between the eager
+threshold gradient and PAV's (*dg pav*: float32 rounding at the edge of a
+support moves gradient entries whichever solver computes them).
 
     python benchmarks/bench_fused_threshold.py --device cuda                  # the GPU shapes
     python benchmarks/bench_fused_threshold.py --shapes 4096x64 --p 2         # a CPU try (inductor's C++)
@@ -38,6 +42,11 @@ STRENGTH = 0.1
 COLUMNS = ("topk", "pav", "eager", "compiled")
 
 
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|."""
+    return float((a - b).abs().max() / b.abs().max().clamp_min(torch.finfo(b.dtype).tiny))
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -54,8 +63,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     rows = []
     print("| operator | p | shape | torch.topk (ms) | pav (ms) | threshold eager (ms) | compiled first call (s) "
-          "| threshold compiled (ms) | compiled / topk | max abs diff |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| threshold compiled (ms) | compiled / topk | dy | dg | dg pav |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for batch, n in parse_shapes(args.shapes):
         gen = torch.Generator(device=args.device).manual_seed(0)
         x = torch.randn(batch, n, device=args.device, generator=gen)
@@ -84,16 +93,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 got = step("always", "threshold")
                 first = time.perf_counter() - start
                 want = step("never", "threshold")
-                diff = max(float((a - b).abs().max()) for a, b in zip(got, want, strict=True))
+                timed_pav = batch * n < args.pav_below
+                diffs = {"dy": float((got[0] - want[0]).abs().max()), "dg": _relative(got[1], want[1]),
+                         "dg pav": _relative(want[1], step("never", "pav")[1]) if timed_pav else float("nan")}
                 times = {"topk": topk_time, "first": first,
                          "eager": median_time(lambda step=step: step("never", "threshold"), args.repeats),
                          "compiled": median_time(lambda step=step: step("always", "threshold"), args.repeats),
                          "pav": median_time(lambda step=step: step("never", "pav"), args.repeats)
-                         if batch * n < args.pav_below else float("nan")}
-                rows.append({"operator": operator, "p": p_text, "shape": (batch, n), "diff": diff, **times})
+                         if timed_pav else float("nan")}
+                rows.append({"operator": operator, "p": p_text, "shape": (batch, n), **diffs, **times})
                 ms = " | ".join(f"{times[c] * 1e3:.3g}" for c in COLUMNS[:3])
                 print(f"| {operator} | {p_text} | {(batch, n)} | {ms} | {first:.1f} | {times['compiled'] * 1e3:.3g} "
-                      f"| {times['compiled'] / topk_time:.1f} | {diff:.2e} |", flush=True)
+                      f"| {times['compiled'] / topk_time:.1f} | " + " | ".join(f"{v:.1e}" for v in diffs.values())
+                      + " |", flush=True)
     os.environ.pop(_fused.ENVIRONMENT_VARIABLE, None)
     return rows
 

@@ -297,7 +297,29 @@ def test_auto_method_rule_matches_the_core():
     x = torch.zeros(2, 3)
     assert tk._auto_method(x) == api.auto_method(x) == "pav"
     if torch.cuda.is_available():
-        assert tk._auto_method(x.cuda()) == api.auto_method(x.cuda()) == "threshold"
+        big = torch.zeros(2**11 + 1, 2**10, device="cuda")
+        assert tk._auto_method(big) == api.auto_method(big) == "threshold"
+        # Small CUDA calls: the adapter copies to the host for PAV; the core never copies itself.
+        assert (tk._auto_method(x.cuda()), api.auto_method(x.cuda())) == ("pav", "threshold")
+
+
+class _Rows:
+    """A stand-in with the two attributes the rule reads (a device that this machine may lack)."""
+
+    def __init__(self, device: str, entries: int) -> None:
+        self.device, self.entries = torch.device(device), entries
+
+    def numel(self) -> int:
+        return self.entries
+
+
+@pytest.mark.parametrize(("device", "entries", "want"), [
+    ("cpu", 2**30, "pav"), ("cuda", 1, "pav"), ("cuda", 2**21, "pav"), ("cuda", 2**21 + 1, "threshold"),
+    ("cuda", 2**26, "threshold"), ("meta", 6, "threshold"), ("mps", 6, "threshold"),
+])
+def test_auto_on_a_gpu_is_pav_for_small_calls_and_threshold_above(device, entries, want):
+    assert tk.PAV_ON_DEVICE_MAX_ENTRIES == 2**21
+    assert tk._auto_method(_Rows(device, entries)) == want
 
 
 # --- memory and side effects ----------------------------------------------------------------------
@@ -364,7 +386,8 @@ _CUDA = pytest.param("cuda", marks=[
 @pytest.mark.parametrize("method", ["pav", "auto", "threshold"])
 @pytest.mark.parametrize("where", ["cpu", _CUDA])
 def test_device_run_matches_pav_on_the_host(rng, operator, dtype, method, where):
-    # "pav" copies to the host and back explicitly; "auto" (threshold on CUDA) stays on the GPU.
+    # "pav" copies to the host and back explicitly, and so does "auto" on a call this small (at most
+    # 2^21 entries); "threshold" stays on the GPU, its loop compiled there (topk_torch._fused).
     # On "cpu" the same checks run everywhere, with the tolerances the GPU run needs.
     x_cpu = torch.tensor(separated_rows(rng, (4, 9)), dtype=dtype)
     x = x_cpu.to(where, copy=True).requires_grad_()
@@ -395,9 +418,10 @@ def test_device_run_matches_pav_on_the_host(rng, operator, dtype, method, where)
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_compile(rng, operator):
+@pytest.mark.parametrize("method", ["auto", "threshold"])  # a host round trip; the compiled loop on the GPU
+def test_cuda_compile(rng, operator, method):
     x = torch.tensor(separated_rows(rng, (4, 9)), dtype=torch.float32, device="cuda", requires_grad=True)
-    fn = lambda t: (SOFT[operator](t, 3) ** 2).sum()  # noqa: E731
+    fn = lambda t: (SOFT[operator](t, 3, method=method) ** 2).sum()  # noqa: E731
     torch._dynamo.reset()
     got = torch.compile(fn, fullgraph=True)(x)
     (g,) = torch.autograd.grad(got, x)

@@ -22,11 +22,13 @@ The mathematics lives in `topk_core`; see `topk_core.soft_topk_mask` and
 * `x` must be a `torch.Tensor`.  float32 and float64 natively; float16 and
   bfloat16 are computed in float32 and returned in the input dtype.  The
   output has the shape, dtype and device of `x`; `x` is never modified.
-* Devices: ``method="auto"`` is ``"pav"`` on the CPU and ``"threshold"``
-  elsewhere, so CUDA tensors stay on the GPU.  An explicit ``"pav"`` on a
-  CUDA tensor copies the rows to host memory and the result back
-  (``.to("cpu")`` / ``.to(x.device)``, explicit and differentiable; the
-  backward runs on the host too).  Never ``.numpy()`` on a device tensor.
+* Devices: ``method="auto"`` is ``"pav"`` on the CPU; on a GPU it is
+  ``"pav"`` for calls of at most 2^21 entries and ``"threshold"`` (on the
+  device, its loop compiled: `topk_torch._fused`) above, the faster of the
+  two on an H200 (docs/methods.md).  ``"pav"`` on a CUDA tensor copies the
+  rows to host memory and the result back (``.to("cpu")`` /
+  ``.to(x.device)``, explicit and differentiable; the backward runs on the
+  host too).  Never ``.numpy()`` on a device tensor.
 * The Python scalars (`k`, `regularization_strength`, `p`, `axis`, `method`,
   `max_iter`, `tol`) are validated before any computation, with the errors
   of `topk_numpy`.
@@ -73,16 +75,26 @@ def _validated(x: torch.Tensor, k: Any, axis: Any) -> tuple[int, int]:
     return _validate.check_k(k, x.shape[ax], ax), ax
 
 
-def _auto_method(x: torch.Tensor) -> str:
-    """What ``method="auto"`` runs for `x`: the rule of `topk_core._api.auto_method` for torch tensors.
+# On a GPU, "pav" (a round trip to the host) beat the threshold method, loop compiled, up to about
+# 2^21 entries per call, forward+backward (an H200: 1-7 ms against 10-23 ms from 256 rows of 64 to
+# one row of 10^6; even at 2^22; 41-94 ms against 581-702 ms at 2^26): docs/methods.md.
+PAV_ON_DEVICE_MAX_ENTRIES = 2**21  # on CUDA devices
 
-    "pav" (the Numba solver, reading CPU memory without a copy) on the CPU,
-    "threshold" (pure Array API, on the tensor's device) elsewhere.  Written
-    here on ``x.device`` because the core's version inspects the namespace
-    through `lru_cache`-wrapped helpers that `torch.compile` warns about; a
-    test checks that both agree.
+
+def _auto_method(x: torch.Tensor) -> str:
+    """What ``method="auto"`` runs for `x`: the rule of `topk_core._api.auto_method`, and small device calls.
+
+    "pav" (the Numba solver, reading CPU memory without a copy) on the CPU;
+    on CUDA devices "pav" (an explicit round trip to the host) up to
+    `PAV_ON_DEVICE_MAX_ENTRIES` entries, "threshold" (pure Array API, on the
+    tensor's device) above; "threshold" on other devices (not measured).  The core never copies device arrays itself, so
+    its own rule is "threshold" on every device.  Written here on
+    ``x.device`` because the core's version inspects the namespace through
+    `lru_cache`-wrapped helpers that `torch.compile` warns about; a test
+    checks that both agree where they should.
     """
-    return "pav" if x.device.type == "cpu" else "threshold"
+    kind = x.device.type
+    return "pav" if kind == "cpu" or (kind == "cuda" and x.numel() <= PAV_ON_DEVICE_MAX_ENTRIES) else "threshold"
 
 
 def _soft_op(
