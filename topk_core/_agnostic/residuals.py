@@ -73,6 +73,10 @@ def mag_residuals(
     signs: Any, offset: Any, xp: Any,
 ) -> MagResiduals:
     """`MagResiduals` from g' (0 outside `free`), the free and saturated sets and `sign(x)`."""
+    return MagResiduals(perm, inv_perm, block_start, block_end, gprime, mag_codes(free, saturated, signs, xp), offset)
+
+
+def mag_codes(free: Any, saturated: Any, signs: Any, xp: Any) -> Any:
+    """The int8 code of each entry's set: its sign on the free set, `KEPT_CODE` on the saturated set, else 0."""
     kept = xp.where(saturated, xp.full_like(signs, KEPT_CODE), xp.zeros_like(signs))
-    codes = xp.astype(xp.where(free, signs, kept), xp.int8)
-    return MagResiduals(perm, inv_perm, block_start, block_end, gprime, codes, offset)
+    return xp.astype(xp.where(free, signs, kept), xp.int8)

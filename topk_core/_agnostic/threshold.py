@@ -105,7 +105,7 @@ from .._compat import default_int, device
 from .._validate import check_strength_in_dtype
 from .common import all_true, count, nan_rows_of, poison
 from .regularizer import g, g_inverse, g_prime_on
-from .residuals import MagResiduals, MaskResiduals, mag_residuals
+from .residuals import MagResiduals, MaskResiduals, mag_codes
 
 DEFAULT_MAX_ITER = 100
 """Iteration cap of the root finder (`max_iter=None`).  Random, tied, huge and
@@ -120,6 +120,13 @@ _FTOL_ULPS = 8.0  # default `tol`: |sum(y) - k| <= tol * max(k, 1)
 _LANDING_MISS = 64.0
 _MIN_COMPACT = 32  # gather the unconverged rows when at most half of >= this many are left
 _RECENTRE_STRENGTHS = 64.0  # see `_mask_recentre`
+
+Stage = Callable[[Callable[..., Any]], Callable[..., Any]]
+"""``stage(fn)``: a function computing what `fn` computes (an adapter's compiler, e.g. ``torch.compile``)."""
+
+
+def _as_is(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return fn
 
 
 def _split(lo: Any, hi: Any, floor: Any, xp: Any) -> Any:
@@ -333,8 +340,8 @@ def _mask_evaluate(tau: Any, xs: Any, lam_r: Any, kkf: Any, q: float, guard: flo
 
 def _mask_recentre(
     evaluate: Callable[..., tuple[Any, ...]], xs: Any, xf: Any, fin: Any, c: Any, top: Any, bottom: Any, tau: Any,
-    lo: Any, hi: Any, lam_r: Any, kkf: Any, solve: Any, ftol: Any, rtol: float, ulps: float, exact_pieces: bool,
-    iters: int, xp: Any, loop: Callable[..., Any] | None,
+    lo: Any, hi: Any, lam_r: Any, kkf: Any, solve: Any, ftol: Any, rtol: float, ulps: float, q: float,
+    guard: float, iters: int, xp: Any, loop: Callable[..., Any] | None, fuse: Stage,
 ) -> tuple[Any, Any, Any, Any]:
     """Solve the mask again relative to the threshold found relative to the row maximum.
 
@@ -351,8 +358,6 @@ def _mask_recentre(
     64 ulps of `y` and keep the first solve.  Returns ``(xs, tau, lo, hi)``,
     each row in its own frame.
     """
-    big = float(xp.finfo(xf.dtype).max)
-    eps = float(xp.finfo(xf.dtype).eps)
     # Where the first equation had no root (keys that collapsed into one value make sum(y)
     # jump past k), its point of smallest miss can lie outside the final bracket.
     anchor = xp.clip(tau, lo, hi)
@@ -361,6 +366,26 @@ def _mask_recentre(
     again = solve & (-anchor > _RECENTRE_STRENGTHS * lam_r)
     if all_true(~again, xp):  # readable arrays and no row to solve again (traced arrays: None)
         return xs, tau, lo, hi
+    keys, xa, lo_a, hi_a, start = fuse(_mask_absolute_frame)(xf, fin, c, top, bottom, anchor, lam_r, xp)
+    tau_a, lo_a, hi_a = _root(
+        evaluate, (xa, lam_r, kkf), lo_a, hi_a, again, ftol, rtol, lam_r, ulps, q == 2.0, iters, xp, loop,
+        start=start,
+    )
+    xs, lo2, hi2, start = fuse(_mask_key_frame)(
+        keys, xs, fin, c, top, bottom, tau_a, lo_a, hi_a, again, lam_r, kkf, q, guard, xp
+    )
+    tau2, lo2, hi2 = _root(
+        evaluate, (xs, lam_r, kkf), lo2, hi2, again, ftol, rtol, lam_r, ulps, q == 2.0, iters, xp, loop,
+        start=start,
+    )
+    return xs, xp.where(again, tau2, tau), xp.where(again, lo2, lo), xp.where(again, hi2, hi)
+
+
+def _mask_absolute_frame(
+    xf: Any, fin: Any, c: Any, top: Any, bottom: Any, anchor: Any, lam_r: Any, xp: Any
+) -> tuple[Any, ...]:
+    """The keys as they are (each to its own precision), their data bracket and the solve's start."""
+    big = float(xp.finfo(xf.dtype).max)
     # Far below the maximum, keys that differ by less than eps * (max - min) collapsed into one
     # value of the first frame, whose threshold can then be off by that much (a row spanning
     # 1e-8..1e8 in float32 lost three digits; 1e-15..1e15, all).  Keys as they are (the absolute
@@ -370,10 +395,16 @@ def _mask_recentre(
     xa = xp.where(fin, keys, -big)
     # The data's own bracket: every finite entry saturated at its lower end, none positive at its upper.
     lo_a, hi_a = bottom * c - lam_r, top * c
-    tau_a, lo_a, hi_a = _root(
-        evaluate, (xa, lam_r, kkf), lo_a, hi_a, again, ftol, rtol, lam_r, ulps, exact_pieces, iters, xp, loop,
-        start=xp.clip(anchor + top * c, lo_a, hi_a),
-    )
+    return keys, xa, lo_a, hi_a, xp.clip(anchor + top * c, lo_a, hi_a)
+
+
+def _mask_key_frame(
+    keys: Any, xs: Any, fin: Any, c: Any, top: Any, bottom: Any, tau_a: Any, lo_a: Any, hi_a: Any, again: Any,
+    lam_r: Any, kkf: Any, q: float, guard: float, xp: Any,
+) -> tuple[Any, ...]:
+    """The frame of the key nearest to the absolute threshold: keys, checked bracket and start."""
+    big = float(xp.finfo(keys.dtype).max)
+    eps = float(xp.finfo(keys.dtype).eps)
     # Its point of smallest miss too can lie outside its final bracket, far from the root: where
     # the keys near the threshold are tied within their own rounding (float32 keys ~1e7 with
     # l ~ 1e-4), sum(y) jumps past k between adjacent floats and no point comes close.
@@ -390,20 +421,96 @@ def _mask_recentre(
     lo2, hi2 = (lo_a - ref) - slack, (hi_a - ref) + slack
     # Widened brackets that fail the sign check fall back to the data's own bracket: every
     # finite entry saturated at its lower end, none positive at its upper end.
-    low_ok = evaluate(lo2, xs, lam_r, kkf)[0] >= 0
-    high_ok = evaluate(hi2, xs, lam_r, kkf)[0] <= 0
+    low_ok = _mask_evaluate(lo2, xs, lam_r, kkf, q, guard, xp)[0] >= 0
+    high_ok = _mask_evaluate(hi2, xs, lam_r, kkf, q, guard, xp)[0] <= 0
     lo2 = xp.where(low_ok, lo2, (bottom * c - ref) - lam_r)
     hi2 = xp.where(high_ok, hi2, shift)
-    tau2, lo2, hi2 = _root(
-        evaluate, (xs, lam_r, kkf), lo2, hi2, again, ftol, rtol, lam_r, ulps, exact_pieces, iters, xp, loop,
-        start=xp.clip(tau_a - ref, lo2, hi2),
-    )
-    return xs, xp.where(again, tau2, tau), xp.where(again, lo2, lo), xp.where(again, hi2, hi)
+    return xs, lo2, hi2, xp.clip(tau_a - ref, lo2, hi2)
+
+
+def _mask_frame(x: Any, k: int, lam: float, q: float, rtol: float, xp: Any) -> tuple[Any, ...]:
+    """The rows relative to their maximum, the count of entries to select and the data bracket."""
+    n = x.shape[-1]
+    dt = x.dtype
+    big = float(xp.finfo(dt).max)
+    x, nan_rows = nan_rows_of(x, xp)
+    pos_inf, neg_inf = x == xp.inf, x == -xp.inf
+    fin = xp.isfinite(x)
+    n_pos, n_neg = count(pos_inf, xp), count(neg_inf, xp)
+    n_fin = n - n_pos - n_neg
+    kk = xp.minimum(xp.maximum(k - n_pos, 0), n_fin)
+    solve = (kk > 0) & (kk < n_fin) & ~nan_rows
+    kkf, n_fin_f = xp.astype(kk, dt), xp.astype(n_fin, dt)
+
+    # Relative to the row maximum; rows spanning more than a quarter of the range scaled by 1/4.
+    xf = xp.where(fin, x, xp.zeros_like(x))
+    has_fin = n_fin > 0
+    top = xp.where(has_fin, xp.max(xp.where(fin, xf, -big), axis=-1, keepdims=True), 0.0)
+    bottom = xp.where(has_fin, xp.min(xp.where(fin, xf, big), axis=-1, keepdims=True), 0.0)
+    c = xp.where(top / 2 - bottom / 2 > big / 8, xp.full_like(top, 0.25), xp.ones_like(top))
+    lam_r = lam * c
+    xs = xp.where(fin, xf * c - top * c, -big)  # non-finite entries never reach the support
+
+    ratio = xp.where(solve, kkf / xp.where(solve, n_fin_f, 1.0), 0.5)
+    hi = -g_inverse(ratio, lam_r, q, xp)
+    lo = (bottom * c - top * c) - lam_r
+    ftol = rtol * xp.maximum(kkf, 1.0)
+    return x, nan_rows, fin, kk, solve, kkf, xf, top, bottom, c, lam_r, xs, lo, hi, ftol
+
+
+def _mask_output(
+    x: Any, k: int, q: float, guard: float, nan_rows: Any, fin: Any, kk: Any, solve: Any, kkf: Any, xs: Any,
+    c: Any, lam_r: Any, tau: Any, lo: Any, hi: Any, xp: Any,
+) -> tuple[Any, Any]:
+    """The exact polish of the threshold, the outputs and g' on the free set."""
+    dt = x.dtype
+    big = float(xp.finfo(dt).max)
+    # Exact polish on the support read at tau, kept only if the support does not change.
+    uc, above, sat, free = _mask_pieces(tau, xs, lam_r, q, xp)
+    if q == 2.0:
+        n_free = xp.astype(count(free, xp), dt)
+        target = kkf - xp.astype(count(sat, xp), dt)
+        sum_free = xp.sum(xp.where(free, xs, xp.zeros_like(xs)), axis=-1, keepdims=True)
+        candidate = (sum_free - lam_r * target) / xp.where(n_free > 0, n_free, 1.0)
+        usable = n_free > 0
+    else:
+        _, step, usable, _, _, _ = _mask_evaluate(tau, xs, lam_r, kkf, q, guard, xp)
+        candidate = tau + xp.where(usable, step, xp.zeros_like(step))
+    usable = usable & solve & (candidate >= lo) & (candidate <= hi)
+    _, above_c, sat_c, _ = _mask_pieces(candidate, xs, lam_r, q, xp)
+    usable = usable & xp.all((above_c == above) & (sat_c == sat), axis=-1, keepdims=True)
+    tau = xp.where(usable, candidate, tau)
+
+    uc, _, _, free = _mask_pieces(tau, xs, lam_r, q, xp)
+    free = free & solve
+    y = g(uc, lam_r, q, xp)
+
+    # Non-unique threshold: k clear winners separated from the rest by a saturating gap.
+    winners = (y > 0.5) & fin
+    n_win = count(winners, xp)
+    low_win = xp.min(xp.where(winners, xs, big / 2), axis=-1, keepdims=True)  # (with big, big + big / 4 overflowed)
+    high_rest = xp.max(xp.where(fin & ~winners, xs, -big / 4), axis=-1, keepdims=True)
+    gap = xp.clip(low_win - high_rest, 0.0, 2.0 * lam_r)
+    flat = solve & (n_win == kk) & (g(gap, lam_r, q, xp) >= 1.0)
+    one, zero = xp.ones_like(y), xp.zeros_like(y)
+    y = xp.where(flat, xp.where(winners, one, zero), y)
+    free = free & ~flat
+
+    # Rows without a root: nothing (kk = 0) or every finite entry (kk = n_fin) selected.
+    pos_inf, neg_inf = x == xp.inf, x == -xp.inf
+    n_pos, n_neg = count(pos_inf, xp), count(neg_inf, xp)
+    n_fin = x.shape[-1] - n_pos - n_neg
+    y = xp.where(solve, y, xp.where(kk > 0, one, zero))
+    share_pos = xp.minimum(1.0, k / xp.astype(xp.maximum(n_pos, 1), dt))
+    share_neg = xp.astype(xp.maximum(k - n_pos - n_fin, 0), dt) / xp.astype(xp.maximum(n_neg, 1), dt)
+    y = xp.where(pos_inf, share_pos, xp.where(neg_inf, share_neg, y))
+    y = xp.where(nan_rows, xp.nan, y)
+    return y, c * g_prime_on(uc, free, lam_r, q, xp)
 
 
 def threshold_mask(
     x: Any, k: int, lam: float, q: float, xp: Any, *, max_iter: int | None = None, tol: float | None = None,
-    loop: Callable[..., Any] | None = None,
+    loop: Callable[..., Any] | None = None, stage: Stage | None = None,
 ) -> tuple[Any, MaskResiduals]:
     """Soft top-k mask of (batch, n) rows by the threshold method, with its residuals.
 
@@ -427,6 +534,12 @@ def threshold_mask(
         ``jax.lax.while_loop``: runs the root finder as one structured loop
         (fixed shapes, early exit) instead of a Python loop, which a tracer
         would unroll ``max_iter`` times.  For adapters.
+    stage : callable, optional
+        ``stage(fn)`` returns a function that computes what `fn` computes
+        (e.g. ``torch.compile(fn)``); it is applied to the pure stretches
+        between the root finder's loops (arrays and Python scalars in, a
+        tuple of arrays out, no host reads), so that an adapter can fuse
+        them.  For adapters.
 
     Returns
     -------
@@ -435,82 +548,23 @@ def threshold_mask(
         ``perm = inv_perm = None``, one block per row, ``g'`` on the free set.
     """
     check_strength_in_dtype(lam, x.dtype, xp, "threshold")
-    n = x.shape[-1]
-    dt = x.dtype
-    rtol, ulps, iters, big, guard = _controls(dt, max_iter, tol, xp)
-    x, nan_rows = nan_rows_of(x, xp)
-    pos_inf, neg_inf = x == xp.inf, x == -xp.inf
-    fin = xp.isfinite(x)
-    n_pos, n_neg = count(pos_inf, xp), count(neg_inf, xp)
-    n_fin = n - n_pos - n_neg
-    kk = xp.minimum(xp.maximum(k - n_pos, 0), n_fin)
-    solve = (kk > 0) & (kk < n_fin) & ~nan_rows
-    kkf, n_fin_f = xp.astype(kk, dt), xp.astype(n_fin, dt)
-
-    # Relative to the row maximum; rows spanning more than a quarter of the range scaled by 1/4.
-    xf = xp.where(fin, x, xp.zeros_like(x))
-    has_fin = n_fin > 0
-    top = xp.where(has_fin, xp.max(xp.where(fin, xf, -big), axis=-1, keepdims=True), 0.0)
-    bottom = xp.where(has_fin, xp.min(xp.where(fin, xf, big), axis=-1, keepdims=True), 0.0)
-    c = xp.where(top / 2 - bottom / 2 > big / 8, xp.full_like(top, 0.25), xp.ones_like(top))
-    lam_r = lam * c
-    xs = xp.where(fin, xf * c - top * c, -big)  # non-finite entries never reach the support
-
-    ratio = xp.where(solve, kkf / xp.where(solve, n_fin_f, 1.0), 0.5)
-    hi = -g_inverse(ratio, lam_r, q, xp)
-    lo = (bottom * c - top * c) - lam_r
+    fuse = _as_is if stage is None else stage
+    rtol, ulps, iters, _, guard = _controls(x.dtype, max_iter, tol, xp)
+    x, nan_rows, fin, kk, solve, kkf, xf, top, bottom, c, lam_r, xs, lo, hi, ftol = fuse(_mask_frame)(
+        x, k, lam, q, rtol, xp
+    )
 
     def evaluate(tau: Any, xs: Any, lam_r: Any, kkf: Any) -> tuple[Any, ...]:
         return _mask_evaluate(tau, xs, lam_r, kkf, q, guard, xp)
 
-    ftol = rtol * xp.maximum(kkf, 1.0)
     tau, lo, hi = _root(
         evaluate, (xs, lam_r, kkf), lo, hi, solve, ftol, rtol, lam_r, ulps, q == 2.0, iters, xp, loop
     )
     xs, tau, lo, hi = _mask_recentre(
-        evaluate, xs, xf, fin, c, top, bottom, tau, lo, hi, lam_r, kkf, solve, ftol, rtol, ulps, q == 2.0, iters, xp,
-        loop,
+        evaluate, xs, xf, fin, c, top, bottom, tau, lo, hi, lam_r, kkf, solve, ftol, rtol, ulps, q, guard, iters,
+        xp, loop, fuse,
     )
-
-    # Exact polish on the support read at tau, kept only if the support does not change.
-    uc, above, sat, free = _mask_pieces(tau, xs, lam_r, q, xp)
-    if q == 2.0:
-        n_free = xp.astype(count(free, xp), dt)
-        target = kkf - xp.astype(count(sat, xp), dt)
-        sum_free = xp.sum(xp.where(free, xs, xp.zeros_like(xs)), axis=-1, keepdims=True)
-        candidate = (sum_free - lam_r * target) / xp.where(n_free > 0, n_free, 1.0)
-        usable = n_free > 0
-    else:
-        _, step, usable, _, _, _ = evaluate(tau, xs, lam_r, kkf)
-        candidate = tau + xp.where(usable, step, xp.zeros_like(step))
-    usable = usable & solve & (candidate >= lo) & (candidate <= hi)
-    _, above_c, sat_c, _ = _mask_pieces(candidate, xs, lam_r, q, xp)
-    usable = usable & xp.all((above_c == above) & (sat_c == sat), axis=-1, keepdims=True)
-    tau = xp.where(usable, candidate, tau)
-
-    uc, _, _, free = _mask_pieces(tau, xs, lam_r, q, xp)
-    free = free & solve
-    y = g(uc, lam_r, q, xp)
-
-    # Non-unique threshold: k clear winners separated from the rest by a saturating gap.
-    winners = (y > 0.5) & fin
-    n_win = count(winners, xp)
-    low_win = xp.min(xp.where(winners, xs, big / 2), axis=-1, keepdims=True)  # (with big, big + big / 4 overflowed)
-    high_rest = xp.max(xp.where(fin & ~winners, xs, -big / 4), axis=-1, keepdims=True)
-    gap = xp.clip(low_win - high_rest, 0.0, 2.0 * lam_r)
-    flat = solve & (n_win == kk) & (g(gap, lam_r, q, xp) >= 1.0)
-    one, zero = xp.ones_like(y), xp.zeros_like(y)
-    y = xp.where(flat, xp.where(winners, one, zero), y)
-    free = free & ~flat
-
-    # Rows without a root: nothing (kk = 0) or every finite entry (kk = n_fin) selected.
-    y = xp.where(solve, y, xp.where(kk > 0, one, zero))
-    share_pos = xp.minimum(1.0, k / xp.astype(xp.maximum(n_pos, 1), dt))
-    share_neg = xp.astype(xp.maximum(k - n_pos - n_fin, 0), dt) / xp.astype(xp.maximum(n_neg, 1), dt)
-    y = xp.where(pos_inf, share_pos, xp.where(neg_inf, share_neg, y))
-    y = xp.where(nan_rows, xp.nan, y)
-
-    gprime = c * g_prime_on(uc, free, lam_r, q, xp)
+    y, gprime = fuse(_mask_output)(x, k, q, guard, nan_rows, fin, kk, solve, kkf, xs, c, lam_r, tau, lo, hi, xp)
     return y, poison(MaskResiduals(None, None, None, None, gprime), nan_rows, xp)
 
 
@@ -554,8 +608,8 @@ def _mag_evaluate(delta: Any, d: Any, ref: Any, lam_r: Any, kkf: Any, q: float, 
 
 def _mag_recentre(
     evaluate: Callable[..., tuple[Any, ...]], an: Any, nonzero: Any, t: Any, lo: Any, hi: Any, lo0: Any, hi0: Any,
-    lam_r: Any, kkf: Any, solve: Any, ftol: Any, rtol: float, ulps: float, q: float, iters: int, xp: Any,
-    loop: Callable[..., Any] | None,
+    lam_r: Any, kkf: Any, solve: Any, ftol: Any, rtol: float, ulps: float, q: float, guard: float, iters: int,
+    xp: Any, loop: Callable[..., Any] | None, fuse: Stage,
 ) -> tuple[Any, Any, Any, Any, Any]:
     """Solve the magnitude again relative to the key nearest to the threshold found first.
 
@@ -578,7 +632,6 @@ def _mag_recentre(
     ``(d, ref, delta, lo, hi)``: the keys, the reference (0 in the plain
     frame), the threshold and its bracket, each row in its own frame.
     """
-    eps = float(xp.finfo(an.dtype).eps)
     zero = xp.zeros_like(t)
     plain = (an, zero, t, lo, hi)
     # (Not xp.clip: rows without a root may keep a bracket with lo > hi.)
@@ -587,6 +640,23 @@ def _mag_recentre(
     again = solve & (anchor > _RECENTRE_STRENGTHS * width)
     if all_true(~again, xp):  # readable arrays and no row to solve again (traced arrays: None)
         return plain
+    d, ref, again, lo2, hi2, start = fuse(_mag_key_frame)(
+        an, nonzero, anchor, again, lo, hi, lo0, hi0, lam_r, kkf, q, guard, xp
+    )
+    delta, lo2, hi2 = _root(
+        evaluate, (d, ref, lam_r, kkf), lo2, hi2, again, ftol, rtol, width, ulps, q == 2.0, iters, xp, loop,
+        start=start,
+    )
+    return d, ref, xp.where(again, delta, t), xp.where(again, lo2, lo), xp.where(again, hi2, hi)
+
+
+def _mag_key_frame(
+    an: Any, nonzero: Any, anchor: Any, again: Any, lo: Any, hi: Any, lo0: Any, hi0: Any, lam_r: Any, kkf: Any,
+    q: float, guard: float, xp: Any,
+) -> tuple[Any, ...]:
+    """The frame of the non-zero key nearest to the first threshold: keys, checked bracket and start."""
+    eps = float(xp.finfo(an.dtype).eps)
+    zero = xp.zeros_like(anchor)
     # The reference is the non-zero key nearest to the threshold (a data value, exact); a
     # frame only helps where it is within a factor 2, so that delta = t - ref is exact too.
     dist = xp.where(nonzero, xp.abs(an - anchor), xp.inf)
@@ -597,30 +667,31 @@ def _mag_recentre(
     slack = 8.0 * eps * hi
     # delta >= -ref keeps t = ref + delta >= 0 (at t = 0 every non-zero entry saturates).
     lo2, hi2 = xp.maximum((lo - ref) - slack, -ref), (hi - ref) + slack
-    data = (d, ref, lam_r, kkf)
-    low_ok = evaluate(lo2, *data)[0] >= 0
-    high_ok = evaluate(hi2, *data)[0] <= 0
+    low_ok = _mag_evaluate(lo2, d, ref, lam_r, kkf, q, guard, xp)[0] >= 0
+    high_ok = _mag_evaluate(hi2, d, ref, lam_r, kkf, q, guard, xp)[0] <= 0
     lo2 = xp.where(low_ok, lo2, lo0 - ref)
     hi2 = xp.where(high_ok, hi2, hi0 - ref)
-    delta, lo2, hi2 = _root(
-        evaluate, data, lo2, hi2, again, ftol, rtol, width, ulps, q == 2.0, iters, xp, loop,
-        start=xp.minimum(xp.maximum(anchor - ref, lo2), hi2),
-    )
-    return d, ref, xp.where(again, delta, t), xp.where(again, lo2, lo), xp.where(again, hi2, hi)
+    return d, ref, again, lo2, hi2, xp.minimum(xp.maximum(anchor - ref, lo2), hi2)
 
 
-def threshold_mag(
-    x: Any, k: int, lam: float, q: float, xp: Any, *, max_iter: int | None = None, tol: float | None = None,
-    loop: Callable[..., Any] | None = None,
-) -> tuple[Any, MagResiduals]:
-    """Soft top-k in magnitude of (batch, n) rows by the threshold method, with its residuals.
+def _mag_scales(lam: float, q: float, dtype: Any, xp: Any) -> tuple[float, float, float, float, float]:
+    """Python constants of the magnitude's scaling: (p, emax, the strength's exponent range, log2 l)."""
+    big = float(xp.finfo(dtype).max)
+    p = q / (q - 1.0)
+    emax = math.floor(math.log2(big))
+    log_lam = math.log2(lam)
+    lam_lo = -(emax - 2.0) + 8.0 - log_lam
+    lam_hi = emax - 8.0 - log_lam - max(1.0, 1.0 / (q - 1.0))
+    return p, emax, lam_lo, lam_hi, log_lam
 
-    Parameters and returns as in `threshold_mask` (residuals `MagResiduals`).
-    """
-    check_strength_in_dtype(lam, x.dtype, xp, "threshold")
+
+def _mag_frame(
+    x: Any, k: int, lam: float, q: float, rtol: float, p: float, emax: float, lam_lo: float, lam_hi: float,
+    xp: Any,
+) -> tuple[Any, ...]:
+    """|x| scaled into [1, 2), the equivalent strength, the count of entries to keep and the data bracket."""
     n = x.shape[-1]
     dt = x.dtype
-    rtol, ulps, iters, big, guard = _controls(dt, max_iter, tol, xp)
     x, nan_rows = nan_rows_of(x, xp)
     a = xp.abs(x)
     infinite = a == xp.inf
@@ -636,13 +707,8 @@ def threshold_mag(
 
     # Scale |x| by a power of two c into [1, 2); the strength becomes l c^(2 - p), kept in a range
     # where neither it nor l t^(1/(q-1)) (t <= 2) can overflow or vanish.
-    p = q / (q - 1.0)
-    emax = math.floor(math.log2(big))
     top = xp.max(af, axis=-1, keepdims=True)
     e = xp.clip(xp.floor(xp.log2(xp.where(top > 0, top, 1.0))), -(emax - 1.0), emax - 1.0)
-    log_lam = math.log2(lam)
-    lam_lo = -(emax - 2.0) + 8.0 - log_lam
-    lam_hi = emax - 8.0 - log_lam - max(1.0, 1.0 / (q - 1.0))
     if p > 2.0:
         # Huge keys and large p: the scale is bounded where l c^(2-p) would exceed 2^lam_hi (p = 6,
         # keys to 1e300: clipped, the strength changed the problem and free entries came back 0).
@@ -660,25 +726,18 @@ def threshold_mag(
     half = smallest / 2
     lo = xp.where(half > lam_r, half, xp.minimum(half, g(xp.minimum(half, lam_r), lam_r, q, xp)))
     hi = xp.max(an, axis=-1, keepdims=True)
-
-    def evaluate(delta: Any, d: Any, ref: Any, lam_r: Any, kkf: Any) -> tuple[Any, ...]:
-        return _mag_evaluate(delta, d, ref, lam_r, kkf, q, guard, xp)
-
     ftol = rtol * xp.maximum(kkf, 1.0)
-    zero_ref = xp.zeros_like(hi)
-    # The threshold can lie hundreds of orders below the largest key (whose scale is 1 here): the
-    # root finder splits its bracket geometrically down to the smallest normal number (with a
-    # floor of 0 it halved, about 3 steps per order, and ran out of iterations from spans of
-    # 1e+-100 on).
-    floor = xp.full_like(hi, float(xp.finfo(dt).smallest_normal))
-    t, lo1, hi1 = _root(
-        evaluate, (an, zero_ref, lam_r, kkf), lo, hi, solve, ftol, rtol, floor, ulps, q == 2.0, iters, xp, loop
-    )
-    d, ref, delta, lo1, hi1 = _mag_recentre(
-        evaluate, an, nonzero, t, lo1, hi1, lo, hi, lam_r, kkf, solve, ftol, rtol, ulps, q, iters, xp, loop
-    )
-    lo, hi = lo1, hi1
+    return x, nan_rows, infinite, fin, kk, kkf, nonzero, n_nonzero, solve, c, lam_r, an, lo, hi, ftol
 
+
+def _mag_output(
+    x: Any, k: int, q: float, guard: float, nan_rows: Any, infinite: Any, fin: Any, kk: Any, kkf: Any,
+    nonzero: Any, n_nonzero: Any, solve: Any, c: Any, lam_r: Any, an: Any, d: Any, ref: Any, delta: Any, lo: Any,
+    hi: Any, xp: Any,
+) -> tuple[Any, ...]:
+    """The exact polish of the threshold, the outputs and the residuals' arrays (g', set codes, offset)."""
+    dt = x.dtype
+    zero_ref = xp.zeros_like(hi)
     # Exact polish on the support read at delta, kept only if the support does not change.
     _, _, above, sat, free, _ = _mag_pieces(delta, d, ref, lam_r, q, xp)
     if q == 2.0:
@@ -690,7 +749,7 @@ def threshold_mag(
         candidate = (sum_free - lam_r * target * ref) / xp.where(den > 0, den, 1.0)
         usable = (den > 0) & (n_free > 0)
     else:
-        _, step, usable, _, _, _ = evaluate(delta, d, ref, lam_r, kkf)
+        _, step, usable, _, _, _ = _mag_evaluate(delta, d, ref, lam_r, kkf, q, guard, xp)
         candidate = delta + xp.where(usable, step, xp.zeros_like(step))
     usable = usable & solve & (candidate >= lo) & (candidate <= hi) & (ref + candidate > 0)
     _, _, above_c, sat_c, _, _ = _mag_pieces(xp.where(usable, candidate, delta), d, ref, lam_r, q, xp)
@@ -727,5 +786,43 @@ def threshold_mag(
 
     gprime = g_prime_on(rc, free, lam_r, q, xp)
     offset = xp.astype(xp.maximum(k - count(saturated, xp), 0), dt)
-    res = mag_residuals(None, None, None, None, gprime, free, saturated, signs, offset, xp)
-    return out, poison(res, nan_rows, xp)
+    return out, gprime, mag_codes(free, saturated, signs, xp), offset
+
+
+def threshold_mag(
+    x: Any, k: int, lam: float, q: float, xp: Any, *, max_iter: int | None = None, tol: float | None = None,
+    loop: Callable[..., Any] | None = None, stage: Stage | None = None,
+) -> tuple[Any, MagResiduals]:
+    """Soft top-k in magnitude of (batch, n) rows by the threshold method, with its residuals.
+
+    Parameters and returns as in `threshold_mask` (residuals `MagResiduals`).
+    """
+    check_strength_in_dtype(lam, x.dtype, xp, "threshold")
+    fuse = _as_is if stage is None else stage
+    dt = x.dtype
+    rtol, ulps, iters, _, guard = _controls(dt, max_iter, tol, xp)
+    p, emax, lam_lo, lam_hi, _ = _mag_scales(lam, q, dt, xp)
+    frame = fuse(_mag_frame)(x, k, lam, q, rtol, p, emax, lam_lo, lam_hi, xp)
+    x, nan_rows, infinite, fin, kk, kkf, nonzero, n_nonzero, solve, c, lam_r, an, lo, hi, ftol = frame
+
+    def evaluate(delta: Any, d: Any, ref: Any, lam_r: Any, kkf: Any) -> tuple[Any, ...]:
+        return _mag_evaluate(delta, d, ref, lam_r, kkf, q, guard, xp)
+
+    zero_ref = xp.zeros_like(hi)
+    # The threshold can lie hundreds of orders below the largest key (whose scale is 1 here): the
+    # root finder splits its bracket geometrically down to the smallest normal number (with a
+    # floor of 0 it halved, about 3 steps per order, and ran out of iterations from spans of
+    # 1e+-100 on).
+    floor = xp.full_like(hi, float(xp.finfo(dt).smallest_normal))
+    t, lo1, hi1 = _root(
+        evaluate, (an, zero_ref, lam_r, kkf), lo, hi, solve, ftol, rtol, floor, ulps, q == 2.0, iters, xp, loop
+    )
+    d, ref, delta, lo1, hi1 = _mag_recentre(
+        evaluate, an, nonzero, t, lo1, hi1, lo, hi, lam_r, kkf, solve, ftol, rtol, ulps, q, guard, iters, xp, loop,
+        fuse,
+    )
+    out, gprime, codes, offset = fuse(_mag_output)(
+        x, k, q, guard, nan_rows, infinite, fin, kk, kkf, nonzero, n_nonzero, solve, c, lam_r, an, d, ref, delta,
+        lo1, hi1, xp,
+    )
+    return out, poison(MagResiduals(None, None, None, None, gprime, codes, offset), nan_rows, xp)
