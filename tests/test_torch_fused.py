@@ -30,18 +30,19 @@ CASES = [("mask", "threshold", 4 / 3), ("mask", "threshold", 2.0), ("mask", "dyk
 
 @pytest.fixture
 def compiled_loops(monkeypatch):
-    """Loops compiled on the CPU by Dynamo alone; counts the compiled loops run."""
+    """Loops and stages compiled on the CPU by Dynamo alone; counts the compiled loops and stages run."""
     monkeypatch.setenv(_fused.ENVIRONMENT_VARIABLE, "always")
     monkeypatch.setattr(_fused, "BACKEND", "eager")
     monkeypatch.setattr(_fused, "_failures", [])
     calls = []
-    original = _fused.compiled_loop
+    for name in ("compiled_loop", "compiled_stage"):
+        original = getattr(_fused, name)
 
-    def counted(*args):
-        calls.append(1)
-        return original(*args)
+        def counted(*args, original=original, name=name):
+            calls.append(name)
+            return original(*args)
 
-    monkeypatch.setattr(_fused, "compiled_loop", counted)
+        monkeypatch.setattr(_fused, name, counted)
     return calls
 
 
@@ -96,7 +97,8 @@ def test_compiled_loop_matches_pav_and_the_eager_loop(compiled_loops, monkeypatc
     x[1, 2] = x[1, 5]  # a tie
     x[2] = 0.0  # a row of zeros
     got = _value_and_grad(op, x, u, p=p, method=method)
-    assert len(compiled_loops) > 0
+    assert "compiled_loop" in compiled_loops
+    assert ("compiled_stage" in compiled_loops) is (method == "threshold")
     want = _value_and_grad(op, x, u, p=p, method="pav")
     tol = 1e-10 if method == "threshold" else 1e-6  # Dykstra: approximate, its default tolerance
     for a, b in zip(got, want, strict=True):
@@ -122,13 +124,30 @@ def test_one_graph_serves_other_batch_sizes(compiled_loops):
     assert counts["stats"]["unique_graphs"] == traced
 
 
+def test_other_strengths_and_k_reuse_the_graphs(compiled_loops):
+    """Dynamic scalars: a strength annealed during training must not compile every step."""
+    counts = torch._dynamo.utils.counters
+    x, u = _rows((8, 12), seed=4)
+    for op in ("mask", "mag"):
+        _value_and_grad(op, x, u, p=4 / 3, method="threshold", regularization_strength=0.3)
+    traced = counts["stats"]["unique_graphs"]
+    for lam, k in ((0.7, 3), (2.5, 5), (0.05, 2)):
+        for op in ("mask", "mag"):
+            xr = x.detach().requires_grad_()
+            y = getattr(tk, f"soft_topk_{op}")(xr, k, p=4 / 3, method="threshold", regularization_strength=lam)
+            want = getattr(tk, f"soft_topk_{op}")(x, k, p=4 / 3, method="pav", regularization_strength=lam)
+            np.testing.assert_allclose(y.detach().numpy(), want.numpy(), rtol=0, atol=1e-10)
+            torch.autograd.grad(y, xr, u)
+    assert counts["stats"]["unique_graphs"] == traced
+
+
 def test_a_failing_compiler_falls_back_to_the_eager_loop_with_a_warning(compiled_loops, monkeypatch):
     def broken_backend(graph, example_inputs):
         raise RuntimeError("no compiler here")
 
     monkeypatch.setattr(_fused, "BACKEND", broken_backend)
     x, u = _rows(seed=3)
-    with pytest.warns(RuntimeWarning, match="torch.compile failed on a solver's loop"):
+    with pytest.warns(RuntimeWarning, match="torch.compile failed on a solver"):
         got = _value_and_grad("mag", x, u, p=4 / 3, method="threshold")
     want = _value_and_grad("mag", x, u, p=4 / 3, method="pav")
     for a, b in zip(got, want, strict=True):

@@ -1,23 +1,27 @@
-"""The loop of the core's iterative solvers with its body compiled by `torch.compile`.
+"""The core's iterative solvers with their elementwise work compiled by `torch.compile`.
 
 The threshold and Dykstra methods of the core repeat one loop body (a few
 dozen elementwise operations and row reductions) until every row has
-converged.  Eager PyTorch runs each of those operations as its own kernel:
-on a GPU a call costs thousands of launches, a floor of about 20 ms whatever
-the size (docs/benchmarks.md).  The core accepts the loop as
-``loop(cond, body, state)``, with the semantics of ``jax.lax.while_loop``;
+converged, and the threshold method wraps its loops in pure stages (the
+frame and bracket before, the polish and the outputs after: hundreds of
+operations).  Eager PyTorch runs each operation as its own kernel: on a GPU a
+call costs thousands of launches, a floor of about 20 ms whatever the size,
+and one pass over the data per operation (docs/benchmarks.md).  The core
+accepts the loop as ``loop(cond, body, state)``, with the semantics of
+``jax.lax.while_loop``, and a ``stage(fn)`` hook for its pure stages;
 `compiled_loop` is that loop with `body` compiled, so that one iteration is a
 few fused kernels, while `cond` (a reduction of the state to one boolean)
 stays eager and ends the loop, as the eager solver does, once every row has
-converged.
+converged; `compiled_stage` compiles a stage once per function.
 
-When it is used (`use_compiled_loop`) is set by the environment variable
+When they are used (`use_compiled_loop`) is set by the environment variable
 ``SPARSE_TOPK_TORCH_COMPILE``: ``auto`` (the default: CUDA tensors only),
 ``always`` (any device; the CPU has its own fast path, PAV, so this is for
-tests and measurements) or ``never``.  The first call compiles (seconds to
-tens of seconds per operator, p and dtype); a compiler that fails (no
-working Triton or C++ toolchain) makes the loop eager again for the rest of
-the process, with a warning.
+tests and measurements) or ``never``.  The first call compiles (seconds per
+operator, p and dtype; `dynamic=True`, so other batch sizes, `k` and
+strengths reuse the graphs); a compiler that fails (no working Triton or C++
+toolchain) makes the solvers eager again for the rest of the process, with a
+warning.
 """
 
 from __future__ import annotations
@@ -38,8 +42,13 @@ BACKEND = "inductor"
 RECOMPILE_LIMIT = 64
 
 _failures: list[str] = []
-# Dynamo's name for that limit (`cache_size_limit` before torch 2.6).
-_LIMIT_NAME = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+# Dynamo's settings while a solver runs: the limit above (`cache_size_limit` before torch 2.6), and
+# Python floats (the strength) as graph inputs, not constants: an annealed strength must not
+# compile a graph per value (the default of recent versions, set where the setting exists).
+_CONFIG = {"recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit":
+           RECOMPILE_LIMIT}
+if hasattr(torch._dynamo.config, "specialize_float"):
+    _CONFIG["specialize_float"] = False
 
 
 def compile_mode() -> str:
@@ -68,28 +77,57 @@ def _distinct(state: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple(out)
 
 
+def _eager_after_failure(err: Exception) -> None:
+    _failures.append(f"{type(err).__name__}: {err}")
+    warnings.warn(
+        f"sparse-topk: torch.compile failed on a solver ({_failures[-1][:200]}); the solvers run eagerly "
+        f"for the rest of this process (set {ENVIRONMENT_VARIABLE}=never to skip it)",
+        RuntimeWarning, stacklevel=3,
+    )
+
+
+def _call(compiled: Callable[..., Any], fn: Callable[..., Any], *args: Any) -> Any:
+    """`compiled(*args)`, or `fn(*args)` once a compiler has failed (`fn` is pure: a retry is safe)."""
+    if _failures:
+        return fn(*args)
+    try:
+        with torch._dynamo.config.patch(**_CONFIG):
+            return compiled(*args)
+    except Exception as err:  # a compiler that cannot run here: stay correct, eagerly
+        if _failures:  # another call failed first
+            raise
+        _eager_after_failure(err)
+        return fn(*args)
+
+
 def compiled_loop(cond: Callable[[Any], Any], body: Callable[[Any], Any], state: Any) -> Any:
     """``while cond(state): state = body(state)``, with `body` compiled; the semantics of ``lax.while_loop``."""
+    # `body` is a new closure on every solve: compiled per call (Dynamo's cache, keyed on its code,
+    # finds the graph again), never kept.
     step = torch.compile(body, dynamic=True, backend=BACKEND)
     state = _distinct(state)
-    with torch._dynamo.config.patch(**{_LIMIT_NAME: RECOMPILE_LIMIT}):
-        while bool(cond(state)):
-            try:
-                state = step(state)
-            except Exception as err:  # a compiler that cannot run here: stay correct, eagerly
-                if step is body:
-                    raise
-                _failures.append(f"{type(err).__name__}: {err}")
-                warnings.warn(
-                    f"sparse-topk: torch.compile failed on a solver's loop ({_failures[-1][:200]}); its loops "
-                    f"run eagerly for the rest of this process (set {ENVIRONMENT_VARIABLE}=never to skip it)",
-                    RuntimeWarning, stacklevel=2,
-                )
-                step = body
-                state = step(state)
+    while bool(cond(state)):
+        state = _call(step, body, state)
     return state
+
+
+_stages: dict[tuple[Callable[..., Any], Any], Callable[..., Any]] = {}
+
+
+def compiled_stage(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn` (a pure stage of a solver: arrays and scalars in, arrays out) compiled once per backend."""
+    key = (fn, BACKEND)
+    if key not in _stages:
+        _stages[key] = torch.compile(fn, dynamic=True, backend=BACKEND)
+    compiled = _stages[key]
+    return lambda *args: _call(compiled, fn, *args)
 
 
 def loop_for(x: torch.Tensor) -> Callable[..., Any] | None:
     """The `loop` to hand the core for rows `x`: `compiled_loop`, or None (the core's own eager loop)."""
     return compiled_loop if use_compiled_loop(x) else None
+
+
+def stage_for(x: torch.Tensor) -> Callable[..., Any] | None:
+    """The `stage` to hand the core for rows `x`: `compiled_stage`, or None (eager stages)."""
+    return compiled_stage if use_compiled_loop(x) else None
