@@ -1,20 +1,21 @@
-"""The PyTorch adapter's compiled solver loop against its eager loop and PAV, side by side.
+"""The PyTorch adapter's compiled threshold method against its eager one and PAV, side by side.
 
 On a GPU the eager threshold method is bound by kernel launches (thousands
 of ATen operations per call, `op_count.py`; a floor of about 20 ms per call
-on an H200). The adapter therefore runs the core's root-finding loop with its
-body under `torch.compile` on CUDA tensors (`topk_torch._fused`, environment
-variable ``SPARSE_TOPK_TORCH_COMPILE``). This script times, in one process,
-forward+backward of the public operators with method ``"threshold"`` with
-the loop compiled (``always``) and eager (``never``), method ``"pav"`` (on
-CUDA: a round trip to the host) and `torch.topk` (its values scattered into
-zeros, differentiated), prints the compiled loop's first call (compilation)
-apart, its ratio to `torch.topk` (the issue's GPU target: at most 3x at
-(2^20, 64)), the largest difference between the compiled and eager outputs
-(*dy*), between their gradients relative to the largest gradient entry
-(*dg*), and, where PAV ran, the same relative difference between the eager
-threshold gradient and PAV's (*dg pav*: float32 rounding at the edge of a
-support moves gradient entries whichever solver computes them).
+on an H200). The adapter therefore runs the core's root-finding loop and the
+pure stages around it under `torch.compile` on CUDA tensors
+(`topk_torch._fused`, environment variable ``SPARSE_TOPK_TORCH_COMPILE``).
+This script times, in one process, forward+backward of the public operators
+with method ``"threshold"`` compiled (``always``; and its forward alone) and
+eager (``never``), method ``"pav"`` (on CUDA: a round trip to the host) and
+`torch.topk` (its values scattered into zeros, differentiated). It prints
+the compiled method's first call (compilation) apart, its ratio to
+`torch.topk` (the issue's GPU target: at most 3x at (2^20, 64)), the largest
+difference between the compiled and eager outputs (*dy*), between their
+gradients relative to the largest gradient entry (*dg*), and, where PAV ran,
+the same relative difference between the eager threshold gradient and PAV's
+(*dg pav*: float32 rounding at the edge of a support moves gradient entries
+whichever solver computes them).
 
     python benchmarks/bench_fused_threshold.py --device cuda                  # the GPU shapes
     python benchmarks/bench_fused_threshold.py --shapes 4096x64 --p 2         # a CPU try (inductor's C++)
@@ -63,8 +64,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     rows = []
     print("| operator | p | shape | torch.topk (ms) | pav (ms) | threshold eager (ms) | compiled first call (s) "
-          "| threshold compiled (ms) | compiled / topk | dy | dg | dg pav |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| threshold compiled (ms) | of which forward (ms) | compiled / topk | dy | dg | dg pav |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for batch, n in parse_shapes(args.shapes):
         gen = torch.Generator(device=args.device).manual_seed(0)
         x = torch.randn(batch, n, device=args.device, generator=gen)
@@ -81,11 +82,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for p_text in args.p.split(","):
                 fn = getattr(topk_torch, f"soft_topk_{operator}")
 
-                def step(mode, method, fn=fn, p=EXPONENTS[p_text], x=x, k=k, u=u):
+                def step(mode, method, fn=fn, p=EXPONENTS[p_text], x=x, k=k, u=u, backward=True):
                     os.environ[_fused.ENVIRONMENT_VARIABLE] = mode
-                    xr = x.detach().requires_grad_()
+                    xr = x.detach().requires_grad_(backward)
                     y = fn(xr, k, regularization_strength=STRENGTH, p=p, method=method)
-                    (grad,) = torch.autograd.grad(y, xr, u)
+                    (grad,) = torch.autograd.grad(y, xr, u) if backward else (None,)
                     sync()
                     return y.detach(), grad
 
@@ -99,12 +100,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 times = {"topk": topk_time, "first": first,
                          "eager": median_time(lambda step=step: step("never", "threshold"), args.repeats),
                          "compiled": median_time(lambda step=step: step("always", "threshold"), args.repeats),
+                         "forward": median_time(lambda step=step: step("always", "threshold", backward=False),
+                                                args.repeats),
                          "pav": median_time(lambda step=step: step("never", "pav"), args.repeats)
                          if timed_pav else float("nan")}
                 rows.append({"operator": operator, "p": p_text, "shape": (batch, n), **diffs, **times})
                 ms = " | ".join(f"{times[c] * 1e3:.3g}" for c in COLUMNS[:3])
                 print(f"| {operator} | {p_text} | {(batch, n)} | {ms} | {first:.1f} | {times['compiled'] * 1e3:.3g} "
-                      f"| {times['compiled'] / topk_time:.1f} | " + " | ".join(f"{v:.1e}" for v in diffs.values())
+                      f"| {times['forward'] * 1e3:.3g} | {times['compiled'] / topk_time:.1f} | " + " | ".join(f"{v:.1e}" for v in diffs.values())
                       + " |", flush=True)
     os.environ.pop(_fused.ENVIRONMENT_VARIABLE, None)
     return rows

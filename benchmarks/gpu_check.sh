@@ -63,6 +63,8 @@ if [[ $steps == *tests* && $steps != *jax-tests* || $steps == *gpu-tests* ]] && 
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
     # Every one of them must have run: a skip here means the GPU was not seen.
     if grep -q " skipped" "$log"; then echo "GPU tests were skipped"; status=1; fi
+    # The compiled solvers' own tests (on the CPU, with this machine's torch: its Dynamo).
+    timeout 120 "$py" -m pytest -q "${pytest_opts[@]}" tests/test_torch_fused.py || status=1
 fi
 if [[ $steps == *tests* && $steps != *gpu-tests* || $steps == *jax-tests* ]]; then
     echo "== the JAX tests on JAX's default device ($((SECONDS - started)) s)"
@@ -71,10 +73,11 @@ if [[ $steps == *tests* && $steps != *gpu-tests* || $steps == *jax-tests* ]]; th
 fi
 
 if [[ $steps == *fused* ]]; then
-    # Not in the default steps: the adapter's compiled loop against its eager loop and PAV.
+    # Not in the default steps: the adapter's compiled solver against its eager one and PAV.
     echo "== fused threshold experiment on $device ($((SECONDS - started)) s)"
     PYTHONUNBUFFERED=1 timeout "${STEP_FUSED:-240}" "$py" benchmarks/bench_fused_threshold.py --device "$device" \
-        --shapes "${FUSED_SHAPES:-1048576x64}" --pav-below "${PAV_BELOW:-10000000}" || status=1
+        --shapes "${FUSED_SHAPES:-1048576x64,65536x64,4096x64,256x64,1x1000000,4096x4096}" \
+        --pav-below "${PAV_BELOW:-10000000}" || status=1
 fi
 if [[ $steps == *bench* ]]; then
     echo "== benchmark suite on $device ($((SECONDS - started)) s)"
