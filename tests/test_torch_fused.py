@@ -159,6 +159,16 @@ def test_a_failing_compiler_falls_back_to_the_eager_loop_with_a_warning(compiled
         _value_and_grad("mag", x, u, p=4 / 3, method="threshold")
 
 
+def test_out_of_memory_is_raised_and_keeps_the_compiler(compiled_loops, monkeypatch):
+    """Running out of memory is the data's fault: the error reaches the caller, compilation stays on."""
+    def no_memory(*args):
+        raise torch.OutOfMemoryError("out of memory (a test)")
+
+    with pytest.raises(torch.OutOfMemoryError):
+        _fused._call(no_memory, no_memory, 1)
+    assert _fused._failures == [] and _fused.use_compiled_loop(torch.zeros(1))
+
+
 def test_inductor_compiled_loop_matches_pav(monkeypatch):
     """The real compiler (inductor's C++ on the CPU), once: float32 rows, both operators' p = 2 path."""
     monkeypatch.setenv(_fused.ENVIRONMENT_VARIABLE, "always")

@@ -24,7 +24,7 @@ The mathematics lives in `topk_core`; see `topk_core.soft_topk_mask` and
   output has the shape, dtype and device of `x`; `x` is never modified.
 * Devices: ``method="auto"`` is ``"pav"`` on the CPU; on a GPU it is
   ``"pav"`` for calls of at most 2^21 entries and ``"threshold"`` (on the
-  device, its loop compiled: `topk_torch._fused`) above, the faster of the
+  device, compiled: `topk_torch._fused`) above, the faster of the
   two on an H200 (docs/methods.md).  ``"pav"`` on a CUDA tensor copies the
   rows to host memory and the result back (``.to("cpu")`` /
   ``.to(x.device)``, explicit and differentiable; the backward runs on the
@@ -87,11 +87,12 @@ def _auto_method(x: torch.Tensor) -> str:
     "pav" (the Numba solver, reading CPU memory without a copy) on the CPU;
     on CUDA devices "pav" (an explicit round trip to the host) up to
     `PAV_ON_DEVICE_MAX_ENTRIES` entries, "threshold" (pure Array API, on the
-    tensor's device) above; "threshold" on other devices (not measured).  The core never copies device arrays itself, so
-    its own rule is "threshold" on every device.  Written here on
-    ``x.device`` because the core's version inspects the namespace through
-    `lru_cache`-wrapped helpers that `torch.compile` warns about; a test
-    checks that both agree where they should.
+    tensor's device) above; "threshold" on other devices (not measured).
+    The core never copies device arrays itself, so its own rule is
+    "threshold" on every device.  Written here on ``x.device`` because the
+    core's version inspects the namespace through `lru_cache`-wrapped
+    helpers that `torch.compile` warns about; a test checks that both agree
+    where they should.
     """
     kind = x.device.type
     return "pav" if kind == "cpu" or (kind == "cuda" and x.numel() <= PAV_ON_DEVICE_MAX_ENTRIES) else "threshold"

@@ -60,7 +60,7 @@ def compile_mode() -> str:
 
 
 def use_compiled_loop(x: torch.Tensor) -> bool:
-    """Whether the solvers' loops run compiled for rows `x` (see the module's docstring)."""
+    """Whether the solvers run compiled (their loops and stages) for rows `x` (see the module's docstring)."""
     mode = compile_mode()
     return not _failures and (mode == "always" or (mode == "auto" and x.device.type == "cuda"))
 
@@ -93,6 +93,8 @@ def _call(compiled: Callable[..., Any], fn: Callable[..., Any], *args: Any) -> A
     try:
         with torch._dynamo.config.patch(**_CONFIG):
             return compiled(*args)
+    except torch.OutOfMemoryError:  # the data's fault, not the compiler's: compile again next time
+        raise
     except Exception as err:  # a compiler that cannot run here: stay correct, eagerly
         if _failures:  # another call failed first
             raise
