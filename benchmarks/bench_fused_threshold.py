@@ -20,15 +20,18 @@ whichever solver computes them).
     python benchmarks/bench_fused_threshold.py --device cuda                  # the GPU shapes
     python benchmarks/bench_fused_threshold.py --shapes 4096x64 --p 2         # a CPU try (inductor's C++)
     python benchmarks/bench_fused_threshold.py --shapes 8x16 --backend eager  # plumbing only (no compiler)
+    python benchmarks/bench_fused_threshold.py --shapes 4096x64 --breakdown   # where a forward's time goes
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -48,6 +51,34 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(torch.finfo(b.dtype).tiny))
 
 
+def breakdown(forward: Callable[[], object], sync: Callable[[], None]) -> dict[str, float]:
+    """Where one compiled forward spends its time: each compiled function (its calls synchronised
+    before and after, timed) and the rest (eager operations, the loops' exit tests), in seconds."""
+    spent: dict[str, float] = collections.defaultdict(float)
+    calls: collections.Counter[str] = collections.Counter()
+    original = _fused._call
+
+    def timed(compiled: Callable, fn: Callable, *args: object) -> object:
+        sync()
+        start = time.perf_counter()
+        out = original(compiled, fn, *args)
+        sync()
+        spent[fn.__name__] += time.perf_counter() - start
+        calls[fn.__name__] += 1
+        return out
+
+    _fused._call = timed
+    try:
+        sync()
+        start = time.perf_counter()
+        forward()
+        total = time.perf_counter() - start
+    finally:
+        _fused._call = original
+    return {"total": total, "rest": total - sum(spent.values()),
+            **{f"{name} x{calls[name]}": t for name, t in sorted(spent.items())}}
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -58,6 +89,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--pav-below", type=float, default=float("inf"),
                         help="time PAV only on shapes of fewer entries (its first call compiles Numba's kernels)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="after the table, where one compiled forward spends its time (loop bodies, stages, rest)")
     args = parser.parse_args(argv)
     torch._logging.set_logs(dynamo=logging.ERROR)
     _fused.BACKEND = args.backend
@@ -104,12 +137,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                                 args.repeats),
                          "pav": median_time(lambda step=step: step("never", "pav"), args.repeats)
                          if timed_pav else float("nan")}
-                rows.append({"operator": operator, "p": p_text, "shape": (batch, n), **diffs, **times})
+                row = {"operator": operator, "p": p_text, "shape": (batch, n), **diffs, **times}
+                if args.breakdown:
+                    step("always", "threshold", backward=False)  # warm
+                    row["breakdown"] = breakdown(lambda step=step: step("always", "threshold", backward=False),
+                                                 sync)
+                rows.append(row)
                 ms = " | ".join(f"{times[c] * 1e3:.3g}" for c in COLUMNS[:3])
                 print(f"| {operator} | {p_text} | {(batch, n)} | {ms} | {first:.1f} | {times['compiled'] * 1e3:.3g} "
                       f"| {times['forward'] * 1e3:.3g} | {times['compiled'] / topk_time:.1f} | " + " | ".join(f"{v:.1e}" for v in diffs.values())
                       + " |", flush=True)
     os.environ.pop(_fused.ENVIRONMENT_VARIABLE, None)
+    if args.breakdown:
+        print("\nOne compiled forward, each compiled call synchronised (ms; xN: calls):\n")
+        for row in rows:
+            parts = ", ".join(f"{name} {t * 1e3:.3g}" for name, t in row["breakdown"].items())
+            print(f"* {row['operator']} p={row['p']} {row['shape']}: {parts}")
     return rows
 
 

@@ -202,8 +202,11 @@ def test_fused_threshold_benchmark_runs_and_matches_eager(monkeypatch):
     import bench_fused_threshold
 
     rows = bench_fused_threshold.main(["--shapes", "8x16,2x16", "--p", "4/3", "--operators", "mag", "--backend",
-                                       "eager", "--repeats", "1", "--pav-below", "100"])
+                                       "eager", "--repeats", "1", "--pav-below", "100", "--breakdown"])
     assert [r["shape"] for r in rows] == [(8, 16), (2, 16)]
     assert all(r["dy"] == r["dg"] == 0.0 and r["compiled"] > 0 and r["eager"] > 0 and r["topk"] > 0 for r in rows)
     assert math.isnan(rows[0]["pav"]) and math.isnan(rows[0]["dg pav"])
     assert rows[1]["pav"] > 0 and 0 <= rows[1]["dg pav"] < 1e-4  # float32 eager threshold against PAV
+    split = rows[0]["breakdown"]
+    assert any(name.startswith("body x") for name in split) and any(name.startswith("_mag_frame x1") for name in split)
+    assert split["rest"] > 0 and abs(sum(v for name, v in split.items() if name != "total") - split["total"]) < 1e-9
