@@ -97,8 +97,9 @@ def test_compiled_loop_matches_pav_and_the_eager_loop(compiled_loops, monkeypatc
     x[1, 2] = x[1, 5]  # a tie
     x[2] = 0.0  # a row of zeros
     got = _value_and_grad(op, x, u, p=p, method=method)
-    assert "compiled_loop" in compiled_loops
-    assert ("compiled_stage" in compiled_loops) is (method == "threshold")
+    # The loop; the threshold method's stages; the backward's product (Dykstra's too: its residuals
+    # are in sorted order, which the host's product does not take).
+    assert "compiled_loop" in compiled_loops and "compiled_stage" in compiled_loops
     want = _value_and_grad(op, x, u, p=p, method="pav")
     tol = 1e-10 if method == "threshold" else 1e-6  # Dykstra: approximate, its default tolerance
     for a, b in zip(got, want, strict=True):
@@ -122,6 +123,34 @@ def test_one_graph_serves_other_batch_sizes(compiled_loops):
         if batch == 7:
             traced = counts["stats"]["unique_graphs"]
     assert counts["stats"]["unique_graphs"] == traced
+
+
+@pytest.mark.parametrize(("op", "method", "p"), [("mask", "threshold", 4 / 3), ("mag", "threshold", 2.0),
+                                                  ("mag", "dykstra", 2.0)])
+def test_plain_device_backward_is_one_compiled_product(compiled_loops, monkeypatch, op, method, p):
+    """On a device (here: the CPU with its host product turned off) a plain backward is compiled;
+    one that is recorded (create_graph, for second derivatives) stays eager and differentiable."""
+    from topk_torch import _products
+
+    monkeypatch.setattr(_products, "_plain_host_rows", lambda *a: False)
+    x, u = _rows(seed=6)
+    got = _value_and_grad(op, x, u, p=p, method=method)
+    assert compiled_loops.count("compiled_stage") >= 1
+    products = [name for name in compiled_loops if name == "compiled_stage"]
+    want = _value_and_grad(op, x, u, p=p, method="pav")
+    np.testing.assert_allclose(got[1].numpy(), want[1].numpy(), rtol=0, atol=1e-10 if method == "threshold" else 1e-6)
+    calls = []
+    original = _products._COMPILED_VJP[op]
+    monkeypatch.setitem(_products._COMPILED_VJP, op, lambda *a: calls.append(1) or original(*a))
+    _value_and_grad(op, x, u, p=p, method=method)
+    assert calls == [1]
+    if p == 2.0:  # recorded backward: eager (a compiled function has no double backward)
+        xr = x.detach().requires_grad_()
+        (grad,) = torch.autograd.grad(getattr(tk, f"soft_topk_{op}")(xr, 3, p=p, method=method), xr, u,
+                                      create_graph=True)
+        assert calls == [1]
+        np.testing.assert_allclose(grad.detach().numpy(), want[1].numpy(), rtol=0, atol=1e-6)
+    assert products
 
 
 def test_other_strengths_and_k_reuse_the_graphs(compiled_loops):

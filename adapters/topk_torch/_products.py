@@ -24,6 +24,7 @@ import torch
 import topk_core
 from topk_core import MagResiduals, MaskResiduals
 
+from . import _fused
 from ._namespace import xp as xp_torch
 
 RESIDUAL_TYPES = {"mask": MaskResiduals, "mag": MagResiduals}
@@ -93,26 +94,42 @@ def vjp(kind: str, res: Any, cotangent: torch.Tensor, x: Any, p: float, q: float
         # A plain backward on the CPU: the core's Numba product on the same memory.
         host = type(res)(*(None if t is None else t.detach().resolve_neg().numpy() for t in res))
         return torch.from_numpy(_VJP[kind](host, cotangent.detach().resolve_neg().numpy(), axis=-1))
+    if _plain_rows(res, cotangent) and _fused.use_compiled_loop(cotangent):
+        # A plain backward on a device: one compiled product instead of a dozen kernels.
+        return _fused.compiled_stage(_COMPILED_VJP[kind])(res, cotangent)
     out = _VJP[kind](res, cotangent, axis=-1, xp=xp_torch)
     return _guard(out, x, p, q) if torch.is_grad_enabled() else out
 
 
-def _plain_host_rows(res: Any, cotangent: torch.Tensor) -> bool:
-    """Residuals in input order and a cotangent that are plain CPU tensors, in a product that
-    nothing records or traces: grad mode off (an ordinary backward, not ``create_graph``),
-    no `torch.compile` tracing, no `torch.func` transform and no tensor subclass (fake,
-    functional or batched tensors).  Only then may the product leave torch.
+def _mask_vjp_rows(res: Any, cotangent: torch.Tensor) -> torch.Tensor:
+    return topk_core.mask_vjp_from_residuals(res, cotangent, axis=-1, xp=xp_torch)
+
+
+def _mag_vjp_rows(res: Any, cotangent: torch.Tensor) -> torch.Tensor:
+    return topk_core.mag_vjp_from_residuals(res, cotangent, axis=-1, xp=xp_torch)
+
+
+# The products as functions of their arrays alone, for `_fused.compiled_stage`.
+_COMPILED_VJP = {"mask": _mask_vjp_rows, "mag": _mag_vjp_rows}
+
+
+def _plain_rows(res: Any, cotangent: torch.Tensor) -> bool:
+    """Residuals and a cotangent that are plain tensors, in a product that nothing records or
+    traces: grad mode off (an ordinary backward, not ``create_graph``), no `torch.compile`
+    tracing, no `torch.func` transform and no tensor subclass (fake, functional or batched
+    tensors).  Only then may the product be compiled on its own.
     """
-    if res.perm is not None or torch.is_grad_enabled() or torch.compiler.is_compiling():
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
         return False
-    return all(_plain_cpu(t) for t in (cotangent, *(t for t in res if t is not None)))
+    return all(
+        type(t) is torch.Tensor and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+        for t in (cotangent, *(t for t in res if t is not None))
+    )
 
 
-def _plain_cpu(t: torch.Tensor) -> bool:
-    # Wrapped tensors (the batched tensors of torch.func.vmap and of gradcheck's older vmap)
-    # are of type torch.Tensor but lack the CPU dispatch key of their own.
-    return (
-        type(t) is torch.Tensor
-        and torch._C._dispatch_keys(t).has(torch._C.DispatchKey.CPU)
-        and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+def _plain_host_rows(res: Any, cotangent: torch.Tensor) -> bool:
+    """`_plain_rows` in input order on the CPU (its own dispatch key: wrapped tensors have the type but
+    not the key): only then may the product leave torch."""
+    return res.perm is None and _plain_rows(res, cotangent) and all(
+        torch._C._dispatch_keys(t).has(torch._C.DispatchKey.CPU) for t in (cotangent, *(t for t in res if t is not None))
     )
