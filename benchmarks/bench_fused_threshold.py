@@ -21,6 +21,7 @@ whichever solver computes them).
     python benchmarks/bench_fused_threshold.py --shapes 4096x64 --p 2         # a CPU try (inductor's C++)
     python benchmarks/bench_fused_threshold.py --shapes 8x16 --backend eager  # plumbing only (no compiler)
     python benchmarks/bench_fused_threshold.py --shapes 4096x64 --breakdown   # where a forward's time goes
+    python benchmarks/bench_fused_threshold.py --device cuda --unroll 1,4     # 1 or 4 iterations per call
 """
 
 from __future__ import annotations
@@ -89,6 +90,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--pav-below", type=float, default=float("inf"),
                         help="time PAV only on shapes of fewer entries (its first call compiles Numba's kernels)")
+    parser.add_argument("--unroll", default="1",
+                        help="comma-separated loop iterations per compiled call (topk_torch._fused.UNROLL) to time")
     parser.add_argument("--breakdown", action="store_true",
                         help="after the table, where one compiled forward spends its time (loop bodies, stages, rest)")
     args = parser.parse_args(argv)
@@ -96,9 +99,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     _fused.BACKEND = args.backend
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     rows = []
-    print("| operator | p | shape | torch.topk (ms) | pav (ms) | threshold eager (ms) | compiled first call (s) "
+    unrolls = [int(v) for v in args.unroll.split(",")]
+    print("| operator | p | shape | torch.topk (ms) | pav (ms) | threshold eager (ms) | unroll | compiled first call (s) "
           "| threshold compiled (ms) | of which forward (ms) | compiled / topk | dy | dg | dg pav |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for batch, n in parse_shapes(args.shapes):
         gen = torch.Generator(device=args.device).manual_seed(0)
         x = torch.randn(batch, n, device=args.device, generator=gen)
@@ -123,36 +127,40 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     sync()
                     return y.detach(), grad
 
-                start = time.perf_counter()
-                got = step("always", "threshold")
-                first = time.perf_counter() - start
                 want = step("never", "threshold")
                 timed_pav = batch * n < args.pav_below
-                diffs = {"dy": float((got[0] - want[0]).abs().max()), "dg": _relative(got[1], want[1]),
-                         "dg pav": _relative(want[1], step("never", "pav")[1]) if timed_pav else float("nan")}
-                times = {"topk": topk_time, "first": first,
-                         "eager": median_time(lambda step=step: step("never", "threshold"), args.repeats),
-                         "compiled": median_time(lambda step=step: step("always", "threshold"), args.repeats),
-                         "forward": median_time(lambda step=step: step("always", "threshold", backward=False),
-                                                args.repeats),
-                         "pav": median_time(lambda step=step: step("never", "pav"), args.repeats)
-                         if timed_pav else float("nan")}
-                row = {"operator": operator, "p": p_text, "shape": (batch, n), **diffs, **times}
-                if args.breakdown:
-                    step("always", "threshold", backward=False)  # warm
-                    row["breakdown"] = breakdown(lambda step=step: step("always", "threshold", backward=False),
-                                                 sync)
-                rows.append(row)
-                ms = " | ".join(f"{times[c] * 1e3:.3g}" for c in COLUMNS[:3])
-                print(f"| {operator} | {p_text} | {(batch, n)} | {ms} | {first:.1f} | {times['compiled'] * 1e3:.3g} "
-                      f"| {times['forward'] * 1e3:.3g} | {times['compiled'] / topk_time:.1f} | " + " | ".join(f"{v:.1e}" for v in diffs.values())
-                      + " |", flush=True)
+                common = {"topk": topk_time,
+                          "eager": median_time(lambda step=step: step("never", "threshold"), args.repeats),
+                          "pav": median_time(lambda step=step: step("never", "pav"), args.repeats)
+                          if timed_pav else float("nan"),
+                          "dg pav": _relative(want[1], step("never", "pav")[1]) if timed_pav else float("nan")}
+                for unroll in unrolls:
+                    _fused.UNROLL = unroll
+                    start = time.perf_counter()
+                    got = step("always", "threshold")
+                    first = time.perf_counter() - start
+                    row = {"operator": operator, "p": p_text, "shape": (batch, n), "unroll": unroll, **common,
+                           "first": first, "dy": float((got[0] - want[0]).abs().max()),
+                           "dg": _relative(got[1], want[1]),
+                           "compiled": median_time(lambda step=step: step("always", "threshold"), args.repeats),
+                           "forward": median_time(lambda step=step: step("always", "threshold", backward=False),
+                                                  args.repeats)}
+                    if args.breakdown:
+                        row["breakdown"] = breakdown(
+                            lambda step=step: step("always", "threshold", backward=False), sync)
+                    rows.append(row)
+                    ms = " | ".join(f"{row[c] * 1e3:.3g}" for c in COLUMNS[:3])
+                    diffs = " | ".join(f"{row[c]:.1e}" for c in ("dy", "dg", "dg pav"))
+                    print(f"| {operator} | {p_text} | {(batch, n)} | {ms} | {unroll} | {first:.1f} "
+                          f"| {row['compiled'] * 1e3:.3g} | {row['forward'] * 1e3:.3g} "
+                          f"| {row['compiled'] / topk_time:.1f} | {diffs} |", flush=True)
+    _fused.UNROLL = 1
     os.environ.pop(_fused.ENVIRONMENT_VARIABLE, None)
     if args.breakdown:
         print("\nOne compiled forward, each compiled call synchronised (ms; xN: calls):\n")
         for row in rows:
             parts = ", ".join(f"{name} {t * 1e3:.3g}" for name, t in row["breakdown"].items())
-            print(f"* {row['operator']} p={row['p']} {row['shape']}: {parts}")
+            print(f"* {row['operator']} p={row['p']} {row['shape']} unroll {row['unroll']}: {parts}")
     return rows
 
 

@@ -13,7 +13,8 @@
 # (array-api-compat, array-api-strict, entmax) are installed from the wheels in .whl/ when that
 # folder has any, into a temporary folder (`make gpu-wheels` downloads them; docs/benchmarks.md).
 # STEPS (default "tests bench"; "tests" is "gpu-tests jax-tests"; "fused" adds
-# benchmarks/bench_fused_threshold.py at FUSED_SHAPES, PAV timed below PAV_BELOW entries,
+# benchmarks/bench_fused_threshold.py at FUSED_SHAPES, PAV timed below PAV_BELOW entries, more
+# options in FUSED_ARGS, e.g. "--unroll 1,4 --breakdown",
 # STEP_FUSED=240 s) picks the steps, so that they can run as two calls; each has a
 # time limit in seconds, STEP_GPU_TESTS (default 300), STEP_TESTS (default 180, JAX tests on
 # WORKERS=8 processes) and STEP_BENCH (default 300): STEPS=tests and STEPS=bench each fit in a
@@ -77,7 +78,7 @@ if [[ $steps == *fused* ]]; then
     echo "== fused threshold experiment on $device ($((SECONDS - started)) s)"
     PYTHONUNBUFFERED=1 timeout "${STEP_FUSED:-240}" "$py" benchmarks/bench_fused_threshold.py --device "$device" \
         --shapes "${FUSED_SHAPES:-1048576x64,65536x64,4096x64,256x64,1x1000000,4096x4096}" \
-        --pav-below "${PAV_BELOW:-10000000}" || status=1
+        --pav-below "${PAV_BELOW:-10000000}" ${FUSED_ARGS:-} || status=1
 fi
 if [[ $steps == *bench* ]]; then
     echo "== benchmark suite on $device ($((SECONDS - started)) s)"

@@ -38,9 +38,9 @@ def compiled_loops(monkeypatch):
     for name in ("compiled_loop", "compiled_stage"):
         original = getattr(_fused, name)
 
-        def counted(*args, original=original, name=name):
+        def counted(*args, original=original, name=name, **kwargs):
             calls.append(name)
-            return original(*args)
+            return original(*args, **kwargs)
 
         monkeypatch.setattr(_fused, name, counted)
     return calls
@@ -110,6 +110,28 @@ def test_compiled_loop_matches_pav_and_the_eager_loop(compiled_loops, monkeypatc
     assert len(compiled_loops) == calls
     for a, b in zip(got, eager, strict=True):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("unroll", [2, 4])
+@pytest.mark.parametrize(("op", "method", "p", "max_iter"), [
+    ("mask", "threshold", 4 / 3, None), ("mag", "threshold", 2.0, None), ("mask", "threshold", 4 / 3, 3),
+    ("mag", "dykstra", 2.0, None),  # Dykstra's loop is never unrolled (its tracing time explodes)
+])
+def test_unrolled_loop_is_the_loop(compiled_loops, monkeypatch, unroll, op, method, p, max_iter):
+    """Several iterations per compiled call, each guarded by the loop's test: the same numbers as
+    one iteration per call and as the eager loop, iteration cap included."""
+    x, u = _rows(seed=7)
+    kw = {"p": p, "method": method, "max_iter": max_iter}
+    if max_iter is not None:
+        kw["tol"] = 1e-30  # a cap that binds
+    got = {}
+    for times in (1, unroll):
+        monkeypatch.setattr(_fused, "UNROLL", times)
+        got[times] = _value_and_grad(op, x, u, **kw)
+    monkeypatch.setenv(_fused.ENVIRONMENT_VARIABLE, "never")
+    eager = _value_and_grad(op, x, u, **kw)
+    for a, b, c in zip(got[unroll], got[1], eager, strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)
 
 
 def test_one_graph_serves_other_batch_sizes(compiled_loops):

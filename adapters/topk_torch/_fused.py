@@ -26,6 +26,7 @@ warning.
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from collections.abc import Callable
@@ -37,6 +38,10 @@ ENVIRONMENT_VARIABLE = "SPARSE_TOPK_TORCH_COMPILE"
 MODES = ("auto", "always", "never")
 # torch.compile's backend; the tests set "eager" (Dynamo's tracing without a compiler).
 BACKEND = "inductor"
+# Loop iterations per compiled call (each guarded by the loop's test, so the result is the
+# loop's): fewer host synchronisations and calls for more work per call. 1 until a GPU
+# measurement (benchmarks/bench_fused_threshold.py --unroll) says otherwise.
+UNROLL = 1
 # Every solver shares one loop body per method, specialized on each (operator, p, dtype):
 # more graphs than Dynamo's default limit of 8 per function before it falls back to eager.
 RECOMPILE_LIMIT = 64
@@ -102,14 +107,33 @@ def _call(compiled: Callable[..., Any], fn: Callable[..., Any], *args: Any) -> A
         return fn(*args)
 
 
-def compiled_loop(cond: Callable[[Any], Any], body: Callable[[Any], Any], state: Any) -> Any:
-    """``while cond(state): state = body(state)``, with `body` compiled; the semantics of ``lax.while_loop``."""
+def _unrolled(cond: Callable[[Any], Any], body: Callable[[Any], Any], times: int) -> Callable[[Any], Any]:
+    """`times` iterations of the loop, each applied only where the loop's test still holds."""
+    if times == 1:
+        return body
+
+    def iterations(state: Any) -> Any:
+        for _ in range(times):
+            go = cond(state)
+            state = tuple(torch.where(go, new, old) for new, old in zip(body(state), state, strict=True))
+        return state
+
+    return iterations
+
+
+def compiled_loop(cond: Callable[[Any], Any], body: Callable[[Any], Any], state: Any, unroll: bool = True) -> Any:
+    """``while cond(state): state = body(state)``, with `body` compiled; the semantics of ``lax.while_loop``.
+
+    `unroll`: `UNROLL` iterations per compiled call (False: one; Dykstra's body, unrolled twice,
+    took Dynamo 27 s to trace on the CPU, against 2 s once).
+    """
     # `body` is a new closure on every solve: compiled per call (Dynamo's cache, keyed on its code,
     # finds the graph again), never kept.
-    step = torch.compile(body, dynamic=True, backend=BACKEND)
+    work = _unrolled(cond, body, UNROLL if unroll else 1)
+    step = torch.compile(work, dynamic=True, backend=BACKEND)
     state = _distinct(state)
     while bool(cond(state)):
-        state = _call(step, body, state)
+        state = _call(step, work, state)
     return state
 
 
@@ -125,9 +149,11 @@ def compiled_stage(fn: Callable[..., Any]) -> Callable[..., Any]:
     return lambda *args: _call(compiled, fn, *args)
 
 
-def loop_for(x: torch.Tensor) -> Callable[..., Any] | None:
+def loop_for(x: torch.Tensor, unroll: bool = True) -> Callable[..., Any] | None:
     """The `loop` to hand the core for rows `x`: `compiled_loop`, or None (the core's own eager loop)."""
-    return compiled_loop if use_compiled_loop(x) else None
+    if not use_compiled_loop(x):
+        return None
+    return compiled_loop if unroll else functools.partial(compiled_loop, unroll=False)
 
 
 def stage_for(x: torch.Tensor) -> Callable[..., Any] | None:
