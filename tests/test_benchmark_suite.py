@@ -208,5 +208,5 @@ def test_fused_threshold_benchmark_runs_and_matches_eager(monkeypatch):
     assert math.isnan(rows[0]["pav"]) and math.isnan(rows[0]["dg pav"])
     assert rows[1]["pav"] > 0 and 0 <= rows[1]["dg pav"] < 1e-4  # float32 eager threshold against PAV
     split = rows[0]["breakdown"]
-    assert any(name.startswith("body x") for name in split) and any(name.startswith("_mag_frame x1") for name in split)
+    assert any(name.startswith("step x") for name in split) and any(name.startswith("_mag_frame x1") for name in split)
     assert split["rest"] > 0 and abs(sum(v for name, v in split.items() if name != "total") - split["total"]) < 1e-9

@@ -129,12 +129,24 @@ def compiled_loop(cond: Callable[[Any], Any], body: Callable[[Any], Any], state:
     """
     # `body` is a new closure on every solve: compiled per call (Dynamo's cache, keyed on its code,
     # finds the graph again), never kept.
-    work = _unrolled(cond, body, UNROLL if unroll else 1)
+    work = _tested(cond, _unrolled(cond, body, UNROLL if unroll else 1))
     step = torch.compile(work, dynamic=True, backend=BACKEND)
     state = _distinct(state)
-    while bool(cond(state)):
-        state = _call(step, work, state)
+    go = cond(state)
+    while bool(go):
+        state, go = _call(step, work, state)
     return state
+
+
+def _tested(cond: Callable[[Any], Any], work: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """`work` that also returns the loop's test of its result, computed in the same compiled call
+    (eagerly, the test is a few more kernels and operations per iteration)."""
+
+    def step(state: Any) -> tuple[Any, Any]:
+        state = work(state)
+        return state, cond(state)
+
+    return step
 
 
 _stages: dict[tuple[Callable[..., Any], Any], Callable[..., Any]] = {}
