@@ -9,10 +9,11 @@ call costs thousands of launches, a floor of about 20 ms whatever the size,
 and one pass over the data per operation (docs/benchmarks.md).  The core
 accepts the loop as ``loop(cond, body, state)``, with the semantics of
 ``jax.lax.while_loop``, and a ``stage(fn)`` hook for its pure stages;
-`compiled_loop` is that loop with `body` compiled, so that one iteration is a
-few fused kernels, while `cond` (a reduction of the state to one boolean)
-stays eager and ends the loop, as the eager solver does, once every row has
-converged; `compiled_stage` compiles a stage once per function.
+`compiled_loop` is that loop with `body` and `cond` (a reduction of the
+state to one boolean) compiled together, so that one iteration is a few
+fused kernels and one host read of that boolean, which ends the loop, as the
+eager solver does, once every row has converged; `compiled_stage` compiles
+a stage once per function.
 
 When they are used (`use_compiled_loop`) is set by the environment variable
 ``SPARSE_TOPK_TORCH_COMPILE``: ``auto`` (the default: CUDA tensors only),
