@@ -68,8 +68,8 @@ def test_the_environment_variable_picks_the_loop(monkeypatch, mode, device, comp
     else:
         monkeypatch.setenv(_fused.ENVIRONMENT_VARIABLE, mode)
     monkeypatch.setattr(_fused, "_failures", [])
-    loop = _fused.loop_for(torch.zeros(2, 3, device=device))
-    assert (loop is _fused.compiled_loop) is compiled and (loop is None) is not compiled
+    hooks = _fused.solver_hooks(torch.zeros(2, 3, device=device), "threshold")
+    assert (hooks.get("loop") is _fused.compiled_loop) is compiled and (hooks == {}) is not compiled
 
 
 def test_cuda_tensors_get_the_compiled_loop_by_default(monkeypatch):
@@ -80,9 +80,9 @@ def test_cuda_tensors_get_the_compiled_loop_by_default(monkeypatch):
     class OnCuda:
         device = torch.device("cuda", 0)
 
-    assert _fused.use_compiled_loop(OnCuda())
+    assert _fused.use_compiled(OnCuda())
     monkeypatch.setenv(_fused.ENVIRONMENT_VARIABLE, "never")
-    assert not _fused.use_compiled_loop(OnCuda())
+    assert not _fused.use_compiled(OnCuda())
 
 
 def test_a_wrong_value_is_a_clear_error(monkeypatch):
@@ -204,7 +204,7 @@ def test_a_failing_compiler_falls_back_to_the_eager_loop_with_a_warning(compiled
     for a, b in zip(got, want, strict=True):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=0, atol=1e-10)
     # The rest of the process runs eagerly, without another warning.
-    assert not _fused.use_compiled_loop(x)
+    assert not _fused.use_compiled(x)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _value_and_grad("mag", x, u, p=4 / 3, method="threshold")
@@ -217,12 +217,13 @@ def test_out_of_memory_is_raised_and_keeps_the_compiler(compiled_loops, monkeypa
 
     with pytest.raises(torch.OutOfMemoryError):
         _fused._call(no_memory, no_memory, 1)
-    assert _fused._failures == [] and _fused.use_compiled_loop(torch.zeros(1))
+    assert _fused._failures == [] and _fused.use_compiled(torch.zeros(1))
 
 
 def test_inductor_compiled_loop_matches_pav(monkeypatch):
-    """The real compiler (inductor's C++ on the CPU), once: float32 rows, both operators' p = 2 path."""
+    """The real compiler (inductor's C++ on the CPU), once: float32 rows, the mask's p = 2 path."""
     monkeypatch.setenv(_fused.ENVIRONMENT_VARIABLE, "always")
+    monkeypatch.setattr(_fused, "BACKEND", "inductor")
     monkeypatch.setattr(_fused, "_failures", [])
     x, u = _rows((64, 16), seed=5, dtype=torch.float32)
     with warnings.catch_warnings():

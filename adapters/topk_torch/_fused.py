@@ -15,7 +15,7 @@ fused kernels and one host read of that boolean, which ends the loop, as the
 eager solver does, once every row has converged; `compiled_stage` compiles
 a stage once per function.
 
-When they are used (`use_compiled_loop`) is set by the environment variable
+When they are used (`use_compiled`, `solver_hooks`) is set by the environment variable
 ``SPARSE_TOPK_TORCH_COMPILE``: ``auto`` (the default: CUDA tensors only),
 ``always`` (any device; the CPU has its own fast path, PAV, so this is for
 tests and measurements) or ``never``.  The first call compiles (seconds per
@@ -65,7 +65,7 @@ def compile_mode() -> str:
     return mode
 
 
-def use_compiled_loop(x: torch.Tensor) -> bool:
+def use_compiled(x: torch.Tensor) -> bool:
     """Whether the solvers run compiled (their loops and stages) for rows `x` (see the module's docstring)."""
     mode = compile_mode()
     return not _failures and (mode == "always" or (mode == "auto" and x.device.type == "cuda"))
@@ -102,8 +102,6 @@ def _call(compiled: Callable[..., Any], fn: Callable[..., Any], *args: Any) -> A
     except torch.OutOfMemoryError:  # the data's fault, not the compiler's: compile again next time
         raise
     except Exception as err:  # a compiler that cannot run here: stay correct, eagerly
-        if _failures:  # another call failed first
-            raise
         _eager_after_failure(err)
         return fn(*args)
 
@@ -122,11 +120,21 @@ def _unrolled(cond: Callable[[Any], Any], body: Callable[[Any], Any], times: int
     return iterations
 
 
+def _tested(cond: Callable[[Any], Any], work: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """`work` that also returns the loop's test of its result, computed in the same compiled call
+    (eagerly, the test is a few more kernels and operations per iteration)."""
+
+    def step(state: Any) -> tuple[Any, Any]:
+        state = work(state)
+        return state, cond(state)
+
+    return step
+
+
 def compiled_loop(cond: Callable[[Any], Any], body: Callable[[Any], Any], state: Any, unroll: bool = True) -> Any:
     """``while cond(state): state = body(state)``, with `body` compiled; the semantics of ``lax.while_loop``.
 
-    `unroll`: `UNROLL` iterations per compiled call (False: one; Dykstra's body, unrolled twice,
-    took Dynamo 27 s to trace on the CPU, against 2 s once).
+    `unroll`: `UNROLL` iterations per compiled call (False: one, see `solver_hooks`).
     """
     # `body` is a new closure on every solve: compiled per call (Dynamo's cache, keyed on its code,
     # finds the graph again), never kept.
@@ -137,17 +145,6 @@ def compiled_loop(cond: Callable[[Any], Any], body: Callable[[Any], Any], state:
     while bool(go):
         state, go = _call(step, work, state)
     return state
-
-
-def _tested(cond: Callable[[Any], Any], work: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    """`work` that also returns the loop's test of its result, computed in the same compiled call
-    (eagerly, the test is a few more kernels and operations per iteration)."""
-
-    def step(state: Any) -> tuple[Any, Any]:
-        state = work(state)
-        return state, cond(state)
-
-    return step
 
 
 _stages: dict[tuple[Callable[..., Any], Any], Callable[..., Any]] = {}
@@ -162,13 +159,12 @@ def compiled_stage(fn: Callable[..., Any]) -> Callable[..., Any]:
     return lambda *args: _call(compiled, fn, *args)
 
 
-def loop_for(x: torch.Tensor, unroll: bool = True) -> Callable[..., Any] | None:
-    """The `loop` to hand the core for rows `x`: `compiled_loop`, or None (the core's own eager loop)."""
-    if not use_compiled_loop(x):
-        return None
-    return compiled_loop if unroll else functools.partial(compiled_loop, unroll=False)
-
-
-def stage_for(x: torch.Tensor) -> Callable[..., Any] | None:
-    """The `stage` to hand the core for rows `x`: `compiled_stage`, or None (eager stages)."""
-    return compiled_stage if use_compiled_loop(x) else None
+def solver_hooks(x: torch.Tensor, method: str) -> dict[str, Callable[..., Any]]:
+    """The keywords to hand the core's solver `method` for rows `x`: its compiled `loop` (and, for the
+    threshold method, its compiled `stage`s), or none at all (the core's own eager code)."""
+    if not use_compiled(x):
+        return {}
+    if method == "threshold":
+        return {"loop": compiled_loop, "stage": compiled_stage}
+    # Dykstra: no stages; its body unrolled twice took Dynamo 27 s to trace on the CPU (2 s once).
+    return {"loop": functools.partial(compiled_loop, unroll=False)}

@@ -159,15 +159,12 @@ def _solve(family: str, kind: str, x: torch.Tensor, k: int, lam: float, p: float
         convert = functools.partial(_from_numpy, source=arr)
     else:
         # The core's solver itself on the rows (checked again: the operator is public), with the
-        # loop that `_fused` picks for the rows' device.
+        # compiled loop and stages that `_fused` picks for the rows' device.
         method, max_iter, tol = extra
         k, lam, p = _validate.check_k(k, x.shape[-1], -1), _validate.check_strength(lam), _validate.check_p(p)
         method = _validate.check_method(method, p, max_iter, tol, auto="threshold")
-        fused = {"loop": _fused.loop_for(x, unroll=method == "threshold")}
-        if method == "threshold":  # its pure stages between the loops too (Dykstra has none worth it)
-            fused["stage"] = _fused.stage_for(x)
         out = _AGNOSTIC[method, kind](x.detach(), k, lam, conjugate_exponent(p), xp_torch, max_iter=max_iter,
-                                      tol=tol, **fused)
+                                      tol=tol, **_fused.solver_hooks(x, method))
         out = out if residuals else out[0]
         convert = _Fresh(x)
     if not residuals:

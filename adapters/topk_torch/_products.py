@@ -94,7 +94,7 @@ def vjp(kind: str, res: Any, cotangent: torch.Tensor, x: Any, p: float, q: float
         # A plain backward on the CPU: the core's Numba product on the same memory.
         host = type(res)(*(None if t is None else t.detach().resolve_neg().numpy() for t in res))
         return torch.from_numpy(_VJP[kind](host, cotangent.detach().resolve_neg().numpy(), axis=-1))
-    if _plain_rows(res, cotangent) and _fused.use_compiled_loop(cotangent):
+    if _fused.use_compiled(cotangent) and _plain_rows(res, cotangent):
         # A plain backward on a device: one compiled product instead of a dozen kernels.
         return _fused.compiled_stage(_COMPILED_VJP[kind])(res, cotangent)
     out = _VJP[kind](res, cotangent, axis=-1, xp=xp_torch)

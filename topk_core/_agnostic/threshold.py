@@ -297,14 +297,12 @@ def _root(
     return s, lo, hi
 
 
-def _controls(dtype: Any, max_iter: int | None, tol: float | None,
-              xp: Any) -> tuple[float, float, int, float, float]:
-    """(rtol, ulps, iterations, the dtype's largest value, the Newton steps' guard) of a solve in `dtype`."""
+def _controls(dtype: Any, max_iter: int | None, tol: float | None, xp: Any) -> tuple[float, float, int, float]:
+    """(rtol, ulps, iterations, the Newton steps' guard) of a solve in `dtype`."""
     finfo = xp.finfo(dtype)
     eps = float(finfo.eps)
     rtol = _FTOL_ULPS * eps if tol is None else float(tol)
-    big = float(finfo.max)
-    return rtol, _ULPS * eps, DEFAULT_MAX_ITER if max_iter is None else int(max_iter), big, 4.0 / big
+    return rtol, _ULPS * eps, DEFAULT_MAX_ITER if max_iter is None else int(max_iter), 4.0 / float(finfo.max)
 
 
 def _mask_pieces(tau: Any, xs: Any, lam_r: Any, q: float, xp: Any) -> tuple[Any, Any, Any, Any]:
@@ -455,15 +453,16 @@ def _mask_frame(x: Any, k: int, lam: float, q: float, rtol: float, xp: Any) -> t
     hi = -g_inverse(ratio, lam_r, q, xp)
     lo = (bottom * c - top * c) - lam_r
     ftol = rtol * xp.maximum(kkf, 1.0)
-    return x, nan_rows, fin, kk, solve, kkf, xf, top, bottom, c, lam_r, xs, lo, hi, ftol
+    infinities = pos_inf, neg_inf, n_pos, n_neg, n_fin
+    return nan_rows, infinities, fin, kk, solve, kkf, xf, top, bottom, c, lam_r, xs, lo, hi, ftol
 
 
 def _mask_output(
-    x: Any, k: int, q: float, guard: float, nan_rows: Any, fin: Any, kk: Any, solve: Any, kkf: Any, xs: Any,
-    c: Any, lam_r: Any, tau: Any, lo: Any, hi: Any, xp: Any,
+    k: int, q: float, guard: float, nan_rows: Any, infinities: tuple[Any, ...], fin: Any, kk: Any, solve: Any,
+    kkf: Any, xs: Any, c: Any, lam_r: Any, tau: Any, lo: Any, hi: Any, xp: Any,
 ) -> tuple[Any, Any]:
     """The exact polish of the threshold, the outputs and g' on the free set."""
-    dt = x.dtype
+    dt = xs.dtype
     big = float(xp.finfo(dt).max)
     # Exact polish on the support read at tau, kept only if the support does not change.
     uc, above, sat, free = _mask_pieces(tau, xs, lam_r, q, xp)
@@ -497,9 +496,7 @@ def _mask_output(
     free = free & ~flat
 
     # Rows without a root: nothing (kk = 0) or every finite entry (kk = n_fin) selected.
-    pos_inf, neg_inf = x == xp.inf, x == -xp.inf
-    n_pos, n_neg = count(pos_inf, xp), count(neg_inf, xp)
-    n_fin = x.shape[-1] - n_pos - n_neg
+    pos_inf, neg_inf, n_pos, n_neg, n_fin = infinities
     y = xp.where(solve, y, xp.where(kk > 0, one, zero))
     share_pos = xp.minimum(1.0, k / xp.astype(xp.maximum(n_pos, 1), dt))
     share_neg = xp.astype(xp.maximum(k - n_pos - n_fin, 0), dt) / xp.astype(xp.maximum(n_neg, 1), dt)
@@ -549,8 +546,8 @@ def threshold_mask(
     """
     check_strength_in_dtype(lam, x.dtype, xp, "threshold")
     fuse = _as_is if stage is None else stage
-    rtol, ulps, iters, _, guard = _controls(x.dtype, max_iter, tol, xp)
-    x, nan_rows, fin, kk, solve, kkf, xf, top, bottom, c, lam_r, xs, lo, hi, ftol = fuse(_mask_frame)(
+    rtol, ulps, iters, guard = _controls(x.dtype, max_iter, tol, xp)
+    nan_rows, infinities, fin, kk, solve, kkf, xf, top, bottom, c, lam_r, xs, lo, hi, ftol = fuse(_mask_frame)(
         x, k, lam, q, rtol, xp
     )
 
@@ -564,7 +561,9 @@ def threshold_mask(
         evaluate, xs, xf, fin, c, top, bottom, tau, lo, hi, lam_r, kkf, solve, ftol, rtol, ulps, q, guard, iters,
         xp, loop, fuse,
     )
-    y, gprime = fuse(_mask_output)(x, k, q, guard, nan_rows, fin, kk, solve, kkf, xs, c, lam_r, tau, lo, hi, xp)
+    y, gprime = fuse(_mask_output)(
+        k, q, guard, nan_rows, infinities, fin, kk, solve, kkf, xs, c, lam_r, tau, lo, hi, xp
+    )
     return y, poison(MaskResiduals(None, None, None, None, gprime), nan_rows, xp)
 
 
@@ -674,15 +673,15 @@ def _mag_key_frame(
     return d, ref, again, lo2, hi2, xp.minimum(xp.maximum(anchor - ref, lo2), hi2)
 
 
-def _mag_scales(lam: float, q: float, dtype: Any, xp: Any) -> tuple[float, float, float, float, float]:
-    """Python constants of the magnitude's scaling: (p, emax, the strength's exponent range, log2 l)."""
+def _mag_scales(lam: float, q: float, dtype: Any, xp: Any) -> tuple[float, float, float, float]:
+    """Python constants of the magnitude's scaling: (p, emax, the strength's exponent range)."""
     big = float(xp.finfo(dtype).max)
     p = q / (q - 1.0)
     emax = math.floor(math.log2(big))
     log_lam = math.log2(lam)
     lam_lo = -(emax - 2.0) + 8.0 - log_lam
     lam_hi = emax - 8.0 - log_lam - max(1.0, 1.0 / (q - 1.0))
-    return p, emax, lam_lo, lam_hi, log_lam
+    return p, emax, lam_lo, lam_hi
 
 
 def _mag_frame(
@@ -800,8 +799,8 @@ def threshold_mag(
     check_strength_in_dtype(lam, x.dtype, xp, "threshold")
     fuse = _as_is if stage is None else stage
     dt = x.dtype
-    rtol, ulps, iters, _, guard = _controls(dt, max_iter, tol, xp)
-    p, emax, lam_lo, lam_hi, _ = _mag_scales(lam, q, dt, xp)
+    rtol, ulps, iters, guard = _controls(dt, max_iter, tol, xp)
+    p, emax, lam_lo, lam_hi = _mag_scales(lam, q, dt, xp)
     frame = fuse(_mag_frame)(x, k, lam, q, rtol, p, emax, lam_lo, lam_hi, xp)
     x, nan_rows, infinite, fin, kk, kkf, nonzero, n_nonzero, solve, c, lam_r, an, lo, hi, ftol = frame
 
