@@ -12,6 +12,10 @@ operator and prints the best times as ratios to `np.sort` and B / A.
     python benchmarks/ab_versions.py f33692f                                  # A: that commit, B: working tree
     python benchmarks/ab_versions.py f33692f HEAD --op mask --p 2 --shape 262144x16 --rounds 21
     python benchmarks/ab_versions.py HEAD~1 --strength 1                      # larger strengths
+    python benchmarks/ab_versions.py HEAD~1 --jax --op mask --shape 65536x64  # the jitted threshold method
+
+With `--jax` the calls are the core's threshold method in `jax.numpy` under `jax.jit`, its loop one
+`jax.lax.while_loop` (what the JAX adapter runs on a GPU), and the VJP the Array-API product.
 
 The first run of each version compiles its kernels (minutes); the copies are
 kept in `--workdir` and refreshed only where files changed.
@@ -69,6 +73,27 @@ def _calls(tc: object, op: str, x: np.ndarray, u: np.ndarray, k: int, p: float, 
     return partial(forward, x, k, **kw), partial(forward_vjp, with_res, vjp, x, k, u, kw)
 
 
+def _jax_calls(tc: object, op: str, x: np.ndarray, u: np.ndarray, k: int, p: float, lam: float
+               ) -> tuple[Callable[[], object], Callable[[], object]]:
+    import jax
+    import jax.numpy as jnp
+
+    threshold = importlib.import_module(f"{tc.__name__}._agnostic.threshold")
+    jacobians = importlib.import_module(f"{tc.__name__}._agnostic.jacobians")
+    q = importlib.import_module(f"{tc.__name__}._agnostic.regularizer").conjugate_exponent(p)
+    solver = getattr(threshold, f"threshold_{op}")
+    vjp = jacobians.mask_jvp_rows if op == "mask" else jacobians.mag_vjp_rows
+
+    def solve(rows: jax.Array) -> tuple[jax.Array, object]:
+        return solver(rows, k, lam, q, jnp, loop=jax.lax.while_loop)
+
+    forward = jax.jit(lambda rows: solve(rows)[0])
+    with_vjp = jax.jit(lambda rows, cot: (lambda y, res: (y, vjp(res, cot, jnp)))(*solve(rows)))
+    xj, uj = jnp.asarray(x), jnp.asarray(u)
+    return (lambda: np.asarray(jax.block_until_ready(forward(xj))),
+            lambda: jax.block_until_ready(with_vjp(xj, uj)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("rev_a", help="git revision of version A")
@@ -78,6 +103,7 @@ def main() -> None:
     parser.add_argument("--shape", default="16384x64", help="rows x n")
     parser.add_argument("--strength", type=float, default=0.1)
     parser.add_argument("--rounds", type=int, default=31, help="alternating calls of each version")
+    parser.add_argument("--jax", action="store_true", help="the jitted threshold method in jax.numpy")
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "sparse_topk_ab"))
     args = parser.parse_args()
 
@@ -94,7 +120,8 @@ def main() -> None:
     x = rng.normal(size=(batch, n)).astype(np.float32)
     u = rng.normal(size=(batch, n)).astype(np.float32)
     k = max(2, n // 8)
-    calls = {name: _calls(tc, args.op, x, u, k, p, args.strength) for name, tc in versions.items()}
+    make = _jax_calls if args.jax else _calls
+    calls = {name: make(tc, args.op, x, u, k, p, args.strength) for name, tc in versions.items()}
     deviation = np.abs(calls["A"][0]() - calls["B"][0]()).max()
 
     best: dict[tuple[str, str], float] = {}
