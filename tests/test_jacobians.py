@@ -171,6 +171,40 @@ def test_row_form_and_block_form_residuals_agree(rng, operator, p_value):
         np.testing.assert_allclose(product(res_row, u, xp), product(res_blk, u, xp), rtol=1e-12, atol=1e-12)
 
 
+class _LossyMatmul:
+    """NumPy's Array-API namespace under another name, whose float32 matmul rounds its inputs to 10
+    bits of mantissa first (float16), as TF32 does on NVIDIA GPUs (JAX's default there)."""
+
+    __name__ = "lossy_matmul"
+
+    def __init__(self):
+        import array_api_compat.numpy as xp
+
+        self._xp = xp
+
+    def __getattr__(self, name):
+        return getattr(self._xp, name)
+
+    def matmul(self, a, b):
+        return self._xp.matmul(a.astype(np.float16).astype(a.dtype), b.astype(np.float16).astype(b.dtype))
+
+
+def test_products_do_not_trust_an_accelerators_matmul(rng, operator):
+    # Row sums of the products once went through matmul with ones: on a GPU under JAX (TF32 by
+    # default) every term of the Jacobian's sums lost 13 bits.
+    import array_api_compat.numpy as xp
+
+    from topk_core._agnostic import jacobians
+    from topk_core._pav_path import pav_mag, pav_mask
+
+    solver = pav_mag if operator == "mag" else pav_mask
+    x = rng.normal(size=(64, 33)).astype(np.float32)
+    _, res = solver(x, 5, 0.1, 4.0, True, True)
+    u = rng.normal(size=x.shape).astype(np.float32)
+    product = jacobians.mask_jvp_rows if operator == "mask" else jacobians.mag_vjp_rows
+    np.testing.assert_allclose(product(res, u, _LossyMatmul()), product(res, u, xp), rtol=2e-5, atol=2e-5)
+
+
 @pytest.mark.xfail(strict=True, reason="known limit (docs/methods.md): float32, p > 2, keys near the bottom of "
                    "float32's range: g' of the free entries (3.5e38) exceeds float32, the residual is inf")
 def test_float32_jacobian_of_tiny_keys_at_large_p_is_finite():

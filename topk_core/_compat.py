@@ -21,6 +21,7 @@ __all__ = [
     "is_array_api_obj",
     "is_numpy_array",
     "is_numpy_namespace",
+    "is_plain_numpy",
     "namespace_of",
     "size",
     "to_device",
@@ -38,6 +39,12 @@ def namespace_of(x: Any, xp: Any = None) -> Any:
             f"`x` must be an array of a library that implements the Array API "
             f"(numpy, torch, jax, array_api_strict, ...); got {type(x).__name__}"
         ) from err
+
+
+def is_plain_numpy(xp: Any) -> bool:
+    """Whether `xp` is NumPy (or array-api-compat's wrapper of it), by name: `is_numpy_namespace`
+    caches its answers, and torch.compile refuses to trace a cached function."""
+    return getattr(xp, "__name__", None) in ("numpy", "array_api_compat.numpy")
 
 
 def default_int(xp: Any) -> Any:

@@ -27,14 +27,20 @@ from __future__ import annotations
 
 from typing import Any
 
+from .._compat import is_plain_numpy
 from .residuals import KEPT_CODE, MagResiduals, MaskResiduals
 from .segments import safe_divide, segment_sum
 
 
 def _row_total(values: Any, xp: Any) -> Any:
-    """Row sums as a matrix-vector product with ones: one BLAS pass on CPU, much faster
-    than a reduction over a short last axis (e.g. rows of 16 router logits)."""
-    if values.shape[0] == 0:
+    """Row sums; for NumPy as a matrix-vector product with ones: one BLAS pass, much faster
+    than its reduction over a short last axis (e.g. rows of 16 router logits).
+
+    Elsewhere a plain sum: accelerators may run a float32 product in reduced precision, which
+    rounds every term to 10 or 8 bits (TF32 on NVIDIA GPUs, JAX's default there and PyTorch's
+    after ``torch.set_float32_matmul_precision("high")``; bfloat16 passes on TPUs).
+    """
+    if values.shape[0] == 0 or not is_plain_numpy(xp):
         return xp.sum(values, axis=-1, keepdims=True)
     # Ones with the dtype and device of `values`, without asking for its device (which
     # torch.compile cannot trace) and without a transpose (which torch.func.vmap cannot batch).
