@@ -12,7 +12,8 @@
 # the figures into docs/ to publish them. Pure-Python packages the machine may lack
 # (array-api-compat, array-api-strict, entmax) are installed from the wheels in .whl/ when that
 # folder has any, into a temporary folder (`make gpu-wheels` downloads them; docs/benchmarks.md).
-# STEPS (default "tests bench"; "tests" is "gpu-tests jax-tests"; "fused" adds
+# STEPS (default "tests bench"; "tests" is "gpu-tests jax-tests"; "jax-target" times JAX's threshold
+# method alone at (2^20, 64) (STEP_JAX_TARGET=180 s); "fused" adds
 # benchmarks/bench_fused_threshold.py at FUSED_SHAPES, PAV timed below PAV_BELOW entries, more
 # options in FUSED_ARGS, e.g. "--unroll 1,4 --breakdown",
 # STEP_FUSED=240 s) picks the steps, so that they can run as two calls; each has a
@@ -79,6 +80,13 @@ if [[ $steps == *fused* ]]; then
     PYTHONUNBUFFERED=1 timeout "${STEP_FUSED:-240}" "$py" benchmarks/bench_fused_threshold.py --device "$device" \
         --shapes "${FUSED_SHAPES:-1048576x64,65536x64,4096x64,256x64,1x1000000,4096x4096}" \
         --pav-below "${PAV_BELOW:-10000000}" ${FUSED_ARGS:-} || status=1
+fi
+if [[ $steps == *jax-target* ]]; then
+    # Not in the default steps: JAX's threshold method alone at the target shape (2^20, 64) and the
+    # batch sweep, next to lax.top_k (no PAV: its first call compiles Numba for minutes).
+    echo "== JAX threshold method at the target shape on $device ($((SECONDS - started)) s)"
+    PYTHONUNBUFFERED=1 timeout "${STEP_JAX_TARGET:-180}" "$py" benchmarks/run.py --device "$device" --framework jax \
+        --methods threshold --shapes 1048576x64 --max-n 0 --no-memory --time-cap 1 || status=1
 fi
 if [[ $steps == *bench* ]]; then
     echo "== benchmark suite on $device ($((SECONDS - started)) s)"

@@ -58,6 +58,8 @@ BATCH_SWEEP = [1, 16, 256, 4096, 65536]
 QUICK_BATCH_SWEEP = [8]
 STRENGTH = 0.1
 OPERATORS = ["mask", "mag"]
+# The methods of this library that are measured (`--methods`).
+METHODS: tuple[str, ...] = ("pav", "threshold", "dykstra")
 MEMORY_BUDGET = 24 * 2**30  # the 24 GB, or the machine's memory if smaller
 DYKSTRA_MAX_N = 4096  # Dykstra needs O(L^2) iterations per pooled block of length L
 COLUMNS = [
@@ -95,7 +97,7 @@ def our_entries(framework: str, operators: list[str], make: Callable, suffix: st
     entries = []
     for op in operators:
         for pname, p in EXPONENTS.items():
-            for method in ("pav", "threshold", "dykstra"):
+            for method in METHODS:
                 dykstra = method == "dykstra"
                 if dykstra and p != 2.0:
                     continue
@@ -676,6 +678,7 @@ def _versions(all_results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    global METHODS
     # Dykstra (p = 2, rows up to DYKSTRA_MAX_N) is timed at its default max_iter, converged or not.
     import topk_core
 
@@ -687,6 +690,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shapes", type=parse_shapes, default=None,
                         help=f"comma-separated ROWSxN, e.g. 1x1e6,64x4096 (default: {SHAPES})")
     parser.add_argument("--operators", default="mask,mag", help="comma-separated subset of mask,mag")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help="comma-separated subset of this library's methods (e.g. threshold: skips PAV's "
+                             "host round trips and Numba's first compilation on a GPU)")
     parser.add_argument("--quick", action="store_true", help="small shapes, short sweeps, 2 repeats (smoke run)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--max-n", type=float, default=1e7, help="largest n of the time-vs-n sweep")
@@ -700,6 +706,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     args.command = " ".join(["python benchmarks/run.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
     args.operators = [op for op in args.operators.split(",") if op]
+    methods = tuple(m for m in args.methods.split(",") if m)
+    if not methods or set(methods) - set(METHODS):
+        parser.error(f"--methods must be a non-empty subset of {','.join(METHODS)}")
+    METHODS = methods
     if set(args.operators) - set(OPERATORS):
         parser.error(f"--operators must be a subset of {OPERATORS}")
     if args.shapes is None:
