@@ -63,6 +63,14 @@ def test_framework_quick(tmp_path, framework):
     assert ours and all(float(row[7]) > 0 for row in ours)  # forward + backward measured
 
 
+def test_methods_option_keeps_only_the_methods_named(tmp_path):
+    text = _run(tmp_path, "--framework", "numpy", "--operators", "mag", "--methods", "threshold", "--shapes", "8x64",
+                "--no-memory")
+    ours = {row[1] for row in _rows(text, "numpy") if row[2] == "ours"}
+    assert "`topk_numpy mag p=4/3 threshold`" in ours
+    assert all(name.endswith(" threshold`") for name in ours), ours
+
+
 def test_gpu_target_lines_compare_forward_backward_with_the_hard_topk(monkeypatch):
     """The GPU report's target lines: each entry of ours at the target shape against the hard top-k."""
     import argparse
