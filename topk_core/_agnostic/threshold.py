@@ -253,8 +253,11 @@ def _root(
         lo = xp.where(excess > 0, s, lo)
         hi = xp.where(excess < 0, s, hi)
         done = done | settled | (hi / 2 - lo / 2 <= ulps * xp.maximum(xp.abs(lo), xp.abs(hi)))
-        # Steps below 2 ulps become 2 ulps: at the noise floor this brackets the root from both sides.
-        floor = 2.0 * ulps * xp.abs(s)
+        # Steps below 2 ulps become 2 ulps: at the noise floor this brackets the root from both sides,
+        # within the 8 ulps that close a bracket (`ulps` is 4 of them; a floor of 8 ulps overshot, and
+        # float32 rows, whose sum(y) cannot meet ftol where an ulp moves it by more, went back and
+        # forth 2-3 times more: 262,144 rows of 64, p = 4/3, 18 -> 16 iterations of the loop).
+        floor = ulps / 2.0 * xp.abs(s)
         step = xp.where(xp.abs(step) < floor, xp.where(step < 0, -floor, floor), step)
         ok = ok & (step / 2 < hi / 2 - s / 2) & (step / 2 > lo / 2 - s / 2)
         was_newton = ok & (jump | (xp.abs(step) <= xp.abs(before_last) / 2))
