@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -185,6 +186,22 @@ def test_ab_versions_copies_a_revision_and_the_working_tree(tmp_path):
     ab_versions._copy_version("HEAD", head)
     assert (head / "_pav" / "lanes.py").exists()
     assert b"def lane_rows" in (head / "_pav" / "lanes.py").read_bytes()
+
+
+def test_threshold_iterations_counts_the_loop_and_each_rows_convergence(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import threshold_iterations
+
+    rows = threshold_iterations.main(["--shapes", "64x16", "--p", "4/3"])
+    assert [row[:2] for row in rows] == [("mask", "4/3"), ("mag", "4/3")]
+    for _, _, shape, k, count, median, tail in rows:
+        assert shape == (64, 16) and k == 1
+        assert 1 <= median <= tail <= count <= 100  # the loop runs until its slowest row has converged
+    # A row that converges at once leaves the loop to the others: one row alone takes fewer iterations.
+    x = np.random.default_rng(0).normal(size=(64, 16)).astype(np.float32)
+    count, converged = threshold_iterations.loop_iterations("mask", x, 1, 0.1, 4.0 / 3.0)
+    assert count == converged.max()
+    assert threshold_iterations.loop_iterations("mask", x[:1], 1, 0.1, 4.0 / 3.0)[0] == converged[0]
 
 
 def test_op_count_counts_top_level_operations_syncs_and_root_evaluations(monkeypatch):

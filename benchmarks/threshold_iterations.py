@@ -1,0 +1,72 @@
+"""Iterations of the threshold method's structured loop: what a jitted or compiled solve runs.
+
+Under `jax.jit` (and the PyTorch adapter's compiled loop) the root finder is one
+structured loop over the whole batch, which runs until its slowest row has
+converged: its cost is that row's iteration count times a pass over the batch.
+This script runs the core's threshold method in NumPy with such a loop (fixed
+shapes, no compaction of converged rows) and prints, per operator and
+exponent, the loop's iterations and the median and 99th percentile of the
+iterations at which the rows converged.  Counts, not times: the same on any
+machine.
+
+    python benchmarks/threshold_iterations.py                          # 4096 and 262144 rows of 64
+    python benchmarks/threshold_iterations.py --shapes 1048576x64 --dtype float64
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from topk_core._agnostic.regularizer import conjugate_exponent
+from topk_core._agnostic.threshold import threshold_mag, threshold_mask
+
+SOLVERS = {"mask": threshold_mask, "mag": threshold_mag}
+
+
+def loop_iterations(op: str, x: np.ndarray, k: int, lam: float, p: float) -> tuple[int, np.ndarray]:
+    """(iterations of the first root finder's loop, the iteration at which each row converged)."""
+    runs: list[tuple[int, np.ndarray]] = []
+
+    def loop(cond, body, state):
+        count, converged = 0, np.where(state[10][:, 0], 0, -1)
+        while bool(cond(state)):
+            state, count = body(state), count + 1
+            converged = np.where((converged < 0) & state[10][:, 0], count, converged)
+        runs.append((count, converged))
+        return state
+
+    SOLVERS[op](x, k, lam, conjugate_exponent(p), np, loop=loop)
+    return runs[0]
+
+
+def main(argv: list[str] | None = None) -> list[tuple]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default="4096x64,262144x64", help="comma-separated ROWSxN")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--k", type=int, default=0, help="default: max(1, n / 10)")
+    parser.add_argument("--strength", type=float, default=0.1)
+    parser.add_argument("--p", default="4/3,2", help="comma-separated exponents")
+    args = parser.parse_args(argv)
+    exponents = [float(a) / float(b or 1) for a, _, b in (p.partition("/") for p in args.p.split(","))]
+    print(f"normal rows, seed 0, {args.dtype}, l = {args.strength}")
+    print("| operator | p | shape | k | loop iterations | rows' median | rows' 99th percentile |")
+    print("|---|---|---|---|---|---|---|")
+    rows = []
+    for shape_text in args.shapes.split(","):
+        batch, n = (int(float(v)) for v in shape_text.lower().split("x"))
+        x = np.random.default_rng(0).normal(size=(batch, n)).astype(args.dtype)
+        k = args.k or max(1, n // 10)
+        for op in SOLVERS:
+            for p in exponents:
+                count, converged = loop_iterations(op, x, k, args.strength, p)
+                median, tail = np.percentile(converged, [50, 99])
+                name = "4/3" if abs(p - 4 / 3) < 1e-12 else f"{p:g}"
+                rows.append((op, name, (batch, n), k, count, median, tail))
+                print(f"| {op} | {name} | ({batch}, {n}) | {k} | {count} | {median:g} | {tail:g} |", flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
