@@ -17,7 +17,9 @@ Algorithm, for all rows at once ((batch, n) arrays, (batch, 1) scalars):
    ``g(l (k/n)^(1/(q-1))) = k/n``.  Magnitude: ``t`` lies in
    ``[min(a/2, g(a/2)), max|x|]`` with ``a`` the smallest non-zero ``|x|``:
    every non-zero entry is saturated at the lower end, none is positive at the
-   upper end.
+   upper end; the lower end is raised to ``c - g^-1(c)`` with
+   ``c = (sum |x| - k max|x|) / (n - k)``, which at least k keys reach, so
+   that all k of them saturate there.
 2. **Safeguarded Newton** on the monotone, piecewise-smooth scalar equation.
    The Newton step of the current support piece ``sum_F g(.) = T`` (``T`` =
    k minus the saturated count) is taken on ``(sum_F g)^a = T^a`` with
@@ -25,7 +27,8 @@ Algorithm, for all rows at once ((batch, n) arrays, (batch, 1) scalars):
    crawl where ``g`` is flat (q > 2) or steep (q < 2) at 0; a piece with
    ``T = 0`` is left at once, for the point where its last free entry
    vanishes or, when sooner, one Newton step beyond the point where the
-   next saturated entry leaves saturation (`_mask_lead`, `_mag_lead`).  The step is taken when it falls inside the current bracket and
+   next saturated entry leaves saturation (`_mask_lead`, `_mag_lead`).
+   The step is taken when it falls inside the current bracket and
    is at most half the step before last (Numerical Recipes' rtsafe rule),
    else the bracket is split (geometric mean when its ends differ by more
    than a factor 4, so that huge and tiny scales cost O(log log) steps;
@@ -64,19 +67,19 @@ saturated set ``A``), ``sign(x)`` on ``F`` and the (batch, 1)
 
 Numerics: the mask is computed relative to the row maximum (ties at a huge
 value keep their exact differences), and rows whose threshold lies more than
-64 ``l`` below the maximum, and every row for p > 2, are solved a second time
-relative to the key nearest to the first threshold (`_mask_recentre`:
+64 ``l`` below the maximum, and every row for p > 2, are solved a second
+time relative to the key nearest to the first threshold (`_mask_recentre`:
 relative to the maximum, keys near such a threshold lose digits, and for
 p > 2, where ``g`` is steep at 0, an entry an ulp of the threshold above it
-has ``y ~ (eps / l)^(q - 1)``, 1e-3 in float32 at p = 3); rows whose finite values span more
-than a quarter of the float range are scaled by 1/4 (with ``l``); the
-magnitude is computed on ``|x|`` scaled by a power of two into [1, 2) with the
-equivalent strength ``l c^(2-p)`` (``mag(x; l) = mag(c x; l c^(2-p)) / c``).
+has ``y ~ (eps / l)^(q - 1)``, 1e-3 in float32 at p = 3); rows whose finite
+values span more than a quarter of the float range are scaled by 1/4 (with
+``l``); the magnitude is computed on ``|x|`` scaled by a power of two into
+[1, 2) with the equivalent strength ``l c^(2-p)`` (``mag(x; l) = mag(c x; l c^(2-p)) / c``).
 For the magnitude, ``r = |x| - t`` carries an absolute error of ``eps t``,
 and the free entries can lie far closer above ``t`` than that scale (ties at a
 small strength, magnitudes spanning many orders): rows whose threshold
-exceeds 64 saturation widths ``l t^(1/(q-1))`` are solved a second time
-relative to the non-zero key ``ref`` nearest to the first threshold, when it
+exceeds 64 saturation widths ``l t^(1/(q-1))``, and every row for p > 2, are
+solved a second time relative to the non-zero key ``ref`` nearest to the first threshold, when it
 lies within a factor 2 of it (`_mag_recentre`).  The keys near the threshold
 are then exact differences ``|x| - ref`` (Sterbenz) and the threshold is
 carried as ``t = ref + delta`` with a small, accurate ``delta``; only
@@ -226,7 +229,8 @@ def _root(
     as a structured loop instead, on fixed shapes.  The first point is
     `start` (inside [lo, hi]; default `hi`).  Returns, for every row,
     the point where it settled (or, when only its bracket closed or the
-    budget ran out, the evaluated point with the smallest miss) and its final
+    budget ran out, the evaluated point with the smallest miss, points where
+    the step was a jump out of the piece after all others) and its final
     bracket.
     """
     ints = default_int(xp)
