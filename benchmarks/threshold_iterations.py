@@ -20,7 +20,7 @@ import argparse
 import numpy as np
 
 from topk_core._agnostic.regularizer import conjugate_exponent
-from topk_core._agnostic.threshold import threshold_mag, threshold_mask
+from topk_core._agnostic.threshold import STATE_DONE, threshold_mag, threshold_mask
 
 SOLVERS = {"mask": threshold_mask, "mag": threshold_mag}
 
@@ -30,10 +30,10 @@ def loop_iterations(op: str, x: np.ndarray, k: int, lam: float, p: float) -> tup
     runs: list[tuple[int, np.ndarray]] = []
 
     def loop(cond, body, state):
-        count, converged = 0, np.where(state[10][:, 0], 0, -1)
+        count, converged = 0, np.where(state[STATE_DONE][:, 0], 0, -1)
         while bool(cond(state)):
             state, count = body(state), count + 1
-            converged = np.where((converged < 0) & state[10][:, 0], count, converged)
+            converged = np.where((converged < 0) & state[STATE_DONE][:, 0], count, converged)
         runs.append((count, converged))
         return state
 

@@ -197,7 +197,7 @@ def test_threshold_iterations_counts_the_loop_and_each_rows_convergence(monkeypa
     for _, _, shape, k, count, median, tail in rows:
         assert shape == (64, 16) and k == 1
         assert 1 <= median <= tail <= count <= 100  # the loop runs until its slowest row has converged
-    # A row that converges at once leaves the loop to the others: one row alone takes fewer iterations.
+    # Rows do not interact: one row alone takes the iterations at which it converged in the batch.
     x = np.random.default_rng(0).normal(size=(64, 16)).astype(np.float32)
     count, converged = threshold_iterations.loop_iterations("mask", x, 1, 0.1, 4.0 / 3.0)
     assert count == converged.max()

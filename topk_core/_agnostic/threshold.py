@@ -126,6 +126,9 @@ _FTOL_ULPS = 8.0  # default `tol`: |sum(y) - k| <= tol * max(k, 1)
 _LANDING_MISS = 64.0
 _MIN_COMPACT = 32  # gather the unconverged rows when at most half of >= this many are left
 _RECENTRE_STRENGTHS = 64.0  # see `_mask_recentre`
+# Where the root finder's loop state (`_root`) holds its (batch, 1) flags of converged rows, and its
+# iteration count (read by `benchmarks/threshold_iterations.py` through a `loop`).
+STATE_DONE, STATE_ITERATION = 10, 11
 
 Stage = Callable[[Callable[..., Any]], Callable[..., Any]]
 """``stage(fn)``: a function computing what `fn` computes (an adapter's compiler, e.g. ``torch.compile``)."""
@@ -282,12 +285,12 @@ def _root(
         xp.zeros((), dtype=ints, device=device(hi)),
     )
     if loop is not None:
-        state = loop(lambda st: xp.any(~st[10]) & (st[11] < max_iter), body, state)
+        state = loop(lambda st: xp.any(~st[STATE_DONE]) & (st[STATE_ITERATION] < max_iter), body, state)
         return state[7], state[1], state[2]
     levels: list[tuple[Any, Any, Any, Any]] = []
     for _ in range(max_iter):
         state = body(state)
-        done = state[10]
+        done = state[STATE_DONE]
         finished = all_true(done, xp)
         if finished:
             break
@@ -303,7 +306,7 @@ def _root(
         if size > left:
             idx = xp.concat([idx, xp.broadcast_to(idx[:1], (size - left,))])
         levels.append((done, state[7], state[1], state[2]))
-        state = (*_take_rows(state[:10], idx, xp), xp.zeros_like(done[:size, :]), state[11])
+        state = (*_take_rows(state[:STATE_DONE], idx, xp), xp.zeros_like(done[:size, :]), state[STATE_ITERATION])
         data = _take_rows(data, idx, xp)
         ftol, scale = _take_rows((ftol, scale), idx, xp)  # `body` reads data, ftol, scale from here
     s, lo, hi = state[7], state[1], state[2]
