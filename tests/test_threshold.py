@@ -434,6 +434,20 @@ def test_structured_loop_ends_early_on_float32_router_rows(operator):
     np.testing.assert_allclose(y, want, rtol=0, atol=1e-5)
 
 
+def test_float32_mask_keeps_its_point_of_smallest_miss_next_to_tied_keys():
+    """Two tied zeros at the k-th place, p = 5/4, l = 0.009, float32: one ulp of the threshold moves
+    sum(y) by 7e-5 there, and the bracket closed between a point of the piece with k saturated
+    entries (miss 1.9e-5) and one where both zeros had left saturation (8.3e-5).  The mask's y is
+    within its miss of the root's: it must keep the first (a rule meant for the magnitude, whose
+    outputs are not y, took the second: 4.1e-5 off PAV instead of 9.3e-6)."""
+    x = np.array([0.49667618, 0.29908502, 0.2833985, 0.03422637, 0.0, 0.0, -0.0083493, -0.06831633, -0.24335952,
+                  -0.248864, -0.57968044], np.float32)[None]
+    kw = dict(p=1.25, regularization_strength=0.00893589262777245)
+    y, _ = FORWARD["mask"](x, 6, method="threshold", **kw)
+    want, _ = _pav("mask", x.astype(np.float64), 6, **kw)
+    np.testing.assert_allclose(y, want, rtol=0, atol=2e-5)
+
+
 @pytest.mark.parametrize("p", [3.0, 2.5])
 def test_float32_rows_at_large_p_are_solved_next_to_a_key(operator, p):
     """p > 2: g is steep at 0, so an entry one float32 ulp of the threshold above it has y ~ sqrt(eps / l);

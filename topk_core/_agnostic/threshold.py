@@ -206,7 +206,7 @@ def _take_rows(arrays: tuple[Any, ...], idx: Any, xp: Any) -> tuple[Any, ...]:
 def _root(
     evaluate: Callable[..., tuple[Any, ...]], data: tuple[Any, ...], lo: Any, hi: Any,
     active: Any, ftol: Any, step_tol: float, scale: Any, ulps: float, exact_pieces: bool, max_iter: int, xp: Any,
-    loop: Callable[..., Any] | None = None, start: Any = None,
+    loop: Callable[..., Any] | None = None, start: Any = None, leave_last: bool = False,
 ) -> tuple[Any, Any, Any]:
     """Safeguarded Newton on a non-increasing, piecewise-smooth scalar equation per row.
 
@@ -232,9 +232,9 @@ def _root(
     as a structured loop instead, on fixed shapes.  The first point is
     `start` (inside [lo, hi]; default `hi`).  Returns, for every row,
     the point where it settled (or, when only its bracket closed or the
-    budget ran out, the evaluated point with the smallest miss, points where
-    the step was a jump out of the piece after all others) and its final
-    bracket.
+    budget ran out, the evaluated point with the smallest miss; with
+    `leave_last`, points where the step was a jump out of the piece after all
+    others) and its final bracket.
     """
     ints = default_int(xp)
 
@@ -250,15 +250,18 @@ def _root(
             # eps)), and settled there with sum(y) = 1 for k = 7.
             settled = settled | (was_newton & (piece == piece_before) & (miss <= _LANDING_MISS * ftol))
         # Until a row settles, `result` holds its point of smallest |sum(y) - k| (monotone on each
-        # side of the root), the answer when only its bracket closes or the budget runs out.  Points
-        # of a piece left by a jump (k saturated entries and free ones, which only vanish) come after
-        # every other: the polish cannot use their support, and as the slope of sum(y) is small
-        # there, a small miss can lie 10 ulps of the scalar from the root (a float32 magnitude row,
-        # whose free outputs move 45 times as much as t: 2.6e-5 off instead of 9e-7).
+        # side of the root), the answer when only its bracket closes or the budget runs out.  With
+        # `leave_last` (the magnitude, whose outputs are not y), points of a piece left by a jump (k
+        # saturated entries and free ones, which only vanish) come after every other: the polish
+        # cannot use their support, and as the slope of sum(y) is small there, a small miss can lie
+        # 10 ulps of the scalar from the root, which the free outputs multiply by 1 + g' (a float32
+        # row: 2.6e-5 off instead of 9e-7).  The mask's y is within its miss of the root's anyway,
+        # and float32 ties took it from 1.9e-5 to 8.3e-5 there.
         smaller = miss < best_miss
-        better = ~done & ((~jump & (best_leave | smaller)) | (jump & best_leave & smaller))
+        leave = jump if leave_last else xp.zeros_like(jump)
+        better = ~done & ((~leave & (best_leave | smaller)) | (leave & best_leave & smaller))
         result, best_miss = xp.where(better | (settled & ~done), s, result), xp.where(better, miss, best_miss)
-        best_leave = xp.where(better, jump, best_leave)
+        best_leave = xp.where(better, leave, best_leave)
         lo = xp.where(excess > 0, s, lo)
         hi = xp.where(excess < 0, s, hi)
         done = done | settled | (hi / 2 - lo / 2 <= ulps * xp.maximum(xp.abs(lo), xp.abs(hi)))
@@ -707,7 +710,7 @@ def _mag_recentre(
     )
     delta, lo2, hi2 = _root(
         evaluate, (d, ref, lam_r, kkf), lo2, hi2, again, ftol, rtol, width, ulps, q == 2.0, iters, xp, loop,
-        start=start,
+        start=start, leave_last=True,
     )
     return d, ref, xp.where(again, delta, t), xp.where(again, lo2, lo), xp.where(again, hi2, hi)
 
@@ -886,7 +889,8 @@ def threshold_mag(
     # 1e+-100 on).
     floor = xp.full_like(hi, float(xp.finfo(dt).smallest_normal))
     t, lo1, hi1 = _root(
-        evaluate, (an, zero_ref, lam_r, kkf), lo, hi, solve, ftol, rtol, floor, ulps, q == 2.0, iters, xp, loop
+        evaluate, (an, zero_ref, lam_r, kkf), lo, hi, solve, ftol, rtol, floor, ulps, q == 2.0, iters, xp, loop,
+        leave_last=True,
     )
     d, ref, delta, lo1, hi1 = _mag_recentre(
         evaluate, an, nonzero, t, lo1, hi1, lo, hi, lam_r, kkf, solve, ftol, rtol, ulps, q, guard, iters, xp, loop,
