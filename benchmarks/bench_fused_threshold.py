@@ -168,7 +168,7 @@ def _run(args: argparse.Namespace) -> list[dict]:
                         row["breakdown"] = breakdown(
                             lambda step=step: step("always", "threshold", backward=False), sync)
                     rows.append(row)
-                    ms = " | ".join(f"{row[c] * 1e3:.3g}" for c in COLUMNS[:3])
+                    ms = " | ".join(f"{row[c] * 1e3:.3g}" for c in COLUMNS)
                     diffs = " | ".join(f"{row[c]:.1e}" for c in ("dy", "dg", "dg pav"))
                     print(f"| {operator} | {p_text} | {(batch, n)} | {ms} | {unroll} | {first:.1f} "
                           f"| {row['compiled'] * 1e3:.3g} | {row['forward'] * 1e3:.3g} "

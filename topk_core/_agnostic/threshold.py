@@ -330,11 +330,12 @@ def _controls(dtype: Any, max_iter: int | None, tol: float | None, xp: Any) -> t
     return rtol, _ULPS * eps, DEFAULT_MAX_ITER if max_iter is None else int(max_iter), 4.0 / float(finfo.max)
 
 
-def _mask_pieces(tau: Any, xs: Any, lam_r: Any, q: float, xp: Any) -> tuple[Any, Any, Any, Any]:
+def _mask_pieces(tau: Any, xs: Any, lam_r: Any, q: float, xp: Any) -> tuple[Any, Any, Any, Any, Any]:
+    """``(u, uc, above, sat, free)`` at the threshold `tau`: ``u = xs - tau`` and its clip to [0, l]."""
     u = xs - tau
     uc = xp.clip(u, 0.0, lam_r)
     above, sat = u > 0, u >= lam_r
-    return uc, above, sat, above & ~sat
+    return u, uc, above, sat, above & ~sat
 
 
 def _mask_lead(u: Any, sat: Any, free_sum: Any, slope: Any, lam_r: Any, q: float, xp: Any) -> Any:
@@ -354,7 +355,7 @@ def _mask_lead(u: Any, sat: Any, free_sum: Any, slope: Any, lam_r: Any, q: float
 
 def _mask_evaluate(tau: Any, xs: Any, lam_r: Any, kkf: Any, q: float, guard: float, xp: Any):
     n = xs.shape[-1]
-    uc, above, sat, free = _mask_pieces(tau, xs, lam_r, q, xp)
+    u, uc, above, sat, free = _mask_pieces(tau, xs, lam_r, q, xp)
     gu = g(uc, lam_r, q, xp)
     n_sat, n_above = count(sat, xp), count(above, xp)
     target = kkf - xp.astype(n_sat, kkf.dtype)
@@ -369,7 +370,7 @@ def _mask_evaluate(tau: Any, xs: Any, lam_r: Any, kkf: Any, q: float, guard: flo
         slope = xp.sum(g_prime_on(uc, free, lam_r, q, xp), axis=-1, keepdims=True)
     one = xp.ones_like(target)
     vanish = xp.max(xp.where(sat, xp.zeros_like(uc), uc), axis=-1, keepdims=True)
-    vanish = xp.minimum(vanish, _mask_lead(xs - tau, sat, free_sum, slope, lam_r, q, xp))
+    vanish = xp.minimum(vanish, _mask_lead(u, sat, free_sum, slope, lam_r, q, xp))
     has_free = n_above > n_sat
     step, ok, jump = _newton(free_sum, target, slope, one, has_free, vanish, 1.0 / (q - 1.0), False, guard, xp)
     # No free entry and exactly k saturated: sum(y) = k holds exactly (inside a non-unique interval).
@@ -509,7 +510,7 @@ def _mask_output(
     dt = xs.dtype
     big = float(xp.finfo(dt).max)
     # Exact polish on the support read at tau, kept only if the support does not change.
-    uc, above, sat, free = _mask_pieces(tau, xs, lam_r, q, xp)
+    _, uc, above, sat, free = _mask_pieces(tau, xs, lam_r, q, xp)
     if q == 2.0:
         n_free = xp.astype(count(free, xp), dt)
         target = kkf - xp.astype(count(sat, xp), dt)
@@ -520,11 +521,11 @@ def _mask_output(
         _, step, usable, _, _, _ = _mask_evaluate(tau, xs, lam_r, kkf, q, guard, xp)
         candidate = tau + xp.where(usable, step, xp.zeros_like(step))
     usable = usable & solve & (candidate >= lo) & (candidate <= hi)
-    _, above_c, sat_c, _ = _mask_pieces(candidate, xs, lam_r, q, xp)
+    _, _, above_c, sat_c, _ = _mask_pieces(candidate, xs, lam_r, q, xp)
     usable = usable & xp.all((above_c == above) & (sat_c == sat), axis=-1, keepdims=True)
     tau = xp.where(usable, candidate, tau)
 
-    uc, _, _, free = _mask_pieces(tau, xs, lam_r, q, xp)
+    _, uc, _, _, free = _mask_pieces(tau, xs, lam_r, q, xp)
     free = free & solve
     y = g(uc, lam_r, q, xp)
 
