@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
@@ -36,14 +35,6 @@ def spanning_row(seed: int, span: float, n: int, centre: float = 0.0) -> np.ndar
     """n float64 values +-10^u, u uniform in [centre - span, centre + span]: magnitudes spanning many orders."""
     rng = np.random.default_rng(seed)
     return 10.0 ** (centre + rng.uniform(-span, span, size=n)) * rng.choice([-1.0, 1.0], size=n)
-
-
-def tiny_keys_limit(p: float) -> object:
-    """The (p, span, centre) case of `spanning_row` rows of keys near 1e-250 that the threshold method does
-    not solve for p < 2, as a strict xfail (docs/methods.md, known limits; PAV solves them)."""
-    return pytest.param(p, 20, -250, marks=pytest.mark.xfail(
-        strict=True, reason="known limit of the threshold method: p < 2 on rows of keys ~1e-250, whose threshold "
-        "lies ~1e-470 below the keys, out of the float range of any frame scaled to a key (docs/methods.md)"))
 
 
 def rows_spanning_many_orders(min_n: int, max_n: int) -> st.SearchStrategy:

@@ -128,7 +128,15 @@ _MIN_COMPACT = 32  # gather the unconverged rows when at most half of >= this ma
 _RECENTRE_STRENGTHS = 64.0  # see `_mask_recentre`
 # Where the root finder's loop state (`_root`) holds its (batch, 1) flags of converged rows, and its
 # iteration count (read by `benchmarks/threshold_iterations.py` through a `loop`).
-STATE_DONE, STATE_ITERATION = 10, 11
+STATE_DONE, STATE_ITERATION = 11, 12
+# A piece without free entries whose saturated ones fall this many or fewer short of k is left
+# for the point where the next key saturates (`_mask_enter`, `_mag_enter`); further short, the
+# bracket is split (entering keys one at a time, k = 100 of 4096 heavy-tailed keys took 100
+# iterations).
+_ENTER_SHORT = 2.0
+# Newton steps taken in a row without halving (onward steps and jumps) before the bracket is split
+# anyway: the safeguard that keeps the worst case near bisection's.
+_UNHALVED_RUN = 3.0
 
 Stage = Callable[[Callable[..., Any]], Callable[..., Any]]
 """``stage(fn)``: a function computing what `fn` computes (an adapter's compiler, e.g. ``torch.compile``)."""
@@ -161,8 +169,8 @@ def _split(lo: Any, hi: Any, floor: Any, xp: Any) -> Any:
 
 
 def _newton(
-    free_sum: Any, target: Any, slope: Any, t: Any, has_free: Any, vanish: Any, a: float, rhs_scales: bool,
-    guard: float, xp: Any,
+    free_sum: Any, target: Any, slope: Any, t: Any, has_free: Any, vanish: Any, enter: Any, a: float,
+    rhs_scales: bool, guard: float, xp: Any,
 ) -> tuple[Any, Any, Any]:
     """Newton step on the equation ``S(s) = T t`` of one support piece, in power-transformed form.
 
@@ -172,9 +180,11 @@ def _newton(
     ``S^a = (T t)^a`` with ``a = 1 / (q - 1)``: exact when the free set has
     one entry, and well conditioned where ``g`` is flat (q > 2) or steep
     (q < 2) at 0, where plain Newton crawls.  For q = 2 (``a = 1``) it is
-    plain Newton.  `slope` is ``sum_F g'``.  Returns the step (in the
-    direction of increasing `s` when ``S > T t``), whether it is usable, and whether it
-    is such an exact jump.
+    plain Newton.  `slope` is ``sum_F g'``.  A piece with ``T = 0`` is left by
+    the step `vanish`, one without free entries at most `_ENTER_SHORT` short of k
+    by `enter` (``sum(y)`` is flat there: Newton has nothing to go on).  Returns the step (in
+    the direction of increasing `s` when ``S > T t``), whether it is usable, and whether it
+    is such a jump.
     """
     excess = free_sum - target * t
     plain_den = slope + target if rhs_scales else slope
@@ -196,7 +206,9 @@ def _newton(
     ok = (den > xp.abs(num) * guard) & (target > 0) & has_free
     step = num / xp.where(ok, den, one)
     leave = (target == 0) & has_free
-    return xp.where(leave, vanish, step), ok | leave, leave
+    short = (target > 0) & (target <= _ENTER_SHORT) & ~has_free
+    jump = leave | short
+    return xp.where(leave, vanish, xp.where(short, enter, step)), ok | jump, jump
 
 
 def _take_rows(arrays: tuple[Any, ...], idx: Any, xp: Any) -> tuple[Any, ...]:
@@ -239,7 +251,7 @@ def _root(
     ints = default_int(xp)
 
     def body(state: tuple[Any, ...]) -> tuple[Any, ...]:
-        s, lo, hi, last, before_last, was_newton, piece_before, result, best_miss, best_leave, done, it = state
+        s, lo, hi, last, before_last, was_newton, piece_before, result, best_miss, best_leave, unhalved, done, it = state
         excess, step, ok, jump, piece, miss = evaluate(s, *data)
         small_step = ok & (xp.abs(step) <= step_tol * xp.maximum(xp.abs(s), scale))
         settled = (small_step & (miss <= ftol)) | (miss == 0) | ((excess == 0) & ~ok)
@@ -271,20 +283,35 @@ def _root(
         # forth 2-3 times more: 262,144 rows of 64, p = 4/3, 18 -> 16 iterations of the loop).
         floor = ulps / 2.0 * xp.abs(s)
         step = xp.where(xp.abs(step) < floor, xp.where(step < 0, -floor, floor), step)
-        ok = ok & (step / 2 < hi / 2 - s / 2) & (step / 2 > lo / 2 - s / 2)
-        was_newton = ok & (jump | (xp.abs(step) <= xp.abs(before_last) / 2))
+        # Strictly inside, as landed: a jump that rounds onto an end of the bracket is no progress (a
+        # magnitude row came back to the same lower end three times).
+        landing = s + step
+        ok = ok & (step / 2 < hi / 2 - s / 2) & (step / 2 > lo / 2 - s / 2) & (landing > lo) & (landing < hi)
+        # rtsafe's rule (a step at most half the step before last), but for jumps and for a step
+        # onward from a Newton step in the same direction, whose point lies on the same side of the
+        # root: sum(y) steepens there as keys enter, and Newton crawls toward the root from one side
+        # (the rule split the bracket, whose far end is the data's, and bisection came back in 3-5
+        # iterations); at most `_UNHALVED_RUN` such steps in a row.
+        halved = xp.abs(step) <= xp.abs(before_last) / 2
+        onward = was_newton & ((step < 0) == (last < 0))
+        unhalved = xp.where(ok & ~halved & (jump | onward), unhalved + 1.0, 0.0 * unhalved)
+        was_newton = ok & (halved | ((jump | onward) & (unhalved <= _UNHALVED_RUN)))
+        unhalved = xp.where(was_newton, unhalved, 0.0 * unhalved)
         nxt = xp.where(was_newton, s + step, _split(lo, hi, scale, xp))
         before_last = last
         last = nxt - s
         s = xp.where(done, s, nxt)
-        return s, lo, hi, last, before_last, was_newton, piece, result, best_miss, best_leave, done, it + 1
+        return s, lo, hi, last, before_last, was_newton, piece, result, best_miss, best_leave, unhalved, done, it + 1
 
     half_width = hi / 2 - lo / 2
     no_piece = xp.zeros_like(hi, dtype=ints) - 1
-    start = hi if start is None else start
+    # By default the first point is the bracket's split: from its upper end (nothing, or the
+    # largest keys alone, above it) Newton crawled down one key at a time.
+    # (Rows not solved keep `hi`: their brackets are no brackets, e.g. the magnitude's of a zero row.)
+    start = xp.where(active, _split(lo, hi, scale, xp), hi) if start is None else start
     state = (
         start, lo, hi, half_width, half_width, xp.zeros_like(active), no_piece, start, xp.full_like(hi, xp.inf),
-        xp.ones_like(active), ~active,
+        xp.ones_like(active), xp.zeros_like(hi), ~active,
         xp.zeros((), dtype=ints, device=device(hi)),
     )
     if loop is not None:
@@ -353,6 +380,16 @@ def _mask_lead(u: Any, sat: Any, free_sum: Any, slope: Any, lam_r: Any, q: float
     return edge + free_sum / (slope + (q - 1.0) / lam_r)
 
 
+def _mask_enter(u: Any, above: Any, lam_r: Any, xp: Any) -> Any:
+    """The step from a piece without free entries down to where the next key below the threshold saturates.
+
+    Every saturated entry stays saturated on the way, and the next key adds 1 to ``sum(y)``
+    there, the whole shortfall when it is one (the point is then the root, or below it when
+    further keys enter too).
+    """
+    return xp.max(xp.where(above, xp.full_like(u, -xp.inf), u), axis=-1, keepdims=True) - lam_r
+
+
 def _mask_evaluate(tau: Any, xs: Any, lam_r: Any, kkf: Any, q: float, guard: float, xp: Any):
     n = xs.shape[-1]
     u, uc, above, sat, free = _mask_pieces(tau, xs, lam_r, q, xp)
@@ -372,7 +409,10 @@ def _mask_evaluate(tau: Any, xs: Any, lam_r: Any, kkf: Any, q: float, guard: flo
     vanish = xp.max(xp.where(sat, xp.zeros_like(uc), uc), axis=-1, keepdims=True)
     vanish = xp.minimum(vanish, _mask_lead(u, sat, free_sum, slope, lam_r, q, xp))
     has_free = n_above > n_sat
-    step, ok, jump = _newton(free_sum, target, slope, one, has_free, vanish, 1.0 / (q - 1.0), False, guard, xp)
+    enter = _mask_enter(u, above, lam_r, xp)
+    step, ok, jump = _newton(
+        free_sum, target, slope, one, has_free, vanish, enter, 1.0 / (q - 1.0), False, guard, xp
+    )
     # No free entry and exactly k saturated: sum(y) = k holds exactly (inside a non-unique interval).
     miss = xp.where(~has_free & (target == 0), 0.0 * excess, xp.abs(excess))
     return excess, step, ok, jump, n_above * (n + 1) + n_sat, miss
@@ -649,6 +689,25 @@ def _mag_lead(r: Any, sat: Any, t: Any, free_sum: Any, slope: Any, lam_r: Any, q
     return gap / (1.0 + growth) + free_sum / (slope + leaving + 1.0)
 
 
+def _mag_enter(r: Any, above: Any, t: Any, lam_r: Any, q: float, xp: Any) -> Any:
+    """`_mask_enter` for the magnitude: the step in ``t`` to where the next key ``a`` below it saturates,
+    ``t + g^-1(t) = a``.
+
+    From ``a - g^-1(a)``, below that point; for q >= 2 one Newton step toward it, which stays
+    below it (``g^-1`` is concave; exact for q = 2).
+    """
+    below = xp.max(xp.where(above, xp.full_like(r, -xp.inf), r), axis=-1, keepdims=True)  # a - t
+    key = xp.maximum(t + below, xp.zeros_like(t))
+    width = g_inverse(key, lam_r, q, xp)
+    if q >= 2.0:
+        t0 = key - width
+        positive = t0 > 0
+        w0 = g_inverse(xp.where(positive, t0, xp.zeros_like(t0)), lam_r, q, xp)
+        slope = 1.0 + w0 / ((q - 1.0) * xp.where(positive, t0, xp.ones_like(t0)))
+        width = xp.where(positive, key - t0 - (t0 + w0 - key) / slope, width)
+    return below - width
+
+
 def _mag_evaluate(delta: Any, d: Any, ref: Any, lam_r: Any, kkf: Any, q: float, guard: float, xp: Any):
     n = d.shape[-1]
     r, rc, above, sat, free, t = _mag_pieces(delta, d, ref, lam_r, q, xp)
@@ -665,7 +724,8 @@ def _mag_evaluate(delta: Any, d: Any, ref: Any, lam_r: Any, kkf: Any, q: float, 
     vanish = xp.max(xp.where(sat, xp.zeros_like(rc), rc), axis=-1, keepdims=True)
     vanish = xp.minimum(vanish, _mag_lead(r, sat, t, free_sum, slope, lam_r, q, xp))
     has_free = n_above > n_sat
-    step, ok, jump = _newton(free_sum, target, slope, t, has_free, vanish, 1.0 / (q - 1.0), True, guard, xp)
+    enter = _mag_enter(r, above, t, lam_r, q, xp)
+    step, ok, jump = _newton(free_sum, target, slope, t, has_free, vanish, enter, 1.0 / (q - 1.0), True, guard, xp)
     excess = free_sum - target * t
     miss = xp.where(~has_free & (target == 0), 0.0 * excess, xp.abs(excess) / xp.where(t > 0, t, 1.0))
     return excess, step, ok, jump, n_above * (n + 1) + n_sat, miss
