@@ -380,14 +380,16 @@ def _mask_lead(u: Any, sat: Any, free_sum: Any, slope: Any, lam_r: Any, q: float
     return edge + free_sum / (slope + (q - 1.0) / lam_r)
 
 
-def _mask_enter(u: Any, above: Any, lam_r: Any, xp: Any) -> Any:
+def _mask_enter(unsaturated: Any, lam_r: Any) -> Any:
     """The step from a piece without free entries down to where the next key below the threshold saturates.
 
+    `unsaturated` is the row's largest ``u = x - tau`` outside the saturated set: on such a
+    piece the next key's (on others the largest free entry's, where the free entries vanish).
     Every saturated entry stays saturated on the way, and the next key adds 1 to ``sum(y)``
     there, the whole shortfall when it is one (the point is then the root, or below it when
     further keys enter too).
     """
-    return xp.max(xp.where(above, xp.full_like(u, -xp.inf), u), axis=-1, keepdims=True) - lam_r
+    return unsaturated - lam_r
 
 
 def _mask_evaluate(tau: Any, xs: Any, lam_r: Any, kkf: Any, q: float, guard: float, xp: Any):
@@ -406,10 +408,12 @@ def _mask_evaluate(tau: Any, xs: Any, lam_r: Any, kkf: Any, q: float, guard: flo
         excess = free_sum - target
         slope = xp.sum(g_prime_on(uc, free, lam_r, q, xp), axis=-1, keepdims=True)
     one = xp.ones_like(target)
-    vanish = xp.max(xp.where(sat, xp.zeros_like(uc), uc), axis=-1, keepdims=True)
-    vanish = xp.minimum(vanish, _mask_lead(u, sat, free_sum, slope, lam_r, q, xp))
+    # One reduction for two steps: where the free entries vanish, and (pieces without them) where
+    # the next key saturates.
+    unsaturated = xp.max(xp.where(sat, xp.full_like(u, -xp.inf), u), axis=-1, keepdims=True)
+    vanish = xp.minimum(unsaturated, _mask_lead(u, sat, free_sum, slope, lam_r, q, xp))
     has_free = n_above > n_sat
-    enter = _mask_enter(u, above, lam_r, xp)
+    enter = _mask_enter(unsaturated, lam_r)
     step, ok, jump = _newton(
         free_sum, target, slope, one, has_free, vanish, enter, 1.0 / (q - 1.0), False, guard, xp
     )
@@ -689,15 +693,14 @@ def _mag_lead(r: Any, sat: Any, t: Any, free_sum: Any, slope: Any, lam_r: Any, q
     return gap / (1.0 + growth) + free_sum / (slope + leaving + 1.0)
 
 
-def _mag_enter(r: Any, above: Any, t: Any, lam_r: Any, q: float, xp: Any) -> Any:
+def _mag_enter(unsaturated: Any, t: Any, lam_r: Any, q: float, xp: Any) -> Any:
     """`_mask_enter` for the magnitude: the step in ``t`` to where the next key ``a`` below it saturates,
-    ``t + g^-1(t) = a``.
+    ``t + g^-1(t) = a`` (`unsaturated`: the row's largest ``r = a - t`` outside the saturated set).
 
     From ``a - g^-1(a)``, below that point; for q >= 2 one Newton step toward it, which stays
     below it (``g^-1`` is concave; exact for q = 2).
     """
-    below = xp.max(xp.where(above, xp.full_like(r, -xp.inf), r), axis=-1, keepdims=True)  # a - t
-    key = xp.maximum(t + below, xp.zeros_like(t))
+    key = xp.maximum(t + unsaturated, xp.zeros_like(t))
     width = g_inverse(key, lam_r, q, xp)
     if q >= 2.0:
         t0 = key - width
@@ -705,7 +708,7 @@ def _mag_enter(r: Any, above: Any, t: Any, lam_r: Any, q: float, xp: Any) -> Any
         w0 = g_inverse(xp.where(positive, t0, xp.zeros_like(t0)), lam_r, q, xp)
         slope = 1.0 + w0 / ((q - 1.0) * xp.where(positive, t0, xp.ones_like(t0)))
         width = xp.where(positive, key - t0 - (t0 + w0 - key) / slope, width)
-    return below - width
+    return unsaturated - width
 
 
 def _mag_evaluate(delta: Any, d: Any, ref: Any, lam_r: Any, kkf: Any, q: float, guard: float, xp: Any):
@@ -721,10 +724,11 @@ def _mag_evaluate(delta: Any, d: Any, ref: Any, lam_r: Any, kkf: Any, q: float, 
     else:
         free_sum = xp.sum(xp.where(free, z, xp.zeros_like(z)), axis=-1, keepdims=True)
         slope = xp.sum(g_prime_on(rc, free, lam_r, q, xp), axis=-1, keepdims=True)
-    vanish = xp.max(xp.where(sat, xp.zeros_like(rc), rc), axis=-1, keepdims=True)
-    vanish = xp.minimum(vanish, _mag_lead(r, sat, t, free_sum, slope, lam_r, q, xp))
+    # As for the mask: one reduction for the vanishing point and the next key.
+    unsaturated = xp.max(xp.where(sat, xp.full_like(r, -xp.inf), r), axis=-1, keepdims=True)
+    vanish = xp.minimum(unsaturated, _mag_lead(r, sat, t, free_sum, slope, lam_r, q, xp))
     has_free = n_above > n_sat
-    enter = _mag_enter(r, above, t, lam_r, q, xp)
+    enter = _mag_enter(unsaturated, t, lam_r, q, xp)
     step, ok, jump = _newton(free_sum, target, slope, t, has_free, vanish, enter, 1.0 / (q - 1.0), True, guard, xp)
     excess = free_sum - target * t
     miss = xp.where(~has_free & (target == 0), 0.0 * excess, xp.abs(excess) / xp.where(t > 0, t, 1.0))
