@@ -452,20 +452,21 @@ def _loop_counts(solver, x, k, lam, q):
 
 
 def test_rows_do_not_crawl_from_the_top_of_their_brackets(operator):
-    """The same router rows as above: a typical row converges in 6 iterations, not 8 (mask) or 7.
+    """The same router rows as above: the loop ends after 11 iterations, not 14 (mask) or 12, and a typical
+    row converges in 7 (mask; was 8) or 5 (was 7).
 
     The search started at the bracket's upper end, where nothing (the magnitude) or only the largest
     keys (the mask) are above the threshold; Newton crawled down from there, and pieces without free
     entries (flat: sum(y) does not move) were bisected toward the data's far end and back.  It now
-    starts at the bracket's split, leaves a flat piece one or two keys short of k for the point
-    where the next key saturates, and takes Newton steps onward in the same direction without the
-    halving rule (at most three in a row).
+    starts at the bracket's midpoint (the mask's lower end raised by the row's mean), leaves a flat
+    piece one or two keys short of k for the point where the next key saturates, and takes Newton
+    steps onward in the same direction without the halving rule (at most three in a row).
     """
     x = np.random.default_rng(0).normal(size=(4096, 64)).astype(np.float32)
     solver = threshold.threshold_mask if operator == "mask" else threshold.threshold_mag
     loop_count, done_at = _loop_counts(solver, x, 6, 0.1, 4.0)
-    assert np.median(done_at) <= 6, np.median(done_at)
-    assert loop_count <= 12, loop_count
+    assert np.median(done_at) <= 7, np.median(done_at)
+    assert loop_count <= 11, loop_count
 
 
 @pytest.mark.parametrize("p", [4.0 / 3.0, 2.0, 3.0])
@@ -473,8 +474,8 @@ def test_heavy_tailed_long_rows_stay_near_bisection(operator, p):
     """k = 100 of 4096 lognormal keys (sigma 3): the threshold lies among keys far apart next to l, where
     sum(y) is a staircase of flat pieces.  Entering them one key at a time took the loop to its
     budget of 100 iterations (a trial of this change); only flat pieces one or two keys short are
-    entered so, and steps that skip the halving rule are capped: mask 23, 22, 26 iterations for
-    p = 4/3, 2, 3 (28, 26, 33 before the change), magnitude 18, 13, 11 (20, 14, 12).
+    entered so, and steps that skip the halving rule are capped: mask 19, 19, 22 iterations for
+    p = 4/3, 2, 3 (28, 26, 33 before these changes), magnitude 18, 13, 11 (20, 14, 12).
     """
     x = np.random.default_rng(3).lognormal(0.0, 3.0, size=(64, 4096))
     solver = threshold.threshold_mask if operator == "mask" else threshold.threshold_mag
