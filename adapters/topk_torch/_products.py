@@ -113,23 +113,39 @@ def _mag_vjp_rows(res: Any, cotangent: torch.Tensor) -> torch.Tensor:
 _COMPILED_VJP = {"mask": _mask_vjp_rows, "mag": _mag_vjp_rows}
 
 
-def _plain_rows(res: Any, cotangent: torch.Tensor) -> bool:
-    """Residuals and a cotangent that are plain tensors, in a product that nothing records or
-    traces: grad mode off (an ordinary backward, not ``create_graph``), no `torch.compile`
-    tracing, no `torch.func` transform and no tensor subclass (fake, functional or batched
-    tensors).  Only then may the product be compiled on its own.
-    """
-    if torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return False
+def _unrecorded() -> bool:
+    # Grad mode off (an ordinary backward, not ``create_graph``) and no `torch.compile` tracing; asked
+    # first, before anything that Dynamo would have to trace.
+    return not (torch.is_grad_enabled() or torch.compiler.is_compiling())
+
+
+def _plain_tensors(res: Any, cotangent: torch.Tensor) -> bool:
+    # No `torch.func` transform and no tensor subclass (fake, functional or batched tensors).
     return all(
         type(t) is torch.Tensor and not torch._C._functorch.is_functorch_wrapped_tensor(t)
         for t in (cotangent, *(t for t in res if t is not None))
     )
 
 
+def _plain_rows(res: Any, cotangent: torch.Tensor) -> bool:
+    """Residuals and a cotangent that are plain tensors, in a product that nothing records or
+    traces: grad mode off (an ordinary backward, not ``create_graph``), no `torch.compile`
+    tracing, no `torch.func` transform and no tensor subclass (fake, functional or batched
+    tensors).  Only then may the product be compiled on its own.
+    """
+    return _unrecorded() and _plain_tensors(res, cotangent)
+
+
 def _plain_host_rows(res: Any, cotangent: torch.Tensor) -> bool:
     """`_plain_rows` in input order on the CPU (its own dispatch key: wrapped tensors have the type but
-    not the key): only then may the product leave torch."""
-    return res.perm is None and _plain_rows(res, cotangent) and all(
-        torch._C._dispatch_keys(t).has(torch._C.DispatchKey.CPU) for t in (cotangent, *(t for t in res if t is not None))
+    not the key): only then may the product leave torch.  The device is asked before the tensors'
+    types, so that a device's backward, which asks `_plain_rows` next, walks them once."""
+    return (
+        res.perm is None
+        and _unrecorded()
+        and all(
+            torch._C._dispatch_keys(t).has(torch._C.DispatchKey.CPU)
+            for t in (cotangent, *(t for t in res if t is not None))
+        )
+        and _plain_tensors(res, cotangent)
     )
