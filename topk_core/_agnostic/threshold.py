@@ -126,13 +126,18 @@ tiny rows converge in 3-20 iterations (float64); the safeguards (a split
 whenever Newton stops halving its steps, geometric splits across scales)
 bound adversarial float64 rows well below this."""
 
+# Constants read inside the root finder's loop and stages are ints where they can be: the PyTorch
+# adapter compiles them with float arguments as graph inputs (so that other strengths reuse the
+# graphs), and a float global read there became one too, lifted into a tensor at every compiled
+# call (three eager operations each: 128-165 operations per forward at (64, 64) with two such
+# constants in the loop, 110-141 with none).
 _ULPS = 4.0  # a bracket this many ulps wide has converged
 _FTOL_ULPS = 8.0  # default `tol`: |sum(y) - k| <= tol * max(k, 1)
 # How far above `ftol` the miss of an exact piecewise-linear landing may lie (the rounding of a
 # sum of n terms) for the landing to count as the root.
-_LANDING_MISS = 64.0
+_LANDING_MISS = 64
 _MIN_COMPACT = 32  # gather the unconverged rows when at most half of >= this many are left
-_RECENTRE_STRENGTHS = 64.0  # see `_mask_recentre`
+_RECENTRE_STRENGTHS = 64  # see `_mask_recentre`
 # Where the root finder's loop state (`_root`) holds its (batch, 1) flags of converged rows, and its
 # iteration count (read by `benchmarks/threshold_iterations.py` through a `loop`).
 STATE_DONE, STATE_ITERATION = 11, 12
@@ -140,10 +145,10 @@ STATE_DONE, STATE_ITERATION = 11, 12
 # for the point where the next key saturates (`_mask_enter`, `_mag_enter`); further short, the
 # bracket is split (entering keys one at a time, k = 100 of 4096 heavy-tailed keys took 100
 # iterations).
-_ENTER_SHORT = 2.0
+_ENTER_SHORT = 2
 # Newton steps taken in a row without halving (onward steps and jumps) before the bracket is split
 # anyway: the safeguard that keeps the worst case near bisection's.
-_UNHALVED_RUN = 3.0
+_UNHALVED_RUN = 3
 
 Stage = Callable[[Callable[..., Any]], Callable[..., Any]]
 """``stage(fn)``: a function computing what `fn` computes (an adapter's compiler, e.g. ``torch.compile``)."""
@@ -523,7 +528,7 @@ def _mask_key_frame(
 
 
 def _mask_frame(x: Any, k: int, lam: float, q: float, rtol: float, xp: Any) -> tuple[Any, ...]:
-    """The rows relative to their maximum, the count of entries to select and the data bracket."""
+    """The rows relative to their maximum, the count of entries to select, the data bracket and its midpoint."""
     n = x.shape[-1]
     dt = x.dtype
     big = float(xp.finfo(dt).max)
@@ -560,7 +565,8 @@ def _mask_frame(x: Any, k: int, lam: float, q: float, rtol: float, xp: Any) -> t
     lo = xp.where(divisible, xp.maximum(lo, reach * (1.0 + 2.0**-10) - lam_r), lo)
     ftol = rtol * xp.maximum(kkf, 1.0)
     infinities = pos_inf, neg_inf, n_pos, n_neg, n_fin
-    return nan_rows, infinities, fin, kk, solve, kkf, xf, top, bottom, c, lam_r, xs, lo, hi, ftol
+    start = xp.where(solve, lo / 2 + hi / 2, hi)  # the root finder's first point: the bracket's midpoint
+    return nan_rows, infinities, fin, kk, solve, kkf, xf, top, bottom, c, lam_r, xs, lo, hi, ftol, start
 
 
 def _mask_output(
@@ -653,7 +659,7 @@ def threshold_mask(
     check_strength_in_dtype(lam, x.dtype, xp, "threshold")
     fuse = _as_is if stage is None else stage
     rtol, ulps, iters, guard = _controls(x.dtype, max_iter, tol, xp)
-    nan_rows, infinities, fin, kk, solve, kkf, xf, top, bottom, c, lam_r, xs, lo, hi, ftol = fuse(_mask_frame)(
+    nan_rows, infinities, fin, kk, solve, kkf, xf, top, bottom, c, lam_r, xs, lo, hi, ftol, start = fuse(_mask_frame)(
         x, k, lam, q, rtol, xp
     )
 
@@ -661,8 +667,7 @@ def threshold_mask(
         return _mask_evaluate(tau, xs, lam_r, kkf, q, guard, xp)
 
     tau, lo, hi = _root(
-        evaluate, (xs, lam_r, kkf), lo, hi, solve, ftol, rtol, lam_r, ulps, q == 2.0, iters, xp, loop,
-        start=xp.where(solve, lo / 2 + hi / 2, hi),
+        evaluate, (xs, lam_r, kkf), lo, hi, solve, ftol, rtol, lam_r, ulps, q == 2.0, iters, xp, loop, start=start
     )
     xs, tau, lo, hi = _mask_recentre(
         evaluate, xs, xf, fin, c, top, bottom, tau, lo, hi, lam_r, kkf, solve, ftol, rtol, ulps, q, guard, iters,
@@ -847,7 +852,8 @@ def _mag_frame(
     x: Any, k: int, lam: float, q: float, rtol: float, p: float, emax: float, lam_lo: float, lam_hi: float,
     xp: Any,
 ) -> tuple[Any, ...]:
-    """|x| scaled into [1, 2), the equivalent strength, the count of entries to keep and the data bracket."""
+    """|x| scaled into [1, 2), the equivalent strength, the count of entries to keep, the data bracket, and the
+    root finder's floor of splits and first point."""
     n = x.shape[-1]
     dt = x.dtype
     x, nan_rows = nan_rows_of(x, xp)
@@ -894,7 +900,13 @@ def _mag_frame(
     mass = xp.where(mass > 0, mass, xp.zeros_like(mass))
     lo = xp.where(solve, xp.maximum(lo, mass - g_inverse(mass, lam_r, q, xp)), lo)
     ftol = rtol * xp.maximum(kkf, 1.0)
-    return x, nan_rows, infinite, fin, kk, kkf, nonzero, n_nonzero, solve, c, lam_r, an, lo, hi, ftol
+    # The threshold can lie hundreds of orders below the largest key (whose scale is 1 here): the
+    # root finder splits its bracket geometrically down to the smallest normal number (with a
+    # floor of 0 it halved, about 3 steps per order, and ran out of iterations from spans of
+    # 1e+-100 on).
+    floor = xp.full_like(hi, float(xp.finfo(dt).smallest_normal))
+    start = _mag_start(lo, hi, solve, floor, xp)
+    return x, nan_rows, infinite, fin, kk, kkf, nonzero, n_nonzero, solve, c, lam_r, an, lo, hi, ftol, floor, start
 
 
 def _mag_output(
@@ -970,20 +982,15 @@ def threshold_mag(
     rtol, ulps, iters, guard = _controls(dt, max_iter, tol, xp)
     p, emax, lam_lo, lam_hi = _mag_scales(lam, q, dt, xp)
     frame = fuse(_mag_frame)(x, k, lam, q, rtol, p, emax, lam_lo, lam_hi, xp)
-    x, nan_rows, infinite, fin, kk, kkf, nonzero, n_nonzero, solve, c, lam_r, an, lo, hi, ftol = frame
+    x, nan_rows, infinite, fin, kk, kkf, nonzero, n_nonzero, solve, c, lam_r, an, lo, hi, ftol, floor, start = frame
 
     def evaluate(delta: Any, d: Any, ref: Any, lam_r: Any, kkf: Any) -> tuple[Any, ...]:
         return _mag_evaluate(delta, d, ref, lam_r, kkf, q, guard, xp)
 
     zero_ref = xp.zeros_like(hi)
-    # The threshold can lie hundreds of orders below the largest key (whose scale is 1 here): the
-    # root finder splits its bracket geometrically down to the smallest normal number (with a
-    # floor of 0 it halved, about 3 steps per order, and ran out of iterations from spans of
-    # 1e+-100 on).
-    floor = xp.full_like(hi, float(xp.finfo(dt).smallest_normal))
     t, lo1, hi1 = _root(
         evaluate, (an, zero_ref, lam_r, kkf), lo, hi, solve, ftol, rtol, floor, ulps, q == 2.0, iters, xp, loop,
-        start=_mag_start(lo, hi, solve, floor, xp), leave_last=True,
+        start=start, leave_last=True,
     )
     d, ref, delta, lo1, hi1 = _mag_recentre(
         evaluate, an, nonzero, t, lo1, hi1, lo, hi, lam_r, kkf, solve, ftol, rtol, ulps, q, guard, iters, xp, loop,
