@@ -35,8 +35,8 @@ Algorithm, for all rows at once ((batch, n) arrays, (batch, 1) scalars):
    left for the point where the next key saturates (`_mask_enter`, `_mag_enter`).
    The step is taken when it lands strictly inside the current bracket and
    is at most half the step before last (Numerical Recipes' rtsafe rule),
-   or is such a jump, or goes on in the direction of a Newton step just
-   taken (at most three of the last two kinds in a row),
+   or is such a jump, or goes on in the direction of the Newton step just
+   taken (jumps and onward steps that do not halve: at most three in a row),
    else the bracket is split (geometric mean when its ends differ by more
    than a factor 4, so that huge and tiny scales cost O(log log) steps;
    arithmetic mean otherwise).  A row has converged once
@@ -244,9 +244,11 @@ def _root(
     scalar (every ``y_i`` is monotone in `s`, so the outputs are then within
     `ftol` of the root's in L1), when a Newton step of a piecewise-linear
     equation (`exact_pieces`) stayed in its piece (it then landed on the
-    root), or when its bracket is a few ulps wide.  A Newton step is taken
-    when it falls inside the bracket and is at most half the step before last
-    (Numerical Recipes' rtsafe rule), else the bracket is split.
+    root), or when its bracket is a few ulps wide.  A step is taken when it
+    lands strictly inside the bracket and is at most half the step before
+    last (Numerical Recipes' rtsafe rule), or is a jump, or goes on in the
+    direction of the Newton step just taken (jumps and such onward steps that
+    do not halve: at most `_UNHALVED_RUN` in a row); else the bracket is split.
 
     Without `loop`, a Python loop: with readable (eager) arrays it stops once
     every row has converged and gathers the unconverged rows whenever at most
@@ -254,7 +256,7 @@ def _root(
     batch; with traced arrays it runs `max_iter` iterations on fixed shapes.
     `loop(cond, body, state)` (e.g. ``jax.lax.while_loop``) runs the same body
     as a structured loop instead, on fixed shapes.  The first point is
-    `start` (inside [lo, hi]; default `hi`).  Returns, for every row,
+    `start` (inside [lo, hi] where `active`; default `_split`'s point, `hi` where not active).  Returns, for every row,
     the point where it settled (or, when only its bracket closed or the
     budget ran out, the evaluated point with the smallest miss; with
     `leave_last`, points where the step was a jump out of the piece after all
@@ -317,9 +319,8 @@ def _root(
 
     half_width = hi / 2 - lo / 2
     no_piece = xp.zeros_like(hi, dtype=ints) - 1
-    # By default the first point is the bracket's split: from its upper end (nothing, or the
-    # largest keys alone, above it) Newton crawled down one key at a time.
-    # (Rows not solved keep `hi`: their brackets are no brackets, e.g. the magnitude's of a zero row.)
+    # Not the upper end (nothing, or the largest keys alone, above it), from which Newton crawled down
+    # a key at a time; rows not solved keep `hi`: their brackets are none (the magnitude's of a zero row).
     start = xp.where(active, _split(lo, hi, scale, xp), hi) if start is None else start
     state = (
         start, lo, hi, half_width, half_width, xp.zeros_like(active), no_piece, start, xp.full_like(hi, xp.inf),
@@ -553,8 +554,8 @@ def _mask_frame(x: Any, k: int, lam: float, q: float, rtol: float, xp: Any) -> t
     ratio = xp.where(solve, kkf / xp.where(solve, n_fin_f, 1.0), 0.5)
     hi = -g_inverse(ratio, lam_r, q, xp)
     lo = (bottom * c - top * c) - lam_r
-    # At least k keys reach (sum - (k - 1) max) / (n - k + 1) (else the sum would be smaller), all k
-    # saturate a strength below it, so sum(y) >= k there: relative to the maximum, the mean over
+    # At least k keys reach (sum - (k - 1) max) / (n - k + 1) (else the sum would be smaller), and all
+    # k are saturated at a threshold l below it, so sum(y) >= k there: relative to the maximum, the mean over
     # (n - k + 1) / n, less l.  On rows of 64 normal logits that is about -2.7 (the root lies near
     # -2.2) against min - max - l, about -5.  The factor covers the rounding of the mean; a mean
     # too large to divide is left out.
