@@ -204,6 +204,30 @@ def test_threshold_iterations_counts_the_loop_and_each_rows_convergence(monkeypa
     assert threshold_iterations.loop_iterations("mask", x[:1], 1, 0.1, 4.0 / 3.0)[0] == converged[0]
 
 
+def test_threshold_sweep_counts_iterations_and_compares_versions(monkeypatch, tmp_path, capsys):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import threshold_sweep
+
+    monkeypatch.setattr(threshold_sweep, "SHAPES", ((16, 12, 2),))
+    saved = tmp_path / "counts.json"
+    cases = threshold_sweep.main(["iterations", "--save", str(saved)])
+    assert len(cases) == 7 * 2 * 2 * 3 * 2  # kinds, dtypes, operators, exponents, strengths
+    assert all(1 <= count <= 100 for count in cases.values())
+    again = threshold_sweep.main(["iterations", "--against", str(saved)])
+    assert again == cases  # deterministic: the same rows and counts in every run
+    assert "geometric mean of the ratios 1.000" in capsys.readouterr().out
+
+
+def test_threshold_sweep_of_outputs_against_pav(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import threshold_sweep
+
+    worst = threshold_sweep.main(["accuracy", "--rows", "7"])
+    assert len(worst) == 2 * 4 * 2  # operators, exponents, dtypes
+    for (_, _, dtype), value in worst.items():
+        assert value < (1e-4 if dtype == "float32" else 1e-12), (dtype, value)
+
+
 def test_op_count_counts_top_level_operations_syncs_and_root_evaluations(monkeypatch):
     """`op_count.py`'s counters on calls whose counts are known, and on the threshold method."""
     torch = pytest.importorskip("torch")
