@@ -2,7 +2,8 @@
 
 The figures of docs/methods.md on changes to the threshold method's root finder come from here.
 Run it on the working tree, and with ``--core`` on a checkout of an earlier commit (``git worktree
-add /tmp/old COMMIT``), whose ``topk_core`` is then imported instead, to compare versions:
+add /tmp/old COMMIT``, a4c77a4 or later), whose ``topk_core`` is then imported instead, to
+compare versions:
 
     python benchmarks/threshold_sweep.py iterations --save /tmp/new.json
     python benchmarks/threshold_sweep.py iterations --core /tmp/old --against /tmp/new.json
@@ -10,7 +11,7 @@ add /tmp/old COMMIT``), whose ``topk_core`` is then imported instead, to compare
     python benchmarks/threshold_sweep.py accuracy --core /tmp/old
 
 ``iterations``: the first root finder's loop iterations (what a jitted or compiled solve runs: until
-the slowest row has converged) on 504 cases: seven kinds of rows (normal, uniform, exponential,
+the slowest row has converged; counted by `threshold_iterations.loop_iterations`) on 504 cases: seven kinds of rows (normal, uniform, exponential,
 Cauchy, lognormal with sigma 3, ties, normal times 10), three shapes ((4096, 64), (1024, 256),
 (64, 4096) with k = 6, 8, 100), both operators, p in {4/3, 2, 3}, l in {0.1, 1}, float32 and
 float64; the total, and with ``--against`` (a file saved by ``--save``) the geometric mean and the
@@ -59,22 +60,7 @@ def _p_name(p: float) -> str:
 
 
 def iterations(args: argparse.Namespace) -> dict[str, int]:
-    from topk_core._agnostic import threshold
-
-    solvers = {"mask": threshold.threshold_mask, "mag": threshold.threshold_mag}
-
-    def loop_count(op: str, x: np.ndarray, k: int, lam: float, p: float) -> int:
-        counts: list[int] = []
-
-        def loop(cond, body, state):
-            count = 0
-            while bool(cond(state)):
-                state, count = body(state), count + 1
-            counts.append(count)
-            return state
-
-        solvers[op](x, k, lam, p / (p - 1.0), np, loop=loop)
-        return counts[0]  # the first root finder's
+    from threshold_iterations import SOLVERS, loop_iterations  # after --core: that checkout's solvers
 
     rng = np.random.default_rng(0)
     cases: dict[str, int] = {}
@@ -82,11 +68,11 @@ def iterations(args: argparse.Namespace) -> dict[str, int]:
         for dtype in ("float32", "float64"):
             for rows, n, k in SHAPES[: args.shapes]:
                 x = _rows(kind, rng, (rows, n)).astype(dtype)
-                for op in solvers:
+                for op in SOLVERS:
                     for p in EXPONENTS:
                         for lam in STRENGTHS:
                             key = f"{kind} {dtype} ({rows}, {n}) k={k} {op} p={_p_name(p)} l={lam:g}"
-                            cases[key] = loop_count(op, x, k, lam, p)
+                            cases[key] = loop_iterations(op, x, k, lam, p)[0]
             print(f"{kind} {dtype}: {sum(v for c, v in cases.items() if c.startswith(f'{kind} {dtype} '))} iterations",
                   flush=True)
     print(f"total: {sum(cases.values())} iterations over {len(cases)} cases")

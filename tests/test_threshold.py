@@ -407,6 +407,24 @@ def test_iteration_controls(rng, operator):
     np.testing.assert_allclose(exact, want, rtol=0, atol=1e-10)
 
 
+def _loop_runs(solver, x, k, lam, q):
+    """(outputs, and for each structured loop of the solve in turn: its iterations and the iteration at
+    which each row converged)."""
+    runs = []
+
+    def loop(cond, body, state):
+        done_at = np.where(state[threshold.STATE_DONE][:, 0], 0, -1)
+        count = 0
+        while bool(cond(state)):
+            state, count = body(state), count + 1
+            done_at = np.where((done_at < 0) & state[threshold.STATE_DONE][:, 0], count, done_at)
+        runs.append((count, done_at))
+        return state
+
+    y, _ = solver(x, k, lam, q, np, loop=loop)
+    return y, runs
+
+
 def test_structured_loop_ends_early_on_float32_router_rows(operator):
     """Under jit the loop runs until the slowest row of the batch converges.
 
@@ -418,37 +436,12 @@ def test_structured_loop_ends_early_on_float32_router_rows(operator):
     before 5.4e-6 and 5.9e-6; 2.6e-5 when the magnitude's answer could come from such a piece).
     """
     x = np.random.default_rng(0).normal(size=(4096, 64)).astype(np.float32)
-    iterations = []
-
-    def loop(cond, body, state):
-        count = 0
-        while bool(cond(state)):
-            state, count = body(state), count + 1
-        iterations.append(count)
-        return state
-
     solver = threshold.threshold_mask if operator == "mask" else threshold.threshold_mag
-    y, _ = solver(x, 6, 0.1, 4.0, np, loop=loop)
+    y, runs = _loop_runs(solver, x, 6, 0.1, 4.0)
+    iterations = [count for count, _ in runs]
     assert max(iterations) <= 15, iterations
     want, _ = _pav(operator, x.astype(np.float64), 6, regularization_strength=0.1)
     np.testing.assert_allclose(y, want, rtol=0, atol=1e-5)
-
-
-def _loop_counts(solver, x, k, lam, q):
-    """(iterations of the first root finder's structured loop, the iteration at which each row converged)."""
-    counts = []
-
-    def loop(cond, body, state):
-        done_at = np.where(state[threshold.STATE_DONE][:, 0], 0, -1)
-        count = 0
-        while bool(cond(state)):
-            state, count = body(state), count + 1
-            done_at = np.where((done_at < 0) & state[threshold.STATE_DONE][:, 0], count, done_at)
-        counts.append((count, done_at))
-        return state
-
-    solver(x, k, lam, q, np, loop=loop)
-    return counts[0]
 
 
 def test_rows_do_not_crawl_from_the_top_of_their_brackets(operator):
@@ -464,7 +457,7 @@ def test_rows_do_not_crawl_from_the_top_of_their_brackets(operator):
     """
     x = np.random.default_rng(0).normal(size=(4096, 64)).astype(np.float32)
     solver = threshold.threshold_mask if operator == "mask" else threshold.threshold_mag
-    loop_count, done_at = _loop_counts(solver, x, 6, 0.1, 4.0)
+    loop_count, done_at = _loop_runs(solver, x, 6, 0.1, 4.0)[1][0]  # the first root finder's loop
     assert np.median(done_at) <= 7, np.median(done_at)
     assert loop_count <= 11, loop_count
 
@@ -479,7 +472,7 @@ def test_heavy_tailed_long_rows_stay_near_bisection(operator, p):
     """
     x = np.random.default_rng(3).lognormal(0.0, 3.0, size=(64, 4096))
     solver = threshold.threshold_mask if operator == "mask" else threshold.threshold_mag
-    loop_count, _ = _loop_counts(solver, x, 100, 0.1, conjugate_exponent(p))
+    loop_count, _ = _loop_runs(solver, x, 100, 0.1, conjugate_exponent(p))[1][0]
     assert loop_count <= 30, loop_count
 
 
