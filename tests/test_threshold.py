@@ -462,6 +462,20 @@ def test_rows_do_not_crawl_from_the_top_of_their_brackets(operator):
     assert loop_count <= 11, loop_count
 
 
+@pytest.mark.parametrize("p", [4.0 / 3.0, 2.0])
+def test_mask_splits_its_bracket_below_the_maximum_at_the_midpoint(p):
+    """The same router rows: relative to the row maximum, the mask's bracket runs from the row's mean
+    to near the maximum, and its geometric mean (the split of brackets whose ends differ by more
+    than a factor 4) lay close to the maximum, far above the root, from which Newton crawled back
+    down.  Split at the midpoint unless the ends differ by more than a factor 64, a typical row
+    converges in 5 iterations (p = 4/3 was 7, p = 2 was 6) and the loop ends after 10 or 9 (11, 10).
+    """
+    x = np.random.default_rng(0).normal(size=(4096, 64)).astype(np.float32)
+    loop_count, done_at = _loop_runs(threshold.threshold_mask, x, 6, 0.1, conjugate_exponent(p))[1][0]
+    assert np.median(done_at) <= 5, np.median(done_at)
+    assert loop_count <= 10, loop_count
+
+
 @pytest.mark.parametrize("p", [4.0 / 3.0, 2.0, 3.0])
 def test_heavy_tailed_long_rows_stay_near_bisection(operator, p):
     """k = 100 of 4096 lognormal keys (sigma 3): the threshold lies among keys far apart next to l, where

@@ -38,8 +38,9 @@ Algorithm, for all rows at once ((batch, n) arrays, (batch, 1) scalars):
    or is such a jump, or goes on in the direction of the Newton step just
    taken (jumps and onward steps that do not halve: at most three in a row),
    else the bracket is split (geometric mean when its ends differ by more
-   than a factor 4, so that huge and tiny scales cost O(log log) steps;
-   arithmetic mean otherwise).  A row has converged once
+   than a factor 4, 64 in the mask's solve relative to the row maximum, so
+   that huge and tiny scales cost O(log log) steps; arithmetic mean
+   otherwise).  A row has converged once
    ``|sum(y) - k| <= tol * k`` (every ``y_i`` is monotone in the scalar, so
    this bounds the L1 error of ``y``) with a Newton step below ``tol``
    relative to the scalar, once a p = 2 Newton step stays in its piece (the
@@ -149,6 +150,15 @@ _ENTER_SHORT = 2
 # Newton steps taken in a row without halving (onward steps and jumps) before the bracket is split
 # anyway: the safeguard that keeps the worst case near bisection's.
 _UNHALVED_RUN = 3
+# A bracket is split at its geometric mean when its ends differ by more than this factor (else at its
+# midpoint) in the mask's solve relative to the row maximum, where the root is a distance below the
+# maximum of the order of the keys' spread: split geometrically from a factor 4 on (the magnitude's
+# rule, whose threshold is a scale), a bracket from the row's mean to near the maximum was cut close
+# to the maximum, and Newton crawled back down (router rows, float32, 64 entries, k = 6, l = 0.1, at
+# 262,144 rows: loop 13 -> 11 iterations for p = 4/3 and 12 -> 11 for p = 2, rows' medians 7 -> 5
+# and 6 -> 5; the 504-case sweep of benchmarks/threshold_sweep.py 6562 -> 6480, uniform keys with a
+# root near the maximum 6 -> 8).  Beyond it geometric splits still cost O(log log) on huge spreads.
+_MASK_SPREAD = 64
 
 Stage = Callable[[Callable[..., Any]], Callable[..., Any]]
 """``stage(fn)``: a function computing what `fn` computes (an adapter's compiler, e.g. ``torch.compile``)."""
@@ -158,8 +168,8 @@ def _as_is(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-def _split(lo: Any, hi: Any, floor: Any, xp: Any) -> Any:
-    """A point strictly inside [lo, hi]: geometric mean across scales, else the midpoint.
+def _split(lo: Any, hi: Any, floor: Any, xp: Any, spread: int = 4) -> Any:
+    """A point strictly inside [lo, hi]: geometric mean across scales (ends more than `spread` apart), else the midpoint.
 
     Brackets that contain or end at 0 and reach far beyond `floor` (> 0; the
     scale of the root's own terms, 0 to disable) are split at 0 first and
@@ -172,7 +182,7 @@ def _split(lo: Any, hi: Any, floor: Any, xp: Any) -> Any:
     big, small = xp.maximum(alo, ahi), xp.minimum(alo, ahi)
     same_sign = ((lo > 0) & (hi > 0)) | ((lo < 0) & (hi < 0))
     geo = xp.sqrt(small) * xp.sqrt(big)
-    out = xp.where(same_sign & (big / 4 > small), xp.where(hi > 0, geo, -geo), mid)
+    out = xp.where(same_sign & (big / spread > small), xp.where(hi > 0, geo, -geo), mid)
     far = (floor > 0) & (big > 4 * floor)
     toward_zero = xp.sqrt(big) * xp.sqrt(xp.where(floor > 0, floor, 1.0))
     at_zero_end = xp.where(hi == 0, -toward_zero, toward_zero)
@@ -230,7 +240,7 @@ def _take_rows(arrays: tuple[Any, ...], idx: Any, xp: Any) -> tuple[Any, ...]:
 def _root(
     evaluate: Callable[..., tuple[Any, ...]], data: tuple[Any, ...], lo: Any, hi: Any,
     active: Any, ftol: Any, step_tol: float, scale: Any, ulps: float, exact_pieces: bool, max_iter: int, xp: Any,
-    loop: Callable[..., Any] | None = None, start: Any = None, leave_last: bool = False,
+    loop: Callable[..., Any] | None = None, start: Any = None, leave_last: bool = False, spread: int = 4,
 ) -> tuple[Any, Any, Any]:
     """Safeguarded Newton on a non-increasing, piecewise-smooth scalar equation per row.
 
@@ -248,7 +258,8 @@ def _root(
     lands strictly inside the bracket and is at most half the step before
     last (Numerical Recipes' rtsafe rule), or is a jump, or goes on in the
     direction of the Newton step just taken (jumps and such onward steps that
-    do not halve: at most `_UNHALVED_RUN` in a row); else the bracket is split.
+    do not halve: at most `_UNHALVED_RUN` in a row); else the bracket is split
+    (`_split`, geometrically where its ends differ by more than a factor `spread`).
 
     Without `loop`, a Python loop: with readable (eager) arrays it stops once
     every row has converged and gathers the unconverged rows whenever at most
@@ -311,7 +322,7 @@ def _root(
         unhalved = xp.where(ok & ~halved & (jump | onward), unhalved + 1.0, 0.0 * unhalved)
         was_newton = ok & (halved | ((jump | onward) & (unhalved <= _UNHALVED_RUN)))
         unhalved = xp.where(was_newton, unhalved, 0.0 * unhalved)
-        nxt = xp.where(was_newton, s + step, _split(lo, hi, scale, xp))
+        nxt = xp.where(was_newton, s + step, _split(lo, hi, scale, xp, spread))
         before_last = last
         last = nxt - s
         s = xp.where(done, s, nxt)
@@ -668,7 +679,8 @@ def threshold_mask(
         return _mask_evaluate(tau, xs, lam_r, kkf, q, guard, xp)
 
     tau, lo, hi = _root(
-        evaluate, (xs, lam_r, kkf), lo, hi, solve, ftol, rtol, lam_r, ulps, q == 2.0, iters, xp, loop, start=start
+        evaluate, (xs, lam_r, kkf), lo, hi, solve, ftol, rtol, lam_r, ulps, q == 2.0, iters, xp, loop, start=start,
+        spread=_MASK_SPREAD,
     )
     xs, tau, lo, hi = _mask_recentre(
         evaluate, xs, xf, fin, c, top, bottom, tau, lo, hi, lam_r, kkf, solve, ftol, rtol, ulps, q, guard, iters,
