@@ -38,9 +38,9 @@ Algorithm, for all rows at once ((batch, n) arrays, (batch, 1) scalars):
    or is such a jump, or goes on in the direction of the Newton step just
    taken (jumps and onward steps that do not halve: at most three in a row),
    else the bracket is split (geometric mean when its ends differ by more
-   than a factor 4, 64 in the mask's solve relative to the row maximum, so
-   that huge and tiny scales cost O(log log) steps; arithmetic mean
-   otherwise).  A row has converged once
+   than a factor 4, so that huge and tiny scales cost O(log log) steps; in
+   the mask's solve relative to the row maximum only when the far end
+   exceeds 64 times the near end and ``l``; arithmetic mean otherwise).  A row has converged once
    ``|sum(y) - k| <= tol * k`` (every ``y_i`` is monotone in the scalar, so
    this bounds the L1 error of ``y``) with a Newton step below ``tol``
    relative to the scalar, once a p = 2 Newton step stays in its piece (the
@@ -150,14 +150,15 @@ _ENTER_SHORT = 2
 # Newton steps taken in a row without halving (onward steps and jumps) before the bracket is split
 # anyway: the safeguard that keeps the worst case near bisection's.
 _UNHALVED_RUN = 3
-# A bracket is split at its geometric mean when its ends differ by more than this factor (else at its
-# midpoint) in the mask's solve relative to the row maximum, where the root is a distance below the
-# maximum of the order of the keys' spread: split geometrically from a factor 4 on (the magnitude's
-# rule, whose threshold is a scale), a bracket from the row's mean to near the maximum was cut close
-# to the maximum, and Newton crawled back down (router rows, float32, 64 entries, k = 6, l = 0.1, at
-# 262,144 rows: loop 13 -> 11 iterations for p = 4/3 and 12 -> 11 for p = 2, rows' medians 7 -> 5
-# and 6 -> 5; the 504-case sweep of benchmarks/threshold_sweep.py 6562 -> 6480, uniform keys with a
-# root near the maximum 6 -> 8).  Beyond it geometric splits still cost O(log log) on huge spreads.
+# In the mask's solve relative to the row maximum, a bracket is split at its geometric mean only where
+# its far end exceeds this many times its near end and l (`_split`'s spread and floor), else at its
+# midpoint.  There the root lies below the maximum by about the keys' spread: with the magnitude's
+# rule (a factor 4 between the ends; its threshold is a scale), a bracket from the row's mean to near
+# the maximum (whose upper end is l (k/n)^(1/(q-1)) below it) was cut close to the maximum, and
+# Newton crawled back down (router rows, float32, 64 entries, k = 6, l = 0.1, at 262,144 rows: loop
+# 13 -> 11 iterations for p = 4/3 and 12 -> 10 for p = 2, rows' medians 7 -> 5 and 6 -> 4; the
+# 504-case sweep of benchmarks/threshold_sweep.py 6562 -> 6402).  Beyond it, geometric splits still
+# cost O(log log) on huge spreads.
 _MASK_SPREAD = 64
 
 Stage = Callable[[Callable[..., Any]], Callable[..., Any]]
@@ -169,12 +170,14 @@ def _as_is(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _split(lo: Any, hi: Any, floor: Any, xp: Any, spread: int = 4) -> Any:
-    """A point strictly inside [lo, hi]: geometric mean across scales (ends more than `spread` apart), else the midpoint.
+    """A point strictly inside [lo, hi]: geometric mean across scales, else the midpoint.
 
-    Brackets that contain or end at 0 and reach far beyond `floor` (> 0; the
-    scale of the root's own terms, 0 to disable) are split at 0 first and
-    then geometrically between `floor` and the far end, so that a root much
-    closer to 0 than the bracket is wide (a threshold near a key it was
+    A bracket on one side of 0 is split geometrically where its far end
+    exceeds `spread` times its near end and `floor` (> 0: the scale of the
+    root's own terms, below which no root is sought; 0 to disable).  Brackets
+    that contain or end at 0 and reach far beyond `floor` are split at 0 first
+    and then geometrically between `floor` and the far end, so that a root
+    much closer to 0 than the bracket is wide (a threshold near a key it was
     computed relative to) costs O(log log) splits, not one per halving.
     """
     mid = lo / 2 + hi / 2
@@ -182,7 +185,7 @@ def _split(lo: Any, hi: Any, floor: Any, xp: Any, spread: int = 4) -> Any:
     big, small = xp.maximum(alo, ahi), xp.minimum(alo, ahi)
     same_sign = ((lo > 0) & (hi > 0)) | ((lo < 0) & (hi < 0))
     geo = xp.sqrt(small) * xp.sqrt(big)
-    out = xp.where(same_sign & (big / spread > small), xp.where(hi > 0, geo, -geo), mid)
+    out = xp.where(same_sign & (big / spread > xp.maximum(small, floor)), xp.where(hi > 0, geo, -geo), mid)
     far = (floor > 0) & (big > 4 * floor)
     toward_zero = xp.sqrt(big) * xp.sqrt(xp.where(floor > 0, floor, 1.0))
     at_zero_end = xp.where(hi == 0, -toward_zero, toward_zero)
@@ -241,6 +244,7 @@ def _root(
     evaluate: Callable[..., tuple[Any, ...]], data: tuple[Any, ...], lo: Any, hi: Any,
     active: Any, ftol: Any, step_tol: float, scale: Any, ulps: float, exact_pieces: bool, max_iter: int, xp: Any,
     loop: Callable[..., Any] | None = None, start: Any = None, leave_last: bool = False, spread: int = 4,
+    floor: Any = None,
 ) -> tuple[Any, Any, Any]:
     """Safeguarded Newton on a non-increasing, piecewise-smooth scalar equation per row.
 
@@ -259,7 +263,7 @@ def _root(
     last (Numerical Recipes' rtsafe rule), or is a jump, or goes on in the
     direction of the Newton step just taken (jumps and such onward steps that
     do not halve: at most `_UNHALVED_RUN` in a row); else the bracket is split
-    (`_split`, geometrically where its ends differ by more than a factor `spread`).
+    (`_split` with `spread` and `floor`, by default `scale`).
 
     Without `loop`, a Python loop: with readable (eager) arrays it stops once
     every row has converged and gathers the unconverged rows whenever at most
@@ -274,6 +278,7 @@ def _root(
     others) and its final bracket.
     """
     ints = default_int(xp)
+    split_floor = scale if floor is None else floor
 
     def body(state: tuple[Any, ...]) -> tuple[Any, ...]:
         s, lo, hi, last, before_last, was_newton, piece_before, result, best_miss, best_leave, unhalved, done, it = state
@@ -322,7 +327,7 @@ def _root(
         unhalved = xp.where(ok & ~halved & (jump | onward), unhalved + 1.0, 0.0 * unhalved)
         was_newton = ok & (halved | ((jump | onward) & (unhalved <= _UNHALVED_RUN)))
         unhalved = xp.where(was_newton, unhalved, 0.0 * unhalved)
-        nxt = xp.where(was_newton, s + step, _split(lo, hi, scale, xp, spread))
+        nxt = xp.where(was_newton, s + step, _split(lo, hi, split_floor, xp, spread))
         before_last = last
         last = nxt - s
         s = xp.where(done, s, nxt)
@@ -332,7 +337,7 @@ def _root(
     no_piece = xp.zeros_like(hi, dtype=ints) - 1
     # Not the upper end (nothing, or the largest keys alone, above it), from which Newton crawled down
     # a key at a time; rows not solved keep `hi`: their brackets are none (the magnitude's of a zero row).
-    start = xp.where(active, _split(lo, hi, scale, xp), hi) if start is None else start
+    start = xp.where(active, _split(lo, hi, split_floor, xp), hi) if start is None else start
     state = (
         start, lo, hi, half_width, half_width, xp.zeros_like(active), no_piece, start, xp.full_like(hi, xp.inf),
         xp.ones_like(active), xp.zeros_like(hi), ~active,
@@ -362,7 +367,7 @@ def _root(
         levels.append((done, state[7], state[1], state[2]))
         state = (*_take_rows(state[:STATE_DONE], idx, xp), xp.zeros_like(done[:size, :]), state[STATE_ITERATION])
         data = _take_rows(data, idx, xp)
-        ftol, scale = _take_rows((ftol, scale), idx, xp)  # `body` reads data, ftol, scale from here
+        ftol, scale, split_floor = _take_rows((ftol, scale, split_floor), idx, xp)  # `body` reads these from here
     s, lo, hi = state[7], state[1], state[2]
     for done_at, s_at, lo_at, hi_at in reversed(levels):
         pos = xp.cumulative_sum(xp.astype(~done_at[:, 0], ints)) - 1
@@ -482,12 +487,12 @@ def _mask_recentre(
         evaluate, (xa, lam_r, kkf), lo_a, hi_a, again, ftol, rtol, lam_r, ulps, q == 2.0, iters, xp, loop,
         start=start,
     )
-    xs, lo2, hi2, start = fuse(_mask_key_frame)(
-        keys, xs, fin, c, top, bottom, tau_a, lo_a, hi_a, again, lam_r, kkf, q, guard, xp
+    xs, lo2, hi2, start, near = fuse(_mask_key_frame)(
+        keys, xs, fin, c, top, bottom, tau_a, lo_a, hi_a, again, lam_r, kkf, ftol, q, guard, xp
     )
     tau2, lo2, hi2 = _root(
         evaluate, (xs, lam_r, kkf), lo2, hi2, again, ftol, rtol, lam_r, ulps, q == 2.0, iters, xp, loop,
-        start=start,
+        start=start, floor=near,
     )
     return xs, xp.where(again, tau2, tau), xp.where(again, lo2, lo), xp.where(again, hi2, hi)
 
@@ -511,9 +516,9 @@ def _mask_absolute_frame(
 
 def _mask_key_frame(
     keys: Any, xs: Any, fin: Any, c: Any, top: Any, bottom: Any, tau_a: Any, lo_a: Any, hi_a: Any, again: Any,
-    lam_r: Any, kkf: Any, q: float, guard: float, xp: Any,
+    lam_r: Any, kkf: Any, ftol: Any, q: float, guard: float, xp: Any,
 ) -> tuple[Any, ...]:
-    """The frame of the key nearest to the absolute threshold: keys, checked bracket and start."""
+    """The frame of the key nearest to the absolute threshold: keys, checked bracket, start and floor of splits."""
     big = float(xp.finfo(keys.dtype).max)
     eps = float(xp.finfo(keys.dtype).eps)
     # Its point of smallest miss too can lie outside its final bracket, far from the root: where
@@ -536,7 +541,12 @@ def _mask_key_frame(
     high_ok = _mask_evaluate(hi2, xs, lam_r, kkf, q, guard, xp)[0] <= 0
     lo2 = xp.where(low_ok, lo2, (bottom * c - ref) - lam_r)
     hi2 = xp.where(high_ok, hi2, shift)
-    return xs, lo2, hi2, xp.clip(tau_a - ref, lo2, hi2)
+    # The root can lie much closer to the key than l: where the key's own output is small, at
+    # l y^(1/(q - 1)) below it, a distance of no consequence once y is within the tolerance.  Splits
+    # toward the key go geometrically down to that floor (with a floor of l, bisection took 15-17
+    # halvings to a root 3e-11 below a key, p = 3, float32, for rows whose key had y ~ 2e-5).
+    near = lam_r * xp.pow(ftol, 1.0 / (q - 1.0))
+    return xs, lo2, hi2, xp.clip(tau_a - ref, lo2, hi2), near
 
 
 def _mask_frame(x: Any, k: int, lam: float, q: float, rtol: float, xp: Any) -> tuple[Any, ...]:
