@@ -495,6 +495,17 @@ def test_mask_splits_down_to_a_root_next_to_its_key():
     np.testing.assert_allclose(y, want, rtol=0, atol=2e-6)
 
 
+def test_p_above_2_rows_near_their_maximum_skip_the_absolute_solve():
+    """p > 2 solves every mask row again next to the key nearest to its threshold; rows within 64 l of their
+    maximum find that key from the first solve (their keys kept their digits there): on router rows the
+    loop in the absolute frame runs no iteration (it ran 11), and the outputs still match PAV."""
+    x = np.random.default_rng(0).normal(size=(65536, 64)).astype(np.float32)[4096:8192]
+    y, runs = _loop_runs(threshold.threshold_mask, x, 6, 0.1, conjugate_exponent(3.0))
+    assert [count for count, _ in runs][1] == 0, [count for count, _ in runs]
+    want, _ = _pav("mask", x.astype(np.float64), 6, regularization_strength=0.1, p=3.0)
+    np.testing.assert_allclose(y, want, rtol=0, atol=3e-5)
+
+
 def test_mask_solved_again_next_to_keys_with_eager_arrays():
     """The same solve with eager arrays, whose loop gathers the unconverged rows as it goes (their floors
     of splits with them), on many p > 2 rows, against PAV."""

@@ -464,27 +464,32 @@ def _mask_recentre(
     and ties appear that are not in the data.  Relative to the key nearest to
     that threshold they keep their precision.  That key is found by a solve
     in the absolute frame (keys as they are, each to its own precision),
-    started from the first root, whose bracket, widened by the rounding of its
+    started from the first root; its bracket, widened by the rounding of its
     keys, brackets the last root; a row whose widened bracket does not
     straddle the root (a sign check) takes the whole data bracket instead.
     Rows whose threshold is within 64 `l` of the maximum lose at most about
     64 ulps of `y` and keep the first solve, except for p > 2 (q < 2), where
     `g` is steep at 0 and an ulp of the threshold is ``(eps / l)^(q - 1)``
     of an entry's `y` (float32, p = 3: 1.2e-3 off PAV, 1.6e-7 solved
-    again, for 40-80% more iterations).  Returns ``(xs, tau, lo, hi)``,
-    each row in its own frame.
+    again, for 40-80% more iterations); those need no absolute solve (their
+    keys near the threshold kept their digits) and go from the first root
+    and bracket to the key's frame.  Returns ``(xs, tau, lo, hi)``, each row
+    in its own frame.
     """
     # Where the first equation had no root (keys that collapsed into one value make sum(y)
     # jump past k), its point of smallest miss can lie outside the final bracket.
     anchor = xp.clip(tau, lo, hi)
     # Rounding of eps * |anchor| moves y by about eps * |anchor| / l: rows with the threshold
     # within _RECENTRE_STRENGTHS strengths of the maximum keep the first solve (unless p > 2).
-    again = solve & ((-anchor > _RECENTRE_STRENGTHS * lam_r) | (q < 2.0))
+    far = solve & (-anchor > _RECENTRE_STRENGTHS * lam_r)
+    again = far | (solve & (q < 2.0))
     if all_true(~again, xp):  # readable arrays and no row to solve again (traced arrays: None)
         return xs, tau, lo, hi
-    keys, xa, lo_a, hi_a, start = fuse(_mask_absolute_frame)(xf, fin, c, top, bottom, anchor, lam_r, xp)
+    keys, xa, lo_a, hi_a, start = fuse(_mask_absolute_frame)(xf, fin, c, top, bottom, anchor, lo, hi, far, lam_r, xp)
+    # Only rows far below their maximum need the absolute frame to find the key nearest to their
+    # threshold; the others (p > 2) take their first root and bracket there as they are.
     tau_a, lo_a, hi_a = _root(
-        evaluate, (xa, lam_r, kkf), lo_a, hi_a, again, ftol, rtol, lam_r, ulps, q == 2.0, iters, xp, loop,
+        evaluate, (xa, lam_r, kkf), lo_a, hi_a, far, ftol, rtol, lam_r, ulps, q == 2.0, iters, xp, loop,
         start=start,
     )
     xs, lo2, hi2, start, near = fuse(_mask_key_frame)(
@@ -498,10 +503,15 @@ def _mask_recentre(
 
 
 def _mask_absolute_frame(
-    xf: Any, fin: Any, c: Any, top: Any, bottom: Any, anchor: Any, lam_r: Any, xp: Any
+    xf: Any, fin: Any, c: Any, top: Any, bottom: Any, anchor: Any, lo: Any, hi: Any, far: Any, lam_r: Any, xp: Any
 ) -> tuple[Any, ...]:
-    """The keys as they are (each to its own precision), their data bracket and the solve's start."""
+    """The keys as they are (each to its own precision), the bracket and the start of their solve.
+
+    Rows `far` below their maximum get the data's bracket; the others the first solve's, in absolute
+    terms and widened by the rounding of its keys (they are not solved in this frame).
+    """
     big = float(xp.finfo(xf.dtype).max)
+    eps = float(xp.finfo(xf.dtype).eps)
     # Far below the maximum, keys that differ by less than eps * (max - min) collapsed into one
     # value of the first frame, whose threshold can then be off by that much (a row spanning
     # 1e-8..1e8 in float32 lost three digits; 1e-15..1e15, all).  Keys as they are (the absolute
@@ -511,6 +521,11 @@ def _mask_absolute_frame(
     xa = xp.where(fin, keys, -big)
     # The data's own bracket: every finite entry saturated at its lower end, none positive at its upper.
     lo_a, hi_a = bottom * c - lam_r, top * c
+    # Within _RECENTRE_STRENGTHS strengths of the maximum the first frame's keys, and so its root, are
+    # off by a few eps |threshold| at most, and adding the maximum rounds once more.
+    pad = 4.0 * eps * (xp.abs(lo) + xp.abs(hi) + xp.abs(top * c))
+    lo_a = xp.where(far, lo_a, xp.maximum(lo + top * c - pad, lo_a))
+    hi_a = xp.where(far, hi_a, xp.minimum(hi + top * c + pad, hi_a))
     return keys, xa, lo_a, hi_a, xp.clip(anchor + top * c, lo_a, hi_a)
 
 
