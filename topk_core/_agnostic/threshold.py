@@ -841,21 +841,22 @@ def _mag_recentre(
     again = solve & ((anchor > _RECENTRE_STRENGTHS * width) | (q < 2.0))
     if all_true(~again, xp):  # readable arrays and no row to solve again (traced arrays: None)
         return plain
-    d, ref, again, lo2, hi2, start = fuse(_mag_key_frame)(
-        an, nonzero, anchor, again, lo, hi, lo0, hi0, lam_r, kkf, q, guard, xp
+    d, ref, again, lo2, hi2, start, near = fuse(_mag_key_frame)(
+        an, nonzero, anchor, again, lo, hi, lo0, hi0, lam_r, kkf, width, ftol, q, guard, xp
     )
     delta, lo2, hi2 = _root(
         evaluate, (d, ref, lam_r, kkf), lo2, hi2, again, ftol, rtol, width, ulps, q == 2.0, iters, xp, loop,
-        start=start, leave_last=True,
+        start=start, leave_last=True, floor=near,
     )
     return d, ref, xp.where(again, delta, t), xp.where(again, lo2, lo), xp.where(again, hi2, hi)
 
 
 def _mag_key_frame(
     an: Any, nonzero: Any, anchor: Any, again: Any, lo: Any, hi: Any, lo0: Any, hi0: Any, lam_r: Any, kkf: Any,
-    q: float, guard: float, xp: Any,
+    width: Any, ftol: Any, q: float, guard: float, xp: Any,
 ) -> tuple[Any, ...]:
-    """The frame of the non-zero key nearest to the first threshold: keys, checked bracket and start."""
+    """The frame of the non-zero key nearest to the first threshold: keys, checked bracket, start and floor of
+    splits."""
     eps = float(xp.finfo(an.dtype).eps)
     zero = xp.zeros_like(anchor)
     # The reference is the non-zero key nearest to the threshold (a data value, exact); a
@@ -872,7 +873,11 @@ def _mag_key_frame(
     high_ok = _mag_evaluate(hi2, d, ref, lam_r, kkf, q, guard, xp)[0] <= 0
     lo2 = xp.where(low_ok, lo2, lo0 - ref)
     hi2 = xp.where(high_ok, hi2, hi0 - ref)
-    return d, ref, again, lo2, hi2, xp.minimum(xp.maximum(anchor - ref, lo2), hi2)
+    # As in the mask's key frame (`_mask_key_frame`): a key whose output y = g(r) / t is small lies
+    # ``width y^(1/(q - 1))`` above the threshold; splits toward it go geometrically down to that distance
+    # at y = ftol.
+    near = width * xp.pow(ftol, 1.0 / (q - 1.0))
+    return d, ref, again, lo2, hi2, xp.minimum(xp.maximum(anchor - ref, lo2), hi2), near
 
 
 def _mag_scales(lam: float, q: float, dtype: Any, xp: Any) -> tuple[float, float, float, float]:
