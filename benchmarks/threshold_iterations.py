@@ -6,11 +6,13 @@ converged: its cost is that row's iteration count times a pass over the batch.
 This script runs the core's threshold method in NumPy with such a loop (fixed
 shapes, no compaction of converged rows) and prints, per operator and
 exponent, the loop's iterations and the median and 99th percentile of the
-iterations at which the rows converged.  Counts, not times: the same on any
-machine.
+iterations at which the rows converged, and the iterations of every loop of
+the solve (the first, then those that solve rows again next to a key: for
+p > 2 every row).  Counts, not times: the same on any machine.
 
     python benchmarks/threshold_iterations.py                          # 4096 and 262144 rows of 64
     python benchmarks/threshold_iterations.py --shapes 1048576x64 --dtype float64
+    python benchmarks/threshold_iterations.py --shapes 65536x64 --k 6 --p 3   # the loops of p > 2
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from topk_core._agnostic.threshold import STATE_DONE, threshold_mag, threshold_m
 SOLVERS = {"mask": threshold_mask, "mag": threshold_mag}
 
 
-def loop_iterations(op: str, x: np.ndarray, k: int, lam: float, p: float) -> tuple[int, np.ndarray]:
-    """(iterations of the first root finder's loop, the iteration at which each row converged)."""
+def _loop_runs(op: str, x: np.ndarray, k: int, lam: float, p: float) -> list[tuple[int, np.ndarray]]:
+    """For each structured loop of a solve in turn (the first root finder's, then the recentring ones):
+    its iterations and the iteration at which each row converged."""
     runs: list[tuple[int, np.ndarray]] = []
 
     def loop(cond, body, state):
@@ -38,7 +41,18 @@ def loop_iterations(op: str, x: np.ndarray, k: int, lam: float, p: float) -> tup
         return state
 
     SOLVERS[op](x, k, lam, conjugate_exponent(p), np, loop=loop)
-    return runs[0]
+    return runs
+
+
+def loop_iterations(op: str, x: np.ndarray, k: int, lam: float, p: float) -> tuple[int, np.ndarray]:
+    """(iterations of the first root finder's loop, the iteration at which each row converged)."""
+    return _loop_runs(op, x, k, lam, p)[0]
+
+
+def every_loop_iterations(op: str, x: np.ndarray, k: int, lam: float, p: float) -> list[int]:
+    """The iterations of every structured loop of the solve, in turn: a compiled solve runs them all (for
+    p > 2 every row is solved again next to the key nearest to its threshold)."""
+    return [count for count, _ in _loop_runs(op, x, k, lam, p)]
 
 
 def main(argv: list[str] | None = None) -> list[tuple]:
@@ -51,8 +65,8 @@ def main(argv: list[str] | None = None) -> list[tuple]:
     args = parser.parse_args(argv)
     exponents = [float(a) / float(b or 1) for a, _, b in (p.partition("/") for p in args.p.split(","))]
     print(f"normal rows, seed 0, {args.dtype}, l = {args.strength}")
-    print("| operator | p | shape | k | loop iterations | rows' median | rows' 99th percentile |")
-    print("|---|---|---|---|---|---|---|")
+    print("| operator | p | shape | k | loop iterations | rows' median | rows' 99th percentile | every loop |")
+    print("|---|---|---|---|---|---|---|---|")
     rows = []
     for shape_text in args.shapes.split(","):
         batch, n = (int(float(v)) for v in shape_text.lower().split("x"))
@@ -60,11 +74,14 @@ def main(argv: list[str] | None = None) -> list[tuple]:
         k = args.k or max(1, n // 10)
         for op in SOLVERS:
             for p in exponents:
-                count, converged = loop_iterations(op, x, k, args.strength, p)
+                runs = _loop_runs(op, x, k, args.strength, p)
+                count, converged = runs[0]
                 median, tail = np.percentile(converged, [50, 99])
                 name = "4/3" if abs(p - 4 / 3) < 1e-12 else f"{p:g}"
-                rows.append((op, name, (batch, n), k, count, median, tail))
-                print(f"| {op} | {name} | ({batch}, {n}) | {k} | {count} | {median:g} | {tail:g} |", flush=True)
+                every = [c for c, _ in runs]
+                rows.append((op, name, (batch, n), k, count, median, tail, every))
+                print(f"| {op} | {name} | ({batch}, {n}) | {k} | {count} | {median:g} | {tail:g} | "
+                      f"{' + '.join(map(str, every))} |", flush=True)
     return rows
 
 

@@ -15,7 +15,9 @@ the slowest row has converged; counted by `threshold_iterations.loop_iterations`
 Cauchy, lognormal with sigma 3, ties, normal times 10), three shapes ((4096, 64), (1024, 256),
 (64, 4096) with k = 6, 8, 100), both operators, p in {4/3, 2, 3}, l in {0.1, 1}, float32 and
 float64; the total, and with ``--against`` (a file saved by ``--save``) the geometric mean and the
-worst of the per-case ratios (this run over the saved one).
+worst of the per-case ratios (this run over the saved one).  ``--loops every`` counts every loop of
+each solve (the first, and those that solve rows again next to a key, for p > 2 every row), what a
+compiled solve runs in all.
 
 ``accuracy``: the largest deviation of the threshold method's outputs from PAV's (float64) per
 operator, p and dtype, over 900 rows (300 each of n = 16, 64, 257) of zeros, ties, infinities,
@@ -60,7 +62,7 @@ def _p_name(p: float) -> str:
 
 
 def iterations(args: argparse.Namespace) -> dict[str, int]:
-    from threshold_iterations import SOLVERS, loop_iterations  # after --core: that checkout's solvers
+    from threshold_iterations import SOLVERS, every_loop_iterations, loop_iterations  # after --core: its solvers
 
     rng = np.random.default_rng(0)
     cases: dict[str, int] = {}
@@ -72,9 +74,18 @@ def iterations(args: argparse.Namespace) -> dict[str, int]:
                     for p in EXPONENTS:
                         for lam in STRENGTHS:
                             key = f"{kind} {dtype} ({rows}, {n}) k={k} {op} p={_p_name(p)} l={lam:g}"
-                            cases[key] = loop_iterations(op, x, k, lam, p)[0]
+                            if args.loops == "every":
+                                cases[key] = sum(every_loop_iterations(op, x, k, lam, p))
+                            else:
+                                cases[key] = loop_iterations(op, x, k, lam, p)[0]
             print(f"{kind} {dtype}: {sum(v for c, v in cases.items() if c.startswith(f'{kind} {dtype} '))} iterations",
                   flush=True)
+    by_solve: dict[str, int] = {}
+    for case, count in cases.items():
+        words = case.split()
+        solve = f"{words[-3]} {words[-2]}"  # operator and p
+        by_solve[solve] = by_solve.get(solve, 0) + count
+    print("per operator and p: " + ", ".join(f"{solve} {count}" for solve, count in by_solve.items()))
     print(f"total: {sum(cases.values())} iterations over {len(cases)} cases")
     if args.against:
         with open(args.against) as f:
@@ -154,6 +165,8 @@ def main(argv: list[str] | None = None) -> object:
     parser.add_argument("--save", help="iterations: save the per-case counts to this JSON file")
     parser.add_argument("--against", help="iterations: compare with counts saved by --save")
     parser.add_argument("--shapes", type=int, default=len(SHAPES), help="iterations: the first this many shapes")
+    parser.add_argument("--loops", choices=("first", "every"), default="first",
+                        help="iterations: count the first root finder's loop, or every loop of the solve")
     parser.add_argument("--rows", type=int, default=300, help="accuracy: rows per length")
     args = parser.parse_args(argv)
     if args.core:

@@ -194,14 +194,18 @@ def test_threshold_iterations_counts_the_loop_and_each_rows_convergence(monkeypa
 
     rows = threshold_iterations.main(["--shapes", "64x16", "--p", "4/3"])
     assert [row[:2] for row in rows] == [("mask", "4/3"), ("mag", "4/3")]
-    for _, _, shape, k, count, median, tail in rows:
+    for _, _, shape, k, count, median, tail, every in rows:
         assert shape == (64, 16) and k == 1
         assert 1 <= median <= tail <= count <= 100  # the loop runs until its slowest row has converged
+        assert every[0] == count and len(every) in (1, 3)  # the mask's recentring takes two more loops
     # Rows do not interact: one row alone takes the iterations at which it converged in the batch.
     x = np.random.default_rng(0).normal(size=(64, 16)).astype(np.float32)
     count, converged = threshold_iterations.loop_iterations("mask", x, 1, 0.1, 4.0 / 3.0)
     assert count == converged.max()
     assert threshold_iterations.loop_iterations("mask", x[:1], 1, 0.1, 4.0 / 3.0)[0] == converged[0]
+    # p > 2 solves every row again next to a key: the mask in two more loops, the magnitude in one.
+    assert len(threshold_iterations.every_loop_iterations("mask", x, 1, 0.1, 3.0)) == 3
+    assert len(threshold_iterations.every_loop_iterations("mag", x, 1, 0.1, 3.0)) == 2
 
 
 def test_threshold_sweep_counts_iterations_and_compares_versions(monkeypatch, tmp_path, capsys):
@@ -216,6 +220,9 @@ def test_threshold_sweep_counts_iterations_and_compares_versions(monkeypatch, tm
     again = threshold_sweep.main(["iterations", "--against", str(saved)])
     assert again == cases  # deterministic: the same rows and counts in every run
     assert "geometric mean of the ratios 1.000" in capsys.readouterr().out
+    every = threshold_sweep.main(["iterations", "--loops", "every"])
+    assert all(every[case] >= count for case, count in cases.items())
+    assert any(every[case] > count for case, count in cases.items() if "p=3" in case)
 
 
 def test_threshold_sweep_of_outputs_against_pav(monkeypatch):
