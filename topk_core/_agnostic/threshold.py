@@ -487,11 +487,15 @@ def _mask_recentre(
         return xs, tau, lo, hi
     keys, xa, lo_a, hi_a, start = fuse(_mask_absolute_frame)(xf, fin, c, top, bottom, anchor, lo, hi, far, lam_r, xp)
     # Only rows far below their maximum need the absolute frame to find the key nearest to their
-    # threshold; the others (p > 2) take their first root and bracket there as they are.
-    tau_a, lo_a, hi_a = _root(
-        evaluate, (xa, lam_r, kkf), lo_a, hi_a, far, ftol, rtol, lam_r, ulps, q == 2.0, iters, xp, loop,
-        start=start,
-    )
+    # threshold; the others (p > 2) take their first root and bracket there as they are (what the
+    # solve leaves for rows it does not solve: with readable arrays and no far row it is skipped,
+    # as an eager loop evaluates every row once before it looks at them).
+    tau_a = start
+    if not all_true(~far, xp):
+        tau_a, lo_a, hi_a = _root(
+            evaluate, (xa, lam_r, kkf), lo_a, hi_a, far, ftol, rtol, lam_r, ulps, q == 2.0, iters, xp, loop,
+            start=start,
+        )
     xs, lo2, hi2, start, near = fuse(_mask_key_frame)(
         keys, xs, fin, c, top, bottom, tau_a, lo_a, hi_a, again, lam_r, kkf, ftol, q, guard, xp
     )
