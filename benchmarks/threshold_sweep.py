@@ -66,6 +66,7 @@ def iterations(args: argparse.Namespace) -> dict[str, int]:
 
     rng = np.random.default_rng(0)
     cases: dict[str, int] = {}
+    by_solve: dict[str, int] = {}  # totals per operator and p
     for kind in KINDS:
         for dtype in ("float32", "float64"):
             for rows, n, k in SHAPES[: args.shapes]:
@@ -78,13 +79,10 @@ def iterations(args: argparse.Namespace) -> dict[str, int]:
                                 cases[key] = sum(every_loop_iterations(op, x, k, lam, p))
                             else:
                                 cases[key] = loop_iterations(op, x, k, lam, p)[0]
+                            solve = f"{op} p={_p_name(p)}"
+                            by_solve[solve] = by_solve.get(solve, 0) + cases[key]
             print(f"{kind} {dtype}: {sum(v for c, v in cases.items() if c.startswith(f'{kind} {dtype} '))} iterations",
                   flush=True)
-    by_solve: dict[str, int] = {}
-    for case, count in cases.items():
-        words = case.split()
-        solve = f"{words[-3]} {words[-2]}"  # operator and p
-        by_solve[solve] = by_solve.get(solve, 0) + count
     print("per operator and p: " + ", ".join(f"{solve} {count}" for solve, count in by_solve.items()))
     print(f"total: {sum(cases.values())} iterations over {len(cases)} cases")
     if args.against:

@@ -560,11 +560,12 @@ def _mask_key_frame(
     high_ok = _mask_evaluate(hi2, xs, lam_r, kkf, q, guard, xp)[0] <= 0
     lo2 = xp.where(low_ok, lo2, (bottom * c - ref) - lam_r)
     hi2 = xp.where(high_ok, hi2, shift)
-    # The root can lie much closer to the key than l: where the key's own output is small, at
-    # l y^(1/(q - 1)) below it, a distance of no consequence once y is within the tolerance.  Splits
-    # toward the key go geometrically down to that floor (with a floor of l, bisection took 15-17
-    # halvings to a root 3e-11 below a key, p = 3, float32, for rows whose key had y ~ 2e-5).
-    near = lam_r * xp.pow(ftol, 1.0 / (q - 1.0))
+    # The root can lie much closer to the key than l: where the key's own output y is small, at
+    # g_inverse(y) = l y^(1/(q - 1)) below it, a distance of no consequence once y is within the
+    # tolerance.  Splits toward the key go geometrically down to that floor (with a floor of l,
+    # bisection took 15-17 halvings to a root 3e-11 below a key, p = 3, float32, for rows whose key
+    # had y ~ 2e-5).
+    near = g_inverse(ftol, lam_r, q, xp)
     return xs, lo2, hi2, xp.clip(tau_a - ref, lo2, hi2), near
 
 
@@ -878,9 +879,9 @@ def _mag_key_frame(
     lo2 = xp.where(low_ok, lo2, lo0 - ref)
     hi2 = xp.where(high_ok, hi2, hi0 - ref)
     # As in the mask's key frame (`_mask_key_frame`): a key whose output y = g(r) / t is small lies
-    # ``width y^(1/(q - 1))`` above the threshold; splits toward it go geometrically down to that distance
-    # at y = ftol.
-    near = width * xp.pow(ftol, 1.0 / (q - 1.0))
+    # ``width y^(1/(q - 1))`` (`g_inverse` at the strength `width`) above the threshold; splits toward it
+    # go geometrically down to that distance at y = ftol.
+    near = g_inverse(ftol, width, q, xp)
     return d, ref, again, lo2, hi2, xp.minimum(xp.maximum(anchor - ref, lo2), hi2), near
 
 
