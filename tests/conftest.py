@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+import os
 import zlib
 
 import numpy as np
 import pytest
 
 from ._method_backends import BACKENDS, backend_context
+
+
+def _interpret_triton_kernels_without_a_gpu() -> None:
+    """Without CUDA, the threshold method's Triton kernels run in Triton's interpreter on CPU tensors.
+
+    Triton reads the setting when a kernel is decorated, at the first import of
+    `topk_core._triton_rows`: it is set here, before anything is collected.
+    """
+    try:
+        import torch
+    except ImportError:
+        return
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+_interpret_triton_kernels_without_a_gpu()
 
 P_VALUES = [1.25, 4.0 / 3.0, 1.5, 2.0, 3.0]
 P_IDS = ["p=5/4", "p=4/3", "p=3/2", "p=2", "p=3"]

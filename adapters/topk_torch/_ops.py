@@ -46,7 +46,7 @@ from topk_core import MagResiduals, MaskResiduals, _validate
 from topk_core._agnostic.regularizer import conjugate_exponent
 from topk_core._api import _AGNOSTIC
 
-from . import _fused, _products
+from . import _fused, _products, _triton_rows
 from ._namespace import xp as xp_torch
 
 KINDS = ("mask", "mag")
@@ -163,8 +163,14 @@ def _solve(family: str, kind: str, x: torch.Tensor, k: int, lam: float, p: float
         method, max_iter, tol = extra
         k, lam, p = _validate.check_k(k, x.shape[-1], -1), _validate.check_strength(lam), _validate.check_p(p)
         method = _validate.check_method(method, p, max_iter, tol, auto="threshold")
-        out = _AGNOSTIC[method, kind](x.detach(), k, lam, conjugate_exponent(p), xp_torch, max_iter=max_iter,
-                                      tol=tol, **_fused.solver_hooks(x, method))
+        q = conjugate_exponent(p)
+        out = None
+        if method == "threshold" and _triton_rows.usable(x, k, max_iter, tol):
+            # Short rows on a GPU: one kernel launch (None where the kernel cannot run here).
+            out = _triton_rows.solve(kind, x, k, lam, q, residuals)
+        if out is None:
+            out = _AGNOSTIC[method, kind](x.detach(), k, lam, q, xp_torch, max_iter=max_iter, tol=tol,
+                                          **_fused.solver_hooks(x, method))
         out = out if residuals else out[0]
         convert = _Fresh(x)
     if not residuals:

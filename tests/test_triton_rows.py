@@ -1,0 +1,189 @@
+"""The threshold method's Triton kernels for short rows (`topk_core._triton_rows`, `topk_torch._triton_rows`).
+
+Without a GPU the kernels run in Triton's interpreter on CPU tensors
+(``TRITON_INTERPRET=1``, which tests/conftest.py sets there); on a machine
+with CUDA the same tests run the compiled kernels on the device.  References
+are independent: the Numba PAV of the core on the host, in float64.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+import topk_core  # noqa: E402
+import topk_numpy as tn  # noqa: E402
+import topk_torch as tt  # noqa: E402
+from topk_core._agnostic.regularizer import conjugate_exponent  # noqa: E402
+from topk_torch import _triton_rows  # noqa: E402
+
+from ._rows import rows_of_kind, spanning_row  # noqa: E402
+from .conftest import P_IDS, P_VALUES  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+STRENGTH = 0.1
+
+
+@pytest.fixture
+def kernels_on(monkeypatch):
+    """The threshold method takes the kernels on this test's device."""
+    monkeypatch.setenv(_triton_rows.ENVIRONMENT_VARIABLE, "always")
+    monkeypatch.setattr(_triton_rows, "_failures", [])
+
+
+def _rows(rng: np.random.Generator, kind: str) -> np.ndarray:
+    if kind == "zeros":
+        x = rng.normal(size=(12, 20))
+        return np.where(rng.random(x.shape) < 0.6, 0.0, x)
+    if kind == "huge":
+        return np.round(rng.normal(size=(12, 20))) * 1e24 + 1e24  # ties at a huge value
+    if kind == "tiny":
+        return rng.normal(size=(12, 20)) * 1e-20
+    return rows_of_kind(rng, 12, 20, kind, np.float64)
+
+
+def _launch(kind: str, x: np.ndarray, k: int, p: float, lam: float = STRENGTH):
+    flags, y, *res = _triton_rows._launch(kind, torch.from_numpy(x).to(DEVICE), k, lam, conjugate_exponent(p), True)
+    return flags.cpu().numpy(), y.cpu().numpy(), [r.cpu().numpy() for r in res]
+
+
+def _pav(operator: str, x: np.ndarray, k: int, p: float, lam: float = STRENGTH):
+    forward = getattr(topk_core, f"soft_topk_{operator}_forward")
+    y, res = forward(x, k, regularization_strength=lam, p=p, method="pav")
+    return np.asarray(y), res
+
+
+@pytest.mark.parametrize("p", P_VALUES, ids=P_IDS)
+@pytest.mark.parametrize("rows", ["normal", "ties", "zeros", "huge", "tiny", "spread", "offset"])
+@pytest.mark.parametrize("operator", ["mask", "mag"])
+def test_kernel_agrees_with_pav_in_float64(operator, rows, p, rng):
+    x = _rows(rng, rows)
+    k = 3 if rows in ("normal", "huge", "offset") else x.shape[1] // 2
+    y0, res0 = _pav(operator, x, k, p)
+    flags, y, res = _launch(operator, x, k, p)
+    assert not flags.any(), "finite rows were handed back"
+    np.testing.assert_allclose(y, y0, rtol=0, atol=1e-10 * np.abs(y0).max())
+    # The residuals: the same free set, g' to 1e-8 relative (for p = 3 it is steep next to the
+    # threshold), the same set codes and offsets.
+    g0 = np.asarray(res0.gprime)
+    np.testing.assert_array_equal(res[0] > 0, g0 > 0)
+    np.testing.assert_allclose(res[0], g0, rtol=1e-8, atol=0)
+    if operator == "mag":
+        np.testing.assert_array_equal(res[1], np.asarray(res0.codes))
+        np.testing.assert_array_equal(res[2], np.broadcast_to(np.asarray(res0.offset), res[2].shape))
+
+
+@pytest.mark.parametrize("operator", ["mask", "mag"])
+@pytest.mark.parametrize("p", [4.0 / 3.0, 2.0, 3.0], ids=["p=4/3", "p=2", "p=3"])
+def test_float32_rows_agree_with_float64_pav(operator, p, rng):
+    x = rows_of_kind(rng, 16, 64, "normal", np.float32)
+    y0, _ = _pav(operator, x.astype(np.float64), 6, p)
+    flags, y, res = _launch(operator, x, 6, p)
+    assert y.dtype == np.float32 and res[0].dtype == np.float32 and not flags.any()
+    np.testing.assert_allclose(y, y0, rtol=0, atol=1e-6 * np.abs(y0).max())
+
+
+def test_rows_spanning_many_orders_agree_with_pav(p):
+    x = np.stack([spanning_row(seed, 30.0, 24) for seed in range(4)])
+    for operator in ("mask", "mag"):
+        y0, _ = _pav(operator, x, 5, p)
+        flags, y, _ = _launch(operator, x, 5, p)
+        assert not flags.any()
+        np.testing.assert_allclose(y, y0, rtol=1e-9, atol=1e-300)
+
+
+def test_non_unique_threshold_gives_an_empty_free_set():
+    # Spec section 6: the k entries clear of the rest by a saturating gap; the exact VJP is 0.
+    x = np.array([[3.0, 1.0, 1.0, -2.0]])
+    _, y, (gp,) = _launch("mask", x, 1, 2.0)
+    np.testing.assert_array_equal(y, [[1.0, 0.0, 0.0, 0.0]])
+    np.testing.assert_array_equal(gp, 0.0)
+    # Magnitude (keys 30, 20, 10, 10): the second key still saturates at the third one's level.
+    _, y, (gp, codes, _) = _launch("mag", x * 10, 2, 2.0)
+    np.testing.assert_array_equal(y, [[30.0, 0.0, 0.0, -20.0]])
+    np.testing.assert_array_equal(gp, 0.0)
+    np.testing.assert_array_equal(codes, [[2, 0, 0, 2]])
+
+
+@pytest.mark.parametrize("nonzero", [1, 3])
+def test_magnitude_rows_with_at_most_k_non_zero_entries_return_x(nonzero):
+    x = np.zeros((2, 6))
+    x[:, :nonzero] = [[2.0, -1.0, 0.5][:nonzero]] * 2
+    _, res0 = _pav("mag", x, 3, 4.0 / 3.0)
+    flags, y, (gp, codes, offset) = _launch("mag", x, 3, 4.0 / 3.0)
+    assert not flags.any()
+    np.testing.assert_array_equal(y, x)
+    np.testing.assert_array_equal(gp, 0.0)
+    np.testing.assert_array_equal(codes, np.asarray(res0.codes))
+    np.testing.assert_array_equal(offset, np.broadcast_to(np.asarray(res0.offset), offset.shape))
+
+
+@pytest.mark.parametrize("operator", ["mask", "mag"])
+def test_public_operators_take_the_kernel_and_hand_back_non_finite_rows(operator, kernels_on, monkeypatch, rng):
+    launches = []
+    launch = _triton_rows._launch
+    monkeypatch.setattr(_triton_rows, "_launch", lambda *a, **kw: launches.append(a[0]) or launch(*a, **kw))
+    x = rng.normal(size=(6, 12))
+    x[1, 4], x[3, 0], x[4, 2] = np.nan, np.inf, -np.inf
+    u = rng.normal(size=x.shape)
+    xt = torch.tensor(x, device=DEVICE, requires_grad=True)
+    y = getattr(tt, f"soft_topk_{operator}")(xt, 4, method="threshold")
+    (grad,) = torch.autograd.grad(y, xt, torch.tensor(u, device=DEVICE))
+    assert launches == [operator]
+    y0, vjp = getattr(tn, f"soft_topk_{operator}_vjp")(x, 4, method="pav")
+    np.testing.assert_allclose(y.detach().cpu().numpy(), y0, rtol=0, atol=1e-12, equal_nan=True)
+    np.testing.assert_allclose(grad.cpu().numpy(), vjp(u), rtol=0, atol=1e-10, equal_nan=True)
+    # Forward only (no residuals): the same values.
+    with torch.no_grad():
+        y_value = getattr(tt, f"soft_topk_{operator}")(xt, 4, method="threshold")
+    np.testing.assert_array_equal(y_value.cpu().numpy(), y.detach().cpu().numpy())
+
+
+def test_rows_that_do_not_converge_are_solved_by_the_array_api_method(kernels_on, monkeypatch, rng):
+    monkeypatch.setattr(_triton_rows.kernels(), "MAX_ITER", 1)
+    x = rng.normal(size=(5, 16))
+    flags, _, _ = _launch("mag", x, 3, 4.0 / 3.0, lam=1.0)  # l = 1: no row has a non-unique threshold
+    assert flags.all()
+    y = tt.soft_topk_mag(torch.tensor(x, device=DEVICE), 3, regularization_strength=1.0, method="threshold")
+    np.testing.assert_allclose(y.cpu().numpy(), _pav("mag", x, 3, 4.0 / 3.0, lam=1.0)[0], rtol=0, atol=1e-12)
+
+
+def test_a_kernel_that_fails_leaves_the_array_api_route_with_a_warning(kernels_on, monkeypatch, rng):
+    def fail(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(_triton_rows, "_launch", fail)
+    x = torch.tensor(rng.normal(size=(3, 10)), device=DEVICE)
+    with pytest.warns(RuntimeWarning, match="Triton kernel of the threshold method failed"):
+        y = tt.soft_topk_mask(x, 2, method="threshold")
+    assert _triton_rows._failures and not _triton_rows.usable(x, 2, None, None)
+    np.testing.assert_allclose(y.cpu().numpy(), _pav("mask", x.cpu().numpy(), 2, 4.0 / 3.0)[0], atol=1e-12)
+
+
+def test_when_the_kernels_are_used(monkeypatch):
+    monkeypatch.setattr(_triton_rows, "_failures", [])
+    rows = torch.zeros((4, 64))
+    monkeypatch.setenv(_triton_rows.ENVIRONMENT_VARIABLE, "auto")
+    assert not _triton_rows.usable(rows, 3, None, None)  # CPU tensors: the core's CPU paths
+    monkeypatch.setenv(_triton_rows.ENVIRONMENT_VARIABLE, "always")
+    assert _triton_rows.usable(rows, 3, None, None)
+    assert not _triton_rows.usable(rows, 64, None, None)  # k = n: nothing to solve
+    assert not _triton_rows.usable(rows, 3, 50, None)  # max_iter and tol are the Array-API method's
+    assert not _triton_rows.usable(rows, 3, None, 1e-6)
+    assert not _triton_rows.usable(torch.zeros((2, _triton_rows.kernels().MAX_N + 1)), 3, None, None)
+    assert not _triton_rows.usable(torch.zeros((0, 64)), 3, None, None)
+    monkeypatch.setenv(_triton_rows.ENVIRONMENT_VARIABLE, "never")
+    assert not _triton_rows.usable(rows, 3, None, None)
+    monkeypatch.setenv(_triton_rows.ENVIRONMENT_VARIABLE, "sometimes")
+    with pytest.raises(ValueError, match="SPARSE_TOPK_TORCH_TRITON must be one of"):
+        _triton_rows.usable(rows, 3, None, None)
+
+
+@pytest.mark.parametrize("n", [2, 16, 17, 64, 1000, 4096])
+def test_block_shapes_cover_the_row(n):
+    block, rows, warps = _triton_rows.kernels().block_shape(n)
+    assert block >= n and block & (block - 1) == 0 and rows >= 1 and 4 <= warps <= 16

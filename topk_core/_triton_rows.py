@@ -1,0 +1,367 @@
+"""Short rows solved whole in registers by Triton kernels: the threshold method's GPU fast path.
+
+The threshold method of `_agnostic.threshold` runs as a few hundred
+elementwise operations and row reductions, each of which reads the rows
+again, and a loop whose iterations each end in a host read; on a GPU that
+costs far more than the arithmetic (docs/benchmarks.md).  For rows of at
+most `MAX_N` entries, these kernels load ``ROWS`` rows into registers (in
+float64 whatever the input's dtype), solve each row's scalar equation of
+spec section 5 there, and write the output and the residuals once: one read
+of the input and one write of each output for the whole solve.
+
+Per row (``g(e) = e^(q - 1)`` with ``e = u / l``, `_agnostic.regularizer`):
+
+* **Order statistics.**  The row is sorted in registers (``tl.sort``) for
+  its k-th and (k+1)-th largest keys ``c`` and ``c2`` (mask: ``x``;
+  magnitude: ``|x|``).  They bracket the scalar and give its frame.
+* **Mask**, relative to ``c`` (every free entry lies within ``l`` of it, so
+  ``x - c`` keeps its digits): ``tau`` lies in ``[-l, c2 - c]`` (the top k
+  keys saturated at the lower end, at most k units at the upper end).  When
+  ``c - c2 >= l`` the threshold is not unique (spec section 6): ``tau = c2
+  - c`` gives the exact 0/1 answer with an empty free set.
+* **Magnitude**, in the frame of a reference key ``ref`` (first ``c``):
+  ``r = (|x| - ref) + delta`` with ``t = ref - delta``.  ``t`` lies in
+  ``[m, c2]`` with ``m = min(c / 2, g(c / 2))`` below the saturation point
+  of the k-th key, and ``delta`` below ``l c^(p - 1)``, the saturation
+  width at ``t = c``.  When the k-th key still saturates at ``t = c2``
+  the threshold is not unique and ``t = c2``.  After the solve, a row whose
+  threshold is nearer to another key is solved again in that key's frame
+  (from the first root and bracket), so that ``r`` of the entries near ``t``
+  is formed from exact differences (``|x_i - ref| <= 2 r_i`` once ``ref``
+  is the key nearest ``t``).  Rows with at most k non-zero entries return
+  ``x`` (``t = 0``).
+* **Root.**  Safeguarded Newton (Numerical Recipes' rtsafe: a Newton step
+  is taken when it lands inside the bracket and at most halves the step
+  before last, else the bracket is bisected) from the bracket's midpoint, on
+  ``sum(y) - k``, which is monotone and piecewise smooth in the scalar.  A
+  row stops when ``sum(y) = k`` exactly, when its step falls below 4 ulps of
+  its scale, or when its bracket is 8 ulps wide: the scalar is then exact to
+  float64 precision, which is the polish.  ``MAX_ITER`` bounds the loop.
+
+Each kernel also writes a per-row flag: rows with a non-finite entry, and
+rows that did not converge or met a non-finite intermediate, are left to the
+Array-API threshold method by the caller (its NaN and infinity policy is the
+library's).  The residuals are those of the Array-API threshold method, in
+input order: ``g'`` on the free set (mask and magnitude), the set codes
+(`_agnostic.residuals.mag_codes`) and ``offset = k - |A|`` (magnitude).
+
+This module needs Triton; the PyTorch adapter imports it on demand
+(`topk_torch._triton_rows`).  With ``TRITON_INTERPRET=1`` set before the
+import, the kernels run on CPU tensors through Triton's interpreter, which is
+how the test suite checks them without a GPU.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Longest rows the kernels take (a power of two: the register block of one row).
+MAX_N = 4096
+# Exponent modes of the kernels (compile-time): q = 2 (g linear), q = 4 (p = 4/3, g cubic), any q.
+MODE_LINEAR, MODE_CUBIC, MODE_GENERAL = 1, 3, 0
+# Iterations of the root finder before a row is handed back (bisection alone would need about 60
+# from a bracket of width l down to 8 float64 ulps).
+MAX_ITER = 100
+# The set code of entries returned unchanged (`_agnostic.residuals.KEPT_CODE`; a constant of the kernels).
+KEPT_CODE = tl.constexpr(2)
+
+
+def exponent_mode(q: float) -> int:
+    """The kernels' exponent mode for the conjugate exponent `q`."""
+    if q == 2.0:
+        return MODE_LINEAR
+    if q == 4.0:
+        return MODE_CUBIC
+    return MODE_GENERAL
+
+
+def block_shape(n: int) -> tuple[int, int, int]:
+    """``(BLOCK, ROWS, num_warps)`` for rows of `n` entries: the row padded to a power of two, and
+    rows per program so that a program holds about 1024 float64 entries per array."""
+    block = max(16, triton.next_power_of_2(n))
+    rows = max(1, 1024 // block)
+    warps = max(4, min(16, block * rows // 256))
+    return block, rows, warps
+
+
+@triton.jit
+def _g(e, qm1, MODE: tl.constexpr):
+    """``e^(q - 1)`` for ``e >= 0``."""
+    if MODE == 1:
+        return e
+    elif MODE == 3:
+        return e * e * e
+    else:
+        return tl.where(e > 0, tl.exp2(qm1 * tl.log2(tl.maximum(e, 1e-300))), 0.0)
+
+
+@triton.jit
+def _g_inverse(v, qm1, MODE: tl.constexpr):
+    """``v^(1 / (q - 1))`` for ``v > 0`` (the saturation width at level `v`, over l)."""
+    if MODE == 1:
+        return v
+    else:
+        return tl.exp2(tl.log2(v) / qm1)
+
+
+@triton.jit
+def _g_prime(e, qm1, lam, MODE: tl.constexpr):
+    """``g'(u) = (q - 1) / l e^(q - 2)`` at ``e = u / l > 0``."""
+    if MODE == 1:
+        return e * 0.0 + 1.0 / lam
+    elif MODE == 3:
+        return 3.0 / lam * e * e
+    else:
+        return qm1 / lam * tl.exp2((qm1 - 1.0) * tl.log2(tl.maximum(e, 1e-300)))
+
+
+@triton.jit
+def _split(lo, hi, GEOMETRIC: tl.constexpr):
+    """The point that halves the bracket ``[lo, hi]``: its midpoint or, with `GEOMETRIC` (a bracket
+    ``lo < hi < 0`` of ``-t``), the geometric mean of t's ends where they differ by more than 4x."""
+    mid = 0.5 * (lo + hi)
+    if GEOMETRIC:
+        far = (lo < 4.0 * hi) & (hi < 0)
+        geometric = -tl.exp2(0.5 * (tl.log2(-lo) + tl.log2(tl.maximum(-hi, 1e-300))))
+        return tl.where(far, geometric, mid)
+    else:
+        return mid
+
+
+@triton.jit
+def _rtsafe(f, slope, scalar, lo, hi, step_old, run, scale, GEOMETRIC: tl.constexpr):
+    """One safeguarded Newton step for the rows `run`.
+
+    `f` and `slope` are the value and derivative of an increasing function of
+    `scalar` whose root lies in ``[lo, hi]``; returns the new scalar, bracket
+    and step, and whether the row has converged.
+    """
+    eps = 2.220446049250313e-16
+    lo = tl.where(run & (f < 0), scalar, lo)
+    hi = tl.where(run & (f > 0), scalar, hi)
+    usable = slope > 0
+    step = tl.where(usable, -f / tl.where(usable, slope, 1.0), 0.0)
+    candidate = scalar + step
+    newton = usable & (candidate > lo) & (candidate < hi) & (2.0 * tl.abs(step) <= tl.abs(step_old))
+    new = tl.where(newton, candidate, _split(lo, hi, GEOMETRIC))
+    new = tl.where(f == 0, scalar, new)
+    moved = new - scalar
+    width = hi - lo
+    converged = (f == 0) | (tl.abs(moved) <= 4.0 * eps * scale) | (width <= 8.0 * eps * scale)
+    # A non-finite value or slope never converges: the row is handed back.
+    converged = converged & (tl.abs(f) < float("inf")) & (tl.abs(slope) < float("inf"))
+    scalar = tl.where(run, new, scalar)
+    step_old = tl.where(run, moved, step_old)
+    return scalar, lo, hi, step_old, converged
+
+
+@triton.jit
+def _mask_sums(d, tau, k, lam, qm1, MODE: tl.constexpr):
+    """``sum(y) - k`` at `tau` (relative to the frame of `d`) and ``-d/dtau`` of it."""
+    e = tl.maximum((d - tau[:, None]) / lam, 0.0)
+    ec = tl.minimum(e, 1.0)
+    free = (e > 0) & (e < 1)
+    f = tl.sum(_g(ec, qm1, MODE), axis=1) - k
+    slope = tl.sum(tl.where(free, _g_prime(ec, qm1, lam, MODE), 0.0), axis=1)
+    return f, slope
+
+
+@triton.jit
+def _mask_solve(d, tau, lo, hi, active, k, lam, qm1, MODE: tl.constexpr, MAX_ITER: tl.constexpr):
+    """The root of `_mask_sums` in ``[lo, hi]`` for the `active` rows; ``(tau, converged)``."""
+    solved = active != active  # all False, in the shape and type of a row flag
+    done = ~active
+    step_old = hi - lo
+    it = 0
+    while tl.max((~done).to(tl.int32), axis=0) > 0:
+        run = ~done
+        f, slope = _mask_sums(d, tau, k, lam, qm1, MODE)
+        # sum(y) decreases in tau: the root finder works on -tau.
+        neg, lo_n, hi_n, step_old, converged = _rtsafe(f, slope, -tau, -hi, -lo, step_old, run, tl.abs(tau) + lam, False)
+        tau, lo, hi = -neg, -hi_n, -lo_n
+        solved = solved | (run & converged)
+        it += 1
+        done = done | solved | (it >= MAX_ITER)
+    return tau, solved
+
+
+@triton.jit
+def _row_ids(ROWS: tl.constexpr, BLOCK: tl.constexpr, batch, n):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK)
+    in_rows = rows < batch
+    valid = in_rows[:, None] & (cols[None, :] < n)
+    offs = rows[:, None].to(tl.int64) * n + cols[None, :]
+    return rows, cols, in_rows, valid, offs
+
+
+@triton.jit
+def _order_statistics(keys, cols, k):
+    """The k-th and (k+1)-th largest keys of each row (k < n)."""
+    s = tl.sort(keys, dim=1, descending=True)
+    kth = tl.sum(tl.where(cols[None, :] == k - 1, s, 0.0), axis=1)
+    next_ = tl.sum(tl.where(cols[None, :] == k, s, 0.0), axis=1)
+    return kth, next_
+
+
+@triton.jit
+def mask_rows_kernel(
+    x_ptr, params_ptr, y_ptr, gp_ptr, flag_ptr, batch, n, k,
+    BLOCK: tl.constexpr, ROWS: tl.constexpr, MODE: tl.constexpr, RESIDUALS: tl.constexpr,
+    MAX_ITER: tl.constexpr,
+):
+    """Soft top-k mask of contiguous (batch, n) rows, ``1 <= k < n``; params: ``(l, q - 1)`` in float64."""
+    rows, cols, in_rows, valid, offs = _row_ids(ROWS, BLOCK, batch, n)
+    lam = tl.load(params_ptr)
+    qm1 = tl.load(params_ptr + 1)
+    x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(tl.float64)
+    finite = tl.abs(x) < float("inf")
+    bad = tl.max((valid & ~finite).to(tl.int32), axis=1) > 0
+    keys = tl.where(valid & finite, x, float("-inf"))
+    c, c2 = _order_statistics(keys, cols, k)
+    idle = bad | ~in_rows  # no keys to solve for (rows past the batch are padding)
+    c = tl.where(idle, 0.0, c)
+    c2 = tl.where(idle, 0.0, c2)
+    d = keys - c[:, None]
+
+    lo = c * 0.0 - lam
+    hi = c2 - c
+    flat = hi <= lo  # k keys clear of the rest by a saturating gap: the exact 0/1 answer
+    tau = tl.where(flat, hi, 0.5 * (lo + hi))
+    tau, solved = _mask_solve(d, tau, lo, hi, in_rows & ~flat & ~bad, k, lam, qm1, MODE, MAX_ITER)
+
+    e = tl.maximum((d - tau[:, None]) / lam, 0.0)
+    ec = tl.minimum(e, 1.0)
+    y = _g(ec, qm1, MODE)
+    free = (y > 0) & (y < 1)
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=valid)
+    if RESIDUALS:
+        gp = tl.where(free, _g_prime(ec, qm1, lam, MODE), 0.0)
+        tl.store(gp_ptr + offs, gp.to(gp_ptr.dtype.element_ty), mask=valid)
+    flag = bad | ~(solved | flat)
+    tl.store(flag_ptr + rows, flag.to(tl.int8), mask=in_rows)
+
+
+@triton.jit
+def _mag_sums(d, ref, delta, k, lam, qm1, MODE: tl.constexpr):
+    """``sum(y) - k`` at ``t = ref - delta`` (``r = d + delta``) and its derivative in delta."""
+    t = ref - delta
+    w = lam * _g_inverse(t, qm1, MODE)
+    r = tl.maximum(d + delta[:, None], 0.0)
+    sat = r >= w[:, None]
+    rc = tl.minimum(r, w[:, None])
+    z = _g(rc / lam, qm1, MODE)
+    free = (r > 0) & ~sat
+    tt = t[:, None]
+    y = tl.where(sat, 1.0, z / tt)
+    f = tl.sum(y, axis=1) - k
+    slope = tl.sum(tl.where(free, _g_prime(rc / lam, qm1, lam, MODE) / tt + z / (tt * tt), 0.0), axis=1)
+    return f, slope, w
+
+
+@triton.jit
+def _mag_solve(
+    d, ref, delta, lo, hi, active, k, lam, qm1, MODE: tl.constexpr, MAX_ITER: tl.constexpr, GEOMETRIC: tl.constexpr,
+):
+    """The root of `_mag_sums` in ``[lo, hi]`` for the `active` rows; ``(delta, lo, hi, converged)``."""
+    solved = active != active
+    done = ~active
+    step_old = hi - lo
+    it = 0
+    while tl.max((~done).to(tl.int32), axis=0) > 0:
+        run = ~done
+        f, slope, w = _mag_sums(d, ref, delta, k, lam, qm1, MODE)
+        # The scale of delta's precision: t enters y = g(r) / t, and the free r lie within w.
+        scale = tl.abs(delta) + tl.minimum(w, ref - delta)
+        delta, lo, hi, step_old, converged = _rtsafe(f, slope, delta, lo, hi, step_old, run, scale, GEOMETRIC)
+        solved = solved | (run & converged)
+        it += 1
+        done = done | solved | (it >= MAX_ITER)
+    return delta, lo, hi, solved
+
+
+@triton.jit
+def mag_rows_kernel(
+    x_ptr, params_ptr, y_ptr, gp_ptr, codes_ptr, offset_ptr, flag_ptr, batch, n, k,
+    BLOCK: tl.constexpr, ROWS: tl.constexpr, MODE: tl.constexpr, RESIDUALS: tl.constexpr,
+    MAX_ITER: tl.constexpr,
+):
+    """Soft top-k in magnitude of contiguous (batch, n) rows, ``1 <= k < n``; params: ``(l, q - 1)``."""
+    rows, cols, in_rows, valid, offs = _row_ids(ROWS, BLOCK, batch, n)
+    lam = tl.load(params_ptr)
+    qm1 = tl.load(params_ptr + 1)
+    x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(tl.float64)
+    finite = tl.abs(x) < float("inf")
+    bad = tl.max((valid & ~finite).to(tl.int32), axis=1) > 0
+    x = tl.where(finite, x, 0.0)
+    keys = tl.where(valid, tl.abs(x), -1.0)  # padding below every key
+    ak, ak1 = _order_statistics(keys, cols, k)
+    ak1 = tl.maximum(ak1, 0.0)
+    identity = ak1 <= 0  # at most k non-zero entries: t = 0, the output is x
+    idle = identity | bad | ~in_rows  # no threshold to solve for (rows past the batch are padding)
+    ak = tl.where(idle, 1.0, ak)
+    ak1 = tl.where(idle, 0.5, ak1)
+
+    # Phase 1, in the absolute frame (ref = 0, delta = -t), where t keeps its own precision: t lies
+    # between the (k+1)-th key and a point below the saturation point of the k-th key.
+    zero = ak * 0.0
+    m = tl.minimum(0.5 * ak, _g(0.5 * ak / lam, qm1, MODE))
+    m = tl.maximum(m, ak - lam * _g_inverse(ak, qm1, MODE))
+    flat = _g((ak - ak1) / lam, qm1, MODE) >= ak1  # the k-th key still saturates at t = c2
+    solve = in_rows & ~identity & ~bad & ~flat
+    lo = -ak1
+    hi = -m
+    # A bracket that rounding closed: t lies within rounding of the (k+1)-th key, which phase 2
+    # resolves in that key's frame.
+    closed = solve & (hi <= lo)
+    solve = solve & ~closed
+    delta = tl.where(solve, _split(lo, hi, True), lo)
+    delta, lo, hi, solved = _mag_solve(keys, zero, delta, lo, hi, solve, k, lam, qm1, MODE, MAX_ITER, True)
+    solved = solved | closed
+
+    # Phase 2, in the frame of the non-zero key nearest to the threshold, where that key lies within a
+    # factor 2 of it: r = (|x| - ref) + delta from exact differences (|x_i - ref| <= 2 r_i near t).
+    t1 = -delta
+    dist = tl.where(valid & (keys > 0), tl.abs(keys - t1[:, None]), float("inf"))
+    nearest = tl.min(dist, axis=1)
+    ref = tl.max(tl.where(dist == nearest[:, None], keys, -1.0), axis=1)
+    again = solved & (ref >= 0.5 * t1) & (ref <= 2.0 * t1)
+    ref = tl.where(again, ref, 0.0)
+    pad = 8.0 * 2.220446049250313e-16 * -lo
+    d2 = keys - ref[:, None]
+    delta2, _, _, solved2 = _mag_solve(
+        d2, ref, ref - t1, ref + lo - pad, tl.minimum(ref + hi + pad, ref + 0.5 * hi), again, k, lam, qm1, MODE, MAX_ITER, False
+    )
+    d = tl.where(again[:, None], d2, keys)
+    delta = tl.where(again, delta2, delta)
+    solved = tl.where(again, solved2, solved)
+
+    t = ref - delta
+    w = lam * _g_inverse(tl.where(idle, 1.0, t), qm1, MODE)
+    r = tl.maximum(d + delta[:, None], 0.0)
+    sat = r >= w[:, None]
+    rc = tl.minimum(r, w[:, None])
+    z = _g(rc / lam, qm1, MODE)
+    free = (r > 0) & ~sat & valid
+    sign = tl.where(x > 0, 1.0, -1.0)
+    out = tl.where(sat, x, tl.where(free, sign * (z + r), 0.0))
+    # Rows with at most k non-zero entries: every entry kept when fewer than k are non-zero, else
+    # the non-zero ones (the Array-API threshold method's convention).
+    n_nonzero = tl.sum((valid & (keys > 0)).to(tl.int32), axis=1)
+    kept = valid & ((n_nonzero < k)[:, None] | (keys > 0))
+    identity2 = identity[:, None]
+    out = tl.where(identity2, x, out)
+    sat = tl.where(identity2, kept, sat & valid)
+    free = free & ~identity2
+    tl.store(y_ptr + offs, out.to(y_ptr.dtype.element_ty), mask=valid)
+    if RESIDUALS:
+        gp = tl.where(free, _g_prime(rc / lam, qm1, lam, MODE), 0.0)
+        codes = tl.where(free, tl.where(x > 0, 1, -1), tl.where(sat, KEPT_CODE, 0))
+        offset = tl.maximum(k - tl.sum(sat.to(tl.int32), axis=1), 0)
+        tl.store(gp_ptr + offs, gp.to(gp_ptr.dtype.element_ty), mask=valid)
+        tl.store(codes_ptr + offs, codes.to(tl.int8), mask=valid)
+        tl.store(offset_ptr + rows, offset.to(offset_ptr.dtype.element_ty), mask=in_rows)
+    finite_out = tl.max((valid & ~(tl.abs(out) < float("inf"))).to(tl.int32), axis=1) == 0
+    flag = bad | ~(solved | flat | identity) | ~finite_out
+    tl.store(flag_ptr + rows, flag.to(tl.int8), mask=in_rows)
