@@ -8,14 +8,18 @@ pure stages around it under `torch.compile` on CUDA tensors
 This script times, in one process, forward+backward of the public operators
 with method ``"threshold"`` compiled (``always``; and its forward alone) and
 eager (``never``), method ``"pav"`` (on CUDA: a round trip to the host) and
-`torch.topk` (its values scattered into zeros, differentiated). It prints
+`torch.topk` (its values scattered into zeros, differentiated), and, on a GPU,
+the threshold method's Triton kernels for short rows (`topk_torch._triton_rows`,
+``SPARSE_TOPK_TORCH_TRITON``; the other columns run with them off). It prints
 the compiled method's first call (compilation) apart, its ratio to
 `torch.topk` (the issue's GPU target: at most 3x at (2^20, 64)), the largest
 difference between the compiled and eager outputs (*dy*), between their
 gradients relative to the largest gradient entry (*dg*), and, where PAV ran,
 the same relative difference between the eager threshold gradient and PAV's
 (*dg pav*: float32 rounding at the edge of a support moves gradient entries
-whichever solver computes them).
+whichever solver computes them), and the Triton kernels' forward+backward, forward,
+ratio to `torch.topk` and differences from the eager method (*dy triton*, *dg
+triton*; n at most `topk_core._triton_rows.MAX_N`, CUDA only: nan elsewhere).
 
     python benchmarks/bench_fused_threshold.py --device cuda                  # the GPU shapes
     python benchmarks/bench_fused_threshold.py --shapes 4096x64 --p 2         # a CPU try (inductor's C++)
@@ -41,10 +45,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import EXPONENTS, median_time, parse_shapes, torch_hard_topk
 
 import topk_torch
-from topk_torch import _fused
+from topk_torch import _fused, _triton_rows
 
 STRENGTH = 0.1
 COLUMNS = ("topk", "pav", "eager")  # the first columns, in ms
+TRITON_COLUMNS = ("triton", "triton forward", "dy triton", "dg triton")
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -97,16 +102,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     torch._logging.set_logs(dynamo=logging.ERROR)
     # The script sets the compiled solvers' switches it times; the caller's come back afterwards.
-    saved = _fused.BACKEND, _fused.UNROLL, os.environ.get(_fused.ENVIRONMENT_VARIABLE)
+    switches = (_fused.ENVIRONMENT_VARIABLE, _triton_rows.ENVIRONMENT_VARIABLE)
+    saved = _fused.BACKEND, _fused.UNROLL, [os.environ.get(name) for name in switches]
     _fused.BACKEND = args.backend
     try:
         rows = _run(args)
     finally:
-        _fused.BACKEND, _fused.UNROLL, mode = saved
-        if mode is None:
-            os.environ.pop(_fused.ENVIRONMENT_VARIABLE, None)
-        else:
-            os.environ[_fused.ENVIRONMENT_VARIABLE] = mode
+        _fused.BACKEND, _fused.UNROLL, modes = saved
+        for name, mode in zip(switches, modes, strict=True):
+            if mode is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = mode
     if args.breakdown:
         print("\nOne compiled forward, each compiled call synchronised (ms; xN: calls):\n")
         for row in rows:
@@ -119,9 +126,11 @@ def _run(args: argparse.Namespace) -> list[dict]:
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     rows = []
     unrolls = [int(v) for v in args.unroll.split(",")]
+    cuda = args.device.startswith("cuda")
     print("| operator | p | shape | torch.topk (ms) | pav (ms) | threshold eager (ms) | unroll | compiled first call (s) "
-          "| threshold compiled (ms) | of which forward (ms) | compiled / topk | dy | dg | dg pav |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| threshold compiled (ms) | of which forward (ms) | compiled / topk | dy | dg | dg pav "
+          "| triton (ms) | of which forward (ms) | triton / topk | dy triton | dg triton |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for batch, n in parse_shapes(args.shapes):
         gen = torch.Generator(device=args.device).manual_seed(0)
         x = torch.randn(batch, n, device=args.device, generator=gen)
@@ -138,8 +147,9 @@ def _run(args: argparse.Namespace) -> list[dict]:
             for p_text in args.p.split(","):
                 fn = getattr(topk_torch, f"soft_topk_{operator}")
 
-                def step(mode, method, fn=fn, p=EXPONENTS[p_text], x=x, k=k, u=u, backward=True):
+                def step(mode, method, fn=fn, p=EXPONENTS[p_text], x=x, k=k, u=u, backward=True, triton="never"):
                     os.environ[_fused.ENVIRONMENT_VARIABLE] = mode
+                    os.environ[_triton_rows.ENVIRONMENT_VARIABLE] = triton
                     xr = x.detach().requires_grad_(backward)
                     y = fn(xr, k, regularization_strength=STRENGTH, p=p, method=method)
                     (grad,) = torch.autograd.grad(y, xr, u) if backward else (None,)
@@ -153,6 +163,16 @@ def _run(args: argparse.Namespace) -> list[dict]:
                 if batch * n < args.pav_below:
                     common["dg pav"] = _relative(want[1], step("never", "pav")[1])
                     common["pav"] = median_time(lambda step=step: step("never", "pav"), args.repeats, warmup=0)
+                common.update(dict.fromkeys(TRITON_COLUMNS, float("nan")))
+                os.environ[_triton_rows.ENVIRONMENT_VARIABLE] = "auto"
+                if cuda and _triton_rows.usable(x, k, None, None):
+                    got = step("never", "threshold", triton="auto")
+                    common["dy triton"] = float((got[0] - want[0]).abs().max())
+                    common["dg triton"] = _relative(got[1], want[1])
+                    common["triton"] = median_time(lambda step=step: step("never", "threshold", triton="auto"),
+                                                   args.repeats)
+                    common["triton forward"] = median_time(
+                        lambda step=step: step("never", "threshold", backward=False, triton="auto"), args.repeats)
                 for unroll in unrolls:
                     _fused.UNROLL = unroll
                     start = time.perf_counter()
@@ -170,9 +190,11 @@ def _run(args: argparse.Namespace) -> list[dict]:
                     rows.append(row)
                     ms = " | ".join(f"{row[c] * 1e3:.3g}" for c in COLUMNS)
                     diffs = " | ".join(f"{row[c]:.1e}" for c in ("dy", "dg", "dg pav"))
+                    triton = (f"{row['triton'] * 1e3:.3g} | {row['triton forward'] * 1e3:.3g} "
+                              f"| {row['triton'] / topk_time:.2f} | {row['dy triton']:.1e} | {row['dg triton']:.1e}")
                     print(f"| {operator} | {p_text} | {(batch, n)} | {ms} | {unroll} | {first:.1f} "
                           f"| {row['compiled'] * 1e3:.3g} | {row['forward'] * 1e3:.3g} "
-                          f"| {row['compiled'] / topk_time:.1f} | {diffs} |", flush=True)
+                          f"| {row['compiled'] / topk_time:.1f} | {diffs} | {triton} |", flush=True)
     return rows
 
 

@@ -67,6 +67,9 @@ if [[ $steps == *tests* && $steps != *jax-tests* || $steps == *gpu-tests* ]] && 
     if grep -q " skipped" "$log"; then echo "GPU tests were skipped"; status=1; fi
     # The compiled solvers' own tests (on the CPU, with this machine's torch: its Dynamo).
     timeout 120 "$py" -m pytest -q "${pytest_opts[@]}" tests/test_torch_fused.py || status=1
+    # The threshold method's Triton kernels, compiled, every test on the GPU (without one they
+    # run in Triton's interpreter).
+    timeout "${STEP_TRITON_TESTS:-240}" "$py" -m pytest -q "${pytest_opts[@]}" tests/test_triton_rows.py || status=1
 fi
 if [[ $steps == *tests* && $steps != *gpu-tests* || $steps == *jax-tests* ]]; then
     echo "== the JAX tests on JAX's default device ($((SECONDS - started)) s)"

@@ -187,3 +187,26 @@ def test_when_the_kernels_are_used(monkeypatch):
 def test_block_shapes_cover_the_row(n):
     block, rows, warps = _triton_rows.kernels().block_shape(n)
     assert block >= n and block & (block - 1) == 0 and rows >= 1 and 4 <= warps <= 16
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("operator", ["mask", "mag"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_rows_take_the_compiled_kernel_by_default(operator, dtype, monkeypatch, rng):
+    monkeypatch.delenv(_triton_rows.ENVIRONMENT_VARIABLE, raising=False)
+    monkeypatch.setattr(_triton_rows, "_failures", [])
+    launches = []
+    launch = _triton_rows._launch
+    monkeypatch.setattr(_triton_rows, "_launch", lambda *a, **kw: launches.append(a[0]) or launch(*a, **kw))
+    x = rows_of_kind(rng, 2048, 64, "normal", np.float64)
+    xt = torch.tensor(x, device="cuda", dtype=dtype, requires_grad=True)
+    y = getattr(tt, f"soft_topk_{operator}")(xt, 6, method="threshold")
+    u = rng.normal(size=x.shape)
+    (grad,) = torch.autograd.grad(y, xt, torch.tensor(u, device="cuda", dtype=dtype))
+    assert launches == [operator] and y.device.type == "cuda" and grad.device.type == "cuda"
+    y0, vjp = getattr(tn, f"soft_topk_{operator}_vjp")(x, 6, method="pav")
+    atol = 1e-12 if dtype == torch.float64 else 1e-5
+    np.testing.assert_allclose(y.detach().cpu().numpy(), y0, rtol=0, atol=atol * np.abs(y0).max())
+    if dtype == torch.float64:
+        np.testing.assert_allclose(grad.cpu().numpy(), vjp(u), rtol=0, atol=1e-9)
