@@ -47,8 +47,8 @@ def _rows(rng: np.random.Generator, kind: str) -> np.ndarray:
 
 
 def _launch(kind: str, x: np.ndarray, k: int, p: float, lam: float = STRENGTH):
-    flags, y, *res = _triton_rows._launch(kind, torch.from_numpy(x).to(DEVICE), k, lam, conjugate_exponent(p), True)
-    return flags.cpu().numpy(), y.cpu().numpy(), [r.cpu().numpy() for r in res]
+    status, y, *res = _triton_rows._launch(kind, torch.from_numpy(x).to(DEVICE), k, lam, conjugate_exponent(p), True)
+    return status.cpu().numpy() < 0, y.cpu().numpy(), [r.cpu().numpy() for r in res]
 
 
 def _pav(operator: str, x: np.ndarray, k: int, p: float, lam: float = STRENGTH):

@@ -38,10 +38,11 @@ Per row (``g(e) = e^(q - 1)`` with ``e = u / l``, `_agnostic.regularizer`):
   its scale, or when its bracket is 8 ulps wide: the scalar is then exact to
   float64 precision, which is the polish.  ``MAX_ITER`` bounds the loop.
 
-Each kernel also writes a per-row flag: rows with a non-finite entry, and
-rows that did not converge or met a non-finite intermediate, are left to the
-Array-API threshold method by the caller (its NaN and infinity policy is the
-library's).  The residuals are those of the Array-API threshold method, in
+Each kernel also writes a per-row int8 status: -1 for rows with a non-finite
+entry and rows that did not converge or met a non-finite intermediate, which
+the caller leaves to the Array-API threshold method (its NaN and infinity
+policy is the library's); else the iterations of the row's root finder (at
+most 127; `benchmarks/triton_iterations.py` reads them).  The residuals are those of the Array-API threshold method, in
 input order: ``g'`` on the free set (mask and magnitude), the set codes
 (`_agnostic.residuals.mag_codes`) and ``offset = k - |A|`` (magnitude).
 
@@ -130,25 +131,51 @@ def _split(lo, hi, GEOMETRIC: tl.constexpr):
 
 
 @triton.jit
-def _rtsafe(f, slope, scalar, lo, hi, step_old, run, scale, GEOMETRIC: tl.constexpr):
+def _newton_step(f, slope, target, qm1, MODE: tl.constexpr):
+    """The Newton step of the current support piece, taken on ``(sum_F g)^a = T^a`` with ``a = 1 / (q - 1)``.
+
+    ``T = k - |saturated|`` and ``sum_F g = f + T``: exact when one entry is
+    free, and it does not crawl where g is flat (q > 2) or steep (q < 2) at 0
+    (as in `_agnostic.threshold`); plain Newton on `f` where ``T <= 0`` or the
+    free entries add nothing.  Returns the step and whether there is one.
+    """
+    usable = slope > 0
+    plain = -f / tl.where(usable, slope, 1.0)
+    if MODE == 1:
+        return tl.where(usable, plain, 0.0), usable
+    else:
+        free_sum = f + target
+        piece = usable & (target > 0) & (free_sum > 0)
+        ratio = tl.where(piece, target / tl.where(piece, free_sum, 1.0), 1.0)
+        # -(G^a - T^a) / (a G^(a - 1) G') = -G (1 - (T / G)^a) / (a G')
+        step = -free_sum * (1.0 - tl.exp2(tl.log2(ratio) / qm1)) * qm1 / tl.where(usable, slope, 1.0)
+        return tl.where(piece, step, tl.where(usable, plain, 0.0)), usable
+
+
+@triton.jit
+def _rtsafe(f, slope, target, scalar, lo, hi, step_old, run, scale, ftol, qm1, MODE: tl.constexpr,
+            GEOMETRIC: tl.constexpr):
     """One safeguarded Newton step for the rows `run`.
 
     `f` and `slope` are the value and derivative of an increasing function of
-    `scalar` whose root lies in ``[lo, hi]``; returns the new scalar, bracket
-    and step, and whether the row has converged.
+    `scalar` whose root lies in ``[lo, hi]``, `target` the count that the free
+    entries of the current piece must make up (`_newton_step`); returns the new scalar, bracket
+    and step, and whether the row has converged: ``|f| <= ftol`` (f is
+    ``sum(y) - k``, and every ``y_i`` is monotone in the scalar, so this bounds
+    the L1 error of ``y``; below the rounding of the sum, Newton steps are
+    noise), a step below 4 ulps of `scale`, or a bracket 8 ulps wide.
     """
     eps = 2.220446049250313e-16
     lo = tl.where(run & (f < 0), scalar, lo)
     hi = tl.where(run & (f > 0), scalar, hi)
-    usable = slope > 0
-    step = tl.where(usable, -f / tl.where(usable, slope, 1.0), 0.0)
+    step, usable = _newton_step(f, slope, target, qm1, MODE)
     candidate = scalar + step
     newton = usable & (candidate > lo) & (candidate < hi) & (2.0 * tl.abs(step) <= tl.abs(step_old))
     new = tl.where(newton, candidate, _split(lo, hi, GEOMETRIC))
-    new = tl.where(f == 0, scalar, new)
+    new = tl.where(tl.abs(f) <= ftol, scalar, new)
     moved = new - scalar
     width = hi - lo
-    converged = (f == 0) | (tl.abs(moved) <= 4.0 * eps * scale) | (width <= 8.0 * eps * scale)
+    converged = (tl.abs(f) <= ftol) | (tl.abs(moved) <= 4.0 * eps * scale) | (width <= 8.0 * eps * scale)
     # A non-finite value or slope never converges: the row is handed back.
     converged = converged & (tl.abs(f) < float("inf")) & (tl.abs(slope) < float("inf"))
     scalar = tl.where(run, new, scalar)
@@ -158,32 +185,49 @@ def _rtsafe(f, slope, scalar, lo, hi, step_old, run, scale, GEOMETRIC: tl.conste
 
 @triton.jit
 def _mask_sums(d, tau, k, lam, qm1, MODE: tl.constexpr):
-    """``sum(y) - k`` at `tau` (relative to the frame of `d`) and ``-d/dtau`` of it."""
+    """``sum(y) - k`` at `tau` (relative to the frame of `d`), ``-d/dtau`` of it, and k less the saturated count."""
     e = tl.maximum((d - tau[:, None]) / lam, 0.0)
     ec = tl.minimum(e, 1.0)
     free = (e > 0) & (e < 1)
     f = tl.sum(_g(ec, qm1, MODE), axis=1) - k
     slope = tl.sum(tl.where(free, _g_prime(ec, qm1, lam, MODE), 0.0), axis=1)
-    return f, slope
+    target = k - tl.sum((e >= 1).to(tl.float64), axis=1)
+    return f, slope, target
 
 
 @triton.jit
-def _mask_solve(d, tau, lo, hi, active, k, lam, qm1, MODE: tl.constexpr, MAX_ITER: tl.constexpr):
-    """The root of `_mask_sums` in ``[lo, hi]`` for the `active` rows; ``(tau, converged)``."""
+def _mask_solve(d, tau, lo, hi, active, k, lam, qm1, ftol, MODE: tl.constexpr, MAX_ITER: tl.constexpr):
+    """The root of `_mask_sums` in ``[lo, hi]`` for the `active` rows; ``(tau, converged, iterations)``."""
     solved = active != active  # all False, in the shape and type of a row flag
     done = ~active
     step_old = hi - lo
+    iterations = active.to(tl.int32) * 0
     it = 0
     while tl.max((~done).to(tl.int32), axis=0) > 0:
         run = ~done
-        f, slope = _mask_sums(d, tau, k, lam, qm1, MODE)
+        iterations += run.to(tl.int32)
+        f, slope, target = _mask_sums(d, tau, k, lam, qm1, MODE)
         # sum(y) decreases in tau: the root finder works on -tau.
-        neg, lo_n, hi_n, step_old, converged = _rtsafe(f, slope, -tau, -hi, -lo, step_old, run, tl.abs(tau) + lam, False)
+        neg, lo_n, hi_n, step_old, converged = _rtsafe(
+            f, slope, target, -tau, -hi, -lo, step_old, run, tl.abs(tau) + lam, ftol, qm1, MODE, False
+        )
         tau, lo, hi = -neg, -hi_n, -lo_n
         solved = solved | (run & converged)
         it += 1
         done = done | solved | (it >= MAX_ITER)
-    return tau, solved
+    return tau, solved, iterations
+
+
+@triton.jit
+def _ftol(n, k):
+    """The miss of ``sum(y) = k`` that counts as the root: the rounding of a sum of n terms, and 8 ulps of k."""
+    return 2.220446049250313e-16 * (n + 8.0 * k)
+
+
+@triton.jit
+def _status(handed_back, iterations):
+    """A row's int8 status: -1 where the row is handed back, else its root finder's iterations (at most 127)."""
+    return tl.where(handed_back, -1, tl.minimum(iterations, 127)).to(tl.int8)
 
 
 @triton.jit
@@ -207,7 +251,7 @@ def _order_statistics(keys, cols, k):
 
 @triton.jit
 def mask_rows_kernel(
-    x_ptr, params_ptr, y_ptr, gp_ptr, flag_ptr, batch, n, k,
+    x_ptr, params_ptr, y_ptr, gp_ptr, status_ptr, batch, n, k,
     BLOCK: tl.constexpr, ROWS: tl.constexpr, MODE: tl.constexpr, RESIDUALS: tl.constexpr,
     MAX_ITER: tl.constexpr,
 ):
@@ -229,7 +273,9 @@ def mask_rows_kernel(
     hi = c2 - c
     flat = hi <= lo  # k keys clear of the rest by a saturating gap: the exact 0/1 answer
     tau = tl.where(flat, hi, 0.5 * (lo + hi))
-    tau, solved = _mask_solve(d, tau, lo, hi, in_rows & ~flat & ~bad, k, lam, qm1, MODE, MAX_ITER)
+    tau, solved, iterations = _mask_solve(
+        d, tau, lo, hi, in_rows & ~flat & ~bad, k, lam, qm1, _ftol(n, k), MODE, MAX_ITER
+    )
 
     e = tl.maximum((d - tau[:, None]) / lam, 0.0)
     ec = tl.minimum(e, 1.0)
@@ -239,13 +285,13 @@ def mask_rows_kernel(
     if RESIDUALS:
         gp = tl.where(free, _g_prime(ec, qm1, lam, MODE), 0.0)
         tl.store(gp_ptr + offs, gp.to(gp_ptr.dtype.element_ty), mask=valid)
-    flag = bad | ~(solved | flat)
-    tl.store(flag_ptr + rows, flag.to(tl.int8), mask=in_rows)
+    tl.store(status_ptr + rows, _status(bad | ~(solved | flat), iterations), mask=in_rows)
 
 
 @triton.jit
 def _mag_sums(d, ref, delta, k, lam, qm1, MODE: tl.constexpr):
-    """``sum(y) - k`` at ``t = ref - delta`` (``r = d + delta``) and its derivative in delta."""
+    """``sum(y) - k`` at ``t = ref - delta`` (``r = d + delta``), its derivative in delta, k less the
+    saturated count, and the saturation width."""
     t = ref - delta
     w = lam * _g_inverse(t, qm1, MODE)
     r = tl.maximum(d + delta[:, None], 0.0)
@@ -257,33 +303,39 @@ def _mag_sums(d, ref, delta, k, lam, qm1, MODE: tl.constexpr):
     y = tl.where(sat, 1.0, z / tt)
     f = tl.sum(y, axis=1) - k
     slope = tl.sum(tl.where(free, _g_prime(rc / lam, qm1, lam, MODE) / tt + z / (tt * tt), 0.0), axis=1)
-    return f, slope, w
+    target = k - tl.sum(sat.to(tl.float64), axis=1)
+    return f, slope, target, w
 
 
 @triton.jit
 def _mag_solve(
-    d, ref, delta, lo, hi, active, k, lam, qm1, MODE: tl.constexpr, MAX_ITER: tl.constexpr, GEOMETRIC: tl.constexpr,
+    d, ref, delta, lo, hi, active, k, lam, qm1, ftol, MODE: tl.constexpr, MAX_ITER: tl.constexpr,
+    GEOMETRIC: tl.constexpr,
 ):
-    """The root of `_mag_sums` in ``[lo, hi]`` for the `active` rows; ``(delta, lo, hi, converged)``."""
+    """The root of `_mag_sums` in ``[lo, hi]`` for the `active` rows; ``(delta, lo, hi, converged, iterations)``."""
     solved = active != active
     done = ~active
     step_old = hi - lo
+    iterations = active.to(tl.int32) * 0
     it = 0
     while tl.max((~done).to(tl.int32), axis=0) > 0:
         run = ~done
-        f, slope, w = _mag_sums(d, ref, delta, k, lam, qm1, MODE)
+        iterations += run.to(tl.int32)
+        f, slope, target, w = _mag_sums(d, ref, delta, k, lam, qm1, MODE)
         # The scale of delta's precision: t enters y = g(r) / t, and the free r lie within w.
         scale = tl.abs(delta) + tl.minimum(w, ref - delta)
-        delta, lo, hi, step_old, converged = _rtsafe(f, slope, delta, lo, hi, step_old, run, scale, GEOMETRIC)
+        delta, lo, hi, step_old, converged = _rtsafe(
+            f, slope, target, delta, lo, hi, step_old, run, scale, ftol, qm1, MODE, GEOMETRIC
+        )
         solved = solved | (run & converged)
         it += 1
         done = done | solved | (it >= MAX_ITER)
-    return delta, lo, hi, solved
+    return delta, lo, hi, solved, iterations
 
 
 @triton.jit
 def mag_rows_kernel(
-    x_ptr, params_ptr, y_ptr, gp_ptr, codes_ptr, offset_ptr, flag_ptr, batch, n, k,
+    x_ptr, params_ptr, y_ptr, gp_ptr, codes_ptr, offset_ptr, status_ptr, batch, n, k,
     BLOCK: tl.constexpr, ROWS: tl.constexpr, MODE: tl.constexpr, RESIDUALS: tl.constexpr,
     MAX_ITER: tl.constexpr,
 ):
@@ -316,8 +368,15 @@ def mag_rows_kernel(
     # resolves in that key's frame.
     closed = solve & (hi <= lo)
     solve = solve & ~closed
-    delta = tl.where(solve, _split(lo, hi, True), lo)
-    delta, lo, hi, solved = _mag_solve(keys, zero, delta, lo, hi, solve, k, lam, qm1, MODE, MAX_ITER, True)
+    if MODE == 1:
+        # p = 2: PAV's first block (the k-th and (k+1)-th keys free, the k - 1 above saturated).
+        start = -tl.minimum(tl.maximum((ak + ak1) / (2.0 + lam), m), ak1)
+    else:
+        start = _split(lo, hi, True)
+    delta = tl.where(solve, start, lo)
+    delta, lo, hi, solved, iterations = _mag_solve(
+        keys, zero, delta, lo, hi, solve, k, lam, qm1, _ftol(n, k), MODE, MAX_ITER, True
+    )
     solved = solved | closed
 
     # Phase 2, in the frame of the non-zero key nearest to the threshold, where that key lies within a
@@ -330,12 +389,15 @@ def mag_rows_kernel(
     ref = tl.where(again, ref, 0.0)
     pad = 8.0 * 2.220446049250313e-16 * -lo
     d2 = keys - ref[:, None]
-    delta2, _, _, solved2 = _mag_solve(
-        d2, ref, ref - t1, ref + lo - pad, tl.minimum(ref + hi + pad, ref + 0.5 * hi), again, k, lam, qm1, MODE, MAX_ITER, False
+    lo2 = ref + lo - pad
+    hi2 = tl.minimum(ref + hi + pad, ref + 0.5 * hi)
+    delta2, _, _, solved2, iterations2 = _mag_solve(
+        d2, ref, ref - t1, lo2, hi2, again, k, lam, qm1, _ftol(n, k), MODE, MAX_ITER, False
     )
     d = tl.where(again[:, None], d2, keys)
     delta = tl.where(again, delta2, delta)
     solved = tl.where(again, solved2, solved)
+    iterations += iterations2
 
     t = ref - delta
     w = lam * _g_inverse(tl.where(idle, 1.0, t), qm1, MODE)
@@ -363,5 +425,5 @@ def mag_rows_kernel(
         tl.store(codes_ptr + offs, codes.to(tl.int8), mask=valid)
         tl.store(offset_ptr + rows, offset.to(offset_ptr.dtype.element_ty), mask=in_rows)
     finite_out = tl.max((valid & ~(tl.abs(out) < float("inf"))).to(tl.int32), axis=1) == 0
-    flag = bad | ~(solved | flat | identity) | ~finite_out
-    tl.store(flag_ptr + rows, flag.to(tl.int8), mask=in_rows)
+    handed_back = bad | ~(solved | flat | identity) | ~finite_out
+    tl.store(status_ptr + rows, _status(handed_back, iterations), mask=in_rows)

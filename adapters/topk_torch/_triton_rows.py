@@ -6,7 +6,7 @@ launch per call: the rows are solved in registers and the output and the
 residuals written once.  Rows that the kernel hands back (a non-finite
 entry, no convergence) are solved again by the Array-API threshold method,
 which holds the library's NaN and infinity policy; finding them costs one
-host read of the flags per call.
+host read of the rows' status per call.
 
 When the kernels are used is set by the environment variable
 ``SPARSE_TOPK_TORCH_TRITON``: ``auto`` (the default: CUDA tensors, where
@@ -68,24 +68,25 @@ def usable(x: torch.Tensor, k: int, max_iter: Any, tol: Any) -> bool:
 
 
 def _launch(kind: str, x: torch.Tensor, k: int, lam: float, q: float, residuals: bool) -> tuple[torch.Tensor, ...]:
-    """``(flags, y, *residual arrays)`` from one launch of the kernel of `kind`."""
+    """``(status, y, *residual arrays)`` from one launch of the kernel of `kind` (status: per row, -1 where
+    the row is handed back, else its iterations; `topk_core._triton_rows`)."""
     module = kernels()
     batch, n = x.shape
     block, rows, warps = module.block_shape(n)
     params = torch.tensor([lam, q - 1.0], dtype=torch.float64, device=x.device)
-    flags = torch.empty(batch, dtype=torch.int8, device=x.device)
+    status = torch.empty(batch, dtype=torch.int8, device=x.device)
     y = torch.empty_like(x)
     gp = torch.empty_like(x) if residuals else y  # unused without residuals
     grid = ((batch + rows - 1) // rows,)
     meta = {"BLOCK": block, "ROWS": rows, "MODE": module.exponent_mode(q), "RESIDUALS": residuals,
             "MAX_ITER": module.MAX_ITER, "num_warps": warps}
     if kind == "mask":
-        module.mask_rows_kernel[grid](x, params, y, gp, flags, batch, n, k, **meta)
-        return (flags, y, gp) if residuals else (flags, y)
-    codes = torch.empty(x.shape, dtype=torch.int8, device=x.device) if residuals else flags
+        module.mask_rows_kernel[grid](x, params, y, gp, status, batch, n, k, **meta)
+        return (status, y, gp) if residuals else (status, y)
+    codes = torch.empty(x.shape, dtype=torch.int8, device=x.device) if residuals else status
     offset = x.new_empty((batch, 1)) if residuals else y
-    module.mag_rows_kernel[grid](x, params, y, gp, codes, offset, flags, batch, n, k, **meta)
-    return (flags, y, gp, codes, offset) if residuals else (flags, y)
+    module.mag_rows_kernel[grid](x, params, y, gp, codes, offset, status, batch, n, k, **meta)
+    return (status, y, gp, codes, offset) if residuals else (status, y)
 
 
 def _residuals(kind: str, arrays: tuple[torch.Tensor, ...]) -> Any:
@@ -98,7 +99,7 @@ def solve(kind: str, x: torch.Tensor, k: int, lam: float, q: float, residuals: b
     """``(y, residuals or None)`` of operator `kind` on rows `x` by the kernels; None if they cannot run."""
     x = x.detach().contiguous()
     try:
-        flags, y, *arrays = _launch(kind, x, k, lam, q, residuals)
+        status, y, *arrays = _launch(kind, x, k, lam, q, residuals)
     except Exception as err:  # a compiler or driver that cannot run the kernel: the Array-API route
         _failures.append(f"{type(err).__name__}: {err}")
         warnings.warn(
@@ -107,7 +108,7 @@ def solve(kind: str, x: torch.Tensor, k: int, lam: float, q: float, residuals: b
             "to skip it)", RuntimeWarning, stacklevel=3,
         )
         return None
-    handed_back = torch.nonzero(flags).flatten()
+    handed_back = torch.nonzero(status < 0).flatten()
     if handed_back.numel():
         # Rows with non-finite entries, or not converged: the Array-API method, whose policy holds.
         rows = x.index_select(0, handed_back)
