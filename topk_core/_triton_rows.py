@@ -64,6 +64,9 @@ MODE_LINEAR, MODE_CUBIC, MODE_GENERAL = 1, 3, 0
 # Iterations of the root finder before a row is handed back (bisection alone would need about 60
 # from a bracket of width l down to 8 float64 ulps).
 MAX_ITER = 100
+# Arguments that change from call to call: Triton does not specialize the kernels on their values
+# (by default it compiles a variant for integers divisible by 16 and another for 1).
+_VARYING = ("batch", "n", "k")
 # The set code of entries returned unchanged (`_agnostic.residuals.KEPT_CODE`; a constant of the kernels).
 KEPT_CODE = tl.constexpr(2)
 
@@ -249,7 +252,7 @@ def _order_statistics(keys, cols, k):
     return kth, next_
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_VARYING)
 def mask_rows_kernel(
     x_ptr, params_ptr, y_ptr, gp_ptr, status_ptr, batch, n, k,
     BLOCK: tl.constexpr, ROWS: tl.constexpr, MODE: tl.constexpr, RESIDUALS: tl.constexpr,
@@ -333,7 +336,7 @@ def _mag_solve(
     return delta, lo, hi, solved, iterations
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_VARYING)
 def mag_rows_kernel(
     x_ptr, params_ptr, y_ptr, gp_ptr, codes_ptr, offset_ptr, status_ptr, batch, n, k,
     BLOCK: tl.constexpr, ROWS: tl.constexpr, MODE: tl.constexpr, RESIDUALS: tl.constexpr,

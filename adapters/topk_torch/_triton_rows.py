@@ -19,6 +19,7 @@ a warning.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import warnings
@@ -99,7 +100,9 @@ def solve(kind: str, x: torch.Tensor, k: int, lam: float, q: float, residuals: b
     """``(y, residuals or None)`` of operator `kind` on rows `x` by the kernels; None if they cannot run."""
     x = x.detach().contiguous()
     try:
-        status, y, *arrays = _launch(kind, x, k, lam, q, residuals)
+        # Triton launches on the current CUDA device: make it the rows' (a no-op elsewhere).
+        with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
+            status, y, *arrays = _launch(kind, x, k, lam, q, residuals)
     except Exception as err:  # a compiler or driver that cannot run the kernel: the Array-API route
         _failures.append(f"{type(err).__name__}: {err}")
         warnings.warn(
