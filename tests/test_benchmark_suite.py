@@ -267,3 +267,21 @@ def test_fused_threshold_benchmark_runs_and_matches_eager(monkeypatch):
     split = rows[0]["breakdown"]
     assert any(name.startswith("step x") for name in split) and any(name.startswith("_mag_frame x1") for name in split)
     assert split["rest"] > 0 and abs(sum(v for name, v in split.items() if name != "total") - split["total"]) < 1e-9
+    # The Triton kernels' columns are measured on CUDA only.
+    assert all(math.isnan(r[c]) for r in rows for c in bench_fused_threshold.TRITON_COLUMNS)
+
+
+def test_triton_iterations_reads_the_kernels_status(monkeypatch):
+    """`triton_iterations.py` (Triton's interpreter without a GPU): the rows' iterations, none handed back."""
+    pytest.importorskip("torch")
+    pytest.importorskip("triton")
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import triton_iterations
+
+    rows = triton_iterations.main(["--shapes", "40x16", "--k", "3", "--p", "2"])
+    assert [row[:4] for row in rows] == [("mask", "2", (40, 16), 3), ("mag", "2", (40, 16), 3)]
+    for *_, median, tail, most, handed_back, slowest in rows:
+        assert 0 <= median <= tail <= most <= 100 and handed_back == 0 and median <= slowest <= most
+    x = np.random.default_rng(0).normal(size=(4, 16))
+    x[1, 2] = np.nan
+    assert list(triton_iterations.row_iterations("mask", x, 3, 0.1, 2.0) < 0) == [False, True, False, False]
