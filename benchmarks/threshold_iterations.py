@@ -55,29 +55,44 @@ def every_loop_iterations(op: str, x: np.ndarray, k: int, lam: float, p: float) 
     return [count for count, _ in _loop_runs(op, x, k, lam, p)]
 
 
-def main(argv: list[str] | None = None) -> list[tuple]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default="4096x64,262144x64", help="comma-separated ROWSxN")
+def row_arguments(doc: str, shapes: str, k: int, argv: list[str] | None) -> argparse.Namespace:
+    """The options of the iteration counters (this script, `triton_iterations.py`): rows, k, l, exponents."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default=shapes, help="comma-separated ROWSxN")
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--k", type=int, default=0, help="default: max(1, n / 10)")
+    parser.add_argument("--k", type=int, default=k, help="0: max(1, n / 10)")
     parser.add_argument("--strength", type=float, default=0.1)
     parser.add_argument("--p", default="4/3,2", help="comma-separated exponents")
     args = parser.parse_args(argv)
-    exponents = [float(a) / float(b or 1) for a, _, b in (p.partition("/") for p in args.p.split(","))]
+    args.exponents = [float(a) / float(b or 1) for a, _, b in (p.partition("/") for p in args.p.split(","))]
+    return args
+
+
+def normal_rows(args: argparse.Namespace):
+    """``((batch, n), rows, k)`` for each of ``args.shapes``: normal rows of ``args.dtype``, seed 0."""
+    for shape_text in args.shapes.split(","):
+        batch, n = (int(float(v)) for v in shape_text.lower().split("x"))
+        yield (batch, n), np.random.default_rng(0).normal(size=(batch, n)).astype(args.dtype), args.k or max(1, n // 10)
+
+
+def p_name(p: float) -> str:
+    return "4/3" if abs(p - 4 / 3) < 1e-12 else f"{p:g}"
+
+
+def main(argv: list[str] | None = None) -> list[tuple]:
+    args = row_arguments(__doc__, "4096x64,262144x64", 0, argv)
+    exponents = args.exponents
     print(f"normal rows, seed 0, {args.dtype}, l = {args.strength}")
     print("| operator | p | shape | k | loop iterations | rows' median | rows' 99th percentile | every loop |")
     print("|---|---|---|---|---|---|---|---|")
     rows = []
-    for shape_text in args.shapes.split(","):
-        batch, n = (int(float(v)) for v in shape_text.lower().split("x"))
-        x = np.random.default_rng(0).normal(size=(batch, n)).astype(args.dtype)
-        k = args.k or max(1, n // 10)
+    for (batch, n), x, k in normal_rows(args):
         for op in SOLVERS:
             for p in exponents:
                 runs = _loop_runs(op, x, k, args.strength, p)
                 count, converged = runs[0]
                 median, tail = np.percentile(converged, [50, 99])
-                name = "4/3" if abs(p - 4 / 3) < 1e-12 else f"{p:g}"
+                name = p_name(p)
                 every = [c for c, _ in runs]
                 rows.append((op, name, (batch, n), k, count, median, tail, every))
                 print(f"| {op} | {name} | ({batch}, {n}) | {k} | {count} | {median:g} | {tail:g} | "

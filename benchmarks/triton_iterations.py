@@ -15,8 +15,9 @@ their slowest row.
 
 from __future__ import annotations
 
-import argparse
 import os
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,6 +29,9 @@ if DEVICE == "cpu":
 from topk_core._agnostic.regularizer import conjugate_exponent  # noqa: E402
 from topk_torch import _triton_rows  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from threshold_iterations import normal_rows, p_name, row_arguments  # noqa: E402
+
 
 def row_iterations(op: str, x: np.ndarray, k: int, lam: float, p: float) -> np.ndarray:
     """Each row's root-finder iterations in the kernel of `op` (-1: handed back to the Array-API method)."""
@@ -36,32 +40,22 @@ def row_iterations(op: str, x: np.ndarray, k: int, lam: float, p: float) -> np.n
 
 
 def main(argv: list[str] | None = None) -> list[tuple]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default="16384x64", help="comma-separated ROWSxN")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--k", type=int, default=6, help="0: max(1, n / 10)")
-    parser.add_argument("--strength", type=float, default=0.1)
-    parser.add_argument("--p", default="4/3,2", help="comma-separated exponents")
-    args = parser.parse_args(argv)
-    exponents = [float(a) / float(b or 1) for a, _, b in (p.partition("/") for p in args.p.split(","))]
+    args = row_arguments(__doc__, "16384x64", 6, argv)
     print(f"normal rows, seed 0, {args.dtype}, l = {args.strength}, device {DEVICE}")
     print("| operator | p | shape | k | rows' median | rows' 99th percentile | rows' maximum | handed back "
           "| programs' slowest row (mean) |")
     print("|---|---|---|---|---|---|---|---|---|")
     rows = []
-    for shape_text in args.shapes.split(","):
-        batch, n = (int(float(v)) for v in shape_text.lower().split("x"))
-        x = np.random.default_rng(0).normal(size=(batch, n)).astype(args.dtype)
-        k = args.k or max(1, n // 10)
+    for (batch, n), x, k in normal_rows(args):
         per_program = _triton_rows.kernels().block_shape(n)[1]
         for op in ("mask", "mag"):
-            for p in exponents:
+            for p in args.exponents:
                 its = row_iterations(op, x, k, args.strength, p)
                 solved = its[its >= 0]
                 median, tail = np.percentile(solved, [50, 99])
                 padded = np.pad(solved, (0, -len(solved) % per_program))
                 slowest = padded.reshape(-1, per_program).max(axis=1).mean()
-                name = "4/3" if abs(p - 4 / 3) < 1e-12 else f"{p:g}"
+                name = p_name(p)
                 rows.append((op, name, (batch, n), k, median, tail, solved.max(), int((its < 0).sum()), slowest))
                 print(f"| {op} | {name} | ({batch}, {n}) | {k} | {median:g} | {tail:g} | {solved.max()} "
                       f"| {int((its < 0).sum())} | {slowest:.1f} |", flush=True)

@@ -199,29 +199,6 @@ def _mask_sums(d, tau, k, lam, qm1, MODE: tl.constexpr):
 
 
 @triton.jit
-def _mask_solve(d, tau, lo, hi, active, k, lam, qm1, ftol, MODE: tl.constexpr, MAX_ITER: tl.constexpr):
-    """The root of `_mask_sums` in ``[lo, hi]`` for the `active` rows; ``(tau, converged, iterations)``."""
-    solved = active != active  # all False, in the shape and type of a row flag
-    done = ~active
-    step_old = hi - lo
-    iterations = active.to(tl.int32) * 0
-    it = 0
-    while tl.max((~done).to(tl.int32), axis=0) > 0:
-        run = ~done
-        iterations += run.to(tl.int32)
-        f, slope, target = _mask_sums(d, tau, k, lam, qm1, MODE)
-        # sum(y) decreases in tau: the root finder works on -tau.
-        neg, lo_n, hi_n, step_old, converged = _rtsafe(
-            f, slope, target, -tau, -hi, -lo, step_old, run, tl.abs(tau) + lam, ftol, qm1, MODE, False
-        )
-        tau, lo, hi = -neg, -hi_n, -lo_n
-        solved = solved | (run & converged)
-        it += 1
-        done = done | solved | (it >= MAX_ITER)
-    return tau, solved, iterations
-
-
-@triton.jit
 def _ftol(n, k):
     """The miss of ``sum(y) = k`` that counts as the root: the rounding of a sum of n terms, and 8 ulps of k."""
     return 2.220446049250313e-16 * (n + 8.0 * k)
@@ -234,13 +211,20 @@ def _status(handed_back, iterations):
 
 
 @triton.jit
-def _row_ids(ROWS: tl.constexpr, BLOCK: tl.constexpr, batch, n):
+def _load_rows(x_ptr, params_ptr, batch, n, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's rows in float64 (0 outside the rows), their indices and masks, which rows hold a
+    non-finite entry, and the parameters ``(l, q - 1)``."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
     in_rows = rows < batch
     valid = in_rows[:, None] & (cols[None, :] < n)
     offs = rows[:, None].to(tl.int64) * n + cols[None, :]
-    return rows, cols, in_rows, valid, offs
+    x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(tl.float64)
+    finite = tl.abs(x) < float("inf")
+    bad = tl.max((valid & ~finite).to(tl.int32), axis=1) > 0
+    lam = tl.load(params_ptr)
+    qm1 = tl.load(params_ptr + 1)
+    return rows, cols, in_rows, valid, offs, x, finite, bad, lam, qm1
 
 
 @triton.jit
@@ -259,12 +243,7 @@ def mask_rows_kernel(
     MAX_ITER: tl.constexpr,
 ):
     """Soft top-k mask of contiguous (batch, n) rows, ``1 <= k < n``; params: ``(l, q - 1)`` in float64."""
-    rows, cols, in_rows, valid, offs = _row_ids(ROWS, BLOCK, batch, n)
-    lam = tl.load(params_ptr)
-    qm1 = tl.load(params_ptr + 1)
-    x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(tl.float64)
-    finite = tl.abs(x) < float("inf")
-    bad = tl.max((valid & ~finite).to(tl.int32), axis=1) > 0
+    rows, cols, in_rows, valid, offs, x, finite, bad, lam, qm1 = _load_rows(x_ptr, params_ptr, batch, n, ROWS, BLOCK)
     keys = tl.where(valid & finite, x, float("-inf"))
     c, c2 = _order_statistics(keys, cols, k)
     idle = bad | ~in_rows  # no keys to solve for (rows past the batch are padding)
@@ -276,9 +255,10 @@ def mask_rows_kernel(
     hi = c2 - c
     flat = hi <= lo  # k keys clear of the rest by a saturating gap: the exact 0/1 answer
     tau = tl.where(flat, hi, 0.5 * (lo + hi))
-    tau, solved, iterations = _mask_solve(
-        d, tau, lo, hi, in_rows & ~flat & ~bad, k, lam, qm1, _ftol(n, k), MODE, MAX_ITER
+    neg_tau, _, _, solved, iterations = _solve(
+        d, c, -tau, -hi, -lo, in_rows & ~flat & ~bad, k, lam, qm1, _ftol(n, k), MODE, MAX_ITER, False, False
     )
+    tau = -neg_tau
 
     e = tl.maximum((d - tau[:, None]) / lam, 0.0)
     ec = tl.minimum(e, 1.0)
@@ -311,12 +291,14 @@ def _mag_sums(d, ref, delta, k, lam, qm1, MODE: tl.constexpr):
 
 
 @triton.jit
-def _mag_solve(
-    d, ref, delta, lo, hi, active, k, lam, qm1, ftol, MODE: tl.constexpr, MAX_ITER: tl.constexpr,
-    GEOMETRIC: tl.constexpr,
+def _solve(
+    d, ref, scalar, lo, hi, active, k, lam, qm1, ftol, MODE: tl.constexpr, MAX_ITER: tl.constexpr,
+    MAG: tl.constexpr, GEOMETRIC: tl.constexpr,
 ):
-    """The root of `_mag_sums` in ``[lo, hi]`` for the `active` rows; ``(delta, lo, hi, converged, iterations)``."""
-    solved = active != active
+    """The root in ``[lo, hi]`` of ``sum(y) - k`` for the `active` rows, as an increasing function of
+    `scalar`: the magnitude's ``delta`` (`MAG`; ``t = ref - delta``) or minus the mask's ``tau`` (sum(y)
+    decreases in tau).  Returns ``(scalar, lo, hi, converged, iterations)``."""
+    solved = active != active  # all False, in the shape and type of a row flag
     done = ~active
     step_old = hi - lo
     iterations = active.to(tl.int32) * 0
@@ -324,16 +306,20 @@ def _mag_solve(
     while tl.max((~done).to(tl.int32), axis=0) > 0:
         run = ~done
         iterations += run.to(tl.int32)
-        f, slope, target, w = _mag_sums(d, ref, delta, k, lam, qm1, MODE)
-        # The scale of delta's precision: t enters y = g(r) / t, and the free r lie within w.
-        scale = tl.abs(delta) + tl.minimum(w, ref - delta)
-        delta, lo, hi, step_old, converged = _rtsafe(
-            f, slope, target, delta, lo, hi, step_old, run, scale, ftol, qm1, MODE, GEOMETRIC
+        if MAG:
+            f, slope, target, w = _mag_sums(d, ref, scalar, k, lam, qm1, MODE)
+            # The scale of delta's precision: t enters y = g(r) / t, and the free r lie within w.
+            scale = tl.abs(scalar) + tl.minimum(w, ref - scalar)
+        else:
+            f, slope, target = _mask_sums(d, -scalar, k, lam, qm1, MODE)
+            scale = tl.abs(scalar) + lam
+        scalar, lo, hi, step_old, converged = _rtsafe(
+            f, slope, target, scalar, lo, hi, step_old, run, scale, ftol, qm1, MODE, GEOMETRIC
         )
         solved = solved | (run & converged)
         it += 1
         done = done | solved | (it >= MAX_ITER)
-    return delta, lo, hi, solved, iterations
+    return scalar, lo, hi, solved, iterations
 
 
 @triton.jit(do_not_specialize=_VARYING)
@@ -343,12 +329,7 @@ def mag_rows_kernel(
     MAX_ITER: tl.constexpr,
 ):
     """Soft top-k in magnitude of contiguous (batch, n) rows, ``1 <= k < n``; params: ``(l, q - 1)``."""
-    rows, cols, in_rows, valid, offs = _row_ids(ROWS, BLOCK, batch, n)
-    lam = tl.load(params_ptr)
-    qm1 = tl.load(params_ptr + 1)
-    x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(tl.float64)
-    finite = tl.abs(x) < float("inf")
-    bad = tl.max((valid & ~finite).to(tl.int32), axis=1) > 0
+    rows, cols, in_rows, valid, offs, x, finite, bad, lam, qm1 = _load_rows(x_ptr, params_ptr, batch, n, ROWS, BLOCK)
     x = tl.where(finite, x, 0.0)
     keys = tl.where(valid, tl.abs(x), -1.0)  # padding below every key
     ak, ak1 = _order_statistics(keys, cols, k)
@@ -377,8 +358,8 @@ def mag_rows_kernel(
     else:
         start = _split(lo, hi, True)
     delta = tl.where(solve, start, lo)
-    delta, lo, hi, solved, iterations = _mag_solve(
-        keys, zero, delta, lo, hi, solve, k, lam, qm1, _ftol(n, k), MODE, MAX_ITER, True
+    delta, lo, hi, solved, iterations = _solve(
+        keys, zero, delta, lo, hi, solve, k, lam, qm1, _ftol(n, k), MODE, MAX_ITER, True, True
     )
     solved = solved | closed
 
@@ -394,8 +375,8 @@ def mag_rows_kernel(
     d2 = keys - ref[:, None]
     lo2 = ref + lo - pad
     hi2 = tl.minimum(ref + hi + pad, ref + 0.5 * hi)
-    delta2, _, _, solved2, iterations2 = _mag_solve(
-        d2, ref, ref - t1, lo2, hi2, again, k, lam, qm1, _ftol(n, k), MODE, MAX_ITER, False
+    delta2, _, _, solved2, iterations2 = _solve(
+        d2, ref, ref - t1, lo2, hi2, again, k, lam, qm1, _ftol(n, k), MODE, MAX_ITER, True, False
     )
     d = tl.where(again[:, None], d2, keys)
     delta = tl.where(again, delta2, delta)
