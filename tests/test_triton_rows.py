@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
@@ -210,3 +212,35 @@ def test_cuda_rows_take_the_compiled_kernel_by_default(operator, dtype, monkeypa
     np.testing.assert_allclose(y.detach().cpu().numpy(), y0, rtol=0, atol=atol * np.abs(y0).max())
     if dtype == torch.float64:
         np.testing.assert_allclose(grad.cpu().numpy(), vjp(u), rtol=0, atol=1e-9)
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(
+    data=st.data(),
+    n=st.integers(2, 24),
+    p=st.sampled_from(P_VALUES),
+    lam=st.sampled_from([1e-3, 0.1, 1.0, 30.0]),
+    operator=st.sampled_from(["mask", "mag"]),
+)
+def test_kernel_agrees_with_pav_on_any_rows(data, n, p, lam, operator, kernels_on):
+    """Property: for any finite rows (values drawn from a few levels, so ties and zeros are common, and
+    from anywhere in float64's range), k and strength, the kernel agrees with PAV, and keeps every row
+    whose values lie between 1e-6 and 1e6 (or are 0); others it may hand back to the Array-API method."""
+    k = data.draw(st.integers(1, n - 1))
+    levels = st.sampled_from([0.0, 0.5, -0.5, 1.0, -2.0, 3.0, 1e-3, 1e3])
+    values = st.one_of(levels, st.floats(-10, 10), st.floats(-1e300, 1e300))
+    x = np.array(data.draw(st.lists(st.lists(values, min_size=n, max_size=n), min_size=1, max_size=4)))
+    y0, res0 = _pav(operator, x, k, p, lam)
+    handed_back, y, res = _launch(operator, x, k, p, lam)
+    a = np.abs(x)
+    moderate = np.all((a == 0) | ((a >= 1e-6) & (a <= 1e6)), axis=1)
+    assert not (handed_back & moderate).any()
+    kept = ~handed_back
+    scale = np.abs(y0[kept]).max(initial=1.0)
+    np.testing.assert_allclose(y[kept], y0[kept], rtol=0, atol=1e-9 * scale)
+    np.testing.assert_array_equal(res[0][kept] > 0, np.asarray(res0.gprime)[kept] > 0)
+    with torch.no_grad():  # the public route, hand-back included
+        out = getattr(tt, f"soft_topk_{operator}")(torch.tensor(x, device=DEVICE), k, regularization_strength=lam,
+                                                   p=p, method="threshold")
+    np.testing.assert_allclose(out.cpu().numpy(), y0, rtol=1e-9, atol=1e-9 * np.abs(y0).max(initial=1.0))

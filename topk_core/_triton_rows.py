@@ -285,7 +285,7 @@ def _mag_sums(d, ref, delta, k, lam, qm1, MODE: tl.constexpr):
     tt = t[:, None]
     y = tl.where(sat, 1.0, z / tt)
     f = tl.sum(y, axis=1) - k
-    slope = tl.sum(tl.where(free, _g_prime(rc / lam, qm1, lam, MODE) / tt + z / (tt * tt), 0.0), axis=1)
+    slope = tl.sum(tl.where(free, (_g_prime(rc / lam, qm1, lam, MODE) + z / tt) / tt, 0.0), axis=1)
     target = k - tl.sum(sat.to(tl.float64), axis=1)
     return f, slope, target, w
 

@@ -26,6 +26,7 @@ import warnings
 from types import ModuleType
 from typing import Any
 
+import numpy as np
 import torch
 
 from topk_core import MagResiduals, MaskResiduals
@@ -79,14 +80,19 @@ def _launch(kind: str, x: torch.Tensor, k: int, lam: float, q: float, residuals:
     y = torch.empty_like(x)
     gp = torch.empty_like(x) if residuals else y  # unused without residuals
     grid = ((batch + rows - 1) // rows,)
+    # IEEE arithmetic as on a GPU: an overflow or a division by zero in an extreme row gives inf or
+    # NaN, which the kernel's checks hand back; Triton's interpreter (NumPy) would warn instead.
+    quiet = np.errstate(all="ignore")
     meta = {"BLOCK": block, "ROWS": rows, "MODE": module.exponent_mode(q), "RESIDUALS": residuals,
             "MAX_ITER": module.MAX_ITER, "num_warps": warps}
     if kind == "mask":
-        module.mask_rows_kernel[grid](x, params, y, gp, status, batch, n, k, **meta)
+        with quiet:
+            module.mask_rows_kernel[grid](x, params, y, gp, status, batch, n, k, **meta)
         return (status, y, gp) if residuals else (status, y)
     codes = torch.empty(x.shape, dtype=torch.int8, device=x.device) if residuals else status
     offset = x.new_empty((batch, 1)) if residuals else y
-    module.mag_rows_kernel[grid](x, params, y, gp, codes, offset, status, batch, n, k, **meta)
+    with quiet:
+        module.mag_rows_kernel[grid](x, params, y, gp, codes, offset, status, batch, n, k, **meta)
     return (status, y, gp, codes, offset) if residuals else (status, y)
 
 
