@@ -237,10 +237,14 @@ def test_kernel_agrees_with_pav_on_any_rows(data, n, p, lam, operator, kernels_o
     moderate = np.all((a == 0) | ((a >= 1e-6) & (a <= 1e6)), axis=1)
     assert not (handed_back & moderate).any()
     kept = ~handed_back
-    scale = np.abs(y0[kept]).max(initial=1.0)
-    np.testing.assert_allclose(y[kept], y0[kept], rtol=0, atol=1e-9 * scale)
-    np.testing.assert_array_equal(res[0][kept] > 0, np.asarray(res0.gprime)[kept] > 0)
+    for row in np.flatnonzero(kept):
+        np.testing.assert_allclose(y[row], y0[row], rtol=0, atol=1e-9 * np.abs(y0[row]).max())
+    # The same free sets where the values are moderate (with values of 1e-35 and 1e-54, an output
+    # within 1e-78 of saturation can fall on either side of it in any solver).
+    rows = kept & moderate
+    np.testing.assert_array_equal(res[0][rows] > 0, np.asarray(res0.gprime)[rows] > 0)
     with torch.no_grad():  # the public route, hand-back included
         out = getattr(tt, f"soft_topk_{operator}")(torch.tensor(x, device=DEVICE), k, regularization_strength=lam,
                                                    p=p, method="threshold")
-    np.testing.assert_allclose(out.cpu().numpy(), y0, rtol=1e-9, atol=1e-9 * np.abs(y0).max(initial=1.0))
+    for row, out_row in enumerate(out.cpu().numpy()):
+        np.testing.assert_allclose(out_row, y0[row], rtol=0, atol=1e-9 * np.abs(y0[row]).max())

@@ -302,7 +302,6 @@ def _solve(
     done = ~active
     step_old = hi - lo
     iterations = active.to(tl.int32) * 0
-    it = 0
     while tl.max((~done).to(tl.int32), axis=0) > 0:
         run = ~done
         iterations += run.to(tl.int32)
@@ -317,8 +316,8 @@ def _solve(
             f, slope, target, scalar, lo, hi, step_old, run, scale, ftol, qm1, MODE, GEOMETRIC
         )
         solved = solved | (run & converged)
-        it += 1
-        done = done | solved | (it >= MAX_ITER)
+        # (A per-row count, not a Python int: a loop-carried value keeps one type in Triton.)
+        done = done | solved | (iterations >= MAX_ITER)
     return scalar, lo, hi, solved, iterations
 
 
