@@ -19,32 +19,36 @@ Per row (``g(e) = e^(q - 1)`` with ``e = u / l``, `_agnostic.regularizer`):
   keys saturated at the lower end, at most k units at the upper end).  When
   ``c - c2 >= l`` the threshold is not unique (spec section 6): ``tau = c2
   - c`` gives the exact 0/1 answer with an empty free set.
-* **Magnitude**, in the frame of a reference key ``ref`` (first ``c``):
-  ``r = (|x| - ref) + delta`` with ``t = ref - delta``.  ``t`` lies in
-  ``[m, c2]`` with ``m = min(c / 2, g(c / 2))`` below the saturation point
-  of the k-th key, and ``delta`` below ``l c^(p - 1)``, the saturation
-  width at ``t = c``.  When the k-th key still saturates at ``t = c2``
-  the threshold is not unique and ``t = c2``.  After the solve, a row whose
-  threshold is nearer to another key is solved again in that key's frame
-  (from the first root and bracket), so that ``r`` of the entries near ``t``
-  is formed from exact differences (``|x_i - ref| <= 2 r_i`` once ``ref``
-  is the key nearest ``t``).  Rows with at most k non-zero entries return
-  ``x`` (``t = 0``).
+* **Magnitude**: ``t`` lies in ``[m, c2]``, with ``m`` below the saturation
+  point of the k-th key (``min(c / 2, g(c / 2))``, raised to
+  ``c - l c^(p - 1)``).  When the k-th key still saturates at ``t = c2`` the
+  threshold is not unique and ``t = c2``; rows with at most k non-zero
+  entries return ``x`` (``t = 0``).  The first solve is in the absolute
+  frame (``t`` keeps its own relative precision, however far below the keys
+  it lies); a row whose threshold lies within a factor 2 of a non-zero key
+  is solved again in the frame of the key ``ref`` nearest to it, from the
+  first root and its bracket: ``r = (|x| - ref) + delta`` with
+  ``t = ref - delta``, from exact differences (``|x_i - ref| <= 2 r_i``).
 * **Root.**  Safeguarded Newton (Numerical Recipes' rtsafe: a Newton step
   is taken when it lands inside the bracket and at most halves the step
-  before last, else the bracket is bisected) from the bracket's midpoint, on
-  ``sum(y) - k``, which is monotone and piecewise smooth in the scalar.  A
-  row stops when ``sum(y) = k`` exactly, when its step falls below 4 ulps of
-  its scale, or when its bracket is 8 ulps wide: the scalar is then exact to
-  float64 precision, which is the polish.  ``MAX_ITER`` bounds the loop.
+  before last, else the bracket is split: at its midpoint, or for the
+  magnitude's first solve at the geometric mean of t's ends where they
+  differ by more than 4x), on ``sum(y) - k``, which is monotone and
+  piecewise smooth in the scalar; the step of a support piece is taken on
+  ``(sum_F g)^(1/(q-1))``, as in the Array-API method.  A row stops when
+  ``|sum(y) - k|`` is within the rounding of the sum, when its step falls
+  below 4 ulps of its scale, or when its bracket is 8 ulps wide: the scalar
+  is then exact to float64 precision, which is the polish.  ``MAX_ITER``
+  bounds the loop.
 
 Each kernel also writes a per-row int8 status: -1 for rows with a non-finite
 entry and rows that did not converge or met a non-finite intermediate, which
 the caller leaves to the Array-API threshold method (its NaN and infinity
 policy is the library's); else the iterations of the row's root finder (at
-most 127; `benchmarks/triton_iterations.py` reads them).  The residuals are those of the Array-API threshold method, in
-input order: ``g'`` on the free set (mask and magnitude), the set codes
-(`_agnostic.residuals.mag_codes`) and ``offset = k - |A|`` (magnitude).
+most 127; `benchmarks/triton_iterations.py` reads them).  The residuals are
+those of the Array-API threshold method, in input order: ``g'`` on the free
+set (mask and magnitude), the set codes (`_agnostic.residuals.mag_codes`) and
+``offset = k - |A|`` (magnitude).
 
 This module needs Triton; the PyTorch adapter imports it on demand
 (`topk_torch._triton_rows`).  With ``TRITON_INTERPRET=1`` set before the
