@@ -23,9 +23,11 @@ from topk_core._agnostic.regularizer import conjugate_exponent  # noqa: E402
 from topk_torch import _triton_rows  # noqa: E402
 
 from ._rows import rows_of_kind, spanning_row  # noqa: E402
+from ._torch_helpers import quiet_lazy_torch_imports  # noqa: E402
 from .conftest import P_IDS, P_VALUES  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+quiet_lazy_torch_imports()
 
 STRENGTH = 0.1
 
@@ -248,3 +250,25 @@ def test_kernel_agrees_with_pav_on_any_rows(data, n, p, lam, operator, kernels_o
                                                    p=p, method="threshold")
     for row, out_row in enumerate(out.cpu().numpy()):
         np.testing.assert_allclose(out_row, y0[row], rtol=0, atol=1e-9 * np.abs(y0[row]).max())
+
+
+def test_transforms_and_compile_take_the_kernel(kernels_on, monkeypatch, rng):
+    """`torch.func` (vmap of a VJP, jvp) and `torch.compile(fullgraph=True)` over the kernels' route."""
+    launches = []
+    launch = _triton_rows._launch
+    monkeypatch.setattr(_triton_rows, "_launch", lambda *a, **kw: launches.append(a[0]) or launch(*a, **kw))
+    x = rng.normal(size=(3, 10))
+    u = rng.normal(size=x.shape)
+    xt, ut = torch.tensor(x, device=DEVICE), torch.tensor(u, device=DEVICE)
+
+    def mag(rows):
+        return tt.soft_topk_mag(rows, 3, method="threshold")
+
+    _, vjp = tn.soft_topk_mag_vjp(x, 3, method="pav")
+    grads = torch.func.vmap(lambda row, cot: torch.func.vjp(mag, row)[1](cot)[0])(xt, ut)
+    np.testing.assert_allclose(grads.cpu().numpy(), vjp(u), rtol=0, atol=1e-10)
+    _, y_dot = torch.func.jvp(mag, (xt,), (ut,))
+    np.testing.assert_allclose(y_dot.cpu().numpy(), tn.soft_topk_mag_jvp(x, u, 3, method="pav")[1], atol=1e-10)
+    compiled = torch.compile(mag, fullgraph=True, backend="eager")
+    np.testing.assert_allclose(compiled(xt).cpu().numpy(), tn.soft_topk_mag(x, 3, method="pav"), atol=1e-12)
+    assert launches and set(launches) == {"mag"}
