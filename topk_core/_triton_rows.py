@@ -71,6 +71,7 @@ MAX_ITER = 100
 # Arguments that change from call to call: Triton does not specialize the kernels on their values
 # (by default it compiles a variant for integers divisible by 16 and another for 1).
 _VARYING = ("batch", "n", "k")
+_EPS = tl.constexpr(2.220446049250313e-16)  # float64's machine epsilon
 # The set code of entries returned unchanged (`_agnostic.residuals.KEPT_CODE`; a constant of the kernels).
 KEPT_CODE = tl.constexpr(2)
 
@@ -172,7 +173,6 @@ def _rtsafe(f, slope, target, scalar, lo, hi, step_old, run, scale, ftol, qm1, M
     the L1 error of ``y``; below the rounding of the sum, Newton steps are
     noise), a step below 4 ulps of `scale`, or a bracket 8 ulps wide.
     """
-    eps = 2.220446049250313e-16
     lo = tl.where(run & (f < 0), scalar, lo)
     hi = tl.where(run & (f > 0), scalar, hi)
     step, usable = _newton_step(f, slope, target, qm1, MODE)
@@ -182,7 +182,7 @@ def _rtsafe(f, slope, target, scalar, lo, hi, step_old, run, scale, ftol, qm1, M
     new = tl.where(tl.abs(f) <= ftol, scalar, new)
     moved = new - scalar
     width = hi - lo
-    converged = (tl.abs(f) <= ftol) | (tl.abs(moved) <= 4.0 * eps * scale) | (width <= 8.0 * eps * scale)
+    converged = (tl.abs(f) <= ftol) | (tl.abs(moved) <= 4.0 * _EPS * scale) | (width <= 8.0 * _EPS * scale)
     # A non-finite value or slope never converges: the row is handed back.
     converged = converged & (tl.abs(f) < float("inf")) & (tl.abs(slope) < float("inf"))
     scalar = tl.where(run, new, scalar)
@@ -191,12 +191,19 @@ def _rtsafe(f, slope, target, scalar, lo, hi, step_old, run, scale, ftol, qm1, M
 
 
 @triton.jit
-def _mask_sums(d, tau, k, lam, qm1, MODE: tl.constexpr):
-    """``sum(y) - k`` at `tau` (relative to the frame of `d`), ``-d/dtau`` of it, and k less the saturated count."""
+def _mask_pieces(d, tau, lam, qm1, MODE: tl.constexpr):
+    """At `tau` (relative to the frame of `d`): ``e = max(d - tau, 0) / l``, ``e`` capped at 1, and ``y``."""
     e = tl.maximum((d - tau[:, None]) / lam, 0.0)
     ec = tl.minimum(e, 1.0)
+    return e, ec, _g(ec, qm1, MODE)
+
+
+@triton.jit
+def _mask_sums(d, tau, k, lam, qm1, MODE: tl.constexpr):
+    """``sum(y) - k`` at `tau` (relative to the frame of `d`), ``-d/dtau`` of it, and k less the saturated count."""
+    e, ec, y = _mask_pieces(d, tau, lam, qm1, MODE)
     free = (e > 0) & (e < 1)
-    f = tl.sum(_g(ec, qm1, MODE), axis=1) - k
+    f = tl.sum(y, axis=1) - k
     slope = tl.sum(tl.where(free, _g_prime(ec, qm1, lam, MODE), 0.0), axis=1)
     target = k - tl.sum((e >= 1).to(tl.float64), axis=1)
     return f, slope, target
@@ -205,7 +212,7 @@ def _mask_sums(d, tau, k, lam, qm1, MODE: tl.constexpr):
 @triton.jit
 def _ftol(n, k):
     """The miss of ``sum(y) = k`` that counts as the root: the rounding of a sum of n terms, and 8 ulps of k."""
-    return 2.220446049250313e-16 * (n + 8.0 * k)
+    return _EPS * (n + 8.0 * k)
 
 
 @triton.jit
@@ -260,13 +267,11 @@ def mask_rows_kernel(
     flat = hi <= lo  # k keys clear of the rest by a saturating gap: the exact 0/1 answer
     tau = tl.where(flat, hi, 0.5 * (lo + hi))
     neg_tau, _, _, solved, iterations = _solve(
-        d, c, -tau, -hi, -lo, in_rows & ~flat & ~bad, k, lam, qm1, _ftol(n, k), MODE, MAX_ITER, False, False
+        d, c, -tau, -hi, -lo, ~idle & ~flat, k, lam, qm1, _ftol(n, k), MODE, MAX_ITER, False, False
     )
     tau = -neg_tau
 
-    e = tl.maximum((d - tau[:, None]) / lam, 0.0)
-    ec = tl.minimum(e, 1.0)
-    y = _g(ec, qm1, MODE)
+    _, ec, y = _mask_pieces(d, tau, lam, qm1, MODE)
     free = (y > 0) & (y < 1)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=valid)
     if RESIDUALS:
@@ -276,9 +281,9 @@ def mask_rows_kernel(
 
 
 @triton.jit
-def _mag_sums(d, ref, delta, k, lam, qm1, MODE: tl.constexpr):
-    """``sum(y) - k`` at ``t = ref - delta`` (``r = d + delta``), its derivative in delta, k less the
-    saturated count, and the saturation width."""
+def _mag_pieces(d, ref, delta, lam, qm1, MODE: tl.constexpr):
+    """At ``t = ref - delta``: t, the saturation width w, ``r = max(d + delta, 0)``, the saturated set,
+    ``r`` capped at w, ``z = g(r)`` and the free set."""
     t = ref - delta
     w = lam * _g_inverse(t, qm1, MODE)
     r = tl.maximum(d + delta[:, None], 0.0)
@@ -286,6 +291,14 @@ def _mag_sums(d, ref, delta, k, lam, qm1, MODE: tl.constexpr):
     rc = tl.minimum(r, w[:, None])
     z = _g(rc / lam, qm1, MODE)
     free = (r > 0) & ~sat
+    return t, w, r, sat, rc, z, free
+
+
+@triton.jit
+def _mag_sums(d, ref, delta, k, lam, qm1, MODE: tl.constexpr):
+    """``sum(y) - k`` at ``t = ref - delta`` (``r = d + delta``), its derivative in delta, k less the
+    saturated count, and the saturation width."""
+    t, w, _, sat, rc, z, free = _mag_pieces(d, ref, delta, lam, qm1, MODE)
     tt = t[:, None]
     y = tl.where(sat, 1.0, z / tt)
     f = tl.sum(y, axis=1) - k
@@ -348,7 +361,7 @@ def mag_rows_kernel(
     m = tl.minimum(0.5 * ak, _g(0.5 * ak / lam, qm1, MODE))
     m = tl.maximum(m, ak - lam * _g_inverse(ak, qm1, MODE))
     flat = _g((ak - ak1) / lam, qm1, MODE) >= ak1  # the k-th key still saturates at t = c2
-    solve = in_rows & ~identity & ~bad & ~flat
+    solve = ~idle & ~flat
     lo = -ak1
     hi = -m
     # A bracket that rounding closed: t lies within rounding of the (k+1)-th key, which phase 2
@@ -374,7 +387,7 @@ def mag_rows_kernel(
     ref = tl.max(tl.where(dist == nearest[:, None], keys, -1.0), axis=1)
     again = solved & (ref >= 0.5 * t1) & (ref <= 2.0 * t1)
     ref = tl.where(again, ref, 0.0)
-    pad = 8.0 * 2.220446049250313e-16 * -lo
+    pad = 8.0 * _EPS * -lo
     d2 = keys - ref[:, None]
     lo2 = ref + lo - pad
     hi2 = tl.minimum(ref + hi + pad, ref + 0.5 * hi)
@@ -386,13 +399,9 @@ def mag_rows_kernel(
     solved = tl.where(again, solved2, solved)
     iterations += iterations2
 
-    t = ref - delta
-    w = lam * _g_inverse(tl.where(idle, 1.0, t), qm1, MODE)
-    r = tl.maximum(d + delta[:, None], 0.0)
-    sat = r >= w[:, None]
-    rc = tl.minimum(r, w[:, None])
-    z = _g(rc / lam, qm1, MODE)
-    free = (r > 0) & ~sat & valid
+    # (Idle and flat rows kept delta = -ak1 < 0 from phase 1: t > 0 for every row.)
+    _, _, r, sat, rc, z, free = _mag_pieces(d, ref, delta, lam, qm1, MODE)
+    free = free & valid
     sign = tl.where(x > 0, 1.0, -1.0)
     out = tl.where(sat, x, tl.where(free, sign * (z + r), 0.0))
     # Rows with at most k non-zero entries: every entry kept when fewer than k are non-zero, else

@@ -96,10 +96,10 @@ def _launch(kind: str, x: torch.Tensor, k: int, lam: float, q: float, residuals:
     return (status, y, gp, codes, offset) if residuals else (status, y)
 
 
-def _residuals(kind: str, arrays: tuple[torch.Tensor, ...]) -> Any:
-    if kind == "mask":
-        return MaskResiduals(None, None, None, None, arrays[0])
-    return MagResiduals(None, None, None, None, *arrays)
+# The residual types; their first four fields (permutation and blocks) are None in the kernels'
+# layout, the arrays follow (g'; g', codes, offset).
+_RESIDUALS = {"mask": MaskResiduals, "mag": MagResiduals}
+_ARRAYS = slice(4, None)
 
 
 def solve(kind: str, x: torch.Tensor, k: int, lam: float, q: float, residuals: bool) -> tuple[Any, Any] | None:
@@ -126,7 +126,6 @@ def solve(kind: str, x: torch.Tensor, k: int, lam: float, q: float, residuals: b
         )
         y.index_copy_(0, handed_back, y_rows)
         if residuals:
-            fields = (res_rows.gprime,) if kind == "mask" else (res_rows.gprime, res_rows.codes, res_rows.offset)
-            for array, field in zip(arrays, fields, strict=True):
+            for array, field in zip(arrays, res_rows[_ARRAYS], strict=True):
                 array.index_copy_(0, handed_back, field.to(array.dtype))
-    return y, (_residuals(kind, tuple(arrays)) if residuals else None)
+    return y, (_RESIDUALS[kind](None, None, None, None, *arrays) if residuals else None)
