@@ -189,8 +189,13 @@ def test_when_the_kernels_are_used(monkeypatch):
 
 @pytest.mark.parametrize("n", [2, 16, 17, 64, 1000, 4096])
 def test_block_shapes_cover_the_row(n):
-    block, rows, warps = _triton_rows.kernels().block_shape(n)
+    module = _triton_rows.kernels()
+    block, rows, warps = module.block_shape(n)
     assert block >= n and block & (block - 1) == 0 and rows >= 1 and 4 <= warps <= 16
+    # Two float64 entries per thread and array up to 1024 entries (no register spills on sm_90,
+    # benchmarks/triton_registers.py); at most 16 warps beyond.
+    per_thread = block * rows // (32 * warps)
+    assert per_thread == module.ENTRIES_PER_THREAD if block <= 1024 else warps == 16
 
 
 @pytest.mark.gpu

@@ -65,6 +65,10 @@ import triton.language as tl
 MAX_N = 4096
 # Exponent modes of the kernels (compile-time): q = 2 (g linear), q = 4 (p = 4/3, g cubic), any q.
 MODE_LINEAR, MODE_CUBIC, MODE_GENERAL = 1, 3, 0
+# A program's share of the rows: float64 entries per thread and array, and entries per program
+# (`block_shape`).
+ENTRIES_PER_THREAD = 2
+PROGRAM_ENTRIES = 256
 # Iterations of the root finder before a row is handed back (bisection alone would need about 60
 # from a bracket of width l down to 8 float64 ulps).
 MAX_ITER = 100
@@ -87,11 +91,49 @@ def exponent_mode(q: float) -> int:
 
 def block_shape(n: int) -> tuple[int, int, int]:
     """``(BLOCK, ROWS, num_warps)`` for rows of `n` entries: the row padded to a power of two, and
-    rows per program so that a program holds about 1024 float64 entries per array."""
+    two float64 entries per thread and array: ``ROWS`` rows of ``BLOCK`` over ``num_warps`` warps
+    of 32 threads (at least 256 entries per program, at most 16 warps).
+
+    Compiled for sm_90 (H100, H200; `benchmarks/triton_registers.py`, no GPU needed), eight
+    entries per thread (1024 per program over 4 warps, the first rule) took all 255 registers
+    and spilled 400-544 bytes per thread in the magnitude's kernel at n = 16 and 64; four took
+    200-234 registers there, two 118-126 and no spill up to n = 256 (at 1024, 16 bytes in the
+    mask's).  Fewer registers let more warps share an SM, and fewer rows per program make its
+    slowest row, which all its rows wait for, less slow.  Rows of 2048 and 4096 entries take
+    four and eight per thread over 16 warps (at 512 threads a thread has at most 128 registers):
+    32 warps spilled as much or more."""
     block = max(16, triton.next_power_of_2(n))
-    rows = max(1, 1024 // block)
-    warps = max(4, min(16, block * rows // 256))
+    rows = max(1, PROGRAM_ENTRIES // block)
+    warps = min(16, block * rows // (32 * ENTRIES_PER_THREAD))
     return block, rows, warps
+
+
+def compile_ahead(kind: str, n: int, q: float, dtype: str, arch: int, residuals: bool = True,
+                  shape: tuple[int, int, int] | None = None) -> object:
+    """The kernel of `kind` ("mask" or "mag") for rows of `n` entries of `dtype` (Triton's name:
+    "fp32", "bf16", ...) and exponent `q`, compiled for the NVIDIA architecture `arch` (80: A100,
+    90: H100/H200) without a GPU: Triton's compiler and the ``ptxas`` its wheel ships.  Returns
+    Triton's compiled kernel (``.asm["ptx"]``, ``.asm["cubin"]``); `shape` replaces `block_shape`'s.
+
+    What the interpreter cannot show: that the kernels compile for a GPU (their float64
+    arithmetic, ``tl.sort``, the loops), and their registers and spills
+    (`benchmarks/triton_registers.py`).  Needs this module imported without ``TRITON_INTERPRET``.
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel = mask_rows_kernel if kind == "mask" else mag_rows_kernel
+    if not hasattr(kernel, "src"):
+        raise RuntimeError("compile_ahead needs the kernels imported without TRITON_INTERPRET=1")
+    block, rows, warps = shape or block_shape(n)
+    constants = {"BLOCK": block, "ROWS": rows, "MODE": exponent_mode(q), "RESIDUALS": residuals,
+                 "MAX_ITER": MAX_ITER}
+    pointers = {"params_ptr": "*fp64", "status_ptr": "*i8", "codes_ptr": "*i8"}
+    signature = {name: pointers.get(name, f"*{dtype}") if name.endswith("_ptr") else "i32"
+                 for name in kernel.arg_names if name not in constants}
+    signature.update(dict.fromkeys(constants, "constexpr"))
+    return triton.compile(ASTSource(kernel, signature, constexprs=constants),
+                          target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
 
 
 @triton.jit

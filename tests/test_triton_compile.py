@@ -1,0 +1,54 @@
+"""The Triton kernels compile for NVIDIA GPUs, checked on any Linux machine (`_triton_rows.compile_ahead`).
+
+Triton's interpreter (tests/test_triton_rows.py) runs the kernels' Python on
+NumPy: it cannot show that Triton's compiler accepts them (float64
+arithmetic, ``tl.sort`` of float64 rows, the loops, conversions from and to
+every input dtype) or what ``ptxas`` makes of them.  The compiler and the
+``ptxas`` of Triton's wheel compile for a GPU architecture without a GPU; the
+compilation runs in a subprocess, since this process imported the kernels
+under the interpreter where there is no CUDA.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+# (operator, n, p's conjugate exponent q, Triton dtype, residuals): every exponent mode of both
+# kernels, every input dtype, the shortest and longest rows, with and without residuals.
+VARIANTS = [
+    *[(op, 64, q, "fp32", True) for op in ("mask", "mag") for q in (2.0, 4.0, 3.0)],
+    *[(op, 16, 3.0, "bf16", True) for op in ("mask", "mag")],
+    *[(op, 256, 4.0, "fp16", False) for op in ("mask", "mag")],
+    *[(op, 4096, 2.0, "fp64", True) for op in ("mask", "mag")],
+]
+# sm_80 (A100) for the dtypes whose conversions differ between architectures.
+ARCHITECTURES = {90: VARIANTS, 80: [v for v in VARIANTS if v[3] in ("bf16", "fp16")]}
+
+_COMPILE = """
+import json, sys, warnings
+warnings.filterwarnings("ignore")
+from topk_core import _triton_rows
+arch, variants = json.loads(sys.argv[1])
+for op, n, q, dtype, residuals in variants:
+    kernel = _triton_rows.compile_ahead(op, n, q, dtype, arch, residuals)
+    print(json.dumps([op, n, q, dtype, residuals, len(kernel.asm["cubin"])]), flush=True)
+"""
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_kernels_compile_for_the_gpu(arch):
+    variants = ARCHITECTURES[arch]
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps([arch, variants])], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    compiled = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [tuple(c[:5]) for c in compiled] == [tuple(v) for v in variants]
+    assert all(size > 10_000 for *_, size in compiled)  # a cubin with the kernel's code in it
