@@ -26,6 +26,7 @@ triton*; n at most `topk_core._triton_rows.MAX_N`, CUDA only: nan elsewhere).
     python benchmarks/bench_fused_threshold.py --shapes 8x16 --backend eager  # plumbing only (no compiler)
     python benchmarks/bench_fused_threshold.py --shapes 4096x64 --breakdown   # where a forward's time goes
     python benchmarks/bench_fused_threshold.py --device cuda --unroll 1,4     # 1 or 4 iterations per call
+    python benchmarks/bench_fused_threshold.py --device cuda --no-compiled    # Triton, eager, PAV, topk only
 """
 
 from __future__ import annotations
@@ -97,6 +98,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="time PAV only on shapes of fewer entries (its first call compiles Numba's kernels)")
     parser.add_argument("--unroll", default="1",
                         help="comma-separated loop iterations per compiled call (topk_torch._fused.UNROLL) to time")
+    parser.add_argument("--compiled", action=argparse.BooleanOptionalAction, default=True,
+                        help="time the compiled loop (--no-compiled: skip it and its minutes of compilation; "
+                             "its columns print nan)")
     parser.add_argument("--breakdown", action="store_true",
                         help="after the table, where one compiled forward spends its time (loop bodies, stages, rest)")
     args = parser.parse_args(argv)
@@ -114,7 +118,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = mode
-    if args.breakdown:
+    if args.breakdown and args.compiled:
         print("\nOne compiled forward, each compiled call synchronised (ms; xN: calls):\n")
         for row in rows:
             parts = ", ".join(f"{name} {t * 1e3:.3g}" for name, t in row["breakdown"].items())
@@ -173,26 +177,28 @@ def _run(args: argparse.Namespace) -> list[dict]:
                                                    args.repeats)
                     common["triton forward"] = median_time(
                         lambda step=step: step("never", "threshold", backward=False, triton="auto"), args.repeats)
-                for unroll in unrolls:
-                    _fused.UNROLL = unroll
-                    start = time.perf_counter()
-                    got = step("always", "threshold")
-                    first = time.perf_counter() - start
+                for unroll in unrolls if args.compiled else [0]:
                     row = {"operator": operator, "p": p_text, "shape": (batch, n), "unroll": unroll, **common,
-                           "first": first, "dy": float((got[0] - want[0]).abs().max()),
-                           "dg": _relative(got[1], want[1]),
-                           "compiled": median_time(lambda step=step: step("always", "threshold"), args.repeats),
-                           "forward": median_time(lambda step=step: step("always", "threshold", backward=False),
-                                                  args.repeats)}
-                    if args.breakdown:
+                           **dict.fromkeys(("first", "dy", "dg", "compiled", "forward"), float("nan"))}
+                    rows.append(row)
+                    if args.compiled:
+                        _fused.UNROLL = unroll
+                        start = time.perf_counter()
+                        got = step("always", "threshold")
+                        row["first"] = time.perf_counter() - start
+                        row["dy"] = float((got[0] - want[0]).abs().max())
+                        row["dg"] = _relative(got[1], want[1])
+                        row["compiled"] = median_time(lambda step=step: step("always", "threshold"), args.repeats)
+                        row["forward"] = median_time(lambda step=step: step("always", "threshold", backward=False),
+                                                     args.repeats)
+                    if args.breakdown and args.compiled:
                         row["breakdown"] = breakdown(
                             lambda step=step: step("always", "threshold", backward=False), sync)
-                    rows.append(row)
                     ms = " | ".join(f"{row[c] * 1e3:.3g}" for c in COLUMNS)
                     diffs = " | ".join(f"{row[c]:.1e}" for c in ("dy", "dg", "dg pav"))
                     triton = (f"{row['triton'] * 1e3:.3g} | {row['triton forward'] * 1e3:.3g} "
                               f"| {row['triton'] / topk_time:.2f} | {row['dy triton']:.1e} | {row['dg triton']:.1e}")
-                    print(f"| {operator} | {p_text} | {(batch, n)} | {ms} | {unroll} | {first:.1f} "
+                    print(f"| {operator} | {p_text} | {(batch, n)} | {ms} | {unroll} | {row['first']:.1f} "
                           f"| {row['compiled'] * 1e3:.3g} | {row['forward'] * 1e3:.3g} "
                           f"| {row['compiled'] / topk_time:.1f} | {diffs} | {triton} |", flush=True)
     return rows

@@ -11,6 +11,7 @@ float32 inputs, with residuals (what a training step runs).
 
     python benchmarks/triton_registers.py                               # sm_90 (H100, H200)
     python benchmarks/triton_registers.py --arch 80                     # sm_80 (A100)
+    python benchmarks/triton_registers.py --n 64 --p 4/3                # one row length and exponent
     python benchmarks/triton_registers.py --write docs/methods.md       # and update the docs page
 """
 
@@ -59,20 +60,22 @@ def resource_usage(kernel: object) -> tuple[int, int]:
     return int(fields["REG"]), int(fields["STACK"])
 
 
-def table(arch: int) -> str:
-    """The Markdown table of registers / stack bytes for architecture `arch`."""
+def table(arch: int, lengths: list[int], exponents: dict[str, float]) -> str:
+    """The Markdown table of registers / stack bytes for architecture `arch`, rows of `lengths` entries
+    (keys of `ALTERNATIVES`) and `exponents` (p's name: q)."""
     head = [f"Compiled for sm_{arch} by Triton {triton.__version__} (no GPU needed); float32 rows, with "
             "residuals. Each cell: registers / stack bytes per thread (stack: spilled registers).", "",
             "| n | BLOCK x ROWS, warps | entries per thread | " + " | ".join(
-                f"{op} p = {p}" for op in ("mask", "mag") for p in EXPONENTS) + " |",
-            "|---|---|---|" + "---|" * (2 * len(EXPONENTS))]
-    for n, shapes in ALTERNATIVES.items():
+                f"{op} p = {p}" for op in ("mask", "mag") for p in exponents) + " |",
+            "|---|---|---|" + "---|" * (2 * len(exponents))]
+    for n in lengths:
+        shapes = ALTERNATIVES[n]
         shipped = _triton_rows.block_shape(n)
         for shape in [shipped, *(s for s in shapes if s != shipped)]:
             block, rows, warps = shape
             cells = []
             for op in ("mask", "mag"):
-                for q in EXPONENTS.values():
+                for q in exponents.values():
                     kernel = _triton_rows.compile_ahead(op, n, q, "fp32", arch, shape=shape)
                     cells.append("{} / {}".format(*resource_usage(kernel)))
             label = f"{block} x {rows}, {warps}" + (" (shipped)" if shape == shipped else "")
@@ -84,9 +87,11 @@ def table(arch: int) -> str:
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, default=90, help="NVIDIA compute capability x 10 (80, 90, ...)")
+    parser.add_argument("--n", default=",".join(map(str, ALTERNATIVES)), help="comma-separated row lengths")
+    parser.add_argument("--p", default=",".join(EXPONENTS), help="comma-separated exponents")
     parser.add_argument("--write", metavar="PAGE", help="also write the table into this Markdown page")
     args = parser.parse_args(argv)
-    text = table(args.arch)
+    text = table(args.arch, [int(n) for n in args.n.split(",")], {p: EXPONENTS[p] for p in args.p.split(",")})
     if args.write:
         write_section(args.write, f"triton_registers_sm{args.arch}", text)
     return text

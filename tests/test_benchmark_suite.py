@@ -271,6 +271,34 @@ def test_fused_threshold_benchmark_runs_and_matches_eager(monkeypatch):
     assert all(math.isnan(r[c]) for r in rows for c in bench_fused_threshold.TRITON_COLUMNS)
 
 
+def test_fused_threshold_benchmark_without_the_compiled_loop(monkeypatch):
+    """`--no-compiled` (a short GPU run): the compiled loop's columns are not measured, the others are."""
+    pytest.importorskip("torch")
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_fused_threshold
+
+    rows = bench_fused_threshold.main(["--shapes", "8x16", "--p", "2", "--operators", "mask", "--repeats", "1",
+                                       "--no-compiled"])
+    assert len(rows) == 1 and rows[0]["eager"] > 0 and rows[0]["topk"] > 0 and rows[0]["pav"] > 0
+    assert all(math.isnan(rows[0][c]) for c in ("first", "dy", "dg", "compiled", "forward"))
+
+
+def test_triton_registers_reads_the_compiled_kernels():
+    """`triton_registers.py` compiles for sm_90 without a GPU (in a process of its own: this one imported the
+    kernels under Triton's interpreter) and reads registers and stack bytes off the cubin."""
+    pytest.importorskip("triton")
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "triton_registers.py"), "--n", "16", "--p", "2"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = [line for line in done.stdout.splitlines() if line.startswith("| 16 |")]
+    assert len(table) == 4 and "(shipped)" in table[0]
+    for line in table:
+        cells = [c.strip() for c in line.strip("|").split("|")][3:]
+        registers, stack = zip(*(map(int, c.split(" / ")) for c in cells), strict=True)
+        assert len(cells) == 2 and all(16 <= r <= 255 for r in registers) and all(s >= 0 for s in stack)
+
+
 def test_triton_iterations_reads_the_kernels_status(monkeypatch):
     """`triton_iterations.py` (Triton's interpreter without a GPU): the rows' iterations, none handed back."""
     pytest.importorskip("torch")
