@@ -108,6 +108,15 @@ def block_shape(n: int) -> tuple[int, int, int]:
     return block, rows, warps
 
 
+def compiles_ahead() -> bool:
+    """Whether this Triton's compiler API is the one `compile_ahead` calls (constants passed as ``constexprs``)."""
+    import inspect
+
+    from triton.compiler import ASTSource
+
+    return "constexprs" in inspect.signature(ASTSource).parameters
+
+
 def compile_ahead(kind: str, n: int, q: float, dtype: str, arch: int, residuals: bool = True,
                   shape: tuple[int, int, int] | None = None) -> object:
     """The kernel of `kind` ("mask" or "mag") for rows of `n` entries of `dtype` (Triton's name:
@@ -125,6 +134,9 @@ def compile_ahead(kind: str, n: int, q: float, dtype: str, arch: int, residuals:
     kernel = mask_rows_kernel if kind == "mask" else mag_rows_kernel
     if not hasattr(kernel, "src"):
         raise RuntimeError("compile_ahead needs the kernels imported without TRITON_INTERPRET=1")
+    if not compiles_ahead():
+        raise RuntimeError(f"compile_ahead needs a Triton whose ASTSource takes constexprs (as 3.9 does); "
+                           f"this is {triton.__version__}")
     block, rows, warps = shape or block_shape(n)
     constants = {"BLOCK": block, "ROWS": rows, "MODE": exponent_mode(q), "RESIDUALS": residuals,
                  "MAX_ITER": MAX_ITER}
