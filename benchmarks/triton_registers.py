@@ -62,14 +62,14 @@ def resource_usage(kernel: object) -> tuple[int, int]:
 
 def table(arch: int, lengths: list[int], exponents: dict[str, float]) -> str:
     """The Markdown table of registers / stack bytes for architecture `arch`, rows of `lengths` entries
-    (keys of `ALTERNATIVES`) and `exponents` (p's name: q)."""
+    and `exponents` (p's name: q)."""
     head = [f"Compiled for sm_{arch} by Triton {triton.__version__} (no GPU needed); float32 rows, with "
             "residuals. Each cell: registers / stack bytes per thread (stack: spilled registers).", "",
             "| n | BLOCK x ROWS, warps | entries per thread | " + " | ".join(
                 f"{op} p = {p}" for op in ("mask", "mag") for p in exponents) + " |",
             "|---|---|---|" + "---|" * (2 * len(exponents))]
     for n in lengths:
-        shapes = ALTERNATIVES[n]
+        shapes = ALTERNATIVES.get(n, [])  # other lengths: the shipped shape alone
         shipped = _triton_rows.block_shape(n)
         for shape in [shipped, *(s for s in shapes if s != shipped)]:
             block, rows, warps = shape

@@ -192,8 +192,8 @@ def test_block_shapes_cover_the_row(n):
     module = _triton_rows.kernels()
     block, rows, warps = module.block_shape(n)
     assert block >= n and block & (block - 1) == 0 and rows >= 1 and 4 <= warps <= 16
-    # Two float64 entries per thread and array up to 1024 entries (no register spills on sm_90,
-    # benchmarks/triton_registers.py); at most 16 warps beyond.
+    # Two float64 entries per thread and array up to 1024 entries (no register spills on sm_90 up to
+    # n = 256, benchmarks/triton_registers.py); at most 16 warps beyond.
     per_thread = block * rows // (32 * warps)
     assert per_thread == module.ENTRIES_PER_THREAD if block <= 1024 else warps == 16
 
