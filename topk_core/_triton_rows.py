@@ -215,28 +215,37 @@ def _newton_step(f, slope, target, qm1, MODE: tl.constexpr):
 
 
 @triton.jit
-def _rtsafe(f, slope, target, scalar, lo, hi, step_old, run, scale, ftol, qm1, MODE: tl.constexpr,
-            GEOMETRIC: tl.constexpr):
+def _rtsafe(f, slope, target, exact, scalar, lo, hi, step_old, run, scale, ftol, qm1, MODE: tl.constexpr,
+            GEOMETRIC: tl.constexpr, EXACT: tl.constexpr):
     """One safeguarded Newton step for the rows `run`.
 
     `f` and `slope` are the value and derivative of an increasing function of
     `scalar` whose root lies in ``[lo, hi]``, `target` the count that the free
-    entries of the current piece must make up (`_newton_step`); returns the new scalar, bracket
-    and step, and whether the row has converged: ``|f| <= ftol`` (f is
+    entries of the current piece must make up (`_newton_step`), and with `EXACT` `exact` the
+    root on the current piece (NaN: none), which then replaces the Newton step; returns the new
+    scalar, bracket and step, and whether the row has converged: ``|f| <= ftol`` (f is
     ``sum(y) - k``, and every ``y_i`` is monotone in the scalar, so this bounds
     the L1 error of ``y``; below the rounding of the sum, Newton steps are
-    noise), a step below 4 ulps of `scale`, or a bracket 8 ulps wide.
+    noise), a step (proposed or taken) below 4 ulps of `scale`, or a bracket 8 ulps wide.
     """
     lo = tl.where(run & (f < 0), scalar, lo)
     hi = tl.where(run & (f > 0), scalar, hi)
-    step, usable = _newton_step(f, slope, target, qm1, MODE)
+    if EXACT:
+        usable = exact == exact
+        step = tl.where(usable, exact - scalar, 0.0)
+    else:
+        step, usable = _newton_step(f, slope, target, qm1, MODE)
     candidate = scalar + step
     newton = usable & (candidate > lo) & (candidate < hi) & (2.0 * tl.abs(step) <= tl.abs(step_old))
     new = tl.where(newton, candidate, _split(lo, hi, GEOMETRIC))
-    new = tl.where(tl.abs(f) <= ftol, scalar, new)
+    # A step within rounding of the scalar settles it where it is: such a step can land on (or past) the
+    # bracket's end that the scalar has just become (an exact step at the root, whose f missed ftol by
+    # its rounding), and bisecting toward that end again took 45 iterations.
+    settled = (tl.abs(f) <= ftol) | (usable & (tl.abs(step) <= 4.0 * _EPS * scale))
+    new = tl.where(settled, scalar, new)
     moved = new - scalar
     width = hi - lo
-    converged = (tl.abs(f) <= ftol) | (tl.abs(moved) <= 4.0 * _EPS * scale) | (width <= 8.0 * _EPS * scale)
+    converged = settled | (tl.abs(moved) <= 4.0 * _EPS * scale) | (width <= 8.0 * _EPS * scale)
     # A non-finite value or slope never converges: the row is handed back.
     converged = converged & (tl.abs(f) < float("inf")) & (tl.abs(slope) < float("inf"))
     scalar = tl.where(run, new, scalar)
@@ -301,6 +310,24 @@ def _order_statistics(keys, cols, k):
     return kth, next_
 
 
+@triton.jit
+def _cubic_first_block(a0, a1, offset, slope, start):
+    """The root u of ``(a0 - u)^3 + (a1 - u)^3 = offset + slope u`` (``a0 >= a1 > u``, slope >= 0) by
+    Newton steps from `start`: PAV's first block for p = 4/3 (the k-th and (k+1)-th keys free, the
+    k - 1 above saturated), the kernels' start.  The left side less the right is convex and
+    decreasing in u there, so from any start the steps approach the root from below after the
+    first; from the bracket's lower end four are usually close enough that the root finder's first
+    evaluation confirms them, and it polishes the others (it need not be exact: a start)."""
+    u = start
+    for _ in tl.static_range(4):
+        r0 = a0 - u
+        r1 = a1 - u
+        h = r0 * r0 * r0 + r1 * r1 * r1 - offset - slope * u
+        dh = 3.0 * (r0 * r0 + r1 * r1) + slope
+        u = u + h / dh
+    return u
+
+
 @triton.jit(do_not_specialize=_VARYING)
 def mask_rows_kernel(
     x_ptr, params_ptr, y_ptr, gp_ptr, status_ptr, batch, n, k,
@@ -319,7 +346,14 @@ def mask_rows_kernel(
     lo = c * 0.0 - lam
     hi = c2 - c
     flat = hi <= lo  # k keys clear of the rest by a saturating gap: the exact 0/1 answer
-    tau = tl.where(flat, hi, 0.5 * (lo + hi))
+    # PAV's first block: the k-th and (k+1)-th keys free, the k - 1 above saturated (the midpoint
+    # for p = 2); for p = 4/3, (0 - u)^3 + (gap / l - u)^3 = 1 at u = tau / l (gap = c2 - c).
+    start = 0.5 * (lo + hi)
+    if MODE == 3:
+        # From u = -1 (tau = -l, the bracket's lower end); u stays within [-1, 0], as gap / l does.
+        u = _cubic_first_block(c * 0.0, hi / lam, 1.0, 0.0, c * 0.0 - 1.0)
+        start = tl.minimum(tl.maximum(lam * u, lo), hi)
+    tau = tl.where(flat, hi, start)
     neg_tau, _, _, solved, iterations = _solve(
         d, c, -tau, -hi, -lo, ~idle & ~flat, k, lam, qm1, _ftol(n, k), MODE, MAX_ITER, False, False
     )
@@ -351,14 +385,22 @@ def _mag_pieces(d, ref, delta, lam, qm1, MODE: tl.constexpr):
 @triton.jit
 def _mag_sums(d, ref, delta, k, lam, qm1, MODE: tl.constexpr):
     """``sum(y) - k`` at ``t = ref - delta`` (``r = d + delta``), its derivative in delta, k less the
-    saturated count, and the saturation width."""
+    saturated count T, the saturation width, and for p = 2 the root on the current sets (NaN: no
+    free entry; else `delta`): ``sum_F r = T l t``, that is ``delta = (T l ref - sum_F d) / (|F| + T l)``
+    (PAV's closed form of the block F, as the CPU's lane solver takes it)."""
     t, w, _, sat, rc, z, free = _mag_pieces(d, ref, delta, lam, qm1, MODE)
     tt = t[:, None]
     y = tl.where(sat, 1.0, z / tt)
     f = tl.sum(y, axis=1) - k
     slope = tl.sum(tl.where(free, (_g_prime(rc / lam, qm1, lam, MODE) + z / tt) / tt, 0.0), axis=1)
     target = k - tl.sum(sat.to(tl.float64), axis=1)
-    return f, slope, target, w
+    exact = delta
+    if MODE == 1:
+        n_free = tl.sum(free.to(tl.float64), axis=1)
+        free_d = tl.sum(tl.where(free, d, 0.0), axis=1)
+        weight = target * lam
+        exact = tl.where(n_free > 0, (weight * ref - free_d) / (n_free + weight), float("nan"))
+    return f, slope, target, w, exact
 
 
 @triton.jit
@@ -377,14 +419,18 @@ def _solve(
         run = ~done
         iterations += run.to(tl.int32)
         if MAG:
-            f, slope, target, w = _mag_sums(d, ref, scalar, k, lam, qm1, MODE)
+            f, slope, target, w, exact = _mag_sums(d, ref, scalar, k, lam, qm1, MODE)
             # The scale of delta's precision: t enters y = g(r) / t, and the free r lie within w.
             scale = tl.abs(scalar) + tl.minimum(w, ref - scalar)
         else:
             f, slope, target = _mask_sums(d, -scalar, k, lam, qm1, MODE)
+            exact = scalar
             scale = tl.abs(scalar) + lam
+        # The p = 2 magnitude steps to the root on its current sets (y is not linear in t there); the
+        # p = 2 mask's Newton step is that root already (y is piecewise linear in tau).
         scalar, lo, hi, step_old, converged = _rtsafe(
-            f, slope, target, scalar, lo, hi, step_old, run, scale, ftol, qm1, MODE, GEOMETRIC
+            f, slope, target, exact, scalar, lo, hi, step_old, run, scale, ftol, qm1, MODE, GEOMETRIC,
+            MAG and MODE == 1,
         )
         solved = solved | (run & converged)
         # (A per-row count, not a Python int: a loop-carried value keeps one type in Triton.)
@@ -425,6 +471,11 @@ def mag_rows_kernel(
     if MODE == 1:
         # p = 2: PAV's first block (the k-th and (k+1)-th keys free, the k - 1 above saturated).
         start = -tl.minimum(tl.maximum((ak + ak1) / (2.0 + lam), m), ak1)
+    elif MODE == 3:
+        # p = 4/3: the same block, ((ak - t)^3 + (ak1 - t)^3) / l^3 = t, from t = m; the bracket's split
+        # where that overflows (keys near float64's largest; NaN: the interpreter's maximum keeps it).
+        t0 = _cubic_first_block(ak, ak1, 0.0, lam * lam * lam, m)
+        start = tl.where(t0 == t0, -tl.minimum(tl.maximum(t0, m), ak1), _split(lo, hi, True))
     else:
         start = _split(lo, hi, True)
     delta = tl.where(solve, start, lo)
