@@ -29,13 +29,17 @@ Per row (``g(e) = e^(q - 1)`` with ``e = u / l``, `_agnostic.regularizer`):
   is solved again in the frame of the key ``ref`` nearest to it, from the
   first root and its bracket: ``r = (|x| - ref) + delta`` with
   ``t = ref - delta``, from exact differences (``|x_i - ref| <= 2 r_i``).
+* **Start.**  PAV's first block: the k-th and (k+1)-th keys free, the k - 1
+  above saturated (p = 2: its closed form; p = 4/3: four Newton steps on its
+  cubic, `_cubic_first_block`; other p: the bracket's midpoint).
 * **Root.**  Safeguarded Newton (Numerical Recipes' rtsafe: a Newton step
   is taken when it lands inside the bracket and at most halves the step
   before last, else the bracket is split: at its midpoint, or for the
   magnitude's first solve at the geometric mean of t's ends where they
   differ by more than 4x), on ``sum(y) - k``, which is monotone and
   piecewise smooth in the scalar; the step of a support piece is taken on
-  ``(sum_F g)^(1/(q-1))``, as in the Array-API method.  A row stops when
+  ``(sum_F g)^(1/(q-1))``, as in the Array-API method, and the p = 2
+  magnitude's is the root on the current sets (PAV's closed form).  A row stops when
   ``|sum(y) - k|`` is within the rounding of the sum, when its step falls
   below 4 ulps of its scale, or when its bracket is 8 ulps wide: the scalar
   is then exact to float64 precision, which is the polish.  ``MAX_ITER``
