@@ -12,6 +12,7 @@ float32 inputs, with residuals (what a training step runs).
     python benchmarks/triton_registers.py                               # sm_90 (H100, H200)
     python benchmarks/triton_registers.py --arch 80                     # sm_80 (A100)
     python benchmarks/triton_registers.py --n 64 --p 4/3                # one row length and exponent
+    python benchmarks/triton_registers.py --shipped                     # the shipped block shapes only
     python benchmarks/triton_registers.py --write docs/methods.md       # and update the docs page
 """
 
@@ -60,16 +61,16 @@ def resource_usage(kernel: object) -> tuple[int, int]:
     return int(fields["REG"]), int(fields["STACK"])
 
 
-def table(arch: int, lengths: list[int], exponents: dict[str, float]) -> str:
+def table(arch: int, lengths: list[int], exponents: dict[str, float], shipped_only: bool = False) -> str:
     """The Markdown table of registers / stack bytes for architecture `arch`, rows of `lengths` entries
-    and `exponents` (p's name: q)."""
+    and `exponents` (p's name: q); the shipped block shapes alone with `shipped_only`."""
     head = [f"Compiled for sm_{arch} by Triton {triton.__version__} (no GPU needed); float32 rows, with "
             "residuals. Each cell: registers / stack bytes per thread (stack: spilled registers).", "",
             "| n | BLOCK x ROWS, warps | entries per thread | " + " | ".join(
                 f"{op} p = {p}" for op in ("mask", "mag") for p in exponents) + " |",
             "|---|---|---|" + "---|" * (2 * len(exponents))]
     for n in lengths:
-        shapes = ALTERNATIVES.get(n, [])  # other lengths: the shipped shape alone
+        shapes = [] if shipped_only else ALTERNATIVES.get(n, [])  # other lengths: the shipped shape alone
         shipped = _triton_rows.block_shape(n)
         for shape in [shipped, *(s for s in shapes if s != shipped)]:
             block, rows, warps = shape
@@ -89,9 +90,11 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--arch", type=int, default=90, help="NVIDIA compute capability x 10 (80, 90, ...)")
     parser.add_argument("--n", default=",".join(map(str, ALTERNATIVES)), help="comma-separated row lengths")
     parser.add_argument("--p", default=",".join(EXPONENTS), help="comma-separated exponents")
+    parser.add_argument("--shipped", action="store_true", help="the shipped block shapes only")
     parser.add_argument("--write", metavar="PAGE", help="also write the table into this Markdown page")
     args = parser.parse_args(argv)
-    text = table(args.arch, [int(n) for n in args.n.split(",")], {p: EXPONENTS[p] for p in args.p.split(",")})
+    text = table(args.arch, [int(n) for n in args.n.split(",")], {p: EXPONENTS[p] for p in args.p.split(",")},
+                 args.shipped)
     if args.write:
         write_section(args.write, f"triton_registers_sm{args.arch}", text)
     return text

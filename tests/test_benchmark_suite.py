@@ -292,11 +292,13 @@ def test_triton_registers_reads_the_compiled_kernels():
     if not _triton_rows.compiles_ahead():
         pytest.skip("this Triton predates the compiler API of compile_ahead")
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "triton_registers.py"), "--n", "16", "--p", "2"],
+    script = str(ROOT / "benchmarks" / "triton_registers.py")
+    done = subprocess.run([sys.executable, script, "--n", "16,100", "--p", "2", "--shipped"],
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    table = [line for line in done.stdout.splitlines() if line.startswith("| 16 |")]
-    assert len(table) == 4 and "(shipped)" in table[0]
+    table = [line for line in done.stdout.splitlines() if line.startswith(("| 16 |", "| 100 |"))]
+    assert len(table) == 2 and all("(shipped)" in line for line in table)
+    assert "| 100 | 128 x 2, 4 (shipped) | 2 |" in table[1]
     for line in table:
         cells = [c.strip() for c in line.strip("|").split("|")][3:]
         registers, stack = zip(*(map(int, c.split(" / ")) for c in cells), strict=True)

@@ -100,9 +100,9 @@ def block_shape(n: int) -> tuple[int, int, int]:
 
     Compiled for sm_90 (H100, H200; `benchmarks/triton_registers.py`, no GPU needed), eight
     entries per thread (1024 per program over 4 warps, the first rule) took all 255 registers
-    and spilled 400-544 bytes per thread in the magnitude's kernel at n = 16 and 64; four took
-    200-234 registers there, two 118-126 and no spill up to n = 256 (at 1024, 16 bytes in the
-    mask's).  Fewer registers let more warps share an SM, and fewer rows per program make its
+    and spilled 544-704 bytes per thread in the magnitude's kernel at n = 16 and 64; four took
+    224-234 registers there, two 125-136 and at most 16 bytes of stack (none at n = 64 and
+    256).  Fewer registers let more warps share an SM, and fewer rows per program make its
     slowest row, which all its rows wait for, less slow.  Rows of 2048 and 4096 entries take
     four and eight per thread over 16 warps (at 512 threads a thread has at most 128 registers):
     32 warps spilled as much or more."""
