@@ -55,10 +55,9 @@ def main(argv: list[str] | None = None) -> list[tuple]:
                 median, tail = np.percentile(solved, [50, 99])
                 padded = np.pad(solved, (0, -len(solved) % per_program))
                 slowest = padded.reshape(-1, per_program).max(axis=1).mean()
-                name = p_name(p)
-                rows.append((op, name, (batch, n), k, median, tail, solved.max(), int((its < 0).sum()), slowest))
-                print(f"| {op} | {name} | ({batch}, {n}) | {k} | {median:g} | {tail:g} | {solved.max()} "
-                      f"| {int((its < 0).sum())} | {slowest:.1f} |", flush=True)
+                row = (op, p_name(p), (batch, n), k, median, tail, solved.max(), int((its < 0).sum()), slowest)
+                rows.append(row)
+                print("| {} | {} | {} | {} | {:g} | {:g} | {} | {} | {:.1f} |".format(*row), flush=True)
     return rows
 
 

@@ -8,10 +8,13 @@
   own warnings strict.
 * `separated_rows`: test inputs (the closed-form Jacobian oracles live in
   `tests/_oracles.py`).
+* `triton_compiler_environment`: the environment of a subprocess that compiles
+  the Triton kernels for a GPU (`topk_core._triton_rows.compile_ahead`).
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import numpy as np
@@ -30,3 +33,16 @@ def separated_rows(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarr
     base = np.linspace(-2.0, 2.0, n)
     rows = [rng.permutation(base) + rng.uniform(-0.02, 0.02, n) for _ in range(int(np.prod(shape[:-1])))]
     return np.stack(rows).reshape(shape)
+
+
+def triton_compiler_environment() -> dict[str, str]:
+    """This process's environment without ``TRITON_INTERPRET`` (which tests/conftest.py sets where there is
+    no CUDA, and under which the kernels cannot be compiled), for a subprocess that compiles the kernels
+    ahead of time; skips the test on a Triton whose compiler API `compile_ahead` does not call."""
+    import pytest
+
+    from topk_core import _triton_rows
+
+    if not _triton_rows.compiles_ahead():
+        pytest.skip("this Triton predates the compiler API of compile_ahead")
+    return {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ._torch_helpers import triton_compiler_environment
+
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = ("| framework | implementation | kind | computes | shape | first call (ms) | forward (ms) "
           "| fwd+bwd (ms) | forward / sort | peak memory (MB) |")
@@ -287,14 +289,9 @@ def test_triton_registers_reads_the_compiled_kernels():
     """`triton_registers.py` compiles for sm_90 without a GPU (in a process of its own: this one imported the
     kernels under Triton's interpreter) and reads registers and stack bytes off the cubin."""
     pytest.importorskip("triton")
-    from topk_core import _triton_rows
-
-    if not _triton_rows.compiles_ahead():
-        pytest.skip("this Triton predates the compiler API of compile_ahead")
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     script = str(ROOT / "benchmarks" / "triton_registers.py")
     done = subprocess.run([sys.executable, script, "--n", "16,100", "--p", "2", "--shipped"],
-                          env=env, capture_output=True, text=True, timeout=600)
+                          env=triton_compiler_environment(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     table = [line for line in done.stdout.splitlines() if line.startswith(("| 16 |", "| 100 |"))]
     assert len(table) == 2 and all("(shipped)" in line for line in table)

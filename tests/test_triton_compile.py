@@ -12,15 +12,14 @@ under the interpreter where there is no CUDA.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
-triton = pytest.importorskip("triton")
+pytest.importorskip("triton")
 
-from topk_core import _triton_rows  # noqa: E402
+from ._torch_helpers import triton_compiler_environment
 
 # (operator, n, p's conjugate exponent q, Triton dtype, residuals): every exponent mode of both
 # kernels, both dtypes they receive (the adapter computes float16 and bfloat16 in float32), the
@@ -46,11 +45,9 @@ for op, n, q, dtype, residuals in variants:
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_kernels_compile_for_the_gpu(arch):
-    if not _triton_rows.compiles_ahead():
-        pytest.skip(f"Triton {triton.__version__} predates the compiler API of compile_ahead")
     variants = ARCHITECTURES[arch]
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps([arch, variants])], env=env,
+    done = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps([arch, variants])],
+                          env=triton_compiler_environment(),
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     compiled = [json.loads(line) for line in done.stdout.splitlines()]
