@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from scipy.optimize import isotonic_regression
@@ -256,3 +258,30 @@ def test_quadratic_fixed_point_solves_its_equation(lam):
         assert abs(u * (1.0 + lam) - s) <= 4 * np.finfo(float).eps * s  # (s - u) / l = u, without s - u
     assert _scalar.quadratic_fixed_point(0.0, lam) == 0.0
     assert _scalar.quadratic_fixed_point(-2.0, lam) == 0.0
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (257, 16), (2, 1000)])
+def test_magnitude_residuals_are_aligned_views_of_one_block(shape, dtype):
+    # `kernels._residual_block`: g', codes and offset share one allocation (how glibc's malloc then
+    # hands memory back between calls, see there), each array on its own cache line, none overlapping.
+    from topk_core._pav.kernels import fused_outputs
+
+    x = np.ones(shape, dtype=dtype)
+    out, gprime, codes, offset = fused_outputs(x, True, True)
+    assert (gprime.shape, gprime.dtype) == (shape, np.dtype(dtype))
+    assert (codes.shape, codes.dtype) == (shape, np.dtype(np.int8))
+    assert (offset.shape, offset.dtype) == ((shape[0],), np.dtype(dtype))
+    assert not offset.any()
+    base = gprime.base
+    assert base is not None and codes.base is base and offset.base is base
+    spans = sorted((a.ctypes.data, a.ctypes.data + a.nbytes) for a in (gprime, codes, offset))
+    assert all(start % 64 == 0 for start, _ in spans)
+    assert all(end <= start for (_, end), (start, _) in itertools.pairwise(spans))
+    assert all(a.flags.c_contiguous and a.flags.writeable and a.flags.aligned for a in (gprime, codes, offset))
+    assert not np.shares_memory(out, base)
+    # The mask's g' and the forward-only arrays stay arrays of their own.
+    _, mask_gprime, mask_codes, mask_offset = fused_outputs(x, False, True)
+    assert mask_gprime.shape == shape and mask_codes.size == 0 and mask_offset.size == 0
+    _, no_gprime, no_codes, no_offset = fused_outputs(x, True, False)
+    assert no_gprime.size == 0 and no_codes.size == 0 and no_offset.size == 0

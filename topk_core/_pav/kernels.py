@@ -528,16 +528,44 @@ def fused_outputs(x, is_mag, with_residuals):
     """(out, gprime, codes, offset): the arrays the fused kernels write, for rows `x`.
 
     Residual arrays that are not asked for (or that the operator has not) are
-    empty: the kernels read their shapes to know what to write.
+    empty: the kernels read their shapes to know what to write.  The
+    magnitude's three residual arrays are views of one allocation
+    (`_residual_block`).
     """
     batch, n = x.shape
-    shape = (batch, n) if with_residuals else (0, 0)
-    return (
-        np.empty_like(x),
-        np.empty(shape, dtype=x.dtype),
-        np.empty(shape if is_mag else (0, 0), dtype=np.int8),
-        # Unit-weight counts, in the rows' dtype as `MagResiduals.offset` holds them.
-        np.zeros(batch if is_mag and with_residuals else 0, dtype=x.dtype),
+    out = np.empty_like(x)
+    if not with_residuals:
+        empty = np.empty((0, 0), dtype=x.dtype)
+        return out, empty, np.empty((0, 0), dtype=np.int8), np.zeros(0, dtype=x.dtype)
+    if not is_mag:
+        return out, np.empty((batch, n), dtype=x.dtype), np.empty((0, 0), dtype=np.int8), np.zeros(0, dtype=x.dtype)
+    # Unit-weight counts, in the rows' dtype as `MagResiduals.offset` holds them.
+    gprime, codes, offset = _residual_block(((batch, n), x.dtype), ((batch, n), np.int8), ((batch,), x.dtype))
+    offset[:] = 0
+    return out, gprime, codes, offset
+
+
+# Start of each array in a residual block: the cache line.
+_BLOCK_ALIGN = 64
+
+
+def _residual_block(*layouts):
+    """Arrays of the given (shape, dtype) carved out of one fresh allocation, each starting on a cache line.
+
+    One block instead of three arrays changes how glibc's malloc hands memory back between calls:
+    freeing a block larger than the output raises its trimming threshold above what a call
+    allocates, where three smaller arrays left it below, so that every call paid page faults on
+    fresh memory again (1,900 per call for (262144, 16) float32 rows: the magnitude's forward
+    with residuals took 16 ms against 7 ms without; 10 ms with one block).
+    """
+    sizes = [int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in layouts]
+    starts = np.cumsum([0] + [-(-size // _BLOCK_ALIGN) * _BLOCK_ALIGN for size in sizes])
+    # np.empty's memory starts on a 16-byte boundary only: over-allocate to align the first array.
+    raw = np.empty(int(starts[-1]) + _BLOCK_ALIGN, dtype=np.uint8)
+    base = (-raw.ctypes.data) % _BLOCK_ALIGN
+    return tuple(
+        raw[base + start:base + start + size].view(dtype).reshape(shape)
+        for (shape, dtype), start, size in zip(layouts, starts[:-1], sizes, strict=True)
     )
 
 
