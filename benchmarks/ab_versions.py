@@ -14,6 +14,14 @@ operator and prints the best times as ratios to `np.sort` and B / A.
     python benchmarks/ab_versions.py HEAD~1 --strength 1                      # larger strengths
     python benchmarks/ab_versions.py HEAD~1 --jax --op mask --shape 65536x64  # the jitted threshold method
 
+With `--fresh N` each version's forward+VJP is timed instead in N fresh processes of its own
+(alternating A, B, and `np.sort`), which make no other allocation: what the memory allocator
+does there (glibc's thresholds for handing memory back follow the blocks a process freed before)
+one process alternating both versions cannot show.  Each line gives the best and median
+time and the page faults per call.
+
+    python benchmarks/ab_versions.py c9909d3~1 c9909d3 --fresh 3 --shape 262144x16
+
 With `--jax` the calls are the core's threshold method in `jax.numpy` under `jax.jit`, its loop one
 `jax.lax.while_loop` (what the JAX adapter runs on a GPU), and the VJP the Array-API product.
 
@@ -26,6 +34,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -94,6 +103,47 @@ def _jax_calls(tc: object, op: str, x: np.ndarray, u: np.ndarray, k: int, p: flo
             lambda: jax.block_until_ready(with_vjp(xj, uj)))
 
 
+def _child(args: argparse.Namespace, batch: int, n: int, p: float) -> None:
+    """One fresh process of `--fresh`: `--rounds` forward+VJP calls of one version (or `np.sort`), nothing else."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(batch, n)).astype(np.float32)
+    u = rng.normal(size=(batch, n)).astype(np.float32)
+    if args.child == "sort":
+        fn: Callable[[], object] = partial(np.sort, x, axis=-1)
+    else:
+        sys.path.insert(0, args.workdir)
+        tc = importlib.import_module(f"topk_core_{args.child.lower()}")
+        fn = _calls(tc, args.op, x, u, max(2, n // 8), p, args.strength)[1]
+    fn()
+    times = []
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(args.rounds):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / args.rounds
+    print(f"{min(times) * 1e3:.3f} {np.median(times) * 1e3:.3f} {faults:.0f}")
+
+
+def _fresh(args: argparse.Namespace) -> None:
+    """`--fresh`: each version (and np.sort) timed in fresh processes of its own, alternating."""
+    runs: dict[str, list[tuple[float, float, float]]] = {"sort": [], "A": [], "B": []}
+    for r in range(args.fresh):
+        for name in ("sort", "A", "B") if r % 2 == 0 else ("B", "A", "sort"):
+            command = [sys.executable, __file__, "-", "--child", name, "--op", args.op, "--p", args.p, "--shape",
+                       args.shape, "--strength", str(args.strength), "--rounds", str(args.rounds), "--workdir",
+                       args.workdir]
+            line = subprocess.run(command, check=True, capture_output=True, text=True).stdout.split()[-3:]
+            runs[name].append(tuple(float(v) for v in line))
+    sort = min(best for best, _, _ in runs["sort"])
+    print(f"{args.op} p={args.p} {args.shape} l={args.strength}, forward+VJP in fresh processes "
+          f"({args.fresh} each, {args.rounds} calls): np.sort {sort:.2f} ms")
+    for name in ("A", "B"):
+        for best, median, faults in runs[name]:
+            print(f"  {name}  best {best / sort:.3f}x np.sort  median {median / sort:.3f}x  "
+                  f"{faults:.0f} page faults per call")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("rev_a", help="git revision of version A")
@@ -104,18 +154,27 @@ def main() -> None:
     parser.add_argument("--strength", type=float, default=0.1)
     parser.add_argument("--rounds", type=int, default=31, help="alternating calls of each version")
     parser.add_argument("--jax", action="store_true", help="the jitted threshold method in jax.numpy")
+    parser.add_argument("--fresh", type=int, default=0, metavar="N",
+                        help="time forward+VJP in N fresh processes per version instead (see above)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "sparse_topk_ab"))
     args = parser.parse_args()
+    num, _, den = args.p.partition("/")
+    p = float(num) / float(den or 1)
+    batch, n = (int(float(v)) for v in args.shape.lower().split("x"))
+    if args.child:
+        _child(args, batch, n, p)
+        return
 
     work = Path(args.workdir)
     _copy_version(args.rev_a, work / "topk_core_a")
     _copy_version(args.rev_b, work / "topk_core_b")
     sys.path.insert(0, str(work))
+    if args.fresh:
+        _fresh(args)
+        return
     versions = {"A": importlib.import_module("topk_core_a"), "B": importlib.import_module("topk_core_b")}
 
-    num, _, den = args.p.partition("/")
-    p = float(num) / float(den or 1)
-    batch, n = (int(float(v)) for v in args.shape.lower().split("x"))
     rng = np.random.default_rng(0)
     x = rng.normal(size=(batch, n)).astype(np.float32)
     u = rng.normal(size=(batch, n)).astype(np.float32)
