@@ -316,3 +316,39 @@ def test_triton_iterations_reads_the_kernels_status(monkeypatch):
     x = np.random.default_rng(0).normal(size=(4, 16))
     x[1, 2] = np.nan
     assert list(triton_iterations.row_iterations("mask", x, 3, 0.1, 2.0) < 0) == [False, True, False, False]
+
+
+def test_ab_versions_fresh_times_each_version_in_processes_of_its_own(monkeypatch, capsys, tmp_path):
+    """`ab_versions.py --fresh`: a child process times one version (here np.sort, which needs no copy of the
+    core) and prints best, median and page faults per call; the parent alternates the children and prints
+    each run as ratios to the best np.sort."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import ab_versions
+
+    child = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ab_versions.py"), "-", "--child", "sort",
+                            "--shape", "64x16", "--rounds", "3"], capture_output=True, text=True, timeout=120,
+                           check=True)
+    best, median, faults = (float(v) for v in child.stdout.split())
+    assert 0 < best <= median and faults >= 0
+
+    order = []
+    times = {"sort": "2.000 2.500 0", "A": "4.000 5.000 1800", "B": "3.000 3.200 7"}
+
+    real_run = subprocess.run
+
+    def fake_run(command, **kwargs):
+        if "--child" not in command:
+            return real_run(command, **kwargs)  # the copies of the versions (git archive, tar)
+        name = command[command.index("--child") + 1]
+        order.append(name)
+        return subprocess.CompletedProcess(command, 0, stdout=f"compiling\n{times[name]}\n")
+
+    monkeypatch.setattr(ab_versions.subprocess, "run", fake_run)
+    monkeypatch.setattr(sys, "argv", ["ab_versions.py", "HEAD", "--fresh", "2", "--shape", "64x16",
+                                     "--workdir", str(tmp_path)])
+    ab_versions.main()
+    assert order == ["sort", "A", "B", "B", "A", "sort"]
+    lines = capsys.readouterr().out.splitlines()
+    assert "np.sort 2.00 ms" in lines[0]
+    assert lines[1].split()[:3] == ["A", "best", "2.000x"] and lines[1].endswith("1800 page faults per call")
+    assert lines[3].split()[:3] == ["B", "best", "1.500x"] and "median 1.600x" in lines[3]
