@@ -31,7 +31,8 @@ Per row (``g(e) = e^(q - 1)`` with ``e = u / l``, `_agnostic.regularizer`):
   ``t = ref - delta``, from exact differences (``|x_i - ref| <= 2 r_i``).
 * **Start.**  PAV's first block: the k-th and (k+1)-th keys free, the k - 1
   above saturated (p = 2: its closed form; p = 4/3: four Newton steps on its
-  cubic, `_cubic_first_block`; other p: the bracket's midpoint).
+  cubic, `_cubic_first_block`; other p: four on its equation raised to the
+  power 1/(q - 1), `_general_first_block`).
 * **Root.**  Safeguarded Newton (Numerical Recipes' rtsafe: a Newton step
   is taken when it lands inside the bracket and at most halves the step
   before last, else the bracket is split: at its midpoint, or for the
@@ -332,6 +333,38 @@ def _cubic_first_block(a0, a1, offset, slope, start):
     return u
 
 
+@triton.jit
+def _general_first_block(a0, a1, level, scale, start, lo, hi, qm1):
+    """PAV's first block for any other q (the k-th and (k+1)-th keys free, the k - 1 above saturated),
+    the kernels' start: the root v in ``[lo, hi]`` of ``(r0^(q-1) + r1^(q-1))^a = level + scale v^a``,
+    ``r = max(a - v, 0)``, ``a = 1 / (q - 1)`` (``a0 >= a1``; the mask: u = tau / l, level 1, scale 0;
+    the magnitude: v = t, level 0, scale l).  Newton steps from `start`, clamped to the bracket, on the
+    equation raised to the power a, as the root finder takes its steps (`_newton_step`): the left side
+    is then homogeneous of degree 1 in r, linear where one key is free.  Both sides less each other
+    are convex (q > 2) or concave (q < 2) and decreasing, so the steps approach the root monotonically
+    (for q < 2, from above after the first); a step that is not finite keeps the point it started
+    from.  Two powers per step and row, next to two per entry for an evaluation of the row."""
+    a = 1.0 / qm1
+    v = start
+    for _ in tl.static_range(4):
+        r0 = tl.maximum(a0 - v, 0.0)
+        r1 = tl.maximum(a1 - v, 0.0)
+        p0 = _g(r0, qm1, 0)
+        p1 = _g(r1, qm1, 0)
+        total = p0 + p1
+        norm = tl.exp2(a * tl.log2(tl.maximum(total, 1e-300)))
+        # d/dv of the left side: -(r0^(q-2) + r1^(q-2)) norm^(1-(q-1)), with r^(q-2) = r^(q-1) / r.
+        weights = tl.where(r0 > 0, p0 / tl.maximum(r0, 1e-300), 0.0)
+        weights += tl.where(r1 > 0, p1 / tl.maximum(r1, 1e-300), 0.0)
+        right = tl.exp2(a * tl.log2(tl.maximum(v, 1e-300)))
+        h = norm - level - scale * right
+        dh = -weights * norm / tl.maximum(total, 1e-300) - scale * a * right / tl.maximum(v, 1e-300)
+        new = v - h / dh
+        new = tl.minimum(tl.maximum(new, lo), hi)
+        v = tl.where(new == new, new, v)
+    return v
+
+
 @triton.jit(do_not_specialize=_VARYING)
 def mask_rows_kernel(
     x_ptr, params_ptr, y_ptr, gp_ptr, status_ptr, batch, n, k,
@@ -356,6 +389,9 @@ def mask_rows_kernel(
     if MODE == 3:
         # From u = -1 (tau = -l, the bracket's lower end); u stays within [-1, 0], as gap / l does.
         u = _cubic_first_block(c * 0.0, hi / lam, 1.0, 0.0, c * 0.0 - 1.0)
+        start = tl.minimum(tl.maximum(lam * u, lo), hi)
+    elif MODE == 0:
+        u = _general_first_block(c * 0.0, hi / lam, 1.0, 0.0, c * 0.0 - 1.0, c * 0.0 - 1.0, hi / lam, qm1)
         start = tl.minimum(tl.maximum(lam * u, lo), hi)
     tau = tl.where(flat, hi, start)
     neg_tau, _, _, solved, iterations = _solve(
@@ -481,7 +517,9 @@ def mag_rows_kernel(
         t0 = _cubic_first_block(ak, ak1, 0.0, lam * lam * lam, m)
         start = tl.where(t0 == t0, -tl.minimum(tl.maximum(t0, m), ak1), _split(lo, hi, True))
     else:
-        start = _split(lo, hi, True)
+        # Any other p: the same block, from t = m (NaN: where its powers met an overflow).
+        t0 = _general_first_block(ak, ak1, 0.0, lam, m, m, ak1, qm1)
+        start = tl.where(t0 == t0, -tl.minimum(tl.maximum(t0, m), ak1), _split(lo, hi, True))
     delta = tl.where(solve, start, lo)
     delta, lo, hi, solved, iterations = _solve(
         keys, zero, delta, lo, hi, solve, k, lam, qm1, _ftol(n, k), MODE, MAX_ITER, True, True
