@@ -12,6 +12,7 @@ operator and prints the best times as ratios to `np.sort` and B / A.
     python benchmarks/ab_versions.py f33692f                                  # A: that commit, B: working tree
     python benchmarks/ab_versions.py f33692f HEAD --op mask --p 2 --shape 262144x16 --rounds 21
     python benchmarks/ab_versions.py HEAD~1 --strength 1                      # larger strengths
+    python benchmarks/ab_versions.py HEAD~1 --method threshold                # another method than auto
     python benchmarks/ab_versions.py HEAD~1 --jax --op mask --shape 65536x64  # the jitted threshold method
 
 With `--fresh N` each version's forward+VJP is timed instead in N fresh processes of its own
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import os
 import resource
 import subprocess
@@ -73,16 +75,16 @@ def _copy_version(revision: str | None, dest: Path) -> None:
                 path.unlink()
 
 
-def _calls(tc: object, op: str, x: np.ndarray, u: np.ndarray, k: int, p: float, lam: float
+def _calls(tc: object, op: str, x: np.ndarray, u: np.ndarray, k: int, p: float, lam: float, method: str = "auto"
            ) -> tuple[Callable[[], object], Callable[[], object]]:
     forward = getattr(tc, f"soft_topk_{op}")
     with_res = getattr(tc, f"soft_topk_{op}_forward")
     vjp = getattr(tc, f"{op}_vjp_from_residuals")
-    kw = dict(p=p, regularization_strength=lam)
+    kw = dict(p=p, regularization_strength=lam, method=method)
     return partial(forward, x, k, **kw), partial(forward_vjp, with_res, vjp, x, k, u, kw)
 
 
-def _jax_calls(tc: object, op: str, x: np.ndarray, u: np.ndarray, k: int, p: float, lam: float
+def _jax_calls(tc: object, op: str, x: np.ndarray, u: np.ndarray, k: int, p: float, lam: float, method: str = "auto"
                ) -> tuple[Callable[[], object], Callable[[], object]]:
     import jax
     import jax.numpy as jnp
@@ -93,8 +95,17 @@ def _jax_calls(tc: object, op: str, x: np.ndarray, u: np.ndarray, k: int, p: flo
     solver = getattr(threshold, f"threshold_{op}")
     vjp = jacobians.mask_jvp_rows if op == "mask" else jacobians.mag_vjp_rows
 
+    # The JAX adapter's hooks, where the version has them (`topk_jax._soft._native_solve`).
+    hooks = {}
+    if "order_statistics" in inspect.signature(solver).parameters:
+        def order_statistics(keys: jax.Array, kk: int) -> tuple[jax.Array, jax.Array]:
+            top = jax.lax.top_k(keys, kk + 1)[0]
+            return top[..., kk - 1:kk], top[..., kk:kk + 1]
+
+        hooks["order_statistics"] = order_statistics
+
     def solve(rows: jax.Array) -> tuple[jax.Array, object]:
-        return solver(rows, k, lam, q, jnp, loop=jax.lax.while_loop)
+        return solver(rows, k, lam, q, jnp, loop=jax.lax.while_loop, **hooks)
 
     forward = jax.jit(lambda rows: solve(rows)[0])
     with_vjp = jax.jit(lambda rows, cot: (lambda y, res: (y, vjp(res, cot, jnp)))(*solve(rows)))
@@ -113,7 +124,7 @@ def _child(args: argparse.Namespace, batch: int, n: int, p: float) -> None:
     else:
         sys.path.insert(0, args.workdir)
         tc = importlib.import_module(f"topk_core_{args.child.lower()}")
-        fn = _calls(tc, args.op, x, u, max(2, n // 8), p, args.strength)[1]
+        fn = _calls(tc, args.op, x, u, max(2, n // 8), p, args.strength, args.method)[1]
     fn()
     times = []
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -132,7 +143,7 @@ def _fresh(args: argparse.Namespace) -> None:
         for name in ("sort", "A", "B") if r % 2 == 0 else ("B", "A", "sort"):
             command = [sys.executable, __file__, "-", "--child", name, "--op", args.op, "--p", args.p, "--shape",
                        args.shape, "--strength", str(args.strength), "--rounds", str(args.rounds), "--workdir",
-                       args.workdir]
+                       args.workdir, "--method", args.method]
             line = subprocess.run(command, check=True, capture_output=True, text=True).stdout.split()[-3:]
             runs[name].append(tuple(float(v) for v in line))
     sort = min(best for best, _, _ in runs["sort"])
@@ -152,6 +163,7 @@ def main() -> None:
     parser.add_argument("--p", default="4/3", help="exponent: 4/3, 2, 1.5, ...")
     parser.add_argument("--shape", default="16384x64", help="rows x n")
     parser.add_argument("--strength", type=float, default=0.1)
+    parser.add_argument("--method", default="auto", help="the core's method (not with --jax: its threshold method)")
     parser.add_argument("--rounds", type=int, default=31, help="alternating calls of each version")
     parser.add_argument("--jax", action="store_true", help="the jitted threshold method in jax.numpy")
     parser.add_argument("--fresh", type=int, default=0, metavar="N",
@@ -180,7 +192,7 @@ def main() -> None:
     u = rng.normal(size=(batch, n)).astype(np.float32)
     k = max(2, n // 8)
     make = _jax_calls if args.jax else _calls
-    calls = {name: make(tc, args.op, x, u, k, p, args.strength) for name, tc in versions.items()}
+    calls = {name: make(tc, args.op, x, u, k, p, args.strength, args.method) for name, tc in versions.items()}
     deviation = np.abs(calls["A"][0]() - calls["B"][0]()).max()
 
     best: dict[tuple[str, str], float] = {}

@@ -13,6 +13,7 @@ p > 2 every row).  Counts, not times: the same on any machine.
     python benchmarks/threshold_iterations.py                          # 4096 and 262144 rows of 64
     python benchmarks/threshold_iterations.py --shapes 1048576x64 --dtype float64
     python benchmarks/threshold_iterations.py --shapes 65536x64 --k 6 --p 3   # the loops of p > 2
+    python benchmarks/threshold_iterations.py --shapes 65536x64 --k 6 --order-statistics  # the adapters' start
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ import numpy as np
 
 from topk_core._agnostic.regularizer import conjugate_exponent
 from topk_core._agnostic.threshold import STATE_DONE, threshold_mag, threshold_mask
+from topk_core._api import _numpy_order_statistics
 
 SOLVERS = {"mask": threshold_mask, "mag": threshold_mag}
 
 
-def _loop_runs(op: str, x: np.ndarray, k: int, lam: float, p: float) -> list[tuple[int, np.ndarray]]:
+def _loop_runs(op: str, x: np.ndarray, k: int, lam: float, p: float, order_statistics: bool = False
+               ) -> list[tuple[int, np.ndarray]]:
     """For each structured loop of a solve in turn (the first root finder's, then the recentring ones):
     its iterations and the iteration at which each row converged."""
     runs: list[tuple[int, np.ndarray]] = []
@@ -40,7 +43,8 @@ def _loop_runs(op: str, x: np.ndarray, k: int, lam: float, p: float) -> list[tup
         runs.append((count, converged))
         return state
 
-    SOLVERS[op](x, k, lam, conjugate_exponent(p), np, loop=loop)
+    hooks = {"order_statistics": _numpy_order_statistics} if order_statistics else {}
+    SOLVERS[op](x, k, lam, conjugate_exponent(p), np, loop=loop, **hooks)
     return runs
 
 
@@ -55,7 +59,8 @@ def every_loop_iterations(op: str, x: np.ndarray, k: int, lam: float, p: float) 
     return [count for count, _ in _loop_runs(op, x, k, lam, p)]
 
 
-def row_arguments(doc: str, shapes: str, k: int, argv: list[str] | None) -> argparse.Namespace:
+def row_arguments(doc: str, shapes: str, k: int, argv: list[str] | None, order_statistics: bool = False
+                  ) -> argparse.Namespace:
     """The options of the iteration counters (this script, `triton_iterations.py`): rows, k, l, exponents."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default=shapes, help="comma-separated ROWSxN")
@@ -63,6 +68,9 @@ def row_arguments(doc: str, shapes: str, k: int, argv: list[str] | None) -> argp
     parser.add_argument("--k", type=int, default=k, help="0: max(1, n / 10)")
     parser.add_argument("--strength", type=float, default=0.1)
     parser.add_argument("--p", default="4/3,2", help="comma-separated exponents")
+    if order_statistics:
+        parser.add_argument("--order-statistics", action="store_true",
+                            help="start from the order statistics, as the adapters do (np.partition here)")
     args = parser.parse_args(argv)
     args.exponents = [float(a) / float(b or 1) for a, _, b in (p.partition("/") for p in args.p.split(","))]
     return args
@@ -80,7 +88,7 @@ def p_name(p: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> list[tuple]:
-    args = row_arguments(__doc__, "4096x64,262144x64", 0, argv)
+    args = row_arguments(__doc__, "4096x64,262144x64", 0, argv, order_statistics=True)
     exponents = args.exponents
     print(f"normal rows, seed 0, {args.dtype}, l = {args.strength}")
     print("| operator | p | shape | k | loop iterations | rows' median | rows' 99th percentile | every loop |")
@@ -89,7 +97,7 @@ def main(argv: list[str] | None = None) -> list[tuple]:
     for (batch, n), x, k in normal_rows(args):
         for op in SOLVERS:
             for p in exponents:
-                runs = _loop_runs(op, x, k, args.strength, p)
+                runs = _loop_runs(op, x, k, args.strength, p, args.order_statistics)
                 count, converged = runs[0]
                 median, tail = np.percentile(converged, [50, 99])
                 name = p_name(p)

@@ -65,6 +65,22 @@ def test_float64_matches_pav(x64, op, method, p, shape, axis):
 
 
 @pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("p", [4.0 / 3.0, 2.0, 3.0], ids=["p=4/3", "p=2", "p=3"])
+def test_threshold_starts_from_top_k_on_accelerators_only(x64, monkeypatch, op, p):
+    """On a GPU or TPU the threshold method starts at PAV's first block, from `jax.lax.top_k` (on the CPU
+    XLA's top_k costs more than the iterations it saves); either way it agrees with PAV, NaN and
+    infinite rows included."""
+    for backend, shape in (("cpu", (16, 12)), ("gpu", (15, 12))):  # shapes of their own: no cached trace
+        monkeypatch.setattr(jax, "default_backend", lambda backend=backend: backend)
+        x = rows(3, shape)
+        x[1, 3], x[2, 0] = np.nan, np.inf
+        want = soft(op, tn)(x, 3, regularization_strength=LAM, p=p, method="pav")
+        fn = partial(soft(op), k=3, regularization_strength=LAM, p=p, method="threshold")
+        assert ("top_k" in jaxpr_text(fn, jnp.asarray(x))) is (backend == "gpu")
+        np.testing.assert_allclose(np.asarray(jax.jit(fn)(jnp.asarray(x))), want, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("op", OPS)
 def test_threshold_nan_and_inf_rows_match_pav(x64, op):
     x = rows(2, (4, 6))
     x[1, 3] = np.nan

@@ -69,7 +69,10 @@ def test_the_environment_variable_picks_the_loop(monkeypatch, mode, device, comp
         monkeypatch.setenv(_fused.ENVIRONMENT_VARIABLE, mode)
     monkeypatch.setattr(_fused, "_failures", [])
     hooks = _fused.solver_hooks(torch.zeros(2, 3, device=device), "threshold")
-    assert (hooks.get("loop") is _fused.compiled_loop) is compiled and (hooks == {}) is not compiled
+    assert (hooks.get("loop") is _fused.compiled_loop) is compiled and ("stage" in hooks) is compiled
+    # The threshold method's start comes from torch.topk either way; Dykstra takes no order statistics.
+    assert hooks["order_statistics"] is _fused.order_statistics
+    assert "order_statistics" not in _fused.solver_hooks(torch.zeros(2, 3, device=device), "dykstra")
 
 
 def test_cuda_tensors_get_the_compiled_loop_by_default(monkeypatch):

@@ -108,6 +108,13 @@ _AGNOSTIC = {
 }
 
 
+def _numpy_order_statistics(keys: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k-th and (k+1)-th largest entries of each row, (batch, 1) each (1 <= k < n): one partition."""
+    part = np.partition(keys, (keys.shape[-1] - k - 1, keys.shape[-1] - k), axis=-1)
+    n = keys.shape[-1]
+    return part[:, n - k:n - k + 1], part[:, n - k - 1:n - k]
+
+
 def _soft_forward(
     kind: str,
     x: Any, k: Any, regularization_strength: Any, p: Any, axis: Any, method: Any, max_iter: Any, tol: Any, xp: Any,
@@ -131,8 +138,11 @@ def _soft_forward(
             if residuals is not None:
                 residuals = type(residuals)(*(_back(a, xp, x) for a in residuals))
     else:
-        # Pure Array API, in the input's namespace and on its device (residuals too).
-        y_rows, residuals = _AGNOSTIC[(name, kind)](rows, k, lam, q, xp, max_iter=max_iter, tol=tol)
+        # Pure Array API, in the input's namespace and on its device (residuals too); NumPy rows give the
+        # threshold method their order statistics by a partition (`threshold.OrderStatistics`).
+        numpy_rows = name == "threshold" and isinstance(rows, np.ndarray)
+        hooks = {"order_statistics": _numpy_order_statistics} if numpy_rows else {}
+        y_rows, residuals = _AGNOSTIC[(name, kind)](rows, k, lam, q, xp, max_iter=max_iter, tol=tol, **hooks)
         if not with_residuals:
             residuals = None
     y = from_rows(y_rows, moved, ax, xp)

@@ -273,10 +273,25 @@ def _native_solve(op: _Operator, rows: jax.Array, static: Static) -> tuple[jax.A
     never `max_iter` unrolled iterations.
     """
     solver = getattr(op, static.method)
+    # The threshold method's start from the order statistics (`_order_statistics`) on accelerators only:
+    # XLA's top_k on the CPU took 48 ms for (65536, 64) float32 rows (7 keys each), as long as two
+    # iterations of the loop, and the jitted magnitude then took 1.6x its time without it although its
+    # loop ran 4 iterations instead of 11 (`benchmarks/ab_versions.py --jax`).  (JAX on the CPU runs
+    # `"pav"` unless asked otherwise.)
+    hooks = {}
+    if static.method == "threshold" and jax.default_backend() != "cpu":
+        hooks["order_statistics"] = _order_statistics
     return solver(
         rows, static.k, static.regularization_strength, conjugate_exponent(static.p), jnp,
-        max_iter=static.max_iter, tol=static.tol, loop=jax.lax.while_loop,
+        max_iter=static.max_iter, tol=static.tol, loop=jax.lax.while_loop, **hooks,
     )
+
+
+def _order_statistics(keys: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """The threshold method's start (`topk_core._agnostic.threshold.OrderStatistics`): the k-th and
+    (k+1)-th largest keys of each row, (batch, 1) each, by `jax.lax.top_k`."""
+    top = jax.lax.top_k(keys, k + 1)[0]
+    return top[..., k - 1:k], top[..., k:k + 1]
 
 
 def _solve(op: _Operator, rows: jax.Array, static: Static, with_residuals: bool) -> Any:

@@ -159,12 +159,22 @@ def compiled_stage(fn: Callable[..., Any]) -> Callable[..., Any]:
     return lambda *args: _call(compiled, fn, *args)
 
 
+def order_statistics(keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The threshold method's start (`topk_core._agnostic.threshold.OrderStatistics`): the k-th and
+    (k+1)-th largest keys of each row, (batch, 1) each, by `torch.topk`."""
+    top = torch.topk(keys, k + 1, dim=-1).values
+    # Contiguous: views whose strides follow k would have the compiled stage that takes them traced
+    # again for each k.
+    return top[..., k - 1:k].contiguous(), top[..., k:k + 1].contiguous()
+
+
 def solver_hooks(x: torch.Tensor, method: str) -> dict[str, Callable[..., Any]]:
-    """The keywords to hand the core's solver `method` for rows `x`: its compiled `loop` (and, for the
-    threshold method, its compiled `stage`s), or none at all (the core's own eager code)."""
+    """The keywords to hand the core's solver `method` for rows `x`: for the threshold method its
+    order statistics (`order_statistics`), and where compiled code runs (`use_compiled`) its
+    compiled `loop` (and the threshold method's compiled `stage`s)."""
     if not use_compiled(x):
-        return {}
+        return {"order_statistics": order_statistics} if method == "threshold" else {}
     if method == "threshold":
-        return {"loop": compiled_loop, "stage": compiled_stage}
+        return {"loop": compiled_loop, "stage": compiled_stage, "order_statistics": order_statistics}
     # Dykstra: no stages; its body unrolled twice took Dynamo 27 s to trace on the CPU (2 s once).
     return {"loop": functools.partial(compiled_loop, unroll=False)}

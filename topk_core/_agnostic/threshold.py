@@ -23,7 +23,9 @@ Algorithm, for all rows at once ((batch, n) arrays, (batch, 1) scalars):
    that all k of them saturate there.
 2. **Safeguarded Newton** on the monotone, piecewise-smooth scalar equation,
    from the bracket's midpoint (the magnitude's: its geometric split when
-   the ends differ by more than a factor 16).
+   the ends differ by more than a factor 16), or, where the caller passes the
+   rows' k-th and (k+1)-th keys (``order_statistics``: the adapters' top-k
+   primitives), from PAV's first block (`_first_block`, p <= 3).
    The Newton step of the current support piece ``sum_F g(.) = T`` (``T`` =
    k minus the saturated count) is taken on ``(sum_F g)^a = T^a`` with
    ``a = 1 / (q - 1)``, which is exact when one entry is free and does not
@@ -167,6 +169,97 @@ Stage = Callable[[Callable[..., Any]], Callable[..., Any]]
 
 def _as_is(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
+
+
+# Newton steps of `_first_block`: it is only a start, which the root finder polishes.
+_FIRST_BLOCK_STEPS = 4
+# The smallest q (largest p: 3) that starts there: the power 1 / (q - 1) grows with p.
+_FIRST_BLOCK_MIN_Q = 1.5
+# The magnitude starts there where its k-th key and strength lie within 2^+-_FIRST_BLOCK_RANGE of 1
+# in its frame (keys scaled to the largest: almost every row), where no power of the block's
+# equation can overflow; other rows start at the bracket's split.
+_FIRST_BLOCK_RANGE = 30.0
+OrderStatistics = Callable[[Any, int], tuple[Any, Any]]
+
+
+def _first_block(b0: Any, b1: Any, level: Any, scale: Any, start: Any, lo: Any, hi: Any, q: float, xp: Any) -> Any:
+    """PAV's first block, the root finder's start where an adapter gives the order statistics: the
+    point ``v`` in ``[lo, hi]`` where only the k-th and (k+1)-th keys ``b0 >= b1`` are free (the k - 1
+    above saturated), ``(r0^(q-1) + r1^(q-1))^(1/(q-1)) = level + scale v^(1/(q-1))`` with
+    ``r = max(b - v, 0)`` (`_mask_first_block`, `_mag_first_block`).  Newton steps from `start`,
+    clamped to the bracket, on the equation raised to the power ``1 / (q - 1)`` (as the root finder
+    steps, `_newton`): its left side is homogeneous of degree 1 in ``r``, linear where one key is
+    free (exact for p = 2 where both are).  Both sides less each other are convex (q > 2) or
+    concave (q < 2) and decreasing, so the steps approach the root monotonically (for q < 2 from
+    above after the first).  The callers keep every quantity within a few hundred binary orders
+    of 1, so that no power overflows; a step that is not finite keeps its point."""
+    a = 1.0 / (q - 1.0)
+    tiny = float(xp.finfo(start.dtype).smallest_normal)
+    v = start
+    for _ in range(_FIRST_BLOCK_STEPS):
+        r0 = xp.maximum(b0 - v, 0.0)
+        r1 = xp.maximum(b1 - v, 0.0)
+        p0 = xp.pow(r0, q - 1.0)
+        p1 = xp.pow(r1, q - 1.0)
+        total = xp.maximum(p0 + p1, tiny)
+        norm = xp.pow(total, a)
+        # d/dv of the left side: -(r0^(q-2) + r1^(q-2)) norm / total, with r^(q-2) = r^(q-1) / r.
+        weights = xp.where(r0 > 0, p0 / xp.maximum(r0, tiny), 0.0)
+        weights = weights + xp.where(r1 > 0, p1 / xp.maximum(r1, tiny), 0.0)
+        vp = xp.maximum(v, tiny)
+        right = xp.pow(vp, a)
+        h = norm - level - scale * right
+        dh = -weights * (norm / total) - scale * a * (right / vp)
+        new = xp.clip(v - h / xp.where(dh < 0, dh, -1.0), lo, hi)
+        v = xp.where((dh < 0) & xp.isfinite(new), new, v)
+    return v
+
+
+def _mask_first_block(kth: Any, after: Any, lam_r: Any, lo: Any, hi: Any, use: Any, q: float, xp: Any) -> Any:
+    """`_first_block` for the mask's ``tau`` in ``[lo, hi]`` on the rows `use` (finite keys), in units of
+    ``l`` relative to the k-th key: ``u = (tau - s_k) / l`` lies in ``[-1, 0]`` (at -1 the k-th key
+    saturates, at 0 it vanishes), and the (k+1)-th key at ``d = (s_(k+1) - s_k) / l``, which only
+    matters above -1, so every value is at most 1 (differences clipped before they are divided)."""
+    kth = xp.where(use, kth, 0.0)
+    gap = xp.where(use, after - kth, -lam_r)
+    d = xp.maximum(gap, -lam_r) / lam_r
+    ulo = xp.clip(xp.where(use, lo - kth, -lam_r), -lam_r, 0.0) / lam_r
+    uhi = xp.clip(xp.where(use, hi - kth, 0.0), -lam_r, 0.0) / lam_r
+    zero = xp.zeros_like(d)
+    u = _first_block(zero, d, zero + 1.0, zero, ulo, ulo, uhi, q, xp)
+    return xp.clip(kth + lam_r * u, lo, hi)
+
+
+def _mag_first_block(kth: Any, after: Any, lam_r: Any, lo: Any, hi: Any, q: float, xp: Any) -> tuple[Any, Any]:
+    """`_first_block` for the magnitude's ``t`` in ``[lo, hi]`` (the k-th and (k+1)-th keys free:
+    ``sum g(r) = t``, that is ``(r0^(q-1) + r1^(q-1))^(1/(q-1)) = l t^(1/(q-1))``), from the lower
+    end, with t kept above ``2^-60`` times the k-th key; returns the start and where it applies (the
+    k-th key and the strength within ``2^+-_FIRST_BLOCK_RANGE``)."""
+    bound = 2.0**_FIRST_BLOCK_RANGE
+    moderate = (kth >= 1.0 / bound) & (kth <= bound) & (lam_r >= 1.0 / bound) & (lam_r <= bound)
+    safe = xp.where(moderate, kth, xp.ones_like(kth))
+    vlo = xp.maximum(lo, safe * 2.0**-60)
+    vhi = xp.maximum(xp.minimum(hi, safe), vlo)
+    t = _first_block(safe, xp.minimum(after, safe), xp.zeros_like(safe), xp.where(moderate, lam_r, 1.0), vlo, vlo,
+                     vhi, q, xp)
+    return xp.clip(t, lo, hi), moderate
+
+
+def _starts_at_first_block(order_statistics: OrderStatistics | None, k: int, n: int, q: float) -> bool:
+    return order_statistics is not None and k < n and q >= _FIRST_BLOCK_MIN_Q
+
+
+def _mask_block_start(kth: Any, after: Any, lam_r: Any, lo: Any, hi: Any, use: Any, start: Any, q: float, xp: Any
+                      ) -> Any:
+    """The mask's first point: `_mask_first_block` on the rows `use`, `start` elsewhere."""
+    return xp.where(use, _mask_first_block(kth, after, lam_r, lo, hi, use, q, xp), start)
+
+
+def _mag_block_start(kth: Any, after: Any, lam_r: Any, lo: Any, hi: Any, use: Any, start: Any, q: float, xp: Any
+                     ) -> Any:
+    """The magnitude's first point: `_mag_first_block` on the rows `use` where it applies, `start` elsewhere."""
+    block, moderate = _mag_first_block(kth, after, lam_r, lo, hi, q, xp)
+    return xp.where(use & moderate, block, start)
 
 
 def _split(lo: Any, hi: Any, floor: Any, xp: Any, spread: int = 4) -> Any:
@@ -662,6 +755,7 @@ def _mask_output(
 def threshold_mask(
     x: Any, k: int, lam: float, q: float, xp: Any, *, max_iter: int | None = None, tol: float | None = None,
     loop: Callable[..., Any] | None = None, stage: Stage | None = None,
+    order_statistics: OrderStatistics | None = None,
 ) -> tuple[Any, MaskResiduals]:
     """Soft top-k mask of (batch, n) rows by the threshold method, with its residuals.
 
@@ -691,6 +785,12 @@ def threshold_mask(
         between the root finder's loops (arrays and Python scalars in, a
         tuple of arrays out, no host reads), so that an adapter can fuse
         them.  For adapters.
+    order_statistics : callable, optional
+        ``order_statistics(keys, k)`` returns the k-th and (k+1)-th largest
+        entries of each row of `keys` ((batch, 1) arrays; ``1 <= k < n``),
+        e.g. from a top-k primitive; the root finder then starts at PAV's
+        first block (p <= 3), which about halves its iterations on rows of
+        logits.  Called outside the stages.  For adapters.
 
     Returns
     -------
@@ -704,6 +804,12 @@ def threshold_mask(
     nan_rows, infinities, fin, kk, solve, kkf, xf, top, bottom, c, lam_r, xs, lo, hi, ftol, start = fuse(_mask_frame)(
         x, k, lam, q, rtol, xp
     )
+    if _starts_at_first_block(order_statistics, k, x.shape[-1], q):
+        # Outside the stages: k is a new constant of `order_statistics` for each k (compiled stages would be
+        # traced again).  Rows whose entries are all finite start at PAV's first block.
+        kth, after = order_statistics(xs, k)
+        all_finite = infinities[4] == x.shape[-1]  # n_fin
+        start = fuse(_mask_block_start)(kth, after, lam_r, lo, hi, solve & all_finite, start, q, xp)
 
     def evaluate(tau: Any, xs: Any, lam_r: Any, kkf: Any) -> tuple[Any, ...]:
         return _mask_evaluate(tau, xs, lam_r, kkf, q, guard, xp)
@@ -1019,6 +1125,7 @@ def _mag_output(
 def threshold_mag(
     x: Any, k: int, lam: float, q: float, xp: Any, *, max_iter: int | None = None, tol: float | None = None,
     loop: Callable[..., Any] | None = None, stage: Stage | None = None,
+    order_statistics: OrderStatistics | None = None,
 ) -> tuple[Any, MagResiduals]:
     """Soft top-k in magnitude of (batch, n) rows by the threshold method, with its residuals.
 
@@ -1031,6 +1138,10 @@ def threshold_mag(
     p, emax, lam_lo, lam_hi = _mag_scales(lam, q, dt, xp)
     frame = fuse(_mag_frame)(x, k, lam, q, rtol, p, emax, lam_lo, lam_hi, xp)
     x, nan_rows, infinite, fin, kk, kkf, nonzero, n_nonzero, solve, c, lam_r, an, lo, hi, ftol, floor, start = frame
+    if _starts_at_first_block(order_statistics, k, x.shape[-1], q):
+        kth, after = order_statistics(an, k)  # as for the mask: outside the stages
+        start = fuse(_mag_block_start)(kth, after, lam_r, lo, hi, solve & xp.all(fin, axis=-1, keepdims=True), start,
+                                       q, xp)
 
     def evaluate(delta: Any, d: Any, ref: Any, lam_r: Any, kkf: Any) -> tuple[Any, ...]:
         return _mag_evaluate(delta, d, ref, lam_r, kkf, q, guard, xp)
