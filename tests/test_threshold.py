@@ -675,3 +675,20 @@ def test_order_statistics_start_the_root_finder_at_the_first_block(rng, operator
     assert counts[True] < counts[False]
     if p != 3.0:  # (p = 3: 20 -> 16, its tail is elsewhere)
         assert counts[True] <= 0.6 * counts[False]
+
+
+def test_order_statistics_are_asked_for_small_k_only(rng):
+    """Top-k primitives sort for large k: beyond `_FIRST_BLOCK_MAX_K` (and for k = n) no order statistics
+    are asked for, and the answer is PAV's either way."""
+    calls = []
+
+    def order_statistics(keys, k):
+        calls.append(k)
+        part = -np.sort(-keys, axis=-1)
+        return part[:, k - 1:k], part[:, k:k + 1]
+
+    x = rng.normal(size=(8, 200))
+    for k in (5, threshold._FIRST_BLOCK_MAX_K, threshold._FIRST_BLOCK_MAX_K + 1, 200):
+        y, _ = threshold.threshold_mag(x, k, 0.1, 4.0, np, order_statistics=order_statistics)
+        np.testing.assert_allclose(y, _pav("mag", x, k, regularization_strength=0.1)[0], rtol=0, atol=1e-10)
+    assert calls == [5, threshold._FIRST_BLOCK_MAX_K]

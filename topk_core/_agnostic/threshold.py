@@ -25,7 +25,7 @@ Algorithm, for all rows at once ((batch, n) arrays, (batch, 1) scalars):
    from the bracket's midpoint (the magnitude's: its geometric split when
    the ends differ by more than a factor 16), or, where the caller passes the
    rows' k-th and (k+1)-th keys (``order_statistics``: the adapters' top-k
-   primitives), from PAV's first block (`_first_block`, p <= 3).
+   primitives), from PAV's first block (`_first_block`, p <= 3, k <= 64).
    The Newton step of the current support piece ``sum_F g(.) = T`` (``T`` =
    k minus the saturated count) is taken on ``(sum_F g)^a = T^a`` with
    ``a = 1 / (q - 1)``, which is exact when one entry is free and does not
@@ -179,6 +179,10 @@ _FIRST_BLOCK_MIN_Q = 1.5
 # in its frame (keys scaled to the largest: almost every row), where no power of the block's
 # equation can overflow; other rows start at the bracket's split.
 _FIRST_BLOCK_RANGE = 30.0
+# The largest k that asks for the order statistics: top-k primitives are selections for small k and
+# sorts for large k (jax.lax.top_k; torch.topk of k = n / 8 of 2^24 keys), and the start was measured on
+# router rows (k = 6 of 64).
+_FIRST_BLOCK_MAX_K = 64
 OrderStatistics = Callable[[Any, int], tuple[Any, Any]]
 
 
@@ -246,7 +250,7 @@ def _mag_first_block(kth: Any, after: Any, lam_r: Any, lo: Any, hi: Any, q: floa
 
 
 def _starts_at_first_block(order_statistics: OrderStatistics | None, k: int, n: int, q: float) -> bool:
-    return order_statistics is not None and k < n and q >= _FIRST_BLOCK_MIN_Q
+    return order_statistics is not None and k < n and k <= _FIRST_BLOCK_MAX_K and q >= _FIRST_BLOCK_MIN_Q
 
 
 def _mask_block_start(kth: Any, after: Any, lam_r: Any, lo: Any, hi: Any, use: Any, start: Any, q: float, xp: Any
@@ -789,8 +793,8 @@ def threshold_mask(
         ``order_statistics(keys, k)`` returns the k-th and (k+1)-th largest
         entries of each row of `keys` ((batch, 1) arrays; ``1 <= k < n``),
         e.g. from a top-k primitive; the root finder then starts at PAV's
-        first block (p <= 3), which about halves its iterations on rows of
-        logits.  Called outside the stages.  For adapters.
+        first block (p <= 3, k <= 64), which about halves its iterations on
+        rows of logits.  Called outside the stages.  For adapters.
 
     Returns
     -------
