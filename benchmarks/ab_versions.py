@@ -86,6 +86,7 @@ def _calls(tc: object, op: str, x: np.ndarray, u: np.ndarray, k: int, p: float, 
 
 def _jax_calls(tc: object, op: str, x: np.ndarray, u: np.ndarray, k: int, p: float, lam: float, method: str = "auto"
                ) -> tuple[Callable[[], object], Callable[[], object]]:
+    """The jitted threshold method's forward and forward+VJP (`method`: `_calls`' signature, unused)."""
     import jax
     import jax.numpy as jnp
 
@@ -177,6 +178,8 @@ def main() -> None:
     if args.child:
         _child(args, batch, n, p)
         return
+    if args.jax and args.method != "auto":
+        parser.error("--method picks the NumPy calls' method; with --jax the calls are the threshold method's")
 
     work = Path(args.workdir)
     _copy_version(args.rev_a, work / "topk_core_a")
