@@ -96,14 +96,12 @@ def _jax_calls(tc: object, op: str, x: np.ndarray, u: np.ndarray, k: int, p: flo
     solver = getattr(threshold, f"threshold_{op}")
     vjp = jacobians.mask_jvp_rows if op == "mask" else jacobians.mag_vjp_rows
 
-    # The JAX adapter's hooks, where the version has them (`topk_jax._soft._native_solve`).
+    # The JAX adapter's hook on accelerators (`topk_jax._soft._native_solve`), where the version takes it.
     hooks = {}
     if "order_statistics" in inspect.signature(solver).parameters:
-        def order_statistics(keys: jax.Array, kk: int) -> tuple[jax.Array, jax.Array]:
-            top = jax.lax.top_k(keys, kk + 1)[0]
-            return top[..., kk - 1:kk], top[..., kk:kk + 1]
+        from topk_jax._soft import _order_statistics
 
-        hooks["order_statistics"] = order_statistics
+        hooks["order_statistics"] = _order_statistics
 
     def solve(rows: jax.Array) -> tuple[jax.Array, object]:
         return solver(rows, k, lam, q, jnp, loop=jax.lax.while_loop, **hooks)

@@ -110,8 +110,8 @@ _AGNOSTIC = {
 
 def _numpy_order_statistics(keys: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The k-th and (k+1)-th largest entries of each row, (batch, 1) each (1 <= k < n): one partition."""
-    part = np.partition(keys, (keys.shape[-1] - k - 1, keys.shape[-1] - k), axis=-1)
     n = keys.shape[-1]
+    part = np.partition(keys, (n - k - 1, n - k), axis=-1)
     return part[:, n - k:n - k + 1], part[:, n - k - 1:n - k]
 
 

@@ -334,18 +334,18 @@ def _cubic_first_block(a0, a1, offset, slope, start):
 
 
 @triton.jit
-def _general_first_block(a0, a1, level, scale, start, lo, hi, qm1):
+def _general_first_block(a0, a1, level, scale, lo, hi, qm1):
     """PAV's first block for any other q (the k-th and (k+1)-th keys free, the k - 1 above saturated),
     the kernels' start: the root v in ``[lo, hi]`` of ``(r0^(q-1) + r1^(q-1))^a = level + scale v^a``,
     ``r = max(a - v, 0)``, ``a = 1 / (q - 1)`` (``a0 >= a1``; the mask: u = tau / l, level 1, scale 0;
-    the magnitude: v = t, level 0, scale l).  Newton steps from `start`, clamped to the bracket, on the
+    the magnitude: v = t, level 0, scale l).  Newton steps from `lo`, clamped to the bracket, on the
     equation raised to the power a, as the root finder takes its steps (`_newton_step`): the left side
     is then homogeneous of degree 1 in r, linear where one key is free.  Both sides less each other
     are convex (q > 2) or concave (q < 2) and decreasing, so the steps approach the root monotonically
     (for q < 2, from above after the first); a step that is not finite keeps the point it started
     from.  Two powers per step and row, next to two per entry for an evaluation of the row."""
     a = 1.0 / qm1
-    v = start
+    v = lo
     for _ in tl.static_range(4):
         r0 = tl.maximum(a0 - v, 0.0)
         r1 = tl.maximum(a1 - v, 0.0)
@@ -391,7 +391,7 @@ def mask_rows_kernel(
         u = _cubic_first_block(c * 0.0, hi / lam, 1.0, 0.0, c * 0.0 - 1.0)
         start = tl.minimum(tl.maximum(lam * u, lo), hi)
     elif MODE == 0:
-        u = _general_first_block(c * 0.0, hi / lam, 1.0, 0.0, c * 0.0 - 1.0, c * 0.0 - 1.0, hi / lam, qm1)
+        u = _general_first_block(c * 0.0, hi / lam, 1.0, 0.0, c * 0.0 - 1.0, hi / lam, qm1)
         start = tl.minimum(tl.maximum(lam * u, lo), hi)
     tau = tl.where(flat, hi, start)
     neg_tau, _, _, solved, iterations = _solve(
@@ -518,7 +518,7 @@ def mag_rows_kernel(
         start = tl.where(t0 == t0, -tl.minimum(tl.maximum(t0, m), ak1), _split(lo, hi, True))
     else:
         # Any other p: the same block, from t = m (NaN: where its powers met an overflow).
-        t0 = _general_first_block(ak, ak1, 0.0, lam, m, m, ak1, qm1)
+        t0 = _general_first_block(ak, ak1, 0.0, lam, m, ak1, qm1)
         start = tl.where(t0 == t0, -tl.minimum(tl.maximum(t0, m), ak1), _split(lo, hi, True))
     delta = tl.where(solve, start, lo)
     delta, lo, hi, solved, iterations = _solve(

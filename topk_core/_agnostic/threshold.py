@@ -186,11 +186,11 @@ _FIRST_BLOCK_MAX_K = 64
 OrderStatistics = Callable[[Any, int], tuple[Any, Any]]
 
 
-def _first_block(b0: Any, b1: Any, level: Any, scale: Any, start: Any, lo: Any, hi: Any, q: float, xp: Any) -> Any:
+def _first_block(b0: Any, b1: Any, level: Any, scale: Any, lo: Any, hi: Any, q: float, xp: Any) -> Any:
     """PAV's first block, the root finder's start where an adapter gives the order statistics: the
     point ``v`` in ``[lo, hi]`` where only the k-th and (k+1)-th keys ``b0 >= b1`` are free (the k - 1
     above saturated), ``(r0^(q-1) + r1^(q-1))^(1/(q-1)) = level + scale v^(1/(q-1))`` with
-    ``r = max(b - v, 0)`` (`_mask_first_block`, `_mag_first_block`).  Newton steps from `start`,
+    ``r = max(b - v, 0)`` (`_mask_first_block`, `_mag_first_block`).  Newton steps from `lo`,
     clamped to the bracket, on the equation raised to the power ``1 / (q - 1)`` (as the root finder
     steps, `_newton`): its left side is homogeneous of degree 1 in ``r``, linear where one key is
     free (exact for p = 2 where both are).  Both sides less each other are convex (q > 2) or
@@ -198,8 +198,8 @@ def _first_block(b0: Any, b1: Any, level: Any, scale: Any, start: Any, lo: Any, 
     above after the first).  The callers keep every quantity within a few hundred binary orders
     of 1, so that no power overflows; a step that is not finite keeps its point."""
     a = 1.0 / (q - 1.0)
-    tiny = float(xp.finfo(start.dtype).smallest_normal)
-    v = start
+    tiny = float(xp.finfo(lo.dtype).smallest_normal)
+    v = lo
     for _ in range(_FIRST_BLOCK_STEPS):
         r0 = xp.maximum(b0 - v, 0.0)
         r1 = xp.maximum(b1 - v, 0.0)
@@ -230,7 +230,7 @@ def _mask_first_block(kth: Any, after: Any, lam_r: Any, lo: Any, hi: Any, use: A
     ulo = xp.clip(xp.where(use, lo - kth, -lam_r), -lam_r, 0.0) / lam_r
     uhi = xp.clip(xp.where(use, hi - kth, 0.0), -lam_r, 0.0) / lam_r
     zero = xp.zeros_like(d)
-    u = _first_block(zero, d, zero + 1.0, zero, ulo, ulo, uhi, q, xp)
+    u = _first_block(zero, d, zero + 1.0, zero, ulo, uhi, q, xp)
     return xp.clip(kth + lam_r * u, lo, hi)
 
 
@@ -244,8 +244,8 @@ def _mag_first_block(kth: Any, after: Any, lam_r: Any, lo: Any, hi: Any, q: floa
     safe = xp.where(moderate, kth, xp.ones_like(kth))
     vlo = xp.maximum(lo, safe * 2.0**-60)
     vhi = xp.maximum(xp.minimum(hi, safe), vlo)
-    t = _first_block(safe, xp.minimum(after, safe), xp.zeros_like(safe), xp.where(moderate, lam_r, 1.0), vlo, vlo,
-                     vhi, q, xp)
+    t = _first_block(safe, xp.minimum(after, safe), xp.zeros_like(safe), xp.where(moderate, lam_r, 1.0), vlo, vhi,
+                     q, xp)
     return xp.clip(t, lo, hi), moderate
 
 
