@@ -161,8 +161,16 @@ def _entry_sets(a, t, inv, q, is_mag, level):
     return e, g, sat, (e > 0.0) & ~sat
 
 
+@nb.njit(cache=True, inline="always", error_model="numpy")
+def _lane_key(raw, j, lane, ref, is_mag):
+    """Entry `j` of a lane's row as the lanes solve it: its key (x, or the magnitude's |x|) relative to
+    the lane's `ref`, in float64, from the row as loaded (`raw`)."""
+    key = float(raw[j, lane])
+    return (abs(key) if is_mag else key) - ref
+
+
 @nb.njit(cache=True, error_model="numpy")
-def _pass(z, tau, level, lam, q, is_mag, acc):
+def _pass(raw, ref, tau, level, lam, q, is_mag, acc):
     """Per lane, at its threshold: |S| (|A|), |F| and the sums over F the step needs.
 
     p = 2: ``sum_F e`` (mask) or ``sum_F (|x| - ref)`` (magnitude) in ``acc[2]``
@@ -176,14 +184,14 @@ def _pass(z, tau, level, lam, q, is_mag, acc):
     for i in range(acc.shape[0]):
         for lane in range(LANES):
             acc[i, lane] = 0.0
-    n = z.shape[0]
+    n = raw.shape[0]
     if q == 2.0:
         for j in range(0, n - 3, 4):
             for lane in range(LANES):
-                t, lv = tau[lane], level[lane]
+                t, lv, r = tau[lane], level[lane], ref[lane]
                 n_sat, n_free, s1 = acc[0, lane], acc[1, lane], acc[2, lane]
                 for u in range(4):
-                    a = z[j + u, lane]
+                    a = _lane_key(raw, j + u, lane, r, is_mag)
                     _, g, sat, free = _entry_sets(a, t, inv, q, is_mag, lv)
                     s1 += (a if is_mag else g) if free else 0.0
                     n_sat += 1.0 if sat else 0.0
@@ -191,7 +199,7 @@ def _pass(z, tau, level, lam, q, is_mag, acc):
                 acc[0, lane], acc[1, lane], acc[2, lane] = n_sat, n_free, s1
         for j in range(n - n % 4, n):
             for lane in range(LANES):
-                a = z[j, lane]
+                a = _lane_key(raw, j, lane, ref[lane], is_mag)
                 _, g, sat, free = _entry_sets(a, tau[lane], inv, q, is_mag, level[lane])
                 acc[2, lane] += (a if is_mag else g) if free else 0.0
                 acc[0, lane] += 1.0 if sat else 0.0
@@ -199,10 +207,10 @@ def _pass(z, tau, level, lam, q, is_mag, acc):
         return
     for j in range(0, n - 3, 4):
         for lane in range(LANES):
-            t, lv = tau[lane], level[lane]
+            t, lv, r = tau[lane], level[lane], ref[lane]
             n_sat, n_free, s1, s2, s3 = acc[0, lane], acc[1, lane], acc[2, lane], acc[3, lane], acc[4, lane]
             for u in range(4):
-                e, g, sat, free = _entry_sets(z[j + u, lane], t, inv, q, is_mag, lv)
+                e, g, sat, free = _entry_sets(_lane_key(raw, j + u, lane, r, is_mag), t, inv, q, is_mag, lv)
                 n_sat += 1.0 if sat else 0.0
                 n_free += 1.0 if free else 0.0
                 s1 += e if free else 0.0
@@ -211,7 +219,8 @@ def _pass(z, tau, level, lam, q, is_mag, acc):
             acc[0, lane], acc[1, lane], acc[2, lane], acc[3, lane], acc[4, lane] = n_sat, n_free, s1, s2, s3
     for j in range(n - n % 4, n):
         for lane in range(LANES):
-            e, g, sat, free = _entry_sets(z[j, lane], tau[lane], inv, q, is_mag, level[lane])
+            e, g, sat, free = _entry_sets(_lane_key(raw, j, lane, ref[lane], is_mag), tau[lane], inv, q, is_mag,
+                                          level[lane])
             acc[0, lane] += 1.0 if sat else 0.0
             acc[1, lane] += 1.0 if free else 0.0
             acc[2, lane] += e if free else 0.0
@@ -486,10 +495,10 @@ def _entry_outputs(a, t, inv, q, is_mag, level):
 
 
 @nb.njit(cache=True, error_model="numpy")
-def _lane_outputs(z, dest, tau, level, lam, q, is_mag, gbuf, with_residuals):
-    """Outputs and g' of a group at its thresholds, in the lane layout (vectorized), from the keys `z`
-    into `dest` (the group's rows as loaded, in the outputs' dtype: no buffer more, and float32 rows
-    go back by float32 block transposes).
+def _lane_outputs(dest, ref, tau, level, lam, q, is_mag, gbuf, with_residuals):
+    """Outputs and g' of a group at its thresholds, in the lane layout (vectorized), over its rows as
+    loaded, `dest` (keys relative to `ref`, `_lane_key`), in the outputs' dtype: no buffer more, and
+    float32 rows go back by float32 block transposes.
 
     dest: the mask's value, or the magnitude's |value| on F (>= +0), -1 on A (whose
     output is x itself) and -0 elsewhere, which tells the magnitude's sets apart;
@@ -497,9 +506,9 @@ def _lane_outputs(z, dest, tau, level, lam, q, is_mag, gbuf, with_residuals):
     """
     prefer_wide_vectors()
     inv = 1.0 / lam
-    for j in range(z.shape[0]):
+    for j in range(dest.shape[0]):
         for lane in range(LANES):
-            a = z[j, lane]
+            a = _lane_key(dest, j, lane, ref[lane], is_mag)
             t = tau[lane]
             value, gp, sat, free = _entry_outputs(a, t, inv, q, is_mag, level[lane])
             if is_mag:
@@ -513,7 +522,7 @@ def _lane_outputs(z, dest, tau, level, lam, q, is_mag, gbuf, with_residuals):
 
 
 @nb.njit(cache=True, error_model="numpy")
-def _signed_outputs(z, signed, tau, level, lam, q):
+def _signed_outputs(signed, ref, tau, level, lam, q):
     """The magnitude's outputs of a group at its thresholds, in the lane layout, in place of its rows as
     loaded (`signed`, in the input's dtype): x on A, its sign times the value on F, else 0.
 
@@ -528,11 +537,11 @@ def _signed_outputs(z, signed, tau, level, lam, q):
     # x on A, times a 1 the compiler cannot fold: stored as read, it made the store a masked one
     # (`vector_width.unfolded_one`).
     unit = unfolded_one(signed)
-    for j in range(z.shape[0]):
+    for j in range(signed.shape[0]):
         for lane in range(LANES):
-            a = z[j, lane]
-            t = tau[lane]
             xj = signed[j, lane]
+            a = abs(float(xj)) - ref[lane]
+            t = tau[lane]
             value, _, sat, free = _entry_outputs(a, t, inv, q, True, level[lane])
             signed[j, lane] = xj * unit if sat else (math.copysign(value, xj) if free else 0.0)
 
@@ -736,7 +745,6 @@ def lane_rows(x, k, lam, q, is_mag, bounds, out, gprime, codes, offset, unresolv
     pass_limit = max_passes if busy_lanes >= LANES else max(max_passes, MAX_PASSES)
     for c in nb.prange(n_chunks):
         prefer_wide_vectors()
-        z = np.empty((n, LANES), dtype=np.float64)
         gbuf = np.empty((n, LANES), dtype=x.dtype)  # g' in the lane layout, in the dtype of `gprime` (x's)
         acc = np.empty((5, LANES), dtype=np.float64)  # rows: see `_pass` (p = 2 leaves the last two 0)
         gaps = np.empty(LANES, dtype=np.float64)  # s_(k+1) - s_(k)
@@ -752,8 +760,8 @@ def lane_rows(x, k, lam, q, is_mag, bounds, out, gprime, codes, offset, unresolv
         rows = np.empty(LANES, dtype=np.int64)
         # The sweeps run in the input's dtype: float32 sweeps take half the time of float64 ones.
         columns = np.empty((n, LANES) if bounds_inside else (0, LANES), dtype=x.dtype)
-        # The rows as loaded, in their dtype: the sweeps' columns and the keys z are taken from them,
-        # and the outputs are written over them (`_signed_outputs`, `_lane_outputs`), in the dtype
+        # The rows as loaded, in their dtype: the sweeps' columns are taken from them, and every pass
+        # reads its keys off them (`_lane_key`); the outputs are written over them (`_signed_outputs`, `_lane_outputs`), in the dtype
         # of `out` (x's), which float32 rows take back by float32 block transposes.
         raw = np.empty((n, LANES), dtype=x.dtype)
         uppers = np.empty(LANES, dtype=x.dtype)
@@ -786,14 +794,10 @@ def lane_rows(x, k, lam, q, is_mag, bounds, out, gprime, codes, offset, unresolv
                 _cubic_start(state, ref, gaps, lam, is_mag)
             if is_mag:
                 _absolute_frame(state, ref)
-            for j in range(n):
-                for lane in range(LANES):
-                    key = float(raw[j, lane])  # exact
-                    z[j, lane] = (abs(key) if is_mag else key) - ref[lane]
             remaining = LANES
             for step in range(pass_limit):
                 _levels(ref, tau, lam, is_mag, level)
-                _pass(z, tau, level, lam, q, is_mag, acc)
+                _pass(raw, ref, tau, level, lam, q, is_mag, acc)
                 may_stop = step + 1 >= max_passes
                 # The trial of `_last_update` at the first pass that may stop, and at later ones once
                 # few enough lanes iterate for it to be the last (groups that go on, at large
@@ -818,10 +822,10 @@ def lane_rows(x, k, lam, q, is_mag, bounds, out, gprime, codes, offset, unresolv
                         offset[r] = k - kept_r
                 continue
             if is_mag and not with_residuals:
-                _signed_outputs(z, raw, tau, level, lam, q)
+                _signed_outputs(raw, ref, tau, level, lam, q)
                 store_group(raw, used, rows, out)
                 continue
-            _lane_outputs(z, raw, tau, level, lam, q, is_mag, gbuf, lane_gprime)  # raw: the outputs now
+            _lane_outputs(raw, ref, tau, level, lam, q, is_mag, gbuf, lane_gprime)  # raw: the outputs now
             # Back to input order (unresolved rows too: the caller overwrites them).
             if is_mag:
                 # With residuals: the sets' codes (raw: -1 on A, the value on F, else 0) go back as they
