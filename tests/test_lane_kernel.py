@@ -170,6 +170,62 @@ def test_outputs_written_row_by_row_equal_those_transposed_back(rng, operator, f
         np.testing.assert_array_equal(y_res, y_only, err_msg=str((k, lam)))
 
 
+def _lane_state(tau, came_from, exact):
+    """A `lane_rows` state (every lane iterating at `tau`, its iterate computed from the sets `came_from` =
+    (|S|, |F|), `exact` whether it is their root to within the rounding) with a wide bracket."""
+    state = np.zeros((7, lanes.LANES))
+    state[0], state[1], state[2], state[3] = tau, -1.0, 1.0, 1.0
+    state[4], state[5], state[6] = came_from[0], came_from[1], exact
+    return state
+
+
+@pytest.mark.parametrize("is_mag", [False, True], ids=["mask", "mag"])
+def test_the_outputs_pass_confirms_only_exact_roots_of_the_sets_it_finds(q, is_mag):
+    # `_confirm` solves a lane when the sets counted at its iterate are those it came from and the
+    # iterate is their root (state row 6), or when no entry is fractional and k are saturated.
+    k = 5
+    ref = np.full(lanes.LANES, 0.0 if is_mag else 1.0)
+    tau = 0.3 if is_mag else -0.05
+    sets = np.full(lanes.LANES, 4.0 + lanes.FREE_WEIGHT * 3.0)  # |S| = 4, |F| = 3 found at tau
+    sets[-1] = k  # |S| = k, F empty: the non-unique case, solved whatever the state
+    cases = {  # came_from, exact -> solved
+        ((4.0, 3.0), 1.0): True,
+        ((4.0, 3.0), 0.0): False,  # the sets match, but the iterate is not known to be their root
+        ((3.0, 4.0), 1.0): False,  # other sets
+        ((-1.0, 3.0), 1.0): False,  # a midpoint step: no sets
+        ((7.0, 0.0), 1.0): False,  # 7 = 4 + 3, but the free entries count FREE_WEIGHT each
+    }
+    for (came_from, exact), solved in cases.items():
+        state = _lane_state(tau, came_from, exact)
+        remaining = lanes._confirm(state, sets, ref.copy(), 0.1, q, k, is_mag)
+        assert remaining == lanes.LANES - 1 - (lanes.LANES - 1) * solved
+        np.testing.assert_array_equal(state[3, :-1], 0.0 if solved else 1.0)
+        assert state[3, -1] == 0.0
+        assert state[0, 0] == tau  # no step is taken
+
+
+def test_a_magnitude_threshold_the_frame_does_not_resolve_is_handed_back(q):
+    # Confirmed at a threshold far below the key it is held relative to, or (p = 4/3, whose rounding
+    # scales with l) not above 0 by more than the rounding, a magnitude lane is the selection
+    # kernel's (-1), as after a pass (`_advance`).
+    sets = np.full(lanes.LANES, 4.0 + lanes.FREE_WEIGHT * 3.0)
+    for ref, tau in ((0.0, 1e-300), (1.0, -0.9)) if q == 4.0 else ((1.0, -0.9),):
+        state = _lane_state(tau, (4.0, 3.0), 1.0)
+        lanes._confirm(state, sets, np.full(lanes.LANES, ref), 0.1, q, 5, True)
+        np.testing.assert_array_equal(state[3], -1.0)
+
+
+def test_set_codes_tell_every_pair_of_counts_apart():
+    # |S| + FREE_WEIGHT |F| is one-to-one on the counts of the longest rows the lanes serve.
+    longest = max(lanes.LANE_MAX_N, lanes.CUBIC_LANE_MAX_N)
+    assert lanes.FREE_WEIGHT > longest
+    n_sat, n_free = np.meshgrid(np.arange(longest + 1.0), np.arange(longest + 1.0))
+    codes = n_sat + lanes.FREE_WEIGHT * n_free
+    assert np.unique(codes).size == codes.size
+    np.testing.assert_array_equal([lanes._saturated_count(c) for c in codes[::37, ::41].ravel()],
+                                  n_sat[::37, ::41].ravel())
+
+
 def test_unsolved_rows_are_flagged(rng, q):
     keys = rng.normal(size=(100, 16))
     unresolved = np.zeros(100, dtype=np.bool_)

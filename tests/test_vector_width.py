@@ -27,8 +27,7 @@ KERNELS = [
     ("lanes._pass", lanes._pass),
     ("lanes._lane_outputs", lanes._lane_outputs),
     ("lanes._update", lanes._update),
-    ("lanes._last_update", lanes._last_update),
-    ("lanes._signed_outputs", lanes._signed_outputs),
+    ("lanes._confirm", lanes._confirm),
     ("lanes._start", lanes._start),
     ("lanes._cubic_start", lanes._cubic_start),
     ("lanes._absolute_frame", lanes._absolute_frame),
@@ -166,7 +165,7 @@ def _machine_code(fresh_kernels, name, dispatcher):
 # Kernels whose loops over every entry select between a new value and the one they read from the same
 # place (the sweeps' running maxima, the magnitude's x on A): `vector_width.unfolded_one` keeps them plain.
 IN_PLACE_SELECTS = [("lanes.sweep_order_statistics", lanes.sweep_order_statistics),
-                    ("lanes._signed_outputs", lanes._signed_outputs)]
+                    ("lanes._lane_outputs", lanes._lane_outputs)]
 
 
 @needs_masked_stores
@@ -195,8 +194,7 @@ PACKED_DIVISION = re.compile(r"vdivpd\s+[^\n]*%[yz]mm")
 # The lane solver's per-group steps, one Newton or closed-form division per lane: each loop has the
 # exponent as a constant (`lanes._update`); with q read at run time they compiled to scalar divisions
 # on an AVX2 host.
-LANE_STEPS = [("lanes._update", lanes._update), ("lanes._last_update", lanes._last_update),
-              ("lanes._start", lanes._start)]
+LANE_STEPS = [("lanes._update", lanes._update), ("lanes._start", lanes._start)]
 
 
 @pytest.mark.skipif(not host_has("avx"), reason="needs an x86 CPU with AVX")

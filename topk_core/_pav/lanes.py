@@ -33,11 +33,19 @@ by the bracket that the row's two order statistics give (module `select`).
   from these sums by Newton steps per lane (no further pass over the
   entries), so it too is exact on the sets of its iterate.
 
+The last pass a row needs, the one that finds the sets its iterate came
+from, is the outputs': they are written at every lane's iterate, and the
+sets counted as they are written confirm the lanes whose iterate is the
+root of the sets it came from (`_confirm`: each step records whether its
+root converged).  A row solved at the start, or after one step, costs no
+pass of its own.
+
 A group iterates until its slowest lane has converged.  Measured, a few
-passes over every group (`lane_passes`: one to three), then a second lane
-solve of the rows left, gathered into full groups of their own
-(`lane_retry_passes`, driven by `select.topk_rows_select`), beats passes
-over every group until all have converged.
+passes over every group (`lane_passes`: one to three, the outputs'
+included), then a second lane solve of the rows left, gathered into full
+groups of their own (`lane_retry_passes`, driven by
+`select.topk_rows_select`), beats passes over every group until all have
+converged.
 
 Rows not solved within their passes, and rows that need what the lanes do
 not do (a rescaled frame, a magnitude row with at most k non-zero keys, a
@@ -84,7 +92,8 @@ CUBIC_LANE_MAX_N = 512
 # (random rows need 2-4).
 MAX_PASSES = 16
 # One pass over every group for rows up to FIRST_PASSES_N[0] entries, two beyond (three for
-# the p = 2 magnitude beyond FIRST_PASSES_N[1]), then a second lane solve of the rows left,
+# the p = 2 magnitude beyond FIRST_PASSES_N[1]; the outputs' pass counts: `lane_rows`; the
+# measurement below predates that, when it came after them), then a second lane solve of the rows left,
 # gathered into full groups (at most MAX_PASSES there).  Measured against MAX_PASSES over every
 # group (float32, k = n/8, 4M entries): 0.9-0.94x its time for the p = 2 mask, 0.93-1.0x for
 # its magnitude, 0.88-1.0x for p = 4/3, at n = 8-96; one pass more or fewer was slower.
@@ -107,13 +116,18 @@ _EPS = np.finfo(np.float64).eps
 # processes, interleaved): 0.85-0.9x the time at k + 1 = 9 and 17.  Four would waste three levels
 # at k + 1 = 9.
 SWEEP_DEPTH = 3
+# A lane's sets are counted in one sum, |S| + FREE_WEIGHT |F| (`_set_code`): more than the longest
+# row, so that equal sums mean equal counts (and so equal sets).
+FREE_WEIGHT = 1024.0
 # The row-index argument (`subset`, `rows`) of the kernels meaning every row.
 EVERY_ROW = np.empty(0, dtype=np.int64)
 # A row has converged when its Newton step is at most this many ulps of its scale.
 _STEP_ULPS = 8.0
 # Newton steps on a cubic of fixed sets (p = 4/3, `_step`), from the previous iterate: quadratic
-# convergence from a few tens of percent.
-_CUBIC_NEWTON = 5
+# convergence from a few tens of percent.  The last one's size must say the root converged, for the
+# outputs' pass to confirm it (`_confirm`): with five, 1-1.2% of random rows of 64 more than with a
+# pass to confirm them were left to the second lane solve, with six none.
+_CUBIC_NEWTON = 6
 _CBRT_HALF_UP = 0.7937005259841  # >= 0.5^(1/3)
 # Halley steps on the first block's cubic (`_cubic_start`).
 _CUBIC_HALLEY = 3
@@ -129,8 +143,8 @@ def lanes_apply(n: int, q: float, lam: float) -> bool:
 
 
 def lane_passes(q: float, n: int, is_mag: bool) -> int:
-    """The passes over every group of rows of `n` entries the lane solver makes (at most) for exponent `q`
-    before the rows left are handed on (to a second lane solve, `lane_retry_passes`)."""
+    """The passes over every group of rows of `n` entries the lane solver makes (at most, the outputs' included)
+    for exponent `q` before the rows left are handed on (to a second lane solve, `lane_retry_passes`)."""
     # Longer rows, and the magnitude's, move their sets more often after the start (random rows,
     # p = 2, left after one pass: mask 3% at n = 16, 13% at 32, 38% at 64; magnitude 9%, 30%, 67%).
     return 1 + (n > FIRST_PASSES_N[0]) + (q == 2.0 and is_mag and n > FIRST_PASSES_N[1])
@@ -181,9 +195,7 @@ def _pass(raw, ref, tau, level, lam, q, is_mag, acc):
     """
     prefer_wide_vectors()
     inv = 1.0 / lam
-    for i in range(acc.shape[0]):
-        for lane in range(LANES):
-            acc[i, lane] = 0.0
+    _clear(acc)
     n = raw.shape[0]
     if q == 2.0:
         for j in range(0, n - 3, 4):
@@ -229,9 +241,17 @@ def _pass(raw, ref, tau, level, lam, q, is_mag, acc):
 
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
+def _clear(acc):
+    for i in range(acc.shape[0]):
+        for lane in range(LANES):
+            acc[i, lane] = 0.0
+
+
+@nb.njit(cache=True, inline="always", error_model="numpy")
 def _step(t, ref, lam, q, k, is_mag, n_sat, n_free, s1, s2, s3, newton):
-    """(f(t), the root of the equation on the sets at t, or NaN when the free set is empty), t relative to ref;
-    p = 4/3 takes `newton` Newton steps on its cubic.
+    """(f(t), the root of the equation on the sets at t, or NaN when the free set is empty, and the size of
+    the root's last Newton increment), t relative to ref; p = 4/3 takes `newton` Newton steps on its
+    cubic (p = 2 solves its equation exactly: an increment of 0).
 
     f > 0: the free set sums to more than it must, the threshold lies above t.
     """
@@ -242,10 +262,10 @@ def _step(t, ref, lam, q, k, is_mag, n_sat, n_free, s1, s2, s3, newton):
             # closed form of a block with |F| entries of mean s / |F| and `rest` unit weights.
             f = (s1 - n_free * t) / (lam * (ref + t)) - rest
             root = _quadratic_block_value(n_free, s1 / n_free, rest, lam, is_mag, ref)
-            return f, (root if n_free > 0.0 else math.nan)
+            return f, (root if n_free > 0.0 else math.nan), 0.0
         # Piecewise linear: the Newton step, exact once the sets are right.
         f = s1 - rest
-        return f, (t + lam * f / n_free if n_free > 0.0 else math.nan)
+        return f, (t + lam * f / n_free if n_free > 0.0 else math.nan), 0.0
     # sum_F g = rest (mask) or rest (ref + t) (magnitude).  On these sets, at t + l d, it reads
     # h(d) = sum_F (e - d)^3 - rest (1, or ref + t + l d) = 0: a cubic in d from the sums at t,
     # decreasing (h' = -3 sum_F (e - d)^2 (- rest l)) and convex below the mean of e, so Newton steps
@@ -254,12 +274,14 @@ def _step(t, ref, lam, q, k, is_mag, n_sat, n_free, s1, s2, s3, newton):
     # after the start takes a pass or two more, not four or five.
     f = s3 - rest * (ref + t if is_mag else 1.0)
     d = 0.0
+    increment = 0.0
     for _ in range(newton):
         d2 = d * d
         h = s3 - 3.0 * d * s2 + 3.0 * d2 * s1 - n_free * d2 * d - rest * (ref + t + lam * d if is_mag else 1.0)
         slope = 3.0 * s2 - 6.0 * d * s1 + 3.0 * n_free * d2 + (rest * lam if is_mag else 0.0)  # -h'
-        d += h / slope
-    return f, (t + lam * d if n_free > 0.0 else math.nan)
+        increment = h / slope
+        d += increment
+    return f, (t + lam * d if n_free > 0.0 else math.nan), abs(increment) * lam
 
 
 @nb.njit(cache=True, error_model="numpy")
@@ -282,7 +304,7 @@ def _start(state, ref, lows, gaps, lam, q, k, is_mag):
 @nb.njit(cache=True, inline="always", error_model="numpy")
 def _start_lanes(state, ref, lows, gaps, lam, q, k, is_mag):
     # `_start`'s loop over the lanes.
-    tau, lo, hi, active, prev_sat, prev_free = state[0], state[1], state[2], state[3], state[4], state[5]
+    tau, lo, hi, active, prev_sat, prev_free, exact = state[0], state[1], state[2], state[3], state[4], state[5], state[6]
     inv = 1.0 / lam
     for lane in range(LANES):
         upper, below = ref[lane], lows[lane]
@@ -290,6 +312,7 @@ def _start_lanes(state, ref, lows, gaps, lam, q, k, is_mag):
         gaps[lane] = gap
         prev_sat[lane] = k - 1.0
         prev_free[lane] = 2.0
+        exact[lane] = 1.0  # p = 2: the closed form (p = 4/3: `_cubic_start`)
         hi[lane] = 0.0
         # p = 2: the first block's closed form (only the magnitude's reads the absolute frame,
         # `upper`); p = 4/3 solves its cubic in `_cubic_start`.
@@ -363,7 +386,12 @@ def _cubic_start(state, ref, gaps, lam, is_mag):
             f = x * (x * x + p) + q
             d1 = 3.0 * x * x + p
             x -= 2.0 * f * d1 / (2.0 * d1 * d1 - 6.0 * x * f)
-        state[0, lane] = lam * (c + x) if iterating else old_tau
+        start = lam * (c + x)
+        state[0, lane] = start if iterating else old_tau
+        # Whether the start is the first block's root to within the rounding (`_confirm`): the Newton
+        # step from it is (the last Halley step's size would say so only of the iterate before it).
+        newton = (x * (x * x + p) + q) / (3.0 * x * x + p)
+        state[6, lane] = 1.0 if _converged(abs(newton) * lam, _step_scale(r, start, lam, 4.0, is_mag)) else 0.0
         if is_mag:
             s = r + gap
             w = min(s, lam * (s + 2.0) / 3.0)
@@ -389,10 +417,13 @@ def _absolute_frame(state, ref):
     """
     prefer_wide_vectors()
     for lane in range(LANES):
+        was_exact = state[6, lane]  # loaded before the select (see `_advance`)
         far = far_below(ref[lane] + state[0, lane], ref[lane]) & (state[3, lane] == 1.0)  # iterating lanes only
         shift = ref[lane] if far else 0.0
         for i in range(3):  # the threshold and its bracket
             state[i, lane] += shift
+        # Moved, the threshold is known to eps ref only: a pass confirms it (`_confirm`).
+        state[6, lane] = 0.0 if far else was_exact
         ref[lane] -= shift
 
 
@@ -414,21 +445,59 @@ def _update(state, acc, ref, lam, q, k, is_mag):
 
 
 @nb.njit(cache=True, error_model="numpy")
-def _last_update(state, trial, acc, ref, lam, k, is_mag, busy_lanes):
-    """`_update` (p = 4/3) for a pass that may be the group's last (it is if at most `busy_lanes` lanes still iterate
-    after it), with one Newton step on the p = 4/3 cubic where that is: its size tells a converged lane
-    (the further steps change it by about its square), and the steps of lanes left iterating are
-    not taken.  In `perf` samples of the p = 4/3 magnitude's forward at (262144, 16) (one thread), the
-    steps took 12% with five Newton steps in every pass, 7% with this (a division per Newton step
-    and lane).  The trial step goes to `trial` (state's shape), kept when it is the last."""
+def _iterating(state):
+    """How many lanes of `state` iterate (see `lane_rows`)."""
+    count = 0
+    for lane in range(LANES):
+        count += 1 if state[3, lane] == 1.0 else 0
+    return count
+
+
+@nb.njit(cache=True, error_model="numpy")
+def _confirm(state, sets, ref, lam, q, k, is_mag):
+    """The lanes that the outputs' pass confirms (`sets`: every lane's `_set_code` sum at its iterate): an
+    iterate that is the root of the sets it was computed from (to within its step's rounding,
+    `state[6]`) and whose sets are those is solved, as a pass there would find (`_advance`), with
+    no step; so is one with no fractional entry and k saturated.  Returns how many lanes still
+    iterate (the outputs of the others are written at their iterates)."""
     prefer_wide_vectors()
-    remaining = _advance(state, trial, acc, ref, lam, 4.0, k, is_mag, 1)
-    if remaining > busy_lanes:
-        return _advance(state, state, acc, ref, lam, 4.0, k, is_mag, _CUBIC_NEWTON)
-    for i in range(state.shape[0]):
-        for lane in range(LANES):
-            state[i, lane] = trial[i, lane]
+    remaining = 0
+    for lane in range(LANES):
+        t = state[0, lane]
+        active = state[3, lane] == 1.0
+        code = sets[lane]
+        exact_root = (code == state[4, lane] + FREE_WEIGHT * state[5, lane]) & (state[6, lane] == 1.0)
+        # No free entry and k saturated: the code is k itself.
+        solved = exact_root | (code == k)
+        unfounded = _unfounded(ref[lane], t, t, _step_scale(ref[lane], t, lam, q, is_mag), is_mag)
+        state[3, lane] = (-1.0 if unfounded else 0.0) if active & solved else state[3, lane]
+        remaining += 1 if active & ~solved else 0
     return remaining
+
+
+@nb.njit(cache=True, inline="always", error_model="numpy")
+def _step_scale(ref, t, lam, q, is_mag):
+    """The scale of a step's rounding at `t` (relative to `ref`).  p = 4/3 steps come from Newton steps on the
+    cubic of e = (key - t) / l, exact to its rounding only: their tolerance scales with l, never with
+    the keys alone."""
+    return ref + t if is_mag and q == 2.0 else abs(t) + lam
+
+
+@nb.njit(cache=True, inline="always", error_model="numpy")
+def _converged(change, scale):
+    """Whether a change of an iterate is within the rounding of a step of that `scale` (`_step_scale`)."""
+    return change <= _STEP_ULPS * _EPS * scale
+
+
+@nb.njit(cache=True, inline="always", error_model="numpy")
+def _unfounded(ref, root, t, scale, is_mag):
+    """Whether a magnitude lane solved at `t` (its step's `root` next to it) is the caller's: its threshold is
+    one the lane's frame does not resolve (the selection kernel solves it again in absolute terms):
+    one not above 0 by more than the step's rounding (keys ~1e-31 next to l ~ 0.4, p = 4/3: the
+    step's tolerance, which scales with l, passed a threshold of -1e-45 where it lies near
+    1e-89), and one still held relative to s_(k) that ended far below it (the start did not
+    foresee it, so `_absolute_frame` kept the lane relative), known there to eps s_(k) only."""
+    return is_mag & (_converged(ref + root, scale) | ((ref != 0.0) & far_below(ref + t, ref)))
 
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
@@ -440,13 +509,13 @@ def _advance(state, new, acc, ref, lam, q, k, is_mag, newton):
         lo = state[1, lane]
         hi = state[2, lane]
         active = state[3, lane] == 1.0
+        # Loaded before the selects that keep it: a load inside a select's branch is not speculated,
+        # and the loop compiled to scalar code (twice the time of this one).
+        was_exact = state[6, lane]
         n_sat, n_free = acc[0, lane], acc[1, lane]
-        f, nxt = _step(t, ref[lane], lam, q, k, is_mag, n_sat, n_free, acc[2, lane], acc[3, lane], acc[4, lane],
-                       newton)
-        # The scale of the step's rounding.  p = 4/3 steps come from Newton steps on the cubic of
-        # e = (key - t) / l, exact to its rounding only: their tolerance scales with l, never with
-        # the keys alone.
-        size = ref[lane] + t if is_mag and q == 2.0 else abs(t) + lam
+        f, nxt, increment = _step(t, ref[lane], lam, q, k, is_mag, n_sat, n_free, acc[2, lane], acc[3, lane],
+                                  acc[4, lane], newton)
+        size = _step_scale(ref[lane], t, lam, q, is_mag)
         lo = t if active & (f > 0.0) else lo
         hi = t if active & (f < 0.0) else hi
         # A root outside the bracket gives way to its midpoint, which is no root of any sets: the
@@ -463,22 +532,23 @@ def _advance(state, new, acc, ref, lam, q, k, is_mag, newton):
         # Nor a root that the bracket refutes: keys whose sets flip within the rounding of the
         # root (a pair at its saturation level to 2e-16 of it, p = 4/3, l = 60) moved the iterate
         # out and back, and the loose tolerance of the p = 4/3 step took a midpoint, 4e-11 off.
-        solved = (same_sets & inside & (abs(nxt - t) <= _STEP_ULPS * _EPS * size)) | non_unique
-        t_new = nxt if active & ~non_unique else t
+        solved = (same_sets & inside & _converged(abs(nxt - t), size)) | non_unique
+        # A solved lane stays at its iterate, the root of the sets counted there (its step is within
+        # the rounding), whose outputs are written in those sets, whichever pass solved it (`_confirm`).
+        t_new = nxt if active & ~non_unique & ~solved else t
         new[0, lane] = t_new
         new[1, lane] = lo
         new[2, lane] = hi
-        # Magnitude thresholds that the lane's frame does not resolve are the caller's (the
-        # selection kernel solves them again in absolute terms): one not above 0 by more than the
-        # step's rounding (keys ~1e-31 next to l ~ 0.4, p = 4/3: the step's tolerance, which scales
-        # with l, passed a threshold of -1e-45 where it lies near 1e-89), and one still held
-        # relative to s_(k) that ended far below it (the start did not foresee it, so
-        # `_absolute_frame` kept the lane relative), known there to eps s_(k) only.
-        unfounded = is_mag & ((ref[lane] + nxt <= _STEP_ULPS * _EPS * size)
-                              | ((ref[lane] != 0.0) & far_below(ref[lane] + t_new, ref[lane])))
+        unfounded = _unfounded(ref[lane], nxt, t_new, size, is_mag)
         new[3, lane] = (-1.0 if unfounded else 0.0) if active & solved else state[3, lane]
         new[4, lane] = (n_sat if inside else -1.0) if active else state[4, lane]
         new[5, lane] = n_free if active else state[5, lane]
+        # Whether the new iterate is the root of those sets to within the rounding, so that equal
+        # counts at it confirm it with no step (`_confirm`): its Newton steps converged, and the
+        # p = 4/3 cubic, expanded about t, was evaluated within a strength of t (where its terms
+        # stay of the size of those of the free keys).
+        exact = _converged(increment, size) & ((q == 2.0) | (abs(nxt - t) <= lam))
+        new[6, lane] = (1.0 if exact else 0.0) if active else was_exact
         remaining += 1 if active & ~solved else 0
     return remaining
 
@@ -487,74 +557,89 @@ def _advance(state, new, acc, ref, lam, q, k, is_mag, newton):
 def _entry_outputs(a, t, inv, q, is_mag, level):
     """(output, g', saturated, free) of a key `a` at threshold `t` (arguments of `_entry_sets`): the one
     definition of a free entry's output and g', for the lane layout (`_lane_outputs`,
-    `_signed_outputs`) and the rows (`_row_outputs`).  The output is the mask's g, or the
+    `_output_entry`) and the rows (`_row_outputs`).  The output is the mask's g, or the
     magnitude's |value| ``g + (a - t)`` (its sign is x's); ``g' = 1 / l`` or ``3 e^2 / l`` (p = 4/3);
     both are meaningful on the free set only."""
     e, g, sat, free = _entry_sets(a, t, inv, q, is_mag, level)
     return (g + (a - t) if is_mag else g), (inv if q == 2.0 else 3.0 * e * e * inv), sat, free
 
 
-@nb.njit(cache=True, error_model="numpy")
-def _lane_outputs(dest, ref, tau, level, lam, q, is_mag, gbuf, with_residuals):
-    """Outputs and g' of a group at its thresholds, in the lane layout (vectorized), over its rows as
-    loaded, `dest` (keys relative to `ref`, `_lane_key`), in the outputs' dtype: no buffer more, and
-    float32 rows go back by float32 block transposes.
-
-    dest: the mask's value, or the magnitude's |value| on F (>= +0), -1 on A (whose
-    output is x itself) and -0 elsewhere, which tells the magnitude's sets apart;
-    gbuf: g' on F (1 / l, or 3 e^2 / l for p = 4/3), else 0 (written only `with_residuals`).
-    """
-    prefer_wide_vectors()
-    inv = 1.0 / lam
-    for j in range(dest.shape[0]):
-        for lane in range(LANES):
-            a = _lane_key(dest, j, lane, ref[lane], is_mag)
-            t = tau[lane]
-            value, gp, sat, free = _entry_outputs(a, t, inv, q, is_mag, level[lane])
-            if is_mag:
-                # On F, a - t > 0 (e > 0): the value is positive, or +0 once rounded to float32;
-                # -0 marks the entries outside F and A (`_mag_row` reads the sign bit).
-                dest[j, lane] = -1.0 if sat else (value if free else -0.0)
-            else:
-                dest[j, lane] = 1.0 if sat else (value if free else 0.0)
-            if with_residuals:
-                gbuf[j, lane] = gp if free else 0.0
-
-
-@nb.njit(cache=True, error_model="numpy")
-def _signed_outputs(signed, ref, tau, level, lam, q):
-    """The magnitude's outputs of a group at its thresholds, in the lane layout, in place of its rows as
-    loaded (`signed`, in the input's dtype): x on A, its sign times the value on F, else 0.
-
-    The forward's (no residuals): its outputs go back as they are, with no pass over each row
-    after (`_mag_row`, which reads x again).  Measured with the rows loaded once in their dtype
-    (`lane_rows`) and `_last_update` (float32, k = n/8, l = 0.1, both versions alternating in one
-    process, best of 21-61 calls, 2 threads), the p = 4/3 magnitude's forward took 0.89-0.94x its
-    time at (262144, 16) and (16384, 64).
-    """
-    prefer_wide_vectors()
-    inv = 1.0 / lam
-    # x on A, times a 1 the compiler cannot fold: stored as read, it made the store a masked one
-    # (`vector_width.unfolded_one`).
-    unit = unfolded_one(signed)
-    for j in range(signed.shape[0]):
-        for lane in range(LANES):
-            xj = signed[j, lane]
-            a = abs(float(xj)) - ref[lane]
-            t = tau[lane]
-            value, _, sat, free = _entry_outputs(a, t, inv, q, True, level[lane])
-            signed[j, lane] = xj * unit if sat else (math.copysign(value, xj) if free else 0.0)
+@nb.njit(cache=True, inline="always", error_model="numpy")
+def _output_entry(xj, r, t, lv, inv, q, is_mag, signed, unit):
+    """(what `_lane_outputs` writes to `dest` and to `gbuf`, saturated, free) of an entry `xj` as loaded
+    (its key relative to `r`, threshold `t`, level `lv`).  Scalars only: with the arrays passed in,
+    their reference counts were updated per entry (a call each)."""
+    key = float(xj)
+    a = (abs(key) if is_mag else key) - r  # `_lane_key`
+    value, gp, sat, free = _entry_outputs(a, t, inv, q, is_mag, lv)
+    if signed:
+        # x on A (times a 1 the compiler cannot fold: stored as read, it made the store a masked
+        # one, `vector_width.unfolded_one`), its sign times the value on F, else 0.
+        written = xj * unit if sat else (math.copysign(value, xj) if free else 0.0)
+    elif is_mag:
+        # On F, a - t > 0 (e > 0): the value is positive, or +0 once rounded to float32;
+        # -0 marks the entries outside F and A (`_mag_row` reads the sign bit).
+        written = -1.0 if sat else (value if free else -0.0)
+    else:
+        written = 1.0 if sat else (value if free else 0.0)
+    return written, (gp if free else 0.0), sat, free
 
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
-def _kept_counts(codes, kept):
-    """|A| of every lane from the magnitude's codes in the lane layout (`_lane_outputs`' `dest`: -1 on A),
-    counted there: a per-row count after the rows are written back costs a reduction per row."""
+def _saturated_count(code):
+    """|S| of a lane's `_set_code` sum."""
+    return code - FREE_WEIGHT * math.floor(code / FREE_WEIGHT)
+
+
+@nb.njit(cache=True, inline="always", error_model="numpy")
+def _set_code(sat, free):
+    """|S| + FREE_WEIGHT |F| of one entry: a lane's sets counted in one sum (`_confirm`)."""
+    return (1.0 if sat else 0.0) + (FREE_WEIGHT if free else 0.0)
+
+
+@nb.njit(cache=True, error_model="numpy")
+def _lane_outputs(rows, frame, lam, q, is_mag, signed, gbuf, with_residuals, sets):
+    """Outputs (and g') of a group at its thresholds, in the lane layout (vectorized), over its rows as
+    loaded (`rows`, in the outputs' dtype: float32 rows go back by float32 block transposes), and
+    every lane's sets there in `sets` (`_set_code`), which confirm the lanes whose sets they keep
+    (`_confirm`).  `frame`: every lane's ref, threshold and level (rows 0-2; see `_entry_sets`).
+
+    rows: with `signed` (the magnitude's forward without residuals), the outputs themselves: x on
+    A, its sign times the value on F, else 0, which go back as they are, with no pass over each
+    row after.  Otherwise the mask's value, or the magnitude's |value| on F (>= +0), -1 on A
+    (whose output is x itself) and -0 elsewhere, which tells the magnitude's sets apart
+    (`_mag_row`); gbuf: g' on F (1 / l, or 3 e^2 / l for p = 4/3), else 0 (written only
+    `with_residuals`).
+
+    Measured per group of 64 rows of 64 (float32, one thread): the counts took the loop from 1.7
+    to 2.15 us, a pass takes 2.1.  As few arrays as that: with the outputs written to another
+    array than the rows, and ref, threshold and level in three, the loop ran 4x the time, and so
+    it did with four entries per loop over the lanes (the counts in registers, as in `_pass`).
+    """
+    prefer_wide_vectors()
+    inv = 1.0 / lam
     for lane in range(LANES):
-        kept[lane] = 0.0
-    for j in range(codes.shape[0]):
+        sets[lane] = 0.0
+    # A loop for each kind of output, its flags constants there: with all three read at run time, the
+    # magnitude's signed outputs took 1.2x their time.
+    if signed:
+        _output_loop(rows, frame, inv, q, True, True, gbuf, False, sets)
+    else:
+        _output_loop(rows, frame, inv, q, is_mag, False, gbuf, with_residuals, sets)
+
+
+@nb.njit(cache=True, inline="always", error_model="numpy")
+def _output_loop(rows, frame, inv, q, is_mag, signed, gbuf, with_residuals, sets):
+    # `_lane_outputs`' loop.
+    unit = unfolded_one(rows)
+    for j in range(rows.shape[0]):
         for lane in range(LANES):
-            kept[lane] += 1.0 if codes[j, lane] < 0.0 else 0.0
+            written, gp, sat, free = _output_entry(rows[j, lane], frame[0, lane], frame[1, lane], frame[2, lane], inv,
+                                                   q, is_mag, signed, unit)
+            rows[j, lane] = written
+            if with_residuals:
+                gbuf[j, lane] = gp
+            sets[lane] += _set_code(sat, free)
 
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
@@ -587,7 +672,7 @@ def _mag_row(x, r, out, codes, gprime, free_gprime):
 @nb.njit(cache=True, error_model="numpy")
 def _row_outputs(x_row, out_row, g_row, code_row, ref, t, level, lam, q, is_mag):
     """One row's outputs and residuals (g', and the magnitude's set codes) at its threshold, read off its
-    entries in input order (no transposition back); returns |A| (the magnitude's, else 0).
+    entries in input order (no transposition back); returns its sets there (`_set_code`).
 
     The sets are `_entry_sets` of the keys as the lanes hold them (``key - ref``
     in float64), so that each entry lands in the set it had in the lanes.  A
@@ -595,19 +680,21 @@ def _row_outputs(x_row, out_row, g_row, code_row, ref, t, level, lam, q, is_mag)
     """
     prefer_wide_vectors()
     inv = 1.0 / lam
-    kept = 0
+    n_sat = 0
+    n_free = 0
     for j in range(x_row.shape[0]):
         xj = x_row[j]
         a = (abs(float(xj)) if is_mag else float(xj)) - ref
         value, gp, sat, free = _entry_outputs(a, t, inv, q, is_mag, level)
         g_row[j] = gp if free else 0.0
+        n_sat += 1 if sat else 0
+        n_free += 1 if free else 0
         if is_mag:
-            kept += 1 if sat else 0
             out_row[j] = xj if sat else (math.copysign(value, xj) if free else 0.0)
             code_row[j] = set_code(xj, free, sat)
         else:
             out_row[j] = 1.0 if sat else (value if free else 0.0)
-    return kept
+    return n_sat + FREE_WEIGHT * n_free  # `_set_code`
 
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
@@ -721,10 +808,11 @@ def lane_rows(x, k, lam, q, is_mag, bounds, out, gprime, codes, offset, unresolv
     found here, by `sweep_order_statistics` on the rows already in the lane
     layout (no second transposition; for small k only), `unresolved` a
     (batch,) bool array, set where a row was not solved here (its outputs are
-    then garbage, to be overwritten), and `max_passes` the Newton steps
-    allowed per row, `subset` the indices of the rows to solve (in place), or empty for every
-    row; a group with more than `busy_lanes` rows still iterating after `max_passes` steps
-    goes on, up to MAX_PASSES.
+    then garbage, to be overwritten), and `max_passes` the passes over every group,
+    the outputs' included (0: the outputs at the start, where only rows without a violator
+    are solved), `subset` the indices of the rows to solve (in place), or empty for every
+    row; a group with more than `busy_lanes` rows still iterating after `max_passes` passes
+    goes on, up to MAX_PASSES (its outputs are written again).
 
     Returns whether every key was finite, as far as the lanes looked (with `bounds` empty, every
     entry of the rows solved; otherwise none, and True): rows with a non-finite key come out as
@@ -749,24 +837,27 @@ def lane_rows(x, k, lam, q, is_mag, bounds, out, gprime, codes, offset, unresolv
         acc = np.empty((5, LANES), dtype=np.float64)  # rows: see `_pass` (p = 2 leaves the last two 0)
         gaps = np.empty(LANES, dtype=np.float64)  # s_(k+1) - s_(k)
         # Per lane: tau, bracket lo and hi, active (1: iterating, 0: solved, -1: left to the
-        # caller), and the set counts |S|, |F| the current tau was computed from.
-        state = np.empty((6, LANES), dtype=np.float64)
-        trial = np.empty((6, LANES), dtype=np.float64)  # `_last_update`'s
+        # caller), the set counts |S|, |F| the current tau was computed from, and whether tau is
+        # their root to within its step's rounding (1, else 0: `_confirm`).
+        state = np.empty((7, LANES), dtype=np.float64)
+        sets = np.empty(LANES, dtype=np.float64)  # the sets at the outputs' thresholds (`_set_code`)
         tau, active = state[0], state[3]
-        ref = np.empty(LANES, dtype=np.float64)
+        # Per lane: the frame's ref, the threshold (copied for the outputs) and the level (`_levels`).
+        frame = np.empty((3, LANES), dtype=np.float64)
+        ref, level = frame[0], frame[2]
         lows = np.empty(LANES, dtype=np.float64)  # s_(k+1)
-        level = np.empty(LANES, dtype=np.float64)
-        kept = np.empty(LANES, dtype=np.float64)  # |A| per lane (the magnitude's residuals)
         rows = np.empty(LANES, dtype=np.int64)
         # The sweeps run in the input's dtype: float32 sweeps take half the time of float64 ones.
         columns = np.empty((n, LANES) if bounds_inside else (0, LANES), dtype=x.dtype)
-        # The rows as loaded, in their dtype: the sweeps' columns are taken from them, and every pass
-        # reads its keys off them (`_lane_key`); the outputs are written over them (`_signed_outputs`, `_lane_outputs`), in the dtype
-        # of `out` (x's), which float32 rows take back by float32 block transposes.
+        # The rows as loaded, in their dtype: the sweeps' columns are taken from them, every pass reads
+        # its keys off them (`_lane_key`), and the outputs in the lane layout are written over them
+        # (`_lane_outputs`), in the dtype of `out` (x's), which float32 rows take back by float32
+        # block transposes.
         raw = np.empty((n, LANES), dtype=x.dtype)
         uppers = np.empty(LANES, dtype=x.dtype)
         belows = np.empty(LANES, dtype=x.dtype)
         poison = np.zeros(LANES, dtype=x.dtype)  # per lane: 0 while the keys it held were finite, else NaN
+        going_on = False  # whether the chunk's last group went on past its first passes
         for grp in range(c * groups // n_chunks, (c + 1) * groups // n_chunks):
             r0 = grp * LANES
             used = min(LANES, count - r0)
@@ -794,54 +885,71 @@ def lane_rows(x, k, lam, q, is_mag, bounds, out, gprime, codes, offset, unresolv
                 _cubic_start(state, ref, gaps, lam, is_mag)
             if is_mag:
                 _absolute_frame(state, ref)
-            remaining = LANES
-            for step in range(pass_limit):
-                _levels(ref, tau, lam, is_mag, level)
-                _pass(raw, ref, tau, level, lam, q, is_mag, acc)
-                may_stop = step + 1 >= max_passes
-                # The trial of `_last_update` at the first pass that may stop, and at later ones once
-                # few enough lanes iterate for it to be the last (groups that go on, at large
-                # strengths, would pay a trial per pass).
-                if may_stop and q != 2.0 and (step + 1 == max_passes or remaining <= busy_lanes):
-                    remaining = _last_update(state, trial, acc, ref, lam, k, is_mag, busy_lanes)
-                else:
+            # Passes over the group (`max_passes` at first, the outputs' included), then its outputs at
+            # every lane's iterate, which confirm the lanes whose sets they keep (`_confirm`): the last
+            # pass a row needs, the one that finds the sets its iterate came from, is the outputs'.
+            # A chunk whose last group went on past its first passes (below; large strengths) expects
+            # this one to: its passes go on until few lanes iterate before the outputs' pass, which
+            # would be wasted on many (at l = 10 the p = 2 mask's forward took 1.2x its time).
+            remaining = _iterating(state)
+            passes = 0
+            target = pass_limit - 1 if going_on else max_passes - 1
+            while True:
+                if passes > 0 and not row_order:
+                    load_group(x, r0, rows, raw, subset)  # the outputs' pass wrote over the rows
+                while remaining > 0 and passes < target:
+                    _levels(ref, tau, lam, is_mag, level)
+                    _pass(raw, ref, tau, level, lam, q, is_mag, acc)
                     remaining = _update(state, acc, ref, lam, q, k, is_mag)
-                # Past `max_passes`, only a group with many lanes still iterating goes on: the rows
-                # left are solved again from the start, which costs more than a pass for many.
-                if remaining == 0 or (may_stop and remaining <= busy_lanes):
+                    passes += 1
+                    if passes == max_passes and remaining <= busy_lanes:
+                        going_on = False  # this group need not go on, nor, likely, the next
+                    # A group that goes on stops as soon as few enough lanes iterate.
+                    if passes >= max_passes and remaining <= busy_lanes:
+                        break
+                # The outputs (of unresolved rows too: the caller overwrites them).
+                _levels(ref, tau, lam, is_mag, level)
+                if row_order:
+                    for lane in range(used):
+                        r = rows[lane]
+                        sets[lane] = _row_outputs(x[r], out[r], gprime[r], codes[r] if is_mag else no_codes,
+                                                  ref[lane], tau[lane], level[lane], lam, q, is_mag)
+                    for lane in range(used, LANES):  # lanes past the last row repeat the first
+                        sets[lane] = sets[0]
+                else:
+                    for lane in range(LANES):
+                        frame[1, lane] = tau[lane]
+                    _lane_outputs(raw, frame, lam, q, is_mag, is_mag and not with_residuals, gbuf, lane_gprime,
+                                  sets)
+                if max_passes == 0:
+                    break  # no pass allowed: only the lanes solved at the start are
+                passes += 1
+                remaining = _confirm(state, sets, ref, lam, q, k, is_mag)
+                # Past `max_passes`, only a group with many lanes still iterating goes on (its outputs
+                # are written again): the rows left are solved again from the start, which costs more
+                # than a pass for many.
+                if remaining <= busy_lanes or passes >= pass_limit:
                     break
-            _levels(ref, tau, lam, is_mag, level)
+                going_on = True
+                target = pass_limit - 1
             for lane in range(used):
                 unresolved[rows[lane]] = active[lane] != 0.0
+            if is_mag and with_residuals:
+                for lane in range(used):
+                    offset[rows[lane]] = k - _saturated_count(sets[lane])  # the unit weights of F: k - |A|
             if row_order:
-                for lane in range(used):
-                    r = rows[lane]
-                    kept_r = _row_outputs(x[r], out[r], gprime[r], codes[r] if is_mag else no_codes,
-                                          ref[lane], tau[lane], level[lane], lam, q, is_mag)
-                    if is_mag:
-                        offset[r] = k - kept_r
                 continue
-            if is_mag and not with_residuals:
-                _signed_outputs(raw, ref, tau, level, lam, q)
-                store_group(raw, used, rows, out)
-                continue
-            _lane_outputs(raw, ref, tau, level, lam, q, is_mag, gbuf, lane_gprime)  # raw: the outputs now
-            # Back to input order (unresolved rows too: the caller overwrites them).
-            if is_mag:
-                # With residuals: the sets' codes (raw: -1 on A, the value on F, else 0) go back as they
-                # are, then each row's outputs and residuals are read off them and x, contiguously.
-                _kept_counts(raw, kept)
-                for lane in range(used):
-                    offset[rows[lane]] = k - kept[lane]
-                store_group(raw, used, rows, out)
+            # Back to input order.
+            store_group(raw, used, rows, out)
+            if is_mag and with_residuals:
+                # The sets' codes (raw: -1 on A, the value on F, else 0) went back as they are; each
+                # row's outputs and residuals are read off them and x, contiguously.
                 if lane_gprime:
                     store_group(gbuf, used, rows, gprime)
                 for lane in range(used):
                     _mag_row(x, rows[lane], out, codes, gprime, free_gprime)
-            else:
-                store_group(raw, used, rows, out)
-                if with_residuals:
-                    store_group(gbuf, used, rows, gprime)
+            elif with_residuals:
+                store_group(gbuf, used, rows, gprime)
         for lane in range(LANES):
             non_finite += 0 if poison[lane] == 0.0 else 1
     return non_finite == 0
