@@ -177,9 +177,15 @@ def _entry_sets(a, t, inv, q, is_mag, level):
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
 def _lane_key(raw, j, lane, ref, is_mag):
-    """Entry `j` of a lane's row as the lanes solve it: its key (x, or the magnitude's |x|) relative to
-    the lane's `ref`, in float64, from the row as loaded (`raw`)."""
-    key = float(raw[j, lane])
+    """Entry `j` of a lane's row as the lanes solve it, from the row as loaded (`raw`): `_relative_key`."""
+    return _relative_key(raw[j, lane], ref, is_mag)
+
+
+@nb.njit(cache=True, inline="always", error_model="numpy")
+def _relative_key(xj, ref, is_mag):
+    """An entry `xj` as the lanes solve it: its key (x, or the magnitude's |x|) relative to its lane's `ref`, in
+    float64 (the one definition, for the passes and both ways of writing the outputs)."""
+    key = float(xj)
     return (abs(key) if is_mag else key) - ref
 
 
@@ -566,12 +572,10 @@ def _entry_outputs(a, t, inv, q, is_mag, level):
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
 def _output_entry(xj, r, t, lv, inv, q, is_mag, signed, unit):
-    """(what `_lane_outputs` writes to `dest` and to `gbuf`, saturated, free) of an entry `xj` as loaded
-    (its key relative to `r`, threshold `t`, level `lv`).  Scalars only: with the arrays passed in,
-    their reference counts were updated per entry (a call each)."""
-    key = float(xj)
-    a = (abs(key) if is_mag else key) - r  # `_lane_key`
-    value, gp, sat, free = _entry_outputs(a, t, inv, q, is_mag, lv)
+    """(what `_lane_outputs` writes over an entry `xj` as loaded and to `gbuf`, saturated, free), at threshold
+    `t` and level `lv` (the key relative to `r`).  Scalars only: with the arrays passed in, their
+    reference counts were updated per entry (a call each)."""
+    value, gp, sat, free = _entry_outputs(_relative_key(xj, r, is_mag), t, inv, q, is_mag, lv)
     if signed:
         # x on A (times a 1 the compiler cannot fold: stored as read, it made the store a masked
         # one, `vector_width.unfolded_one`), its sign times the value on F, else 0.
@@ -684,7 +688,7 @@ def _row_outputs(x_row, out_row, g_row, code_row, ref, t, level, lam, q, is_mag)
     n_free = 0
     for j in range(x_row.shape[0]):
         xj = x_row[j]
-        a = (abs(float(xj)) if is_mag else float(xj)) - ref
+        a = _relative_key(xj, ref, is_mag)
         value, gp, sat, free = _entry_outputs(a, t, inv, q, is_mag, level)
         g_row[j] = gp if free else 0.0
         n_sat += 1 if sat else 0
