@@ -12,6 +12,7 @@ operator and prints the best times as ratios to `np.sort` and B / A.
     python benchmarks/ab_versions.py f33692f                                  # A: that commit, B: working tree
     python benchmarks/ab_versions.py f33692f HEAD --op mask --p 2 --shape 262144x16 --rounds 21
     python benchmarks/ab_versions.py HEAD~1 --strength 1                      # larger strengths
+    python benchmarks/ab_versions.py HEAD~1 --shape 8192x512 --k 8            # another k than max(2, n/8)
     python benchmarks/ab_versions.py HEAD~1 --method threshold                # another method than auto
     python benchmarks/ab_versions.py HEAD~1 --jax --op mask --shape 65536x64  # the jitted threshold method
 
@@ -113,6 +114,11 @@ def _jax_calls(tc: object, op: str, x: np.ndarray, u: np.ndarray, k: int, p: flo
             lambda: jax.block_until_ready(with_vjp(xj, uj)))
 
 
+def _k(args: argparse.Namespace, n: int) -> int:
+    """The k of the calls: `--k`, or max(2, n/8) as in the benchmarks' tables."""
+    return max(2, n // 8) if args.k is None else args.k
+
+
 def _child(args: argparse.Namespace, batch: int, n: int, p: float) -> None:
     """One fresh process of `--fresh`: `--rounds` forward+VJP calls of one version (or `np.sort`), nothing else."""
     rng = np.random.default_rng(0)
@@ -123,7 +129,7 @@ def _child(args: argparse.Namespace, batch: int, n: int, p: float) -> None:
     else:
         sys.path.insert(0, args.workdir)
         tc = importlib.import_module(f"topk_core_{args.child.lower()}")
-        fn = _calls(tc, args.op, x, u, max(2, n // 8), p, args.strength, args.method)[1]
+        fn = _calls(tc, args.op, x, u, _k(args, n), p, args.strength, args.method)[1]
     fn()
     times = []
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -142,11 +148,12 @@ def _fresh(args: argparse.Namespace) -> None:
         for name in ("sort", "A", "B") if r % 2 == 0 else ("B", "A", "sort"):
             command = [sys.executable, __file__, "-", "--child", name, "--op", args.op, "--p", args.p, "--shape",
                        args.shape, "--strength", str(args.strength), "--rounds", str(args.rounds), "--workdir",
-                       args.workdir, "--method", args.method]
+                       args.workdir, "--method", args.method, "--k", str(_k(args, int(args.shape.split("x")[1])))]
             line = subprocess.run(command, check=True, capture_output=True, text=True).stdout.split()[-3:]
             runs[name].append(tuple(float(v) for v in line))
     sort = min(best for best, _, _ in runs["sort"])
-    print(f"{args.op} p={args.p} {args.shape} l={args.strength}, forward+VJP in fresh processes "
+    k = _k(args, int(args.shape.split("x")[1]))
+    print(f"{args.op} p={args.p} {args.shape} l={args.strength} k={k}, forward+VJP in fresh processes "
           f"({args.fresh} each, {args.rounds} calls): np.sort {sort:.2f} ms")
     for name in ("A", "B"):
         for best, median, faults in runs[name]:
@@ -162,6 +169,7 @@ def main() -> None:
     parser.add_argument("--p", default="4/3", help="exponent: 4/3, 2, 1.5, ...")
     parser.add_argument("--shape", default="16384x64", help="rows x n")
     parser.add_argument("--strength", type=float, default=0.1)
+    parser.add_argument("--k", type=int, default=None, help="k (default: max(2, n/8), as the benchmarks')")
     parser.add_argument("--method", default="auto", help="the core's method (not with --jax: its threshold method)")
     parser.add_argument("--rounds", type=int, default=31, help="alternating calls of each version")
     parser.add_argument("--jax", action="store_true", help="the jitted threshold method in jax.numpy")
@@ -191,7 +199,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(batch, n)).astype(np.float32)
     u = rng.normal(size=(batch, n)).astype(np.float32)
-    k = max(2, n // 8)
+    k = _k(args, n)
     make = _jax_calls if args.jax else _calls
     calls = {name: make(tc, args.op, x, u, k, p, args.strength, args.method) for name, tc in versions.items()}
     deviation = np.abs(calls["A"][0]() - calls["B"][0]()).max()
@@ -213,7 +221,7 @@ def main() -> None:
             for name in order:
                 timed((name, kind), calls[name][i])
     sort = best["sort", ""]
-    print(f"{args.op} p={args.p} {batch}x{n} l={args.strength}: np.sort {sort * 1e3:.2f} ms, "
+    print(f"{args.op} p={args.p} {batch}x{n} l={args.strength} k={k}: np.sort {sort * 1e3:.2f} ms, "
           f"max |A - B| {deviation:.1e}")
     for kind in ("forward", "fwd+VJP"):
         a, b = best["A", kind], best["B", kind]

@@ -152,6 +152,32 @@ def test_strengths_table_has_a_row_per_case_and_restores_the_rule(monkeypatch):
     assert select.busy_lanes is rule
 
 
+def test_lanes_table_switches_every_lane_route_and_restores_the_limits(monkeypatch):
+    """`bench_lanes.py` on small arrays and longer rows with a small k: its "off" column must switch off the
+    small-k route as well (else both columns would time the lanes), and the limits are back afterwards."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_lanes
+
+    from topk_core._pav import lanes, select
+
+    monkeypatch.setattr(bench_lanes, "ENTRIES", 1 << 14)
+    calls = []
+    original = select.lane_rows
+    monkeypatch.setattr(select, "lane_rows", lambda *a: calls.append(a[0].shape) or original(*a))
+    limits = lanes.LANE_MAX_N, lanes.CUBIC_LANE_MAX_N, select.SMALL_K_LANE_MAX_N
+    x = np.random.default_rng(0).normal(size=(128, 600)).astype(np.float32)
+    bench_lanes._forward(x, 4, 4.0, False, False, False)()
+    assert calls == []
+    bench_lanes._forward(x, 4, 4.0, False, False, True)()
+    assert calls
+    lines = bench_lanes.table(1, 4, lengths=[600])
+    assert len(lines) == 2 + 2 * len(bench_lanes.EXPONENTS)
+    assert (lanes.LANE_MAX_N, lanes.CUBIC_LANE_MAX_N, select.SMALL_K_LANE_MAX_N) == limits
+    with pytest.raises(SystemExit):
+        monkeypatch.setattr(sys, "argv", ["bench_lanes.py", "--k", "4", "--write", "page.md"])
+        bench_lanes.main()
+
+
 def test_gpu_check_script_smoke_run_on_the_cpu(tmp_path):
     """`benchmarks/gpu_check.sh`'s benchmark step, as a smoke run without a GPU (DEVICE=cpu QUICK=1)."""
     pytest.importorskip("torch")

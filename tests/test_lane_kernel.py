@@ -217,13 +217,13 @@ def test_a_magnitude_threshold_the_frame_does_not_resolve_is_handed_back(q):
 
 def test_set_codes_tell_every_pair_of_counts_apart():
     # |S| + FREE_WEIGHT |F| is one-to-one on the counts of the longest rows the lanes serve.
-    longest = max(lanes.LANE_MAX_N, lanes.CUBIC_LANE_MAX_N)
+    longest = max(lanes.LANE_MAX_N, lanes.CUBIC_LANE_MAX_N, select.SMALL_K_LANE_MAX_N)
     assert lanes.FREE_WEIGHT > longest
     n_sat, n_free = np.meshgrid(np.arange(longest + 1.0), np.arange(longest + 1.0))
-    codes = n_sat + lanes.FREE_WEIGHT * n_free
+    valid = n_sat + n_free <= longest
+    codes = (n_sat + lanes.FREE_WEIGHT * n_free)[valid]
     assert np.unique(codes).size == codes.size
-    np.testing.assert_array_equal([lanes._saturated_count(c) for c in codes[::37, ::41].ravel()],
-                                  n_sat[::37, ::41].ravel())
+    np.testing.assert_array_equal([lanes._saturated_count(c) for c in codes[::997]], n_sat[valid][::997])
 
 
 def test_unsolved_rows_are_flagged(rng, q):
@@ -274,16 +274,40 @@ def test_magnitude_rows_with_few_non_zero_entries(rng, lane_calls):
     assert lane_calls
 
 
+LONG = select.SMALL_K_LANE_MAX_N + 1
+SMALL_K_MAX = select.LANE_TRACK_MAX - 1  # the largest k of the longer rows the lanes take
+
+
 @pytest.mark.parametrize(
-    ("p", "lam", "n"),
-    [(1.5, 0.1, 16), (3.0, 0.1, 8), (2.0, 1e-200, 16), (4.0 / 3.0, 1e200, 16), (2.0, 0.1, lanes.LANE_MAX_N + 1),
-     (4.0 / 3.0, 0.1, lanes.CUBIC_LANE_MAX_N + 1)],
+    ("p", "lam", "batch", "n", "k"),
+    [(1.5, 0.1, 200, 16, 2), (3.0, 0.1, 200, 8, 2), (2.0, 1e-200, 200, 16, 2), (4.0 / 3.0, 1e200, 200, 16, 2),
+     # Longer rows with a larger k, all rows longer than SMALL_K_LANE_MAX_N, or fewer than LANES of them.
+     (2.0, 0.1, 200, lanes.LANE_MAX_N + 1, SMALL_K_MAX + 1), (4.0 / 3.0, 0.1, 200, lanes.CUBIC_LANE_MAX_N + 1, 40),
+     (2.0, 0.1, 70, LONG, 2), (4.0 / 3.0, 0.1, 70, LONG, 2), (2.0, 0.1, lanes.LANES - 1, 300, 2),
+     # p = 2 rows the sort-free route keeps.
+     (2.0, 0.1, 200, lanes.CUBIC_LANE_MAX_N + 1, select.TRACK_MAX)],
 )
-def test_lanes_only_where_they_apply(rng, operator, p, lam, n, lane_calls):
+def test_lanes_only_where_they_apply(rng, operator, p, lam, batch, n, k, lane_calls):
     # p other than 2 and 4/3, a strength outside the unscaled frame, rows longer than LANE_MAX_N
-    # (CUBIC_LANE_MAX_N for p = 4/3).
-    SOLVE[operator](rng.normal(size=(200, n)), 2, lam, p / (p - 1.0), with_residuals=False)
+    # (CUBIC_LANE_MAX_N for p = 4/3) unless k is small and the rows many.
+    SOLVE[operator](rng.normal(size=(batch, n)), k, lam, p / (p - 1.0), with_residuals=False)
     assert lane_calls == []
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties"])
+@pytest.mark.parametrize(("n", "ks"), [(300, (1, 4, SMALL_K_MAX)), (700, (3, SMALL_K_MAX)),
+                                       (select.SMALL_K_LANE_MAX_N, (1, 8))])
+def test_longer_rows_with_a_small_k_take_the_lanes(rng, operator, float_dtype, q, kind, n, ks, lane_calls):
+    # Past LANE_MAX_N (CUBIC_LANE_MAX_N), rows with k + 1 <= LANE_TRACK_MAX take the lanes when there are
+    # at least LANES of them, and give the full sort's outputs and products.
+    x = rows_of_kind(rng, lanes.LANES + 6, n, kind, float_dtype)
+    for k in ks:
+        if q == 2.0 and k + 1 > select.TRACK_MAX and n > lanes.CUBIC_LANE_MAX_N:
+            continue  # the sort-free route's (test above)
+        for lam in (1.1e-4, 0.7):
+            lane_calls.clear()
+            _assert_same(operator, x, k, lam, rng, q)
+            assert lane_calls, (k, lam)
 
 
 def test_both_compiled_variants_agree(rng, operator, q):

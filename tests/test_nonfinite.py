@@ -160,7 +160,7 @@ def test_lane_solver_finds_the_non_finite_entries_it_loads(rng, operator, dtype,
     from topk_core._pav.select import lanes_check_finite
 
     k, lam = 2, 0.3
-    assert lanes_check_finite(n, k, conjugate_exponent(p), lam)
+    assert lanes_check_finite(3000, n, k, conjugate_exponent(p), lam)
     x = rng.normal(size=(3000, n)).astype(dtype)
     clean = SOFT[operator](x, k, p=p, regularization_strength=lam)
     for row, col, bad in ((0, 0, np.nan), (1500, n - 1, np.inf), (2999, n // 2, -np.inf), (2999, 0, np.nan)):

@@ -46,12 +46,12 @@ def _prepare_rows(x: Any, k: int, lam: float, q: float, is_mag: bool, sort_finit
                   ) -> _SortedRows:
     batch, n = x.shape
     x = read_only(np.ascontiguousarray(x))
-    if lanes_check and not sort_finite and lanes_check_finite(n, k, q, lam):
+    if lanes_check and not sort_finite and lanes_check_finite(batch, n, k, q, lam):
         # The lane solver checks that every entry is finite as it loads the rows (a pass over x
         # fewer: the forwards at (262144, 16) took 0.91-0.96x their time); `_solve` comes back
         # with lanes_check=False where one is not.
         return _SortedRows(x, None if is_mag else x, None, None, None, None, None, None)
-    if is_mag and not sort_finite and lane_route(n, k, q, lam) and all_finite(x):
+    if is_mag and not sort_finite and lane_route(batch, n, k, q, lam) and all_finite(x):
         # The lanes read |x| from x: no array of keys (fresh memory the size of x, a millisecond
         # per 4M entries).
         return _SortedRows(x, None, None, None, None, None, None, None)

@@ -1,6 +1,7 @@
 """Many short rows solved side by side, one SIMD lane per row: the CPU fast path for p = 2 and 4/3.
 
-For rows of at most `LANE_MAX_N` entries (`CUBIC_LANE_MAX_N` for p = 4/3), the per-row
+For rows of at most `LANE_MAX_N` entries (`CUBIC_LANE_MAX_N` for p = 4/3; longer ones, up to
+`select.SMALL_K_LANE_MAX_N`, when k is small), the per-row
 work of the selection kernel (classification, ordering of the candidates, pooled block) is scalar
 code whose branches depend on the data, and costs more than a vectorized sort
 of the row.  Here `LANES` rows are transposed at a time (by 8 x 8 blocks in
@@ -117,8 +118,9 @@ _EPS = np.finfo(np.float64).eps
 # at k + 1 = 9.
 SWEEP_DEPTH = 3
 # A lane's sets are counted in one sum, |S| + FREE_WEIGHT |F| (`_set_code`): more than the longest
-# row, so that equal sums mean equal counts (and so equal sets).
-FREE_WEIGHT = 1024.0
+# row the lanes take (`select.SMALL_K_LANE_MAX_N`), so that equal sums mean equal counts (and so
+# equal sets).
+FREE_WEIGHT = 4096.0
 # The row-index argument (`subset`, `rows`) of the kernels meaning every row.
 EVERY_ROW = np.empty(0, dtype=np.int64)
 # A row has converged when its Newton step is at most this many ulps of its scale.
@@ -135,11 +137,17 @@ _CUBIC_HALLEY = 3
 _BRACKET_NEWTON = 2
 
 
-def lanes_apply(n: int, q: float, lam: float) -> bool:
-    """Whether the lane solver serves rows of `n` entries, exponent `q` and strength `lam`."""
+def lanes_serve(q: float, lam: float) -> bool:
+    """Whether the lane solver serves exponent `q` and strength `lam` (rows of some length)."""
     # A strength the mask's frame would rescale (`kernels._row_frame`) stays with the selection kernel.
+    return (q == 2.0 or q == 4.0) and _unit_scale(lam) == 1.0
+
+
+def lanes_apply(n: int, q: float, lam: float) -> bool:
+    """Whether the lane solver serves rows of `n` entries, exponent `q` and strength `lam`, whatever k (longer
+    rows with a small k: `select.lane_route`)."""
     longest = LANE_MAX_N if q == 2.0 else CUBIC_LANE_MAX_N
-    return (q == 2.0 or q == 4.0) and n <= longest and _unit_scale(lam) == 1.0
+    return n <= longest and lanes_serve(q, lam)
 
 
 def lane_passes(q: float, n: int, is_mag: bool) -> int:

@@ -47,6 +47,7 @@ from .kernels import (
     set_code,
 )
 from .lanes import (
+    CUBIC_LANE_MAX_N,
     EVERY_ROW,
     LANES,
     busy_lanes,
@@ -54,6 +55,7 @@ from .lanes import (
     lane_retry_passes,
     lane_rows,
     lanes_apply,
+    lanes_serve,
     load_group,
     row_at,
     row_count,
@@ -97,6 +99,14 @@ SORT_BOUNDS_MAX_N = 1 << 16
 # entry per sweep; three per sweep, `lanes.SWEEP_DEPTH`, took 0.85-0.9x that time at n = 64.)
 LANE_TRACK_MAX = 33
 LANE_TRACK_MAX_N = 192
+# Rows longer than the lanes' own limits (`lanes.LANE_MAX_N`, `CUBIC_LANE_MAX_N`), up to this length, take
+# the lanes too when k + 1 <= LANE_TRACK_MAX (their sweeps find the order statistics) and there are at
+# least LANES rows (fewer would leave lanes idle).  Measured with k = 8 (`benchmarks/bench_lanes.py --k 8
+# --lengths ...`, float32, 4M entries, l = 0.1): the lanes took 0.47-0.66x the selection kernel's time
+# at n = 384-512, 0.55-0.79x at 768, 0.63-0.90x at 1024, 0.84-1.18x at 2048 (p = 4/3 lost there) and
+# 1.07-1.73x at 4096; the public forwards against the routes they took before (ratios to np.sort):
+# p = 2 at n = 384-1024, k = 8: 1.0-2.0 -> 0.5-0.96; p = 4/3 at 640-1024, k = 8-32: 0.83-2.65 -> 0.53-0.91.
+SMALL_K_LANE_MAX_N = 1024
 # Rows at least this long, in batches smaller than the thread count, are split across
 # the threads (selection and classification) instead of taking one thread per row.
 LONG_ROW_MIN_N = 1 << 17
@@ -515,8 +525,8 @@ def topk_rows_select(keys, x, k, lam, q, is_mag, out, gprime, codes, offset):
     """
     batch, n = x.shape
     threads = nb.get_num_threads()
-    lanes = lane_route(n, k, q, lam)
-    lanes_load_all = lanes_check_finite(n, k, q, lam)
+    lanes = lane_route(batch, n, k, q, lam)
+    lanes_load_all = lanes_check_finite(batch, n, k, q, lam)
     if keys is None and not lanes_load_all:
         keys = read_only(np.abs(x))  # the lanes alone take the magnitude's keys from x
     if n >= LONG_ROW_MIN_N and batch < threads:
@@ -554,15 +564,24 @@ def topk_rows_select(keys, x, k, lam, q, is_mag, out, gprime, codes, offset):
     return True
 
 
-def lane_route(n: int, k: int, q: float, lam: float) -> bool:
-    """Whether `topk_rows_select` gives rows of `n` entries to the lane solver first (`lanes.lane_rows`)."""
-    return k < n and lanes_apply(n, q, lam)
+def lane_route(batch: int, n: int, k: int, q: float, lam: float) -> bool:
+    """Whether `topk_rows_select` gives `batch` rows of `n` entries to the lane solver first (`lanes.lane_rows`):
+    short rows (`lanes.lanes_apply`), and rows up to SMALL_K_LANE_MAX_N entries with a small k."""
+    if k >= n or not lanes_serve(q, lam):
+        return False
+    if lanes_apply(n, q, lam):
+        return True
+    # Past the short rows, the sort-free route keeps the p = 2 rows it serves (`sortfree_applies`) beyond
+    # CUBIC_LANE_MAX_N entries, where it was the faster (the mask at n = 1024-2048, k = 32).
+    sortfree_kept = q == 2.0 and k + 1 > TRACK_MAX and n > CUBIC_LANE_MAX_N
+    return batch >= LANES and n <= SMALL_K_LANE_MAX_N and k + 1 <= LANE_TRACK_MAX and not sortfree_kept
 
 
-def lanes_check_finite(n: int, k: int, q: float, lam: float) -> bool:
-    """Whether the lane solver loads every entry of rows of `n` entries (it finds their order statistics
-    itself) and so tells `topk_rows_select` when one is not finite: no pass of the caller's need check."""
-    return lane_route(n, k, q, lam) and k + 1 <= LANE_TRACK_MAX
+def lanes_check_finite(batch: int, n: int, k: int, q: float, lam: float) -> bool:
+    """Whether the lane solver loads every entry of `batch` rows of `n` entries (it finds their order
+    statistics itself) and so tells `topk_rows_select` when one is not finite: no pass of the caller's
+    need check."""
+    return lane_route(batch, n, k, q, lam) and k + 1 <= LANE_TRACK_MAX
 
 
 def _select_subset(rows, keys, x, k, lam, q, is_mag, out, gprime, codes, offset, bounds):
