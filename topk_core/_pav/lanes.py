@@ -79,11 +79,12 @@ ROW_OUTPUTS_MIN_N = 48
 # Rows up to this length take the lanes (p = 2 and 4/3): measured against the selection kernel
 # (the whole forward with the lanes on and off, rows handed back included; float32, k = n/8,
 # 4M entries, best of 21 runs; benchmarks/bench_lanes.py, table in docs/methods.md), the
-# lanes take 0.2-0.5x its time at n <= 24, 0.45-0.8x at 32-96, 0.55-0.85x at 128-256 (with
-# residuals alike; k = n/2 and k = 4: 0.45-0.9x; l = 1 and 10: 0.03-0.3x), and 1.0-1.75x at
-# 384-512 for p = 2, where k + 1 > 33 takes the order statistics from a sort and the sort-free
+# lanes take 0.13-0.46x its time at n <= 24, 0.28-0.58x at 32-96, 0.47-0.83x at 128-256 (with
+# residuals alike; earlier, k = n/2 and k = 4: 0.45-0.9x; l = 1 and 10: 0.03-0.3x), and 1.2-1.57x
+# at 384-512 for p = 2, where k + 1 > 33 takes the order statistics from a sort and the sort-free
 # route serves p = 2 (an Intel Xeon with AVX-512; the limit was 80 before the three-deep sweeps,
-# the finiteness check in the lanes and the row-by-row write-back with residuals).
+# the finiteness check in the lanes and the row-by-row write-back with residuals).  Longer rows
+# with a small k: `select.SMALL_K_LANE_MAX_N`.
 LANE_MAX_N = 256
 # The same for p = 4/3, whose selection kernel costs more (its blocks' cubics) and whose sort-free
 # route starts at 768: the lanes took 0.5-0.75x its time at 512 for k = 4 and 256, 0.7-1.0x for
