@@ -144,15 +144,15 @@ def _child(args: argparse.Namespace, batch: int, n: int, p: float) -> None:
 def _fresh(args: argparse.Namespace) -> None:
     """`--fresh`: each version (and np.sort) timed in fresh processes of its own, alternating."""
     runs: dict[str, list[tuple[float, float, float]]] = {"sort": [], "A": [], "B": []}
+    k = _k(args, int(args.shape.split("x")[1]))
     for r in range(args.fresh):
         for name in ("sort", "A", "B") if r % 2 == 0 else ("B", "A", "sort"):
             command = [sys.executable, __file__, "-", "--child", name, "--op", args.op, "--p", args.p, "--shape",
                        args.shape, "--strength", str(args.strength), "--rounds", str(args.rounds), "--workdir",
-                       args.workdir, "--method", args.method, "--k", str(_k(args, int(args.shape.split("x")[1])))]
+                       args.workdir, "--method", args.method, "--k", str(k)]
             line = subprocess.run(command, check=True, capture_output=True, text=True).stdout.split()[-3:]
             runs[name].append(tuple(float(v) for v in line))
     sort = min(best for best, _, _ in runs["sort"])
-    k = _k(args, int(args.shape.split("x")[1]))
     print(f"{args.op} p={args.p} {args.shape} l={args.strength} k={k}, forward+VJP in fresh processes "
           f"({args.fresh} each, {args.rounds} calls): np.sort {sort:.2f} ms")
     for name in ("A", "B"):

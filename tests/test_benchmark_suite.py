@@ -344,6 +344,18 @@ def test_triton_iterations_reads_the_kernels_status(monkeypatch):
     assert list(triton_iterations.row_iterations("mask", x, 3, 0.1, 2.0) < 0) == [False, True, False, False]
 
 
+def test_ab_versions_k_is_the_tables_unless_given(monkeypatch):
+    """`ab_versions.py --k`: the k of every call, max(2, n/8) (the benchmarks' tables) by default."""
+    import argparse
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import ab_versions
+
+    assert ab_versions._k(argparse.Namespace(k=None), 64) == 8
+    assert ab_versions._k(argparse.Namespace(k=None), 8) == 2
+    assert ab_versions._k(argparse.Namespace(k=5), 512) == 5
+
+
 def test_ab_versions_fresh_times_each_version_in_processes_of_its_own(monkeypatch, capsys, tmp_path):
     """`ab_versions.py --fresh`: a child process times one version (here np.sort, which needs no copy of the
     core) and prints best, median and page faults per call; the parent alternates the children and prints

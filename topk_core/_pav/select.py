@@ -105,7 +105,7 @@ LANE_TRACK_MAX_N = 192
 # --lengths ...`, float32, 4M entries, l = 0.1): the lanes took 0.47-0.66x the selection kernel's time
 # at n = 384-512, 0.55-0.79x at 768, 0.63-0.90x at 1024, 0.84-1.18x at 2048 (p = 4/3 lost there) and
 # 1.07-1.73x at 4096; the public forwards against the routes they took before (ratios to np.sort):
-# p = 2 at n = 384-1024, k = 8: 1.0-2.0 -> 0.5-0.96; p = 4/3 at 640-1024, k = 8-32: 0.83-2.65 -> 0.53-0.91.
+# p = 2 at n = 384-1024, k = 8: 0.84-1.98 -> 0.50-0.96; p = 4/3 at 640-1024, k = 8-32: 0.83-2.65 -> 0.53-1.01.
 SMALL_K_LANE_MAX_N = 1024
 # Rows at least this long, in batches smaller than the thread count, are split across
 # the threads (selection and classification) instead of taking one thread per row.
