@@ -524,8 +524,8 @@ def _advance(state, new, acc, ref, lam, q, k, is_mag, newton):
         lo = state[1, lane]
         hi = state[2, lane]
         active = state[3, lane] == 1.0
-        # Loaded before the selects that keep it: a load inside a select's branch is not speculated,
-        # and the loop compiled to scalar code (twice the time of this one).
+        # Loaded before the selects that keep it: read inside a select's branch (``else state[6, lane]``),
+        # it took `_update` to 2.4x its time (as `_cubic_start` found of its loads).
         was_exact = state[6, lane]
         n_sat, n_free = acc[0, lane], acc[1, lane]
         f, nxt, increment = _step(t, ref[lane], lam, q, k, is_mag, n_sat, n_free, acc[2, lane], acc[3, lane],
@@ -625,9 +625,9 @@ def _lane_outputs(rows, frame, lam, q, is_mag, signed, gbuf, with_residuals, set
     `with_residuals`).
 
     Measured per group of 64 rows of 64 (float32, one thread): the counts took the loop from 1.7
-    to 2.15 us, a pass takes 2.1.  As few arrays as that: with the outputs written to another
-    array than the rows, and ref, threshold and level in three, the loop ran 4x the time, and so
-    it did with four entries per loop over the lanes (the counts in registers, as in `_pass`).
+    to 2.15 us (a pass takes 2.1).  With four entries per loop over the lanes (the counts in
+    registers, as in `_pass`) it took 7.2-8.2 us, whether the outputs went to another array than
+    the rows and ref, threshold and level came from three arrays (8.2) or not (7.2-7.6).
     """
     prefer_wide_vectors()
     inv = 1.0 / lam
