@@ -785,6 +785,15 @@ def sweep_order_statistics(columns, k, uppers, belows):
     The running largest entries are stored through `vector_width.unfolded_one` (plain stores,
     not masked ones: see there).
     """
+    _sweeps(columns, columns, False, k, uppers, belows, np.zeros(LANES, dtype=columns.dtype))
+
+
+@nb.njit(cache=True, inline="always", error_model="numpy")
+def _sweeps(rows, columns, is_mag, k, uppers, belows, poison):
+    """`sweep_order_statistics` of the keys of `rows` (n, LANES) as loaded (x, or the magnitude's |x|), whose
+    first sweep reads them off `rows` (which it leaves as they are) and adds ``key - key`` to `poison`
+    per lane (0 for finite keys, NaN otherwise), the later ones working in `columns`.  Reading the
+    first sweep's keys off the rows saves a pass that copied them to `columns` (`lane_rows`)."""
     prefer_wide_vectors()
     n = columns.shape[0]
     unit = unfolded_one(uppers)
@@ -795,20 +804,35 @@ def sweep_order_statistics(columns, k, uppers, belows):
         for i in range(SWEEP_DEPTH):
             for lane in range(LANES):
                 tops[i, lane] = -np.inf
-        for j in range(n):
-            for lane in range(LANES):
-                b = columns[j, lane]
-                for i in range(SWEEP_DEPTH):
-                    a = tops[i, lane]
-                    tops[i, lane] = a * unit if a > b else b
-                    b = b if a > b else a
-                if not last:
-                    columns[j, lane] = b
+        if base == 0:
+            for j in range(n):
+                for lane in range(LANES):
+                    key = abs(rows[j, lane]) if is_mag else rows[j, lane]
+                    poison[lane] += key - key
+                    b = _cascade(tops, lane, key, unit)
+                    if not last:
+                        columns[j, lane] = b
+        else:
+            for j in range(n):
+                for lane in range(LANES):
+                    b = _cascade(tops, lane, columns[j, lane], unit)
+                    if not last:
+                        columns[j, lane] = b
         for i in range(SWEEP_DEPTH):
             if base + i == k - 1:
                 uppers[:] = tops[i]
             if base + i == k:
                 belows[:] = tops[i]
+
+
+@nb.njit(cache=True, inline="always", error_model="numpy")
+def _cascade(tops, lane, b, unit):
+    """Pass `b` down the running largest entries of `lane` (`tops`, descending); returns what falls out."""
+    for i in range(SWEEP_DEPTH):
+        a = tops[i, lane]
+        tops[i, lane] = a * unit if a > b else b
+        b = b if a > b else a
+    return b
 
 
 def lane_rows(x, k, lam, q, is_mag, bounds, out, gprime, codes, offset, unresolved, n_chunks,
@@ -882,12 +906,7 @@ def lane_rows(x, k, lam, q, is_mag, bounds, out, gprime, codes, offset, unresolv
                 # key - key is 0 for a finite key, NaN for NaN and both infinities: a sum per lane in the
                 # keys' dtype, with no select (an int64 count narrows such a loop to 128-bit vectors on
                 # an AVX2 host).
-                for j in range(n):
-                    for lane in range(LANES):
-                        key = abs(raw[j, lane]) if is_mag else raw[j, lane]
-                        columns[j, lane] = key
-                        poison[lane] += key - key
-                sweep_order_statistics(columns, k, uppers, belows)
+                _sweeps(raw, columns, is_mag, k, uppers, belows, poison)
             for lane in range(LANES):
                 if bounds_inside:
                     ref[lane], lows[lane] = uppers[lane], belows[lane]
