@@ -351,6 +351,19 @@ def test_sweeps_find_the_order_statistics(rng, n):
         columns = np.round(rng.normal(size=(n, lanes.LANES)), 1)  # ties
         desc = -np.sort(-columns, axis=0)
         uppers, belows = np.empty(lanes.LANES), np.empty(lanes.LANES)
-        lanes.sweep_order_statistics(columns.copy(), k, uppers, belows)
+        scratch = columns.copy()
+        lanes.sweep_order_statistics(scratch, k, uppers, belows, np.zeros(lanes.LANES))
         np.testing.assert_array_equal(uppers, desc[k - 1])
         np.testing.assert_array_equal(belows, desc[k])
+        # The lanes' use: the magnitude's keys |x| read off the rows as loaded, which stay as they are, the
+        # later sweeps in a buffer of their own, and the finiteness sums per lane.
+        signed = columns * np.where(rng.random(columns.shape) < 0.5, -1.0, 1.0)
+        signed[0, 3] = np.nan
+        rows, poison = signed.copy(), np.zeros(lanes.LANES)
+        lanes._sweeps(rows, np.empty_like(rows), True, k, uppers, belows, poison)
+        np.testing.assert_array_equal(rows, signed)
+        keep = np.arange(lanes.LANES) != 3
+        desc_abs = -np.sort(-np.abs(columns), axis=0)
+        np.testing.assert_array_equal(uppers[keep], desc_abs[k - 1][keep])
+        np.testing.assert_array_equal(belows[keep], desc_abs[k][keep])
+        assert np.isnan(poison[3]) and np.all(poison[keep] == 0.0)

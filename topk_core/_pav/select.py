@@ -627,11 +627,12 @@ def lane_order_statistics(keys, k, n_chunks):
         rows = np.empty(LANES, dtype=np.int64)
         uppers = np.empty(LANES, dtype=keys.dtype)
         belows = np.empty(LANES, dtype=keys.dtype)
+        poison = np.zeros(LANES, dtype=keys.dtype)  # the sweeps' finiteness sums, not read here
         for grp in range(c * groups // n_chunks, (c + 1) * groups // n_chunks):
             r0 = grp * LANES
             used = min(LANES, batch - r0)
             load_group(keys, r0, rows, columns, EVERY_ROW)
-            sweep_order_statistics(columns, k, uppers, belows)
+            sweep_order_statistics(columns, k, uppers, belows, poison)
             for lane in range(used):
                 bounds[r0 + lane, 0] = uppers[lane]
                 bounds[r0 + lane, 1] = belows[lane]
