@@ -407,9 +407,9 @@ def test_iteration_controls(rng, operator):
     np.testing.assert_allclose(exact, want, rtol=0, atol=1e-10)
 
 
-def _loop_runs(solver, x, k, lam, q):
+def _loop_runs(solver, x, k, lam, q, **hooks):
     """(outputs, and for each structured loop of the solve in turn: its iterations and the iteration at
-    which each row converged)."""
+    which each row converged); `hooks`: the solver's other adapter keywords."""
     runs = []
 
     def loop(cond, body, state):
@@ -421,7 +421,7 @@ def _loop_runs(solver, x, k, lam, q):
         runs.append((count, done_at))
         return state
 
-    y, _ = solver(x, k, lam, q, np, loop=loop)
+    y, _ = solver(x, k, lam, q, np, loop=loop, **hooks)
     return y, runs
 
 
@@ -659,19 +659,10 @@ def test_order_statistics_start_the_root_finder_at_the_first_block(rng, operator
     solver = {"mask": threshold.threshold_mask, "mag": threshold.threshold_mag}[operator]
     counts = {}
     for hooks in ({}, {"order_statistics": _numpy_order_statistics}):
-        runs = []
-
-        def loop(cond, body, state, runs=runs):
-            count = 0
-            while bool(cond(state)):
-                state, count = body(state), count + 1
-            runs.append(count)
-            return state
-
-        y, _ = solver(x, 6, 0.1, conjugate_exponent(p), np, loop=loop, **hooks)
+        y, runs = _loop_runs(solver, x, 6, 0.1, conjugate_exponent(p), **hooks)
         want, _ = _pav(operator, x, 6, p=p, regularization_strength=0.1)
         np.testing.assert_allclose(y, want, rtol=0, atol=1e-10)
-        counts[bool(hooks)] = runs[0]
+        counts[bool(hooks)] = runs[0][0]
     assert counts[True] < counts[False]
     if p != 3.0:  # (p = 3: 20 -> 16, its tail is elsewhere)
         assert counts[True] <= 0.6 * counts[False]
