@@ -60,6 +60,8 @@ class SoftTopk(torch.autograd.Function):
         ctx.kind, ctx.p, ctx.q = inputs[1], inputs[4], inputs[5]
         res = output[1:]
         ctx.mark_non_differentiable(*res)
+        # No zero-filled gradients of the residuals (arrays the size of the rows) for `backward` to ignore.
+        ctx.set_materialize_grads(False)
         # The input is kept for the second-order guard only (p != 2, see _products).
         kept = (inputs[0] if ctx.q != 2.0 else None, *res)
         if ctx.needs_input_grad[0]:
@@ -67,14 +69,18 @@ class SoftTopk(torch.autograd.Function):
         ctx.save_for_forward(*kept)
 
     @staticmethod
-    def backward(ctx: Any, grad_y: torch.Tensor, *_: Any) -> tuple[Any, ...]:
+    def backward(ctx: Any, grad_y: Any, *_: Any) -> tuple[Any, ...]:
+        if grad_y is None:  # nothing flowed back through y (grads are not materialized)
+            return (None,) * 9
         x, *res = ctx.saved_tensors
         res = _products.residuals(ctx.kind, res)
         return (_products.vjp(ctx.kind, res, grad_y, x, ctx.p, ctx.q), *([None] * 8))
 
     @staticmethod
-    def jvp(ctx: Any, tangent: torch.Tensor, *_: Any) -> tuple[Any, ...]:
+    def jvp(ctx: Any, tangent: Any, *_: Any) -> tuple[Any, ...]:
         x, *res = ctx.saved_tensors
+        if tangent is None:  # no tangent for the rows (not materialized as zeros)
+            return (None, *([None] * len(res)))
         res = _products.residuals(ctx.kind, res)
         y_dot = _products.jvp(ctx.kind, res, tangent, x, ctx.p, ctx.q)
         return (y_dot, *([None] * len(res)))

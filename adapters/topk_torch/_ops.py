@@ -224,12 +224,14 @@ def _make_op(family: str, kind: str) -> Any:
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
         ctx.p, ctx.q = inputs[3], conjugate_exponent(inputs[3])
         ctx.mark_non_differentiable(*output[1:])
+        # No zero-filled gradients of the residuals for `backward` to ignore (as `_functions.SoftTopk`).
+        ctx.set_materialize_grads(False)
         # The input is kept for the second-order guard only (p != 2, see _products).
         ctx.save_for_backward(inputs[0] if ctx.q != 2.0 else None, *output[1:])
 
-    def backward(ctx: Any, grad_y: torch.Tensor, *_: Any) -> tuple[Any, ...]:
+    def backward(ctx: Any, grad_y: Any, *_: Any) -> tuple[Any, ...]:
         none = (None,) * (n_args - 1)
-        if not ctx.needs_input_grad[0]:
+        if grad_y is None or not ctx.needs_input_grad[0]:
             return (None, *none)
         x, *res = ctx.saved_tensors
         return (_products.vjp(kind, _products.residuals(kind, res), grad_y, x, ctx.p, ctx.q), *none)
