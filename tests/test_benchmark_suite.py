@@ -390,3 +390,21 @@ def test_ab_versions_fresh_times_each_version_in_processes_of_its_own(monkeypatc
     assert "np.sort 2.00 ms" in lines[0]
     assert lines[1].split()[:3] == ["A", "best", "2.000x"] and lines[1].endswith("1800 page faults per call")
     assert lines[3].split()[:3] == ["B", "best", "1.500x"] and "median 1.600x" in lines[3]
+
+
+def test_compiled_backward_benchmark(tmp_path):
+    """`bench_torch_compiled.py` with AOTAutograd alone (`--backend aot_eager`: traced, no compiler): a row per
+    shape and operator, and the magnitude's compiled gradient equal to the eager one (the Numba product)."""
+    pytest.importorskip("torch")
+    page = tmp_path / "page.md"
+    page.write_text("<!-- bench_torch_compiled:start -->\n<!-- bench_torch_compiled:end -->\n")
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_torch_compiled.py"), "--quick", "--backend", "aot_eager",
+           "--write", str(page)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in page.read_text().splitlines()
+            if line.startswith("| (")]
+    assert [(r[0], r[1]) for r in rows] == [(s, op) for s in ("(512, 16)", "(16, 256)") for op in ("mask", "mag")]
+    assert all(float(r[2]) > 0 and float(r[3]) > 0 and float(r[4]) > 0 for r in rows)
+    assert all(float(r[6]) == 0.0 for r in rows if r[1] == "mag")
+    assert all(float(r[7]) < 1e-4 for r in rows)

@@ -76,3 +76,80 @@ def test_torch_func_inside_compile(transform):
     assert expected.abs().max() > 0.1
     torch.testing.assert_close(torch.compile(fn, fullgraph=True, backend="aot_eager")(x), expected)
     torch._dynamo.reset()
+
+
+# --- the magnitude's compiled backward on the CPU: the Numba product as an opaque operator ---------------
+
+
+@pytest.fixture
+def uncached():
+    """Each compilation traced afresh (no compiled graph from an earlier trace of the same function)."""
+    import torch._functorch.config
+    import torch._inductor.config
+
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
+        yield
+    torch._dynamo.reset()
+
+
+def _counting_products(monkeypatch):
+    import topk_core
+
+    calls = []
+    for name in ("mag_vjp_from_residuals", "mag_jvp_from_residuals"):
+        real = getattr(topk_core, name)
+
+        def counted(res, rows, *args, real=real, name=name, **kw):
+            calls.append((name, type(rows).__module__.split(".")[0]))
+            return real(res, rows, *args, **kw)
+
+        monkeypatch.setattr(topk_core, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("p", [4.0 / 3.0, 2.0], ids=["p=4/3", "p=2"])
+@pytest.mark.parametrize("method", ["pav", "threshold"])
+def test_compiled_magnitude_backward_is_the_numba_product(uncached, monkeypatch, p, method):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 12, generator=gen)
+    u = torch.randn(40, 12, generator=gen)
+
+    def f(t):
+        return tk.soft_topk_mag(t, 3, p=p, method=method)
+
+    xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+    (want,) = torch.autograd.grad(f(xe), xe, u)
+    calls = _counting_products(monkeypatch)
+    (got,) = torch.autograd.grad(torch.compile(f, fullgraph=True)(xc), xc, u)
+    # The host operator ran the core's VJP on NumPy arrays: the eager backward's numbers, bit for bit.
+    assert ("mag_vjp_from_residuals", "numpy") in calls
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def _xp_torch():
+    from topk_torch._namespace import xp
+
+    return xp
+
+
+def test_host_product_operator_passes_opcheck():
+    import topk_core
+    from topk_torch import _host_products
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(5, 7, generator=gen, dtype=torch.float64)
+    _, *res = torch.ops.sparse_topk.soft_topk_mag_pav(x, 2, 0.5, 2.0)
+    gprime, codes, offset = res[4], res[5], res[6]
+    rows = torch.randn(5, 7, generator=gen, dtype=torch.float64, requires_grad=True)
+    for transpose in (True, False):
+        torch.library.opcheck(_host_products.mag_product_host, (gprime, codes, offset, rows, transpose))
+        # Its derivative in the rows is the product the other way (the residuals are constants).
+        assert torch.autograd.gradcheck(
+            lambda t, transpose=transpose: _host_products.mag_product_host(gprime, codes, offset, t, transpose),
+            (rows,),
+        )
+        want = topk_core.mag_vjp_from_residuals if transpose else topk_core.mag_jvp_from_residuals
+        core_res = topk_core.MagResiduals(None, None, None, None, gprime, codes, offset)
+        torch.testing.assert_close(_host_products.mag_product_host(gprime, codes, offset, rows.detach(), transpose),
+                                   want(core_res, rows.detach(), axis=-1, xp=_xp_torch()))

@@ -24,7 +24,7 @@ import torch
 import topk_core
 from topk_core import MagResiduals, MaskResiduals
 
-from . import _fused
+from . import _fused, _host_products
 from ._namespace import xp as xp_torch
 
 RESIDUAL_TYPES = {"mask": MaskResiduals, "mag": MagResiduals}
@@ -89,6 +89,9 @@ def vjp(kind: str, res: Any, cotangent: torch.Tensor, x: Any, p: float, q: float
 
     The guard is only attached when grad mode is on, i.e. when the backward
     pass itself is being recorded (``create_graph=True`` or `torch.func`).
+    On CPU tensors the product is the core's Numba one: directly in a plain
+    backward, through a custom operator (`_host_products`) in a backward that
+    `torch.compile` traces (the magnitude's; the mask's is traced).
     """
     if _plain_host_rows(res, cotangent):
         # A plain backward on the CPU: the core's Numba product on the same memory.
@@ -97,8 +100,23 @@ def vjp(kind: str, res: Any, cotangent: torch.Tensor, x: Any, p: float, q: float
     if _fused.use_compiled(cotangent) and _plain_rows(res, cotangent):
         # A plain backward on a device: one compiled product instead of a dozen kernels.
         return _fused.compiled_stage(_COMPILED_VJP[kind])(res, cotangent)
-    out = _VJP[kind](res, cotangent, axis=-1, xp=xp_torch)
+    if _compiled_host_rows(kind, res, cotangent):
+        # A compiled backward of the magnitude on the CPU: the Numba product as one opaque operator.
+        out = _host_products.product(res, cotangent, transpose=True)
+    else:
+        out = _VJP[kind](res, cotangent, axis=-1, xp=xp_torch)
     return _guard(out, x, p, q) if torch.is_grad_enabled() else out
+
+
+def _compiled_host_rows(kind: str, res: Any, cotangent: torch.Tensor) -> bool:
+    """A product traced by `torch.compile` (no `torch.func` transform: custom operators' autograd formulas do
+    not serve those) that `_host_products` takes, opaque to the compiler: the magnitude's, on CPU rows in
+    input order."""
+    return (
+        torch.compiler.is_compiling()
+        and not torch._C._are_functorch_transforms_active()
+        and _host_products.serves(kind, res, cotangent)
+    )
 
 
 def _mask_vjp_rows(res: Any, cotangent: torch.Tensor) -> torch.Tensor:
