@@ -280,6 +280,21 @@ def test_custom_op_output_matches_core_layout(operator, family, extra):
         assert out.ndim == (2 if field.present else 1)
 
 
+@pytest.mark.parametrize(("family", "extra"), OP_METHODS)
+def test_eager_forward_without_the_dispatcher_returns_what_the_operator_does(operator, family, extra):
+    # `SoftTopk.forward` calls the operator's implementation directly (`_ops.solve_rows`).
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    route = extra[0] if extra else "pav"
+    max_iter, tol = (extra[1], extra[2]) if extra else (None, None)
+    direct = _ops.solve_rows(operator, x, 2, 0.5, 2.0, route, max_iter, tol)
+    dispatched = _ops.OPS[family, operator](x, 2, 0.5, 2.0, *extra)
+    assert len(direct) == len(dispatched)
+    for a, b in zip(direct, dispatched, strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype and a.is_contiguous()
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert all(a.untyped_storage().data_ptr() != x.untyped_storage().data_ptr() for a in direct)
+
+
 @pytest.mark.parametrize("method", ["threshold", "dykstra"])
 def test_array_api_methods_in_every_mode(rng, operator, method):
     # The core's Array-API methods run on the tensor's device through their own custom operators.

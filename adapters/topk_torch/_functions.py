@@ -44,20 +44,23 @@ def solve(
 class SoftTopk(torch.autograd.Function):
     """(batch, n) rows -> ``(y, *residual fields)``: reverse mode, forward mode and vmap.
 
-    Arguments after `rows`: ``kind`` ("mask" or "mag"), ``k``,
-    ``regularization_strength``, ``p``, ``q`` (the conjugate exponent),
-    ``route`` (the resolved method) and ``max_iter``, ``tol``.
+    ``apply(rows, spec)``, `spec` the tuple ``(kind, k, regularization_strength, p, q, route,
+    max_iter, tol)``: ``kind`` ("mask" or "mag"), ``q`` the conjugate exponent, ``route`` the
+    resolved method.  One argument rather than eight: `apply` binds its arguments to the
+    signature of ``forward`` on every call, which took 12 us more with nine parameters than
+    with two.  Not traced by Dynamo (`soft_rows` calls the operators directly there), so
+    ``forward`` calls the solver itself, not through the dispatcher (`_ops.solve_rows`).
     """
 
     @staticmethod
-    def forward(
-        rows: torch.Tensor, kind: str, k: int, lam: float, p: float, q: float, route: str, max_iter: Any, tol: Any
-    ) -> tuple[Any, ...]:
-        return solve(kind, rows, k, lam, p, route, max_iter, tol)
+    def forward(rows: torch.Tensor, spec: tuple[Any, ...]) -> tuple[Any, ...]:
+        kind, k, lam, p, _, route, max_iter, tol = spec
+        return _ops.solve_rows(kind, rows, k, lam, p, route, max_iter, tol)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
-        ctx.kind, ctx.p, ctx.q = inputs[1], inputs[4], inputs[5]
+        spec = inputs[1]
+        ctx.kind, ctx.p, ctx.q = spec[0], spec[3], spec[4]
         res = output[1:]
         ctx.mark_non_differentiable(*res)
         # No zero-filled gradients of the residuals (arrays the size of the rows) for `backward` to ignore.
@@ -71,10 +74,10 @@ class SoftTopk(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_y: Any, *_: Any) -> tuple[Any, ...]:
         if grad_y is None:  # nothing flowed back through y (grads are not materialized)
-            return (None,) * 9
+            return None, None
         x, *res = ctx.saved_tensors
         res = _products.residuals(ctx.kind, res)
-        return (_products.vjp(ctx.kind, res, grad_y, x, ctx.p, ctx.q), *([None] * 8))
+        return _products.vjp(ctx.kind, res, grad_y, x, ctx.p, ctx.q), None
 
     @staticmethod
     def jvp(ctx: Any, tangent: Any, *_: Any) -> tuple[Any, ...]:
@@ -86,11 +89,11 @@ class SoftTopk(torch.autograd.Function):
         return (y_dot, *([None] * len(res)))
 
     @staticmethod
-    def vmap(info: Any, in_dims: tuple[Any, ...], rows: torch.Tensor, *args: Any) -> tuple[Any, Any]:
+    def vmap(info: Any, in_dims: tuple[Any, ...], rows: torch.Tensor, spec: tuple[Any, ...]) -> tuple[Any, Any]:
         # Every row is independent: a vmapped dimension is one more batch of rows.
         xb = rows.movedim(in_dims[0], 0)
         size, batch, n = xb.shape
-        outs = [_ops.unfold(o, size, batch) for o in SoftTopk.apply(xb.reshape(size * batch, n), *args)]
+        outs = [_ops.unfold(o, size, batch) for o in SoftTopk.apply(xb.reshape(size * batch, n), spec)]
         return tuple(o for o, _ in outs), tuple(d for _, d in outs)
 
 
@@ -137,5 +140,5 @@ def soft_rows(
             return value(kind, rows, k, lam, p, route, max_iter, tol)
         return solve(kind, rows, k, lam, p, route, max_iter, tol)[0]
     if _may_differentiate(rows):
-        return SoftTopk.apply(rows, *args)[0]
+        return SoftTopk.apply(rows, args)[0]
     return value(kind, rows, k, lam, p, route, max_iter, tol)
