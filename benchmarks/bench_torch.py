@@ -5,7 +5,8 @@ operators (float32, k = n/10, p = 4/3 and 2) as ratios to `torch.argsort` of
 the same data in the same run (medians of repeated runs, warm-up excluded),
 then the p = 2 mask against `entmax.budget_bisect(x / l, budget=k)`, which
 computes the same function (the Euclidean projection of x / l onto the capped
-simplex) by bisection.
+simplex) by bisection, and the fixed cost of small calls (router-sized
+batches) against `torch.topk` with its backward.
 
     python benchmarks/bench_torch.py                          # full tables
     python benchmarks/bench_torch.py --quick                  # small shapes, a smoke run
@@ -21,12 +22,16 @@ import time
 from collections.abc import Callable
 
 import torch
-from _report import machine, write_section
+from _report import machine, torch_hard_topk, write_section
 
 import topk_torch as tk
 
 SHAPES = [(1, 10**6), (64, 4096), (16384, 64)]
 QUICK_SHAPES = [(1, 10**4), (16, 256), (256, 64)]
+# Router-sized calls, where the fixed cost of a call (validation, the autograd function, conversions) dominates.
+SMALL_SHAPES = [(64, 16), (1024, 8), (4096, 64)]
+SMALL_K = 2
+SMALL_CALLS = 50
 EXPONENTS = [4.0 / 3.0, 2.0]
 STRENGTH = 0.1
 
@@ -51,6 +56,41 @@ def forward_backward(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
         return xg.grad
 
     return run
+
+
+def per_call(fn: Callable[[], object], calls: int) -> Callable[[], object]:
+    """`fn` run `calls` times in a row: a sample long enough to time small calls (divide by `calls`)."""
+
+    def run() -> None:
+        for _ in range(calls):
+            fn()
+
+    return run
+
+
+def small_calls(out: Callable[[str], None], shapes: list[tuple[int, int]], repeats: int) -> None:
+    """The table of small calls: microseconds per call of both soft operators (p = 4/3) and of torch.topk."""
+    out("")
+    out(f"Small calls (k = {SMALL_K}, p = 4/3, l = {STRENGTH}): microseconds per call, medians of {repeats} "
+        f"interleaved samples of {SMALL_CALLS} calls each; `torch.topk`'s values scattered into a row of zeros "
+        "(the hard top-k in value), with its backward.")
+    out("")
+    out("| shape | torch.topk fwd+bwd (us) | mask fwd (us) | mask fwd+bwd (us) | mag fwd (us) | mag fwd+bwd (us) |")
+    out("|---|---|---|---|---|---|")
+    gen = torch.Generator().manual_seed(1)
+    for shape in shapes:
+        x = torch.randn(shape, generator=gen)
+        u = torch.randn(shape, generator=gen)
+        fns: dict[str, Callable[[], object]] = {
+            "topk": per_call(forward_backward(lambda t: torch_hard_topk(t, SMALL_K), x, u), SMALL_CALLS)}
+        for op in ("mask", "mag"):
+            soft = getattr(tk, f"soft_topk_{op}")
+            fn = lambda t, soft=soft: soft(t, SMALL_K, regularization_strength=STRENGTH)  # noqa: E731
+            fns[f"{op} fwd"] = per_call(lambda fn=fn, x=x: fn(x), SMALL_CALLS)
+            fns[f"{op} both"] = per_call(forward_backward(fn, x, u), SMALL_CALLS)
+        t = {name: v / SMALL_CALLS * 1e6 for name, v in median_times(fns, repeats).items()}
+        out(f"| {shape} | {t['topk']:.0f} | {t['mask fwd']:.0f} | {t['mask both']:.0f} | {t['mag fwd']:.0f} "
+            f"| {t['mag both']:.0f} |")
 
 
 def main() -> None:
@@ -122,6 +162,7 @@ def main() -> None:
                 f"| {t['ours'] / t['theirs']:.2f} | {t['theirs both'] * 1e3:.2f} | {t['ours both'] * 1e3:.2f} "
                 f"| {t['ours both'] / t['theirs both']:.2f} |")
 
+    small_calls(out, SMALL_SHAPES[:1] if args.quick else SMALL_SHAPES, repeats)
     print("\n".join(lines))
     if args.write:
         write_section(args.write, "bench_torch", "\n".join(lines))

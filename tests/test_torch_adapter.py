@@ -282,7 +282,7 @@ def test_custom_op_output_matches_core_layout(operator, family, extra):
 
 @pytest.mark.parametrize(("family", "extra"), OP_METHODS)
 def test_eager_forward_without_the_dispatcher_returns_what_the_operator_does(operator, family, extra):
-    # `SoftTopk.forward` calls the operator's implementation directly (`_ops.solve_rows`).
+    # `SoftTopk.forward` and eager calls that nothing differentiates call the implementation directly.
     x = torch.randn(4, 6, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     route = extra[0] if extra else "pav"
     max_iter, tol = (extra[1], extra[2]) if extra else (None, None)
@@ -293,6 +293,8 @@ def test_eager_forward_without_the_dispatcher_returns_what_the_operator_does(ope
         assert a.shape == b.shape and a.dtype == b.dtype and a.is_contiguous()
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert all(a.untyped_storage().data_ptr() != x.untyped_storage().data_ptr() for a in direct)
+    (value,) = _ops.solve_rows(operator, x, 2, 0.5, 2.0, route, max_iter, tol, residuals=False)
+    torch.testing.assert_close(value, _ops.VALUE_OPS[family, operator](x, 2, 0.5, 2.0, *extra), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("method", ["threshold", "dykstra"])

@@ -1,8 +1,10 @@
 """Autograd glue for the soft operators on (batch, n) rows.
 
-Every route calls the custom operators of `topk_torch._ops` (the host PAV
-for ``method="pav"``, the Array-API family, on the tensors' own device, for
-the other methods); `soft_rows` picks how they are differentiated:
+Every route runs the solvers of the custom operators of `topk_torch._ops` (the
+host PAV for ``method="pav"``, the Array-API family, on the tensors' own device,
+for the other methods): through the dispatcher while `torch.compile` traces,
+by their implementation directly in eager mode (`_ops.solve_rows`); `soft_rows`
+picks how they are differentiated:
 
 * In eager mode, whenever something may differentiate (grad mode with an
   input that requires grad, forward-mode dual tensors, or any `torch.func`
@@ -106,8 +108,11 @@ def _may_differentiate(rows: torch.Tensor) -> bool:
 
 
 def value(kind: str, rows: torch.Tensor, k: int, lam: float, p: float, route: str, max_iter: Any, tol: Any) -> Any:
-    """Operator `kind` on `rows`, forward only: no residuals are computed or kept."""
-    return _ops.call(kind, rows, k, lam, p, route, max_iter, tol, residuals=False)
+    """Operator `kind` on `rows`, forward only: no residuals are computed or kept.  Through the dispatcher while
+    `torch.compile` traces (the operator is one opaque node), else by the implementation directly."""
+    if torch.compiler.is_compiling():
+        return _ops.call(kind, rows, k, lam, p, route, max_iter, tol, residuals=False)
+    return _ops.solve_rows(kind, rows, k, lam, p, route, max_iter, tol, residuals=False)[0]
 
 
 def _linearized(

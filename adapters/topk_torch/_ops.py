@@ -268,17 +268,18 @@ VALUE_OPS = {(family, kind): _make_value_op(family, kind) for family in FAMILIES
 
 
 def solve_rows(kind: str, rows: torch.Tensor, k: int, lam: float, p: float, route: str, max_iter: Any,
-               tol: Any) -> tuple[torch.Tensor, ...]:
-    """What the operator of `route` returns, ``(y, *residuals)``, computed by its implementation directly: for
-    callers that the dispatcher need not see (an eager `autograd.Function`'s forward, which autograd and
-    `torch.func` already handle; the dispatcher's layers took 10-15 us of a call)."""
+               tol: Any, residuals: bool = True) -> tuple[torch.Tensor, ...]:
+    """What the operator of `route` returns, ``(y, *residuals)`` (or its ``..._value`` variant, ``(y,)``),
+    computed by its implementation directly: for eager callers that the dispatcher need not see (an
+    `autograd.Function`'s forward, which autograd and `torch.func` already handle, and calls that nothing
+    differentiates; the dispatcher's layers took 10-15 us of a call)."""
     family = "pav" if route == "pav" else "array_api"
     name = f"soft_topk_{kind}_{family}"
     _check_rows(rows, name)
     if family == "pav" and rows.device.type != "cpu":
         raise RuntimeError(f"sparse_topk::{name} runs on CPU tensors only; got a tensor on {rows.device}")
     extra = () if family == "pav" else (route, max_iter, tol)
-    return _solve(family, kind, rows, k, lam, p, *extra, residuals=True)
+    return _solve(family, kind, rows, k, lam, p, *extra, residuals=residuals)
 
 
 def call(kind: str, rows: torch.Tensor, k: int, lam: float, p: float, route: str, max_iter: Any, tol: Any,
