@@ -4,23 +4,20 @@ Eager backward on the CPU already leaves torch for the core's Numba product
 (`topk_torch._products`).  Under `torch.compile` the backward is traced
 instead, and the products, written against the Array API, became Inductor
 kernels.  For the magnitude, whose product decodes each entry's set from its
-one-byte code, those took 1.6-5x the time of the Numba product (float32, two
-threads: 6.94 against 1.47 ms at (262144, 16), 2.24 against 0.45 at (16384, 64),
-0.51 against 0.22 at (64, 4096), 1.50 against 0.93 at (1, 10^6);
-`benchmarks/bench_torch.py --compiled`).  The mask's product, a few elementwise
-operations and a row sum, Inductor fuses well (0.09-1.26 ms against the Numba
-product's 0.17-1.04 ms on the same shapes: faster but at (262144, 16)), so it
-stays traced.
+one-byte code, those took 1.5-3.8x the time of the Numba product behind this
+operator (float32, two threads, from (262144, 16) to (1, 10^6):
+`benchmarks/bench_torch_compiled.py`, table in docs/torch.md).  The mask's
+product, a few elementwise operations and a row sum, Inductor fuses well (it
+took 0.6-1.1x the time of the eager backward there), so it stays traced.
 
 ``sparse_topk::mag_product_host(gprime, codes, offset, rows, transpose)`` is
 ``J t`` of the magnitude, or ``J^T u`` with ``transpose``, for residuals in
 input order (no permutation, one block per row: the PAV and threshold
 methods' layout), with a fake implementation and an autograd formula in
 `rows` (the residuals are constants, as everywhere in the adapter): the
-derivative of ``J t`` in ``t`` is ``J`` itself, so a compiled double backward
-(``create_graph``) calls the transposed product, exact for ``p = 2``; for other
-``p`` the derivative of the residuals is missing, the limitation the compiled
-route already has (docs/torch.md).
+derivative of ``J t`` in ``t`` is ``J`` itself, the product the other way.
+(PyTorch does not differentiate a compiled backward again, so the formula
+serves the operator's own checks and any differentiation of it outside one.)
 """
 
 from __future__ import annotations
