@@ -408,3 +408,23 @@ def test_compiled_backward_benchmark(tmp_path):
     assert all(float(r[2]) > 0 and float(r[3]) > 0 and float(r[4]) > 0 for r in rows)
     assert all(float(r[6]) == 0.0 for r in rows if r[1] == "mag")
     assert all(float(r[7]) < 1e-4 for r in rows)
+
+
+def test_jax_products_benchmark(tmp_path):
+    """`bench_jax_products.py --quick`: both products' times and their agreement, and, where JAX has
+    `buffer_callback`, the forward through it and through `jax.pure_callback`."""
+    pytest.importorskip("jax")
+    page = tmp_path / "page.md"
+    page.write_text("<!-- bench_jax_products:start -->\n<!-- bench_jax_products:end -->\n")
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_jax_products.py"), "--quick", "--write", str(page)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    cells = [[c.strip() for c in line.split("|")[1:-1]] for line in page.read_text().splitlines()
+             if line.startswith("| (")]
+    products = [c for c in cells if len(c) == 6]
+    assert [(c[0], c[1]) for c in products] == [(s, op) for s in ("(64, 16)", "(1024, 16)") for op in ("mask", "mag")]
+    assert all(float(c[2]) > 0 and float(c[3]) > 0 and float(c[5]) < 1e-4 for c in products)
+    from topk_jax import _soft
+
+    callbacks = [c for c in cells if len(c) == 5]
+    assert len(callbacks) == (2 if _soft._buffer_callback is not None else 0)

@@ -18,7 +18,8 @@ Primal path, two kinds of solvers:
   primal: autodiff never goes through the iterations.  No callback, no host
   round trip; `jax.vmap` batches the loop like any JAX code.
 * ``"pav"``: the core's forward (the Numba PAV) runs on the host through
-  `jax.pure_callback`.  Without differentiation the callback returns only the
+  a callback (`jax.experimental.buffer_callback` on the CPU where JAX has it,
+  which writes into XLA's output buffers; `jax.pure_callback` otherwise).  Without differentiation the callback returns only the
   output; under differentiation one call also returns the residuals (the
   arrays of `topk_core.MaskResiduals` / `MagResiduals` that the method uses;
   which ones is found once per configuration while tracing).  The call is
@@ -38,7 +39,11 @@ Tangent rule.  `topk_core.mask_jvp_from_residuals` /
 `topk_core.mag_jvp_from_residuals`, evaluated with ``xp=jax.numpy`` on the
 residuals: gathers, elementwise operations and segment sums, linear in the
 tangent, so JAX transposes it for `jax.grad`, `jax.vjp` and `jax.jacrev`.
-Tangents never go through a callback or a solver loop.
+On the CPU, for calls of at least `_host_products.HOST_PRODUCT_MIN_ENTRIES`
+entries with residuals in input order, the same products run on the host
+instead (the core's Numba kernels), through a primitive with its own JVP,
+transpose and batching rules (`topk_jax._host_products`).  Tangents never go
+through a solver loop.
 
 Second order.  The residuals come from a second `jax.custom_jvp`
 (`_solve_*`) whose own rule decides what differentiating the residuals means:
@@ -68,7 +73,13 @@ from topk_core import _validate
 from topk_core._agnostic.dykstra import dykstra_mag, dykstra_mask
 from topk_core._agnostic.regularizer import conjugate_exponent
 from topk_core._agnostic.threshold import threshold_mag, threshold_mask
+from topk_jax import _host_products
 from topk_jax._sharding import per_shard
+
+try:  # JAX >= 0.7: host callbacks that write into XLA's output buffers
+    from jax.experimental.buffer_callback import buffer_callback as _buffer_callback
+except ImportError:  # pragma: no cover - older JAX: jax.pure_callback only
+    _buffer_callback = None
 
 __all__ = [
     "NATIVE_METHODS", "Static", "auto_method", "device_platforms", "resolve_method", "soft_topk_mag_rows",
@@ -94,6 +105,12 @@ def device_platforms(x: jax.Array) -> frozenset[str]:
     mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
     platform = getattr(getattr(mesh, "abstract_device", None), "platform", None)
     return frozenset({platform if platform is not None else jax.default_backend()})
+
+
+def _host_platform(rows: jax.Array) -> bool:
+    """Whether `rows` live on the CPU, where a `buffer_callback` hands the callback NumPy-viewable buffers (on a
+    GPU they are device memory: `jax.pure_callback` copies them to the host)."""
+    return device_platforms(rows) == {"cpu"}
 
 
 def auto_method(x: jax.Array) -> str:
@@ -140,6 +157,7 @@ class Static:
 
 class _Operator(NamedTuple):
     name: str
+    kind: str
     primal: Callable[..., Any]
     forward: Callable[..., tuple[Any, Any]]
     residuals: type
@@ -149,11 +167,11 @@ class _Operator(NamedTuple):
 
 
 _MASK = _Operator(
-    "soft_topk_mask", topk_core.soft_topk_mask, topk_core.soft_topk_mask_forward, topk_core.MaskResiduals,
+    "soft_topk_mask", "mask", topk_core.soft_topk_mask, topk_core.soft_topk_mask_forward, topk_core.MaskResiduals,
     topk_core.mask_jvp_from_residuals, threshold_mask, dykstra_mask,
 )
 _MAG = _Operator(
-    "soft_topk_mag", topk_core.soft_topk_mag, topk_core.soft_topk_mag_forward, topk_core.MagResiduals,
+    "soft_topk_mag", "mag", topk_core.soft_topk_mag, topk_core.soft_topk_mag_forward, topk_core.MagResiduals,
     topk_core.mag_jvp_from_residuals, threshold_mag, dykstra_mag,
 )
 
@@ -226,6 +244,18 @@ def _host_callback(op: _Operator, static: Static, with_residuals: bool) -> Calla
     return callback
 
 
+def _writing_into(callback: Callable[[Any], Any]) -> Callable[..., None]:
+    """`callback` (rows -> result pytree) as a `buffer_callback` function: the result copied into XLA's own
+    output buffers, the leaves in the same order (absent residual fields are None on both sides)."""
+
+    def write(ctx: Any, out: Any, rows: Any) -> None:
+        del ctx  # the execution context serves GPU streams only
+        for buffer, value in zip(jax.tree.leaves(out), jax.tree.leaves(callback(np.asarray(rows))), strict=True):
+            np.copyto(np.asarray(buffer), value, casting="no")
+
+    return write
+
+
 def _result_spec(op: _Operator, static: Static, rows: jax.Array, with_residuals: bool) -> Any:
     y_spec = jax.ShapeDtypeStruct(rows.shape, rows.dtype)
     if not with_residuals:
@@ -249,9 +279,10 @@ def _host_solver(op: _Operator, static: Static, with_residuals: bool) -> Callabl
     callback = _host_callback(op, static, with_residuals)
 
     def host(rows: jax.Array) -> Any:
-        return jax.pure_callback(
-            callback, _result_spec(op, static, rows, with_residuals), rows, vmap_method="broadcast_all"
-        )
+        spec = _result_spec(op, static, rows, with_residuals)
+        if _buffer_callback is not None and _host_platform(rows):
+            return _buffer_callback(_writing_into(callback), spec, vmap_method="broadcast_all")(rows)
+        return jax.pure_callback(callback, spec, rows, vmap_method="broadcast_all")
 
     @jax.custom_batching.custom_vmap
     def solver(rows: jax.Array) -> Any:
@@ -314,6 +345,9 @@ def _zero_tangent(value: jax.Array | None) -> Any:
 
 
 def _tangent(op: _Operator, residuals: Any, rows_dot: jax.Array) -> jax.Array:
+    if _host_products.serves(residuals, rows_dot):
+        # The host route's residuals on the CPU: the core's Numba product, as a primitive JAX can transpose.
+        return _host_products.host_product(op.kind, residuals, rows_dot)
     return op.jvp(residuals, rows_dot, axis=-1, xp=jnp)
 
 

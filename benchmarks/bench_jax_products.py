@@ -1,0 +1,145 @@
+"""The JAX adapter's host calls on the CPU: the core's Numba product (a primitive) against XLA's, and the
+solver's callback writing into XLA's buffers against `jax.pure_callback`.
+
+With the PAV route on the CPU, the tangent rule of the soft operators runs the
+core's Numba product through a primitive with a transpose rule
+(`topk_jax._host_products`) for calls of at least `HOST_PRODUCT_MIN_ENTRIES`
+entries, and the product written against the Array API, compiled by XLA, for
+smaller ones.  This script times the jitted forward + VJP (``jax.vjp`` of the
+operator and its pullback of a cotangent of ones, in one `jax.jit`) both ways,
+side by side in one process (best of interleaved runs after a warm-up), and
+prints the largest difference between the two gradients.  A second table times
+the jitted forward (no residuals) with the host solve called through
+`jax.experimental.buffer_callback` (as shipped, where JAX has it) and through
+`jax.pure_callback`.
+
+    python benchmarks/bench_jax_products.py                         # full table
+    python benchmarks/bench_jax_products.py --quick                 # small shapes, a smoke run
+    python benchmarks/bench_jax_products.py --write docs/jax.md     # and update the docs page
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from _report import machine, write_section
+
+import topk_jax as tk
+from topk_jax import _host_products, _soft
+
+CALLBACK_SHAPES = [(64, 16), (4096, 64), (16384, 64), (262144, 16)]
+SHAPES = [(64, 16), (1024, 16), (256, 256), (4096, 64), (16384, 64), (64, 4096), (1, 10**6), (262144, 16)]
+QUICK_SHAPES = [(64, 16), (1024, 16)]
+STRENGTH = 0.1
+
+
+def best_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Best wall time of every callable; rounds interleave them, so load drift hits all alike."""
+    for fn in fns.values():
+        fn()  # warm-up (compilation)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: min(t) for name, t in times.items()}
+
+
+def forward_and_pullback(op: str, k: int, host: bool) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """The jitted forward + VJP, its product through the primitive (`host`) or compiled by XLA; the choice is
+    made while tracing, on the first call."""
+    fn = getattr(tk, f"soft_topk_{op}")
+
+    def run(x: jax.Array, u: jax.Array) -> jax.Array:
+        rule, least = _host_products.serves, _host_products.HOST_PRODUCT_MIN_ENTRIES
+        if host:
+            _host_products.HOST_PRODUCT_MIN_ENTRIES = 0  # whatever the size
+        else:
+            _host_products.serves = lambda *args: False
+        try:
+            return jax.vjp(lambda t: fn(t, k, regularization_strength=STRENGTH), x)[1](u)[0]
+        finally:
+            _host_products.serves, _host_products.HOST_PRODUCT_MIN_ENTRIES = rule, least
+
+    return jax.jit(run)
+
+
+def forward(op: str, k: int, buffers: bool) -> Callable[[jax.Array], jax.Array]:
+    """The jitted forward, its host solve through `buffer_callback` (`buffers`) or `jax.pure_callback`; the
+    choice is made while tracing, on the first call."""
+    fn = getattr(tk, f"soft_topk_{op}")
+
+    def run(x: jax.Array) -> jax.Array:
+        shipped = _soft._buffer_callback
+        if not buffers:
+            _soft._buffer_callback = None
+        try:
+            return fn(x, k, regularization_strength=STRENGTH)
+        finally:
+            _soft._buffer_callback = shipped
+
+    return jax.jit(run)
+
+
+def callback_table(out: Callable[[str], None], shapes: list[tuple[int, int]], repeats: int) -> None:
+    out("")
+    out(f"The jitted forward (float32, k = n/10, p = 4/3, l = {STRENGTH}), best of {repeats} interleaved runs: the "
+        "host solve through `buffer_callback` (as shipped) and through `jax.pure_callback`.")
+    out("")
+    out("| shape | operator | buffer_callback (ms) | pure_callback (ms) | buffer / pure |")
+    out("|---|---|---|---|---|")
+    rng = np.random.default_rng(1)
+    for shape in shapes:
+        x = jnp.asarray(rng.normal(size=shape).astype(np.float32))
+        k = max(1, shape[1] // 10)
+        for op in ("mask", "mag"):
+            fns = {"buffers": forward(op, k, True), "pure": forward(op, k, False)}
+            t = best_times({name: lambda f=f, x=x: f(x).block_until_ready() for name, f in fns.items()}, repeats)
+            out(f"| {shape} | {op} | {t['buffers'] * 1e3:.3f} | {t['pure'] * 1e3:.3f} "
+                f"| {t['buffers'] / t['pure']:.2f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small shapes and few repeats (smoke run)")
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--write", metavar="PAGE", help="also write the table into this Markdown page")
+    args = parser.parse_args()
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    repeats = 2 if args.quick else args.repeats
+    lines: list[str] = []
+    out = lines.append
+    out(f"Machine: {machine()}, jax {jax.__version__} on {jax.default_backend()}.")
+    out(f"float32, k = n/10, p = 4/3, l = {STRENGTH}: `jax.vjp` and the pullback of a cotangent of ones in one "
+        f"`jax.jit`, best of {repeats} interleaved runs after a warm-up. As shipped, calls of "
+        f"{_host_products.HOST_PRODUCT_MIN_ENTRIES} entries or more take the Numba product.")
+    out("")
+    out("| shape | operator | Numba product (ms) | XLA product (ms) | Numba / XLA | max abs diff |")
+    out("|---|---|---|---|---|---|")
+    rng = np.random.default_rng(0)
+    for shape in shapes:
+        x = jnp.asarray(rng.normal(size=shape).astype(np.float32))
+        u = jnp.ones_like(x)
+        k = max(1, shape[1] // 10)
+        for op in ("mask", "mag"):
+            host, xla = forward_and_pullback(op, k, True), forward_and_pullback(op, k, False)
+            diff = float(jnp.max(jnp.abs(host(x, u) - xla(x, u))))
+            t = best_times({"host": lambda host=host, x=x, u=u: host(x, u).block_until_ready(),
+                            "xla": lambda xla=xla, x=x, u=u: xla(x, u).block_until_ready()}, repeats)
+            out(f"| {shape} | {op} | {t['host'] * 1e3:.3f} | {t['xla'] * 1e3:.3f} | {t['host'] / t['xla']:.2f} "
+                f"| {diff:.1e} |")
+    if _soft._buffer_callback is not None:
+        callback_table(out, CALLBACK_SHAPES[:1] if args.quick else CALLBACK_SHAPES, repeats)
+    print("\n".join(lines))
+    if args.write:
+        write_section(args.write, "bench_jax_products", "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
