@@ -49,8 +49,8 @@ class SoftTopk(torch.autograd.Function):
     ``apply(rows, spec)``, `spec` the tuple ``(kind, k, regularization_strength, p, q, route,
     max_iter, tol)``: ``kind`` ("mask" or "mag"), ``q`` the conjugate exponent, ``route`` the
     resolved method.  One argument rather than eight: `apply` binds its arguments to the
-    signature of ``forward`` on every call, which took 12 us more with nine parameters than
-    with two.  Not traced by Dynamo (`soft_rows` calls the operators directly there), so
+    signature of ``forward`` on every call, at a cost that grows with their number (a fixed
+    cost that small calls feel: `benchmarks/bench_torch.py`, small calls).  Not traced by Dynamo (`soft_rows` calls the operators directly there), so
     ``forward`` calls the solver itself, not through the dispatcher (`_ops.solve_rows`).
     """
 

@@ -272,7 +272,7 @@ def solve_rows(kind: str, rows: torch.Tensor, k: int, lam: float, p: float, rout
     """What the operator of `route` returns, ``(y, *residuals)`` (or its ``..._value`` variant, ``(y,)``),
     computed by its implementation directly: for eager callers that the dispatcher need not see (an
     `autograd.Function`'s forward, which autograd and `torch.func` already handle, and calls that nothing
-    differentiates; the dispatcher's layers took 10-15 us of a call)."""
+    differentiates), whose fixed cost per call small calls feel (`benchmarks/bench_torch.py`, small calls)."""
     family = "pav" if route == "pav" else "array_api"
     name = f"soft_topk_{kind}_{family}"
     _check_rows(rows, name)
