@@ -30,7 +30,7 @@ import numpy as np
 from _report import machine, write_section
 
 import topk_jax as tk
-from topk_jax import _host_products, _soft
+from topk_jax import _host_call, _host_products
 
 CALLBACK_SHAPES = [(64, 16), (4096, 64), (16384, 64), (262144, 16)]
 SHAPES = [(64, 16), (1024, 16), (256, 256), (4096, 64), (16384, 64), (64, 4096), (1, 10**6), (262144, 16)]
@@ -76,13 +76,13 @@ def forward(op: str, k: int, buffers: bool) -> Callable[[jax.Array], jax.Array]:
     fn = getattr(tk, f"soft_topk_{op}")
 
     def run(x: jax.Array) -> jax.Array:
-        shipped = _soft._buffer_callback
+        shipped = _host_call._buffer_callback
         if not buffers:
-            _soft._buffer_callback = None
+            _host_call._buffer_callback = None
         try:
             return fn(x, k, regularization_strength=STRENGTH)
         finally:
-            _soft._buffer_callback = shipped
+            _host_call._buffer_callback = shipped
 
     return jax.jit(run)
 
@@ -134,7 +134,7 @@ def main() -> None:
                             "xla": lambda xla=xla, x=x, u=u: xla(x, u).block_until_ready()}, repeats)
             out(f"| {shape} | {op} | {t['host'] * 1e3:.3f} | {t['xla'] * 1e3:.3f} | {t['host'] / t['xla']:.2f} "
                 f"| {diff:.1e} |")
-    if _soft._buffer_callback is not None:
+    if _host_call._buffer_callback is not None:
         callback_table(out, CALLBACK_SHAPES[:1] if args.quick else CALLBACK_SHAPES, repeats)
     print("\n".join(lines))
     if args.write:

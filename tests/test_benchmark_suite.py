@@ -424,7 +424,7 @@ def test_jax_products_benchmark(tmp_path):
     products = [c for c in cells if len(c) == 6]
     assert [(c[0], c[1]) for c in products] == [(s, op) for s in ("(64, 16)", "(1024, 16)") for op in ("mask", "mag")]
     assert all(float(c[2]) > 0 and float(c[3]) > 0 and float(c[5]) < 1e-4 for c in products)
-    from topk_jax import _soft
+    from topk_jax import _host_call
 
     callbacks = [c for c in cells if len(c) == 5]
-    assert len(callbacks) == (2 if _soft._buffer_callback is not None else 0)
+    assert len(callbacks) == (2 if _host_call._buffer_callback is not None else 0)

@@ -11,8 +11,7 @@ transpose.  So the product is a primitive, ``sparse_topk_host_product``, of
 the residual fields and the rows, linear in the rows, with
 
 * a lowering to a host callback that runs the core's product on the buffers
-  (`jax.experimental.buffer_callback`, writing into XLA's output buffer, where
-  JAX has it; `jax.pure_callback` otherwise);
+  (`topk_jax._host_call`);
 * a JVP rule (the product of the tangent: the residuals are constants, as
   everywhere in the adapter; second order for p != 2 is refused before here,
   by the residuals' own rule);
@@ -39,10 +38,7 @@ from jax.interpreters import ad, batching, mlir
 
 import topk_core
 
-try:  # JAX >= 0.7: host callbacks that write into XLA's output buffers
-    from jax.experimental.buffer_callback import buffer_callback as _buffer_callback
-except ImportError:  # pragma: no cover - older JAX: jax.pure_callback only
-    _buffer_callback = None
+from ._host_call import host_call
 
 __all__ = ["HOST_PRODUCT_MIN_ENTRIES", "host_product", "serves"]
 
@@ -103,15 +99,8 @@ def _abstract_eval(*args: Any, kind: str, transpose: bool) -> Any:
 def _callback_product(*args: Any, kind: str, transpose: bool) -> jax.Array:
     rows = args[-1]
     spec = jax.ShapeDtypeStruct(rows.shape, rows.dtype)
-    compute = functools.partial(_product_on_host, kind, transpose)
-    if _buffer_callback is not None:
-
-        def write(ctx: Any, out: Any, *buffers: Any) -> None:
-            del ctx
-            np.copyto(np.asarray(out), compute(*buffers), casting="no")
-
-        return _buffer_callback(write, spec)(*args)
-    return jax.pure_callback(compute, spec, *args)
+    # Lowered only where `serves` held: on the CPU.
+    return host_call(functools.partial(_product_on_host, kind, transpose), spec, *args, on_cpu=True)
 
 
 def _jvp(primals: tuple[Any, ...], tangents: tuple[Any, ...], *, kind: str, transpose: bool) -> tuple[Any, Any]:
@@ -140,6 +129,7 @@ def _batch(args: tuple[Any, ...], dims: tuple[Any, ...], *, kind: str, transpose
     return host_product_p.bind(*moved, kind=kind, transpose=transpose), 0
 
 
+# Eager application compiles the primitive like any other (JAX's own rule for primitives with a lowering).
 host_product_p.def_impl(functools.partial(jax._src.dispatch.apply_primitive, host_product_p))
 host_product_p.def_abstract_eval(_abstract_eval)
 mlir.register_lowering(host_product_p, mlir.lower_fun(_callback_product, multiple_results=False))

@@ -18,9 +18,10 @@ Primal path, two kinds of solvers:
   primal: autodiff never goes through the iterations.  No callback, no host
   round trip; `jax.vmap` batches the loop like any JAX code.
 * ``"pav"``: the core's forward (the Numba PAV) runs on the host through
-  a callback (`jax.experimental.buffer_callback` on the CPU where JAX has it,
-  which writes into XLA's output buffers; `jax.pure_callback` otherwise).  Without differentiation the callback returns only the
-  output; under differentiation one call also returns the residuals (the
+  a callback (`topk_jax._host_call`: `jax.experimental.buffer_callback` on
+  the CPU where JAX has it, which writes into XLA's output buffers;
+  `jax.pure_callback` otherwise).  Without differentiation the callback
+  returns only the output; under differentiation one call also returns the residuals (the
   arrays of `topk_core.MaskResiduals` / `MagResiduals` that the method uses;
   which ones is found once per configuration while tracing).  The call is
   wrapped in a `jax.custom_batching.custom_vmap` whose rule treats a vmapped
@@ -73,13 +74,8 @@ from topk_core import _validate
 from topk_core._agnostic.dykstra import dykstra_mag, dykstra_mask
 from topk_core._agnostic.regularizer import conjugate_exponent
 from topk_core._agnostic.threshold import threshold_mag, threshold_mask
-from topk_jax import _host_products
+from topk_jax import _host_call, _host_products
 from topk_jax._sharding import per_shard
-
-try:  # JAX >= 0.7: host callbacks that write into XLA's output buffers
-    from jax.experimental.buffer_callback import buffer_callback as _buffer_callback
-except ImportError:  # pragma: no cover - older JAX: jax.pure_callback only
-    _buffer_callback = None
 
 __all__ = [
     "NATIVE_METHODS", "Static", "auto_method", "device_platforms", "resolve_method", "soft_topk_mag_rows",
@@ -108,8 +104,7 @@ def device_platforms(x: jax.Array) -> frozenset[str]:
 
 
 def _host_platform(rows: jax.Array) -> bool:
-    """Whether `rows` live on the CPU, where a `buffer_callback` hands the callback NumPy-viewable buffers (on a
-    GPU they are device memory: `jax.pure_callback` copies them to the host)."""
+    """Whether `rows` live on the CPU (`device_platforms`): host memory, which callbacks can see in place."""
     return device_platforms(rows) == {"cpu"}
 
 
@@ -244,18 +239,6 @@ def _host_callback(op: _Operator, static: Static, with_residuals: bool) -> Calla
     return callback
 
 
-def _writing_into(callback: Callable[[Any], Any]) -> Callable[..., None]:
-    """`callback` (rows -> result pytree) as a `buffer_callback` function: the result copied into XLA's own
-    output buffers, the leaves in the same order (absent residual fields are None on both sides)."""
-
-    def write(ctx: Any, out: Any, rows: Any) -> None:
-        del ctx  # the execution context serves GPU streams only
-        for buffer, value in zip(jax.tree.leaves(out), jax.tree.leaves(callback(np.asarray(rows))), strict=True):
-            np.copyto(np.asarray(buffer), value, casting="no")
-
-    return write
-
-
 def _result_spec(op: _Operator, static: Static, rows: jax.Array, with_residuals: bool) -> Any:
     y_spec = jax.ShapeDtypeStruct(rows.shape, rows.dtype)
     if not with_residuals:
@@ -280,9 +263,7 @@ def _host_solver(op: _Operator, static: Static, with_residuals: bool) -> Callabl
 
     def host(rows: jax.Array) -> Any:
         spec = _result_spec(op, static, rows, with_residuals)
-        if _buffer_callback is not None and _host_platform(rows):
-            return _buffer_callback(_writing_into(callback), spec, vmap_method="broadcast_all")(rows)
-        return jax.pure_callback(callback, spec, rows, vmap_method="broadcast_all")
+        return _host_call.host_call(callback, spec, rows, on_cpu=_host_platform(rows), vmap_method="broadcast_all")
 
     @jax.custom_batching.custom_vmap
     def solver(rows: jax.Array) -> Any:

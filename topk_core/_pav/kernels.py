@@ -570,7 +570,7 @@ def _residual_block(*layouts):
     base = (-raw.__array_interface__["data"][0]) % _BLOCK_ALIGN
     return tuple(
         raw[base + start:base + start + size].view(dtype).reshape(shape)
-        for (shape, _), dtype, start, size in zip(layouts, dtypes, starts, sizes, strict=False)
+        for (shape, _), dtype, start, size in zip(layouts, dtypes, starts[:-1], sizes, strict=True)
     )
 
 
