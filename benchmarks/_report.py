@@ -45,6 +45,21 @@ def _wall_times(fn: Callable[[], object], repeats: int, warmup: int) -> list[flo
     return times
 
 
+def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int,
+                      reduce: Callable[[list[float]], float] = statistics.median) -> dict[str, float]:
+    """`reduce` (the median, or min) of the wall times of every callable after one warm-up call each; the
+    rounds interleave the callables, so load drift hits all alike."""
+    for fn in fns.values():
+        fn()  # warm-up (compilation, allocator, caches)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: reduce(t) for name, t in times.items()}
+
+
 def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
     """Median wall time of `fn()` over `repeats` runs, after `warmup` runs that are not timed."""
     return statistics.median(_wall_times(fn, repeats, warmup))

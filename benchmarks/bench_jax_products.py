@@ -21,13 +21,12 @@ the jitted forward (no residuals) with the host solve called through
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _report import machine, write_section
+from _report import interleaved_times, machine, write_section
 
 import topk_jax as tk
 from topk_jax import _host_call, _host_products
@@ -40,15 +39,16 @@ STRENGTH = 0.1
 
 def best_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
     """Best wall time of every callable; rounds interleave them, so load drift hits all alike."""
-    for fn in fns.values():
-        fn()  # warm-up (compilation)
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: min(t) for name, t in times.items()}
+    return interleaved_times(fns, repeats, min)
+
+
+def _cases(shapes: list[tuple[int, int]], seed: int) -> Iterator[tuple[tuple[int, int], jax.Array, int, str]]:
+    """(shape, float32 normal rows, k = n/10, operator) for every shape and both operators."""
+    rng = np.random.default_rng(seed)
+    for shape in shapes:
+        x = jnp.asarray(rng.normal(size=shape).astype(np.float32))
+        for op in ("mask", "mag"):
+            yield shape, x, max(1, shape[1] // 10), op
 
 
 def forward_and_pullback(op: str, k: int, host: bool) -> Callable[[jax.Array, jax.Array], jax.Array]:
@@ -94,15 +94,10 @@ def callback_table(out: Callable[[str], None], shapes: list[tuple[int, int]], re
     out("")
     out("| shape | operator | buffer_callback (ms) | pure_callback (ms) | buffer / pure |")
     out("|---|---|---|---|---|")
-    rng = np.random.default_rng(1)
-    for shape in shapes:
-        x = jnp.asarray(rng.normal(size=shape).astype(np.float32))
-        k = max(1, shape[1] // 10)
-        for op in ("mask", "mag"):
-            fns = {"buffers": forward(op, k, True), "pure": forward(op, k, False)}
-            t = best_times({name: lambda f=f, x=x: f(x).block_until_ready() for name, f in fns.items()}, repeats)
-            out(f"| {shape} | {op} | {t['buffers'] * 1e3:.3f} | {t['pure'] * 1e3:.3f} "
-                f"| {t['buffers'] / t['pure']:.2f} |")
+    for shape, x, k, op in _cases(shapes, 1):
+        fns = {"buffers": forward(op, k, True), "pure": forward(op, k, False)}
+        t = best_times({name: lambda f=f, x=x: f(x).block_until_ready() for name, f in fns.items()}, repeats)
+        out(f"| {shape} | {op} | {t['buffers'] * 1e3:.3f} | {t['pure'] * 1e3:.3f} | {t['buffers'] / t['pure']:.2f} |")
 
 
 def main() -> None:
@@ -122,18 +117,14 @@ def main() -> None:
     out("")
     out("| shape | operator | Numba product (ms) | XLA product (ms) | Numba / XLA | max abs diff |")
     out("|---|---|---|---|---|---|")
-    rng = np.random.default_rng(0)
-    for shape in shapes:
-        x = jnp.asarray(rng.normal(size=shape).astype(np.float32))
+    for shape, x, k, op in _cases(shapes, 0):
         u = jnp.ones_like(x)
-        k = max(1, shape[1] // 10)
-        for op in ("mask", "mag"):
-            host, xla = forward_and_pullback(op, k, True), forward_and_pullback(op, k, False)
-            diff = float(jnp.max(jnp.abs(host(x, u) - xla(x, u))))
-            t = best_times({"host": lambda host=host, x=x, u=u: host(x, u).block_until_ready(),
-                            "xla": lambda xla=xla, x=x, u=u: xla(x, u).block_until_ready()}, repeats)
-            out(f"| {shape} | {op} | {t['host'] * 1e3:.3f} | {t['xla'] * 1e3:.3f} | {t['host'] / t['xla']:.2f} "
-                f"| {diff:.1e} |")
+        host, xla = forward_and_pullback(op, k, True), forward_and_pullback(op, k, False)
+        diff = float(jnp.max(jnp.abs(host(x, u) - xla(x, u))))
+        t = best_times({"host": lambda host=host, x=x, u=u: host(x, u).block_until_ready(),
+                        "xla": lambda xla=xla, x=x, u=u: xla(x, u).block_until_ready()}, repeats)
+        out(f"| {shape} | {op} | {t['host'] * 1e3:.3f} | {t['xla'] * 1e3:.3f} | {t['host'] / t['xla']:.2f} "
+            f"| {diff:.1e} |")
     if _host_call._buffer_callback is not None:
         callback_table(out, CALLBACK_SHAPES[:1] if args.quick else CALLBACK_SHAPES, repeats)
     print("\n".join(lines))

@@ -17,12 +17,10 @@ batches) against `torch.topk` with its backward.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
-from _report import machine, torch_hard_topk, write_section
+from _report import interleaved_times, machine, torch_hard_topk, write_section
 
 import topk_torch as tk
 
@@ -38,15 +36,7 @@ STRENGTH = 0.1
 
 def median_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
     """Median wall time of every callable; rounds interleave them, so load drift hits all alike."""
-    for fn in fns.values():
-        fn()  # warm-up (Numba compilation, allocator, caches)
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return interleaved_times(fns, repeats)
 
 
 def forward_backward(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, u: torch.Tensor) -> Callable:
