@@ -1,4 +1,4 @@
-"""The Jacobian products of the host (PAV) route on the CPU: a JAX primitive that runs the core's Numba product.
+"""The Jacobian products on the CPU as a JAX primitive that runs the core's Numba product on the host.
 
 The tangent rule of the soft operators is the core's closed-form product
 written against the Array API; evaluated with `jax.numpy`, XLA compiles it
