@@ -526,7 +526,7 @@ def topk_rows_select(keys, x, k, lam, q, is_mag, out, gprime, codes, offset):
     batch, n = x.shape
     threads = nb.get_num_threads()
     lanes = lane_route(batch, n, k, q, lam)
-    lanes_load_all = lanes_check_finite(batch, n, k, q, lam)
+    lanes_load_all = lanes and lanes_find_bounds(k)  # `lanes_check_finite`, its route decided once
     if keys is None and not lanes_load_all:
         keys = read_only(np.abs(x))  # the lanes alone take the magnitude's keys from x
     if n >= LONG_ROW_MIN_N and batch < threads:
@@ -574,14 +574,20 @@ def lane_route(batch: int, n: int, k: int, q: float, lam: float) -> bool:
     # Past the short rows, the sort-free route keeps the p = 2 rows it serves (`sortfree_applies`) beyond
     # CUBIC_LANE_MAX_N entries, where it was the faster (the mask at n = 1024-2048, k = 32).
     sortfree_kept = q == 2.0 and k + 1 > TRACK_MAX and n > CUBIC_LANE_MAX_N
-    return batch >= LANES and n <= SMALL_K_LANE_MAX_N and k + 1 <= LANE_TRACK_MAX and not sortfree_kept
+    return batch >= LANES and n <= SMALL_K_LANE_MAX_N and lanes_find_bounds(k) and not sortfree_kept
 
 
 def lanes_check_finite(batch: int, n: int, k: int, q: float, lam: float) -> bool:
     """Whether the lane solver loads every entry of `batch` rows of `n` entries (it finds their order
     statistics itself) and so tells `topk_rows_select` when one is not finite: no pass of the caller's
     need check."""
-    return lane_route(batch, n, k, q, lam) and k + 1 <= LANE_TRACK_MAX
+    return lane_route(batch, n, k, q, lam) and lanes_find_bounds(k)
+
+
+def lanes_find_bounds(k: int) -> bool:
+    """Whether the lane solver, on the rows it takes, finds their k-th and (k+1)-th largest keys itself (its
+    sweeps), loading every entry."""
+    return k + 1 <= LANE_TRACK_MAX
 
 
 def _select_subset(rows, keys, x, k, lam, q, is_mag, out, gprime, codes, offset, bounds):
