@@ -3,6 +3,7 @@ the exponents timed, `ROWSxN` shape lists and the hard top-k baseline of PyTorch
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
@@ -14,6 +15,20 @@ import numpy as np
 
 # The two exponents the benchmarks time: p = 4/3 (the library's default) and 2.
 EXPONENTS = {"4/3": 4.0 / 3.0, "2": 2.0}
+
+
+def table_parser(doc: str | None, repeats: int, tables: str = "table") -> argparse.ArgumentParser:
+    """The arguments every table script takes: ``--quick`` (a smoke run), ``--repeats`` and ``--write PAGE``."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small shapes and few repeats (smoke run)")
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--write", metavar="PAGE", help=f"also write the {tables} into this Markdown page")
+    return parser
+
+
+def table_size(args: argparse.Namespace, shapes: list, quick_shapes: list) -> tuple[list, int]:
+    """(shapes, repeats) of a table script's run: its quick shapes and 2 repeats with ``--quick``."""
+    return (quick_shapes, 2) if args.quick else (shapes, args.repeats)
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:

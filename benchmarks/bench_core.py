@@ -13,7 +13,6 @@ with the kernel already compiled).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -24,7 +23,7 @@ import numpy as np
 import topk_numpy as tk
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _report import machine, median_time, random_rows, write_section
+from _report import machine, median_time, random_rows, table_parser, table_size, write_section
 
 SHAPES = [(1, 10**6), (64, 4096), (16384, 64)]
 QUICK_SHAPES = [(1, 10**4), (16, 256), (256, 64)]
@@ -71,14 +70,10 @@ def peak_memory_ratio(shape: tuple[int, int], op: str, p: float) -> float | None
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small shapes and few repeats (smoke run)")
-    parser.add_argument("--repeats", type=int, default=7)
+    parser = table_parser(__doc__, 7)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    parser.add_argument("--write", metavar="PAGE", help="also write the table into this Markdown page")
     args = parser.parse_args()
-    shapes = QUICK_SHAPES if args.quick else SHAPES
-    repeats = 2 if args.quick else args.repeats
+    shapes, repeats = table_size(args, SHAPES, QUICK_SHAPES)
 
     lines = [
         f"Machine: {machine()}, NumPy {np.__version__}.",

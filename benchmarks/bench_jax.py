@@ -14,7 +14,6 @@ also returns the residuals, then the closed-form VJP in `jax.numpy`.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections.abc import Callable
@@ -44,13 +43,9 @@ def machine() -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small shapes and few repeats (smoke run)")
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--write", metavar="PAGE", help="also write the table into this Markdown page")
+    parser = report.table_parser(__doc__, 7)
     args = parser.parse_args()
-    shapes = QUICK_SHAPES if args.quick else SHAPES
-    repeats = 2 if args.quick else args.repeats
+    shapes, repeats = report.table_size(args, SHAPES, QUICK_SHAPES)
 
     lines = [f"Machine: {machine()}."]
     lines.append(f"float32, k = n/10, l = {STRENGTH}, jitted, medians of {repeats} runs after a warm-up; "

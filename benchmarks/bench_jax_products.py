@@ -20,13 +20,12 @@ the jitted forward (no residuals) with the host solve called through
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _report import interleaved_times, machine, write_section
+from _report import interleaved_times, machine, table_parser, table_size, write_section
 
 import topk_jax as tk
 from topk_jax import _host_call, _host_products
@@ -101,13 +100,9 @@ def callback_table(out: Callable[[str], None], shapes: list[tuple[int, int]], re
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small shapes and few repeats (smoke run)")
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--write", metavar="PAGE", help="also write the table into this Markdown page")
+    parser = table_parser(__doc__, 15)
     args = parser.parse_args()
-    shapes = QUICK_SHAPES if args.quick else SHAPES
-    repeats = 2 if args.quick else args.repeats
+    shapes, repeats = table_size(args, SHAPES, QUICK_SHAPES)
     lines: list[str] = []
     out = lines.append
     out(f"Machine: {machine()}, jax {jax.__version__} on {jax.default_backend()}.")

@@ -22,7 +22,6 @@ Prints Markdown tables:
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import warnings
@@ -34,7 +33,7 @@ import numpy as np
 import topk_core as tc
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _report import best_time, forward_vjp, machine, write_section
+from _report import best_time, forward_vjp, machine, table_parser, table_size, write_section
 
 SHAPES = [(1, 10**6), (64, 4096), (16384, 64), (262144, 16)]
 QUICK_SHAPES = [(1, 10**4), (16, 256), (256, 64), (1024, 16)]
@@ -180,18 +179,14 @@ def entmax_table(shapes: list[tuple[int, int]], repeats: int) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small shapes and few repeats (smoke run)")
-    parser.add_argument("--repeats", type=int, default=11)
+    parser = table_parser(__doc__, 11, "tables")
     parser.add_argument("--dykstra-repeats", type=int, default=1, help="Dykstra runs (no warm-up; it is slow)")
-    parser.add_argument("--write", metavar="PAGE", help="also write the tables into this Markdown page")
     parser.add_argument("--section", default="bench_methods",
                         help="the page's section to write (its markers); another for another CPU's tables")
     args = parser.parse_args()
     # Dykstra stops at its default max_iter on the long rows; the table's last column says how far from PAV.
     warnings.simplefilter("ignore", tc.DykstraNotConverged)
-    shapes = QUICK_SHAPES if args.quick else SHAPES
-    repeats = 2 if args.quick else args.repeats
+    shapes, repeats = table_size(args, SHAPES, QUICK_SHAPES)
     head = [
         f"Machine: {machine()}, NumPy {np.__version__}.",
         f"float32, k = max(2, n/8), l = {STRENGTH}; best of {repeats} runs after a warm-up "

@@ -16,11 +16,10 @@ batches) against `torch.topk` with its backward.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 
 import torch
-from _report import interleaved_times, machine, torch_hard_topk, write_section
+from _report import interleaved_times, machine, table_parser, table_size, torch_hard_topk, write_section
 
 import topk_torch as tk
 
@@ -84,16 +83,12 @@ def small_calls(out: Callable[[str], None], shapes: list[tuple[int, int]], repea
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small shapes and few repeats (smoke run)")
-    parser.add_argument("--repeats", type=int, default=9)
+    parser = table_parser(__doc__, 9, "tables")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--write", metavar="PAGE", help="also write the tables into this Markdown page")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    shapes = QUICK_SHAPES if args.quick else SHAPES
-    repeats = 2 if args.quick else args.repeats
+    shapes, repeats = table_size(args, SHAPES, QUICK_SHAPES)
     lines: list[str] = []
     out = lines.append
 

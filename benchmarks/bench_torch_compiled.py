@@ -19,7 +19,6 @@ variant is compiled from its own trace.
 
 from __future__ import annotations
 
-import argparse
 import os
 
 # Before torch is imported: each variant must be compiled from its own trace, not found in a cache.
@@ -27,7 +26,7 @@ os.environ["TORCHINDUCTOR_FX_GRAPH_CACHE"] = "0"
 os.environ["TORCHINDUCTOR_AUTOGRAD_CACHE"] = "0"
 
 import torch
-from _report import machine, write_section
+from _report import machine, table_parser, table_size, write_section
 from bench_torch import median_times
 
 import topk_torch as tk
@@ -59,16 +58,12 @@ def compiled_gradient(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small shapes and few repeats (smoke run)")
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--write", metavar="PAGE", help="also write the table into this Markdown page")
+    parser = table_parser(__doc__, 15)
     parser.add_argument("--backend", default="inductor", help="torch.compile backend (default: inductor)")
     args = parser.parse_args()
     # A retained graph's donated buffers cannot be reused by a second backward.
     torch._functorch.config.donated_buffer = False
-    shapes = QUICK_SHAPES if args.quick else SHAPES
-    repeats = 2 if args.quick else args.repeats
+    shapes, repeats = table_size(args, SHAPES, QUICK_SHAPES)
     lines: list[str] = []
     out = lines.append
     out(f"Machine: {machine()}, torch {torch.__version__} with {torch.get_num_threads()} threads, "
