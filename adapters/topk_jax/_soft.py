@@ -114,7 +114,7 @@ def auto_method(x: jax.Array) -> str:
     The rule of `topk_core._api.auto_method` for JAX arrays, extended to
     tracers (see `device_platforms`).
     """
-    return "pav" if device_platforms(x) == {"cpu"} else "threshold"
+    return "pav" if _host_platform(x) else "threshold"
 
 
 def resolve_method(x: jax.Array, p: float, method: Any, max_iter: Any, tol: Any) -> str:
