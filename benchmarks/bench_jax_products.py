@@ -1,5 +1,5 @@
 """The JAX adapter's host calls on the CPU: the core's Numba product (a primitive) against XLA's, and the
-solver's callback writing into XLA's buffers against `jax.pure_callback`.
+host calls writing XLA's buffers in place against copying results into them and against `jax.pure_callback`.
 
 With the PAV route on the CPU, the tangent rule of the soft operators runs the
 core's Numba product through a primitive with a transpose rule
@@ -9,9 +9,10 @@ smaller ones.  This script times the jitted forward + VJP (``jax.vjp`` of the
 operator and its pullback of a cotangent of ones, in one `jax.jit`) both ways,
 side by side in one process (best of interleaved runs after a warm-up), and
 prints the largest difference between the two gradients.  A second table times
-the jitted forward (no residuals) with the host solve called through
-`jax.experimental.buffer_callback` (as shipped, where JAX has it) and through
-`jax.pure_callback`.
+the jitted forward (no residuals) and forward + VJP with the host calls through
+`jax.experimental.buffer_callback` (where JAX has it) handing the core XLA's
+output buffers to write in place (as shipped), copying the core's results into
+them, and, for the forward, through `jax.pure_callback`.
 
     python benchmarks/bench_jax_products.py                         # full table
     python benchmarks/bench_jax_products.py --quick                 # small shapes, a smoke run
@@ -69,34 +70,50 @@ def forward_and_pullback(op: str, k: int, host: bool) -> Callable[[jax.Array, ja
     return jax.jit(run)
 
 
-def forward(op: str, k: int, buffers: bool) -> Callable[[jax.Array], jax.Array]:
-    """The jitted forward, its host solve through `buffer_callback` (`buffers`) or `jax.pure_callback`; the
-    choice is made while tracing, on the first call."""
+def forward(op: str, k: int, route: str, pullback: bool = False) -> Callable[..., jax.Array]:
+    """The jitted forward (with `pullback`: forward + VJP of a cotangent), its host calls through
+    `buffer_callback` writing XLA's buffers in place (`route` "in place", as shipped), copying results into
+    them ("copied"), or through `jax.pure_callback` ("pure"); the route is fixed while tracing, on the
+    first call."""
     fn = getattr(tk, f"soft_topk_{op}")
 
-    def run(x: jax.Array) -> jax.Array:
-        shipped = _host_call._buffer_callback
-        if not buffers:
+    def run(x: jax.Array, u: jax.Array) -> jax.Array:
+        shipped = _host_call._buffer_callback, _host_call.WRITE_IN_PLACE
+        _host_call.WRITE_IN_PLACE = route == "in place"
+        if route == "pure":
             _host_call._buffer_callback = None
         try:
-            return fn(x, k, regularization_strength=STRENGTH)
+            if not pullback:
+                return fn(x, k, regularization_strength=STRENGTH)
+            return jax.vjp(lambda t: fn(t, k, regularization_strength=STRENGTH), x)[1](u)[0]
         finally:
-            _host_call._buffer_callback = shipped
+            _host_call._buffer_callback, _host_call.WRITE_IN_PLACE = shipped
 
     return jax.jit(run)
 
 
+CALLBACK_ROUTES = ("in place", "copied", "pure")
+
+
 def callback_table(out: Callable[[str], None], shapes: list[tuple[int, int]], repeats: int) -> None:
     out("")
-    out(f"The jitted forward (float32, k = n/10, p = 4/3, l = {STRENGTH}), best of {repeats} interleaved runs: the "
-        "host solve through `buffer_callback` (as shipped) and through `jax.pure_callback`.")
+    out(f"The jitted forward and forward + VJP (float32, k = n/10, p = 4/3, l = {STRENGTH}), best of {repeats} "
+        "interleaved runs, with the host calls through `buffer_callback` writing XLA's output buffers in place "
+        "(as shipped), through `buffer_callback` copying the results into them, and through `jax.pure_callback`.")
     out("")
-    out("| shape | operator | buffer_callback (ms) | pure_callback (ms) | buffer / pure |")
-    out("|---|---|---|---|---|")
+    out("| shape | operator | forward in place (ms) | copied (ms) | pure_callback (ms) | in place / copied "
+        "| in place / pure | fwd+VJP in place (ms) | copied (ms) | in place / copied |")
+    out("|---|---|---|---|---|---|---|---|---|---|")
     for shape, x, k, op in _cases(shapes, 1):
-        fns = {"buffers": forward(op, k, True), "pure": forward(op, k, False)}
-        t = best_times({name: lambda f=f, x=x: f(x).block_until_ready() for name, f in fns.items()}, repeats)
-        out(f"| {shape} | {op} | {t['buffers'] * 1e3:.3f} | {t['pure'] * 1e3:.3f} | {t['buffers'] / t['pure']:.2f} |")
+        u = jnp.ones_like(x)
+        calls = {(route, pullback): forward(op, k, route, pullback)
+                 for route in CALLBACK_ROUTES for pullback in (False, True) if not (pullback and route == "pure")}
+        t = best_times({key: lambda f=f, x=x, u=u: f(x, u).block_until_ready() for key, f in calls.items()},
+                       repeats)
+        fwd = [t[route, False] * 1e3 for route in CALLBACK_ROUTES]
+        both = [t[route, True] * 1e3 for route in CALLBACK_ROUTES[:2]]
+        out(f"| {shape} | {op} | {fwd[0]:.3f} | {fwd[1]:.3f} | {fwd[2]:.3f} | {fwd[0] / fwd[1]:.2f} "
+            f"| {fwd[0] / fwd[2]:.2f} | {both[0]:.3f} | {both[1]:.3f} | {both[0] / both[1]:.2f} |")
 
 
 def main() -> None:

@@ -426,5 +426,5 @@ def test_jax_products_benchmark(tmp_path):
     assert all(float(c[2]) > 0 and float(c[3]) > 0 and float(c[5]) < 1e-4 for c in products)
     from topk_jax import _host_call
 
-    callbacks = [c for c in cells if len(c) == 5]
+    callbacks = [c for c in cells if len(c) == 10]
     assert len(callbacks) == (2 if _host_call._buffer_callback is not None else 0)

@@ -33,9 +33,9 @@ def host(monkeypatch):
     calls = []
     real = _host_products._product_on_host
 
-    def counted(kind, transpose, *arrays):
+    def counted(kind, transpose, *arrays, **into):
         calls.append((kind, transpose))
-        return real(kind, transpose, *arrays)
+        return real(kind, transpose, *arrays, **into)
 
     monkeypatch.setattr(_host_products, "HOST_PRODUCT_MIN_ENTRIES", 0)
     monkeypatch.setattr(_host_products, "_product_on_host", counted)

@@ -118,7 +118,7 @@ def _numpy_order_statistics(keys: np.ndarray, k: int) -> tuple[np.ndarray, np.nd
 def _soft_forward(
     kind: str,
     x: Any, k: Any, regularization_strength: Any, p: Any, axis: Any, method: Any, max_iter: Any, tol: Any, xp: Any,
-    with_residuals: bool = True,
+    with_residuals: bool = True, into: Any = None,
 ) -> tuple[Any, Any]:
     xp, k, ax = _validated(x, k, axis, xp)
     lam = _validate.check_strength(regularization_strength)
@@ -132,7 +132,9 @@ def _soft_forward(
         native = is_numpy_namespace(xp)
         rows_np = rows if native else _host(rows)
         with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
-            y_rows, residuals = solver(np.asarray(rows_np), k, lam, q, with_residuals)
+            y_rows, residuals = solver(
+                np.asarray(rows_np), k, lam, q, with_residuals, into=_pav_targets(into) if native else None
+            )
         if not native:
             y_rows = _back(y_rows, xp, x)
             if residuals is not None:
@@ -147,6 +149,41 @@ def _soft_forward(
             residuals = None
     y = from_rows(y_rows, moved, ax, xp)
     return xp.astype(y, x.dtype, copy=False), residuals
+
+
+def _pav_targets(into: Any) -> tuple[Any, Any, Any, Any] | None:
+    """`soft_forward_into`'s ``(y, residuals)`` as the PAV path's ``(y, gprime, codes, offset)``."""
+    if into is None:
+        return None
+    y, res = into
+    return (y, *(getattr(res, name, None) for name in ("gprime", "codes", "offset")))
+
+
+def soft_forward_into(
+    kind: str, x: Any, k: int, into: tuple[Any, Any], *, regularization_strength: float = DEFAULT_STRENGTH,
+    p: float = DEFAULT_P, axis: int = -1, method: str = "auto", max_iter: int | None = None,
+    tol: float | None = None, with_residuals: bool = True,
+) -> tuple[Any, Any]:
+    """`soft_topk_{kind}_forward` (`kind`: "mask" or "mag") of NumPy `x`, for adapters' host callbacks.
+
+    `into` is ``(y, residuals)``: NumPy arrays shaped like the results (`residuals` a `MaskResiduals` /
+    `MagResiduals` of arrays or None fields, or None) that the PAV method's kernels write instead of
+    fresh arrays where its route allows (all-finite rows: the fused kernels).  The results ``(y,
+    residuals)`` (residuals None without `with_residuals`) are returned either way: the caller copies
+    those that are not its buffers (`shares_buffer`).  Other methods ignore `into`.
+    """
+    return _soft_forward(
+        kind, x, k, regularization_strength, p, axis, method, max_iter, tol, None, with_residuals, into
+    )
+
+
+def shares_buffer(result: Any, buffer: Any) -> bool:
+    """Whether NumPy array `result` is `buffer`'s memory in `buffer`'s shape (nothing to copy)."""
+    result = np.asarray(result)
+    return (
+        result.shape == buffer.shape and result.dtype == buffer.dtype and result.flags.c_contiguous
+        and result.__array_interface__["data"][0] == buffer.__array_interface__["data"][0]
+    )
 
 
 def soft_topk_mask_forward(
@@ -283,7 +320,8 @@ def soft_topk_mag(
     )[0]
 
 
-def _jacobian_product(kind: str, transpose: bool, residuals: Any, tangent: Any, axis: int, xp: Any) -> Any:
+def _jacobian_product(kind: str, transpose: bool, residuals: Any, tangent: Any, axis: int, xp: Any,
+                      out: Any = None) -> Any:
     xp = namespace_of(tangent, xp)
     _validate.check_float_dtype(tangent, xp)
     ax = _validate.check_axis(axis, tangent.ndim)
@@ -298,15 +336,22 @@ def _jacobian_product(kind: str, transpose: bool, residuals: Any, tangent: Any, 
         # CPU fast path: the same formulas in Numba, without temporary arrays.  (isinstance,
         # not the cached namespace test, which torch.compile refuses to trace.)
         if kind == "mask":
-            out_rows = products.mask_product_rows(residuals, rows)
+            out_rows = products.mask_product_rows(residuals, rows, out)
         else:
-            out_rows = products.mag_product_rows(residuals, rows, transpose)
+            out_rows = products.mag_product_rows(residuals, rows, transpose, out)
     elif kind == "mask":  # J is symmetric: one function for both directions
         out_rows = jacobians.mask_jvp_rows(residuals, rows, xp)
     else:
         out_rows = (jacobians.mag_vjp_rows if transpose else jacobians.mag_jvp_rows)(residuals, rows, xp)
     out = from_rows(out_rows, moved, ax, xp)
     return xp.astype(out, tangent.dtype, copy=False)
+
+
+def jacobian_product_into(kind: str, transpose: bool, residuals: Any, tangent: Any, out: Any) -> Any:
+    """``J tangent`` of operator `kind` ("mask" or "mag"), ``J^T tangent`` with `transpose`, for adapters'
+    host callbacks: input-order NumPy residuals and tangent write the product into NumPy array `out`
+    where it fits (compare with `shares_buffer`); axis -1."""
+    return _jacobian_product(kind, transpose, residuals, tangent, -1, None, out)
 
 
 def mask_jvp_from_residuals(residuals: MaskResiduals, tangent: ArrayT, *, axis: int = -1, xp: Any = None) -> ArrayT:

@@ -99,15 +99,16 @@ def _fused_forward(rows: _SortedRows, k: int, lam: float, q: float, is_mag: bool
     return True
 
 
-def _solve(x: Any, k: int, lam: float, q: float, is_mag: bool, with_residuals: bool, fused: bool) -> tuple[Any, Any]:
+def _solve(x: Any, k: int, lam: float, q: float, is_mag: bool, with_residuals: bool, fused: bool,
+           into: Any = None) -> tuple[Any, Any]:
     rows = _prepare(x, k, lam, q, is_mag, sort_finite=not fused)
     if fused:
-        y, gprime, codes, offset = fused_outputs(rows.x, is_mag, with_residuals)
+        y, gprime, codes, offset = fused_outputs(rows.x, is_mag, with_residuals, into)
         if not _fused_forward(rows, k, lam, q, is_mag, y, gprime, codes, offset):
             # The lane solver met a non-finite entry (no pass had checked the rows before it): the
-            # rows go the way that handles those, with fresh outputs (the first are garbage).
+            # rows go the way that handles those, and the kernels write every output again.
             rows = _prepare(x, k, lam, q, is_mag, sort_finite=False, lanes_check=False)
-            y, gprime, codes, offset = fused_outputs(rows.x, is_mag, with_residuals)
+            y, gprime, codes, offset = fused_outputs(rows.x, is_mag, with_residuals, into)
             if not _fused_forward(rows, k, lam, q, is_mag, y, gprime, codes, offset):
                 raise AssertionError("rows checked as finite were found not to be")
         res = None
@@ -134,7 +135,7 @@ def _solve(x: Any, k: int, lam: float, q: float, is_mag: bool, with_residuals: b
 
 
 def pav_mask(
-    x: Any, k: int, lam: float, q: float, with_residuals: bool = True, fused: bool = True
+    x: Any, k: int, lam: float, q: float, with_residuals: bool = True, fused: bool = True, into: Any = None
 ) -> tuple[Any, MaskResiduals | None]:
     """Soft top-k mask of NumPy rows `x` (batch, n) and its residuals (None if not asked for).
 
@@ -144,12 +145,17 @@ def pav_mask(
     only ``eps |x| / |s - v|`` of its digits: a reference for keys of the order
     of the strength only (ties of 1e24 with ``l = 1``, ``p = 4/3`` came back
     2.4x the input); the fused kernels hold every value relative to a key.
+
+    `into`: arrays ``(y, gprime, codes, offset)`` (None entries allowed) that
+    the fused kernels write instead of fresh ones where shapes and dtypes
+    match (`kernels.fused_outputs`); the caller compares what comes back
+    with them (rows with NaN, for one, come back in new arrays).
     """
-    return _solve(x, k, lam, q, False, with_residuals, fused)
+    return _solve(x, k, lam, q, False, with_residuals, fused, into)
 
 
 def pav_mag(
-    x: Any, k: int, lam: float, q: float, with_residuals: bool = True, fused: bool = True
+    x: Any, k: int, lam: float, q: float, with_residuals: bool = True, fused: bool = True, into: Any = None
 ) -> tuple[Any, MagResiduals | None]:
     """Soft top-k in magnitude of NumPy rows `x` (batch, n) and its residuals (see `pav_mask`)."""
-    return _solve(x, k, lam, q, True, with_residuals, fused)
+    return _solve(x, k, lam, q, True, with_residuals, fused, into)

@@ -1,8 +1,10 @@
 """Calling a NumPy function of JAX arrays on the host: one helper for the solver and the Jacobian products.
 
 On the CPU, where JAX has it (0.7 and later), `jax.experimental.buffer_callback`
-hands the function XLA's buffers and the results are copied into XLA's own
-output buffers; `jax.pure_callback`, which copies them out of the arrays the
+hands the function XLA's buffers: a function that can write its results
+into XLA's own output buffers does (the core's PAV kernels and products:
+`topk_core._api.soft_forward_into`, `jacobian_product_into`), other results
+are copied there; `jax.pure_callback`, which copies them out of the arrays the
 function returns, took the jitted forward of the soft operators to 1.3-2x its
 time (`benchmarks/bench_jax_products.py`, docs/jax.md).  Elsewhere (a GPU's
 device memory, older JAX) `jax.pure_callback`.
@@ -16,6 +18,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from topk_core._api import shares_buffer
+
 try:  # JAX >= 0.7: host callbacks that write into XLA's output buffers
     from jax.experimental.buffer_callback import buffer_callback as _buffer_callback
 except ImportError:  # pragma: no cover - older JAX: jax.pure_callback only
@@ -23,27 +27,38 @@ except ImportError:  # pragma: no cover - older JAX: jax.pure_callback only
 
 __all__ = ["host_call"]
 
+# Whether functions that can write into XLA's output buffers are handed them (read while tracing).  False
+# copies every result instead, as the adapter did before: `benchmarks/bench_jax_products.py` times both
+# (the jitted forward at (16384, 64) took 0.75-0.8x the time with the buffers written in place).
+WRITE_IN_PLACE = True
+
 
 def host_call(fn: Callable[..., Any], result_spec: Any, *args: jax.Array, on_cpu: bool,
-              vmap_method: str | None = None) -> Any:
+              vmap_method: str | None = None, writes_into: bool = False) -> Any:
     """``fn(*arrays)`` (NumPy arrays in, a pytree of arrays out, shaped as `result_spec`) from JAX code.
 
     `on_cpu`: the arguments live in host memory (the caller's rule for tracers), where the buffers are
-    NumPy-viewable.
+    NumPy-viewable.  `writes_into`: `fn` takes a keyword ``into``, XLA's output buffers as NumPy arrays (a
+    pytree shaped as `result_spec`), and may write its results there; what it returns in other memory is
+    copied into them (``into`` is None under `jax.pure_callback`).
     """
     if _buffer_callback is not None and on_cpu:
-        return _buffer_callback(_writing_into(fn), result_spec, vmap_method=vmap_method)(*args)
+        into = writes_into and WRITE_IN_PLACE
+        return _buffer_callback(_writing_into(fn, into), result_spec, vmap_method=vmap_method)(*args)
     return jax.pure_callback(fn, result_spec, *args, vmap_method=vmap_method)
 
 
-def _writing_into(fn: Callable[..., Any]) -> Callable[..., None]:
-    """`fn` as a `buffer_callback` function: its results copied into XLA's output buffers, leaf by leaf (absent
-    residual fields are None on both sides)."""
+def _writing_into(fn: Callable[..., Any], writes_into: bool) -> Callable[..., None]:
+    """`fn` as a `buffer_callback` function: its results in XLA's output buffers, leaf by leaf (absent
+    residual fields are None on both sides), copied there unless `fn` wrote them in place."""
 
     def write(ctx: Any, out: Any, *buffers: Any) -> None:
         del ctx  # the execution context serves GPU streams only
-        results = fn(*(np.asarray(b) for b in buffers))
-        for buffer, value in zip(jax.tree.leaves(out), jax.tree.leaves(results), strict=True):
-            np.copyto(np.asarray(buffer), value, casting="no")
+        targets = jax.tree.map(np.asarray, out)
+        arrays = (np.asarray(b) for b in buffers)
+        results = fn(*arrays, into=targets) if writes_into else fn(*arrays)
+        for target, value in zip(jax.tree.leaves(targets), jax.tree.leaves(results), strict=True):
+            if not shares_buffer(value, target):
+                np.copyto(target, value, casting="no")
 
     return write

@@ -37,6 +37,7 @@ from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
 import topk_core
+from topk_core._api import jacobian_product_into
 
 from ._host_call import host_call
 
@@ -76,19 +77,15 @@ def host_product(kind: str, residuals: Any, rows: jax.Array, transpose: bool = F
     return host_product_p.bind(*fields, rows, kind=kind, transpose=transpose)
 
 
-def _product_on_host(kind: str, transpose: bool, *arrays: Any) -> np.ndarray:
-    """The core's product on NumPy arrays with any leading axes (flattened into rows)."""
+def _product_on_host(kind: str, transpose: bool, *arrays: Any, into: Any = None) -> np.ndarray:
+    """The core's product on NumPy arrays with any leading axes (flattened into rows), written into XLA's
+    output buffer `into` where the kernel can (`topk_jax._host_call`)."""
     *fields, rows = (np.asarray(a) for a in arrays)
     shape = rows.shape
     flat = [f.reshape(-1, f.shape[-1]) for f in fields]
     res = _TYPES[kind](None, None, None, None, *flat)  # input order: no permutation, no blocks
-    fn = {
-        ("mask", False): topk_core.mask_jvp_from_residuals,
-        ("mask", True): topk_core.mask_vjp_from_residuals,
-        ("mag", False): topk_core.mag_jvp_from_residuals,
-        ("mag", True): topk_core.mag_vjp_from_residuals,
-    }[kind, transpose]
-    return np.asarray(fn(res, rows.reshape(-1, shape[-1]), axis=-1), dtype=rows.dtype).reshape(shape)
+    out = jacobian_product_into(kind, transpose, res, rows.reshape(-1, shape[-1]), into)
+    return np.asarray(out, dtype=rows.dtype).reshape(shape)
 
 
 def _abstract_eval(*args: Any, kind: str, transpose: bool) -> Any:
@@ -100,7 +97,8 @@ def _callback_product(*args: Any, kind: str, transpose: bool) -> jax.Array:
     rows = args[-1]
     spec = jax.ShapeDtypeStruct(rows.shape, rows.dtype)
     # Lowered only where `serves` held: on the CPU.
-    return host_call(functools.partial(_product_on_host, kind, transpose), spec, *args, on_cpu=True)
+    return host_call(functools.partial(_product_on_host, kind, transpose), spec, *args, on_cpu=True,
+                     writes_into=True)
 
 
 def _jvp(primals: tuple[Any, ...], tangents: tuple[Any, ...], *, kind: str, transpose: bool) -> tuple[Any, Any]:

@@ -74,6 +74,7 @@ from topk_core import _validate
 from topk_core._agnostic.dykstra import dykstra_mag, dykstra_mask
 from topk_core._agnostic.regularizer import conjugate_exponent
 from topk_core._agnostic.threshold import threshold_mag, threshold_mask
+from topk_core._api import soft_forward_into
 from topk_jax import _host_call, _host_products
 from topk_jax._sharding import per_shard
 
@@ -153,7 +154,6 @@ class Static:
 class _Operator(NamedTuple):
     name: str
     kind: str
-    primal: Callable[..., Any]
     forward: Callable[..., tuple[Any, Any]]
     residuals: type
     jvp: Callable[..., Any]
@@ -162,11 +162,11 @@ class _Operator(NamedTuple):
 
 
 _MASK = _Operator(
-    "soft_topk_mask", "mask", topk_core.soft_topk_mask, topk_core.soft_topk_mask_forward, topk_core.MaskResiduals,
+    "soft_topk_mask", "mask", topk_core.soft_topk_mask_forward, topk_core.MaskResiduals,
     topk_core.mask_jvp_from_residuals, threshold_mask, dykstra_mask,
 )
 _MAG = _Operator(
-    "soft_topk_mag", "mag", topk_core.soft_topk_mag, topk_core.soft_topk_mag_forward, topk_core.MagResiduals,
+    "soft_topk_mag", "mag", topk_core.soft_topk_mag_forward, topk_core.MagResiduals,
     topk_core.mag_jvp_from_residuals, threshold_mag, dykstra_mag,
 )
 
@@ -222,7 +222,7 @@ def _host_callback(op: _Operator, static: Static, with_residuals: bool) -> Calla
     the compiled callback instead of compiling a new one each time.
     """
 
-    def callback(rows: Any) -> Any:
+    def callback(rows: Any, into: Any = None) -> Any:
         # JAX hands over jax.Arrays (or NumPy arrays, depending on the version);
         # Numba wants NumPy, so convert explicitly (no copy on the CPU backend).
         rows = np.asarray(rows)
@@ -230,9 +230,13 @@ def _host_callback(op: _Operator, static: Static, with_residuals: bool) -> Calla
         # Extra leading axes (a vmapped batch) are flattened into rows, so the
         # whole batch goes through one call of the core.
         flat = rows.reshape(-1, shape[-1])
+        # `into`: XLA's output buffers (`_host_call`), which the core's kernels write where they can.
+        targets = None if into is None else (into if with_residuals else (into, None))
+        y, res = soft_forward_into(
+            op.kind, flat, static.k, targets, with_residuals=with_residuals, **static.keywords()
+        )
         if not with_residuals:
-            return np.asarray(op.primal(flat, static.k, **static.keywords()), dtype=dtype).reshape(shape)
-        y, res = op.forward(flat, static.k, **static.keywords())
+            return np.asarray(y, dtype=dtype).reshape(shape)
         layout = _residual_layout(op, static, dtype, shape[-1])
         return np.asarray(y, dtype=dtype).reshape(shape), _host_residuals(op, res, layout, shape[:-1])
 
@@ -263,7 +267,9 @@ def _host_solver(op: _Operator, static: Static, with_residuals: bool) -> Callabl
 
     def host(rows: jax.Array) -> Any:
         spec = _result_spec(op, static, rows, with_residuals)
-        return _host_call.host_call(callback, spec, rows, on_cpu=_host_platform(rows), vmap_method="broadcast_all")
+        return _host_call.host_call(
+            callback, spec, rows, on_cpu=_host_platform(rows), vmap_method="broadcast_all", writes_into=True
+        )
 
     @jax.custom_batching.custom_vmap
     def solver(rows: jax.Array) -> Any:

@@ -524,25 +524,49 @@ def topk_rows_forward(keys, perm, x, lo, hi, kk, k, lam, q, is_mag, out, gprime,
             emit_entry(r, j, val, deriv, kept, free, is_mag, with_residuals, out, gprime, codes)
 
 
-def fused_outputs(x, is_mag, with_residuals):
+def fused_outputs(x, is_mag, with_residuals, into=None):
     """(out, gprime, codes, offset): the arrays the fused kernels write, for rows `x`.
 
     Residual arrays that are not asked for (or that the operator has not) are
     empty: the kernels read their shapes to know what to write.  The
     magnitude's three residual arrays are views of one allocation
     (`_residual_block`).
+
+    `into`: arrays (out, gprime, codes, offset) that the caller owns (a host
+    callback's output buffers; None entries, or None for all), taken instead
+    of fresh ones where they have the shape and dtype the kernels write.
     """
     batch, n = x.shape
-    out = np.empty_like(x)
+    given = (None,) * 4 if into is None else into
+    out = writable(given[0], (batch, n), x.dtype)
+    out = np.empty_like(x) if out is None else out
     if not with_residuals:
         empty = np.empty((0, 0), dtype=x.dtype)
         return out, empty, np.empty((0, 0), dtype=np.int8), np.zeros(0, dtype=x.dtype)
     if not is_mag:
-        return out, np.empty((batch, n), dtype=x.dtype), np.empty((0, 0), dtype=np.int8), np.zeros(0, dtype=x.dtype)
+        gprime = writable(given[1], (batch, n), x.dtype)
+        gprime = np.empty((batch, n), dtype=x.dtype) if gprime is None else gprime
+        return out, gprime, np.empty((0, 0), dtype=np.int8), np.zeros(0, dtype=x.dtype)
     # Unit-weight counts, in the rows' dtype as `MagResiduals.offset` holds them.
-    gprime, codes, offset = _residual_block(((batch, n), x.dtype), ((batch, n), np.int8), ((batch,), x.dtype))
+    layouts = (((batch, n), x.dtype), ((batch, n), np.int8), ((batch,), x.dtype))
+    owned = tuple(writable(a, shape, dtype) for a, (shape, dtype) in zip(given[1:], layouts, strict=True))
+    if any(a is None for a in owned):
+        owned = _residual_block(*layouts)
+    gprime, codes, offset = owned
     offset[:] = 0
     return out, gprime, codes, offset
+
+
+def writable(array, shape, dtype):
+    """`array` viewed as `shape` if it is a writable C-contiguous NumPy array of that size and `dtype`, else None."""
+    if array is None:
+        return None
+    array = np.asarray(array)
+    if array.dtype != dtype or array.size != math.prod(shape) or not array.flags.c_contiguous:
+        return None
+    if not array.flags.writeable:
+        return None
+    return array.reshape(shape)
 
 
 # Start of each array in a residual block: the cache line.

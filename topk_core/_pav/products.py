@@ -18,7 +18,7 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
-from .kernels import _compiled_pair
+from .kernels import _compiled_pair, writable
 from .vector_width import prefer_wide_vectors
 
 
@@ -89,17 +89,28 @@ _mask_rows = _compiled_pair(_mask_rows, fastmath={"reassoc"})
 _mag_rows = _compiled_pair(_mag_rows, fastmath={"reassoc"})
 
 
-def mask_product_rows(res, t: np.ndarray) -> np.ndarray:
-    """The mask's JVP (= VJP) of NumPy (batch, n) rows `t` with input-order residuals."""
-    out = np.empty(t.shape, dtype=res.gprime.dtype)
+def mask_product_rows(res, t: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """The mask's JVP (= VJP) of NumPy (batch, n) rows `t` with input-order residuals.
+
+    `out`: an array the caller owns (a host callback's output buffer), written where it has the
+    product's shape and dtype (`kernels.fused_outputs`' rule); the result is returned either way.
+    """
+    out = _output(t, res, out)
     _mask_rows(np.ascontiguousarray(res.gprime), np.ascontiguousarray(t), out)
     return out
 
 
-def mag_product_rows(res, t: np.ndarray, transpose: bool) -> np.ndarray:
-    """The magnitude's JVP (or VJP, `transpose`) of NumPy (batch, n) rows `t` with input-order residuals."""
-    out = np.empty(t.shape, dtype=res.gprime.dtype)
+def mag_product_rows(res, t: np.ndarray, transpose: bool, out: np.ndarray | None = None) -> np.ndarray:
+    """The magnitude's JVP (or VJP, `transpose`) of NumPy (batch, n) rows `t` with input-order residuals
+    (`out`: see `mask_product_rows`)."""
+    out = _output(t, res, out)
     offset = np.broadcast_to(res.offset, (t.shape[0], 1))
     arrays = (res.gprime, res.codes, offset, t)
     _mag_rows(*(np.ascontiguousarray(a) for a in arrays), transpose, out)
     return out
+
+
+def _output(t: np.ndarray, res, out: np.ndarray | None) -> np.ndarray:
+    """The product's array: `out` where it fits (`kernels.writable`), else a fresh one."""
+    given = writable(out, t.shape, res.gprime.dtype)
+    return np.empty(t.shape, dtype=res.gprime.dtype) if given is None else given
