@@ -380,7 +380,19 @@ def _cubic_start(state, ref, gaps, lam, is_mag):
     cube root per lane).
     """
     prefer_wide_vectors()
+    # A loop for each operator, `is_mag` a constant there: read at run time, the store of the bracket
+    # was a masked store (`vector_width.unfolded_one`).
+    if is_mag:
+        _cubic_start_lanes(state, ref, gaps, lam, True)
+    else:
+        _cubic_start_lanes(state, ref, gaps, lam, False)
+
+
+@nb.njit(cache=True, inline="always", error_model="numpy")
+def _cubic_start_lanes(state, ref, gaps, lam, is_mag):
+    # `_cubic_start`'s loop over the lanes.
     inv = 1.0 / lam
+    unit = unfolded_one(state)  # plain stores of what a lane keeps (`vector_width.unfolded_one`)
     for lane in range(LANES):
         # Every load before the selects at the end: a load in a select's branch (``else
         # state[0, lane]``) is not speculated, and the loop compiled to scalar code (a division per
@@ -402,7 +414,7 @@ def _cubic_start(state, ref, gaps, lam, is_mag):
             d1 = 3.0 * x * x + p
             x -= 2.0 * f * d1 / (2.0 * d1 * d1 - 6.0 * x * f)
         start = lam * (c + x)
-        state[0, lane] = start if iterating else old_tau
+        state[0, lane] = start if iterating else old_tau * unit
         # Whether the start is the first block's root to within the rounding (`_confirm`): the Newton
         # step from it is (the last Halley step's size would say so only of the iterate before it).
         newton = (x * (x * x + p) + q) / (3.0 * x * x + p)
@@ -417,7 +429,7 @@ def _cubic_start(state, ref, gaps, lam, is_mag):
                 rw = w * inv
                 w -= (rw * rw * rw + w - s) / (3.0 * rw * rw * inv + 1.0)
             bound = s - w - r - 8.0 * _EPS * r
-            state[1, lane] = bound if iterating else old_lo
+            state[1, lane] = bound if iterating else old_lo * unit
 
 
 @nb.njit(cache=True, error_model="numpy")
@@ -476,16 +488,18 @@ def _confirm(state, sets, ref, lam, q, k, is_mag):
     no step; so is one with no fractional entry and k saturated.  Returns how many lanes still
     iterate (the outputs of the others are written at their iterates)."""
     prefer_wide_vectors()
+    unit = unfolded_one(state)  # a plain store of what a lane keeps (`vector_width.unfolded_one`)
     remaining = 0
     for lane in range(LANES):
         t = state[0, lane]
-        active = state[3, lane] == 1.0
+        was_active = state[3, lane]
+        active = was_active == 1.0
         code = sets[lane]
         exact_root = (code == state[4, lane] + FREE_WEIGHT * state[5, lane]) & (state[6, lane] == 1.0)
         # No free entry and k saturated: the code is k itself.
         solved = exact_root | (code == k)
         unfounded = _unfounded(ref[lane], t, t, _step_scale(ref[lane], t, lam, q, is_mag), is_mag)
-        state[3, lane] = (-1.0 if unfounded else 0.0) if active & solved else state[3, lane]
+        state[3, lane] = (-1.0 if unfounded else 0.0) if active & solved else was_active * unit
         remaining += 1 if active & ~solved else 0
     return remaining
 
@@ -518,26 +532,28 @@ def _unfounded(ref, root, t, scale, is_mag):
 @nb.njit(cache=True, inline="always", error_model="numpy")
 def _advance(state, new, acc, ref, lam, q, k, is_mag, newton):
     # `_update` from `state` into `new` (which may be `state`), with `newton` steps on a p = 4/3 cubic.
+    unit = unfolded_one(state)
     remaining = 0
     for lane in range(LANES):
         t = state[0, lane]
         lo = state[1, lane]
         hi = state[2, lane]
-        active = state[3, lane] == 1.0
-        # Loaded before the selects that keep it: read inside a select's branch (``else state[6, lane]``),
+        # Loaded before the selects that keep them: read inside a select's branch (``else state[6, lane]``),
         # it took `_update` to 2.4x its time (as `_cubic_start` found of its loads).
-        was_exact = state[6, lane]
+        was_active, prev_sat, prev_free, was_exact = state[3, lane], state[4, lane], state[5, lane], state[6, lane]
+        active = was_active == 1.0
         n_sat, n_free = acc[0, lane], acc[1, lane]
         f, nxt, increment = _step(t, ref[lane], lam, q, k, is_mag, n_sat, n_free, acc[2, lane], acc[3, lane],
                                   acc[4, lane], newton)
         size = _step_scale(ref[lane], t, lam, q, is_mag)
-        lo = t if active & (f > 0.0) else lo
-        hi = t if active & (f < 0.0) else hi
+        # What a lane keeps goes through `unit` (`vector_width.unfolded_one`): plain stores, not masked ones.
+        lo = t if active & (f > 0.0) else lo * unit
+        hi = t if active & (f < 0.0) else hi * unit
         # A root outside the bracket gives way to its midpoint, which is no root of any sets: the
         # sets recorded for it below are none (-1), so that it is never taken for a solution.
         inside = (lo <= nxt) & (nxt <= hi)
         nxt = nxt if inside else 0.5 * (lo + hi)
-        same_sets = (n_sat == state[4, lane]) & (n_free == state[5, lane])
+        same_sets = (n_sat == prev_sat) & (n_free == prev_free)
         # Solved: the sets the iterate came from are its own, or no entry is fractional and
         # exactly k are saturated (the non-unique case, any tau of the interval will do).  Not
         # f = 0 on an empty free set: the magnitude's f is 0 there at an absolute threshold of 0
@@ -550,20 +566,26 @@ def _advance(state, new, acc, ref, lam, q, k, is_mag, newton):
         solved = (same_sets & inside & _converged(abs(nxt - t), size)) | non_unique
         # A solved lane stays at its iterate, the root of the sets counted there (its step is within
         # the rounding), whose outputs are written in those sets, whichever pass solved it (`_confirm`).
-        t_new = nxt if active & ~non_unique & ~solved else t
-        new[0, lane] = t_new
-        new[1, lane] = lo
-        new[2, lane] = hi
+        t_new = nxt if active & ~non_unique & ~solved else t * unit
         unfounded = _unfounded(ref[lane], nxt, t_new, size, is_mag)
-        new[3, lane] = (-1.0 if unfounded else 0.0) if active & solved else state[3, lane]
-        new[4, lane] = (n_sat if inside else -1.0) if active else state[4, lane]
-        new[5, lane] = n_free if active else state[5, lane]
         # Whether the new iterate is the root of those sets to within the rounding, so that equal
         # counts at it confirm it with no step (`_confirm`): its Newton steps converged, and the
         # p = 4/3 cubic, expanded about t, was evaluated within a strength of t (where its terms
         # stay of the size of those of the free keys).
         exact = _converged(increment, size) & ((q == 2.0) | (abs(nxt - t) <= lam))
-        new[6, lane] = (1.0 if exact else 0.0) if active else was_exact
+        # Every value before the stores: selects on the same condition (`active`) with stores between
+        # them were merged into branches, whose stores became masked stores (`vector_width.unfolded_one`).
+        code = (-1.0 if unfounded else 0.0) if active & solved else was_active
+        sat = (n_sat if inside else -1.0) if active else prev_sat
+        free = n_free if active else prev_free
+        exact_now = (1.0 if exact else 0.0) if active else was_exact
+        new[0, lane] = t_new
+        new[1, lane] = lo
+        new[2, lane] = hi
+        new[3, lane] = code
+        new[4, lane] = sat
+        new[5, lane] = free
+        new[6, lane] = exact_now
         remaining += 1 if active & ~solved else 0
     return remaining
 
@@ -634,11 +656,14 @@ def _lane_outputs(rows, frame, lam, q, is_mag, signed, gbuf, with_residuals, set
     for lane in range(LANES):
         sets[lane] = 0.0
     # A loop for each kind of output, its flags constants there: with all three read at run time, the
-    # magnitude's signed outputs took 1.2x their time.
+    # magnitude's signed outputs took 1.2x their time, and a run-time `with_residuals` made the store of
+    # g' a masked store (`vector_width.unfolded_one`; tests/test_vector_width.py).
     if signed:
         _output_loop(rows, frame, inv, q, True, True, gbuf, False, sets)
+    elif with_residuals:
+        _output_loop(rows, frame, inv, q, is_mag, False, gbuf, True, sets)
     else:
-        _output_loop(rows, frame, inv, q, is_mag, False, gbuf, with_residuals, sets)
+        _output_loop(rows, frame, inv, q, is_mag, False, gbuf, False, sets)
 
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
@@ -666,6 +691,17 @@ def _mag_row(x, r, out, codes, gprime, free_gprime):
     the same for every entry (p = 2: 1 / l), written here with the codes; otherwise g' came
     from the lanes.  One loop of selects, which the compiler vectorizes.
     """
+    # A loop for each case, whether g' is written a constant there: read at run time, it made the store
+    # of g' a masked store (`vector_width.unfolded_one`).
+    if free_gprime > 0.0:
+        _mag_row_entries(x, r, out, codes, gprime, free_gprime, True)
+    else:
+        _mag_row_entries(x, r, out, codes, gprime, free_gprime, False)
+
+
+@nb.njit(cache=True, inline="always", error_model="numpy")
+def _mag_row_entries(x, r, out, codes, gprime, free_gprime, write_gprime):
+    # `_mag_row`'s loop.
     n = x.shape[1]
     # In the rows' dtype throughout: a float64 literal in a select widens every entry (measured when
     # forwards came this way too: the p = 4/3 magnitude's at n = 64 took 0.85-0.95x its time without).
@@ -677,7 +713,7 @@ def _mag_row(x, r, out, codes, gprime, free_gprime):
         xj = x[r, j]
         free = math.copysign(one, m) > zero
         codes[r, j] = set_code(xj, free, m < zero)
-        if free_gprime > 0.0:
+        if write_gprime:
             gprime[r, j] = g_free if free else zero
         out[r, j] = xj if m < zero else (math.copysign(m, xj) if m > zero else zero)
 
@@ -796,7 +832,6 @@ def _sweeps(rows, columns, is_mag, k, uppers, belows, poison):
     magnitude's forward at (16384, 64) took 1.04x its time in two side-by-side runs).
     """
     prefer_wide_vectors()
-    n = columns.shape[0]
     unit = unfolded_one(uppers)
     tops = np.empty((SWEEP_DEPTH, LANES), dtype=columns.dtype)
     for base in range(0, k + 1, SWEEP_DEPTH):
@@ -805,25 +840,37 @@ def _sweeps(rows, columns, is_mag, k, uppers, belows, poison):
         for i in range(SWEEP_DEPTH):
             for lane in range(LANES):
                 tops[i, lane] = -np.inf
-        if base == 0:
-            for j in range(n):
-                for lane in range(LANES):
-                    key = abs(rows[j, lane]) if is_mag else rows[j, lane]
-                    poison[lane] += key - key
-                    b = _cascade(tops, lane, key, unit)
-                    if not last:
-                        columns[j, lane] = b
+        # Whether a sweep is the first and whether it keeps what remains are constants in its loop: a
+        # run-time `last` made the store to `columns` a masked store (`vector_width.unfolded_one`).
+        if base == 0 and last:
+            _sweep(rows, columns, is_mag, tops, poison, unit, True, False)
+        elif base == 0:
+            _sweep(rows, columns, is_mag, tops, poison, unit, True, True)
+        elif last:
+            _sweep(columns, columns, is_mag, tops, poison, unit, False, False)
         else:
-            for j in range(n):
-                for lane in range(LANES):
-                    b = _cascade(tops, lane, columns[j, lane], unit)
-                    if not last:
-                        columns[j, lane] = b
+            _sweep(columns, columns, is_mag, tops, poison, unit, False, True)
         for i in range(SWEEP_DEPTH):
             if base + i == k - 1:
                 uppers[:] = tops[i]
             if base + i == k:
                 belows[:] = tops[i]
+
+
+@nb.njit(cache=True, inline="always", error_model="numpy")
+def _sweep(source, columns, is_mag, tops, poison, unit, first, keep):
+    # One sweep of `_sweeps` over `source` (the rows for the `first`, which reads their keys and checks
+    # them, else `columns`), keeping what remains in `columns` (`keep`).
+    for j in range(source.shape[0]):
+        for lane in range(LANES):
+            if first:
+                key = abs(source[j, lane]) if is_mag else source[j, lane]
+                poison[lane] += key - key
+            else:
+                key = source[j, lane]
+            b = _cascade(tops, lane, key, unit)
+            if keep:
+                columns[j, lane] = b
 
 
 @nb.njit(cache=True, inline="always", error_model="numpy")

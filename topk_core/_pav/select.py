@@ -260,12 +260,22 @@ def _solve_candidates(r, k, n_saturated, m, cval, cidx, order, x, lam, q, is_mag
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
 def _all_saturated(r, x, is_mag, with_residuals, out, gprime, codes, offset):
-    # k == n: every entry is saturated.
+    # k == n: every entry is saturated.  `with_residuals` a constant in each loop: read at run time, the
+    # stores of the residuals were masked stores (`vector_width.unfolded_one`).
+    if with_residuals:
+        _saturated_entries(r, x, is_mag, True, out, gprime, codes)
+        if is_mag:
+            offset[r] = 0
+    else:
+        _saturated_entries(r, x, is_mag, False, out, gprime, codes)
+
+
+@nb.njit(cache=True, inline="always", error_model="numpy")
+def _saturated_entries(r, x, is_mag, with_residuals, out, gprime, codes):
+    # `_all_saturated`'s loop.
     for j in range(x.shape[1]):
         val = float(x[r, j]) if is_mag else 1.0
         emit_entry(r, j, val, 0.0, True, False, is_mag, with_residuals, out, gprime, codes)
-    if with_residuals and is_mag:
-        offset[r] = 0
 
 
 def sortfree_applies(n: int, k: int, q: float, lam: float) -> bool:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import llvmlite.binding as llvm
 import numba as nb
+from llvmlite import ir as llvm_ir
 from numba import types
 from numba.extending import intrinsic
 
@@ -47,9 +48,22 @@ def prefer_wide_vectors(typingctx):
     return types.void(), codegen
 
 
+@intrinsic
+def _opaque_one(typingctx):
+    """The integer 1 passed through an empty inline assembly statement, which the optimizer cannot see
+    through (no instruction is emitted; the constraint names a general register, as on every target)."""
+
+    def codegen(context, builder, signature, args):
+        int64 = llvm_ir.IntType(64)
+        return builder.asm(llvm_ir.FunctionType(int64, [int64]), "", "=r,0", [llvm_ir.Constant(int64, 1)],
+                           side_effect=False)
+
+    return types.int64(), codegen
+
+
 @nb.njit(cache=True, inline="always")
 def unfolded_one(a):
-    """1 in the dtype of `a`, a non-empty array, from its size: a 1 the compiler cannot fold.
+    """1 in the dtype of array `a`: a 1 the compiler cannot fold.
 
     A select that may store back the value just read from the same place,
     ``buf[i] = new if cond else buf[i]``, is compiled as a store of `new` where `cond`
@@ -60,8 +74,13 @@ def unfolded_one(a):
     time in such processes (timed alone and in `perf` profiles; docs/faq.md).
     ``buf[i] * unfolded_one(buf)`` in that branch is exact (infinities and NaN
     included) and no longer the value read, so the store is plain (a blend).
+
+    The 1 comes out of an empty inline assembly statement (`_opaque_one`): one
+    derived from the array's size (``size > 0``) was folded where the array was
+    allocated in the same function with a known size (the sweeps' running
+    maxima, inlined into `lanes.lane_rows`), which made their stores masked again.
     """
-    return a.dtype.type(a.size > 0)
+    return a.dtype.type(_opaque_one())
 
 
 def host_features() -> list[str]:
