@@ -115,7 +115,7 @@ def test_the_size_limit_picks_the_product(monkeypatch, op):
     f = jax.jit(jax.grad(lambda t: jnp.sum(soft(op)(t, 3) ** 2)))
     calls = []
     real = _host_products._product_on_host
-    monkeypatch.setattr(_host_products, "_product_on_host", lambda *a: calls.append(a[:2]) or real(*a))
+    monkeypatch.setattr(_host_products, "_product_on_host", lambda *a, **kw: calls.append(a[:2]) or real(*a, **kw))
     _xla(monkeypatch)
     small = f(x)
     assert not calls  # below the limit: the jax.numpy product
