@@ -161,7 +161,8 @@ def test_a_subset_of_rows_is_solved_in_place_as_in_a_full_solve(rng, operator, q
 @pytest.mark.parametrize("kind", ["normal", "ties", "dominant"])
 def test_outputs_written_row_by_row_equal_those_transposed_back(rng, operator, float_dtype, q, kind):
     # From ROW_OUTPUTS_MIN_N on, a solve with residuals writes its outputs row by row
-    # (`_row_outputs`), the forward alone in the lane layout: the same numbers, to the bit.
+    # (`_row_outputs`), the mask's forward alone in the lane layout and the magnitude's by a loop of
+    # its own (`_mag_row_values`): the same numbers, to the bit.
     n = lanes.ROW_OUTPUTS_MIN_N + 16
     x = rows_of_kind(rng, 150, n, kind, float_dtype)
     for k, lam in ((1, 0.1), (n // 8, 0.7), (n // 2, 33.3)):

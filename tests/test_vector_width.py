@@ -32,6 +32,8 @@ KERNELS = [
     ("lanes._cubic_start", lanes._cubic_start),
     ("lanes._absolute_frame", lanes._absolute_frame),
     ("lanes.sweep_order_statistics", lanes.sweep_order_statistics),
+    ("lanes._row_outputs", lanes._row_outputs),
+    ("lanes._mag_row_values", lanes._mag_row_values),
     ("sortfree.row_sums", sortfree.row_sums),
     ("sortfree._mask_values", sortfree._mask_values),
     ("sortfree._mag_values", sortfree._mag_values),
@@ -92,6 +94,7 @@ def fresh_kernels():
         ((16, 16), 3, 2.0),  # lanes, serial
         ((8192, 16), 3, 2.0),  # lanes, parallel
         ((8192, 16), 3, 4.0 / 3.0),  # lanes with the cubic start
+        ((1024, 64), 8, 2.0),  # lanes writing the outputs row by row
         ((4, 3000), 40, 2.0),  # sort-free rows
         ((8192, 16), 10, 2.0),  # k + 1 beyond the lanes' own sweeps: lane_order_statistics
         ((8192, 16), 3, 1.5),  # neither lanes nor sort-free: the selection kernel
@@ -100,6 +103,7 @@ def fresh_kernels():
     for shape, k, p in cases:
         x = rng.normal(size=shape)
         for op in ("mask", "mag"):
+            getattr(tc, f"soft_topk_{op}")(x, k, p=p, regularization_strength=0.1)  # no residuals
             _, res = getattr(tc, f"soft_topk_{op}_forward")(x, k, p=p, regularization_strength=0.1)
             getattr(tc, f"{op}_vjp_from_residuals")(res, x)
             getattr(tc, f"{op}_jvp_from_residuals")(res, x)

@@ -73,8 +73,12 @@ LANES = 64
 # interleaved, forward+VJP, ratios to np.sort): n = 64: mask 1.34-1.45 -> 1.20-1.35 (p = 2),
 # 1.47-1.60 -> 1.31-1.48 (p = 4/3), magnitude 1.67-1.96 -> 1.64-1.72 (p = 4/3), p = 2 within noise;
 # n = 80 and 48 alike or better; n = 32 worse for the p = 2 mask (1.56-1.65 -> 1.61-1.77).  The
-# forward alone keeps the lane layout: row by row it was no faster at 64 and slower at 32-48
+# mask's forward alone keeps the lane layout: row by row it was no faster at 64 and slower at 32-48
 # (0.57-0.61 -> 0.62-0.70 at 48, p = 2 mask): the loop over a row is short for the vector units.
+# The magnitude's forward goes row by row too (`_mag_row_values`): on an AMD EPYC with AVX2 its
+# forwards took 0.91-0.95x their time at (16384, 64) and (21846, 48), p = 2 and 4/3 (interleaved,
+# `benchmarks/ab_versions.py`; the lane solver alone, `bench_lanes.py`: 0.66-0.87x at n = 64),
+# not measured on an AVX-512 CPU.
 ROW_OUTPUTS_MIN_N = 48
 # Rows up to this length take the lanes (p = 2 and 4/3): measured against the selection kernel
 # (the whole forward with the lanes on and off, rows handed back included; float32, k = n/8,
@@ -746,6 +750,22 @@ def _row_outputs(x_row, out_row, g_row, code_row, ref, t, level, lam, q, is_mag)
     return n_sat + FREE_WEIGHT * n_free  # `_set_code`
 
 
+@nb.njit(cache=True, error_model="numpy")
+def _mag_row_values(x_row, out_row, ref, t, level, lam, q):
+    """`_row_outputs` of the magnitude's forward without residuals: the outputs alone, and the sets."""
+    prefer_wide_vectors()
+    inv = 1.0 / lam
+    n_sat = 0
+    n_free = 0
+    for j in range(x_row.shape[0]):
+        xj = x_row[j]
+        value, _, sat, free = _entry_outputs(_relative_key(xj, ref, True), t, inv, q, True, level)
+        n_sat += 1 if sat else 0
+        n_free += 1 if free else 0
+        out_row[j] = xj if sat else (math.copysign(value, xj) if free else 0.0)
+    return n_sat + FREE_WEIGHT * n_free  # `_set_code`
+
+
 @nb.njit(cache=True, inline="always", error_model="numpy")
 def _levels(ref, tau, lam, is_mag, level):
     # Each lane's saturation level (see `_entry_sets`): once per pass, not per entry.
@@ -909,7 +929,7 @@ def lane_rows(x, k, lam, q, is_mag, bounds, out, gprime, codes, offset, unresolv
     # otherwise g' is computed in the lane layout.
     free_gprime = 1.0 / lam if is_mag and q == 2.0 else 0.0
     lane_gprime = with_residuals and free_gprime == 0.0
-    row_order = with_residuals and n >= ROW_OUTPUTS_MIN_N
+    row_order = (with_residuals or is_mag) and n >= ROW_OUTPUTS_MIN_N
     no_codes = np.empty(0, dtype=np.int8)  # the mask's rows of codes (it has none)
     bounds_inside = bounds.shape[0] != batch
     count = row_count(subset, batch)
@@ -992,8 +1012,11 @@ def lane_rows(x, k, lam, q, is_mag, bounds, out, gprime, codes, offset, unresolv
                 if row_order:
                     for lane in range(used):
                         r = rows[lane]
-                        sets[lane] = _row_outputs(x[r], out[r], gprime[r], codes[r] if is_mag else no_codes,
-                                                  ref[lane], tau[lane], level[lane], lam, q, is_mag)
+                        if with_residuals:
+                            sets[lane] = _row_outputs(x[r], out[r], gprime[r], codes[r] if is_mag else no_codes,
+                                                      ref[lane], tau[lane], level[lane], lam, q, is_mag)
+                        else:
+                            sets[lane] = _mag_row_values(x[r], out[r], ref[lane], tau[lane], level[lane], lam, q)
                     for lane in range(used, LANES):  # lanes past the last row repeat the first
                         sets[lane] = sets[0]
                 else:
