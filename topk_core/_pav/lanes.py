@@ -732,6 +732,20 @@ def _row_outputs(x_row, out_row, g_row, code_row, ref, t, level, lam, q, is_mag)
     function over 1-D views with selects only: the compiler vectorizes the loop.
     """
     prefer_wide_vectors()
+    return _row_entries(x_row, out_row, g_row, code_row, ref, t, level, lam, q, is_mag, True)
+
+
+@nb.njit(cache=True, error_model="numpy")
+def _mag_row_values(x_row, out_row, no_codes, ref, t, level, lam, q):
+    """`_row_outputs` of the magnitude's forward without residuals: the outputs alone (`no_codes`: an empty
+    int8 array, never written), and the sets."""
+    prefer_wide_vectors()
+    return _row_entries(x_row, out_row, out_row, no_codes, ref, t, level, lam, q, True, False)
+
+
+@nb.njit(cache=True, inline="always", error_model="numpy")
+def _row_entries(x_row, out_row, g_row, code_row, ref, t, level, lam, q, is_mag, with_residuals):
+    # The loop of `_row_outputs` and `_mag_row_values`, `with_residuals` a constant in each.
     inv = 1.0 / lam
     n_sat = 0
     n_free = 0
@@ -739,30 +753,16 @@ def _row_outputs(x_row, out_row, g_row, code_row, ref, t, level, lam, q, is_mag)
         xj = x_row[j]
         a = _relative_key(xj, ref, is_mag)
         value, gp, sat, free = _entry_outputs(a, t, inv, q, is_mag, level)
-        g_row[j] = gp if free else 0.0
+        if with_residuals:
+            g_row[j] = gp if free else 0.0
         n_sat += 1 if sat else 0
         n_free += 1 if free else 0
         if is_mag:
             out_row[j] = xj if sat else (math.copysign(value, xj) if free else 0.0)
-            code_row[j] = set_code(xj, free, sat)
+            if with_residuals:
+                code_row[j] = set_code(xj, free, sat)
         else:
             out_row[j] = 1.0 if sat else (value if free else 0.0)
-    return n_sat + FREE_WEIGHT * n_free  # `_set_code`
-
-
-@nb.njit(cache=True, error_model="numpy")
-def _mag_row_values(x_row, out_row, ref, t, level, lam, q):
-    """`_row_outputs` of the magnitude's forward without residuals: the outputs alone, and the sets."""
-    prefer_wide_vectors()
-    inv = 1.0 / lam
-    n_sat = 0
-    n_free = 0
-    for j in range(x_row.shape[0]):
-        xj = x_row[j]
-        value, _, sat, free = _entry_outputs(_relative_key(xj, ref, True), t, inv, q, True, level)
-        n_sat += 1 if sat else 0
-        n_free += 1 if free else 0
-        out_row[j] = xj if sat else (math.copysign(value, xj) if free else 0.0)
     return n_sat + FREE_WEIGHT * n_free  # `_set_code`
 
 
@@ -930,7 +930,7 @@ def lane_rows(x, k, lam, q, is_mag, bounds, out, gprime, codes, offset, unresolv
     free_gprime = 1.0 / lam if is_mag and q == 2.0 else 0.0
     lane_gprime = with_residuals and free_gprime == 0.0
     row_order = (with_residuals or is_mag) and n >= ROW_OUTPUTS_MIN_N
-    no_codes = np.empty(0, dtype=np.int8)  # the mask's rows of codes (it has none)
+    no_codes = np.empty(0, dtype=np.int8)  # the rows of codes of the mask (it has none) and of forwards alone
     bounds_inside = bounds.shape[0] != batch
     count = row_count(subset, batch)
     groups = -(-count // LANES)
@@ -1016,7 +1016,8 @@ def lane_rows(x, k, lam, q, is_mag, bounds, out, gprime, codes, offset, unresolv
                             sets[lane] = _row_outputs(x[r], out[r], gprime[r], codes[r] if is_mag else no_codes,
                                                       ref[lane], tau[lane], level[lane], lam, q, is_mag)
                         else:
-                            sets[lane] = _mag_row_values(x[r], out[r], ref[lane], tau[lane], level[lane], lam, q)
+                            sets[lane] = _mag_row_values(x[r], out[r], no_codes, ref[lane], tau[lane], level[lane],
+                                                         lam, q)
                     for lane in range(used, LANES):  # lanes past the last row repeat the first
                         sets[lane] = sets[0]
                 else:
