@@ -5,8 +5,8 @@ hands the function XLA's buffers: a function that can write its results
 into XLA's own output buffers does (the core's PAV kernels and products:
 `topk_core._api.soft_forward_into`, `jacobian_product_into`), other results
 are copied there; `jax.pure_callback`, which copies them out of the arrays the
-function returns, took the jitted forward of the soft operators to 1.3-2x its
-time (`benchmarks/bench_jax_products.py`, docs/jax.md).  Elsewhere (a GPU's
+function returns, took the jitted forward of the soft operators to 1.35-1.8x
+its time (`benchmarks/bench_jax_products.py`, docs/jax.md).  Elsewhere (a GPU's
 device memory, older JAX) `jax.pure_callback`.
 """
 
@@ -29,7 +29,8 @@ __all__ = ["host_call"]
 
 # Whether functions that can write into XLA's output buffers are handed them (read while tracing).  False
 # copies every result instead, as the adapter did before: `benchmarks/bench_jax_products.py` times both
-# (the jitted forward at (16384, 64) took 0.75-0.8x the time with the buffers written in place).
+# (with the buffers written in place, the jitted forward took 0.79-0.93x and forward + VJP 0.75-0.88x the
+# time from (4096, 64) on; an AMD EPYC, docs/jax.md).
 WRITE_IN_PLACE = True
 
 
