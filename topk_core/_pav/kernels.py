@@ -538,14 +538,12 @@ def fused_outputs(x, is_mag, with_residuals, into=None):
     """
     batch, n = x.shape
     given = (None,) * 4 if into is None else into
-    out = writable(given[0], (batch, n), x.dtype)
-    out = np.empty_like(x) if out is None else out
+    out = writable_or_empty(given[0], (batch, n), x.dtype)
     if not with_residuals:
         empty = np.empty((0, 0), dtype=x.dtype)
         return out, empty, np.empty((0, 0), dtype=np.int8), np.zeros(0, dtype=x.dtype)
     if not is_mag:
-        gprime = writable(given[1], (batch, n), x.dtype)
-        gprime = np.empty((batch, n), dtype=x.dtype) if gprime is None else gprime
+        gprime = writable_or_empty(given[1], (batch, n), x.dtype)
         return out, gprime, np.empty((0, 0), dtype=np.int8), np.zeros(0, dtype=x.dtype)
     # Unit-weight counts, in the rows' dtype as `MagResiduals.offset` holds them.
     layouts = (((batch, n), x.dtype), ((batch, n), np.int8), ((batch,), x.dtype))
@@ -562,11 +560,14 @@ def writable(array, shape, dtype):
     if array is None:
         return None
     array = np.asarray(array)
-    if array.dtype != dtype or array.size != math.prod(shape) or not array.flags.c_contiguous:
-        return None
-    if not array.flags.writeable:
-        return None
-    return array.reshape(shape)
+    fits = array.dtype == dtype and array.size == math.prod(shape) and array.flags.c_contiguous
+    return array.reshape(shape) if fits and array.flags.writeable else None
+
+
+def writable_or_empty(array, shape, dtype):
+    """`writable(array, shape, dtype)`, or a fresh array of that shape and dtype where `array` does not fit."""
+    given = writable(array, shape, dtype)
+    return np.empty(shape, dtype=dtype) if given is None else given
 
 
 # Start of each array in a residual block: the cache line.

@@ -737,8 +737,9 @@ def _row_outputs(x_row, out_row, g_row, code_row, ref, t, level, lam, q, is_mag)
 
 @nb.njit(cache=True, error_model="numpy")
 def _mag_row_values(x_row, out_row, no_codes, ref, t, level, lam, q):
-    """`_row_outputs` of the magnitude's forward without residuals: the outputs alone (`no_codes`: an empty
-    int8 array, never written), and the sets."""
+    """`_row_outputs` of the magnitude's forward without residuals: the outputs alone, and the sets (the
+    residual rows the loop is typed with, `out_row` for g' and `no_codes`, an empty int8 array, are never
+    written)."""
     prefer_wide_vectors()
     return _row_entries(x_row, out_row, out_row, no_codes, ref, t, level, lam, q, True, False)
 

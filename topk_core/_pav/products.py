@@ -18,7 +18,7 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
-from .kernels import _compiled_pair, writable
+from .kernels import _compiled_pair, writable_or_empty
 from .vector_width import prefer_wide_vectors
 
 
@@ -95,7 +95,7 @@ def mask_product_rows(res, t: np.ndarray, out: np.ndarray | None = None) -> np.n
     `out`: an array the caller owns (a host callback's output buffer), written where it has the
     product's shape and dtype (`kernels.fused_outputs`' rule); the result is returned either way.
     """
-    out = _output(t, res, out)
+    out = writable_or_empty(out, t.shape, res.gprime.dtype)
     _mask_rows(np.ascontiguousarray(res.gprime), np.ascontiguousarray(t), out)
     return out
 
@@ -103,14 +103,8 @@ def mask_product_rows(res, t: np.ndarray, out: np.ndarray | None = None) -> np.n
 def mag_product_rows(res, t: np.ndarray, transpose: bool, out: np.ndarray | None = None) -> np.ndarray:
     """The magnitude's JVP (or VJP, `transpose`) of NumPy (batch, n) rows `t` with input-order residuals
     (`out`: see `mask_product_rows`)."""
-    out = _output(t, res, out)
+    out = writable_or_empty(out, t.shape, res.gprime.dtype)
     offset = np.broadcast_to(res.offset, (t.shape[0], 1))
     arrays = (res.gprime, res.codes, offset, t)
     _mag_rows(*(np.ascontiguousarray(a) for a in arrays), transpose, out)
     return out
-
-
-def _output(t: np.ndarray, res, out: np.ndarray | None) -> np.ndarray:
-    """The product's array: `out` where it fits (`kernels.writable`), else a fresh one."""
-    given = writable(out, t.shape, res.gprime.dtype)
-    return np.empty(t.shape, dtype=res.gprime.dtype) if given is None else given
