@@ -15,6 +15,7 @@ import pytest
 
 import topk_core as tc
 from topk_core._agnostic import jacobians
+from topk_core._agnostic.residuals import MagResiduals, MaskResiduals
 from topk_core._pav import products
 
 FORWARD = {"mask": tc.soft_topk_mask_forward, "mag": tc.soft_topk_mag_forward}
@@ -84,3 +85,29 @@ def test_numba_products_on_non_contiguous_tangents(rng, operator):
     t = rng.normal(size=(10, 6)).T  # a transposed view
     got = _numba(operator, True, res, t)
     np.testing.assert_allclose(got, _array_api(operator, True, res, np.ascontiguousarray(t)), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("transpose", [False, True], ids=["jvp", "vjp"])
+def test_numba_products_sum_in_float64_for_float32_residuals(operator, transpose):
+    # One g' of 2^24 and 1023 of 1: summed in float32, every 1 added to 2^24 rounds away (D off by
+    # up to 1023, ~6e-5 relative); in float64 the sums are exact.  The reference is the Array-API
+    # product in float64 of the same residuals, rounded once, on the entries other than the first (whose
+    # g' (t - ...) cancels in float32: the entries are computed in the residuals' dtype, as documented).
+    n = 1024
+    gprime = np.ones((2, n), dtype=np.float32)
+    gprime[:, 0] = 2.0**24
+    t = np.zeros((2, n), dtype=np.float32)
+    t[:, 0] = 1.0
+    t[1, 1] = -3.0
+    if operator == "mask":
+        res = MaskResiduals(None, None, None, None, gprime)
+        wide = MaskResiduals(None, None, None, None, gprime.astype(np.float64))
+    else:
+        codes = np.ones((2, n), dtype=np.int8)
+        codes[:, 1::2] = -1
+        offset = np.full((2, 1), 2.0, dtype=np.float32)
+        res = MagResiduals(None, None, None, None, gprime, codes, offset)
+        wide = MagResiduals(None, None, None, None, gprime.astype(np.float64), codes, offset.astype(np.float64))
+    got = _numba(operator, transpose, res, t)
+    want = _array_api(operator, transpose, wide, t.astype(np.float64)).astype(np.float32)
+    np.testing.assert_allclose(got[:, 1:], want[:, 1:], rtol=2e-7, atol=0)

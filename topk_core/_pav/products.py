@@ -69,7 +69,8 @@ def _mag_rows(gprime, codes, offset, t, transpose, out):
     for r in nb.prange(t.shape[0]):
         prefer_wide_vectors()
         num = 0.0
-        den = float(offset[r, 0])
+        # float64 from the start: Numba's float() keeps a float32 value float32, and the sum with it.
+        den = np.float64(offset[r, 0])
         for j in range(t.shape[1]):
             gp = gprime[r, j]
             sigma, sc = _sigma_scale(codes[r, j], gp, one)
