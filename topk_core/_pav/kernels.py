@@ -662,7 +662,12 @@ def _renamed(py_func, suffix):
     return twin
 
 
-def _compiled_pair(py_func, fastmath=False):
+def _compiled_pair(py_func, fastmath=False, inputs=(0,)):
+    """`py_func` compiled serial and parallel, behind one function that picks the variant by the size of its
+    first argument, (batch, n) rows, and passes the arrays at positions `inputs` (those the kernel only
+    reads) as read-only views (`read_only`): one signature whoever calls it (the tests and benchmarks
+    call the kernels with writable arrays, the operators with read-only ones; each writable variant
+    compiled every kernel it reaches again)."""
     serial = nb.njit(cache=True, fastmath=fastmath, error_model="numpy")(py_func)
     parallel = nb.njit(parallel=True, cache=True, fastmath=fastmath, error_model="numpy")(
         _renamed(py_func, "_parallel")
@@ -671,7 +676,10 @@ def _compiled_pair(py_func, fastmath=False):
     def dispatch(keys, *args):
         batch, n = keys.shape
         kernel = parallel if batch > 1 and batch * n >= PARALLEL_MIN_ENTRIES else serial
-        return kernel(keys, *args)
+        arrays = [keys, *args]
+        for i in inputs:
+            arrays[i] = read_only(arrays[i])
+        return kernel(*arrays)
 
     dispatch.__doc__ = py_func.__doc__
     dispatch.__name__ = py_func.__name__
@@ -680,7 +688,7 @@ def _compiled_pair(py_func, fastmath=False):
 
 
 pav_rows = _compiled_pair(pav_rows)
-topk_rows_forward = _compiled_pair(topk_rows_forward)
+topk_rows_forward = _compiled_pair(topk_rows_forward, inputs=(0, 2))
 
 
 @nb.njit(parallel=True, cache=True, error_model="numpy")
@@ -732,10 +740,10 @@ def row_keys(x):
     """(keys, all_finite) of C-contiguous NumPy rows `x` for the magnitude: |x|, and whether every
     entry of x is finite, in one pass (instead of an abs, an isfinite and an all)."""
     keys = np.empty_like(x)
-    return keys, _flat_keys(x.reshape(-1), keys.reshape(-1), True, _chunks(x.size))
+    return keys, _flat_keys(read_only(x.reshape(-1)), keys.reshape(-1), True, _chunks(x.size))
 
 
 def all_finite(x):
     """Whether every entry of the C-contiguous NumPy rows `x` is finite (one pass, no temporary)."""
     # The unused `keys` must be writable for Numba to compile the loop that would write it.
-    return _flat_keys(x.reshape(-1), np.empty(0, dtype=x.dtype), False, _chunks(x.size))
+    return _flat_keys(read_only(x.reshape(-1)), np.empty(0, dtype=x.dtype), False, _chunks(x.size))

@@ -91,8 +91,8 @@ def _mag_rows(gprime, codes, offset, t, transpose, out):
 
 
 # Reassociated row sums: the compiler vectorizes them (only their last bits change).
-_mask_rows = _compiled_pair(_mask_rows, fastmath={"reassoc"})
-_mag_rows = _compiled_pair(_mag_rows, fastmath={"reassoc"})
+_mask_rows = _compiled_pair(_mask_rows, fastmath={"reassoc"}, inputs=(0, 1))
+_mag_rows = _compiled_pair(_mag_rows, fastmath={"reassoc"}, inputs=(0, 1, 2, 3))
 
 
 def mask_product_rows(res, t: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:

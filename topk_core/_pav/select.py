@@ -393,7 +393,7 @@ def _select_rows(keys, x, k, lam, q, is_mag, out, gprime, codes, offset, n_chunk
                               out, gprime, codes, offset)
 
 
-_select_rows = _compiled_pair(_select_rows)
+_select_rows = _compiled_pair(_select_rows, inputs=(0, 1))
 
 
 @nb.njit(parallel=True, cache=True, error_model="numpy")
@@ -534,6 +534,7 @@ def topk_rows_select(keys, x, k, lam, q, is_mag, out, gprime, codes, offset):
     outputs are then garbage, for the route that handles such rows.
     """
     batch, n = x.shape
+    keys, x = read_only(keys), read_only(x)  # one signature of every kernel below (`kernels.read_only`)
     threads = nb.get_num_threads()
     lanes = lane_route(batch, n, k, q, lam)
     lanes_load_all = lanes and lanes_find_bounds(k)  # `lanes_check_finite`, its route decided once
