@@ -113,7 +113,7 @@ def test_serial_and_parallel_kernels_have_their_own_disk_cache():
 def test_serial_and_parallel_kernels_agree(rng):
     from topk_core._pav import kernels
 
-    keys = np.abs(rng.normal(size=(64, 40)))
+    keys = kernels.read_only(np.abs(rng.normal(size=(64, 40))))  # the operators' signature (no compilation of its own)
     perm = np.ascontiguousarray(np.argsort(-keys, axis=-1))
     args = (np.zeros(64, np.int64), np.full(64, 40, np.int64), np.full(64, 7, np.int64), 0.5, 4.0, True)
     for a, b in zip(kernels.pav_rows.serial(keys, perm, *args), kernels.pav_rows.parallel(keys, perm, *args), strict=True):
