@@ -285,3 +285,20 @@ def test_magnitude_residuals_are_aligned_views_of_one_block(shape, dtype):
     assert mask_gprime.shape == shape and mask_codes.size == 0 and mask_offset.size == 0
     _, no_gprime, no_codes, no_offset = fused_outputs(x, True, False)
     assert no_gprime.size == 0 and no_codes.size == 0 and no_offset.size == 0
+
+
+def test_kernel_pairs_compile_one_signature_for_writable_and_read_only_inputs(rng):
+    # The serial/parallel dispatchers pass the arrays a kernel only reads as read-only views: a writable
+    # array (NumPy's) and a read-only one (JAX's) share one compiled signature, not two.
+    from topk_core._pav import products
+    from topk_core._pav.kernels import read_only
+
+    gprime = np.abs(rng.normal(size=(3, 5)))
+    t = rng.normal(size=(3, 5))
+    for g_in, t_in in ((gprime, t), (read_only(gprime), read_only(t))):
+        out = np.empty((3, 5))
+        products._mask_rows(g_in, t_in, out)
+        np.testing.assert_allclose(out, gprime * (t - np.sum(gprime * t, axis=1, keepdims=True) / np.sum(gprime, axis=1, keepdims=True)))
+    assert gprime.flags.writeable and t.flags.writeable  # the caller's arrays are left as they were
+    inputs = [sig[:2] for sig in products._mask_rows.serial.signatures]
+    assert inputs and all(not a.mutable for sig in inputs for a in sig)
