@@ -120,6 +120,36 @@ def test_iteration_controls_reach_the_solver(x64, op):
     np.testing.assert_allclose(np.asarray(full), pav, rtol=0, atol=1e-9)
 
 
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("method", ["threshold", "dykstra"])
+def test_eager_calls_compile_the_solver_once_per_shape(op, method):
+    """Un-jitted, the solver runs as one compiled program: a few compilations for the first call of a
+    shape (the solver, the layout's reshapes), none for the next.  Dispatched operation by operation,
+    every one of the threshold method's ~1,500 operations compiled an XLA program of its own for each
+    new shape, and each call dispatched all of them again."""
+    compiled = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append(event)
+
+    x = jnp.asarray(rows(14, (5, 13)), jnp.float32)
+    shifted = x + 0.5
+    f = partial(soft(op), k=3, regularization_strength=LAM, p=2.0, method=method)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        first = np.asarray(f(x))
+        first_count = len(compiled)
+        second = np.asarray(f(shifted))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert 1 <= first_count <= 10, first_count
+    assert len(compiled) == first_count
+    np.testing.assert_allclose(first, soft(op, tn)(np.asarray(x), 3, regularization_strength=LAM, p=2.0), atol=1e-5)
+    np.testing.assert_allclose(second, soft(op, tn)(np.asarray(shifted), 3, regularization_strength=LAM, p=2.0),
+                               atol=1e-5)
+
+
 # --------------------------------------------------------------- no host callback
 
 
