@@ -9,6 +9,7 @@ also returns the residuals, then the closed-form VJP in `jax.numpy`.
 
     python benchmarks/bench_jax.py             # full table
     python benchmarks/bench_jax.py --quick     # small shapes, a smoke run
+    python benchmarks/bench_jax.py --method threshold   # another method than "auto"
     python benchmarks/bench_jax.py --write docs/jax.md   # and update the docs page
 """
 
@@ -44,11 +45,14 @@ def machine() -> str:
 
 def main() -> None:
     parser = report.table_parser(__doc__, 7)
+    parser.add_argument("--method", default="auto", choices=["auto", "pav", "threshold", "dykstra"],
+                        help="the operators' method (auto: pav on the CPU, threshold on a GPU or TPU)")
     args = parser.parse_args()
     shapes, repeats = report.table_size(args, SHAPES, QUICK_SHAPES)
 
     lines = [f"Machine: {machine()}."]
-    lines.append(f"float32, k = n/10, l = {STRENGTH}, jitted, medians of {repeats} runs after a warm-up; "
+    method = "" if args.method == "auto" else f'method="{args.method}", '
+    lines.append(f"float32, k = n/10, l = {STRENGTH}, {method}jitted, medians of {repeats} runs after a warm-up; "
                  "ratios to `jax.jit(jnp.argsort)(x)` (axis -1) of the same data in the same run.\n")
     lines.append("| shape | operator | p | argsort (ms) | forward (ms) | forward / argsort | fwd+grad (ms) "
                  "| fwd+grad / argsort |")
@@ -66,7 +70,7 @@ def main() -> None:
             soft = getattr(tk, f"soft_topk_{op}")
             for p in EXPONENTS:
                 def fn(x, soft=soft, k=k, p=p):
-                    return soft(x, k, p=p, regularization_strength=STRENGTH)
+                    return soft(x, k, p=p, regularization_strength=STRENGTH, method=args.method)
 
                 forward = jax.jit(fn)
                 both = jax.jit(jax.value_and_grad(lambda x, u, fn=fn: jnp.vdot(fn(x), u)))
