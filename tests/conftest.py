@@ -34,6 +34,20 @@ _interpret_triton_kernels_without_a_gpu()
 # run on their own, compile with every optimization.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
+# Modules that run first: the longest module fixture (test_vector_width's kernels compiled afresh, 115-140 s)
+# and the longest single tests.  pytest-xdist's `worksteal` hands each worker a contiguous half of the
+# items and an idle worker steals from the end of the other's queue: at the front, a module stays on one
+# worker, its module fixtures are set up once, and no long test is left for the end while the other
+# worker idles.  Last in the alphabet, test_vector_width was split between the workers and its fixture
+# set up three times in one run (114 + 98 + 93 s).
+FIRST_MODULES = ("test_vector_width.py", "test_examples.py", "test_applications_docs.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: position for position, name in enumerate(FIRST_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(FIRST_MODULES)))  # stable: the rest keep their order
+
+
 P_VALUES = [1.25, 4.0 / 3.0, 1.5, 2.0, 3.0]
 P_IDS = ["p=5/4", "p=4/3", "p=3/2", "p=2", "p=3"]
 
