@@ -8,6 +8,7 @@ with AVX-512 in its machine code too: a kernel that lost its
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import numba as nb
 import numpy as np
@@ -56,19 +57,44 @@ TOP_LEVEL = [lanes.lane_rows.serial, lanes.lane_rows.parallel, products._mask_ro
              kernels._flat_keys]
 
 
+@dataclass(frozen=True)
+class _CompiledHere:
+    """One signature of a kernel that this process compiled (rather than loaded from the cache): its
+    IR and machine code are at hand, as for a kernel compiled afresh."""
+
+    dispatcher: nb.core.registry.CPUDispatcher
+    signature: tuple
+
+    def inspect_llvm(self) -> dict:
+        return {self.signature: self.dispatcher.inspect_llvm(self.signature)}
+
+    def inspect_asm(self) -> dict:
+        return {self.signature: self.dispatcher.inspect_asm(self.signature)}
+
+
+def _loaded_from_cache(dispatcher, signature) -> bool:
+    # Numba keeps no IR of code that it loads from its cache (and warns when asked for it).
+    return dispatcher.overloads[signature].library._disable_inspection
+
+
 def _fresh(dispatcher):
-    """`dispatcher` compiled again for one signature of the fixture's calls, without the cache (Numba
-    keeps no IR of code that it loads from its cache).  Compiling a kernel compiles, or loads, the
-    kernels it calls: their signatures are known afterwards.
+    """`dispatcher` for one signature of the fixture's calls, with its IR and machine code: as compiled
+    by this process if it was (a cold cache, as on CI), else compiled again without the cache.
+    Compiling a kernel compiles, or loads, the kernels it calls: their signatures are known afterwards.
 
     One signature is enough: the attribute and the machine-code patterns checked here do not depend on
     what the float64 signatures differ in (an omitted default, the layout of an argument).  Compiling
     every one, the fixture's setup took 328 s in the suite (`--durations`), `lane_rows`' parallel
     variant alone 76 s for its two signatures standalone.  The one taken is the first by name among
-    those with C-contiguous arrays, whatever tests ran before on the worker."""
+    those with C-contiguous arrays, whatever tests ran before on the worker (one compiled here first)."""
+    candidates = sorted(
+        filter(_of_the_fixture, dispatcher.signatures),
+        key=lambda sig: (not _contiguous(sig), _loaded_from_cache(dispatcher, sig), str(sig)),
+    )
+    if candidates and not _loaded_from_cache(dispatcher, candidates[0]):
+        return _CompiledHere(dispatcher, candidates[0])
     options = {key: value for key, value in dispatcher.targetoptions.items() if key not in ("cache", "nopython")}
     fresh = nb.njit(**options)(dispatcher.py_func)
-    candidates = sorted(filter(_of_the_fixture, dispatcher.signatures), key=lambda sig: (not _contiguous(sig), str(sig)))
     if candidates:
         fresh.compile(candidates[0])
     return fresh
