@@ -113,8 +113,9 @@ def _of_the_fixture(signature):
 @pytest.fixture(scope="module")
 def fresh_kernels():
     """Run the public operators on inputs that reach every kernel above, in both compilations; then
-    return each kernel compiled afresh, by `id` of its dispatcher (top-level kernels first, which
-    gives the others their signatures)."""
+    return each kernel with its IR and machine code (`_fresh`: as compiled by these calls, or compiled
+    afresh), by `id` of its dispatcher (top-level kernels first, which gives the others their
+    signatures)."""
     rng = np.random.default_rng(0)
     cases = [
         ((16, 16), 3, 2.0),  # lanes, serial
@@ -186,7 +187,7 @@ needs_masked_stores = pytest.mark.skipif(not host_has("avx") or host_has("avx512
 
 
 def _machine_code(fresh_kernels, name, dispatcher):
-    """The assembly of every signature of the kernel `dispatcher` compiled afresh (at least one)."""
+    """The assembly of the kernel `dispatcher` as the fixture holds it (at least one signature)."""
     asms = list(fresh_kernels[id(dispatcher)].inspect_asm().values())
     assert asms, f"{name} was not compiled by the calls of the fixture"
     return asms
