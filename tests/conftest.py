@@ -34,7 +34,7 @@ _interpret_triton_kernels_without_a_gpu()
 # run on their own, compile with every optimization.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
-# Modules that run first: the longest module fixture (test_vector_width's kernels compiled afresh, 115-140 s)
+# Modules that run first: the longest module fixture (test_vector_width's kernels, 100-140 s)
 # and the longest single tests.  pytest-xdist's `worksteal` hands each worker a contiguous half of the
 # items and an idle worker steals from the end of the other's queue: at the front, a module stays on one
 # worker, its module fixtures are set up once, and no long test is left for the end while the other
