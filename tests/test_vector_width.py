@@ -85,8 +85,8 @@ def _fresh(dispatcher):
     One signature is enough: the attribute and the machine-code patterns checked here do not depend on
     what the float64 signatures differ in (an omitted default, the layout of an argument).  Compiling
     every one, the fixture's setup took 328 s in the suite (`--durations`), `lane_rows`' parallel
-    variant alone 76 s for its two signatures standalone.  The one taken is the first by name among
-    those with C-contiguous arrays, whatever tests ran before on the worker (one compiled here first)."""
+    variant alone 76 s for its two signatures standalone.  The one taken, whatever tests ran before on
+    the worker: one with C-contiguous arrays, among those one compiled here, then the first by name."""
     candidates = sorted(
         filter(_of_the_fixture, dispatcher.signatures),
         key=lambda sig: (not _contiguous(sig), _loaded_from_cache(dispatcher, sig), str(sig)),
