@@ -37,11 +37,12 @@ _interpret_triton_kernels_without_a_gpu()
 # run on their own, compile with every optimization.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
-# XLA's CPU backend also compiles them with its older (non-MLIR) fusion emitters and on one code-generation
-# thread: each threshold program compiles in about 0.45 s instead of 1.15 s (p in {4/3, 2, 3}, both
-# operators, (9, 7) float64), and the JAX tests run in about half the time (test_jax_methods' vmap and
-# float64 tests: 117 -> 53 s, one worker).  An XLA that does not know a flag aborts the process, so the
-# flags are tried once in a subprocess (about 2 s), by the first process that loads this file; the
+# XLA's CPU backend also compiles them with its older (non-MLIR) fusion emitters and on one
+# code-generation thread: each threshold program compiles in about 0.45 s instead of 1.15 s (p in
+# {4/3, 2, 3}, both operators, (9, 7) float64), test_jax_methods' vmap and float64 tests take 53 s
+# instead of 117 s (one worker), and the whole suite on a cold Numba cache, as on CI, 682 s instead of
+# 902 s (-n 2, an AVX2 machine of 2 cores).  An XLA that does not know a flag aborts the process, so
+# the flags are tried once in a subprocess (about 2 s) by the first process that loads this file; the
 # pytest-xdist workers and the tests' subprocesses inherit the result through the environment.
 FAST_XLA_COMPILE_FLAGS = "--xla_cpu_use_fusion_emitters=false --xla_cpu_parallel_codegen_split_count=1"
 FAST_XLA_COMPILE_TRIED = "SPARSE_TOPK_TESTS_FAST_XLA_COMPILE_TRIED"
