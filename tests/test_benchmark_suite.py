@@ -428,3 +428,41 @@ def test_jax_products_benchmark(tmp_path):
 
     callbacks = [c for c in cells if len(c) == 10]
     assert len(callbacks) == (2 if _host_call._buffer_callback is not None else 0)
+
+
+def test_first_call_runs_two_processes_on_one_cache_folder(monkeypatch, capsys):
+    """`first_call.py`: with `--cache empty` both processes get the same new, empty `NUMBA_CACHE_DIR`
+    (the second one loads what the first wrote); with `--cache default` neither sets it."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import first_call
+
+    seen = []
+
+    def fake_child(settings, cache_dir):
+        seen.append((settings, cache_dir, None if cache_dir is None else os.listdir(cache_dir)))
+        return {"import": 0.5, "first": 40.0 if len(seen) == 1 else 0.3, "later": 0.002}
+
+    monkeypatch.setattr(first_call, "run_child", fake_child)
+    first_call.main(["--op", "mask", "--p", "2", "--shape", "64x40", "--dtype", "float64", "--vjp"])
+    (s1, dir1, files1), (s2, dir2, _) = seen
+    assert dir1 == dir2 and files1 == [] and not os.path.exists(dir1)  # one folder, new and empty; removed after
+    assert s1 == s2 and s1["p"] == 2.0 and s1["k"] == 4 and s1["shape"] == (64, 40) and s1["vjp"]
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| first") or
+            line.startswith("| second")]
+    assert rows == ["| first | empty | 0.50 | 40.00 | 2 |", "| second | as written | 0.50 | 0.30 | 2 |"]
+    seen.clear()
+    first_call.main(["--cache", "default"])
+    assert [cache for _, cache, _ in seen] == [None, None]
+
+
+@pytest.mark.parametrize("framework", ["numpy", "torch", "jax"])
+def test_first_call_child_times_a_new_process(framework, monkeypatch):
+    """The child process itself, forward and VJP, on the package's own cache (warm in the suite)."""
+    pytest.importorskip(framework)
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import first_call
+
+    settings = {"framework": framework, "op": "mag", "p": 4.0 / 3.0, "shape": (64, 16), "dtype": "float64", "k": 2,
+                "vjp": True, "repeats": 2}
+    times = first_call.run_child(settings, None)
+    assert set(times) == {"import", "first", "later"} and all(t > 0 for t in times.values())
