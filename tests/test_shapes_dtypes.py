@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -77,6 +81,58 @@ def test_empty_batch(operator):
     x = np.zeros((0, 5))
     assert SOFT[operator](x, 2).shape == (0, 5)
     assert HARD[operator](x, 2).shape == (0, 5)
+
+
+# Counts the Numba compilations of what it runs (a new, empty cache folder: nothing loads from a cache).
+_COMPILATIONS = r"""
+import importlib.util, sys
+import numpy as np
+from numba.core import event
+import topk_core as tc
+
+compiled = []
+
+class Listener(event.Listener):
+    def on_start(self, ev):
+        pass
+
+    def on_end(self, ev):
+        compiled.append(ev.data["dispatcher"].py_func.__qualname__)
+
+event.register("numba:compile", Listener())
+for dtype in (np.float32, np.float64):
+    for forward, fields in ((tc.soft_topk_mask_forward, 5), (tc.soft_topk_mag_forward, 7)):
+        for with_residuals in (True, False):
+            x = np.zeros((0, 6), dtype=dtype)
+            if with_residuals:
+                y, res = forward(x, 2)
+                assert len(res) == fields and res.gprime.shape == (0, 6) and res.gprime.dtype == dtype, res
+            else:
+                y = (tc.soft_topk_mask if fields == 5 else tc.soft_topk_mag)(x, 2)
+            assert y.shape == (0, 6) and y.dtype == dtype
+if "torch" in sys.argv[1:] and importlib.util.find_spec("torch"):
+    from topk_torch import _ops
+    for kind in ("mask", "mag"):
+        _ops.layout(kind)
+if "jax" in sys.argv[1:] and importlib.util.find_spec("jax"):
+    import topk_jax
+    from topk_jax import _soft
+    static = topk_jax.Static(k=2, regularization_strength=0.1, p=4.0 / 3.0, method="pav", max_iter=None, tol=None)
+    for op in (_soft._MASK, _soft._MAG):
+        _soft._residual_layout(op, static, np.dtype(np.float32), 6)
+print(compiled)
+"""
+
+
+def test_no_rows_compile_no_kernel(tmp_path):
+    """A forward on no rows runs no kernel, and compiles none: the adapters read the residuals' layout off
+    such a call (PyTorch's custom operators, JAX's host callback), where one of two rows of zeros compiled
+    `lane_rows` and `_select_rows` in float64 (45 s on an empty cache) for callers of any dtype."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", _COMPILATIONS, "torch", "jax"], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_array_likes_are_accepted(operator):

@@ -99,8 +99,22 @@ def _fused_forward(rows: _SortedRows, k: int, lam: float, q: float, is_mag: bool
     return True
 
 
+def _fused_residuals(is_mag: bool, with_residuals: bool, gprime: Any, codes: Any, offset: Any) -> Any:
+    """The residuals of the fused kernels' arrays (`fused_outputs`), in input order; None if not asked for."""
+    if not with_residuals:
+        return None
+    if is_mag:
+        return MagResiduals(None, None, None, None, gprime, codes, offset[:, None])
+    return MaskResiduals(None, None, None, None, gprime)
+
+
 def _solve(x: Any, k: int, lam: float, q: float, is_mag: bool, with_residuals: bool, fused: bool,
            into: Any = None) -> tuple[Any, Any]:
+    if fused and x.shape[0] == 0:
+        # No rows: no kernel to run, nor to compile (24 s for `lane_rows` alone on an empty cache).  The
+        # adapters read the residuals' layout off such a call.
+        y, gprime, codes, offset = fused_outputs(x, is_mag, with_residuals, into)
+        return y, _fused_residuals(is_mag, with_residuals, gprime, codes, offset)
     rows = _prepare(x, k, lam, q, is_mag, sort_finite=not fused)
     if fused:
         y, gprime, codes, offset = fused_outputs(rows.x, is_mag, with_residuals, into)
@@ -111,12 +125,7 @@ def _solve(x: Any, k: int, lam: float, q: float, is_mag: bool, with_residuals: b
             y, gprime, codes, offset = fused_outputs(rows.x, is_mag, with_residuals, into)
             if not _fused_forward(rows, k, lam, q, is_mag, y, gprime, codes, offset):
                 raise AssertionError("rows checked as finite were found not to be")
-        res = None
-        if with_residuals and is_mag:
-            offset = offset[:, None]
-            res = MagResiduals(None, None, None, None, gprime, codes, offset)
-        elif with_residuals:
-            res = MaskResiduals(None, None, None, None, gprime)
+        res = _fused_residuals(is_mag, with_residuals, gprime, codes, offset)
     else:
         # Isotonic solution + Array-API assembly: residuals in sorted order with block ids.
         perm = rows.perm

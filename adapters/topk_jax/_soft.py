@@ -178,12 +178,14 @@ def _residual_layout(op: _Operator, static: Static, dtype: np.dtype, n: int) -> 
     One entry per residual field: None when the method does not use the field
     (e.g. no permutation for methods that work in input order), else
     ``(dtype on the JAX side, size of the last axis)`` (``n``, or 1 for per-row
-    scalars).  Found once, while tracing, by running the forward on one row
-    of zeros: `jax.pure_callback` needs the structure before the data.
+    scalars).  Found once, while tracing, by running the forward on no rows
+    (the core runs no kernel for them, and compiles none: one row of zeros
+    compiled the serial kernels in the rows' dtype, 24 s or more on an empty
+    Numba cache): `jax.pure_callback` needs the structure before the data.
     Indices become int32 (valid for n < 2**31 and usable with x64 disabled).
     Narrower integers and bools keep their dtype.
     """
-    _, res = op.forward(np.zeros((1, n), dtype=dtype), static.k, **static.keywords())
+    _, res = op.forward(np.zeros((0, n), dtype=dtype), static.k, **static.keywords())
     layout = []
     for value in res:
         if value is None:

@@ -68,14 +68,18 @@ class Field(NamedTuple):
 
 @functools.cache
 def layout(kind: str, method: str = "pav") -> tuple[Field, ...]:
-    """The residual layout of one of the core's methods, read once from a (2, 3) probe.
+    """The residual layout of one of the core's methods, read once from a probe of rows of 3 entries.
 
     The core documents two layouts (input order without block ids, or working
     order with blocks) and fields of shape (batch, n) or (batch, 1), by
     method; the fake implementations must give exact metadata, so it is read
     from the core instead of being copied here, and every real call checks it.
+    PAV's probe has no rows: the core runs (and compiles) no kernel for it, where
+    two float64 rows compiled two kernels that a float32 caller never uses (45 s
+    on an empty Numba cache).
     """
-    probe = np.zeros((2, 3)) if method == "pav" else torch.zeros((2, 3), dtype=torch.float64)
+    rows = 0 if method == "pav" else 2
+    probe = np.zeros((rows, 3)) if method == "pav" else torch.zeros((rows, 3), dtype=torch.float64)
     _, res = _FORWARD[kind](probe, 1, p=2.0, method=method, xp=None if method == "pav" else xp_torch)
     fields = []
     for name, a in zip(_FIELDS[kind], res, strict=True):
@@ -83,12 +87,12 @@ def layout(kind: str, method: str = "pav") -> tuple[Field, ...]:
             fields.append(Field(False, None, True))
             continue
         a = np.asarray(a)
-        if a.shape not in ((2, 3), (2, 1)):
-            raise RuntimeError(f"topk_torch: unexpected shape {a.shape} of residual {name!r} for (2, 3) rows")
+        if a.shape not in ((rows, 3), (rows, 1)):
+            raise RuntimeError(f"topk_torch: unexpected shape {a.shape} of residual {name!r} for ({rows}, 3) rows")
         dtype = {np.dtype(np.int64): torch.int64, np.dtype(np.int8): torch.int8, np.dtype(np.bool_): torch.bool}.get(a.dtype)
         if dtype is None and a.dtype != np.float64:
             raise RuntimeError(f"topk_torch: unexpected dtype {a.dtype} of residual {name!r} for float64 rows")
-        fields.append(Field(True, dtype, a.shape == (2, 3)))
+        fields.append(Field(True, dtype, a.shape == (rows, 3)))
     return tuple(fields)
 
 
