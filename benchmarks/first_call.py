@@ -116,12 +116,12 @@ def main(argv: list[str] | None = None) -> None:
           f"{os.cpu_count()} CPUs (Numba threads: all)\n")
     print("| process | cache | import (s) | first call (s) | later calls (ms) |")
     print("|---|---|---|---|---|")
+    # The cache each process meets: an empty folder then what the first wrote, or a folder as it is.
+    states = {"empty": ("empty", "as written"), "default": ("the package's own",) * 2}.get(
+        args.cache, ("given folder",) * 2)
     with tempfile.TemporaryDirectory(prefix="numba-cache-") as empty:
         cache_dir = {"empty": empty, "default": None}.get(args.cache, args.cache)
-        for label in ("first", "second"):
-            state = "the package's own" if cache_dir is None else ("empty" if label == "first" else "as written")
-            if args.cache not in ("empty", "default"):
-                state = "given folder"
+        for label, state in zip(("first", "second"), states, strict=True):
             r = run_child(settings, cache_dir)
             print(f"| {label} | {state} | {r['import']:.2f} | {r['first']:.2f} | {r['later'] * 1e3:.3g} |")
 

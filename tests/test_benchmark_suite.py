@@ -430,9 +430,10 @@ def test_jax_products_benchmark(tmp_path):
     assert len(callbacks) == (2 if _host_call._buffer_callback is not None else 0)
 
 
-def test_first_call_runs_two_processes_on_one_cache_folder(monkeypatch, capsys):
+def test_first_call_runs_two_processes_on_one_cache_folder(monkeypatch, capsys, tmp_path):
     """`first_call.py`: with `--cache empty` both processes get the same new, empty `NUMBA_CACHE_DIR`
-    (the second one loads what the first wrote); with `--cache default` neither sets it."""
+    (the second one loads what the first wrote); with `--cache default` neither sets it; a folder given is
+    taken as it is."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import first_call
 
@@ -453,6 +454,10 @@ def test_first_call_runs_two_processes_on_one_cache_folder(monkeypatch, capsys):
     seen.clear()
     first_call.main(["--cache", "default"])
     assert [cache for _, cache, _ in seen] == [None, None]
+    seen.clear()
+    first_call.main(["--cache", str(tmp_path)])
+    assert [cache for _, cache, _ in seen] == [str(tmp_path)] * 2
+    assert capsys.readouterr().out.count("| given folder |") == 2
 
 
 @pytest.mark.parametrize("framework", ["numpy", "torch", "jax"])
