@@ -40,6 +40,15 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
     return shapes
 
 
+def parse_exponents(text: str) -> list[float]:
+    """Comma-separated exponents, each a number or a fraction, e.g. ``4/3,2``."""
+    exponents = []
+    for item in text.split(","):
+        numerator, _, denominator = item.partition("/")
+        exponents.append(float(numerator) / float(denominator or 1))
+    return exponents
+
+
 def torch_hard_topk(x: object, k: int) -> object:
     """The hard top-k in value with x's shape: torch.topk's values scattered into a row of zeros."""
     import torch

@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _report import forward_vjp
+from _report import forward_vjp, parse_exponents, parse_shapes
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -178,9 +178,7 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "sparse_topk_ab"))
     args = parser.parse_args()
-    num, _, den = args.p.partition("/")
-    p = float(num) / float(den or 1)
-    batch, n = (int(float(v)) for v in args.shape.lower().split("x"))
+    (p,), ((batch, n),) = parse_exponents(args.p), parse_shapes(args.shape)
     if args.child:
         _child(args, batch, n, p)
         return

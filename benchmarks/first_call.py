@@ -26,6 +26,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from _report import parse_exponents, parse_shapes
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Run in the new process: arguments as JSON in argv[1], one JSON line of results on stdout.
@@ -86,10 +88,6 @@ def run_child(settings: dict, cache_dir: str | None) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def parse_shape(text: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in text.lower().split("x"))
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--framework", choices=["numpy", "torch", "jax"], default="numpy")
@@ -104,10 +102,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="'empty': a new empty NUMBA_CACHE_DIR (default); 'default': the package's own "
                              "cache as it is; else a folder to use")
     args = parser.parse_args(argv)
-    numerator, _, denominator = args.p.partition("/")
-    shape = parse_shape(args.shape)
+    (shape,), (p,) = parse_shapes(args.shape), parse_exponents(args.p)
     settings = {
-        "framework": args.framework, "op": args.op, "p": float(numerator) / float(denominator or 1),
+        "framework": args.framework, "op": args.op, "p": p,
         "shape": shape, "dtype": args.dtype, "k": args.k or max(1, shape[-1] // 10), "vjp": args.vjp,
         "repeats": args.repeats,
     }

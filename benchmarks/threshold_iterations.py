@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
+from _report import parse_exponents, parse_shapes
 
 from topk_core._agnostic.regularizer import conjugate_exponent
 from topk_core._agnostic.threshold import STATE_DONE, threshold_mag, threshold_mask
@@ -72,14 +73,13 @@ def row_arguments(doc: str, shapes: str, k: int, argv: list[str] | None, order_s
         parser.add_argument("--order-statistics", action="store_true",
                             help="start from the order statistics, as the adapters do (np.partition here)")
     args = parser.parse_args(argv)
-    args.exponents = [float(a) / float(b or 1) for a, _, b in (p.partition("/") for p in args.p.split(","))]
+    args.exponents = parse_exponents(args.p)
     return args
 
 
 def normal_rows(args: argparse.Namespace):
     """``((batch, n), rows, k)`` for each of ``args.shapes``: normal rows of ``args.dtype``, seed 0."""
-    for shape_text in args.shapes.split(","):
-        batch, n = (int(float(v)) for v in shape_text.lower().split("x"))
+    for batch, n in parse_shapes(args.shapes):
         yield (batch, n), np.random.default_rng(0).normal(size=(batch, n)).astype(args.dtype), args.k or max(1, n // 10)
 
 
