@@ -100,16 +100,14 @@ class Listener(event.Listener):
         compiled.append(ev.data["dispatcher"].py_func.__qualname__)
 
 event.register("numba:compile", Listener())
+operators = ((tc.soft_topk_mask_forward, tc.soft_topk_mask, 5), (tc.soft_topk_mag_forward, tc.soft_topk_mag, 7))
 for dtype in (np.float32, np.float64):
-    for forward, fields in ((tc.soft_topk_mask_forward, 5), (tc.soft_topk_mag_forward, 7)):
-        for with_residuals in (True, False):
-            x = np.zeros((0, 6), dtype=dtype)
-            if with_residuals:
-                y, res = forward(x, 2)
-                assert len(res) == fields and res.gprime.shape == (0, 6) and res.gprime.dtype == dtype, res
-            else:
-                y = (tc.soft_topk_mask if fields == 5 else tc.soft_topk_mag)(x, 2)
-            assert y.shape == (0, 6) and y.dtype == dtype
+    x = np.zeros((0, 6), dtype=dtype)
+    for forward, value, fields in operators:
+        y, res = forward(x, 2)
+        assert len(res) == fields and res.gprime.shape == (0, 6) and res.gprime.dtype == dtype, res
+        for out in (y, value(x, 2)):
+            assert out.shape == (0, 6) and out.dtype == dtype
 if "torch" in sys.argv[1:] and importlib.util.find_spec("torch"):
     from topk_torch import _ops
     for kind in ("mask", "mag"):

@@ -78,9 +78,11 @@ def layout(kind: str, method: str = "pav") -> tuple[Field, ...]:
     two float64 rows compiled two kernels that a float32 caller never uses (45 s
     on an empty Numba cache).
     """
-    rows = 0 if method == "pav" else 2
-    probe = np.zeros((rows, 3)) if method == "pav" else torch.zeros((rows, 3), dtype=torch.float64)
-    _, res = _FORWARD[kind](probe, 1, p=2.0, method=method, xp=None if method == "pav" else xp_torch)
+    if method == "pav":
+        rows, probe, xp = 0, np.zeros((0, 3)), None
+    else:
+        rows, probe, xp = 2, torch.zeros((2, 3), dtype=torch.float64), xp_torch
+    _, res = _FORWARD[kind](probe, 1, p=2.0, method=method, xp=xp)
     fields = []
     for name, a in zip(_FIELDS[kind], res, strict=True):
         if a is None:
