@@ -46,7 +46,7 @@ KERNELS = [
     ("products._mag_rows (serial)", products._mag_rows.serial),
     ("select._select_rows (parallel)", select._select_rows.parallel),
     ("select.lane_order_statistics (parallel)", select.lane_order_statistics.parallel),
-    ("kernels._flat_keys", kernels._flat_keys),
+    ("kernels._flat_keys (parallel)", kernels._flat_keys.parallel),
 ]
 
 
@@ -54,7 +54,7 @@ KERNELS = [
 TOP_LEVEL = [lanes.lane_rows.serial, lanes.lane_rows.parallel, products._mask_rows.serial,
              products._mask_rows.parallel, products._mag_rows.serial, products._mag_rows.parallel,
              select._select_rows.serial, select._select_rows.parallel, select.lane_order_statistics.parallel,
-             kernels._flat_keys]
+             kernels._flat_keys.parallel]
 
 
 @dataclass(frozen=True)
