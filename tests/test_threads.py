@@ -94,6 +94,13 @@ def test_concurrent_calls_survive_the_workqueue_layer():
     assert _run_script(_WORKQUEUE, "workqueue") == "workqueue []"
 
 
+def _require_openmp_layer() -> None:
+    try:
+        from numba.np.ufunc import omppool  # noqa: F401  (the layer exists in this Numba build)
+    except ImportError:
+        pytest.skip("Numba's OpenMP threading layer is not available here")
+
+
 _FORKED = """
 import os, sys
 sys.path.insert(0, sys.argv[1])
@@ -116,10 +123,7 @@ def test_calls_in_a_process_forked_after_openmp_ran():
     """A child forked after the parent ran parallel regions on GNU OpenMP (multiprocessing's default start
     method on Linux) gets the parent's results; it ran a parallel region, before `parallel_allowed`,
     and was killed ("Terminating: fork() called from a process already using GNU OpenMP")."""
-    try:
-        from numba.np.ufunc import omppool  # noqa: F401  (the layer exists in this Numba build)
-    except ImportError:
-        pytest.skip("Numba's OpenMP threading layer is not available here")
+    _require_openmp_layer()
     assert _run_script(_FORKED, "omp") == "omp 0"
 
 
@@ -139,3 +143,31 @@ def test_parallel_variants_run_under_the_launch_lock(monkeypatch):
     for flat in (small, large):
         kernels.all_finite(flat)
     assert len(held) == 1
+
+
+_DATA_LOADER = """
+import torch
+import topk_torch
+x = torch.randn(4096, 64)  # 2^18 entries: the parallel variants
+expected = topk_torch.soft_topk_mag(x, 8)
+
+
+class Rows(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        return (topk_torch.soft_topk_mag(x, 8) - expected).abs().max()
+
+
+loader = torch.utils.data.DataLoader(Rows(), num_workers=2, batch_size=None, multiprocessing_context="fork")
+print(max(float(d) for d in loader))
+"""
+
+
+def test_torch_data_loader_workers_forked_after_openmp_ran():
+    """PyTorch's data-loader workers, forked after the parent ran a parallel region: before
+    `parallel_allowed` they were killed ("DataLoader worker (pid(s) ...) exited unexpectedly")."""
+    pytest.importorskip("torch")
+    _require_openmp_layer()
+    assert float(_run_script(_DATA_LOADER, "omp")) < 1e-6
