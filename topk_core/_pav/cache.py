@@ -1,0 +1,74 @@
+"""Numba's on-disk cache of the kernels, invalidated by a change to any of their source files.
+
+Numba keys a cached function by its own source file only (a hash of its
+contents), while the compiled code it stores holds the code of every jitted
+function it calls or inlines, from other files too.  A change to such a file
+alone (a helper in `_scalar.py`, the kernels that `lanes.py` lends to
+`select.py`, the set code in `residuals.py`) left the callers' cached code as
+it was: a git checkout, an editable install or a package upgrade (the cache
+files stay beside the sources, or in the user-wide cache) then ran the old
+code.  The locators installed here stamp every kernel with one hash of all
+the files the kernels are compiled from, so that a change to any of them
+compiles every kernel again.
+
+Numba's locator classes are internal (`numba.core.caching`): where they are
+not as expected, the default locators stay in place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+_PAV = Path(__file__).resolve().parent
+# Every file the kernels are compiled from: the kernels and their helpers, and the constant they read
+# from outside (`KEPT_CODE`).
+SOURCES = (*sorted(_PAV.glob("*.py")), _PAV.parent / "_agnostic" / "residuals.py")
+
+
+def sources_digest(sources: tuple[Path, ...] | list[Path] = SOURCES) -> bytes:
+    """The hash of the names and contents of the files `sources` (by default `SOURCES`)."""
+    digest = hashlib.sha256()
+    for path in sources:
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.digest()
+
+
+def _stamped(base: type) -> type:
+    """`base` (one of Numba's source-file locators) for the kernels' files only, stamped with `sources_digest`."""
+
+    class Stamped(base):
+        kernel_sources = _PAV
+
+        @classmethod
+        def from_function(cls, py_func, py_file):
+            if Path(py_file).resolve().parent != _PAV:
+                return None
+            return super().from_function(py_func, py_file)
+
+        def get_source_stamp(self):
+            return _DIGEST
+
+    Stamped.__name__ = Stamped.__qualname__ = f"KernelSources{base.__name__}"
+    return Stamped
+
+
+def install() -> bool:
+    """Put the stamped locators first in Numba's list (once); False where Numba's internals differ."""
+    try:
+        from numba.core import caching
+
+        # Names without a leading underscore in recent Numba (0.68 here), with one in older releases.
+        bases = tuple(getattr(caching, name, None) or getattr(caching, "_" + name)
+                      for name in ("UserProvidedCacheLocator", "InTreeCacheLocator", "UserWideCacheLocator"))
+        locators = (getattr(caching, "CacheImpl", None) or caching._CacheImpl)._locator_classes
+    except (ImportError, AttributeError):
+        return False
+    if not any(getattr(cls, "kernel_sources", None) == _PAV for cls in locators):  # one set per copy of the core
+        locators[:0] = [_stamped(base) for base in bases]
+    return True
+
+
+_DIGEST = sources_digest()
+INSTALLED = install()
