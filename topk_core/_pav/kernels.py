@@ -683,7 +683,8 @@ def _after_fork_in_child() -> None:
         _parallel_allowed = False
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def parallel_allowed() -> bool:
