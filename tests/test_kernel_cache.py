@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 from numba.core.dispatcher import Dispatcher
 
 import topk_core
@@ -81,3 +82,42 @@ def test_a_callee_edited_in_another_file_compiles_its_callers_again(tmp_path):
     edited = run()
     assert edited != first
     assert "-1.0" in edited
+
+
+_READ_ONLY = """
+import os, sys
+import numba.core.caching as caching
+writable = os.environ["TMPDIR"]
+ensure = caching._CacheLocator.ensure_cache_path
+
+
+def read_only_outside_tmpdir(locator):  # every cache folder but the temporary directory's is read-only
+    if not os.path.abspath(locator.get_cache_path()).startswith(writable):
+        raise OSError(30, "Read-only file system")
+    return ensure(locator)
+
+
+caching._CacheLocator.ensure_cache_path = read_only_outside_tmpdir
+import numpy as np
+import topk_numpy
+from topk_core._pav import kernels
+keys = np.array([[3.0, 2.0, 1.0, 0.5]])
+one = np.ones(1, np.int64)
+print(kernels.pav_rows.serial(keys, np.arange(4)[None], 0 * one, 4 * one, one, 0.5, 3.0, True)[0].tolist())
+"""
+
+
+def test_kernels_cache_in_the_temporary_directory_where_nothing_else_is_writable(tmp_path):
+    """A read-only package folder and home (a read-only container image): Numba found no cache folder, and
+    importing the package failed ("cannot cache function 'g_scalar': no locator available")."""
+    env = {key: value for key, value in os.environ.items() if key != "NUMBA_CACHE_DIR"}
+    env["TMPDIR"] = str(tmp_path)
+    done = subprocess.run([sys.executable, "-c", _READ_ONLY], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    keys, one = np.array([[3.0, 2.0, 1.0, 0.5]]), np.ones(1, np.int64)
+    expected = kernels.pav_rows.serial(keys, np.arange(4)[None], 0 * one, 4 * one, one, 0.5, 3.0, True)[0]
+    assert done.stdout.strip() == str(expected.tolist())
+    (folder,) = tmp_path.glob("sparse-topk-numba-*")
+    assert any(folder.rglob("kernels.pav_rows-*.nbi"))
+    if hasattr(os, "getuid"):
+        assert folder.stat().st_mode & 0o777 == 0o700

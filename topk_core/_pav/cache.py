@@ -18,6 +18,8 @@ not as expected, the default locators stay in place.
 from __future__ import annotations
 
 import hashlib
+import os
+import tempfile
 from pathlib import Path
 
 _PAV = Path(__file__).resolve().parent
@@ -54,6 +56,43 @@ def _stamped(base: type) -> type:
     return Stamped
 
 
+def _temp_dir_stamped(base: type) -> type:
+    """The last resort, after `base` (Numba's locator of `NUMBA_CACHE_DIR`) and the others: a folder of this
+    user's in the temporary directory.  Where neither the package's `__pycache__` nor the user-wide
+    cache can be written (a read-only image whose home is read-only too), Numba finds no locator and
+    importing the package failed ("cannot cache function ...: no locator available")."""
+
+    class TempDir(_stamped(base)):
+        def __init__(self, py_func, py_file):
+            super().__init__(py_func, py_file)
+            self._cache_path = os.path.join(_user_temp_dir(), self.get_suitable_cache_subpath(py_file))
+
+        @classmethod
+        def from_function(cls, py_func, py_file):
+            if Path(py_file).resolve().parent != _PAV:
+                return None
+            try:
+                locator = cls(py_func, py_file)
+                locator.ensure_cache_path()
+            except OSError:
+                return None
+            return locator
+
+    TempDir.__name__ = TempDir.__qualname__ = "KernelSourcesTempDirLocator"
+    return TempDir
+
+
+def _user_temp_dir() -> str:
+    """`sparse-topk-numba-<user>` in the temporary directory: the user's own (mode 0700; Numba's index files
+    are pickles, which a folder others can write would let them replace)."""
+    user = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
+    path = os.path.join(tempfile.gettempdir(), f"sparse-topk-numba-{user}")
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    if hasattr(os, "getuid") and os.stat(path).st_uid != os.getuid():
+        raise OSError(f"{path} belongs to another user")
+    return path
+
+
 def install() -> bool:
     """Put the stamped locators first in Numba's list (once); False where Numba's internals differ."""
     try:
@@ -66,7 +105,7 @@ def install() -> bool:
     except (ImportError, AttributeError):
         return False
     if not any(getattr(cls, "kernel_sources", None) == _PAV for cls in locators):  # one set per copy of the core
-        locators[:0] = [_stamped(base) for base in bases]
+        locators[:0] = [*(_stamped(base) for base in bases), _temp_dir_stamped(bases[0])]
     return True
 
 
