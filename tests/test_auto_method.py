@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -122,3 +127,51 @@ def test_empty_batch(method, operator):
     for shape in [(0, 5), (2, 0, 5)]:
         y, res = getattr(tc, f"soft_topk_{operator}_forward")(np.zeros(shape), 2, p=2.0, method=method)
         assert y.shape == shape and res.gprime.shape == (0, 5)
+
+
+_JIT_DISABLED = """
+import json, sys
+import numpy as np
+x = np.array(json.loads(sys.argv[1]))
+u = np.cos(np.arange(x.size)).reshape(x.shape)
+out = {}
+import topk_numpy
+for op in ("mask", "mag"):
+    y, vjp_fn = getattr(topk_numpy, f"soft_topk_{op}_vjp")(x, 3)
+    out[f"numpy {op}"] = [y.tolist(), vjp_fn(u).tolist()]
+try:
+    topk_numpy.soft_topk_mask(x, 3, method="pav")
+except ValueError as error:
+    out["pav"] = str(error)
+import torch, topk_torch
+leaf = torch.tensor(x, requires_grad=True)
+y = topk_torch.soft_topk_mag(leaf, 3)
+y.backward(torch.tensor(u))
+out["torch mag"] = [y.tolist(), leaf.grad.tolist()]
+import jax
+jax.config.update("jax_enable_x64", True)
+import topk_jax
+y, vjp_fn = jax.vjp(lambda v: topk_jax.soft_topk_mask(v, 3), jax.numpy.asarray(x))
+out["jax mask"] = [np.asarray(y).tolist(), np.asarray(vjp_fn(jax.numpy.asarray(u))[0]).tolist()]
+print(json.dumps(out))
+"""
+
+
+def test_numba_jit_disabled_runs_the_threshold_method(rng):
+    """With NUMBA_DISABLE_JIT=1 (set to debug other Numba code) the PAV kernels cannot run (an intrinsic has no
+    Python form: "<intrinsic prefer_wide_vectors> is not usable in pure-python"): "auto" takes the threshold
+    method in every adapter, with the numbers of PAV here, and an explicit "pav" is refused by name."""
+    x = rng.normal(size=(4, 9))
+    u = np.cos(np.arange(x.size)).reshape(x.shape)
+    env = {**os.environ, "NUMBA_DISABLE_JIT": "1"}
+    done = subprocess.run([sys.executable, "-c", _JIT_DISABLED, json.dumps(x.tolist())], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert "NUMBA_DISABLE_JIT" in got.pop("pav")
+    for key, (y, product) in got.items():
+        op = key.split()[1]
+        y_pav, residuals = getattr(tc, f"soft_topk_{op}_forward")(x, 3, method="pav")
+        np.testing.assert_allclose(y, y_pav, atol=1e-10, err_msg=key)
+        np.testing.assert_allclose(product, getattr(tc, f"{op}_vjp_from_residuals")(residuals, u), atol=1e-9,
+                                   err_msg=key)

@@ -332,7 +332,8 @@ def _jacobian_product(kind: str, transpose: bool, residuals: Any, tangent: Any, 
             f"the tangent/cotangent has {tuple(rows.shape)} rows x entries along axis {axis}, but the "
             f"residuals were computed for {tuple(residuals.gprime.shape)}: pass an array shaped like `x`"
         )
-    if residuals.perm is None and isinstance(residuals.gprime, np.ndarray) and isinstance(rows, np.ndarray):
+    if (residuals.perm is None and isinstance(residuals.gprime, np.ndarray) and isinstance(rows, np.ndarray)
+            and _validate.numba_jit_enabled()):
         # CPU fast path: the same formulas in Numba, without temporary arrays.  (isinstance,
         # not the cached namespace test, which torch.compile refuses to trace.)
         if kind == "mask":

@@ -10,6 +10,8 @@ import math
 import numbers
 from typing import Any
 
+from numba import config as numba_config
+
 METHODS = ("auto", "pav", "dykstra", "threshold")
 # Methods with an iteration loop, the only ones that take `max_iter` and `tol`.
 ITERATIVE_METHODS = ("dykstra", "threshold")
@@ -90,11 +92,19 @@ def check_p(p: Any) -> float:
     return value
 
 
+def numba_jit_enabled() -> bool:
+    """Whether Numba compiles: not with ``NUMBA_DISABLE_JIT=1`` (set to debug other Numba code), under which the PAV
+    kernels cannot run (their intrinsics have no Python form)."""
+    return not numba_config.DISABLE_JIT
+
+
 def check_method(method: Any, p: float, max_iter: Any, tol: Any, auto: str = "pav") -> str:
     """Return the method that will run after checking that it can serve `p` and its controls.
 
     `auto` is the method that ``method="auto"`` resolves to for the array at
-    hand (the delegation layer picks it by backend and device).  ``"dykstra"``
+    hand (the delegation layer picks it by backend and device); where it is
+    ``"pav"`` and Numba's JIT is disabled (`numba_jit_enabled`), "auto" runs
+    ``"threshold"`` instead, and an explicit ``"pav"`` is refused.  ``"dykstra"``
     solves p = 2 only.  `max_iter` (int >= 1) and `tol` (finite float > 0)
     are accepted by the iterative methods named explicitly and must be None
     for ``"pav"`` and ``"auto"``.
@@ -102,6 +112,13 @@ def check_method(method: Any, p: float, max_iter: Any, tol: Any, auto: str = "pa
     if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"`method` must be one of {', '.join(repr(m) for m in METHODS)}; got {method!r}")
     resolved = auto if method == "auto" else method
+    if resolved == "pav" and not numba_jit_enabled():
+        if method == "pav":
+            raise ValueError(
+                "method='pav' runs Numba kernels, and Numba's JIT is disabled here (NUMBA_DISABLE_JIT is set); "
+                "use method='threshold' (exact, in the array's own library) or 'auto', which picks it then"
+            )
+        resolved = "threshold"
     if resolved == "dykstra" and abs(p - 2.0) > 1e-12:
         raise ValueError(
             f"method='dykstra' solves the p = 2 operators only (a Euclidean projection); got p = {p}. "
