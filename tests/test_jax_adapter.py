@@ -394,3 +394,16 @@ def test_hard_gradients():
     np.testing.assert_array_equal(np.asarray(grad_mag), np.asarray(w * tk.hard_topk_mask(jnp.abs(x), 3)))
     jac = jax.jit(jax.jacfwd(partial(tk.hard_topk_mag, k=2)))(x[0])
     np.testing.assert_array_equal(np.asarray(jac), np.diag(np.asarray(tk.hard_topk_mask(jnp.abs(x[0]), 2))))
+
+
+@pytest.mark.parametrize(("argument", "value"), [("k", 2), ("regularization_strength", 0.5), ("p", 1.5)])
+def test_traced_parameters_are_refused_with_a_hint(argument, value):
+    # k, p and the strength set the computation: traced by jax.jit they are refused, and the message says how to
+    # make them static.
+    def call(v, traced):
+        parameters = {"k": 2, argument: traced}
+        return tk.soft_topk_mask(v, parameters.pop("k"), **parameters)
+
+    with pytest.raises(TypeError, match=f"`{argument}` must be .*a traced value. Under jax.jit, pass it as a static"):
+        jax.jit(call)(jnp.arange(6.0), value)
+    np.testing.assert_allclose(jax.jit(call, static_argnames="traced")(jnp.arange(6.0), value).sum(), 2.0, rtol=1e-6)

@@ -48,16 +48,29 @@ def check_k(k: Any, n: int, axis: int) -> int:
     if n == 0:
         raise ValueError(f"`x` has an empty axis {axis} (n = 0): top-k needs at least one entry along `axis`")
     if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-        raise TypeError(f"`k` must be a Python int with 1 <= k <= n = {n}; got {k!r} of type {type(k).__name__}")
+        raise TypeError(
+            f"`k` must be a Python int with 1 <= k <= n = {n}; got {k!r} of type {type(k).__name__}{_traced_hint(k)}"
+        )
     k = int(k)
     if not 1 <= k <= n:
         raise ValueError(f"`k` must satisfy 1 <= k <= n = {n} (the length of axis {axis}); got k = {k}")
     return k
 
 
+def _traced_hint(value: Any) -> str:
+    """A hint for a value traced by `jax.jit` (which the operators cannot take: k, p and the strength set the
+    computation), else ''."""
+    if "Tracer" not in type(value).__name__:
+        return ""
+    return (": a traced value. Under jax.jit, pass it as a static argument "
+            "(jax.jit(f, static_argnames=...) or static_argnums=...), or close over a Python number")
+
+
 def _check_real(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"`{name}` must be a real number; got {value!r} of type {type(value).__name__}")
+        raise TypeError(
+            f"`{name}` must be a real number; got {value!r} of type {type(value).__name__}{_traced_hint(value)}"
+        )
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"`{name}` must be finite; got {value}")
