@@ -2,9 +2,9 @@
 of a call made alone, and no process aborts, whatever Numba's threading layer.
 
 Numba's `workqueue` layer, its fallback where neither OpenMP nor TBB is installed, aborts the process
-when two threads launch parallel regions at once (`kernels.PARALLEL_LAUNCH`); its OpenMP layer (GNU)
+when two threads launch parallel regions at once (`parallel.LAUNCH`); its OpenMP layer (GNU)
 aborts a child forked after the parent ran a parallel region, when the child runs one
-(`kernels.parallel_allowed`).  The subprocess tests force each layer.
+(`parallel.allowed`).  The subprocess tests force each layer.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import topk_numpy
-from topk_core._pav import kernels
+from topk_core._pav import kernels, parallel
 
 # Shapes of the parallel variants (at least `kernels.PARALLEL_MIN_ENTRIES` entries): many short rows
 # (the lane solver), rows with a NaN row among them (the sorting route), and one long row split
@@ -89,7 +89,7 @@ print(numba.threading_layer(), mismatches)
 
 
 def test_concurrent_calls_survive_the_workqueue_layer():
-    """The layer that aborts on concurrent parallel regions (before `PARALLEL_LAUNCH`: "Numba workqueue
+    """The layer that aborts on concurrent parallel regions (before `parallel.LAUNCH`: "Numba workqueue
     threading layer is terminating: Concurrent access has been detected", exit status 134)."""
     assert _run_script(_WORKQUEUE, "workqueue") == "workqueue []"
 
@@ -121,7 +121,7 @@ print(numba.threading_layer(), os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
 
 def test_calls_in_a_process_forked_after_openmp_ran():
     """A child forked after the parent ran parallel regions on GNU OpenMP (multiprocessing's default start
-    method on Linux) gets the parent's results; it ran a parallel region, before `parallel_allowed`,
+    method on Linux) gets the parent's results; it ran a parallel region, before `parallel.allowed`,
     and was killed ("Terminating: fork() called from a process already using GNU OpenMP")."""
     _require_openmp_layer()
     assert _run_script(_FORKED, "omp") == "omp 0"
@@ -138,7 +138,7 @@ def test_parallel_variants_run_under_the_launch_lock(monkeypatch):
         def __exit__(self, *exc):
             return False
 
-    monkeypatch.setattr(kernels, "PARALLEL_LAUNCH", Probe())
+    monkeypatch.setattr(parallel, "LAUNCH", Probe())
     small, large = np.zeros((2, 8)), np.zeros((2, kernels.PARALLEL_MIN_ENTRIES // 2))
     for flat in (small, large):
         kernels.all_finite(flat)
@@ -167,7 +167,7 @@ print(max(float(d) for d in loader))
 
 def test_torch_data_loader_workers_forked_after_openmp_ran():
     """PyTorch's data-loader workers, forked after the parent ran a parallel region: before
-    `parallel_allowed` they were killed ("DataLoader worker (pid(s) ...) exited unexpectedly")."""
+    `parallel.allowed` they were killed ("DataLoader worker (pid(s) ...) exited unexpectedly")."""
     pytest.importorskip("torch")
     _require_openmp_layer()
     assert float(_run_script(_DATA_LOADER, "omp")) < 1e-6

@@ -27,14 +27,13 @@ Everything is accumulated in float64; outputs have the dtype of the input.
 from __future__ import annotations
 
 import math
-import os
-import threading
 import types
 
 import numba as nb
 import numpy as np
 
 from .._agnostic.residuals import KEPT_CODE
+from . import parallel as _parallel
 from ._scalar import depressed_cubic_root, g_prime_scalar, g_scalar, mag_fixed_point, mag_lower_bracket
 from .vector_width import prefer_wide_vectors
 
@@ -651,47 +650,6 @@ def emit_entry(r, j, val, deriv, kept, free, is_mag, with_residuals, out, gprime
 # Each row kernel is compiled twice: threads pay off only on large batches, and a
 # parallel region on a busy machine waits for its slowest thread.
 PARALLEL_MIN_ENTRIES = 1 << 16
-# Held while a kernel's parallel variant runs: one parallel region at a time in a process.  Numba's
-# `workqueue` threading layer, the one it falls back to where neither OpenMP nor TBB is installed
-# (slim container images without libgomp, macOS without libomp), aborts the whole process when two
-# threads launch parallel regions at once ("Concurrent access has been detected"); data loaders, JAX's
-# host callbacks of several devices and users' thread pools call the operators from several threads.
-# A parallel region already runs on every thread of Numba's pool: waiting for it costs the others
-# little.  Reentrant, so that a kernel launched under it may be launched from code that holds it.
-PARALLEL_LAUNCH = threading.RLock()
-# Whether this process may run the parallel variants (see `_after_fork_in_child`).
-_parallel_allowed = True
-
-
-def _after_fork_in_child() -> None:
-    """A process forked from one whose Numba threads run on OpenMP runs the serial variants only.
-
-    GNU OpenMP is not fork-safe: Numba aborts a child forked from a parent that has run a parallel
-    region on it as soon as the child runs one ("Terminating: fork() called from a process already
-    using GNU OpenMP, this is unsafe"), and a `multiprocessing` pool waits forever for the task it
-    lost.  Forking is multiprocessing's default start method on Linux (pools, PyTorch's data-loader
-    workers).  A pool of processes has its parallelism in its processes; Numba's other threading
-    layers (TBB, workqueue) are fork-safe, and a parent that ran no parallel region leaves the child
-    free to start its own threads.
-    """
-    global _parallel_allowed
-    try:
-        layer = nb.threading_layer()
-    except ValueError:  # no parallel region ran before the fork
-        return
-    if layer == "omp":
-        _parallel_allowed = False
-
-
-if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
-    os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def parallel_allowed() -> bool:
-    """Whether the kernels' parallel variants may run in this process (not in a child forked after OpenMP ran)."""
-    return _parallel_allowed
-
-
 def _renamed(py_func, suffix):
     # Numba's on-disk cache is keyed by the function's module and qualified name, not
     # by the `parallel` flag: the two variants need two names, or one loads the other.
@@ -705,8 +663,8 @@ def _renamed(py_func, suffix):
 
 def _compiled_pair(py_func, fastmath=False, inputs=(0,)):
     """`py_func` compiled serial and parallel, behind one function that picks the variant by the size of its
-    first argument, (batch, n) rows or a flat array, runs the parallel one under `PARALLEL_LAUNCH` (where
-    `parallel_allowed`), and passes the arrays at positions `inputs` (those the kernel only
+    first argument, (batch, n) rows or a flat array, runs the parallel one under `parallel.LAUNCH` (where
+    `parallel.allowed()`), and passes the arrays at positions `inputs` (those the kernel only
     reads) as read-only views (`read_only`): one signature whoever calls it (the tests and benchmarks
     call the kernels with writable arrays, the operators with read-only ones; each writable variant
     compiled every kernel it reaches again)."""
@@ -720,8 +678,8 @@ def _compiled_pair(py_func, fastmath=False, inputs=(0,)):
         for i in inputs:
             arrays[i] = read_only(arrays[i])
         # (batch, n) rows, or one flat array of `batch` entries.
-        if keys.shape[0] > 1 and keys.size >= PARALLEL_MIN_ENTRIES and _parallel_allowed:
-            with PARALLEL_LAUNCH:
+        if keys.shape[0] > 1 and keys.size >= PARALLEL_MIN_ENTRIES and _parallel.allowed():
+            with _parallel.LAUNCH:
                 return parallel(*arrays)
         return serial(*arrays)
 

@@ -35,15 +35,14 @@ import math
 import numba as nb
 import numpy as np
 
+from . import parallel
 from ._scalar import mag_fixed_point
 from .kernels import (
-    PARALLEL_LAUNCH,
     _compiled_pair,
     _pooled_block,
     _row_frame,
     _unit_scale,
     emit_entry,
-    parallel_allowed,
     read_only,
     segment_entry,
     set_code,
@@ -542,8 +541,8 @@ def topk_rows_select(keys, x, k, lam, q, is_mag, out, gprime, codes, offset):
     lanes_load_all = lanes and lanes_find_bounds(k)  # `lanes_check_finite`, its route decided once
     if keys is None and not lanes_load_all:
         keys = read_only(np.abs(x))  # the lanes alone take the magnitude's keys from x
-    if n >= LONG_ROW_MIN_N and batch < threads and parallel_allowed():
-        with PARALLEL_LAUNCH:  # parallel within each row
+    if n >= LONG_ROW_MIN_N and batch < threads and parallel.allowed():
+        with parallel.LAUNCH:  # parallel within each row
             _select_long_rows(keys, x, k, lam, q, is_mag, out, gprime, codes, offset, 4 * threads, SAMPLE_SIZE,
                               sortfree_applies(n, k, q, lam))
         return True
