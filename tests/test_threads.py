@@ -69,10 +69,11 @@ def test_concurrent_calls_on_long_rows_match_calls_alone():
     assert run_concurrently([(op, LONG_ROW, "float64", False) for op in ("mask", "mag")], rounds=2) == []
 
 
-def _run_script(script: str, layer: str) -> str:
-    """The last line `script` prints in a new process with Numba's threading layer `layer` (tests/ on its path)."""
+def _run_script(script: str, layer: str, *args: str) -> str:
+    """The last line `script` prints in a new process with Numba's threading layer `layer` (tests/ on its path,
+    `args` after it)."""
     env = {**os.environ, "NUMBA_THREADING_LAYER": layer}
-    done = subprocess.run([sys.executable, "-c", script, str(Path(__file__).parent)], env=env,
+    done = subprocess.run([sys.executable, "-c", script, str(Path(__file__).parent), *args], env=env,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout.strip().splitlines()[-1]
@@ -171,3 +172,28 @@ def test_torch_data_loader_workers_forked_after_openmp_ran():
     pytest.importorskip("torch")
     _require_openmp_layer()
     assert float(_run_script(_DATA_LOADER, "omp")) < 1e-6
+
+
+_FORK_POLICY = """
+import os, sys
+import numpy as np
+import topk_numpy
+from topk_core._pav import parallel
+if sys.argv[2] == "after":
+    topk_numpy.soft_topk_mask(np.random.default_rng(0).normal(size=(2048, 64)), 8)  # a parallel region
+pid = os.fork()
+if pid == 0:
+    os._exit(0 if parallel.allowed() else 3)
+print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+"""
+
+
+@pytest.mark.parametrize(("layer", "fork", "child_threads"), [
+    ("omp", "before", True),  # no parallel region before the fork: the child starts its own
+    ("omp", "after", False),  # GNU OpenMP ran: the child runs the serial variants
+    ("workqueue", "after", True),  # a fork-safe layer: the child keeps its threads
+])
+def test_forked_children_keep_their_threads_unless_openmp_ran(layer, fork, child_threads):
+    if layer == "omp":
+        _require_openmp_layer()
+    assert _run_script(_FORK_POLICY, layer, fork) == ("0" if child_threads else "3")
