@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,6 +11,7 @@ import topk_core as tc
 from topk_core._api import auto_method, resolve_method
 
 from ._method_backends import BACKENDS, backend_context, cuda_torch
+from ._subprocess import run_python
 
 SOFT = [tc.soft_topk_mask, tc.soft_topk_mag]
 ids = lambda f: f.__name__  # noqa: E731
@@ -163,11 +161,8 @@ def test_numba_jit_disabled_runs_the_threshold_method(rng):
     method in every adapter, with the numbers of PAV here, and an explicit "pav" is refused by name."""
     x = rng.normal(size=(4, 9))
     u = np.cos(np.arange(x.size)).reshape(x.shape)
-    env = {**os.environ, "NUMBA_DISABLE_JIT": "1"}
-    done = subprocess.run([sys.executable, "-c", _JIT_DISABLED, json.dumps(x.tolist())], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    got = json.loads(done.stdout.strip().splitlines()[-1])
+    output = run_python(_JIT_DISABLED, json.dumps(x.tolist()), env={"NUMBA_DISABLE_JIT": "1"})
+    got = json.loads(output.strip().splitlines()[-1])
     assert "NUMBA_DISABLE_JIT" in got.pop("pav")
     for key, (y, product) in got.items():
         op = key.split()[1]

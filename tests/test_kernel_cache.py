@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +11,8 @@ from numba.core.dispatcher import Dispatcher
 
 import topk_core
 from topk_core._pav import _scalar, cache, kernels, lanes, products, select, sortfree, transpose, vector_width
+
+from ._subprocess import run_python
 
 CORE = Path(topk_core.__file__).parent
 
@@ -65,13 +65,9 @@ def test_a_callee_edited_in_another_file_compiles_its_callers_again(tmp_path):
     caller's file alone), the second process loaded the cached `pav_rows`, the old callee linked in, and
     printed the first process's numbers."""
     shutil.copytree(CORE, tmp_path / "core_copy", ignore=shutil.ignore_patterns("__pycache__"))
-    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba_cache")}
 
     def run() -> str:
-        done = subprocess.run([sys.executable, "-c", _CALL, str(tmp_path)], env=env, capture_output=True,
-                              text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-3000:]
-        return done.stdout.strip()
+        return run_python(_CALL, str(tmp_path), env={"NUMBA_CACHE_DIR": str(tmp_path / "numba_cache")}).strip()
 
     first = run()
     scalar = tmp_path / "core_copy" / "_pav" / "_scalar.py"
@@ -110,13 +106,10 @@ print(kernels.pav_rows.serial(keys, np.arange(4)[None], 0 * one, 4 * one, one, 0
 def test_kernels_cache_in_the_temporary_directory_where_nothing_else_is_writable(tmp_path):
     """A read-only package folder and home (a read-only container image): Numba found no cache folder, and
     importing the package failed ("cannot cache function 'g_scalar': no locator available")."""
-    env = {key: value for key, value in os.environ.items() if key != "NUMBA_CACHE_DIR"}
-    env["TMPDIR"] = str(tmp_path)
-    done = subprocess.run([sys.executable, "-c", _READ_ONLY], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    output = run_python(_READ_ONLY, env={"NUMBA_CACHE_DIR": None, "TMPDIR": str(tmp_path)})
     keys, one = np.array([[3.0, 2.0, 1.0, 0.5]]), np.ones(1, np.int64)
     expected = kernels.pav_rows.serial(keys, np.arange(4)[None], 0 * one, 4 * one, one, 0.5, 3.0, True)[0]
-    assert done.stdout.strip() == str(expected.tolist())
+    assert output.strip() == str(expected.tolist())
     (folder,) = tmp_path.glob("sparse-topk-numba-*")
     assert any(folder.rglob("kernels.pav_rows-*.nbi"))
     if hasattr(os, "getuid"):

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
 import topk_core
 import topk_numpy as tk
+
+from ._subprocess import run_python
 
 SOFT = {"mask": tk.soft_topk_mask, "mag": tk.soft_topk_mag}
 HARD = {"mask": tk.hard_topk_mask, "mag": tk.hard_topk_mag}
@@ -126,11 +124,8 @@ def test_no_rows_compile_no_kernel(tmp_path):
     """A forward on no rows runs no kernel, and compiles none: the adapters read the residuals' layout off
     such a call (PyTorch's custom operators, JAX's host callback), where one of two rows of zeros compiled
     `lane_rows` and `_select_rows` in float64 (45 s on an empty cache) for callers of any dtype."""
-    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
-    done = subprocess.run([sys.executable, "-c", _COMPILATIONS, "torch", "jax"], env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip().splitlines()[-1] == "[]"
+    output = run_python(_COMPILATIONS, "torch", "jax", env={"NUMBA_CACHE_DIR": str(tmp_path)})
+    assert output.strip().splitlines()[-1] == "[]"
 
 
 def test_array_likes_are_accepted(operator):

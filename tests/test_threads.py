@@ -9,56 +9,16 @@ aborts a child forked after the parent ran a parallel region, when the child run
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-import topk_numpy
 from topk_core._pav import kernels, parallel
 
-# Shapes of the parallel variants (at least `kernels.PARALLEL_MIN_ENTRIES` entries): many short rows
-# (the lane solver), rows with a NaN row among them (the sorting route), and one long row split
-# across the threads (`select._select_long_rows`).
-SHORT_ROWS = (2048, 64)
-LONG_ROW = (1, 1 << 17)
-
-
-def _inputs(shape: tuple[int, int], dtype: str, nan_row: bool, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=shape).astype(dtype)
-    if nan_row:
-        x[shape[0] // 2, 3] = np.nan
-    return x, rng.normal(size=shape).astype(dtype)
-
-
-def _call(op: str, x: np.ndarray, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The forward of `op` and the VJP of `u`: every parallel kernel of its route."""
-    y, vjp_fn = getattr(topk_numpy, f"soft_topk_{op}_vjp")(x, max(1, x.shape[-1] // 8))
-    return y, vjp_fn(u)
-
-
-def run_concurrently(cases: list[tuple[str, tuple[int, int], str, bool]], threads: int = 4, rounds: int = 3) -> list:
-    """Every case once alone, then `rounds` times each from `threads` threads at once (each call on inputs
-    of its own seed, so that outputs handed to the wrong caller would show); returns the mismatches."""
-    tasks = [(op, shape, dtype, nan_row, seed) for op, shape, dtype, nan_row in cases for seed in range(threads)]
-    expected = {task: _call(task[0], *_inputs(*task[1:])) for task in tasks}
-
-    def run(task):
-        got = _call(task[0], *_inputs(*task[1:]))
-        return [task for a, b in zip(got, expected[task], strict=True) if not np.array_equal(a, b, equal_nan=True)]
-
-    with ThreadPoolExecutor(threads) as pool:
-        return [bad for _ in range(rounds) for found in pool.map(run, tasks) for bad in found]
-
-
-CASES = [(op, SHORT_ROWS, dtype, nan_row) for op in ("mask", "mag") for dtype in ("float32", "float64")
-         for nan_row in (False, True)]
+from ._concurrency import CASES, LONG_ROW, run_concurrently
+from ._subprocess import run_python
 
 
 def test_concurrent_calls_match_calls_alone():
@@ -72,18 +32,15 @@ def test_concurrent_calls_on_long_rows_match_calls_alone():
 def _run_script(script: str, layer: str, *args: str) -> str:
     """The last line `script` prints in a new process with Numba's threading layer `layer` (tests/ on its path,
     `args` after it)."""
-    env = {**os.environ, "NUMBA_THREADING_LAYER": layer}
-    done = subprocess.run([sys.executable, "-c", script, str(Path(__file__).parent), *args], env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout.strip().splitlines()[-1]
+    output = run_python(script, str(Path(__file__).parent), *args, env={"NUMBA_THREADING_LAYER": layer}, timeout=900)
+    return output.strip().splitlines()[-1]
 
 
 _WORKQUEUE = """
 import sys
 sys.path.insert(0, sys.argv[1])
 import numba
-from test_threads import CASES, run_concurrently
+from _concurrency import CASES, run_concurrently
 mismatches = run_concurrently(CASES)
 print(numba.threading_layer(), mismatches)
 """
@@ -107,14 +64,14 @@ import os, sys
 sys.path.insert(0, sys.argv[1])
 import numba
 import numpy as np
-from test_threads import CASES, LONG_ROW, _call, _inputs
+from _concurrency import CASES, LONG_ROW, call, inputs
 cases = CASES + [(op, LONG_ROW, "float64", False) for op in ("mask", "mag")]
-expected = [_call(op, *_inputs(*case, 0)) for op, *case in cases]  # parallel regions in the parent
+expected = [call(op, *inputs(*case, 0)) for op, *case in cases]  # parallel regions in the parent
 pid = os.fork()
 if pid == 0:
     # Within rounding: the long row takes the row-per-thread route there (last bits of the mask differ).
     same = all(np.allclose(a, b, rtol=1e-5, atol=1e-6, equal_nan=True) for (op, *case), outputs in zip(cases, expected)
-               for a, b in zip(_call(op, *_inputs(*case, 0)), outputs))
+               for a, b in zip(call(op, *inputs(*case, 0)), outputs))
     os._exit(0 if same else 3)
 print(numba.threading_layer(), os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
 """

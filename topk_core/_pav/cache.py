@@ -37,6 +37,11 @@ def sources_digest(sources: tuple[Path, ...] | list[Path] = SOURCES) -> bytes:
     return digest.digest()
 
 
+def _is_kernel_file(py_file: str) -> bool:
+    """Whether the function of a locator's question lives in this folder (the locators serve no other)."""
+    return Path(py_file).resolve().parent == _PAV
+
+
 def _stamped(base: type) -> type:
     """`base` (one of Numba's source-file locators) for the kernels' files only, stamped with `sources_digest`."""
 
@@ -45,9 +50,7 @@ def _stamped(base: type) -> type:
 
         @classmethod
         def from_function(cls, py_func, py_file):
-            if Path(py_file).resolve().parent != _PAV:
-                return None
-            return super().from_function(py_func, py_file)
+            return super().from_function(py_func, py_file) if _is_kernel_file(py_file) else None
 
         def get_source_stamp(self):
             return _DIGEST
@@ -69,7 +72,7 @@ def _temp_dir_stamped(base: type) -> type:
 
         @classmethod
         def from_function(cls, py_func, py_file):
-            if Path(py_file).resolve().parent != _PAV:
+            if not _is_kernel_file(py_file):
                 return None
             try:
                 locator = cls(py_func, py_file)

@@ -650,6 +650,8 @@ def emit_entry(r, j, val, deriv, kept, free, is_mag, with_residuals, out, gprime
 # Each row kernel is compiled twice: threads pay off only on large batches, and a
 # parallel region on a busy machine waits for its slowest thread.
 PARALLEL_MIN_ENTRIES = 1 << 16
+
+
 def _renamed(py_func, suffix):
     # Numba's on-disk cache is keyed by the function's module and qualified name, not
     # by the `parallel` flag: the two variants need two names, or one loads the other.
