@@ -6,13 +6,17 @@ import os
 import shutil
 from pathlib import Path
 
-import numpy as np
 from numba.core.dispatcher import Dispatcher
 
 import topk_core
 from topk_core._pav import _scalar, cache, kernels, lanes, products, select, sortfree, transpose, vector_width
 
 from ._subprocess import run_python
+
+# A block of the magnitude's closed form for q = 4 (count, mean, m2, m3, unit weights, l, q, is_mag, shift):
+# `kernels._closed_block_value`, a small kernel, calls `_scalar.depressed_cubic_root`, compiled from another
+# file and linked into it.
+BLOCK = (2.0, 0.5, 0.1, 0.0, 1.0, 0.5, 4.0, False, 0.0)
 
 CORE = Path(topk_core.__file__).parent
 
@@ -51,33 +55,29 @@ def test_the_stamp_follows_every_source_file(tmp_path):
 _CALL = """
 import sys
 sys.path.insert(0, sys.argv[1])
-import numpy as np
 from core_copy._pav import kernels
-keys = np.array([[3.0, 2.0, 1.0, 0.5]])
-one = np.ones(1, np.int64)
-v = kernels.pav_rows.serial(keys, np.arange(4)[None], 0 * one, 4 * one, one, 0.5, 3.0, True)[0]
-print(v.tolist())
-"""
+print(kernels._closed_block_value(*BLOCK))
+""".replace("BLOCK", repr(BLOCK))
 
 
 def test_a_callee_edited_in_another_file_compiles_its_callers_again(tmp_path):
-    """`pav_rows` (kernels.py) calls `_scalar.mag_fixed_point` (another file).  With Numba's own stamp (the
-    caller's file alone), the second process loaded the cached `pav_rows`, the old callee linked in, and
-    printed the first process's numbers."""
+    """`_closed_block_value` (kernels.py) calls `_scalar.depressed_cubic_root` (another file).  With Numba's own
+    stamp (the caller's file alone), the second process loaded the cached caller, the old callee linked in,
+    and printed the first process's number (seen with `pav_rows` and `_scalar.mag_fixed_point`)."""
     shutil.copytree(CORE, tmp_path / "core_copy", ignore=shutil.ignore_patterns("__pycache__"))
 
     def run() -> str:
         return run_python(_CALL, str(tmp_path), env={"NUMBA_CACHE_DIR": str(tmp_path / "numba_cache")}).strip()
 
     first = run()
+    assert float(first) == kernels._closed_block_value(*BLOCK)
     scalar = tmp_path / "core_copy" / "_pav" / "_scalar.py"
-    signature = "def mag_fixed_point(s: float, lam: float, q: float) -> float:\n"
+    signature = "def depressed_cubic_root(pc: float, qc: float) -> float:\n"
     text = scalar.read_text()
     assert signature in text
     scalar.write_text(text.replace(signature, signature + "    return -1.0\n"))
-    edited = run()
-    assert edited != first
-    assert "-1.0" in edited
+    # mean - e l with the root e = -1: 0.5 + 0.5.
+    assert run() == "1.0" != first
 
 
 _READ_ONLY = """
@@ -94,23 +94,18 @@ def read_only_outside_tmpdir(locator):  # every cache folder but the temporary d
 
 
 caching._CacheLocator.ensure_cache_path = read_only_outside_tmpdir
-import numpy as np
 import topk_numpy
 from topk_core._pav import kernels
-keys = np.array([[3.0, 2.0, 1.0, 0.5]])
-one = np.ones(1, np.int64)
-print(kernels.pav_rows.serial(keys, np.arange(4)[None], 0 * one, 4 * one, one, 0.5, 3.0, True)[0].tolist())
-"""
+print(kernels._closed_block_value(*BLOCK))
+""".replace("BLOCK", repr(BLOCK))
 
 
 def test_kernels_cache_in_the_temporary_directory_where_nothing_else_is_writable(tmp_path):
     """A read-only package folder and home (a read-only container image): Numba found no cache folder, and
     importing the package failed ("cannot cache function 'g_scalar': no locator available")."""
     output = run_python(_READ_ONLY, env={"NUMBA_CACHE_DIR": None, "TMPDIR": str(tmp_path)})
-    keys, one = np.array([[3.0, 2.0, 1.0, 0.5]]), np.ones(1, np.int64)
-    expected = kernels.pav_rows.serial(keys, np.arange(4)[None], 0 * one, 4 * one, one, 0.5, 3.0, True)[0]
-    assert output.strip() == str(expected.tolist())
+    assert float(output) == kernels._closed_block_value(*BLOCK)
     (folder,) = tmp_path.glob("sparse-topk-numba-*")
-    assert any(folder.rglob("kernels.pav_rows-*.nbi"))
+    assert any(folder.rglob("kernels._closed_block_value-*.nbi"))
     if hasattr(os, "getuid"):
         assert folder.stat().st_mode & 0o777 == 0o700

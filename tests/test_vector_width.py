@@ -21,10 +21,10 @@ from topk_core._pav.vector_width import PREFERRED_VECTOR_BITS, host_features, ho
 ATTRIBUTE = f'"prefer-vector-width"="{PREFERRED_VECTOR_BITS}"'
 
 # (name, dispatcher): every kernel whose loops the attribute widens.  Parallel variants compile their
-# prange bodies into functions of their own, which carry the attribute too.
+# prange bodies into functions of their own, which carry the attribute too; those of `lanes.lane_rows`
+# and `select._select_rows` call one function per chunk (`_lane_chunk`, `_select_chunk`) in both variants.
 KERNELS = [
-    ("lanes.lane_rows (serial)", lanes.lane_rows.serial),
-    ("lanes.lane_rows (parallel)", lanes.lane_rows.parallel),
+    ("lanes._lane_chunk", lanes._lane_chunk),
     ("lanes._pass", lanes._pass),
     ("lanes._lane_outputs", lanes._lane_outputs),
     ("lanes._update", lanes._update),
@@ -44,7 +44,7 @@ KERNELS = [
     ("products._mag_rows (parallel)", products._mag_rows.parallel),
     ("products._mask_rows (serial)", products._mask_rows.serial),
     ("products._mag_rows (serial)", products._mag_rows.serial),
-    ("select._select_rows (parallel)", select._select_rows.parallel),
+    ("select._select_chunk", select._select_chunk),
     ("select.lane_order_statistics (parallel)", select.lane_order_statistics.parallel),
     ("kernels._flat_keys (parallel)", kernels._flat_keys.parallel),
 ]
@@ -137,7 +137,8 @@ def fresh_kernels():
     fresh = {}
     # Callers before callees: a caller loaded from the cache leaves its callees uncompiled, a fresh
     # compilation of it gives them their signatures.
-    chain = [*TOP_LEVEL, select._sortfree_row, select.sortfree_iterate, sortfree.emit_row]
+    chain = [*TOP_LEVEL, lanes._lane_chunk, select._select_chunk, select._sortfree_row, select.sortfree_iterate,
+             sortfree.emit_row]
     for dispatcher in chain + [d for _, d in KERNELS if d not in chain]:
         fresh[id(dispatcher)] = _fresh(dispatcher)
     return fresh

@@ -911,6 +911,146 @@ def _cascade(tops, lane, b, unit):
     return b
 
 
+@nb.njit(cache=True, error_model="numpy")
+def _lane_chunk(x, k, lam, q, is_mag, bounds, out, gprime, codes, offset, unresolved, n_chunks, max_passes, subset,
+                busy_lanes, c):
+    """Chunk `c` of the `n_chunks` of `lane_rows` (arguments as there): its share of the groups, with scratch
+    buffers of its own; returns how many of its lanes held a non-finite key."""
+    batch, n = x.shape
+    with_residuals = gprime.shape[0] == batch and gprime.shape[1] == n
+    # The p = 2 magnitude's g' (1 / l on F) is written with its codes, from the signs of F (`_mag_row`);
+    # otherwise g' is computed in the lane layout.
+    free_gprime = 1.0 / lam if is_mag and q == 2.0 else 0.0
+    lane_gprime = with_residuals and free_gprime == 0.0
+    row_order = (with_residuals or is_mag) and n >= ROW_OUTPUTS_MIN_N
+    no_codes = np.empty(0, dtype=np.int8)  # the rows of codes of the mask (it has none) and of forwards alone
+    bounds_inside = bounds.shape[0] != batch
+    count = row_count(subset, batch)
+    groups = -(-count // LANES)
+    non_finite = 0  # lanes of the chunk that held a non-finite key
+    pass_limit = max_passes if busy_lanes >= LANES else max(max_passes, MAX_PASSES)
+    prefer_wide_vectors()
+    gbuf = np.empty((n, LANES), dtype=x.dtype)  # g' in the lane layout, in the dtype of `gprime` (x's)
+    acc = np.empty((5, LANES), dtype=np.float64)  # rows: see `_pass` (p = 2 leaves the last two 0)
+    gaps = np.empty(LANES, dtype=np.float64)  # s_(k+1) - s_(k)
+    # Per lane: tau, bracket lo and hi, active (1: iterating, 0: solved, -1: left to the
+    # caller), the set counts |S|, |F| the current tau was computed from, and whether tau is
+    # their root to within its step's rounding (1, else 0: `_confirm`).
+    state = np.empty((7, LANES), dtype=np.float64)
+    sets = np.empty(LANES, dtype=np.float64)  # the sets at the outputs' thresholds (`_set_code`)
+    tau, active = state[0], state[3]
+    # Per lane: the frame's ref, the threshold (copied for the outputs) and the level (`_levels`).
+    frame = np.empty((3, LANES), dtype=np.float64)
+    ref, level = frame[0], frame[2]
+    lows = np.empty(LANES, dtype=np.float64)  # s_(k+1)
+    rows = np.empty(LANES, dtype=np.int64)
+    # The sweeps run in the input's dtype: float32 sweeps take half the time of float64 ones.
+    columns = np.empty((n, LANES) if bounds_inside else (0, LANES), dtype=x.dtype)
+    # The rows as loaded, in their dtype: the sweeps' columns are taken from them, every pass reads
+    # its keys off them (`_lane_key`), and the outputs in the lane layout are written over them
+    # (`_lane_outputs`), in the dtype of `out` (x's), which float32 rows take back by float32
+    # block transposes.
+    raw = np.empty((n, LANES), dtype=x.dtype)
+    uppers = np.empty(LANES, dtype=x.dtype)
+    belows = np.empty(LANES, dtype=x.dtype)
+    poison = np.zeros(LANES, dtype=x.dtype)  # per lane: 0 while the keys it held were finite, else NaN
+    going_on = False  # whether the chunk's last group went on past its first passes
+    for grp in range(c * groups // n_chunks, (c + 1) * groups // n_chunks):
+        r0 = grp * LANES
+        used = min(LANES, count - r0)
+        load_group(x, r0, rows, raw, subset)
+        if bounds_inside:
+            # The keys (the magnitude's |x|, with no array of them: `select.topk_rows_select`), and
+            # whether all are finite (NaN fails the test too): the caller checks the rows no
+            # other way.
+            # key - key is 0 for a finite key, NaN for NaN and both infinities: a sum per lane in the
+            # keys' dtype, with no select (an int64 count narrows such a loop to 128-bit vectors on
+            # an AVX2 host).
+            _sweeps(raw, columns, is_mag, k, uppers, belows, poison)
+        for lane in range(LANES):
+            if bounds_inside:
+                ref[lane], lows[lane] = uppers[lane], belows[lane]
+            else:
+                ref[lane], lows[lane] = bounds[rows[lane], 0], bounds[rows[lane], 1]
+        _start(state, ref, lows, gaps, lam, q, k, is_mag)
+        if q != 2.0:
+            _cubic_start(state, ref, gaps, lam, is_mag)
+        if is_mag:
+            _absolute_frame(state, ref)
+        # Passes over the group (`max_passes` at first, the outputs' included), then its outputs at
+        # every lane's iterate, which confirm the lanes whose sets they keep (`_confirm`): the last
+        # pass a row needs, the one that finds the sets its iterate came from, is the outputs'.
+        # A chunk whose last group went on past its first passes (below; large strengths) expects
+        # this one to: its passes go on until few lanes iterate before the outputs' pass, which
+        # would be wasted on many (at l = 10 the p = 2 mask's forward took 1.2x its time).
+        remaining = _iterating(state)
+        passes = 0
+        target = pass_limit - 1 if going_on else max_passes - 1
+        while True:
+            if passes > 0 and not row_order:
+                load_group(x, r0, rows, raw, subset)  # the outputs' pass wrote over the rows
+            while remaining > 0 and passes < target:
+                _levels(ref, tau, lam, is_mag, level)
+                _pass(raw, ref, tau, level, lam, q, is_mag, acc)
+                remaining = _update(state, acc, ref, lam, q, k, is_mag)
+                passes += 1
+                if passes == max_passes and remaining <= busy_lanes:
+                    going_on = False  # this group need not go on, nor, likely, the next
+                # A group that goes on stops as soon as few enough lanes iterate.
+                if passes >= max_passes and remaining <= busy_lanes:
+                    break
+            # The outputs (of unresolved rows too: the caller overwrites them).
+            _levels(ref, tau, lam, is_mag, level)
+            if row_order:
+                for lane in range(used):
+                    r = rows[lane]
+                    if with_residuals:
+                        sets[lane] = _row_outputs(x[r], out[r], gprime[r], codes[r] if is_mag else no_codes,
+                                                  ref[lane], tau[lane], level[lane], lam, q, is_mag)
+                    else:
+                        sets[lane] = _mag_row_values(x[r], out[r], no_codes, ref[lane], tau[lane], level[lane],
+                                                     lam, q)
+                for lane in range(used, LANES):  # lanes past the last row repeat the first
+                    sets[lane] = sets[0]
+            else:
+                for lane in range(LANES):
+                    frame[1, lane] = tau[lane]
+                _lane_outputs(raw, frame, lam, q, is_mag, is_mag and not with_residuals, gbuf, lane_gprime,
+                              sets)
+            if max_passes == 0:
+                break  # no pass allowed: only the lanes solved at the start are
+            passes += 1
+            remaining = _confirm(state, sets, ref, lam, q, k, is_mag)
+            # Past `max_passes`, only a group with many lanes still iterating goes on (its outputs
+            # are written again): the rows left are solved again from the start, which costs more
+            # than a pass for many.
+            if remaining <= busy_lanes or passes >= pass_limit:
+                break
+            going_on = True
+            target = pass_limit - 1
+        for lane in range(used):
+            unresolved[rows[lane]] = active[lane] != 0.0
+        if is_mag and with_residuals:
+            for lane in range(used):
+                offset[rows[lane]] = k - _saturated_count(sets[lane])  # the unit weights of F: k - |A|
+        if row_order:
+            continue
+        # Back to input order.
+        store_group(raw, used, rows, out)
+        if is_mag and with_residuals:
+            # The sets' codes (raw: -1 on A, the value on F, else 0) went back as they are; each
+            # row's outputs and residuals are read off them and x, contiguously.
+            if lane_gprime:
+                store_group(gbuf, used, rows, gprime)
+            for lane in range(used):
+                _mag_row(x, rows[lane], out, codes, gprime, free_gprime)
+        elif with_residuals:
+            store_group(gbuf, used, rows, gprime)
+    for lane in range(LANES):
+        non_finite += 0 if poison[lane] == 0.0 else 1
+    return non_finite
+
+
 def lane_rows(x, k, lam, q, is_mag, bounds, out, gprime, codes, offset, unresolved, n_chunks,
               max_passes, subset, busy_lanes=LANES):
     """Solve rows of `x` LANES at a time (module docstring); flag the rows left to the caller.
@@ -931,139 +1071,16 @@ def lane_rows(x, k, lam, q, is_mag, bounds, out, gprime, codes, offset, unresolv
     entry of the rows solved; otherwise none, and True): rows with a non-finite key come out as
     garbage, flagged or not, and are the caller's to solve again.
     """
-    batch, n = x.shape
-    with_residuals = gprime.shape[0] == batch and gprime.shape[1] == n
-    # The p = 2 magnitude's g' (1 / l on F) is written with its codes, from the signs of F (`_mag_row`);
-    # otherwise g' is computed in the lane layout.
-    free_gprime = 1.0 / lam if is_mag and q == 2.0 else 0.0
-    lane_gprime = with_residuals and free_gprime == 0.0
-    row_order = (with_residuals or is_mag) and n >= ROW_OUTPUTS_MIN_N
-    no_codes = np.empty(0, dtype=np.int8)  # the rows of codes of the mask (it has none) and of forwards alone
-    bounds_inside = bounds.shape[0] != batch
-    count = row_count(subset, batch)
-    groups = -(-count // LANES)
+    # Each chunk is a call of one function (`_lane_chunk`), compiled once for both variants: with the chunk's
+    # body in the parallel loop, Numba's parfor passes ran over the whole inlined solver and each variant
+    # compiled it on its own.  Measured (empty cache, float32 magnitude, p = 4/3, `first_call.py`): a first
+    # call at (16384, 64) 54 -> 47.5 s, then one at (64, 64) (the serial variant) 13.7 -> 4.2 s; the calls
+    # themselves as fast (`ab_versions.py`: 0.99-1.05x).  Numba's parallel loop counts in uint64: the cast
+    # keeps the chunk's signature, which it would otherwise compile a second time.
     non_finite = 0
-    pass_limit = max_passes if busy_lanes >= LANES else max(max_passes, MAX_PASSES)
     for c in nb.prange(n_chunks):
-        prefer_wide_vectors()
-        gbuf = np.empty((n, LANES), dtype=x.dtype)  # g' in the lane layout, in the dtype of `gprime` (x's)
-        acc = np.empty((5, LANES), dtype=np.float64)  # rows: see `_pass` (p = 2 leaves the last two 0)
-        gaps = np.empty(LANES, dtype=np.float64)  # s_(k+1) - s_(k)
-        # Per lane: tau, bracket lo and hi, active (1: iterating, 0: solved, -1: left to the
-        # caller), the set counts |S|, |F| the current tau was computed from, and whether tau is
-        # their root to within its step's rounding (1, else 0: `_confirm`).
-        state = np.empty((7, LANES), dtype=np.float64)
-        sets = np.empty(LANES, dtype=np.float64)  # the sets at the outputs' thresholds (`_set_code`)
-        tau, active = state[0], state[3]
-        # Per lane: the frame's ref, the threshold (copied for the outputs) and the level (`_levels`).
-        frame = np.empty((3, LANES), dtype=np.float64)
-        ref, level = frame[0], frame[2]
-        lows = np.empty(LANES, dtype=np.float64)  # s_(k+1)
-        rows = np.empty(LANES, dtype=np.int64)
-        # The sweeps run in the input's dtype: float32 sweeps take half the time of float64 ones.
-        columns = np.empty((n, LANES) if bounds_inside else (0, LANES), dtype=x.dtype)
-        # The rows as loaded, in their dtype: the sweeps' columns are taken from them, every pass reads
-        # its keys off them (`_lane_key`), and the outputs in the lane layout are written over them
-        # (`_lane_outputs`), in the dtype of `out` (x's), which float32 rows take back by float32
-        # block transposes.
-        raw = np.empty((n, LANES), dtype=x.dtype)
-        uppers = np.empty(LANES, dtype=x.dtype)
-        belows = np.empty(LANES, dtype=x.dtype)
-        poison = np.zeros(LANES, dtype=x.dtype)  # per lane: 0 while the keys it held were finite, else NaN
-        going_on = False  # whether the chunk's last group went on past its first passes
-        for grp in range(c * groups // n_chunks, (c + 1) * groups // n_chunks):
-            r0 = grp * LANES
-            used = min(LANES, count - r0)
-            load_group(x, r0, rows, raw, subset)
-            if bounds_inside:
-                # The keys (the magnitude's |x|, with no array of them: `select.topk_rows_select`), and
-                # whether all are finite (NaN fails the test too): the caller checks the rows no
-                # other way.
-                # key - key is 0 for a finite key, NaN for NaN and both infinities: a sum per lane in the
-                # keys' dtype, with no select (an int64 count narrows such a loop to 128-bit vectors on
-                # an AVX2 host).
-                _sweeps(raw, columns, is_mag, k, uppers, belows, poison)
-            for lane in range(LANES):
-                if bounds_inside:
-                    ref[lane], lows[lane] = uppers[lane], belows[lane]
-                else:
-                    ref[lane], lows[lane] = bounds[rows[lane], 0], bounds[rows[lane], 1]
-            _start(state, ref, lows, gaps, lam, q, k, is_mag)
-            if q != 2.0:
-                _cubic_start(state, ref, gaps, lam, is_mag)
-            if is_mag:
-                _absolute_frame(state, ref)
-            # Passes over the group (`max_passes` at first, the outputs' included), then its outputs at
-            # every lane's iterate, which confirm the lanes whose sets they keep (`_confirm`): the last
-            # pass a row needs, the one that finds the sets its iterate came from, is the outputs'.
-            # A chunk whose last group went on past its first passes (below; large strengths) expects
-            # this one to: its passes go on until few lanes iterate before the outputs' pass, which
-            # would be wasted on many (at l = 10 the p = 2 mask's forward took 1.2x its time).
-            remaining = _iterating(state)
-            passes = 0
-            target = pass_limit - 1 if going_on else max_passes - 1
-            while True:
-                if passes > 0 and not row_order:
-                    load_group(x, r0, rows, raw, subset)  # the outputs' pass wrote over the rows
-                while remaining > 0 and passes < target:
-                    _levels(ref, tau, lam, is_mag, level)
-                    _pass(raw, ref, tau, level, lam, q, is_mag, acc)
-                    remaining = _update(state, acc, ref, lam, q, k, is_mag)
-                    passes += 1
-                    if passes == max_passes and remaining <= busy_lanes:
-                        going_on = False  # this group need not go on, nor, likely, the next
-                    # A group that goes on stops as soon as few enough lanes iterate.
-                    if passes >= max_passes and remaining <= busy_lanes:
-                        break
-                # The outputs (of unresolved rows too: the caller overwrites them).
-                _levels(ref, tau, lam, is_mag, level)
-                if row_order:
-                    for lane in range(used):
-                        r = rows[lane]
-                        if with_residuals:
-                            sets[lane] = _row_outputs(x[r], out[r], gprime[r], codes[r] if is_mag else no_codes,
-                                                      ref[lane], tau[lane], level[lane], lam, q, is_mag)
-                        else:
-                            sets[lane] = _mag_row_values(x[r], out[r], no_codes, ref[lane], tau[lane], level[lane],
-                                                         lam, q)
-                    for lane in range(used, LANES):  # lanes past the last row repeat the first
-                        sets[lane] = sets[0]
-                else:
-                    for lane in range(LANES):
-                        frame[1, lane] = tau[lane]
-                    _lane_outputs(raw, frame, lam, q, is_mag, is_mag and not with_residuals, gbuf, lane_gprime,
-                                  sets)
-                if max_passes == 0:
-                    break  # no pass allowed: only the lanes solved at the start are
-                passes += 1
-                remaining = _confirm(state, sets, ref, lam, q, k, is_mag)
-                # Past `max_passes`, only a group with many lanes still iterating goes on (its outputs
-                # are written again): the rows left are solved again from the start, which costs more
-                # than a pass for many.
-                if remaining <= busy_lanes or passes >= pass_limit:
-                    break
-                going_on = True
-                target = pass_limit - 1
-            for lane in range(used):
-                unresolved[rows[lane]] = active[lane] != 0.0
-            if is_mag and with_residuals:
-                for lane in range(used):
-                    offset[rows[lane]] = k - _saturated_count(sets[lane])  # the unit weights of F: k - |A|
-            if row_order:
-                continue
-            # Back to input order.
-            store_group(raw, used, rows, out)
-            if is_mag and with_residuals:
-                # The sets' codes (raw: -1 on A, the value on F, else 0) went back as they are; each
-                # row's outputs and residuals are read off them and x, contiguously.
-                if lane_gprime:
-                    store_group(gbuf, used, rows, gprime)
-                for lane in range(used):
-                    _mag_row(x, rows[lane], out, codes, gprime, free_gprime)
-            elif with_residuals:
-                store_group(gbuf, used, rows, gprime)
-        for lane in range(LANES):
-            non_finite += 0 if poison[lane] == 0.0 else 1
+        non_finite += _lane_chunk(x, k, lam, q, is_mag, bounds, out, gprime, codes, offset, unresolved, n_chunks,
+                                  max_passes, subset, busy_lanes, np.int64(c))
     return non_finite == 0
 
 lane_rows = _compiled_pair(lane_rows)

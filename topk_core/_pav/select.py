@@ -346,6 +346,45 @@ def _sortfree_offset(r, k, n_sat, n_free, is_mag, with_residuals, offset):
         offset[r] = k - n_sat if n_free > 0 else 0
 
 
+@nb.njit(cache=True, error_model="numpy")
+def _select_chunk(keys, x, k, lam, q, is_mag, out, gprime, codes, offset, n_chunks, bounds, n_sample, rows, c):
+    """Chunk `c` of the `n_chunks` of `_select_rows` (arguments as there): its share of the rows, with scratch
+    buffers of its own (per chunk of rows, not per row)."""
+    batch, n = keys.shape
+    count = row_count(rows, batch)
+    bounds_given = bounds.shape[0] == batch
+    closed = q == 2.0 or q == 4.0
+    with_residuals = gprime.shape[0] == batch and gprime.shape[1] == n
+    sortfree = not bounds_given and n_sample > 0
+    prefer_wide_vectors()
+    cval = np.empty(n, dtype=np.float64)
+    cidx = np.empty(n, dtype=np.int64)
+    order = np.empty(n, dtype=np.int64)
+    top = np.empty(TRACK_MAX, dtype=np.float64)
+    sample = np.empty(n_sample if sortfree else 0, dtype=np.float64)
+    state = np.empty(STATE_SIZE, dtype=np.float64)
+    ref_cast = np.empty(1, dtype=keys.dtype)
+    for i in range(c * count // n_chunks, (c + 1) * count // n_chunks):
+        r = row_at(rows, i)
+        if k >= n:
+            _all_saturated(r, x, is_mag, with_residuals, out, gprime, codes, offset)
+            continue
+        if sortfree and _sortfree_row(keys, x, r, k, lam, q, is_mag, with_residuals, out, gprime, codes,
+                                      offset, sample, state, ref_cast):
+            continue
+        if bounds_given:
+            upper, below = bounds[r, 0], bounds[r, 1]
+        else:
+            upper, below = order_statistics(keys[r], k, top)
+        zero_cut, saturated_cut = _cuts(upper, below, lam, q, is_mag)
+        n_saturated, m = _classify(
+            keys, x, r, 0, n, zero_cut, saturated_cut, is_mag, with_residuals, out, gprime, codes,
+            cval, cidx,
+        )
+        _solve_candidates(r, k, n_saturated, m, cval, cidx, order, x, lam, q, is_mag, closed, with_residuals,
+                          out, gprime, codes, offset)
+
+
 def _select_rows(keys, x, k, lam, q, is_mag, out, gprime, codes, offset, n_chunks, bounds, n_sample,
                  rows):
     """Kernel of `topk_rows_select`; rows are processed in `n_chunks` chunks.
@@ -357,41 +396,11 @@ def _select_rows(keys, x, k, lam, q, is_mag, out, gprime, codes, offset, n_chunk
     `rows`: the indices of the rows to solve, in place (those the lane solver
     left), or empty for every row.
     """
-    batch, n = keys.shape
-    count = row_count(rows, batch)
-    bounds_given = bounds.shape[0] == batch
-    closed = q == 2.0 or q == 4.0
-    with_residuals = gprime.shape[0] == batch and gprime.shape[1] == n
-    sortfree = not bounds_given and n_sample > 0
-    # Scratch buffers are allocated per chunk of rows, not per row.
+    # Each chunk is a call of one function, compiled once for both variants, its counter cast to int64 (see
+    # `lanes.lane_rows`).
     for c in nb.prange(n_chunks):
-        prefer_wide_vectors()
-        cval = np.empty(n, dtype=np.float64)
-        cidx = np.empty(n, dtype=np.int64)
-        order = np.empty(n, dtype=np.int64)
-        top = np.empty(TRACK_MAX, dtype=np.float64)
-        sample = np.empty(n_sample if sortfree else 0, dtype=np.float64)
-        state = np.empty(STATE_SIZE, dtype=np.float64)
-        ref_cast = np.empty(1, dtype=keys.dtype)
-        for i in range(c * count // n_chunks, (c + 1) * count // n_chunks):
-            r = row_at(rows, i)
-            if k >= n:
-                _all_saturated(r, x, is_mag, with_residuals, out, gprime, codes, offset)
-                continue
-            if sortfree and _sortfree_row(keys, x, r, k, lam, q, is_mag, with_residuals, out, gprime, codes,
-                                          offset, sample, state, ref_cast):
-                continue
-            if bounds_given:
-                upper, below = bounds[r, 0], bounds[r, 1]
-            else:
-                upper, below = order_statistics(keys[r], k, top)
-            zero_cut, saturated_cut = _cuts(upper, below, lam, q, is_mag)
-            n_saturated, m = _classify(
-                keys, x, r, 0, n, zero_cut, saturated_cut, is_mag, with_residuals, out, gprime, codes,
-                cval, cidx,
-            )
-            _solve_candidates(r, k, n_saturated, m, cval, cidx, order, x, lam, q, is_mag, closed, with_residuals,
-                              out, gprime, codes, offset)
+        _select_chunk(keys, x, k, lam, q, is_mag, out, gprime, codes, offset, n_chunks, bounds, n_sample, rows,
+                      np.int64(c))
 
 
 _select_rows = _compiled_pair(_select_rows, inputs=(0, 1))
@@ -506,7 +515,8 @@ def _select_long_rows(keys, x, k, lam, q, is_mag, out, gprime, codes, offset, n_
             )
         # Gather the parts' candidates to the front (each part wrote from its own start).
         n_saturated = 0
-        m = 0
+        # An int64, not a literal 0: for one, the candidates' kernels (`_solve_candidates`) compiled a second time.
+        m = np.int64(0)
         for c in range(n_parts):
             j0 = c * n // n_parts
             for i in range(part_b[c]):
