@@ -12,6 +12,7 @@ device memory, older JAX) `jax.pure_callback`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -49,9 +50,14 @@ def host_call(fn: Callable[..., Any], result_spec: Any, *args: jax.Array, on_cpu
     return jax.pure_callback(fn, result_spec, *args, vmap_method=vmap_method)
 
 
+@functools.lru_cache(maxsize=1024)
 def _writing_into(fn: Callable[..., Any], writes_into: bool) -> Callable[..., None]:
     """`fn` as a `buffer_callback` function: its results in XLA's output buffers, leaf by leaf (absent
-    residual fields are None on both sides), copied there unless `fn` wrote them in place."""
+    residual fields are None on both sides), copied there unless `fn` wrote them in place.
+
+    One object per `fn` (cached; the adapter's callbacks are cached per configuration): the callback is a
+    parameter of the primitive that an eager call compiles, and a new object each call compiled it again
+    (an eager forward on (8192, 16) float32 rows took 16.8 ms, 15 of them XLA compiling)."""
 
     def write(ctx: Any, out: Any, *buffers: Any) -> None:
         del ctx  # the execution context serves GPU streams only
