@@ -141,10 +141,10 @@ def _child(args: argparse.Namespace, batch: int, n: int, p: float) -> None:
     print(f"{min(times) * 1e3:.3f} {np.median(times) * 1e3:.3f} {faults:.0f}")
 
 
-def _fresh(args: argparse.Namespace) -> None:
-    """`--fresh`: each version (and np.sort) timed in fresh processes of its own, alternating."""
+def _fresh(args: argparse.Namespace, n: int) -> None:
+    """`--fresh`: each version (and np.sort) timed in fresh processes of its own, alternating (rows of `n`)."""
     runs: dict[str, list[tuple[float, float, float]]] = {"sort": [], "A": [], "B": []}
-    k = _k(args, int(args.shape.split("x")[1]))
+    k = _k(args, n)
     for r in range(args.fresh):
         for name in ("sort", "A", "B") if r % 2 == 0 else ("B", "A", "sort"):
             command = [sys.executable, __file__, "-", "--child", name, "--op", args.op, "--p", args.p, "--shape",
@@ -190,7 +190,7 @@ def main() -> None:
     _copy_version(args.rev_b, work / "topk_core_b")
     sys.path.insert(0, str(work))
     if args.fresh:
-        _fresh(args)
+        _fresh(args, n)
         return
     versions = {"A": importlib.import_module("topk_core_a"), "B": importlib.import_module("topk_core_b")}
 
