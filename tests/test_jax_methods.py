@@ -127,8 +127,8 @@ def test_eager_calls_compile_the_solver_once_per_shape(op, method):
     shape (the solver, the layout's reshapes), none for the next, nor for a VJP after its first.
     Dispatched operation by operation, the first call compiled 27-101 small XLA programs (one per
     distinct operation and shape), and every call dispatched the threshold method's ~1,500 operations
-    again; PAV's host callback was a new object at every call, which compiled its program again (15 of
-    an eager forward's 16.8 ms on (8192, 16) float32 rows)."""
+    again; PAV's host callback was a new object at every call, which compiled its program again (an
+    eager forward on (8192, 16) float32 rows took 20-21 ms instead of 1.6-2, docs/jax.md)."""
     compiled = []
 
     def listener(event, duration, **kwargs):
