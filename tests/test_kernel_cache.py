@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -52,12 +53,13 @@ def test_the_stamp_follows_every_source_file(tmp_path):
     assert cache.sources_digest() == before
 
 
+# Both scripts print `_closed_block_value` of the block in their last argument (JSON).
 _CALL = """
-import sys
+import json, sys
 sys.path.insert(0, sys.argv[1])
 from core_copy._pav import kernels
-print(kernels._closed_block_value(*BLOCK))
-""".replace("BLOCK", repr(BLOCK))
+print(kernels._closed_block_value(*json.loads(sys.argv[2])))
+"""
 
 
 def test_a_callee_edited_in_another_file_compiles_its_callers_again(tmp_path):
@@ -67,7 +69,8 @@ def test_a_callee_edited_in_another_file_compiles_its_callers_again(tmp_path):
     shutil.copytree(CORE, tmp_path / "core_copy", ignore=shutil.ignore_patterns("__pycache__"))
 
     def run() -> str:
-        return run_python(_CALL, str(tmp_path), env={"NUMBA_CACHE_DIR": str(tmp_path / "numba_cache")}).strip()
+        return run_python(_CALL, str(tmp_path), json.dumps(BLOCK),
+                          env={"NUMBA_CACHE_DIR": str(tmp_path / "numba_cache")}).strip()
 
     first = run()
     assert float(first) == kernels._closed_block_value(*BLOCK)
@@ -81,7 +84,7 @@ def test_a_callee_edited_in_another_file_compiles_its_callers_again(tmp_path):
 
 
 _READ_ONLY = """
-import os, sys
+import json, os, sys
 import numba.core.caching as caching
 writable = os.environ["TMPDIR"]
 ensure = caching._CacheLocator.ensure_cache_path
@@ -96,14 +99,14 @@ def read_only_outside_tmpdir(locator):  # every cache folder but the temporary d
 caching._CacheLocator.ensure_cache_path = read_only_outside_tmpdir
 import topk_numpy
 from topk_core._pav import kernels
-print(kernels._closed_block_value(*BLOCK))
-""".replace("BLOCK", repr(BLOCK))
+print(kernels._closed_block_value(*json.loads(sys.argv[1])))
+"""
 
 
 def test_kernels_cache_in_the_temporary_directory_where_nothing_else_is_writable(tmp_path):
     """A read-only package folder and home (a read-only container image): Numba found no cache folder, and
     importing the package failed ("cannot cache function 'g_scalar': no locator available")."""
-    output = run_python(_READ_ONLY, env={"NUMBA_CACHE_DIR": None, "TMPDIR": str(tmp_path)})
+    output = run_python(_READ_ONLY, json.dumps(BLOCK), env={"NUMBA_CACHE_DIR": None, "TMPDIR": str(tmp_path)})
     assert float(output) == kernels._closed_block_value(*BLOCK)
     (folder,) = tmp_path.glob("sparse-topk-numba-*")
     assert any(folder.rglob("kernels._closed_block_value-*.nbi"))
