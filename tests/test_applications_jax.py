@@ -120,6 +120,21 @@ def test_routing_stats():
     np.testing.assert_allclose(stats.gate_mass, [0.5, 0.0, 1.1])
 
 
+def test_routing_stats_summaries(rng):
+    gates = np.asarray(jnn.topk_gates(_array(rng, (3, 10, 6)), 2))
+    stats = jnn.routing_stats(jnp.asarray(gates))
+    # Independently: counts of non-zero gates per token (all leading axes) and per expert.
+    nonzero = gates.reshape(-1, 6) != 0
+    per_token, load = nonzero.sum(axis=1), nonzero.sum(axis=0)
+    assert isinstance(stats.mean_experts_per_token, float) and isinstance(stats.load_imbalance, float)
+    assert stats.mean_experts_per_token == pytest.approx(per_token.sum() / 30, rel=1e-15)
+    assert stats.load_imbalance == pytest.approx(load.max() / (load.sum() / 6), rel=1e-15)
+    balanced = jnn.routing_stats(jnp.eye(4))
+    assert (balanced.mean_experts_per_token, balanced.load_imbalance) == (1.0, 1.0)
+    assert np.isnan(jnn.routing_stats(jnp.zeros((3, 4))).load_imbalance)
+    assert np.isnan(jnn.routing_stats(jnp.zeros((0, 4))).mean_experts_per_token)
+
+
 def _dense(x, gates, params):
     return sum(gates[:, e: e + 1] * jnn.mlp_expert(p, x) for e, p in enumerate(params))
 
@@ -274,6 +289,8 @@ def test_moe_agrees_with_torch(rng, torch, tnn, hard):
     stats_t, stats_j = tnn.routing_stats(gt), jnn.routing_stats(gj)
     assert stats_t.load.tolist() == stats_j.load.tolist()
     assert stats_t.experts_per_token.reshape(-1).tolist() == stats_j.experts_per_token.tolist()
+    assert stats_j.mean_experts_per_token == stats_t.mean_experts_per_token
+    assert stats_j.load_imbalance == stats_t.load_imbalance
     grad_x = jax.grad(lambda x: jnp.sum(jnn.moe_layer(params, x, 2, hard=hard, regularization_strength=0.05)[0] ** 2))(
         jnp.asarray(x)
     )

@@ -14,11 +14,15 @@ The mathematics lives in `topk_core`; see `topk_core.soft_topk_mask` and
 * Methods ``"threshold"`` (exact, any p) and ``"dykstra"`` (approximate,
   p = 2) run natively in `jax.numpy` on the array's device, their loop as one
   `jax.lax.while_loop`.  Method ``"pav"`` runs the Numba PAV on the host CPU
-  through `jax.pure_callback`, on the primal path only (on a GPU/TPU backend
-  the rows are copied to the host and back).  ``"auto"`` picks ``"pav"`` for
-  arrays on the CPU and ``"threshold"`` on any other device.  The Jacobian
-  products always run in `jax.numpy` (closed form, never through the
-  iterations).
+  through a host callback, on the primal path only: on the CPU
+  `jax.experimental.buffer_callback` where JAX has it, else (and on a GPU/TPU
+  backend, with the rows copied to the host and back) `jax.pure_callback`
+  (`topk_jax._host_call`).  ``"auto"`` picks ``"pav"`` for arrays on the CPU
+  and ``"threshold"`` on any other device.  The Jacobian products are the
+  core's closed form (never through the iterations): on the CPU, for calls
+  of at least 2^16 entries with residuals in input order and rows that no
+  mesh shards, the core's Numba products on the host
+  (`topk_jax._host_products`); elsewhere `jax.numpy`.
 * Sharded inputs keep their sharding: the host solve runs once per device on
   the local rows (`jax.shard_map` over the input's explicit sharding, or over
   the automatic mesh axes), never on a gathered copy unless the rows cannot be
@@ -102,7 +106,7 @@ def soft_topk_mask(
     axis : int, default -1
         Axis along which to select.
     method : {"auto", "pav", "dykstra", "threshold"}, default "auto"
-        Solver.  ``"pav"``: Numba PAV on the host through `jax.pure_callback`;
+        Solver.  ``"pav"``: Numba PAV on the host through a host callback;
         ``"threshold"`` (exact) and ``"dykstra"`` (p = 2, approximate): native
         `jax.numpy` on the array's device; ``"auto"``: ``"pav"`` on the CPU,
         ``"threshold"`` on GPU/TPU.

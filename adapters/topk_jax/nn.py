@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import topk_jax as _tk
 from topk_core import _applications as _checks
@@ -260,6 +261,20 @@ class RoutingStats(NamedTuple):
     gate_mass: jax.Array
     """(experts,) float: sum of the gates of each expert."""
 
+    # The summaries read the counts on the host (in float64, as `topk_torch.nn.RoutingStats` does): call
+    # them on concrete arrays, outside `jax.jit`.
+    @property
+    def mean_experts_per_token(self) -> float:
+        """Mean number of experts per token (NaN when there are no tokens)."""
+        counts = np.asarray(self.experts_per_token, dtype=np.float64)
+        return float(counts.mean()) if counts.size else float("nan")
+
+    @property
+    def load_imbalance(self) -> float:
+        """Maximum load over mean load (1 is perfectly balanced; NaN when no token was routed)."""
+        load = np.asarray(self.load, dtype=np.float64)
+        return float(load.max() / load.mean()) if load.sum() > 0 else float("nan")
+
 
 def routing_stats(gates: Any) -> RoutingStats:
     """Experts per token and load per expert of `gates` (tokens on the leading axes, experts last).
@@ -271,6 +286,8 @@ def routing_stats(gates: Any) -> RoutingStats:
     >>> stats = routing_stats(jnp.array([[0.5, 0.0, 0.2], [0.0, 0.0, 0.9]]))
     >>> stats.experts_per_token.tolist(), stats.load.tolist()
     ([2, 1], [1, 0, 2])
+    >>> stats.mean_experts_per_token, stats.load_imbalance
+    (1.5, 2.0)
     """
     gates = jax.lax.stop_gradient(jnp.asarray(gates))
     flat = jnp.reshape(gates, (-1, gates.shape[-1]))

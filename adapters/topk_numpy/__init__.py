@@ -1,8 +1,10 @@
 """sparse-topk for NumPy: the four operators plus Jacobian products mirroring `jax.vjp` / `jax.jvp`.
 
 The mathematics lives in `topk_core`; see `topk_core.soft_topk_mask` and
-`topk_core.soft_topk_mag`.  Array-likes are accepted and converted with
-`numpy.asarray`; outputs are NumPy arrays of the input's floating dtype.
+`topk_core.soft_topk_mag`.  Floating array-likes (NumPy arrays, lists of
+floats) are accepted and converted with `numpy.asarray`; integer and boolean
+input (``[3, 1, 2]`` included) raises TypeError, so cast it explicitly.
+Outputs are NumPy arrays of the input's floating dtype.
 """
 
 from __future__ import annotations
@@ -41,6 +43,46 @@ def soft_topk_mask(
 ) -> np.ndarray:
     """Sparse soft top-k mask along `axis` (see `topk_core.soft_topk_mask`).
 
+    Parameters
+    ----------
+    x : array_like
+        Real floating array of any shape (float16 is computed in float32).
+    k : int
+        Number of entries to select, ``1 <= k <= x.shape[axis]``.
+    regularization_strength : float, default 0.1
+        ``l > 0``; smaller is closer to the hard mask, larger is smoother.
+    p : float, default 4/3
+        Exponent ``p > 1`` of the regularizer (4/3: C^1; 2: piecewise linear).
+    axis : int, default -1
+        Axis along which to select.
+    method : {"auto", "pav", "threshold", "dykstra"}, default "auto"
+        Solver: ``"pav"`` (exact, Numba), ``"threshold"`` (exact, root
+        finding), ``"dykstra"`` (approximate, ``p = 2`` only); ``"auto"`` is
+        ``"pav"`` (``"threshold"`` when Numba's JIT is disabled).
+    max_iter, tol : int, float or None
+        Iteration cap (int >= 1) and tolerance (float > 0) of ``"threshold"``
+        and ``"dykstra"`` named explicitly; None is the method's default.
+        Must be None for ``"pav"`` and ``"auto"``.
+
+    Returns
+    -------
+    numpy.ndarray
+        Same shape and dtype as `x`; every row (along `axis`) has entries in
+        ``[0, 1]`` summing to `k`.
+
+    Raises
+    ------
+    TypeError
+        `x` of an integer or boolean dtype; `k`, `axis` or `max_iter` not an
+        int; `regularization_strength`, `p` or `tol` not a real number.
+    ValueError
+        0-d `x` or an empty `axis`; `k` outside ``[1, n]``; `axis` out of
+        range; a strength, `p` or `tol` not finite or out of range
+        (``l > 0``, ``p > 1``, ``tol > 0``); an unknown `method`;
+        ``"dykstra"`` with ``p != 2``; `max_iter` or `tol` with ``"pav"`` or
+        ``"auto"``; for ``"threshold"`` and ``"dykstra"``, a strength below
+        the smallest normal number of the input's dtype.
+
     Examples
     --------
     >>> import numpy as np
@@ -60,6 +102,22 @@ def soft_topk_mag(
 ) -> np.ndarray:
     """Sparse soft top-k in magnitude along `axis` (see `topk_core.soft_topk_mag`).
 
+    Parameters
+    ----------
+    x, k, regularization_strength, p, axis, method, max_iter, tol
+        As in `soft_topk_mask`; the `k` entries of largest ``|x|`` are kept.
+
+    Returns
+    -------
+    numpy.ndarray
+        Same shape and dtype as `x`: exact zeros outside a support, clear
+        winners returned unchanged.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As `soft_topk_mask`.
+
     Examples
     --------
     >>> import numpy as np
@@ -76,6 +134,28 @@ def soft_topk_mag(
 def hard_topk_mask(x: Any, k: int, *, axis: int = -1) -> np.ndarray:
     """Hard top-k mask, ties toward the lower index (see `topk_core.hard_topk_mask`).
 
+    Parameters
+    ----------
+    x : array_like
+        Real floating array of any shape.
+    k : int
+        Number of entries to select, ``1 <= k <= x.shape[axis]``.
+    axis : int, default -1
+        Axis along which to select.
+
+    Returns
+    -------
+    numpy.ndarray
+        Same shape and dtype as `x`: 1 on the `k` largest entries of each row,
+        0 elsewhere; rows containing NaN give NaN rows.
+
+    Raises
+    ------
+    TypeError
+        `x` of an integer or boolean dtype; `k` or `axis` not an int.
+    ValueError
+        0-d `x` or an empty `axis`; `k` outside ``[1, n]``; `axis` out of range.
+
     Examples
     --------
     >>> import numpy as np
@@ -88,6 +168,21 @@ def hard_topk_mask(x: Any, k: int, *, axis: int = -1) -> np.ndarray:
 
 def hard_topk_mag(x: Any, k: int, *, axis: int = -1) -> np.ndarray:
     """Hard top-k in magnitude (see `topk_core.hard_topk_mag`).
+
+    Parameters
+    ----------
+    x, k, axis
+        As in `hard_topk_mask`; the `k` entries of largest ``|x|`` are kept.
+
+    Returns
+    -------
+    numpy.ndarray
+        Same shape and dtype as `x`: `x` on the kept entries, 0 elsewhere.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As `hard_topk_mask`.
 
     Examples
     --------
@@ -125,6 +220,26 @@ def soft_topk_mask_vjp(
 ) -> tuple[np.ndarray, Callable[[Any], np.ndarray]]:
     """Return ``(soft_topk_mask(x, k, ...), vjp_fn)``; ``vjp_fn(u)`` is ``J^T u``, shaped like `x`.
 
+    Parameters
+    ----------
+    x, k, regularization_strength, p, axis, method, max_iter, tol
+        As in `soft_topk_mask`.
+
+    Returns
+    -------
+    y : numpy.ndarray
+        ``soft_topk_mask(x, k, ...)``.
+    vjp_fn : callable
+        ``vjp_fn(cotangent)`` takes a real floating array_like of the shape of
+        `x` and returns ``J^T cotangent`` in the cotangent's dtype (computed in
+        that of `x`, float32 for float16).  It raises ValueError for another
+        shape and TypeError for an integer or boolean cotangent.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As `soft_topk_mask`, before any computation.
+
     Examples
     --------
     >>> import numpy as np
@@ -144,6 +259,31 @@ def soft_topk_mask_jvp(
     axis: int = -1, method: str = "auto", max_iter: int | None = None, tol: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Return ``(soft_topk_mask(x, k, ...), J @ tangent)``.
+
+    Parameters
+    ----------
+    x : array_like
+        As in `soft_topk_mask`.
+    tangent : array_like
+        Real floating array of the shape of `x`: the direction ``dx``.
+    k, regularization_strength, p, axis, method, max_iter, tol
+        As in `soft_topk_mask`.
+
+    Returns
+    -------
+    y : numpy.ndarray
+        ``soft_topk_mask(x, k, ...)``.
+    y_dot : numpy.ndarray
+        ``J @ tangent`` along `axis`, shaped like `x`, in the tangent's dtype
+        (computed in that of `x`, float32 for float16).
+
+    Raises
+    ------
+    ValueError
+        `tangent` not of the shape of `x` (checked first, before any other
+        argument); otherwise as `soft_topk_mask`.
+    TypeError
+        `tangent` of an integer or boolean dtype; otherwise as `soft_topk_mask`.
 
     Examples
     --------
@@ -165,6 +305,26 @@ def soft_topk_mag_vjp(
 ) -> tuple[np.ndarray, Callable[[Any], np.ndarray]]:
     """Return ``(soft_topk_mag(x, k, ...), vjp_fn)``; ``vjp_fn(u)`` is ``J^T u``, shaped like `x`.
 
+    Parameters
+    ----------
+    x, k, regularization_strength, p, axis, method, max_iter, tol
+        As in `soft_topk_mag`.
+
+    Returns
+    -------
+    y : numpy.ndarray
+        ``soft_topk_mag(x, k, ...)``.
+    vjp_fn : callable
+        ``vjp_fn(cotangent)`` takes a real floating array_like of the shape of
+        `x` and returns ``J^T cotangent`` in the cotangent's dtype (computed in
+        that of `x`, float32 for float16).  It raises ValueError for another
+        shape and TypeError for an integer or boolean cotangent.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As `soft_topk_mag`, before any computation.
+
     Examples
     --------
     >>> import numpy as np
@@ -184,6 +344,31 @@ def soft_topk_mag_jvp(
     axis: int = -1, method: str = "auto", max_iter: int | None = None, tol: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Return ``(soft_topk_mag(x, k, ...), J @ tangent)``.
+
+    Parameters
+    ----------
+    x : array_like
+        As in `soft_topk_mag`.
+    tangent : array_like
+        Real floating array of the shape of `x`: the direction ``dx``.
+    k, regularization_strength, p, axis, method, max_iter, tol
+        As in `soft_topk_mag`.
+
+    Returns
+    -------
+    y : numpy.ndarray
+        ``soft_topk_mag(x, k, ...)``.
+    y_dot : numpy.ndarray
+        ``J @ tangent`` along `axis`, shaped like `x`, in the tangent's dtype
+        (computed in that of `x`, float32 for float16).
+
+    Raises
+    ------
+    ValueError
+        `tangent` not of the shape of `x` (checked first, before any other
+        argument); otherwise as `soft_topk_mag`.
+    TypeError
+        `tangent` of an integer or boolean dtype; otherwise as `soft_topk_mag`.
 
     Examples
     --------

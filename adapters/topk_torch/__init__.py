@@ -15,7 +15,12 @@ The mathematics lives in `topk_core`; see `topk_core.soft_topk_mask` and
   (and their nestings) work too; `torch.func` transforms inside
   `torch.compile` take a linearized route (see `topk_torch._functions`).
   Backward and forward mode are the core's closed-form Jacobian products
-  evaluated with torch operations.
+  (never through the iterations): a plain backward on the CPU runs the
+  core's Numba product on the tensors' memory (`topk_torch._products`), a
+  plain backward on CUDA one compiled product (`topk_torch._fused`), and
+  forward mode, `torch.func` transforms and ``create_graph=True`` evaluate
+  them with torch operations (under `torch.compile`, the magnitude's CPU
+  product is a custom operator: `topk_torch._host_products`).
 * Second-order derivatives are exact (zero almost everywhere) for ``p = 2``
   and raise `NotImplementedError` for any other ``p`` (not guarded for
   `torch.func` transforms inside `torch.compile`; see ``docs/torch.md``).
@@ -146,7 +151,8 @@ def soft_topk_mask(
         Solver, passed to the core: ``"pav"`` (exact, Numba, host memory),
         ``"threshold"`` (exact, on the tensor's device), ``"dykstra"``
         (approximate, ``p = 2``, on the tensor's device); ``"auto"`` is
-        ``"pav"`` for CPU tensors and ``"threshold"`` elsewhere.
+        ``"pav"`` for CPU tensors and for CUDA calls of at most 2^21
+        entries (a copy to the host and back), ``"threshold"`` otherwise.
     max_iter, tol : int, float or None
         Controls of the iterative methods (``"threshold"``, ``"dykstra"``);
         must be None for ``"pav"`` and ``"auto"``.
