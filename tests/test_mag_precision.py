@@ -209,3 +209,40 @@ def test_float32_ties_at_a_tiny_strength(p):
     for label, y in _routes(x, 5, 1e-9, p).items():
         assert y.dtype == np.float32
         _assert_entrywise(y.astype(np.float64), expected, 4 * np.finfo(np.float32).eps, label)
+
+
+def _boundary_threshold(upper: float, lam: float, p: float) -> float:
+    """The threshold t of a row whose k-th magnitude `upper` sits exactly at its saturation level (y = 1)
+    and whose next one contributes nothing at t, to 60 digits: t solves ``upper - t = l t^(1/(q-1))``
+    (spec section 5: z = g(|x| - t) = t)."""
+    import mpmath
+
+    with mpmath.workdps(60):
+        exponent = 1 / (mpmath.mpf(p) / (mpmath.mpf(p) - 1) - 1)  # 1 / (q - 1) = p - 1
+        lo, hi = mpmath.mpf(0), mpmath.mpf(upper)
+        for _ in range(240):  # bisection: upper - t - l t^(p-1) decreases in t
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if upper - mid - mpmath.mpf(lam) * mid**exponent > 0 else (lo, mid)
+        return lo
+
+
+@pytest.mark.parametrize("method", ["pav", "threshold"])
+@pytest.mark.parametrize("p", [1.001, 1.002, 1.005, 1.01, 1.02])
+def test_p_close_to_one_where_the_free_entries_underflow(method, p):
+    """q - 1 = 1/(p - 1) is 100 to 1000: the next entry's z = g(|x| - t) ~ (1e-4)^200 underflows, and the
+    k-th entry sits at its saturation level.  The block equation was then 0 on a whole stretch of values:
+    PAV stopped inside it, and the k-th entry came back above |x| (3.3e8 for x = 1.15 at p = 1.005; the
+    saturated entries' fixed point, Newton without the halving rule, stopped short too)."""
+    import mpmath
+
+    lam = 0.1
+    for scale, signs in ((1.0, (1, 1, 1)), (1.0, (-1, 1, -1)), (3.0, (1, -1, 1))):
+        x = scale * np.array([2.0, 1.15, 1.05]) * np.array(signs)
+        t = _boundary_threshold(abs(x[1]), lam * scale ** (2 - p), p)  # mag(c x; l) = c mag(x; l c^(p-2))
+        expected = np.array([x[0], x[1], signs[2] * float(mpmath.mpf(abs(x[2])) - t)])
+        y = tk.soft_topk_mag(x, 2, regularization_strength=lam * scale ** (2 - p), p=p, method=method)
+        assert y[0] == x[0]  # a clear winner: x itself
+        # The entry at its level comes back as x, the next as |x| - t: to the rounding of g(r) = (r / l)^(q - 1),
+        # which multiplies r's relative rounding by q - 1 (before the fix: off by 1e8 and 5%).
+        bound = 1e-12 * np.abs(expected) + 4 * (p / (p - 1) - 1) * np.finfo(float).eps * np.abs(x)
+        assert np.all(np.abs(y - expected) <= bound), (y - expected) / bound

@@ -114,6 +114,7 @@ def mag_fixed_point(s: float, lam: float, q: float) -> float:
         return s - min(max(d, 0.0), s)
     lo, hi = 0.0, s
     d = 0.5 * s
+    step_before = step = s  # the last two steps' lengths
     for _ in range(200):
         f = g_scalar(d, lam, q) + d - s
         if f == 0.0:
@@ -124,8 +125,12 @@ def mag_fixed_point(s: float, lam: float, q: float) -> float:
             lo = d
         fp = g_prime_scalar(d, lam, q) + 1.0
         nxt = d - f / fp
-        if not (lo < nxt < hi):
+        # Bisect where Newton would leave the bracket or not halve its step of two steps before: far from
+        # the root of a steep power (q = 201, p = 1.005) Newton shrinks d by 1/(q - 1) a step, and 200 steps
+        # stopped at d = 0.21 for a root at 0.1 (the magnitude's outputs came back ~1e8 for x ~ 1).
+        if not (lo < nxt < hi) or abs(nxt - d) > 0.5 * step_before:
             nxt = 0.5 * (lo + hi)
+        step_before, step = step, abs(nxt - d)
         if nxt == d or hi - lo <= 4.0 * np.finfo(np.float64).eps * hi:
             d = nxt
             break

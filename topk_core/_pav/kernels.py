@@ -345,16 +345,23 @@ def _pool_rootfind(keys, order, lo, hi, kk, lam, q, is_mag, frame):
     # geometrically in the value itself.
     absolute = is_mag and frame[0] == 0.0
     gamma = 0.5 * (lower + upper)
+    step_before = step = math.inf  # the last two steps' lengths
     for _ in range(300):
         f, fp, a, b = _excess(keys, order, lo, hi, kk, gamma, lam, q, is_mag, frame)
-        if f == 0.0:
-            break
-        if f > 0.0:
+        # f = 0 with no slope (fp = 0) is a flat stretch: every entry between the saturated ones and
+        # the zeros contributes 0 there.  The root is its upper end: where the contributions underflow
+        # (q - 1 = 200: 1e-4^200), the exact sum is above k all along it; where they are exactly 0
+        # (the mask without a fractional entry), any point of it is a root.  Below the end, the last
+        # saturated entry's output came out above |x| (p = 1.005).  f = 0 with a slope stops below
+        # (Newton's step is 0).
+        if f >= 0.0:
             lower = gamma
         else:
             upper = gamma
         nxt = gamma - f / fp if fp < 0.0 else math.nan
-        if not (lower < nxt < upper):
+        # Split where Newton would leave the bracket or not halve its step of two steps before (as in
+        # `_scalar.mag_fixed_point`: on a steep power, q = 201, it crawled and stopped short).
+        if not (lower < nxt < upper) or abs(nxt - gamma) > 0.5 * step_before:
             floor = max(lower, 1e-300 * upper)
             if absolute and upper > 4.0 * floor:
                 nxt = math.sqrt(floor) * math.sqrt(upper)
@@ -362,6 +369,7 @@ def _pool_rootfind(keys, order, lo, hi, kk, lam, q, is_mag, frame):
                 nxt = _split(lower, upper, top)
         if nxt == gamma or upper - lower <= 2.0 * _EPS * max(abs(lower), abs(upper)):
             break
+        step_before, step = step, abs(nxt - gamma)
         gamma = nxt
     f, fp, a, b = _excess(keys, order, lo, hi, kk, gamma, lam, q, is_mag, frame)
     # The pooled block always straddles the boundary k - 1 | k.
