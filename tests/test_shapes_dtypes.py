@@ -8,10 +8,13 @@ import pytest
 import topk_core
 import topk_numpy as tk
 
+from ._oracles import mag_jacobian, mask_jacobian
 from ._subprocess import run_python
 
 SOFT = {"mask": tk.soft_topk_mask, "mag": tk.soft_topk_mag}
 HARD = {"mask": tk.hard_topk_mask, "mag": tk.hard_topk_mag}
+VJP = {"mask": tk.soft_topk_mask_vjp, "mag": tk.soft_topk_mag_vjp}
+JVP = {"mask": tk.soft_topk_mask_jvp, "mag": tk.soft_topk_mag_jvp}
 
 
 def _row_by_row(fn, x, k, axis, **kw):
@@ -55,6 +58,102 @@ def test_float16_is_computed_in_float32(rng, operator):
     assert y.dtype == np.float16
     expected = SOFT[operator](x.astype(np.float32), 3, regularization_strength=0.5).astype(np.float16)
     np.testing.assert_array_equal(y, expected)
+
+
+def _as_f32(a: np.ndarray) -> np.ndarray:
+    """bfloat16 values as float32 (exact), for NumPy's comparison helpers."""
+    return np.asarray(a).astype(np.float32)
+
+
+def test_bfloat16_is_computed_in_float32(rng, operator):
+    """ml_dtypes' bfloat16 (what `np.asarray` gives for a JAX bfloat16 array) was refused with a TypeError
+    whose message listed bfloat16: every function takes it, computes in float32 and returns bfloat16."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    x = rng.normal(size=(3, 8)).astype(bf16)
+    u = rng.normal(size=(3, 8)).astype(bf16)
+    x32, u32 = x.astype(np.float32), u.astype(np.float32)
+    kw = {"regularization_strength": 0.5}
+    for got, expected in (
+        (SOFT[operator](x, 3, **kw), SOFT[operator](x32, 3, **kw)),
+        (HARD[operator](x, 3), HARD[operator](x32, 3)),
+        (VJP[operator](x, 3, **kw)[0], SOFT[operator](x32, 3, **kw)),
+        (VJP[operator](x, 3, **kw)[1](u), VJP[operator](x32, 3, **kw)[1](u32)),
+        (JVP[operator](x, u, 3, **kw)[0], SOFT[operator](x32, 3, **kw)),
+        (JVP[operator](x, u, 3, **kw)[1], JVP[operator](x32, u32, 3, **kw)[1]),
+    ):
+        assert got.dtype == bf16 and got.shape == x.shape
+        np.testing.assert_array_equal(_as_f32(got), _as_f32(expected.astype(bf16)))
+    # The hard mask against a stable argsort of the float32 values (bfloat16 -> float32 is exact).
+    order = np.argsort(-(np.abs(x32) if operator == "mag" else x32), axis=-1, kind="stable")[:, :3]
+    keep = np.zeros(x.shape, dtype=bool)
+    np.put_along_axis(keep, order, True, axis=-1)
+    np.testing.assert_array_equal(_as_f32(HARD[operator](x, 3)), np.where(keep, x32 if operator == "mag" else 1.0, 0.0))
+
+
+def test_bfloat16_matches_topk_jax(rng, operator):
+    """The same bfloat16 input gives the same bfloat16 values in topk_numpy and topk_jax."""
+    jax = pytest.importorskip("jax")
+    tj = pytest.importorskip("topk_jax")
+    jnp = jax.numpy
+    x = jnp.asarray(rng.normal(size=(4, 9)), dtype=jnp.bfloat16)
+    u = jnp.asarray(rng.normal(size=(4, 9)), dtype=jnp.bfloat16)
+    x_np, u_np = np.asarray(x), np.asarray(u)
+    assert x_np.dtype.name == "bfloat16"
+    for name in (f"soft_topk_{operator}", f"hard_topk_{operator}"):
+        got = getattr(tk, name)(x_np, 3)
+        assert got.dtype == x_np.dtype and got.shape == x_np.shape
+        np.testing.assert_array_equal(_as_f32(got), _as_f32(getattr(tj, name)(x, 3)))
+    f = getattr(tj, f"soft_topk_{operator}")
+    _, jax_vjp = jax.vjp(lambda a: f(a, 3), x)
+    _, jax_y_dot = jax.jvp(lambda a: f(a, 3), (x,), (u,))
+    _, vjp_fn = VJP[operator](x_np, 3)
+    _, y_dot = JVP[operator](x_np, u_np, 3)
+    # Both compute the products in float32 (summed in their own order) and round to bfloat16: within one
+    # bfloat16 rounding (2^-8 relative) of each other.
+    for got, expected in ((vjp_fn(u_np), jax_vjp(u)[0]), (y_dot, jax_y_dot)):
+        assert got.dtype == x_np.dtype
+        np.testing.assert_allclose(_as_f32(got), _as_f32(expected), rtol=2.0**-8, atol=1e-6)
+
+
+_PRODUCT_TOL = {np.float16: 1e-2, np.float32: 1e-4, np.float64: 1e-10}
+
+
+@pytest.mark.parametrize(
+    ("x_dtype", "t_dtype"),
+    [(np.float16, np.float64), (np.float32, np.float64), (np.float64, np.float32), (np.float32, np.float16)],
+    ids=["x16-t64", "x32-t64", "x64-t32", "x32-t16"],
+)
+def test_products_come_back_in_the_dtype_of_x(rng, operator, x_dtype, t_dtype):
+    """api.md: ``vjp_fn(cotangent) -> array like x``; the products came back in the (co)tangent's dtype.
+    They are now cast to the dtype of `x` (as PyTorch's autograd casts a gradient), and their values are
+    the closed-form Jacobian's (tests/_oracles.py) applied in float64."""
+    k, lam, p = 2, 0.5, 4.0 / 3.0
+    x = rng.normal(size=(3, 6)).astype(x_dtype)
+    u = rng.normal(size=x.shape).astype(t_dtype)
+    _, vjp_fn = VJP[operator](x, k, regularization_strength=lam, p=p)
+    y, y_dot = JVP[operator](x, u, k, regularization_strength=lam, p=p)
+    g = vjp_fn(u)
+    for out in (y, y_dot, g):
+        assert out.dtype == x_dtype and out.shape == x.shape
+    x64, u64 = x.astype(np.float64), u.astype(np.float64)
+    out64 = SOFT[operator](x64, k, regularization_strength=lam, p=p)
+    for i in range(x.shape[0]):
+        if operator == "mask":
+            jac = mask_jacobian(out64[i], lam, p)
+        else:
+            jac = mag_jacobian(x64[i], out64[i], k, lam, p)
+        tol = _PRODUCT_TOL[x_dtype]
+        np.testing.assert_allclose(g[i].astype(np.float64), jac.T @ u64[i], rtol=tol, atol=tol)
+        np.testing.assert_allclose(y_dot[i].astype(np.float64), jac @ u64[i], rtol=tol, atol=tol)
+
+
+def test_products_refuse_integer_tangents():
+    x = np.array([3.0, 1.0, 0.5])
+    with pytest.raises(TypeError, match="real floating dtype"):
+        tk.soft_topk_mask_vjp(x, 1)[1](np.array([1, 0, 0]))
+    with pytest.raises(TypeError, match="real floating dtype"):
+        tk.soft_topk_mag_jvp(x, np.array([True, False, False]), 1)
 
 
 def test_non_contiguous_and_read_only_inputs(rng, operator):

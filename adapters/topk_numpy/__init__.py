@@ -4,11 +4,21 @@ The mathematics lives in `topk_core`; see `topk_core.soft_topk_mask` and
 `topk_core.soft_topk_mag`.  Floating array-likes (NumPy arrays, lists of
 floats) are accepted and converted with `numpy.asarray`; integer and boolean
 input (``[3, 1, 2]`` included) raises TypeError, so cast it explicitly.
-Outputs are NumPy arrays of the input's floating dtype.
+Outputs are NumPy arrays of the input's floating dtype: float32 and float64
+are computed natively, float16 and bfloat16 (``ml_dtypes.bfloat16``, the dtype
+`numpy.asarray` gives for a JAX bfloat16 array; accepted without making
+ml_dtypes a dependency) in float32 and cast back.
+
+Jacobian products (`soft_topk_mask_vjp`, `soft_topk_mask_jvp` and the same
+for the magnitude) come back shaped like `x` and in the dtype of `x`,
+whatever the floating dtype of the cotangent or tangent: it is cast like
+PyTorch's autograd casts a gradient to its input's dtype (`jax.vjp` and
+`jax.jvp` refuse a dtype other than the primal's instead).
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -37,6 +47,25 @@ def _as_array(name: str, x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
+def _bfloat16() -> np.dtype | None:
+    """ml_dtypes' bfloat16, or None where ml_dtypes is not loaded (no array can have that dtype then)."""
+    ml_dtypes = sys.modules.get("ml_dtypes")
+    return None if ml_dtypes is None else np.dtype(ml_dtypes.bfloat16)
+
+
+def _computable(arr: np.ndarray) -> np.ndarray:
+    """`arr` as the core takes it: bfloat16 (not an Array-API dtype) as float32, in which the core computes
+    half precision anyway; every other dtype unchanged (the core checks it)."""
+    bf16 = _bfloat16()
+    return arr.astype(np.float32) if bf16 is not None and arr.dtype == bf16 else arr
+
+
+def _apply(fn: Callable, x: Any, k: int, **kw: Any) -> np.ndarray:
+    arr = _as_array("x", x)
+    # The core returns the dtype it was given: a no-op cast but for bfloat16.
+    return fn(_computable(arr), k, **kw).astype(arr.dtype, copy=False)
+
+
 def soft_topk_mask(
     x: Any, k: int, *, regularization_strength: float = DEFAULT_STRENGTH, p: float = DEFAULT_P,
     axis: int = -1, method: str = "auto", max_iter: int | None = None, tol: float | None = None,
@@ -46,7 +75,8 @@ def soft_topk_mask(
     Parameters
     ----------
     x : array_like
-        Real floating array of any shape (float16 is computed in float32).
+        Real floating array of any shape (float16 and ``ml_dtypes.bfloat16``
+        are computed in float32).
     k : int
         Number of entries to select, ``1 <= k <= x.shape[axis]``.
     regularization_strength : float, default 0.1
@@ -90,8 +120,8 @@ def soft_topk_mask(
     >>> tk.soft_topk_mask(np.array([3.0, 1.0, 0.9, -2.0]), k=2, p=2.0, regularization_strength=1.0)
     array([1.  , 0.55, 0.45, 0.  ])
     """
-    return topk_core.soft_topk_mask(
-        _as_array("x", x), k, regularization_strength=regularization_strength, p=p, axis=axis,
+    return _apply(
+        topk_core.soft_topk_mask, x, k, regularization_strength=regularization_strength, p=p, axis=axis,
         method=method, max_iter=max_iter, tol=tol,
     )
 
@@ -125,8 +155,8 @@ def soft_topk_mag(
     >>> tk.soft_topk_mag(np.array([0.1, -4.0, 3.0, 0.2]), k=2)
     array([ 0., -4.,  3.,  0.])
     """
-    return topk_core.soft_topk_mag(
-        _as_array("x", x), k, regularization_strength=regularization_strength, p=p, axis=axis,
+    return _apply(
+        topk_core.soft_topk_mag, x, k, regularization_strength=regularization_strength, p=p, axis=axis,
         method=method, max_iter=max_iter, tol=tol,
     )
 
@@ -137,7 +167,8 @@ def hard_topk_mask(x: Any, k: int, *, axis: int = -1) -> np.ndarray:
     Parameters
     ----------
     x : array_like
-        Real floating array of any shape.
+        Real floating array of any shape (``ml_dtypes.bfloat16`` is selected
+        in float32, exactly, and returned as bfloat16).
     k : int
         Number of entries to select, ``1 <= k <= x.shape[axis]``.
     axis : int, default -1
@@ -163,7 +194,7 @@ def hard_topk_mask(x: Any, k: int, *, axis: int = -1) -> np.ndarray:
     >>> tk.hard_topk_mask(np.array([1.0, 3.0, 3.0, 2.0]), k=2)
     array([0., 1., 1., 0.])
     """
-    return topk_core.hard_topk_mask(_as_array("x", x), k, axis=axis)
+    return _apply(topk_core.hard_topk_mask, x, k, axis=axis)
 
 
 def hard_topk_mag(x: Any, k: int, *, axis: int = -1) -> np.ndarray:
@@ -191,27 +222,36 @@ def hard_topk_mag(x: Any, k: int, *, axis: int = -1) -> np.ndarray:
     >>> tk.hard_topk_mag(np.array([0.5, -3.0, 2.0, 1.0]), k=2)
     array([ 0., -3.,  2.,  0.])
     """
-    return topk_core.hard_topk_mag(_as_array("x", x), k, axis=axis)
+    return _apply(topk_core.hard_topk_mag, x, k, axis=axis)
+
+
+def _tangent(t: np.ndarray, residuals: Any) -> np.ndarray:
+    """A floating tangent or cotangent in the dtype the products compute in (the residuals': that of `x`,
+    float32 for half precision), so that the core, which returns its tangent's dtype, loses no precision
+    before the cast to the dtype of `x`; integer and boolean ones pass unchanged, for the core's TypeError."""
+    t = _computable(t)
+    return t.astype(residuals.gprime.dtype, copy=False) if np.issubdtype(t.dtype, np.floating) else t
 
 
 def _vjp(forward: Callable, product: Callable, x: Any, k: int, axis: int, **kw: Any) -> tuple[np.ndarray, Callable]:
     arr = _as_array("x", x)
-    y, residuals = forward(arr, k, axis=axis, **kw)
+    y, residuals = forward(_computable(arr), k, axis=axis, **kw)
 
     def vjp_fn(cotangent: Any) -> np.ndarray:
         ct = _as_array("cotangent", cotangent)
         topk_core._validate.check_same_shape("cotangent", ct, arr.shape)
-        return product(residuals, ct, axis=axis)
+        return product(residuals, _tangent(ct, residuals), axis=axis).astype(arr.dtype, copy=False)
 
-    return y, vjp_fn
+    return y.astype(arr.dtype, copy=False), vjp_fn
 
 
 def _jvp(forward: Callable, product: Callable, x: Any, tangent: Any, k: int, axis: int, **kw: Any):
     arr = _as_array("x", x)
     t = _as_array("tangent", tangent)
     topk_core._validate.check_same_shape("tangent", t, arr.shape)
-    y, residuals = forward(arr, k, axis=axis, **kw)
-    return y, product(residuals, t, axis=axis)
+    y, residuals = forward(_computable(arr), k, axis=axis, **kw)
+    y_dot = product(residuals, _tangent(t, residuals), axis=axis)
+    return y.astype(arr.dtype, copy=False), y_dot.astype(arr.dtype, copy=False)
 
 
 def soft_topk_mask_vjp(
@@ -231,9 +271,10 @@ def soft_topk_mask_vjp(
         ``soft_topk_mask(x, k, ...)``.
     vjp_fn : callable
         ``vjp_fn(cotangent)`` takes a real floating array_like of the shape of
-        `x` and returns ``J^T cotangent`` in the cotangent's dtype (computed in
-        that of `x`, float32 for float16).  It raises ValueError for another
-        shape and TypeError for an integer or boolean cotangent.
+        `x` (any floating dtype) and returns ``J^T cotangent`` shaped like `x`
+        and in the dtype of `x` (computed in that of `x`, float32 for float16
+        and bfloat16).  It raises ValueError for another shape and TypeError
+        for an integer or boolean cotangent.
 
     Raises
     ------
@@ -265,7 +306,8 @@ def soft_topk_mask_jvp(
     x : array_like
         As in `soft_topk_mask`.
     tangent : array_like
-        Real floating array of the shape of `x`: the direction ``dx``.
+        Real floating array of the shape of `x` (any floating dtype): the
+        direction ``dx``.
     k, regularization_strength, p, axis, method, max_iter, tol
         As in `soft_topk_mask`.
 
@@ -274,8 +316,9 @@ def soft_topk_mask_jvp(
     y : numpy.ndarray
         ``soft_topk_mask(x, k, ...)``.
     y_dot : numpy.ndarray
-        ``J @ tangent`` along `axis`, shaped like `x`, in the tangent's dtype
-        (computed in that of `x`, float32 for float16).
+        ``J @ tangent`` along `axis`, shaped like `x` and in the dtype of `x`
+        whatever the tangent's floating dtype (computed in that of `x`,
+        float32 for float16 and bfloat16).
 
     Raises
     ------
@@ -316,9 +359,10 @@ def soft_topk_mag_vjp(
         ``soft_topk_mag(x, k, ...)``.
     vjp_fn : callable
         ``vjp_fn(cotangent)`` takes a real floating array_like of the shape of
-        `x` and returns ``J^T cotangent`` in the cotangent's dtype (computed in
-        that of `x`, float32 for float16).  It raises ValueError for another
-        shape and TypeError for an integer or boolean cotangent.
+        `x` (any floating dtype) and returns ``J^T cotangent`` shaped like `x`
+        and in the dtype of `x` (computed in that of `x`, float32 for float16
+        and bfloat16).  It raises ValueError for another shape and TypeError
+        for an integer or boolean cotangent.
 
     Raises
     ------
@@ -350,7 +394,8 @@ def soft_topk_mag_jvp(
     x : array_like
         As in `soft_topk_mag`.
     tangent : array_like
-        Real floating array of the shape of `x`: the direction ``dx``.
+        Real floating array of the shape of `x` (any floating dtype): the
+        direction ``dx``.
     k, regularization_strength, p, axis, method, max_iter, tol
         As in `soft_topk_mag`.
 
@@ -359,8 +404,9 @@ def soft_topk_mag_jvp(
     y : numpy.ndarray
         ``soft_topk_mag(x, k, ...)``.
     y_dot : numpy.ndarray
-        ``J @ tangent`` along `axis`, shaped like `x`, in the tangent's dtype
-        (computed in that of `x`, float32 for float16).
+        ``J @ tangent`` along `axis`, shaped like `x` and in the dtype of `x`
+        whatever the tangent's floating dtype (computed in that of `x`,
+        float32 for float16 and bfloat16).
 
     Raises
     ------
