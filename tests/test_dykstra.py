@@ -76,6 +76,58 @@ def test_mag_of_keys_near_the_float_range(backend, dtype):
     np.testing.assert_allclose(backend.back(y), want, rtol=8 * np.finfo(dtype).eps, atol=0)
 
 
+@pytest.mark.parametrize("lam", [0.1, 1.0])
+@pytest.mark.parametrize(
+    ("dtype", "scale"), [(np.float32, 1e6), (np.float64, 1e14), (np.float64, 1e100)],
+    ids=["float32-1e6", "float64-1e14", "float64-1e100"],
+)
+def test_large_keys_match_pav(backend, operator, lam, dtype, scale):
+    # The block is read from the iterate, whose round-off grows with it (the magnitude's with |x|):
+    # with a block tolerance in units of l only, converged blocks were split, up to 30% off PAV and
+    # tied |x| with different outputs, from |x| ~ 1e6 (float32) and 1e14 (float64) on.  (The JAX
+    # adapter's structured loop, which stops at the first iteration within the tolerance, met it on
+    # more rows than the Python loop, which tests every 8th: tests/test_jax_methods.py.)
+    x = _large_rows(dtype, scale)
+    y, _ = FORWARD[operator](backend.to(x), 3, p=2.0, regularization_strength=lam, method="dykstra")
+    _assert_matches_pav_at_scale(backend.back(y), x, operator, lam)
+
+
+@pytest.mark.parametrize("lam", [0.1, 1.0])
+@pytest.mark.parametrize(
+    ("dtype", "scale"), [(np.float32, 1e6), (np.float64, 1e14), (np.float64, 1e100)],
+    ids=["float32-1e6", "float64-1e14", "float64-1e100"],
+)
+def test_large_keys_with_a_structured_loop_match_pav(operator, lam, dtype, scale):
+    # The `loop=` hook (jax.lax.while_loop in topk_jax) tests the tolerance at every iteration; here
+    # a Python loop of the same semantics, on NumPy rows.
+    xp = pytest.importorskip("array_api_compat.numpy")
+
+    def while_loop(cond, body, state):
+        while bool(cond(state)):
+            state = body(state)
+        return state
+
+    solver = {"mask": dykstra.dykstra_mask, "mag": dykstra.dykstra_mag}[operator]
+    x = _large_rows(dtype, scale)
+    y, _ = solver(x, 3, lam, 2.0, xp, loop=while_loop)
+    _assert_matches_pav_at_scale(np.asarray(y), x, operator, lam)
+
+
+def _large_rows(dtype, scale):
+    x = np.random.default_rng(21).normal(size=(24, 9))
+    x[:12] = np.round(x[:12] * 4.0) / 4.0  # ties and pooled blocks
+    x[:, 1] = -x[:, 0]  # tied |x|
+    x = np.concatenate([[[1.7, -1.7, 1.6, 1.0, 0.3, 0.2, -0.1, 0.05, 0.0]], x]) * scale
+    return x.astype(dtype)
+
+
+def _assert_matches_pav_at_scale(got, x, operator, lam):
+    want, _ = FORWARD[operator](x.astype(np.float64), 3, p=2.0, regularization_strength=lam, method="pav")
+    np.testing.assert_allclose(got, want, rtol=0, atol=8 * np.finfo(x.dtype).eps * np.abs(want).max())
+    if operator == "mag":  # tied |x| get tied outputs
+        np.testing.assert_array_equal(np.abs(got[:, 0]), np.abs(got[:, 1]))
+
+
 def test_tied_saturated_entries_get_an_exact_zero_vjp(backend):
     # Spec section 6 pitfall: entries tied at y = 0 must not be pooled by the block tolerance.
     x = backend.to(np.array([[3.0, 1.0, 1.0, -2.0]]))

@@ -160,6 +160,78 @@ def test_eager_calls_compile_the_solver_once_per_shape(op, method):
     np.testing.assert_allclose(grad, vjp(np.asarray(cotangent)), atol=1e-4)
 
 
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize(("method", "p"), CASES)
+def test_eager_calls_compile_once_for_every_strength(op, method, p):
+    """The strength is an argument of the compiled solver, not part of its configuration: eager calls
+    (and VJPs) with new strengths, e.g. annealed during training (docs/choosing.md), reuse the first
+    call's programs.  With the strength static, every new one compiled a new solver (about 3 s and 277
+    memory maps each on the CPU), until the process ran out of memory maps and aborted (LLVM ERROR:
+    Unable to allocate section memory!)."""
+    compiled = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append(event)
+
+    x = jnp.asarray(rows(16, (3, 11)), jnp.float32)  # a shape no other test compiles
+    cotangent = jnp.asarray(rows(17, (3, 11)), jnp.float32)
+    strengths = [0.1 + 0.013 * i for i in range(5)]
+    forward, backward, values, grads = [], [], [], []
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        for lam in strengths:
+            f = partial(soft(op), k=3, regularization_strength=lam, p=p, method=method)
+            before = len(compiled)
+            values.append(np.asarray(f(x)))
+            forward.append(len(compiled) - before)
+            before = len(compiled)
+            grads.append(np.asarray(jax.vjp(f, x)[1](cotangent)[0]))
+            backward.append(len(compiled) - before)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert forward[0] >= 1 and forward[1:] == [0] * 4, forward
+    assert backward[1:] == [0] * 4, backward
+    for lam, y, grad in zip(strengths, values, grads, strict=True):
+        kw = {"regularization_strength": lam, "p": p}
+        want, vjp = getattr(tn, f"soft_topk_{op}_vjp")(np.asarray(x), 3, method="pav", **kw)
+        np.testing.assert_allclose(y, want, rtol=0, atol=1e-5, err_msg=f"l = {lam}")
+        np.testing.assert_allclose(grad, vjp(np.asarray(cotangent)), rtol=0, atol=1e-4, err_msg=f"l = {lam}")
+
+
+def large_rows(dtype, scale: float) -> np.ndarray:
+    """Rows of keys of order `scale`: the issue's row, and random rows with tied |x| and pooled blocks."""
+    x = np.random.default_rng(21).normal(size=(24, 9))
+    x[:12] = np.round(x[:12] * 4.0) / 4.0
+    x[:, 1] = -x[:, 0]
+    issue = [1.7, -1.7, 1.6, 1.0, 0.3, 0.2, -0.1, 0.05, 0.0]
+    return (np.concatenate([[issue], x]) * scale).astype(dtype)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("lam", [0.1, 1.0])
+@pytest.mark.parametrize(
+    ("dtype", "scale"), [(np.float32, 1e6), (np.float64, 1e14), (np.float64, 1e100)],
+    ids=["float32-1e6", "float64-1e14", "float64-1e100"],
+)
+def test_dykstra_matches_pav_at_large_scales(x64, op, lam, dtype, scale):
+    """Dykstra's blocks are read from its iterate, whose round-off grows with |x| (the magnitude's):
+    with an absolute block tolerance (in units of l only) the converged block was split, 12% off PAV
+    (the issue's row: 1.7e6, -1.414e6, 3.14e5 for 1.5125e6, -1.5125e6, 4.125e5; tied |x| differed),
+    from 1e6 in float32 and 1e14 in float64, eager and jitted alike."""
+    x = large_rows(dtype, scale)
+    kw = {"regularization_strength": lam, "p": 2.0}
+    want = soft(op, tn)(x.astype(np.float64), 3, method="pav", **kw)
+    atol = 8 * np.finfo(dtype).eps * np.abs(want).max()
+    f = partial(soft(op), k=3, method="dykstra", **kw)
+    eager, jitted = f(jnp.asarray(x)), jax.jit(f)(jnp.asarray(x))
+    for got in (eager, jitted):
+        assert got.dtype == dtype
+        np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=atol)
+    if op == "mag":  # tied |x| (columns 0 and 1) get tied outputs
+        np.testing.assert_array_equal(np.abs(np.asarray(eager)[:, 0]), np.abs(np.asarray(eager)[:, 1]))
+
+
 # --------------------------------------------------------------- no host callback
 
 

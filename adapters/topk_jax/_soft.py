@@ -286,38 +286,53 @@ def _host_solver(op: _Operator, static: Static, with_residuals: bool) -> Callabl
     return solver
 
 
-def _native_solve(op: _Operator, rows: jax.Array, static: Static) -> tuple[jax.Array, Any]:
+def _native_solve(
+    op: _Operator, rows: jax.Array, lam: jax.Array, *, k: int, p: float, method: str, max_iter: int | None,
+    tol: float | None,
+) -> tuple[jax.Array, Any]:
     """The core's Array-API solver in `jax.numpy`, on the rows' device: `(y, residuals)`.
 
-    Its loop is one `jax.lax.while_loop` (fixed shapes, early exit per batch),
-    never `max_iter` unrolled iterations.
+    `lam`: the strength, a 0-d array of the rows' dtype (traced: see `_native_solver`).  Its loop is one
+    `jax.lax.while_loop` (fixed shapes, early exit per batch), never `max_iter` unrolled iterations.
     """
-    solver = getattr(op, static.method)
+    solver = getattr(op, method)
     # The threshold method's start from the order statistics (`_order_statistics`) on accelerators only:
     # XLA's top_k on the CPU took 48 ms for (65536, 64) float32 rows (7 keys each), as long as two
     # iterations of the loop, and the jitted magnitude then took 1.6x its time without it although its
     # loop ran 4 iterations instead of 11 (`benchmarks/ab_versions.py --jax`).  (JAX on the CPU runs
     # `"pav"` unless asked otherwise.)
     hooks = {}
-    if static.method == "threshold" and jax.default_backend() != "cpu":
+    if method == "threshold" and jax.default_backend() != "cpu":
         hooks["order_statistics"] = _order_statistics
     return solver(
-        rows, static.k, static.regularization_strength, conjugate_exponent(static.p), jnp,
-        max_iter=static.max_iter, tol=static.tol, loop=jax.lax.while_loop, **hooks,
+        rows, k, lam, conjugate_exponent(p), jnp, max_iter=max_iter, tol=tol, loop=jax.lax.while_loop, **hooks,
     )
 
 
-@functools.lru_cache(maxsize=512)
-def _native_solver(op: _Operator, static: Static) -> Callable[[jax.Array], tuple[jax.Array, Any]]:
-    """`_native_solve` for one configuration as one `jax.jit` function.
+@functools.lru_cache(maxsize=32)
+def _native_solver(
+    op: _Operator, k: int, p: float, method: str, max_iter: int | None, tol: float | None,
+) -> Callable[[jax.Array, jax.Array], tuple[jax.Array, Any]]:
+    """`_native_solve` for one configuration as one `jax.jit` function of ``(rows, lam)``.
 
     Under an outer `jax.jit` it is inlined like any nested jit.  Called eagerly, the solve compiles
-    once per shape and then runs as one program.  Dispatched operation by operation (about 1,500 for
-    the threshold method), an eager p = 4/3 call on (9, 3) float64 rows on the CPU took 5 s for each
-    new shape (a small XLA program per operation) and 0.5 s for each call afterwards; jitted, 2 s the
-    first time and under a millisecond afterwards.
+    once per shape and dtype and then runs as one program.  Dispatched operation by operation (about
+    1,500 for the threshold method), an eager p = 4/3 call on (9, 3) float64 rows on the CPU took 5 s
+    for each new shape (a small XLA program per operation) and 0.5 s for each call afterwards; jitted,
+    2 s the first time and under a millisecond afterwards.
+
+    The strength is an argument, not part of the configuration: with it in the configuration, every
+    new strength of an eager call (a strength annealed during training, docs/choosing.md) compiled and
+    kept a new program, about 3 s and 277 memory maps each, until the process ran out of memory maps
+    (vm.max_map_count) and aborted ("LLVM ERROR: Unable to allocate section memory!").  p, k and the
+    controls stay static: the solvers branch on q in Python, k sizes arrays, the controls pick their
+    defaults by dtype.  The cache's bound bounds the programs kept alive (one per configuration and
+    shape; an evicted configuration's programs are freed): 512 configurations could hold more memory
+    maps than Linux allows a process by default (65,530).
     """
-    return jax.jit(functools.partial(_native_solve, op, static=static))
+    return jax.jit(
+        functools.partial(_native_solve, op, k=k, p=p, method=method, max_iter=max_iter, tol=tol)
+    )
 
 
 def _order_statistics(keys: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -333,7 +348,11 @@ def _solve(op: _Operator, rows: jax.Array, static: Static, with_residuals: bool)
     Threshold and Dykstra run natively in `jax.numpy`; PAV on the host.
     """
     if static.method in NATIVE_METHODS:
-        y, residuals = _native_solver(op, static)(rows)
+        # The strength's check in the rows' dtype, on the Python number (the solver sees an array).
+        _validate.check_strength_in_dtype(static.regularization_strength, rows.dtype, jnp, static.method)
+        lam = jnp.asarray(static.regularization_strength, dtype=rows.dtype)
+        solver = _native_solver(op, static.k, static.p, static.method, static.max_iter, static.tol)
+        y, residuals = solver(rows, lam)
         return (y, residuals) if with_residuals else y
     return _host_solver(op, static, with_residuals)(rows)
 

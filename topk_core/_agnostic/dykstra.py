@@ -28,7 +28,12 @@ sides of it; see `topk_core._pav.kernels`).  It is read from the converged
 iterate as the run of adjacent links around position k that are (a) *active*:
 the pair was pooled by the last projection onto its set (its Dykstra
 correction is non-zero, exactly 0 otherwise), and (b) *closed*: the two values
-differ by at most ``block_tol = BLOCK_TOL_FACTOR * sqrt(tol) * l``.  Criterion
+differ by at most ``block_tol = BLOCK_TOL_FACTOR * sqrt(tol) * l`` plus
+``BLOCK_TOL_FACTOR * sqrt(4 eps)`` times the larger of the two: the stopping
+test's rounding allowance of 4 ulps of the iterate, treated as `tol` is.  The
+iterate's round-off grows with it, and the magnitude's iterate with ``|x|``:
+with the absolute part alone, converged blocks (and tied entries) were split
+from ``|x| ~ 1e6`` in float32 and ``1e14`` in float64 on.  Criterion
 (a) keeps tied entries that were never pooled (e.g. two tied saturated
 entries) out of the block, whatever the tolerance, so they get the exact zero
 (mask) or identity (magnitude) derivative.  The block's value is then
@@ -46,10 +51,10 @@ from collections.abc import Callable
 from typing import Any
 
 from .._compat import default_int, device
-from .._validate import check_strength_in_dtype
 from .assemble import assemble_mag, assemble_mask, kth_key
 from .common import all_true, count, nan_rows_of, poison, positions
 from .residuals import MagResiduals, MaskResiduals
+from .threshold import check_strength
 
 
 class DykstraNotConverged(UserWarning):
@@ -214,7 +219,14 @@ def _boundary_block(
         none = start > 0
         return start, start, none, none
     j = pos[:, : n - 1]
-    linked = pooled_link & (xp.abs(v[:, :-1] - v[:, 1:]) <= block_tol) & (j >= lo) & (j < hi - 1)
+    left, right = v[:, :-1], v[:, 1:]
+    # Closed: within `block_tol`, or within the iterate's round-off, which grows with |v| (the
+    # magnitude's with |x|): the stopping test discounts 4 ulps of the iterate as rounding, and a
+    # converged block stopped there differs by a few ulps of |v| from link to link (float32 rows
+    # near 1e6 and float64 rows near 1e14 split their blocks, and tied entries, at l = 0.1).
+    scale = xp.maximum(xp.abs(left), xp.abs(right))
+    closed = xp.abs(left - right) <= block_tol + _block_rtol(v.dtype, xp) * scale
+    linked = pooled_link & closed & (j >= lo) & (j < hi - 1)
     split = lo + kk  # the boundary is the link split - 1 (between split - 1 and split)
     has = (kk > 0) & (kk < hi - lo)
     has = has & xp.take_along_axis(linked, xp.clip(split - 1, 0, n - 2), axis=-1)
@@ -223,6 +235,12 @@ def _boundary_block(
     end = xp.min(xp.where(broken & (j >= split - 1), j, hi - 1), axis=-1, keepdims=True)
     inside = has & (pos >= start) & (pos <= end)
     return xp.where(inside, start, pos), xp.where(inside, end, pos), inside, has
+
+
+def _block_rtol(dtype: Any, xp: Any) -> float:
+    """The relative part of the block tolerance: `BLOCK_TOL_FACTOR` times the square root of the
+    stopping test's rounding allowance, 4 ulps (as the absolute part is of `tol`)."""
+    return BLOCK_TOL_FACTOR * math.sqrt(4.0 * float(xp.finfo(dtype).eps))
 
 
 def _sorted_rows(keys: Any, xp: Any) -> tuple[Any, Any]:
@@ -246,7 +264,9 @@ def dykstra_mask(
     x : (batch, n) real floating array of any Array-API namespace
     k : int
     lam : float
-        Regularization strength ``l > 0``.
+        Regularization strength ``l > 0``, or a 0-d array of `x`'s dtype (e.g. traced, so that one
+        compiled program serves every strength) that the caller has checked
+        (`threshold.check_strength`).
     q : float
         Must be 2 (``p = 2``).
     xp : namespace
@@ -264,7 +284,7 @@ def dykstra_mask(
     """
     _check_q(q)
     iters, rtol = _controls(max_iter, tol)
-    check_strength_in_dtype(lam, x.dtype, xp, "dykstra")
+    check_strength(lam, x.dtype, xp, "dykstra")
     n = x.shape[-1]
     x, nan_rows = nan_rows_of(x, xp)
     perm, inv = _sorted_rows(x, xp)
@@ -311,7 +331,7 @@ def dykstra_mag(
     """
     _check_q(q)
     iters, rtol = _controls(max_iter, tol)
-    check_strength_in_dtype(lam, x.dtype, xp, "dykstra")
+    check_strength(lam, x.dtype, xp, "dykstra")
     n = x.shape[-1]
     x, nan_rows = nan_rows_of(x, xp)
     perm, inv = _sorted_rows(xp.abs(x), xp)

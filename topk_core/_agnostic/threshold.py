@@ -123,6 +123,20 @@ from .common import all_true, count, nan_rows_of, poison
 from .regularizer import g, g_inverse, g_prime_on
 from .residuals import MagResiduals, MaskResiduals, mag_codes
 
+
+def is_array_strength(lam: Any) -> bool:
+    """Whether the strength is a 0-d array (e.g. traced by `topk_jax`, so that one compiled program
+    serves every strength) rather than a Python number (or a symbolic one, under ``torch.compile``)."""
+    return hasattr(lam, "shape") and not isinstance(lam, (int, float))
+
+
+def check_strength(lam: Any, dtype: Any, xp: Any, method: str) -> None:
+    """`check_strength_in_dtype` for a Python strength.  An array strength (`is_array_strength`) cannot
+    be read while traced: its caller checks the Python number it came from."""
+    if not is_array_strength(lam):
+        check_strength_in_dtype(lam, dtype, xp, method)
+
+
 DEFAULT_MAX_ITER = 100
 """Iteration cap of the root finder (`max_iter=None`).  Random, tied, huge and
 tiny rows converge in 3-20 iterations (float64); the safeguards (a split
@@ -769,7 +783,9 @@ def threshold_mask(
     k : int
         ``1 <= k <= n``.
     lam, q : float
-        Regularization strength ``l > 0`` and conjugate exponent ``q = p / (p - 1)``.
+        Regularization strength ``l > 0`` and conjugate exponent ``q = p / (p - 1)``.  `lam` may
+        also be a 0-d array of `x`'s dtype (e.g. traced, so that one compiled program serves every
+        strength), which the caller has checked (`check_strength`).
     xp : namespace
         The namespace of `x`; every operation runs there (and on its device).
     max_iter : int, optional
@@ -802,7 +818,7 @@ def threshold_mask(
     residuals : MaskResiduals
         ``perm = inv_perm = None``, one block per row, ``g'`` on the free set.
     """
-    check_strength_in_dtype(lam, x.dtype, xp, "threshold")
+    check_strength(lam, x.dtype, xp, "threshold")
     fuse = _as_is if stage is None else stage
     rtol, ulps, iters, guard = _controls(x.dtype, max_iter, tol, xp)
     nan_rows, infinities, fin, kk, solve, kkf, xf, top, bottom, c, lam_r, xs, lo, hi, ftol, start = fuse(_mask_frame)(
@@ -995,19 +1011,29 @@ def _mag_key_frame(
     return d, ref, again, lo2, hi2, xp.minimum(xp.maximum(anchor - ref, lo2), hi2), near
 
 
-def _mag_scales(lam: float, q: float, dtype: Any, xp: Any) -> tuple[float, float, float, float]:
-    """Python constants of the magnitude's scaling: (p, emax, the strength's exponent range)."""
+def _mag_scales(lam: Any, q: float, dtype: Any, xp: Any) -> tuple[float, float, Any, Any]:
+    """Constants of the magnitude's scaling: (p, emax, the strength's exponent range).
+
+    Python floats, except the range for an array strength (`is_array_strength`): 0-d arrays.
+    """
     big = float(xp.finfo(dtype).max)
     p = q / (q - 1.0)
     emax = math.floor(math.log2(big))
-    log_lam = math.log2(lam)
+    log_lam = xp.log2(lam) if is_array_strength(lam) else math.log2(lam)
     lam_lo = -(emax - 2.0) + 8.0 - log_lam
     lam_hi = emax - 8.0 - log_lam - max(1.0, 1.0 / (q - 1.0))
     return p, emax, lam_lo, lam_hi
 
 
+def _rounded(value: Any, like: Any, xp: Any, up: bool) -> Any:
+    """``ceil(value)`` (`up`) or ``floor(value)`` of a Python float or a 0-d array, as an array like `like`."""
+    if is_array_strength(value):
+        return xp.zeros_like(like) + (xp.ceil(value) if up else xp.floor(value))
+    return xp.full_like(like, math.ceil(value) if up else math.floor(value))
+
+
 def _mag_frame(
-    x: Any, k: int, lam: float, q: float, rtol: float, p: float, emax: float, lam_lo: float, lam_hi: float,
+    x: Any, k: int, lam: Any, q: float, rtol: float, p: float, emax: float, lam_lo: Any, lam_hi: Any,
     xp: Any,
 ) -> tuple[Any, ...]:
     """|x| scaled into [1, 2), the equivalent strength, the count of entries to keep, the data bracket, and the
@@ -1034,9 +1060,9 @@ def _mag_frame(
     if p > 2.0:
         # Huge keys and large p: the scale is bounded where l c^(2-p) would exceed 2^lam_hi (p = 6,
         # keys to 1e300: clipped, the strength changed the problem and free entries came back 0).
-        e = xp.minimum(e, xp.full_like(e, math.floor(lam_hi / (p - 2.0))))
+        e = xp.minimum(e, _rounded(lam_hi / (p - 2.0), e, xp, up=False))
     elif p < 2.0:
-        e = xp.maximum(e, xp.full_like(e, math.ceil(-lam_hi / (2.0 - p))))
+        e = xp.maximum(e, _rounded(-lam_hi / (2.0 - p), e, xp, up=True))
     two = xp.full_like(e, 2.0)
     c = xp.pow(two, -e)
     # Below 2^lam_lo (tiny keys and large p) the threshold is not a float number in any frame
@@ -1135,7 +1161,7 @@ def threshold_mag(
 
     Parameters and returns as in `threshold_mask` (residuals `MagResiduals`).
     """
-    check_strength_in_dtype(lam, x.dtype, xp, "threshold")
+    check_strength(lam, x.dtype, xp, "threshold")
     fuse = _as_is if stage is None else stage
     dt = x.dtype
     rtol, ulps, iters, guard = _controls(dt, max_iter, tol, xp)
