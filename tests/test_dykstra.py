@@ -6,6 +6,8 @@ the isotonic kernel itself; neither shares code with Dykstra's iterations.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -217,3 +219,19 @@ def test_cuda_tensors_stay_on_the_device(operator):
     assert y.device == x.device and res.gprime.device == x.device and res.perm.device == x.device
     want, _ = FORWARD[operator](x.cpu(), 5, p=2.0, method="pav")
     np.testing.assert_allclose(y.cpu().numpy(), want.numpy(), rtol=0, atol=1e-9)
+
+
+@pytest.mark.xfail(strict=True, reason="known limit: the magnitude's stopping test is absolute, loose where |x| is "
+                   "small next to l (docs/methods.md)")
+def test_magnitude_of_rows_small_next_to_the_strength():
+    import topk_numpy as tk
+
+    x = np.random.default_rng(0).normal(size=(50, 16)) * 1e-6
+    kw = {"p": 2.0, "regularization_strength": 1.0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        y = tk.soft_topk_mag(x, 4, method="dykstra", **kw)
+    exact = tk.soft_topk_mag(x, 4, method="pav", **kw)
+    error = np.abs(y - exact).max() / np.abs(exact).max()
+    print(f"|x| ~ 1e-6, l = 1: Dykstra off by {error:.2g} of the largest output")
+    assert error <= 1e-6

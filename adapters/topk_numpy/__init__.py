@@ -391,30 +391,9 @@ def soft_topk_mag_jvp(
 
     Parameters
     ----------
-    x : array_like
-        As in `soft_topk_mag`.
-    tangent : array_like
-        Real floating array of the shape of `x` (any floating dtype): the
-        direction ``dx``.
-    k, regularization_strength, p, axis, method, max_iter, tol
-        As in `soft_topk_mag`.
-
-    Returns
-    -------
-    y : numpy.ndarray
-        ``soft_topk_mag(x, k, ...)``.
-    y_dot : numpy.ndarray
-        ``J @ tangent`` along `axis`, shaped like `x` and in the dtype of `x`
-        whatever the tangent's floating dtype (computed in that of `x`,
-        float32 for float16 and bfloat16).
-
-    Raises
-    ------
-    ValueError
-        `tangent` not of the shape of `x` (checked first, before any other
-        argument); otherwise as `soft_topk_mag`.
-    TypeError
-        `tangent` of an integer or boolean dtype; otherwise as `soft_topk_mag`.
+    x, tangent, k, regularization_strength, p, axis, method, max_iter, tol
+        As in `soft_topk_mask_jvp`, as are the returned ``(y, y_dot)`` and the
+        errors, with `soft_topk_mag` for `soft_topk_mask`.
 
     Examples
     --------
