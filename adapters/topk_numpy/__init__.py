@@ -351,23 +351,9 @@ def soft_topk_mag_vjp(
     Parameters
     ----------
     x, k, regularization_strength, p, axis, method, max_iter, tol
-        As in `soft_topk_mag`.
-
-    Returns
-    -------
-    y : numpy.ndarray
-        ``soft_topk_mag(x, k, ...)``.
-    vjp_fn : callable
-        ``vjp_fn(cotangent)`` takes a real floating array_like of the shape of
-        `x` (any floating dtype) and returns ``J^T cotangent`` shaped like `x`
-        and in the dtype of `x` (computed in that of `x`, float32 for float16
-        and bfloat16).  It raises ValueError for another shape and TypeError
-        for an integer or boolean cotangent.
-
-    Raises
-    ------
-    TypeError, ValueError
-        As `soft_topk_mag`, before any computation.
+        As in `soft_topk_mask_vjp`, as are the returned ``(y, vjp_fn)``,
+        ``vjp_fn``'s cotangent and the errors, with `soft_topk_mag` for
+        `soft_topk_mask`.
 
     Examples
     --------
