@@ -23,7 +23,7 @@ from topk_core._agnostic import threshold
 from topk_core._agnostic.regularizer import conjugate_exponent
 from topk_core._agnostic.residuals import KEPT_CODE
 
-from ._method_backends import FORWARD, JVP, VJP, cuda_torch
+from ._method_backends import FORWARD, JVP, VJP, backend_context, cuda_torch
 from ._oracles import assert_within_input_rounding, mp_threshold_mag_parts, mp_threshold_mag_row, rounding_reach
 from ._rows import rows_spanning_many_orders, spanning_row
 
@@ -399,12 +399,25 @@ def test_jit_with_a_structured_loop_and_unrolled(operator):
 def test_iteration_controls(rng, operator):
     x = rng.normal(size=(30, 12))
     want, _ = _pav(operator, x, 4)
-    rough, _ = FORWARD[operator](x, 4, method="threshold", max_iter=1)
+    with pytest.warns(tc.ThresholdNotConverged, match="max_iter=1 "):
+        rough, _ = FORWARD[operator](x, 4, method="threshold", max_iter=1)
     assert np.all(np.isfinite(rough))
     loose, _ = FORWARD[operator](x, 4, method="threshold", tol=1e-4)
     assert np.all(np.abs(loose - want) <= 1e-3 * (1 + np.abs(want)))
     exact, _ = FORWARD[operator](x, 4, method="threshold", max_iter=threshold.DEFAULT_MAX_ITER)
     np.testing.assert_allclose(exact, want, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["numpy", "torch", "array_api_strict"])
+def test_stopped_by_max_iter_it_warns(operator, name):
+    # Readable arrays: rows stopped by the cap say so (as Dykstra's do), not only with a tiny cap.
+    x = np.random.default_rng(3).normal(size=(40, 64))
+    with backend_context(name) as backend:
+        with pytest.warns(tc.ThresholdNotConverged, match="max_iter=2 "):
+            y, _ = FORWARD[operator](backend.to(x), 8, method="threshold", max_iter=2)
+        assert np.abs(backend.back(y) - _pav(operator, x, 8)[0]).max() > 1e-9  # not converged indeed
+        y, _ = FORWARD[operator](backend.to(x), 8, method="threshold")  # default cap: no warning (an error here)
+        np.testing.assert_allclose(backend.back(y), _pav(operator, x, 8)[0], rtol=0, atol=1e-12)
 
 
 def _loop_runs(solver, x, k, lam, q, **hooks):

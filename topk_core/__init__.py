@@ -7,6 +7,7 @@ Analysis Perspective" (ICML 2023).  Framework adapters with autodiff live in
 
 from ._agnostic.dykstra import DykstraNotConverged
 from ._agnostic.residuals import MagResiduals, MaskResiduals
+from ._agnostic.threshold import ThresholdNotConverged
 from ._api import (
     hard_topk_mag,
     hard_topk_mask,
@@ -26,6 +27,7 @@ __all__ = [
     "DykstraNotConverged",
     "MagResiduals",
     "MaskResiduals",
+    "ThresholdNotConverged",
     "__version__",
     "hard_topk_mag",
     "hard_topk_mask",

@@ -235,8 +235,12 @@ def soft_topk_mask(
         Controls of the iterative methods named explicitly (``"threshold"``:
         iteration cap, default 100, and tolerance on ``|sum(y) - k| / k``,
         default 8 ulps; ``"dykstra"``: iteration cap, default 1000, and
-        tolerance on the change of ``v / l`` per iteration, default 1e-7);
-        must be None for ``"pav"`` and ``"auto"``.
+        tolerance on the change of its iterate per iteration, in units of
+        ``l`` for the mask and ``l min(1, c / (1 + l))`` for the magnitude,
+        ``c`` the row's k-th largest ``|x|``, default 1e-7); must be None
+        for ``"pav"`` and ``"auto"``.  Stopped by `max_iter` first, on
+        arrays that can be read (not under ``jax.jit``), they warn
+        `ThresholdNotConverged` and `DykstraNotConverged`.
     xp : namespace, optional
         Array-API namespace of `x` (inferred when omitted).
 

@@ -112,7 +112,10 @@ def soft_topk_mask(
         ``"threshold"`` on GPU/TPU.
     max_iter, tol : int, float or None
         Controls of the iterative methods named explicitly (as in
-        `topk_numpy`); must be None for ``"pav"`` and ``"auto"``.
+        `topk_numpy`); must be None for ``"pav"`` and ``"auto"``.  The
+        solvers run compiled (one ``jax.lax.while_loop``), which cannot read
+        their arrays: unlike `topk_numpy`, no warning when `max_iter` stops
+        them first.
 
     Returns
     -------

@@ -92,7 +92,9 @@ def soft_topk_mask(
     max_iter, tol : int, float or None
         Iteration cap (int >= 1) and tolerance (float > 0) of ``"threshold"``
         and ``"dykstra"`` named explicitly; None is the method's default.
-        Must be None for ``"pav"`` and ``"auto"``.
+        Must be None for ``"pav"`` and ``"auto"``.  Stopped by `max_iter`
+        before their tolerance is met, they warn
+        `topk_core.ThresholdNotConverged` or `topk_core.DykstraNotConverged`.
 
     Returns
     -------

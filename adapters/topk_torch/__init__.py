@@ -155,7 +155,10 @@ def soft_topk_mask(
         entries (a copy to the host and back), ``"threshold"`` otherwise.
     max_iter, tol : int, float or None
         Controls of the iterative methods (``"threshold"``, ``"dykstra"``);
-        must be None for ``"pav"`` and ``"auto"``.
+        must be None for ``"pav"`` and ``"auto"``.  Stopped by `max_iter`
+        before their tolerance is met, eager calls warn
+        `topk_core.ThresholdNotConverged` or `topk_core.DykstraNotConverged`
+        (compiled ones cannot read their arrays: no warning).
 
     Returns
     -------

@@ -16,8 +16,10 @@ with correction terms and converges to the projection onto the intersection.
 Stopping: after at most `max_iter` iterations (default `DEFAULT_MAX_ITER`), or
 earlier, checked every `CHECK_EVERY` iterations, once the largest change of
 the iterate over one iteration, less 4 ulps of the iterate (rounding, not
-progress), is at most ``tol * l`` (default `DEFAULT_TOL`; ``v / l`` is on the
-scale of the mask's output).  Stopped by `max_iter` first, on arrays that can
+progress), is at most ``tol`` times a unit (default `DEFAULT_TOL`): ``l`` for
+the mask (``v / l`` is on the scale of its output), ``l min(1, c / (1 + l))``
+for the magnitude, ``c`` the row's k-th largest ``|x|`` (`_mag_tol_unit`: its
+outputs are at most ``|x|``).  Stopped by `max_iter` first, on arrays that can
 be read, it warns `DykstraNotConverged`.  Traced arrays (``jax.jit``) cannot
 be read: they always run `max_iter` iterations.
 
@@ -28,7 +30,7 @@ sides of it; see `topk_core._pav.kernels`).  It is read from the converged
 iterate as the run of adjacent links around position k that are (a) *active*:
 the pair was pooled by the last projection onto its set (its Dykstra
 correction is non-zero, exactly 0 otherwise), and (b) *closed*: the two values
-differ by at most ``block_tol = BLOCK_TOL_FACTOR * sqrt(tol) * l`` plus
+differ by at most ``block_tol = BLOCK_TOL_FACTOR * sqrt(tol)`` times the unit, plus
 ``BLOCK_TOL_FACTOR * sqrt(4 eps)`` times the larger of the two: the stopping
 test's rounding allowance of 4 ulps of the iterate, treated as `tol` is.  The
 iterate's round-off grows with it, and the magnitude's iterate with ``|x|``:
@@ -68,7 +70,8 @@ more than this for blocks of hundreds of entries (the result is then an
 approximation, with blocks read from the last iterate)."""
 
 DEFAULT_TOL = 1e-7
-"""Stopping tolerance (`tol=None`) on the largest change of ``v / l`` over one iteration."""
+"""Stopping tolerance (`tol=None`) on the largest change of the iterate over one iteration, in units of
+``l`` (mask) or ``l min(1, c / (1 + l))`` (magnitude; see the module's docstring)."""
 
 CHECK_EVERY = 8
 """The stopping test (a reduction and a host read) runs every this many iterations."""
@@ -243,6 +246,21 @@ def _block_rtol(dtype: Any, xp: Any) -> float:
     return BLOCK_TOL_FACTOR * math.sqrt(4.0 * float(xp.finfo(dtype).eps))
 
 
+def _mag_tol_unit(s: Any, lo: Any, shift: Any, lam: Any, xp: Any) -> Any:
+    """(batch, 1): the magnitude's unit of `tol`, ``l min(1, c / (1 + l))``.
+
+    An output moves by ``(1 + l) / l`` times its iterate (``g(r) + r`` at
+    p = 2), and is at most ``|x|``: a change of ``tol`` times this unit moves
+    an output by at most ``tol`` times ``min(1 + l, c)``, relative to the
+    output's own scale ``c`` (the k-th largest finite ``|x|``, or the largest
+    where that is 0) when ``|x|`` is small next to ``l``.  (With ``tol l``
+    alone, rows of ``|x| ~ 1e-6`` at ``l = 1`` stopped 1.5e-2 off.)
+    """
+    largest = xp.take_along_axis(s, xp.clip(lo, 0, s.shape[-1] - 1), axis=-1)
+    scale = xp.where(shift > 0, shift, largest)
+    return lam * xp.minimum(xp.ones_like(scale), scale / (1.0 + lam))
+
+
 def _sorted_rows(keys: Any, xp: Any) -> tuple[Any, Any]:
     perm = xp.argsort(keys, axis=-1, descending=True, stable=True)
     return perm, xp.argsort(perm, axis=-1, stable=True)
@@ -272,7 +290,8 @@ def dykstra_mask(
     xp : namespace
     max_iter, tol : optional
         Iteration cap (default `DEFAULT_MAX_ITER`) and stopping tolerance on
-        the change of ``v / l`` (default `DEFAULT_TOL`).
+        the change of the iterate in units of ``l`` (mask) or
+        ``l min(1, c / (1 + l))`` (magnitude) (default `DEFAULT_TOL`).
     loop : callable, optional
         A structured loop such as ``jax.lax.while_loop`` (see `isotonic_dykstra`).
 
@@ -350,10 +369,10 @@ def dykstra_mag(
     shift = kth_key(s, lo, kk, xp)
     u = s - shift
     target = u / weight - (lam / (1.0 + lam)) * shift * unit
-    tol_rows = xp.full_like(s[:, :1], rtol * lam)
-    v, pooled_link = isotonic_dykstra(target, weight, pos >= lo, iters, tol_rows, xp, loop)
+    unit_rows = _mag_tol_unit(s, lo, shift, lam, xp)
+    v, pooled_link = isotonic_dykstra(target, weight, pos >= lo, iters, rtol * unit_rows, xp, loop)
     bstart, bend, inside, _ = _boundary_block(
-        v, pooled_link, lo, hi, kk, BLOCK_TOL_FACTOR * math.sqrt(rtol) * lam, xp
+        v, pooled_link, lo, hi, kk, BLOCK_TOL_FACTOR * math.sqrt(rtol) * unit_rows, xp
     )
     zero = xp.zeros_like(s)
     wsum = xp.sum(xp.where(inside, weight, zero), axis=-1, keepdims=True)

@@ -47,7 +47,8 @@ Algorithm, for all rows at once ((batch, n) arrays, (batch, 1) scalars):
    this bounds the L1 error of ``y``) with a Newton step below ``tol``
    relative to the scalar, once a p = 2 Newton step stays in its piece (the
    equation is then linear and the step landed on the root), or once its
-   bracket is a few ulps wide.  At most ``max_iter`` iterations; with eager
+   bracket is a few ulps wide (of its larger end, at least of the
+   smallest normal number).  At most ``max_iter`` iterations; with eager
    arrays the loop stops when every row has converged and gathers the
    unconverged rows into smaller batches as it goes; under tracing it runs
    the full budget, or one ``loop`` (e.g. ``jax.lax.while_loop``) passed by
@@ -114,6 +115,7 @@ partial derivative is then 1) and the non-zero entries when exactly k are.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -122,6 +124,10 @@ from .._validate import check_strength_in_dtype
 from .common import all_true, count, nan_rows_of, poison
 from .regularizer import g, g_inverse, g_prime_on
 from .residuals import MagResiduals, MaskResiduals, mag_codes
+
+
+class ThresholdNotConverged(UserWarning):
+    """Warned when `method="threshold"` reaches `max_iter` on readable arrays before every row has converged."""
 
 
 def is_array_strength(lam: Any) -> bool:
@@ -390,6 +396,7 @@ def _root(
     """
     ints = default_int(xp)
     split_floor = scale if floor is None else floor
+    tiny = float(xp.finfo(hi.dtype).smallest_normal)
 
     def body(state: tuple[Any, ...]) -> tuple[Any, ...]:
         s, lo, hi, last, before_last, was_newton, piece_before, result, best_miss, best_leave, unhalved, done, it = state
@@ -417,7 +424,11 @@ def _root(
         best_leave = xp.where(better, leave, best_leave)
         lo = xp.where(excess > 0, s, lo)
         hi = xp.where(excess < 0, s, hi)
-        done = done | settled | (hi / 2 - lo / 2 <= ulps * xp.maximum(xp.abs(lo), xp.abs(hi)))
+        # Ulps of the larger end, or of the smallest normal number: subnormal ends are spaced wider than
+        # eps relative to themselves, and a bracket of adjacent subnormals never closed (a magnitude row
+        # whose threshold lies among subnormal keys of its frame ran the whole budget).
+        width = xp.maximum(xp.maximum(xp.abs(lo), xp.abs(hi)), xp.full_like(hi, tiny))
+        done = done | settled | (hi / 2 - lo / 2 <= ulps * width)
         # Steps below 2 ulps become 2 ulps: at the noise floor this brackets the root from both sides,
         # within the 8 ulps that close a bracket (`ulps` is 4 of them; a floor of 8 ulps overshot, and
         # float32 rows, whose sum(y) cannot meet ftol where an ulp moves it by more, went back and
@@ -458,6 +469,7 @@ def _root(
         state = loop(lambda st: xp.any(~st[STATE_DONE]) & (st[STATE_ITERATION] < max_iter), body, state)
         return state[7], state[1], state[2]
     levels: list[tuple[Any, Any, Any, Any]] = []
+    finished = all_true(state[STATE_DONE], xp)
     for _ in range(max_iter):
         state = body(state)
         done = state[STATE_DONE]
@@ -479,6 +491,16 @@ def _root(
         state = (*_take_rows(state[:STATE_DONE], idx, xp), xp.zeros_like(done[:size, :]), state[STATE_ITERATION])
         data = _take_rows(data, idx, xp)
         ftol, scale, split_floor = _take_rows((ftol, scale, split_floor), idx, xp)  # `body` reads these from here
+    if finished is False:
+        # Readable arrays only (traced ones cannot be read).
+        warnings.warn(
+            f"method='threshold' stopped at max_iter={max_iter} before every row met its stopping test: "
+            "those rows may be approximations (the exact polish that follows succeeds only where the "
+            "support read at the best point found is the root's); raise max_iter, or leave it at its "
+            f"default ({DEFAULT_MAX_ITER})",
+            ThresholdNotConverged,
+            stacklevel=2,
+        )
     s, lo, hi = state[7], state[1], state[2]
     for done_at, s_at, lo_at, hi_at in reversed(levels):
         pos = xp.cumulative_sum(xp.astype(~done_at[:, 0], ints)) - 1
