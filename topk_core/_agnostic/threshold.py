@@ -1040,7 +1040,10 @@ def _mag_scales(lam: Any, q: float, dtype: Any, xp: Any) -> tuple[float, float, 
     """
     big = float(xp.finfo(dtype).max)
     p = q / (q - 1.0)
-    emax = math.floor(math.log2(big))
+    # The largest finite number's exponent: 1023 (float64), 127 (float32).  Not floor(log2(big)), which
+    # rounds to 1024 and 128: a row whose largest |x| lies in [2^1023, 2^1024) was then scaled by
+    # 2^-1023, a subnormal number, which XLA on the CPU flushes to zero (topk_jax returned x unchanged).
+    emax = math.frexp(big)[1] - 1
     log_lam = xp.log2(lam) if is_array_strength(lam) else math.log2(lam)
     lam_lo = -(emax - 2.0) + 8.0 - log_lam
     lam_hi = emax - 8.0 - log_lam - max(1.0, 1.0 / (q - 1.0))
