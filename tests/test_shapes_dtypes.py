@@ -149,11 +149,18 @@ def test_products_come_back_in_the_dtype_of_x(rng, operator, x_dtype, t_dtype):
 
 
 def test_products_refuse_integer_tangents():
+    # The error names the argument at fault (it said `x`, which was floating).
     x = np.array([3.0, 1.0, 0.5])
-    with pytest.raises(TypeError, match="real floating dtype"):
-        tk.soft_topk_mask_vjp(x, 1)[1](np.array([1, 0, 0]))
-    with pytest.raises(TypeError, match="real floating dtype"):
-        tk.soft_topk_mag_jvp(x, np.array([True, False, False]), 1)
+    for name in ("mask", "mag"):
+        with pytest.raises(TypeError, match="`cotangent` must have a real floating dtype"):
+            getattr(tk, f"soft_topk_{name}_vjp")(x, 1)[1](np.array([1, 0, 0]))
+        with pytest.raises(TypeError, match="`tangent` must have a real floating dtype"):
+            getattr(tk, f"soft_topk_{name}_jvp")(x, np.array([True, False, False]), 1)
+        residuals = getattr(topk_core, f"soft_topk_{name}_forward")(x, 1)[1]
+        with pytest.raises(TypeError, match="`cotangent` must have a real floating dtype"):
+            getattr(topk_core, f"{name}_vjp_from_residuals")(residuals, np.array([1, 0, 0]))
+        with pytest.raises(TypeError, match="`tangent` must have a real floating dtype"):
+            getattr(topk_core, f"{name}_jvp_from_residuals")(residuals, np.array([1, 0, 0]))
 
 
 def test_non_contiguous_and_read_only_inputs(rng, operator):

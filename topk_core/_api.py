@@ -327,7 +327,7 @@ def soft_topk_mag(
 def _jacobian_product(kind: str, transpose: bool, residuals: Any, tangent: Any, axis: int, xp: Any,
                       out: Any = None) -> Any:
     xp = namespace_of(tangent, xp)
-    _validate.check_float_dtype(tangent, xp)
+    _validate.check_float_dtype(tangent, xp, "cotangent" if transpose else "tangent")
     ax = _validate.check_axis(axis, tangent.ndim)
     work = xp.astype(tangent, residuals.gprime.dtype, copy=False)
     rows, moved = to_rows(work, ax, xp)

@@ -17,8 +17,8 @@ METHODS = ("auto", "pav", "dykstra", "threshold")
 ITERATIVE_METHODS = ("dykstra", "threshold")
 
 
-def check_float_dtype(x: Any, xp: Any) -> None:
-    """Raise TypeError unless `x` has a real floating dtype."""
+def check_float_dtype(x: Any, xp: Any, name: str = "x") -> None:
+    """Raise TypeError unless `x` (the argument called `name`) has a real floating dtype."""
     dtype = x.dtype
     try:
         ok = xp.isdtype(dtype, "real floating")
@@ -26,8 +26,8 @@ def check_float_dtype(x: Any, xp: Any) -> None:
         ok = False
     if not ok:
         raise TypeError(
-            f"`x` must have a real floating dtype (float16, bfloat16, float32 or float64); "
-            f"got dtype {dtype}. Cast integer or boolean inputs explicitly, e.g. x.astype(float32)."
+            f"`{name}` must have a real floating dtype (float16, bfloat16, float32 or float64); "
+            f"got dtype {dtype}. Cast integer or boolean inputs explicitly, e.g. {name}.astype(float32)."
         )
 
 
