@@ -148,6 +148,19 @@ def test_products_come_back_in_the_dtype_of_x(rng, operator, x_dtype, t_dtype):
         np.testing.assert_allclose(y_dot[i].astype(np.float64), jac @ u64[i], rtol=tol, atol=tol)
 
 
+def test_the_core_points_numpy_bfloat16_to_topk_numpy():
+    # The core takes Array-API dtypes; ml_dtypes' bfloat16 is not one (its message listed bfloat16 among the
+    # allowed dtypes and refused it).  topk_numpy computes it in float32.
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    x = np.array([[3.0, 1.0, 0.5]], dtype=ml_dtypes.bfloat16)
+    for fn in (topk_core.soft_topk_mask, topk_core.hard_topk_mag):
+        with pytest.raises(TypeError, match=r"ml_dtypes\.bfloat16, which is not an Array-API dtype: use topk_numpy"):
+            fn(x, 1)
+    y = tk.soft_topk_mask(x, 1)
+    assert y.dtype == x.dtype
+    np.testing.assert_allclose(y.astype(np.float64), tk.soft_topk_mask(x.astype(np.float32), 1), atol=1e-2)
+
+
 def test_products_refuse_integer_tangents():
     # The error names the argument at fault (it said `x`, which was floating).
     x = np.array([3.0, 1.0, 0.5])

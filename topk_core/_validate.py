@@ -24,6 +24,13 @@ def check_float_dtype(x: Any, xp: Any, name: str = "x") -> None:
         ok = xp.isdtype(dtype, "real floating")
     except (TypeError, ValueError, AttributeError):
         ok = False
+    if not ok and str(dtype) == "bfloat16" and type(x).__module__ == "numpy":
+        # ml_dtypes' bfloat16 (what np.asarray gives for a JAX bfloat16 array) is no Array-API dtype.
+        raise TypeError(
+            f"`{name}` is a NumPy array of ml_dtypes.bfloat16, which is not an Array-API dtype: use "
+            f"topk_numpy (it computes bfloat16 in float32 and returns bfloat16), or cast, e.g. "
+            f"{name}.astype(numpy.float32)."
+        )
     if not ok:
         raise TypeError(
             f"`{name}` must have a real floating dtype (float16, bfloat16, float32 or float64); "
