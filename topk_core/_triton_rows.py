@@ -550,7 +550,8 @@ def mag_rows_kernel(
     _, _, r, sat, rc, z, free = _mag_pieces(d, ref, delta, lam, qm1, MODE)
     free = free & valid
     sign = tl.where(x > 0, 1.0, -1.0)
-    out = tl.where(sat, x, tl.where(free, sign * (z + r), 0.0))
+    # |out| = z + r is below |x| on the free set, but its rounding can pass it: capped at |x| (float64 here).
+    out = tl.where(sat, x, tl.where(free, sign * tl.minimum(z + r, tl.abs(x)), 0.0))
     # Rows with at most k non-zero entries: every entry kept when fewer than k are non-zero, else
     # the non-zero ones (the Array-API threshold method's convention).
     n_nonzero = tl.sum((valid & (keys > 0)).to(tl.int32), axis=1)

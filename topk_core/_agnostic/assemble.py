@@ -83,7 +83,9 @@ def assemble_mag(
     # (a zero moved off 0 still leaves at most k non-zero entries).
     identity = (kk > 0) & (kth_key(s, lo, kk, xp) == 0)
     saturated = (top & ~pooled) | kept | (identity & (pos >= lo))
-    out = xp.where(free, signs * (g(r, lam, q, xp) + r), xp.where(saturated, x_sorted, zeros))
+    # |out| = g(r) + r is below |x| = s on the free set, but the rounding of g (or an iterate short of
+    # convergence) can take it above: capped at s.
+    out = xp.where(free, signs * xp.minimum(g(r, lam, q, xp) + r, s), xp.where(saturated, x_sorted, zeros))
     gprime = g_prime_on(r, free, lam, q, xp)
     # Unit weights of a pooled block: the part of [lo, lo + kk) that it covers.
     covered = xp.minimum(block_end + 1, lo + kk) - xp.maximum(block_start, lo)

@@ -1160,7 +1160,8 @@ def _mag_output(
 
     signs = xp.sign(x)
     zero = xp.zeros_like(x)
-    soft = signs * (z + xp.where(free, r, zero)) / c
+    # At most |x| (a free entry lies below saturation): rounding could put it a few ulps above.
+    soft = signs * xp.minimum((z + xp.where(free, r, zero)) / c, xp.abs(x))
     out = xp.where(sat, x, xp.where(free, soft, zero))
 
     # Rows without a positive threshold: kk = 0 keeps only infinite entries; at most kk non-zero

@@ -622,8 +622,10 @@ def segment_entry(si, xj, in_block, unit_weight, gamma, frame, q, is_mag):
         rr = max((si - frame[0]) * frame[1] - gamma, 0.0)
         gi = g_scalar(rr, lam, q)
         if is_mag:
-            # Homogeneous of degree 1: the derivative is the same in every frame.
-            val = math.copysign((gi + rr) / frame[1], xj) if rr > 0.0 else 0.0
+            # Homogeneous of degree 1: the derivative is the same in every frame.  |value| = g + r is below
+            # |x| on F, but the rounding of g can take it above (p = 1.01: g = (r / l)^100, 112 ulps):
+            # capped at |x|, in x's units (after the frame's scale).
+            val = math.copysign(min((gi + rr) / frame[1], abs(xj)), xj) if rr > 0.0 else 0.0
             return val, g_prime_scalar(rr, lam, q), False, rr > 0.0
         # Degree 0: d/dx = d/d(scaled key) * mult.
         return min(gi, 1.0), g_prime_scalar(rr, lam, q) * frame[1], False, rr > 0.0

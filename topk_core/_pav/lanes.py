@@ -606,6 +606,15 @@ def _entry_outputs(a, t, inv, q, is_mag, level):
 
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
+def _capped_at(value, xj):
+    """The magnitude's |value| ``g + (a - t)`` of a free entry `xj`, capped at |x|: below it exactly (F lies
+    below saturation), and at most a few ulps above it once rounded.  A select (`min`), which the
+    loops keep vectorized; `value` in float64, |x| exact in it, so that the output's dtype rounds it
+    to at most |x| too."""
+    return min(value, abs(float(xj)))
+
+
+@nb.njit(cache=True, inline="always", error_model="numpy")
 def _output_entry(xj, r, t, lv, inv, q, is_mag, signed, unit):
     """(what `_lane_outputs` writes over an entry `xj` as loaded and to `gbuf`, saturated, free), at threshold
     `t` and level `lv` (the key relative to `r`).  Scalars only: with the arrays passed in, their
@@ -613,12 +622,14 @@ def _output_entry(xj, r, t, lv, inv, q, is_mag, signed, unit):
     value, gp, sat, free = _entry_outputs(_relative_key(xj, r, is_mag), t, inv, q, is_mag, lv)
     if signed:
         # x on A (times a 1 the compiler cannot fold: stored as read, it made the store a masked
-        # one, `vector_width.unfolded_one`), its sign times the value on F, else 0.
-        written = xj * unit if sat else (math.copysign(value, xj) if free else 0.0)
+        # one, `vector_width.unfolded_one`), its sign times the value on F, else 0.  The value on F
+        # is capped at |x|, which its rounding could pass (`_capped_at`).
+        written = xj * unit if sat else (math.copysign(_capped_at(value, xj), xj) if free else 0.0)
     elif is_mag:
         # On F, a - t > 0 (e > 0): the value is positive, or +0 once rounded to float32;
-        # -0 marks the entries outside F and A (`_mag_row` reads the sign bit).
-        written = -1.0 if sat else (value if free else -0.0)
+        # -0 marks the entries outside F and A (`_mag_row` reads the sign bit, and copies the
+        # value, capped here, with x's sign).
+        written = -1.0 if sat else (_capped_at(value, xj) if free else -0.0)
     else:
         written = 1.0 if sat else (value if free else 0.0)
     return written, (gp if free else 0.0), sat, free
@@ -761,8 +772,9 @@ def _row_entries(x_row, out_row, g_row, code_row, ref, t, level, lam, q, is_mag,
         n_free += 1 if free else 0
         if is_mag:
             # The sign copied in the outputs' dtype (rounding is symmetric: the same numbers), not x widened
-            # to float64 for it: the loop took 0.94-0.98x its time (float32, AVX2).
-            signed = math.copysign(out_row.dtype.type(value), xj)
+            # to float64 for it: the loop took 0.94-0.98x its time (float32, AVX2).  The value capped at |x|
+            # in float64 (`_capped_at`: the key's own widening of x, no other).
+            signed = math.copysign(out_row.dtype.type(_capped_at(value, xj)), xj)
             out_row[j] = xj if sat else (signed if free else zero)
             if with_residuals:
                 code_row[j] = set_code(xj, free, sat)

@@ -489,12 +489,15 @@ def _mag_values(s_row, x_row, y_row, ref, t, width, lam, q):
     n_sat = 0
     n_free = 0
     for j in range(s_row.shape[0]):
-        d, sat, free = _entry_sets(float(s_row[j]), ref, t, width)
+        s = float(s_row[j])
+        d, sat, free = _entry_sets(s, ref, t, width)
         n_sat += 1 if sat else 0
         n_free += 1 if free else 0
         xj = x_row[j]
-        # On F: sign(x) (g(d) + d), spec section 5.
-        y_row[j] = xj if sat else (math.copysign(g_scalar(d if free else 0.0, lam, q) + d, xj) if free else 0.0)
+        # On F: sign(x) (g(d) + d), spec section 5, capped at the key s = |x|: below it exactly (F lies
+        # below saturation), at most a few ulps above it once rounded.
+        value = min(g_scalar(d if free else 0.0, lam, q) + d, s)
+        y_row[j] = xj if sat else (math.copysign(value, xj) if free else 0.0)
     return n_sat, n_free
 
 
