@@ -219,8 +219,7 @@ def test_cuda_tensors_stay_on_the_device(operator):
     np.testing.assert_allclose(y.cpu().numpy(), want.numpy(), rtol=0, atol=1e-9)
 
 
-@pytest.mark.parametrize("scale", [1e-10, 1e-6, 1e-2])
-@pytest.mark.parametrize("lam", [1.0, 100.0])
+@pytest.mark.parametrize(("scale", "lam"), [(1e-10, 1.0), (1e-6, 1.0), (1e-2, 100.0)])
 def test_magnitude_of_rows_small_next_to_the_strength(backend, scale, lam):
     # The magnitude's iterate is on the scale of |x|: with a stopping test of tol * l alone, rows of
     # |x| ~ 1e-6 at l = 1 stopped 1.5e-2 of their largest output off (an audit saw 45% on single
