@@ -5,6 +5,8 @@
 * `mp_threshold_mag_parts` / `mp_threshold_mag_row`: the magnitude's threshold form in arbitrary
   precision (mpmath), for rows where float64 cancels (ties at a tiny
   strength, magnitudes spanning hundreds of orders).
+* `mp_threshold_mask_row`: the mask's, likewise (large p, where the threshold
+  lies closer to a key than float64 resolves).
 * `finite_difference_jacobian`: central differences in float64.
 * `mask_jacobian` / `mag_jacobian`: the closed forms of spec section 6 for
   one row, with the free and saturated sets read off the operator's output.
@@ -135,6 +137,30 @@ def assert_within_input_rounding(y: np.ndarray, expected: np.ndarray, x: np.ndar
     bound = 1e-12 * np.abs(expected) + 64 * np.finfo(np.float64).eps * np.abs(x)
     error = np.abs(y - expected) / bound
     assert error.max() <= 1.0, f"{label}: error {error.max():.2e} of the bound at entry {error.argmax()}"
+
+
+def mp_threshold_mask_row(x: np.ndarray, k: int, lam: float, p: float, digits: int = 120) -> np.ndarray:
+    """The mask of one float64 row (1 <= k < n) in `digits`-digit arithmetic, rounded: bisection on the
+    threshold tau of ``sum_i min(1, ((x_i - tau)_+ / l)^(q - 1)) = k`` with enough steps for `digits`
+    digits of tau (spec section 5)."""
+    import mpmath
+
+    with mpmath.workdps(digits):
+        exponent = mpmath.mpf(p) / (mpmath.mpf(p) - 1) - 1  # q - 1
+        strength = mpmath.mpf(lam)
+        keys = [mpmath.mpf(float(v)) for v in x]
+
+        def outputs(tau):
+            return [min(1, ((v - tau) / strength) ** exponent) if v > tau else mpmath.mpf(0) for v in keys]
+
+        lo, hi = min(keys) - strength - 1, max(keys)
+        for _ in range(4 * digits + 40):
+            mid = (lo + hi) / 2
+            if sum(outputs(mid)) > k:
+                lo = mid
+            else:
+                hi = mid
+        return np.array([float(v) for v in outputs(hi)])
 
 
 def mp_threshold_mag_row(x: np.ndarray, k: int, lam: float, p: float, digits: int = 120) -> np.ndarray:

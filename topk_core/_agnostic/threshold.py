@@ -47,8 +47,8 @@ Algorithm, for all rows at once ((batch, n) arrays, (batch, 1) scalars):
    this bounds the L1 error of ``y``) with a Newton step below ``tol``
    relative to the scalar, once a p = 2 Newton step stays in its piece (the
    equation is then linear and the step landed on the root), or once its
-   bracket is a few ulps wide (of its larger end, at least of the
-   smallest normal number).  At most ``max_iter`` iterations; with eager
+   bracket is a few ulps of its larger end wide (or at most the smallest
+   normal number).  At most ``max_iter`` iterations; with eager
    arrays the loop stops when every row has converged and gathers the
    unconverged rows into smaller batches as it goes; under tracing it runs
    the full budget, or one ``loop`` (e.g. ``jax.lax.while_loop``) passed by
@@ -424,11 +424,13 @@ def _root(
         best_leave = xp.where(better, leave, best_leave)
         lo = xp.where(excess > 0, s, lo)
         hi = xp.where(excess < 0, s, hi)
-        # Ulps of the larger end, or of the smallest normal number: subnormal ends are spaced wider than
-        # eps relative to themselves, and a bracket of adjacent subnormals never closed (a magnitude row
-        # whose threshold lies among subnormal keys of its frame ran the whole budget).
-        width = xp.maximum(xp.maximum(xp.abs(lo), xp.abs(hi)), xp.full_like(hi, tiny))
-        done = done | settled | (hi / 2 - lo / 2 <= ulps * width)
+        # Ulps of the larger end, or a bracket no wider than the smallest normal number: subnormal ends
+        # are spaced wider than eps relative to themselves, and a bracket of adjacent subnormals never
+        # closed (a magnitude row whose threshold lies among subnormal keys of its frame ran the whole
+        # budget); a threshold below the float range (keys spanning 1e+-300, p = 3) was halved from
+        # the smallest normal number down through the subnormals (50 iterations) for nothing.
+        closed = xp.maximum(ulps * xp.maximum(xp.abs(lo), xp.abs(hi)), xp.full_like(hi, tiny / 2))
+        done = done | settled | (hi / 2 - lo / 2 <= closed)
         # Steps below 2 ulps become 2 ulps: at the noise floor this brackets the root from both sides,
         # within the 8 ulps that close a bracket (`ulps` is 4 of them; a floor of 8 ulps overshot, and
         # float32 rows, whose sum(y) cannot meet ftol where an ulp moves it by more, went back and
@@ -698,7 +700,10 @@ def _mask_key_frame(
     # tolerance.  Splits toward the key go geometrically down to that floor (with a floor of l,
     # bisection took 15-17 halvings to a root 3e-11 below a key, p = 3, float32, for rows whose key
     # had y ~ 2e-5).
-    near = g_inverse(ftol, lam_r, q, xp)
+    # At least the smallest normal number: for large p that distance underflows (l ftol^(p-1)), and with a
+    # floor of 0 brackets across the key were halved down to a root ~1e-58 below it (p = 50: out of
+    # iterations).
+    near = xp.maximum(g_inverse(ftol, lam_r, q, xp), xp.full_like(ftol, float(xp.finfo(xs.dtype).smallest_normal)))
     return xs, lo2, hi2, xp.clip(tau_a - ref, lo2, hi2), near
 
 
@@ -781,6 +786,8 @@ def _mask_output(
     one, zero = xp.ones_like(y), xp.zeros_like(y)
     y = xp.where(flat, xp.where(winners, one, zero), y)
     free = free & ~flat
+    if q < 2.0:
+        y = _mask_unresolved(y, xs, lam_r, kkf, lo, hi, solve & ~flat, q, xp)
 
     # Rows without a root: nothing (kk = 0) or every finite entry (kk = n_fin) selected.
     pos_inf, neg_inf, n_pos, n_neg, n_fin = infinities
@@ -790,6 +797,46 @@ def _mask_output(
     y = xp.where(pos_inf, share_pos, xp.where(neg_inf, share_neg, y))
     y = xp.where(nan_rows, xp.nan, y)
     return y, c * g_prime_on(uc, free, lam_r, q, xp)
+
+
+# A row's sum(y) (mask) or sum of weights (magnitude) that misses k by more than this many times
+# `_FTOL_ULPS` ulps of k after the polish has no float threshold that meets k (`_mask_unresolved`).
+_UNRESOLVED_MISS = 64
+
+
+def _unresolved_rows(weights: Any, kkf: Any, rows: Any, low: Any, high: Any, xp: Any) -> tuple[Any, Any]:
+    """(rows to interpolate, their weight ``theta``) from the sums of the weights at the threshold found
+    (`weights`) and at its bracket's ends (`low` >= k >= `high`, the lower end's sum the larger)."""
+    eps = float(xp.finfo(weights.dtype).eps)
+    miss = xp.abs(weights - kkf)
+    span = low - high
+    use = rows & (miss > _UNRESOLVED_MISS * _FTOL_ULPS * eps * xp.maximum(kkf, 1.0))
+    use = use & (span > 0) & (low >= kkf) & (high <= kkf)
+    return use, (kkf - high) / xp.where(use, span, 1.0)
+
+
+def _mask_unresolved(y: Any, xs: Any, lam_r: Any, kkf: Any, lo: Any, hi: Any, rows: Any, q: float, xp: Any) -> Any:
+    """The mask where no float threshold gives ``sum(y) = k`` (p > 2 only): interpolated between its bracket's ends.
+
+    For p > 2 (q < 2), ``g`` is steep at 0: an entry just below the threshold has ``y = g(u)`` with
+    ``u = l y^(p-1)``, which can lie below the rounding of the key in every frame (p = 50: ``u ~
+    1e-58`` for ``y = 0.065``; ties of a key at a strength far below it).  The root finder then
+    closes its bracket on the two floats around the key, with ``sum(y)`` above k at the lower end
+    and below at the upper one, and the entries at the key come back all or nothing.  The outputs
+    are taken as the convex combination of the two ends' outputs with ``sum(y) = k``: every
+    entry stays in [0, 1] and in order, tied keys get equal shares, and the entries that the two
+    ends agree on keep their values.  Rows whose polished threshold meets k are left as they are.
+    """
+    zero = xp.zeros_like(y)
+    y_lo = g(xp.clip(xs - lo, 0.0, lam_r), lam_r, q, xp)
+    y_hi = g(xp.clip(xs - hi, 0.0, lam_r), lam_r, q, xp)
+    fin = xs > -float(xp.finfo(xs.dtype).max)  # non-finite entries sit at -max (`_mask_frame`)
+    y_lo, y_hi = xp.where(fin, y_lo, zero), xp.where(fin, y_hi, zero)
+    total = xp.sum(xp.where(fin, y, zero), axis=-1, keepdims=True)
+    use, theta = _unresolved_rows(
+        total, kkf, rows, xp.sum(y_lo, axis=-1, keepdims=True), xp.sum(y_hi, axis=-1, keepdims=True), xp
+    )
+    return xp.where(use & fin, y_hi + theta * (y_lo - y_hi), y)
 
 
 def threshold_mask(
@@ -1029,7 +1076,7 @@ def _mag_key_frame(
     # As in the mask's key frame (`_mask_key_frame`): a key whose output y = g(r) / t is small lies
     # ``width y^(1/(q - 1))`` (`g_inverse` at the strength `width`) above the threshold; splits toward it
     # go geometrically down to that distance at y = ftol.
-    near = g_inverse(ftol, width, q, xp)
+    near = xp.maximum(g_inverse(ftol, width, q, xp), xp.full_like(ftol, float(xp.finfo(d.dtype).smallest_normal)))
     return d, ref, again, lo2, hi2, xp.minimum(xp.maximum(anchor - ref, lo2), hi2), near
 
 
@@ -1163,6 +1210,8 @@ def _mag_output(
     # At most |x| (a free entry lies below saturation): rounding could put it a few ulps above.
     soft = signs * xp.minimum((z + xp.where(free, r, zero)) / c, xp.abs(x))
     out = xp.where(sat, x, xp.where(free, soft, zero))
+    if q < 2.0:
+        out = _mag_unresolved(out, x, signs, c, an, d, ref, sat, free, z, t, lam_r, kkf, lo, hi, solve & ~flat, q, xp)
 
     # Rows without a positive threshold: kk = 0 keeps only infinite entries; at most kk non-zero
     # entries return x (every entry saturated when fewer than kk are non-zero, else the non-zero ones).
@@ -1176,6 +1225,41 @@ def _mag_output(
     gprime = g_prime_on(rc, free, lam_r, q, xp)
     offset = xp.astype(xp.maximum(k - count(saturated, xp), 0), dt)
     return out, gprime, mag_codes(free, saturated, signs, xp), offset
+
+
+def _mag_unresolved(
+    out: Any, x: Any, signs: Any, c: Any, an: Any, d: Any, ref: Any, sat: Any, free: Any, z: Any, t: Any,
+    lam_r: Any, kkf: Any, lo: Any, hi: Any, rows: Any, q: float, xp: Any,
+) -> Any:
+    """`_mask_unresolved` for the magnitude: where no float threshold meets ``sum(y) = k`` (the weights
+    ``y = z / t``, 1 on the saturated set), the outputs interpolated between the bracket's ends.
+
+    Free entries at the threshold have ``r = l (y t)^(p-1)``, which underflows in every frame for tied
+    keys far below the strength's scale (keys near 1e-221 at l = 6017, p = 5; or 1e-200 at l = 0.85):
+    the ties came back kept or dropped together, 21-33% of the largest output off.  Interpolated, a tie
+    sharing ``k - |S|`` places gets ``y |x|`` each, its limit there.
+    """
+    zero = xp.zeros_like(an)
+
+    def at(delta: Any) -> tuple[Any, Any]:
+        r_e, rc_e, _, sat_e, free_e, t_e = _mag_pieces(delta, d, ref, lam_r, q, xp)
+        z_e = g(rc_e, lam_r, q, xp)
+        positive = t_e > 0
+        weights = xp.astype(count(sat_e, xp), kkf.dtype) + xp.sum(
+            xp.where(free_e, z_e, zero), axis=-1, keepdims=True
+        ) / xp.where(positive, t_e, 1.0)
+        level = xp.where(sat_e, an, xp.where(free_e, z_e + xp.where(free_e, r_e, zero), zero))
+        return xp.where(positive, weights, xp.full_like(weights, -1.0)), level
+
+    weights = xp.astype(count(sat, xp), kkf.dtype) + xp.sum(xp.where(free, z, zero), axis=-1, keepdims=True) / xp.where(
+        t > 0, t, 1.0
+    )
+    w_lo, level_lo = at(lo)
+    w_hi, level_hi = at(hi)
+    use, theta = _unresolved_rows(weights, kkf, rows, w_lo, w_hi, xp)
+    moved = use & (level_lo != level_hi)
+    level = level_hi + theta * (level_lo - level_hi)
+    return xp.where(moved, signs * xp.minimum(level / c, xp.abs(x)), out)
 
 
 def threshold_mag(
