@@ -230,7 +230,8 @@ def soft_topk_mask(
         exact, sort-free root finding on one scalar per row, pure Array API
         (runs in the input's namespace and on its device).  ``"dykstra"``:
         approximate, p = 2 only, pure Array API.  ``"auto"``: PAV for host
-        arrays (NumPy, torch/JAX on the CPU), threshold elsewhere.
+        arrays (NumPy, torch/JAX on the CPU) with ``p <= 4``, threshold
+        elsewhere (for larger p PAV is not exact: docs/methods.md).
     max_iter, tol : int, float or None
         Controls of the iterative methods named explicitly (``"threshold"``:
         iteration cap, default 100, and tolerance on ``|sum(y) - k| / k``,

@@ -88,7 +88,8 @@ def soft_topk_mask(
     method : {"auto", "pav", "threshold", "dykstra"}, default "auto"
         Solver: ``"pav"`` (exact, Numba), ``"threshold"`` (exact, root
         finding), ``"dykstra"`` (approximate, ``p = 2`` only); ``"auto"`` is
-        ``"pav"`` (``"threshold"`` when Numba's JIT is disabled).
+        ``"pav"`` (``"threshold"`` for ``p > 4``, where PAV is not exact, and
+        when Numba's JIT is disabled).
     max_iter, tol : int, float or None
         Iteration cap (int >= 1) and tolerance (float > 0) of ``"threshold"``
         and ``"dykstra"`` named explicitly; None is the method's default.
