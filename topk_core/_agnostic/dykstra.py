@@ -256,8 +256,7 @@ def _mag_tol_unit(s: Any, lo: Any, shift: Any, lam: Any, xp: Any) -> Any:
     where that is 0) when ``|x|`` is small next to ``l``.  (With ``tol l``
     alone, rows of ``|x| ~ 1e-6`` at ``l = 1`` stopped 1.5e-2 off.)
     """
-    largest = xp.take_along_axis(s, xp.clip(lo, 0, s.shape[-1] - 1), axis=-1)
-    scale = xp.where(shift > 0, shift, largest)
+    scale = xp.where(shift > 0, shift, kth_key(s, lo, 1, xp))  # the k-th, or the largest finite key
     return lam * xp.minimum(xp.ones_like(scale), scale / (1.0 + lam))
 
 

@@ -471,7 +471,7 @@ def _root(
         state = loop(lambda st: xp.any(~st[STATE_DONE]) & (st[STATE_ITERATION] < max_iter), body, state)
         return state[7], state[1], state[2]
     levels: list[tuple[Any, Any, Any, Any]] = []
-    finished = all_true(state[STATE_DONE], xp)
+    finished = None  # (max_iter >= 1: set by the loop)
     for _ in range(max_iter):
         state = body(state)
         done = state[STATE_DONE]
@@ -700,11 +700,7 @@ def _mask_key_frame(
     # tolerance.  Splits toward the key go geometrically down to that floor (with a floor of l,
     # bisection took 15-17 halvings to a root 3e-11 below a key, p = 3, float32, for rows whose key
     # had y ~ 2e-5).
-    # At least the smallest normal number: for large p that distance underflows (l ftol^(p-1)), and with a
-    # floor of 0 brackets across the key were halved down to a root ~1e-58 below it (p = 50: out of
-    # iterations).
-    near = xp.maximum(g_inverse(ftol, lam_r, q, xp), xp.full_like(ftol, float(xp.finfo(xs.dtype).smallest_normal)))
-    return xs, lo2, hi2, xp.clip(tau_a - ref, lo2, hi2), near
+    return xs, lo2, hi2, xp.clip(tau_a - ref, lo2, hi2), _near(ftol, lam_r, q, xp)
 
 
 def _mask_frame(x: Any, k: int, lam: float, q: float, rtol: float, xp: Any) -> tuple[Any, ...]:
@@ -747,6 +743,15 @@ def _mask_frame(x: Any, k: int, lam: float, q: float, rtol: float, xp: Any) -> t
     infinities = pos_inf, neg_inf, n_pos, n_neg, n_fin
     start = xp.where(solve, lo / 2 + hi / 2, hi)  # the root finder's first point: the bracket's midpoint
     return nan_rows, infinities, fin, kk, solve, kkf, xf, top, bottom, c, lam_r, xs, lo, hi, ftol, start
+
+
+def _near(ftol: Any, strength: Any, q: float, xp: Any) -> Any:
+    """The key frames' floor of splits toward the key: where a key's output is `ftol`, ``g_inverse(ftol)``
+    below it at `strength`, and at least the smallest normal number (for large p that distance, ``l
+    ftol^(p-1)``, underflows, and with a floor of 0 brackets across the key were halved down to a root
+    ~1e-58 below it: p = 50, out of iterations)."""
+    tiny = xp.full_like(ftol, float(xp.finfo(ftol.dtype).smallest_normal))
+    return xp.maximum(g_inverse(ftol, strength, q, xp), tiny)
 
 
 def _mask_output(
@@ -827,16 +832,14 @@ def _mask_unresolved(y: Any, xs: Any, lam_r: Any, kkf: Any, lo: Any, hi: Any, ro
     entry stays in [0, 1] and in order, tied keys get equal shares, and the entries that the two
     ends agree on keep their values.  Rows whose polished threshold meets k are left as they are.
     """
-    zero = xp.zeros_like(y)
+    # (Non-finite entries sit at -max in this frame (`_mask_frame`): y = 0 at every threshold.)
     y_lo = g(xp.clip(xs - lo, 0.0, lam_r), lam_r, q, xp)
     y_hi = g(xp.clip(xs - hi, 0.0, lam_r), lam_r, q, xp)
-    fin = xs > -float(xp.finfo(xs.dtype).max)  # non-finite entries sit at -max (`_mask_frame`)
-    y_lo, y_hi = xp.where(fin, y_lo, zero), xp.where(fin, y_hi, zero)
-    total = xp.sum(xp.where(fin, y, zero), axis=-1, keepdims=True)
     use, theta = _unresolved_rows(
-        total, kkf, rows, xp.sum(y_lo, axis=-1, keepdims=True), xp.sum(y_hi, axis=-1, keepdims=True), xp
+        xp.sum(y, axis=-1, keepdims=True), kkf, rows, xp.sum(y_lo, axis=-1, keepdims=True),
+        xp.sum(y_hi, axis=-1, keepdims=True), xp,
     )
-    return xp.where(use & fin, y_hi + theta * (y_lo - y_hi), y)
+    return xp.where(use, y_hi + theta * (y_lo - y_hi), y)
 
 
 def threshold_mask(
@@ -1076,8 +1079,7 @@ def _mag_key_frame(
     # As in the mask's key frame (`_mask_key_frame`): a key whose output y = g(r) / t is small lies
     # ``width y^(1/(q - 1))`` (`g_inverse` at the strength `width`) above the threshold; splits toward it
     # go geometrically down to that distance at y = ftol.
-    near = xp.maximum(g_inverse(ftol, width, q, xp), xp.full_like(ftol, float(xp.finfo(d.dtype).smallest_normal)))
-    return d, ref, again, lo2, hi2, xp.minimum(xp.maximum(anchor - ref, lo2), hi2), near
+    return d, ref, again, lo2, hi2, xp.minimum(xp.maximum(anchor - ref, lo2), hi2), _near(ftol, width, q, xp)
 
 
 def _mag_scales(lam: Any, q: float, dtype: Any, xp: Any) -> tuple[float, float, Any, Any]:
@@ -1241,22 +1243,21 @@ def _mag_unresolved(
     """
     zero = xp.zeros_like(an)
 
+    def weights(sat_e: Any, free_e: Any, z_e: Any, t_e: Any) -> Any:
+        """(batch, 1): ``sum(y)`` (with ``t <= 0`` read as 1)."""
+        free_sum = xp.sum(xp.where(free_e, z_e, zero), axis=-1, keepdims=True) / xp.where(t_e > 0, t_e, 1.0)
+        return xp.astype(count(sat_e, xp), kkf.dtype) + free_sum
+
     def at(delta: Any) -> tuple[Any, Any]:
         r_e, rc_e, _, sat_e, free_e, t_e = _mag_pieces(delta, d, ref, lam_r, q, xp)
         z_e = g(rc_e, lam_r, q, xp)
-        positive = t_e > 0
-        weights = xp.astype(count(sat_e, xp), kkf.dtype) + xp.sum(
-            xp.where(free_e, z_e, zero), axis=-1, keepdims=True
-        ) / xp.where(positive, t_e, 1.0)
-        level = xp.where(sat_e, an, xp.where(free_e, z_e + xp.where(free_e, r_e, zero), zero))
-        return xp.where(positive, weights, xp.full_like(weights, -1.0)), level
+        level = xp.where(sat_e, an, xp.where(free_e, z_e + r_e, zero))
+        ends = weights(sat_e, free_e, z_e, t_e)
+        return xp.where(t_e > 0, ends, xp.full_like(ends, -1.0)), level  # (no bracket end at t <= 0)
 
-    weights = xp.astype(count(sat, xp), kkf.dtype) + xp.sum(xp.where(free, z, zero), axis=-1, keepdims=True) / xp.where(
-        t > 0, t, 1.0
-    )
     w_lo, level_lo = at(lo)
     w_hi, level_hi = at(hi)
-    use, theta = _unresolved_rows(weights, kkf, rows, w_lo, w_hi, xp)
+    use, theta = _unresolved_rows(weights(sat, free, z, t), kkf, rows, w_lo, w_hi, xp)
     moved = use & (level_lo != level_hi)
     level = level_hi + theta * (level_lo - level_hi)
     return xp.where(moved, signs * xp.minimum(level / c, xp.abs(x)), out)
