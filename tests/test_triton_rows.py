@@ -22,6 +22,7 @@ import topk_torch as tt  # noqa: E402
 from topk_core._agnostic.regularizer import conjugate_exponent  # noqa: E402
 from topk_torch import _triton_rows  # noqa: E402
 
+from ._oracles import mp_threshold_mag_row, mp_threshold_mask_row  # noqa: E402
 from ._rows import rows_of_kind, spanning_row  # noqa: E402
 from ._torch_helpers import quiet_lazy_torch_imports  # noqa: E402
 from .conftest import P_IDS, P_VALUES  # noqa: E402
@@ -158,6 +159,51 @@ def test_rows_that_do_not_converge_are_solved_by_the_array_api_method(kernels_on
     assert flags.all()
     y = tt.soft_topk_mag(torch.tensor(x, device=DEVICE), 3, regularization_strength=1.0, method="threshold")
     np.testing.assert_allclose(y.cpu().numpy(), _pav("mag", x, 3, 4.0 / 3.0, lam=1.0)[0], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(("operator", "x", "k", "p", "lam"), [
+    # p = 50 mask: entries at y ~ 0.07 lie u = l y^49 ~ 1e-58 below their key, under its rounding in the
+    # kernel's frame (that of the k-th key): the kernel's sums missed k by up to 0.5.
+    ("mask", np.random.default_rng(5).normal(size=(200, 9))[[60, 125]], 3, 50.0, 1.0),
+    # p = 5 magnitude, tied keys near 1e-110: r = l (y t)^4 ~ 1e-440 in every frame; the kernel kept or
+    # dropped the ties whole (107% of the largest output off).
+    ("mag", np.array([[-5.0, 5.0, 5.0, -4.0, -2.0, 2.0, -5.0]]) * 1e-110, 3, 5.0, 0.5),
+])
+def test_rows_no_float_threshold_resolves_are_handed_back(operator, x, k, p, lam, kernels_on):
+    # For p > 2 a row whose sum(y) misses k by more than 512 ulps at the kernel's root is handed back; the
+    # Array-API method interpolates it between its bracket's ends.  Oracle: the threshold in 450 digits.
+    flags, _, _ = _launch(operator, x, k, p, lam)
+    assert flags.all()
+    y = getattr(tt, f"soft_topk_{operator}")(torch.tensor(x, device=DEVICE), k, p=p, regularization_strength=lam,
+                                             method="threshold").cpu().numpy()
+    oracle = mp_threshold_mask_row if operator == "mask" else mp_threshold_mag_row
+    for row, got in zip(x, y, strict=True):
+        want = oracle(row, k, lam, p, digits=450)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-12 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("p", [4.0, 5.0, 10.0])
+@pytest.mark.parametrize("operator", ["mask", "mag"])
+def test_rows_above_p_2_are_solved_next_to_their_key(operator, p, rng):
+    # For p > 2 an ulp of the threshold moves the output of a key next to it by far more than an ulp: the
+    # kernels solve such rows again in that key's frame (the mask relative to the k-th key alone was
+    # 3e-13 off at p = 4 and 2e-2 at p = 10; the magnitude 2e-13 and, with a saturation width as the
+    # scale of its steps, 1.5e-2).  The rows the kernel keeps, against the threshold in 100 digits.
+    x = rng.normal(size=(16, 24))
+    flags, y, _ = _launch(operator, x, 4, p, 1.0)
+    assert flags.sum() <= 1
+    oracle = mp_threshold_mask_row if operator == "mask" else mp_threshold_mag_row
+    for row, got in zip(x[~flags], y[~flags], strict=True):
+        np.testing.assert_allclose(got, oracle(row, 4, 1.0, p, digits=100), rtol=0, atol=1e-13)
+
+
+def test_rows_of_moderate_p_stay_in_the_kernel(rng):
+    # The hand-back above is for rows that no float threshold resolves, not a cost on ordinary ones.
+    x = rng.normal(size=(64, 32))
+    for operator in ("mask", "mag"):
+        for p in (2.5, 3.0, 4.0):
+            flags, _, _ = _launch(operator, x, 4, p, 1.0)
+            assert not flags.any(), (operator, p)
 
 
 def test_a_kernel_that_fails_leaves_the_array_api_route_with_a_warning(kernels_on, monkeypatch, rng):

@@ -46,11 +46,21 @@ Per row (``g(e) = e^(q - 1)`` with ``e = u / l``, `_agnostic.regularizer`):
   is then exact to float64 precision, which is the polish.  ``MAX_ITER``
   bounds the loop.
 
+* **p > 2** (``q < 2``, where ``g`` is steep at 0 and an ulp of the
+  threshold moves the output of a key next to it by far more than an ulp):
+  the mask is solved again in the frame of the key nearest to its
+  threshold (``tau`` relative to that key, its steps and bracket small next
+  to `_near_key`), the magnitude's second solve resolves ``delta`` down to
+  `_near_key` as well; rows whose sum of weights still misses k by more
+  than 512 ulps (no float threshold meets it, e.g. p = 50) are handed back,
+  and the Array-API method interpolates them between their bracket's ends.
+
 Each kernel also writes a per-row int8 status: -1 for rows with a non-finite
-entry and rows that did not converge or met a non-finite intermediate, which
-the caller leaves to the Array-API threshold method (its NaN and infinity
-policy is the library's); else the iterations of the row's root finder (at
-most 127; `benchmarks/triton_iterations.py` reads them).  The residuals are
+entry, rows that did not converge or met a non-finite intermediate, and the
+unresolved rows above, which the caller leaves to the Array-API threshold
+method (its NaN and infinity policy is the library's); else the iterations
+of the row's root finder (at most 127; `benchmarks/triton_iterations.py`
+reads them).  The residuals are
 those of the Array-API threshold method, in input order: ``g'`` on the free
 set (mask and magnitude), the set codes (`_agnostic.residuals.mag_codes`) and
 ``offset = k - |A|`` (magnitude).
@@ -102,7 +112,7 @@ def block_shape(n: int) -> tuple[int, int, int]:
     Compiled for sm_90 (H100, H200; `benchmarks/triton_registers.py`, no GPU needed), eight
     entries per thread (1024 per program over 4 warps, the first rule) took all 255 registers
     and spilled 544-704 bytes per thread in the magnitude's kernel at n = 16 and 64; four took
-    224-234 registers there, two 125-136 and at most 16 bytes of stack (none at n = 64 and
+    224-242 registers there, two 126-140 and at most 16 bytes of stack (none at n = 16 and
     256).  Fewer registers let more warps share an SM, and fewer rows per program make its
     slowest row, which all its rows wait for, less slow.  Rows of 2048 and 4096 entries take
     four and eight per thread over 16 warps (at 512 threads a thread has at most 128 registers):
@@ -284,6 +294,24 @@ def _ftol(n, k):
 
 
 @triton.jit
+def _near_key(ftol, lam, qm1):
+    """How close to a key the mask's threshold is resolved in that key's frame: where the key's output is
+    `ftol`, ``l ftol^(1 / (q - 1))`` below it, and at least the smallest normal number (`_agnostic.threshold._near`)."""
+    return tl.maximum(lam * tl.exp2(tl.log2(ftol) / qm1), 2.2250738585072014e-308)
+
+
+@triton.jit
+def _unresolved(weights, k, qm1):
+    """Rows whose sum of weights (``sum(y)``; the magnitude's ``y = z / t``) misses k by more than 512 ulps
+    of k at the root found, for p > 2 (``q - 1 < 1``): no float threshold meets k there (``g`` is steep
+    at 0, and an entry's ``u = l y^(p - 1)`` lies below its key's rounding).  They are handed back to
+    the Array-API method, which interpolates between the bracket's ends (`_agnostic.threshold`'s
+    ``_unresolved_rows``, the same 512 ulps)."""
+    far = tl.abs(weights - k) > 512.0 * _EPS * tl.maximum(k * 1.0, 1.0)
+    return far & (weights * 0.0 + qm1 < 1.0)  # (a row flag: the interpreter's & takes no scalar flag)
+
+
+@triton.jit
 def _status(handed_back, iterations):
     """A row's int8 status: -1 where the row is handed back, else its root finder's iterations (at most 127)."""
     return tl.where(handed_back, -1, tl.minimum(iterations, 127)).to(tl.int8)
@@ -394,10 +422,37 @@ def mask_rows_kernel(
         u = _general_first_block(c * 0.0, hi / lam, 1.0, 0.0, c * 0.0 - 1.0, hi / lam, qm1)
         start = tl.minimum(tl.maximum(lam * u, lo), hi)
     tau = tl.where(flat, hi, start)
-    neg_tau, _, _, solved, iterations = _solve(
-        d, c, -tau, -hi, -lo, ~idle & ~flat, k, lam, qm1, _ftol(n, k), MODE, MAX_ITER, False, False
+    ftol = _ftol(n, k)
+    neg_tau, neg_hi, neg_lo, solved, iterations = _solve(
+        d, c, -tau, -hi, -lo, ~idle & ~flat, k, lam, qm1, ftol, lam, MODE, MAX_ITER, False, False
     )
     tau = -neg_tau
+    if MODE == 0:
+        # p > 2 (q < 2): g is steep at 0, and an ulp of tau relative to c moves the output of a key
+        # near the threshold by (ulp / l)^(q - 1) (p = 4, l = 1: sum(y) missed k by 6e-13, 700 ulps).
+        # Solved again in the frame of the key nearest to the threshold, as in the Array-API method
+        # (`_agnostic.threshold._mask_recentre`), where tau keeps its digits down to `_near_key`.
+        again = solved & ~flat & (c * 0.0 + qm1 < 1.0)
+        absolute = c + tau
+        dist = tl.where(valid & finite, tl.abs(keys - absolute[:, None]), float("inf"))
+        nearest = tl.min(dist, axis=1)
+        ref = tl.max(tl.where(dist == nearest[:, None], keys, float("-inf")), axis=1)
+        ref = tl.where(again, ref, c)
+        shift = c - ref
+        # Phase 1's bracket in the new frame, widened by the rounding of the keys and of the shift.
+        pad = 8.0 * _EPS * (tl.abs(neg_hi) + tl.abs(neg_lo) + tl.abs(c) + tl.abs(ref) + lam)
+        lo2 = -neg_lo + shift - pad
+        hi2 = -neg_hi + shift + pad
+        d2 = keys - ref[:, None]
+        start2 = tl.minimum(tl.maximum(tau + shift, lo2), hi2)
+        neg_tau2, _, _, solved2, iterations2 = _solve(
+            d2, ref, -start2, -hi2, -lo2, again, k, lam, qm1, ftol, _near_key(ftol, lam, qm1), MODE, MAX_ITER, False,
+            False,
+        )
+        d = tl.where(again[:, None], d2, d)
+        tau = tl.where(again, -neg_tau2, tau)
+        solved = tl.where(again, solved2, solved)
+        iterations += iterations2
 
     _, ec, y = _mask_pieces(d, tau, lam, qm1, MODE)
     free = (y > 0) & (y < 1)
@@ -405,7 +460,10 @@ def mask_rows_kernel(
     if RESIDUALS:
         gp = tl.where(free, _g_prime(ec, qm1, lam, MODE), 0.0)
         tl.store(gp_ptr + offs, gp.to(gp_ptr.dtype.element_ty), mask=valid)
-    tl.store(status_ptr + rows, _status(bad | ~(solved | flat), iterations), mask=in_rows)
+    handed_back = bad | ~(solved | flat)
+    if MODE == 0:
+        handed_back = handed_back | (solved & ~flat & _unresolved(tl.sum(y, axis=1), k, qm1))
+    tl.store(status_ptr + rows, _status(handed_back, iterations), mask=in_rows)
 
 
 @triton.jit
@@ -445,12 +503,15 @@ def _mag_sums(d, ref, delta, k, lam, qm1, MODE: tl.constexpr):
 
 @triton.jit
 def _solve(
-    d, ref, scalar, lo, hi, active, k, lam, qm1, ftol, MODE: tl.constexpr, MAX_ITER: tl.constexpr,
+    d, ref, scalar, lo, hi, active, k, lam, qm1, ftol, resolution, MODE: tl.constexpr, MAX_ITER: tl.constexpr,
     MAG: tl.constexpr, GEOMETRIC: tl.constexpr,
 ):
     """The root in ``[lo, hi]`` of ``sum(y) - k`` for the `active` rows, as an increasing function of
     `scalar`: the magnitude's ``delta`` (`MAG`; ``t = ref - delta``) or minus the mask's ``tau`` (sum(y)
-    decreases in tau).  Returns ``(scalar, lo, hi, converged, iterations)``."""
+    decreases in tau), whose steps and bracket count as small next to ``|tau| + resolution`` (the
+    magnitude: ``|delta| + min(w, t)``, w the saturation width, and for any other q than 2 and 4
+    ``|delta| + min(w, t, resolution)``).  Returns
+    ``(scalar, lo, hi, converged, iterations)``."""
     solved = active != active  # all False, in the shape and type of a row flag
     done = ~active
     step_old = hi - lo
@@ -460,12 +521,15 @@ def _solve(
         iterations += run.to(tl.int32)
         if MAG:
             f, slope, target, w, exact = _mag_sums(d, ref, scalar, k, lam, qm1, MODE)
-            # The scale of delta's precision: t enters y = g(r) / t, and the free r lie within w.
+            # The scale of delta's precision: t enters y = g(r) / t, and the free r lie within w (for
+            # p > 2, within `resolution` where a key's frame resolves them further).
             scale = tl.abs(scalar) + tl.minimum(w, ref - scalar)
+            if MODE == 0:
+                scale = tl.abs(scalar) + tl.minimum(tl.minimum(w, ref - scalar), resolution)
         else:
             f, slope, target = _mask_sums(d, -scalar, k, lam, qm1, MODE)
             exact = scalar
-            scale = tl.abs(scalar) + lam
+            scale = tl.abs(scalar) + resolution
         # The p = 2 magnitude steps to the root on its current sets (y is not linear in t there); the
         # p = 2 mask's Newton step is that root already (y is piecewise linear in tau).
         scalar, lo, hi, step_old, converged = _rtsafe(
@@ -521,8 +585,9 @@ def mag_rows_kernel(
         t0 = _general_first_block(ak, ak1, 0.0, lam, m, ak1, qm1)
         start = tl.where(t0 == t0, -tl.minimum(tl.maximum(t0, m), ak1), _split(lo, hi, True))
     delta = tl.where(solve, start, lo)
+    ftol = _ftol(n, k)
     delta, lo, hi, solved, iterations = _solve(
-        keys, zero, delta, lo, hi, solve, k, lam, qm1, _ftol(n, k), MODE, MAX_ITER, True, True
+        keys, zero, delta, lo, hi, solve, k, lam, qm1, ftol, float("inf"), MODE, MAX_ITER, True, True
     )
     solved = solved | closed
 
@@ -538,8 +603,11 @@ def mag_rows_kernel(
     d2 = keys - ref[:, None]
     lo2 = ref + lo - pad
     hi2 = tl.minimum(ref + hi + pad, ref + 0.5 * hi)
+    # For p > 2 the free r next to the key resolve down to where its output is ftol (`_near_key` at the
+    # saturation width; p = 5, l = 1: 2.5e-13 off with the width as the scale, as in phase 1).
+    resolution = tl.where(qm1 < 1.0, _near_key(ftol, lam * _g_inverse(t1, qm1, MODE), qm1), float("inf"))
     delta2, _, _, solved2, iterations2 = _solve(
-        d2, ref, ref - t1, lo2, hi2, again, k, lam, qm1, _ftol(n, k), MODE, MAX_ITER, True, False
+        d2, ref, ref - t1, lo2, hi2, again, k, lam, qm1, ftol, resolution, MODE, MAX_ITER, True, False
     )
     d = tl.where(again[:, None], d2, keys)
     delta = tl.where(again, delta2, delta)
@@ -547,8 +615,12 @@ def mag_rows_kernel(
     iterations += iterations2
 
     # (Idle and flat rows kept delta = -ak1 < 0 from phase 1: t > 0 for every row.)
-    _, _, r, sat, rc, z, free = _mag_pieces(d, ref, delta, lam, qm1, MODE)
+    t, _, r, sat, rc, z, free = _mag_pieces(d, ref, delta, lam, qm1, MODE)
     free = free & valid
+    unresolved = solved != solved  # all False
+    if MODE == 0:
+        weights = tl.sum((sat & valid).to(tl.float64), axis=1) + tl.sum(tl.where(free, z, 0.0), axis=1) / t
+        unresolved = solved & ~flat & ~identity & _unresolved(weights, k, qm1)
     sign = tl.where(x > 0, 1.0, -1.0)
     # |out| = z + r is below |x| on the free set, but its rounding can pass it: capped at |x| (float64 here).
     out = tl.where(sat, x, tl.where(free, sign * tl.minimum(z + r, tl.abs(x)), 0.0))
@@ -569,5 +641,5 @@ def mag_rows_kernel(
         tl.store(codes_ptr + offs, codes.to(tl.int8), mask=valid)
         tl.store(offset_ptr + rows, offset.to(offset_ptr.dtype.element_ty), mask=in_rows)
     finite_out = tl.max((valid & ~(tl.abs(out) < float("inf"))).to(tl.int32), axis=1) == 0
-    handed_back = bad | ~(solved | flat | identity) | ~finite_out
+    handed_back = bad | ~(solved | flat | identity) | ~finite_out | unresolved
     tl.store(status_ptr + rows, _status(handed_back, iterations), mask=in_rows)
