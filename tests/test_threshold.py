@@ -278,6 +278,17 @@ def test_mag_threshold_below_the_float_range():
     _assert_mag_close(got, _mp_mag(tuple(x), 4, 1.0, 1.25)[0], 1e-12, entrywise=True)
 
 
+@pytest.mark.parametrize(("seed", "k", "lam"), [(0, 12, 1.0), (0, 20, 1e3), (1, 20, 1e-3)])
+def test_mag_threshold_far_below_its_free_keys_converges(seed, k, lam):
+    # Magnitudes 1e0..1e300, p = 3: the threshold lies tens of orders below the free keys, where their
+    # part of the sum barely moves with it, and the transformed Newton step only halved t (129 loop
+    # iterations: ThresholdNotConverged at the default max_iter, an error here).  Newton in log t
+    # takes it there in a few.  Oracle: the threshold in 120 digits.
+    x = spanning_row(seed, 150.0, 24, 150.0)
+    got = tk.soft_topk_mag(x, k, p=3.0, regularization_strength=lam, method="threshold")
+    _assert_mag_close(got, _mp_mag(tuple(x), k, lam, 3.0)[0], 1e-12, entrywise=True)
+
+
 @pytest.mark.parametrize("p", [4.0 / 3.0, 2.0, 3.0], ids=["p=4/3", "p=2", "p=3"])
 def test_mag_cancelling_rows_on_every_backend_with_residuals(backend, p):
     # Outputs and g' (from the same accurate r) against the arbitrary-precision parts.
