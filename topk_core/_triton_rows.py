@@ -295,8 +295,9 @@ def _ftol(n, k):
 
 @triton.jit
 def _near_key(ftol, lam, qm1):
-    """How close to a key the mask's threshold is resolved in that key's frame: where the key's output is
-    `ftol`, ``l ftol^(1 / (q - 1))`` below it, and at least the smallest normal number (`_agnostic.threshold._near`)."""
+    """How close to a key a threshold is resolved in that key's frame (p > 2): where the key's output is
+    `ftol`, ``s ftol^(1 / (q - 1))`` from it at the strength ``s = lam`` (the mask: l; the magnitude: the
+    saturation width), and at least the smallest normal number (`_agnostic.threshold._near`)."""
     return tl.maximum(lam * tl.exp2(tl.log2(ftol) / qm1), 2.2250738585072014e-308)
 
 
