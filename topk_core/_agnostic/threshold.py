@@ -354,7 +354,9 @@ def _newton(
         # Not for p = 2, whose steps on a piece land on its root, nor p < 2, whose steps there overshoot.
         far = ok & (step <= -0.25 * t) & (free_sum > 0) & (t > 0)
         safe = xp.where(far, free_sum, one)
-        log_ratio = xp.log(safe / xp.where(far, target * t, one))
+        # (S / (T t) < 1 there; at least the smallest normal number: no log(0) where it underflows.)
+        tiny = float(xp.finfo(free_sum.dtype).smallest_normal)
+        log_ratio = xp.log(xp.maximum(safe / xp.where(far, target * t, one), tiny))
         log_step = log_ratio / (1.0 + xp.where(far, t, one) * slope / safe)
         step = xp.where(far, t * xp.expm1(log_step), step)
     leave = (target == 0) & has_free
