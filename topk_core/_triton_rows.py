@@ -76,6 +76,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._agnostic.threshold import _FTOL_ULPS, _UNRESOLVED_MISS
+
 # Longest rows the kernels take (a power of two: the register block of one row).
 MAX_N = 4096
 # Exponent modes of the kernels (compile-time): q = 2 (g linear), q = 4 (p = 4/3, g cubic), any q.
@@ -93,6 +95,8 @@ _VARYING = ("batch", "n", "k")
 _EPS = tl.constexpr(2.220446049250313e-16)  # float64's machine epsilon
 # The set code of entries returned unchanged (`_agnostic.residuals.KEPT_CODE`; a constant of the kernels).
 KEPT_CODE = tl.constexpr(2)
+# Ulps of k by which a p > 2 row's sum may miss k before it is handed back (the Array-API method's bound).
+_UNRESOLVED_ULPS = tl.constexpr(_UNRESOLVED_MISS * _FTOL_ULPS)
 
 
 def exponent_mode(q: float) -> int:
@@ -307,8 +311,8 @@ def _unresolved(weights, k, qm1):
     of k at the root found, for p > 2 (``q - 1 < 1``): no float threshold meets k there (``g`` is steep
     at 0, and an entry's ``u = l y^(p - 1)`` lies below its key's rounding).  They are handed back to
     the Array-API method, which interpolates between the bracket's ends (`_agnostic.threshold`'s
-    ``_unresolved_rows``, the same 512 ulps)."""
-    far = tl.abs(weights - k) > 512.0 * _EPS * tl.maximum(k * 1.0, 1.0)
+    ``_unresolved_rows``, the same bound)."""
+    far = tl.abs(weights - k) > _UNRESOLVED_ULPS * _EPS * tl.maximum(k * 1.0, 1.0)
     return far & (weights * 0.0 + qm1 < 1.0)  # (a row flag: the interpreter's & takes no scalar flag)
 
 
@@ -342,6 +346,15 @@ def _order_statistics(keys, cols, k):
     kth = tl.sum(tl.where(cols[None, :] == k - 1, s, 0.0), axis=1)
     next_ = tl.sum(tl.where(cols[None, :] == k, s, 0.0), axis=1)
     return kth, next_
+
+
+@triton.jit
+def _nearest_key(keys, usable, point):
+    """Per row, the `usable` key nearest to `point` (the largest of equally near ones): the reference of
+    a second solve's frame."""
+    dist = tl.where(usable, tl.abs(keys - point[:, None]), float("inf"))
+    nearest = tl.min(dist, axis=1)
+    return tl.max(tl.where(dist == nearest[:, None], keys, float("-inf")), axis=1)
 
 
 @triton.jit
@@ -434,11 +447,7 @@ def mask_rows_kernel(
         # Solved again in the frame of the key nearest to the threshold, as in the Array-API method
         # (`_agnostic.threshold._mask_recentre`), where tau keeps its digits down to `_near_key`.
         again = solved & ~flat & (c * 0.0 + qm1 < 1.0)
-        absolute = c + tau
-        dist = tl.where(valid & finite, tl.abs(keys - absolute[:, None]), float("inf"))
-        nearest = tl.min(dist, axis=1)
-        ref = tl.max(tl.where(dist == nearest[:, None], keys, float("-inf")), axis=1)
-        ref = tl.where(again, ref, c)
+        ref = tl.where(again, _nearest_key(keys, valid & finite, c + tau), c)
         shift = c - ref
         # Phase 1's bracket in the new frame, widened by the rounding of the keys and of the shift.
         pad = 8.0 * _EPS * (tl.abs(neg_hi) + tl.abs(neg_lo) + tl.abs(c) + tl.abs(ref) + lam)
@@ -595,9 +604,7 @@ def mag_rows_kernel(
     # Phase 2, in the frame of the non-zero key nearest to the threshold, where that key lies within a
     # factor 2 of it: r = (|x| - ref) + delta from exact differences (|x_i - ref| <= 2 r_i near t).
     t1 = -delta
-    dist = tl.where(valid & (keys > 0), tl.abs(keys - t1[:, None]), float("inf"))
-    nearest = tl.min(dist, axis=1)
-    ref = tl.max(tl.where(dist == nearest[:, None], keys, -1.0), axis=1)
+    ref = _nearest_key(keys, valid & (keys > 0), t1)
     again = solved & (ref >= 0.5 * t1) & (ref <= 2.0 * t1)
     ref = tl.where(again, ref, 0.0)
     pad = 8.0 * _EPS * -lo
