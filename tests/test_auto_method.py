@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 import topk_core as tc
+from topk_core import _pav_path
+from topk_core._agnostic.regularizer import conjugate_exponent
 from topk_core._api import auto_method, resolve_method
 
 from ._method_backends import BACKENDS, backend_context, cuda_torch
@@ -52,15 +54,20 @@ def test_array_api_methods_keep_residuals_in_the_namespace(method, operator):
 def test_auto_runs_the_threshold_method_above_p_4_where_pav_is_not_exact():
     # PAV decides its blocks on float keys: on normal rows at l = 1 its mask missed k by 3.8e-5 at p = 5
     # (64 entries, k = 8) and its magnitude was 1.8e-3 off at p = 7 (9 entries, k = 3); "auto" is exact
-    # there by running the threshold method.  Oracles: the thresholds in 200 digits.
+    # there by running the threshold method, and an explicit "pav" is refused (up to commit b606d97 it ran).
+    # Oracles: the thresholds in 200 digits.
     for p in (4.0, 4.0 + 1e-9, 5.0, 10.0):
         assert resolve_method(X, p) == ("pav" if p <= 4.0 else "threshold")
-    assert resolve_method(X, 7.0, "pav") == "pav"  # named explicitly, it runs
-    cases = [(tc.soft_topk_mask, mp_threshold_mask_row, np.random.default_rng(6).normal(size=(200, 64)), 8, 5.0),
-             (tc.soft_topk_mag, mp_threshold_mag_row, np.random.default_rng(5).normal(size=(2000, 9)), 3, 7.0)]
-    for fn, oracle, x, k, p in cases:
-        kw = {"regularization_strength": 1.0, "p": p}
-        pav, auto = fn(x, k, method="pav", **kw), fn(x, k, **kw)
+    assert resolve_method(X, 4.0, "pav") == "pav"
+    for p in (4.0 + 1e-9, 7.0):
+        with pytest.raises(ValueError, match=r"method='pav' is exact for p <= 4 only; got p = .*'threshold'"):
+            resolve_method(X, p, "pav")
+    cases = [("mask", mp_threshold_mask_row, np.random.default_rng(6).normal(size=(200, 64)), 8, 5.0),
+             ("mag", mp_threshold_mag_row, np.random.default_rng(5).normal(size=(2000, 9)), 3, 7.0)]
+    for op, oracle, x, k, p in cases:
+        # PAV's kernel itself (the public method refuses these p).
+        pav = getattr(_pav_path, f"pav_{op}")(x, k, 1.0, conjugate_exponent(p), with_residuals=False)[0]
+        auto = getattr(tc, f"soft_topk_{op}")(x, k, regularization_strength=1.0, p=p)
         i = int(np.argmax(np.abs(pav - auto).max(axis=-1)))
         assert np.abs(pav[i] - auto[i]).max() > 1e-6  # PAV's error, still there
         np.testing.assert_allclose(auto[i], oracle(x[i], k, 1.0, p, digits=200), rtol=0, atol=1e-12)
@@ -68,14 +75,15 @@ def test_auto_runs_the_threshold_method_above_p_4_where_pav_is_not_exact():
 
 @pytest.mark.parametrize("name", ["torch", "jax"])
 def test_adapters_auto_runs_the_threshold_method_above_p_4(name):
-    # The rows where PAV's mask missed k by 3.8e-5 at p = 5 (above): the adapters' "auto" meets k.
+    # The rows where PAV's mask missed k by 3.8e-5 at p = 5 (above): the adapters' "auto" meets k, and their
+    # explicit "pav" is refused.
     x = np.random.default_rng(6).normal(size=(200, 64))
     with backend_context(name) as b:
         adapter = importlib.import_module(f"topk_{name}")
-        sums = {m: b.back(adapter.soft_topk_mask(b.to(x), 8, regularization_strength=1.0, p=5.0, method=m)).sum(-1)
-                for m in ("auto", "pav")}
-    assert np.abs(sums["pav"] - 8).max() > 1e-6
-    assert np.abs(sums["auto"] - 8).max() <= 1e-12
+        y = b.back(adapter.soft_topk_mask(b.to(x), 8, regularization_strength=1.0, p=5.0))
+        with pytest.raises(ValueError, match="method='pav' is exact for p <= 4 only"):
+            adapter.soft_topk_mask(b.to(x), 8, regularization_strength=1.0, p=5.0, method="pav")
+    assert np.abs(y.sum(-1) - 8).max() <= 1e-12
 
 
 def test_resolve_method_for_adapters():

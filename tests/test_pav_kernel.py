@@ -198,21 +198,65 @@ def test_magnitude_of_denormal_ties():
 
 
 _TINY_TIE_LIMIT = pytest.mark.xfail(
-    strict=True, reason="known limit: the block value of ties of tiny keys at large p lies within r ~ 1e-300 t "
-    "of the keys, not a float number; the threshold method splits them (docs/methods.md)")
+    strict=True, reason="known limit (p > 4, where method='pav' is refused): the block value of ties of tiny keys "
+    "lies within r ~ 1e-300 t of the keys, not a float number; the threshold method splits them (docs/methods.md)")
 
 
 @pytest.mark.parametrize(("p", "a"), [
-    (3.0, 1e-20), (3.0, 1e-100), (6.0, 1e-20),
-    pytest.param(6.0, 1e-100, marks=_TINY_TIE_LIMIT), pytest.param(20.0, 1e-20, marks=_TINY_TIE_LIMIT),
+    (3.0, 1e-20), (3.0, 1e-100), (3.0, 1e-307), (3.5, 1e-250), (4.0, 1e-200), (4.0, 1e-307), (6.0, 1e-20),
+    (6.0, 1e-100), pytest.param(20.0, 1e-20, marks=_TINY_TIE_LIMIT),
 ])
 def test_magnitude_of_tiny_ties_at_large_p(p, a):
-    # Each output is t / 2 + r with r / t = l (t / 2)^(p-1) / t: a / 2 to the last digit here.
+    # Each output is t / 2 + r with r / t = l (t / 2)^(p-1) / t: a / 2 to the last digit here.  PAV's
+    # kernel (method="pav" takes p <= 4 only).  p = 6 at 1e-100 and 3.5 to 4 from 1e-200 on came back 0
+    # up to commit b606d97 (the strength of the row's frame, l c^(2-p), underflowed).
+    from topk_core._pav_path import pav_mag
+
+    x = np.array([[a, a]])
+    y, _ = pav_mag(x, 1, 2.0, conjugate_exponent(p), with_residuals=False)
+    np.testing.assert_allclose(y, x / 2, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("p", [3.5, 4.0])
+@pytest.mark.parametrize("a", [1e-200, 1e-250, 1e-300, 1e-307])
+@pytest.mark.parametrize("batch", [1, 64])
+def test_magnitude_of_tiny_ties_sharing_places(p, a, batch):
+    # Found by a fuzz: four ties of 2a sharing three places (k = 3), in rows of tiny keys.  With the frame's
+    # strength l c^(2-p) below 1e-300 the exact outputs are the hard operator's, ties split evenly, to the last
+    # digit; PAV returned 0 for every entry (1e-200 to 1e-300), or ties 1e-3 off (keys near 1e-307, scaled by
+    # 2^1000 at most, short of 1).  Both row counts: the kernels' routes differ.
     import topk_numpy as tk
 
-    x = np.array([a, a])
-    y = tk.soft_topk_mag(x, 1, regularization_strength=2.0, p=p, method="pav")  # ("auto" runs "threshold" for p > 4)
-    np.testing.assert_allclose(y, x / 2, rtol=1e-12, atol=0)
+    x = np.tile(np.array([2.0, -2.0, 1.5, 2.0, 0.0, -2.0, -1.5, 0.5, 1.0]) * a, (batch, 1))
+    want = np.where(np.abs(x) == 2 * a, 0.75 * x, 0.0)
+    for lam in (1e-3, 1.0, 1e3):
+        y = tk.soft_topk_mag(x, 3, regularization_strength=lam, p=p, method="pav")
+        np.testing.assert_allclose(y, want, rtol=1e-13, atol=0)
+
+
+# Found by a fuzz (the 14 largest entries of a normal row of 64, k = 8, p = 4, l = 1): the last free entry,
+# 0.8418, lies u = 1.5e-17 above the threshold, below the rounding of its key in the frame of the block's
+# smallest key at the first solve (0.9171): left out of the block there, it came back 2.40e-6 instead
+# of 2.49e-6 (sum(y) missed k by 8.8e-8) up to commit b606d97.
+_SUB_ULP_ROW = np.array([
+    2.4496101173835734, 2.2153157922791573, 1.2884494025471271, 1.203149109868868, 1.1927854056370009,
+    1.1399695378080401, 1.089085938792044, 1.0302384097445416, 1.0241103348921585, 0.9816892807129348,
+    0.9271147346528198, 0.9171387266435495, 0.8417834491957104, 0.7850579315877457,
+])
+
+
+@pytest.mark.parametrize("batch", [1, 64])
+def test_mask_keeps_a_free_entry_below_its_keys_rounding(batch):
+    import topk_numpy as tk
+
+    from ._oracles import mp_threshold_mask_row
+
+    x = np.random.default_rng(0).permuted(np.tile(_SUB_ULP_ROW, (batch, 1)), axis=-1)
+    y = tk.soft_topk_mask(x, 8, regularization_strength=1.0, p=4.0, method="pav")
+    for row, out in zip(x[:3], y[:3], strict=False):
+        want = np.array(mp_threshold_mask_row(row, 8, 1.0, 4.0, digits=100), dtype=float)
+        np.testing.assert_allclose(out, want, rtol=1e-9, atol=1e-15)
+    assert np.abs(y.sum(-1) - 8.0).max() <= 1e-14
 
 
 def test_mask_for_p_above_2_resolves_an_entry_just_above_the_threshold():

@@ -226,7 +226,7 @@ def soft_topk_mask(
     axis : int, default -1
         Axis along which to select.
     method : {"auto", "pav", "threshold", "dykstra"}, default "auto"
-        Solver.  ``"pav"``: exact, Numba PAV on the host CPU.  ``"threshold"``:
+        Solver.  ``"pav"``: exact, Numba PAV on the host CPU, ``p <= 4``.  ``"threshold"``:
         exact, sort-free root finding on one scalar per row, pure Array API
         (runs in the input's namespace and on its device).  ``"dykstra"``:
         approximate, p = 2 only, pure Array API.  ``"auto"``: PAV for host
@@ -256,7 +256,7 @@ def soft_topk_mask(
         Non-floating `x`, non-integer `k`, non-real parameters.
     ValueError
         Out-of-range `k`, `axis`, `regularization_strength`, `p`, `method`,
-        `max_iter`, `tol`; ``method="dykstra"`` with ``p != 2``; for
+        `max_iter`, `tol`; ``method="dykstra"`` with ``p != 2``; ``"pav"`` with ``p > 4``; for
         ``"threshold"`` and ``"dykstra"``, which compute in the input's dtype,
         a strength below its smallest normal number (float32: about 1.2e-38).
 

@@ -14,11 +14,12 @@ from numba import config as numba_config
 
 METHODS = ("auto", "pav", "dykstra", "threshold")
 PAV_EXACT_MAX_P = 4.0
-"""The largest p for which ``method="auto"`` runs PAV where it would (host arrays); above it, the
-threshold method.  PAV decides its blocks on the float keys, and for large p a free entry's distance
-to the threshold, ``l y^(p-1)``, falls below a key's rounding: on ordinary rows (normal, l = 1) its mask
-missed k by 3.8e-5 at p = 5 and its magnitude was 1.8e-3 off at p = 7; the threshold method, which
-solves again next to the key, is exact there (docs/methods.md, known limits)."""
+"""The largest p that PAV serves: above it ``method="auto"`` runs the threshold method where it would
+run PAV (host arrays), and an explicit ``method="pav"`` raises ValueError.  PAV decides its blocks on
+the float keys, and for large p a free entry's distance to the threshold, ``l y^(p-1)``, falls below a
+key's rounding: on ordinary rows (normal, l = 1) its mask missed k by 3.8e-5 at p = 5 and its
+magnitude was 1.8e-3 off at p = 7 (0.47 at p = 50); the threshold method, which solves again next to
+the key, is exact there (docs/methods.md, known limits)."""
 # Methods with an iteration loop, the only ones that take `max_iter` and `tol`.
 ITERATIVE_METHODS = ("dykstra", "threshold")
 
@@ -130,7 +131,7 @@ def check_method(method: Any, p: float, max_iter: Any, tol: Any, auto: str = "pa
     `auto` is the method that ``method="auto"`` resolves to for the array at
     hand (the delegation layer picks it by backend and device); where it is
     ``"pav"`` and Numba's JIT is disabled (`numba_jit_enabled`), "auto" runs
-    ``"threshold"`` instead, and an explicit ``"pav"`` is refused; so it does
+    ``"threshold"`` instead, and an explicit ``"pav"`` is refused; so it is
     for ``p > PAV_EXACT_MAX_P``, where PAV is not exact.  ``"dykstra"``
     solves p = 2 only.  `max_iter` (int >= 1) and `tol` (finite float > 0)
     are accepted by the iterative methods named explicitly and must be None
@@ -139,7 +140,14 @@ def check_method(method: Any, p: float, max_iter: Any, tol: Any, auto: str = "pa
     if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"`method` must be one of {', '.join(repr(m) for m in METHODS)}; got {method!r}")
     resolved = auto if method == "auto" else method
-    if method == "auto" and resolved == "pav" and p > PAV_EXACT_MAX_P:
+    if resolved == "pav" and p > PAV_EXACT_MAX_P:
+        if method == "pav":
+            raise ValueError(
+                f"method='pav' is exact for p <= {PAV_EXACT_MAX_P:g} only; got p = {p}. Above it PAV's blocks, decided "
+                "on the float keys, miss entries whose distance to the threshold falls below a key's rounding "
+                "(outputs up to 0.47 off at p = 50). Use method='threshold' (exact, any p > 1) or 'auto', "
+                "which picks it there"
+            )
         resolved = "threshold"
     if resolved == "pav" and not numba_jit_enabled():
         if method == "pav":
@@ -151,7 +159,7 @@ def check_method(method: Any, p: float, max_iter: Any, tol: Any, auto: str = "pa
     if resolved == "dykstra" and abs(p - 2.0) > 1e-12:
         raise ValueError(
             f"method='dykstra' solves the p = 2 operators only (a Euclidean projection); got p = {p}. "
-            "Use method='threshold' or 'pav' (exact, any p > 1)"
+            f"Use method='threshold' (exact, any p > 1) or 'pav' (exact, p <= {PAV_EXACT_MAX_P:g})"
         )
     if resolved not in ITERATIVE_METHODS or method == "auto":
         if max_iter is not None or tol is not None:

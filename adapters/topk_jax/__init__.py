@@ -107,7 +107,7 @@ def soft_topk_mask(
     axis : int, default -1
         Axis along which to select.
     method : {"auto", "pav", "dykstra", "threshold"}, default "auto"
-        Solver.  ``"pav"``: Numba PAV on the host through a host callback;
+        Solver.  ``"pav"``: Numba PAV on the host through a host callback (exact, ``p <= 4``);
         ``"threshold"`` (exact) and ``"dykstra"`` (p = 2, approximate): native
         `jax.numpy` on the array's device; ``"auto"``: ``"pav"`` on the CPU
         (``p <= 4``), ``"threshold"`` on GPU/TPU and for ``p > 4``.

@@ -148,7 +148,7 @@ def soft_topk_mask(
     axis : int, default -1
         Axis along which to select.
     method : {"auto", "pav", "threshold", "dykstra"}, default "auto"
-        Solver, passed to the core: ``"pav"`` (exact, Numba, host memory),
+        Solver, passed to the core: ``"pav"`` (exact, ``p <= 4``, Numba, host memory),
         ``"threshold"`` (exact, on the tensor's device), ``"dykstra"``
         (approximate, ``p = 2``, on the tensor's device); ``"auto"`` is
         ``"pav"`` for CPU tensors and for CUDA calls of at most 2^21

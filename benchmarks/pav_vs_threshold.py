@@ -1,0 +1,81 @@
+"""A fuzz of PAV against the threshold method, the two exact methods: the largest deviation per operator and p.
+
+The PAV entries of docs/methods.md ("Solved after commit b606d97") come from here.  Rows of nine
+kinds (the six of `tests/_rows.rows_of_kind`; magnitudes spanning 1e+-20 around 1e-100..1e100;
+half-integer ties scaled by 1e-307..1e-10; tiny spanning rows with a third of their entries tied),
+n = 9, 64 and 1024, l in {0.01, 0.1, 1, 10, 100}, float64; the magnitude's deviation relative to
+the row's largest |x|.  PAV runs through its kernel (`topk_core._pav_path`), so that p above 4, where
+`method="pav"` is refused, can be fuzzed too:
+
+    python benchmarks/pav_vs_threshold.py --seed 11
+    python benchmarks/pav_vs_threshold.py --p 5,10 --kinds normal
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from _rows import rows_of_kind, spanning_row
+
+import topk_core
+from topk_core._agnostic.regularizer import conjugate_exponent
+from topk_core._pav_path import pav_mag, pav_mask
+
+KINDS = ("normal", "ties", "spread", "dominant", "offset", "uniform", "span", "tinyties", "tinyspan")
+SHAPES = ((9, 3, 400), (64, 8, 200), (1024, 32, 20))  # (n, k, rows)
+STRENGTHS = (0.01, 0.1, 1.0, 10.0, 100.0)
+
+
+def fuzz_rows(rng: np.random.Generator, kind: str, batch: int, n: int) -> np.ndarray:
+    if kind == "span":
+        return np.stack([spanning_row(int(rng.integers(1 << 30)), 20, n, centre=rng.uniform(-100, 100))
+                         for _ in range(batch)])
+    if kind == "tinyspan":
+        x = np.stack([spanning_row(int(rng.integers(1 << 30)), 5, n, centre=rng.uniform(-305, -200))
+                      for _ in range(batch)])
+        x[:, : n // 3] = x[:, :1]
+        return x
+    if kind == "tinyties":
+        return np.round(rng.normal(size=(batch, n)) * 2) / 2 * 10.0 ** rng.uniform(-307, -10, size=(batch, 1))
+    return rows_of_kind(rng, batch, n, kind, np.float64)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--p", default="2.5,3,3.5,3.9,4", help="comma-separated exponents")
+    parser.add_argument("--kinds", default=",".join(KINDS), help="comma-separated kinds of rows")
+    args = parser.parse_args()
+    ps = [float(v) for v in args.p.split(",")]
+    rng = np.random.default_rng(args.seed)
+    worst: dict[tuple[str, float], tuple[float, int, str, float]] = {}
+    warnings.simplefilter("error", topk_core.ThresholdNotConverged)
+    for n, k, batch in SHAPES:
+        for kind in args.kinds.split(","):
+            x = fuzz_rows(rng, kind, batch, n)
+            for p in ps:
+                for lam in STRENGTHS:
+                    for op, kernel in (("mask", pav_mask), ("mag", pav_mag)):
+                        with np.errstate(all="ignore"):
+                            pav = kernel(x, k, lam, conjugate_exponent(p), with_residuals=False)[0]
+                        exact = getattr(topk_core, f"soft_topk_{op}")(
+                            x, k, p=p, regularization_strength=lam, method="threshold")
+                        scale = 1.0 if op == "mask" else np.abs(x).max(axis=-1, keepdims=True)
+                        dev = float((np.abs(pav - exact) / scale).max())
+                        if dev >= worst.get((op, p), (-1.0,))[0]:
+                            worst[(op, p)] = (dev, n, kind, lam)
+    print("| operator | p | largest deviation | n | rows | l |")
+    print("|---|---|---|---|---|---|")
+    for (op, p), (dev, n, kind, lam) in sorted(worst.items()):
+        print(f"| {op} | {p:g} | {dev:.2g} | {n} | {kind} | {lam:g} |")
+
+
+if __name__ == "__main__":
+    main()
