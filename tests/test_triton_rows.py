@@ -105,6 +105,17 @@ def test_rows_spanning_many_orders_agree_with_pav(p):
         np.testing.assert_allclose(y, y0, rtol=1e-9, atol=1e-300)
 
 
+def test_free_entry_rounded_to_saturation_keeps_the_offset():
+    # `test_threshold.test_mag_free_entry_rounded_to_saturation_keeps_the_jacobian`'s row: k entries read
+    # as saturated next to free ones, the smallest is free (offset k - |A| = 1, not 0).
+    from .test_threshold import SPANNING_MAG_CODES, SPANNING_MAG_ROW
+
+    flags, y, (_, codes, offset) = _launch("mag", np.array([SPANNING_MAG_ROW]), 3, 1.25, lam=0.01)
+    assert not flags.any()
+    np.testing.assert_array_equal(codes, [SPANNING_MAG_CODES])
+    np.testing.assert_array_equal(offset.ravel(), [1.0])
+
+
 def test_non_unique_threshold_gives_an_empty_free_set():
     # Spec section 6: the k entries clear of the rest by a saturating gap; the exact VJP is 0.
     x = np.array([[3.0, 1.0, 1.0, -2.0]])

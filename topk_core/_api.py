@@ -144,7 +144,10 @@ def _soft_forward(
         # threshold method their order statistics by a partition (`threshold.OrderStatistics`).
         numpy_rows = name == "threshold" and isinstance(rows, np.ndarray)
         hooks = {"order_statistics": _numpy_order_statistics} if numpy_rows else {}
-        y_rows, residuals = _AGNOSTIC[(name, kind)](rows, k, lam, q, xp, max_iter=max_iter, tol=tol, **hooks)
+        # The solvers meet inf and 0 on purpose (a slope that overflows next to a tie of tiny keys falls
+        # back to bisection): NumPy-backed arrays would warn about it, as the PAV path's would.
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
+            y_rows, residuals = _AGNOSTIC[(name, kind)](rows, k, lam, q, xp, max_iter=max_iter, tol=tol, **hooks)
         if not with_residuals:
             residuals = None
     y = from_rows(y_rows, moved, ax, xp)

@@ -642,6 +642,14 @@ def mag_rows_kernel(
     free = free & ~identity2
     tl.store(y_ptr + offs, out.to(y_ptr.dtype.element_ty), mask=valid)
     if RESIDUALS:
+        # k entries read as saturated next to free ones: the smallest is free, its z / t rounded to 1
+        # (the Array-API method's `_mag_output`; else the offset k - |A| lost its 1).
+        n_sat = tl.sum(sat.to(tl.int32), axis=1)
+        surplus = (n_sat >= k) & (tl.max(free.to(tl.int32), axis=1) > 0)
+        low_sat = tl.min(tl.where(sat, keys, float("inf")), axis=1)
+        demoted = surplus[:, None] & sat & (keys == low_sat[:, None])
+        sat = sat & ~demoted
+        free = free | demoted
         gp = tl.where(free, _g_prime(rc / lam, qm1, lam, MODE), 0.0)
         codes = tl.where(free, tl.where(x > 0, 1, -1), tl.where(sat, KEPT_CODE, 0))
         offset = tl.maximum(k - tl.sum(sat.to(tl.int32), axis=1), 0)

@@ -1218,6 +1218,14 @@ def _mag_output(
     flat = solve & (n_win == kk) & still_sat
     sat = xp.where(flat, winners, sat)
     free = free & ~flat
+    # Free weights sum to k - |S|, a positive integer when any entry is free: k entries read as
+    # saturated next to free ones are one too many, the smallest (its z / t rounded to 1) being free
+    # with y within an ulp of 1.  Left saturated, the Jacobian's denominator D = sum g' + k - |S|
+    # lost its 1 (p = 5/4, keys spanning 1e-16..1e-55: the free set's products came back O(1) off).
+    low_sat = xp.min(xp.where(sat, an, xp.full_like(an, xp.inf)), axis=-1, keepdims=True)
+    surplus = (count(sat, xp) >= kk) & xp.any(free, axis=-1, keepdims=True)
+    demoted = surplus & sat & (an == low_sat)
+    sat, free = sat & ~demoted, free | demoted
 
     signs = xp.sign(x)
     zero = xp.zeros_like(x)
