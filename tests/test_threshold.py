@@ -235,6 +235,21 @@ def test_mag_free_entry_rounded_to_saturation_keeps_the_jacobian(backend):
     np.testing.assert_allclose(backend.back(VJP["mag"](res, backend.to(u))), u, rtol=0, atol=1e-12)
 
 
+def test_mask_free_entry_rounded_to_saturation_keeps_the_jacobian(backend):
+    # k = 1, p = 5/4, l = 1: the first entry takes 1 - 1e-18 of the place, the next three 1e-20..8e-19 (their
+    # u = 1e-5..3e-5, y = u^4).  Read as saturated (y rounds to 1), the first entry's g' = 4 left the free
+    # set, and the products (of the order of the free g', 1e-13) came back O(1) off.  Reference: PAV, which
+    # holds that entry in its block.
+    x = np.array([[1.0, 1e-5, 2e-5, 3e-5, -1.0]])
+    u = np.cos(np.arange(5.0))[None]
+    _, res_pav = FORWARD["mask"](x, 1, method="pav", p=1.25, regularization_strength=1.0)
+    want = VJP["mask"](res_pav, u)
+    _, res = FORWARD["mask"](backend.to(x), 1, method="threshold", p=1.25, regularization_strength=1.0)
+    np.testing.assert_allclose(backend.back(res.gprime)[0, 0], 4.0, rtol=1e-12)
+    # (The first product, g' (u - dgamma) with dgamma ~ u, cancels: known to a few ulps of g' u only.)
+    np.testing.assert_allclose(backend.back(VJP["mask"](res, backend.to(u))), want, rtol=1e-9, atol=1e-14)
+
+
 def test_mask_threshold_far_closer_to_a_key_than_to_the_maximum(backend):
     # Keys 1 and ~1e-277 in one row, l = 1e-276: relative to the maximum the small keys are
     # all -1, and bisecting from the first bracket (~1e-15 wide) to the root's scale took

@@ -110,10 +110,14 @@ def test_free_entry_rounded_to_saturation_keeps_the_offset():
     # as saturated next to free ones, the smallest is free (offset k - |A| = 1, not 0).
     from .test_threshold import SPANNING_MAG_CODES, SPANNING_MAG_ROW
 
-    flags, y, (_, codes, offset) = _launch("mag", np.array([SPANNING_MAG_ROW]), 3, 1.25, lam=0.01)
+    flags, _, (_, codes, offset) = _launch("mag", np.array([SPANNING_MAG_ROW]), 3, 1.25, lam=0.01)
     assert not flags.any()
     np.testing.assert_array_equal(codes, [SPANNING_MAG_CODES])
     np.testing.assert_array_equal(offset.ravel(), [1.0])
+    # The mask's (`test_mask_free_entry_rounded_to_saturation_keeps_the_jacobian`): y = 1 - 1e-18, g' = 4.
+    flags, _, (gp,) = _launch("mask", np.array([[1.0, 1e-5, 2e-5, 3e-5, -1.0]]), 1, 1.25, lam=1.0)
+    assert not flags.any()
+    np.testing.assert_allclose(gp[0, 0], 4.0, rtol=1e-12)
 
 
 def test_non_unique_threshold_gives_an_empty_free_set():

@@ -468,6 +468,12 @@ def mask_rows_kernel(
     free = (y > 0) & (y < 1)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=valid)
     if RESIDUALS:
+        # k entries at y = 1 next to free ones: the smallest is free, its y rounded to 1 (as the
+        # magnitude's below and the Array-API method's `_mask_output`).
+        sat = valid & (y >= 1)
+        surplus = (tl.sum(sat.to(tl.int32), axis=1) >= k) & (tl.max(free.to(tl.int32), axis=1) > 0)
+        low_sat = tl.min(tl.where(sat, d, float("inf")), axis=1)
+        free = free | (surplus[:, None] & sat & (d == low_sat[:, None]))
         gp = tl.where(free, _g_prime(ec, qm1, lam, MODE), 0.0)
         tl.store(gp_ptr + offs, gp.to(gp_ptr.dtype.element_ty), mask=valid)
     handed_back = bad | ~(solved | flat)

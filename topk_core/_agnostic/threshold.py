@@ -766,6 +766,21 @@ def _near(ftol: Any, strength: Any, q: float, xp: Any) -> Any:
     return xp.maximum(g_inverse(ftol, strength, q, xp), tiny)
 
 
+def _rounded_to_saturation(keys: Any, sat: Any, free: Any, kkf: Any, xp: Any) -> Any:
+    """The entries read as saturated that are free: where k or more are read as saturated next to free
+    entries, the smallest of them (with its ties), whose ``y`` (mask) or ``z / t`` (magnitude) lies
+    within an ulp of 1.
+
+    The free weights sum to k minus the saturated count, a positive integer when any entry is free: k
+    saturated entries next to free ones are one too many.  Left saturated, the Jacobian loses the
+    entry's g' (mask: p = 5/4, ``y = 1 - 1e-18`` next to free outputs of 1e-20..1e-18, whose products
+    came back O(1) off, relative to their 1e-13 scale).
+    """
+    low = xp.min(xp.where(sat, keys, xp.full_like(keys, xp.inf)), axis=-1, keepdims=True)
+    surplus = (xp.astype(count(sat, xp), kkf.dtype) >= kkf) & xp.any(free, axis=-1, keepdims=True)
+    return surplus & sat & (keys == low)
+
+
 def _mask_output(
     k: int, q: float, guard: float, nan_rows: Any, infinities: tuple[Any, ...], fin: Any, kk: Any, solve: Any,
     kkf: Any, xs: Any, c: Any, lam_r: Any, tau: Any, lo: Any, hi: Any, xp: Any,
@@ -789,8 +804,8 @@ def _mask_output(
     usable = usable & xp.all((above_c == above) & (sat_c == sat), axis=-1, keepdims=True)
     tau = xp.where(usable, candidate, tau)
 
-    _, uc, _, _, free = _mask_pieces(tau, xs, lam_r, q, xp)
-    free = free & solve
+    _, uc, _, sat, free = _mask_pieces(tau, xs, lam_r, q, xp)
+    sat, free = sat & solve, free & solve
     y = g(uc, lam_r, q, xp)
 
     # Non-unique threshold: k clear winners separated from the rest by a saturating gap.
@@ -803,6 +818,7 @@ def _mask_output(
     one, zero = xp.ones_like(y), xp.zeros_like(y)
     y = xp.where(flat, xp.where(winners, one, zero), y)
     free = free & ~flat
+    free = free | _rounded_to_saturation(xs, sat, free, kkf, xp)
     if q < 2.0:
         y = _mask_unresolved(y, xs, lam_r, kkf, lo, hi, solve & ~flat, q, xp)
 
@@ -1218,13 +1234,9 @@ def _mag_output(
     flat = solve & (n_win == kk) & still_sat
     sat = xp.where(flat, winners, sat)
     free = free & ~flat
-    # Free weights sum to k - |S|, a positive integer when any entry is free: k entries read as
-    # saturated next to free ones are one too many, the smallest (its z / t rounded to 1) being free
-    # with y within an ulp of 1.  Left saturated, the Jacobian's denominator D = sum g' + k - |S|
-    # lost its 1 (p = 5/4, keys spanning 1e-16..1e-55: the free set's products came back O(1) off).
-    low_sat = xp.min(xp.where(sat, an, xp.full_like(an, xp.inf)), axis=-1, keepdims=True)
-    surplus = (count(sat, xp) >= kk) & xp.any(free, axis=-1, keepdims=True)
-    demoted = surplus & sat & (an == low_sat)
+    # Left saturated, the Jacobian's denominator D = sum g' + k - |S| lost its 1 (p = 5/4, keys spanning
+    # 1e-16..1e-55: the free set's products came back O(1) off).
+    demoted = _rounded_to_saturation(an, sat, free, kkf, xp)
     sat, free = sat & ~demoted, free | demoted
 
     signs = xp.sign(x)
