@@ -5,10 +5,14 @@ kinds (the six of `tests/_rows.rows_of_kind`; magnitudes spanning 1e+-20 around 
 half-integer ties scaled by 1e-307..1e-10; tiny spanning rows with a third of their entries tied),
 n = 9, 64 and 1024, l in {0.01, 0.1, 1, 10, 100}, float64; the magnitude's deviation relative to
 the row's largest |x|.  PAV runs through its kernel (`topk_core._pav_path`), so that p above 4, where
-`method="pav"` is refused, can be fuzzed too:
+`method="pav"` is refused, can be fuzzed too.  With ``--vjp``: the two methods' VJPs instead (public
+forwards, p <= 4), relative to the larger of the two per row; rows at a kink (half-integer ties
+whose exact threshold meets a key or a saturation point) and rows whose Jacobian overflows (ties of
+tiny keys) differ by O(1) there legitimately, the other kinds should not:
 
     python benchmarks/pav_vs_threshold.py --seed 11
     python benchmarks/pav_vs_threshold.py --p 5,10 --kinds normal
+    python benchmarks/pav_vs_threshold.py --vjp --p 1.25,1.5,2,3,4 --kinds normal,spread,dominant,span
 """
 
 from __future__ import annotations
@@ -47,11 +51,26 @@ def fuzz_rows(rng: np.random.Generator, kind: str, batch: int, n: int) -> np.nda
     return rows_of_kind(rng, batch, n, kind, np.float64)
 
 
+def _vjp_deviation(op: str, x: np.ndarray, k: int, p: float, lam: float, rng: np.random.Generator) -> float:
+    """The largest deviation of the threshold method's VJP from PAV's, relative to the larger per row
+    (rows where either is not finite are left out)."""
+    u = rng.normal(size=x.shape)
+    forward = getattr(topk_core, f"soft_topk_{op}_forward")
+    vjp = getattr(topk_core, f"{op}_vjp_from_residuals")
+    with np.errstate(all="ignore"):
+        products = [vjp(forward(x, k, p=p, regularization_strength=lam, method=m)[1], u) for m in ("pav", "threshold")]
+        finite = np.isfinite(products[0]).all(axis=-1) & np.isfinite(products[1]).all(axis=-1)
+        scale = np.maximum(np.abs(products[0]).max(axis=-1), np.abs(products[1]).max(axis=-1))
+        dev = np.abs(products[0] - products[1]).max(axis=-1) / np.where(scale > 0, scale, 1.0)
+    return float(np.where(finite, dev, 0.0).max())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--p", default="2.5,3,3.5,3.9,4", help="comma-separated exponents")
     parser.add_argument("--kinds", default=",".join(KINDS), help="comma-separated kinds of rows")
+    parser.add_argument("--vjp", action="store_true", help="compare the VJPs (of a random cotangent)")
     args = parser.parse_args()
     ps = [float(v) for v in args.p.split(",")]
     rng = np.random.default_rng(args.seed)
@@ -63,6 +82,11 @@ def main() -> None:
             for p in ps:
                 for lam in STRENGTHS:
                     for op, kernel in (("mask", pav_mask), ("mag", pav_mag)):
+                        if args.vjp:
+                            dev = _vjp_deviation(op, x, k, p, lam, rng)
+                            if dev >= worst.get((op, p), (-1.0,))[0]:
+                                worst[(op, p)] = (dev, n, kind, lam)
+                            continue
                         with np.errstate(all="ignore"):
                             pav = kernel(x, k, lam, conjugate_exponent(p), with_residuals=False)[0]
                         exact = getattr(topk_core, f"soft_topk_{op}")(
