@@ -124,6 +124,25 @@ spanning_rows = rows_spanning_many_orders(3, 40)
 
 
 @SETTINGS
+@given(x=spanning_rows, data=st.data(), lam=st.floats(1e-3, 1e2), p=exponents,
+       method=st.sampled_from(["pav", "threshold"]))
+def test_residual_sets_leave_the_free_entries_a_place(x, data, lam, p, method):
+    # The free weights sum to k minus the saturated count, a positive integer where any entry is free: fewer
+    # than k entries are saturated then (and the magnitude's offset k - |A| is at least 1).  The threshold
+    # method read an entry whose weight rounds to 1 as saturated next to free ones (VJPs O(1) off).
+    k = data.draw(st.integers(1, x.size))
+    kw = dict(regularization_strength=lam, p=p, method=method)
+    y, res = tc.soft_topk_mask_forward(x[None], k, **kw)
+    y, gp = y[0], np.asarray(res.gprime)[0]
+    free = (gp > 0) | ((y > 0) & (y < 1))
+    assert not free.any() or np.count_nonzero((y == 1) & (gp == 0)) < k
+    _, res = tc.soft_topk_mag_forward(x[None], k, **kw)
+    codes = np.asarray(res.codes)[0]
+    if np.any(np.abs(codes) == 1):
+        assert np.count_nonzero(codes == 2) < k and float(np.asarray(res.offset).ravel()[0]) >= 1
+
+
+@SETTINGS
 @given(x=spanning_rows, data=st.data(), lam=st.floats(1e-3, 1e2), p=exponents, magnitude=st.booleans())
 def test_every_pav_route_agrees_on_rows_spanning_many_orders(x, data, lam, p, magnitude):
     # The same row alone (the lane solver for p = 2, 4/3 up to 256 entries; else the selection
