@@ -766,7 +766,7 @@ def _near(ftol: Any, strength: Any, q: float, xp: Any) -> Any:
     return xp.maximum(g_inverse(ftol, strength, q, xp), tiny)
 
 
-def _rounded_to_saturation(keys: Any, sat: Any, free: Any, kkf: Any, xp: Any) -> Any:
+def _rounded_to_saturation(keys: Any, sat: Any, free: Any, n_win: Any, low_win: Any, kk: Any, xp: Any) -> Any:
     """The entries read as saturated that are free: where k or more are read as saturated next to free
     entries, the smallest of them (with its ties), whose ``y`` (mask) or ``z / t`` (magnitude) lies
     within an ulp of 1.
@@ -774,11 +774,12 @@ def _rounded_to_saturation(keys: Any, sat: Any, free: Any, kkf: Any, xp: Any) ->
     The free weights sum to k minus the saturated count, a positive integer when any entry is free: k
     saturated entries next to free ones are one too many.  Left saturated, the Jacobian loses the
     entry's g' (mask: p = 5/4, ``y = 1 - 1e-18`` next to free outputs of 1e-20..1e-18, whose products
-    came back O(1) off, relative to their 1e-13 scale).
+    came back O(1) off, relative to their 1e-13 scale).  `n_win` and `low_win` are the count and the
+    smallest key of the winners (the entries with ``y > 1/2``, `sat` among them), which are the
+    saturated entries wherever k or more are (the free weights then sum to about 0): no reduction of
+    its own but one.
     """
-    low = xp.min(xp.where(sat, keys, xp.full_like(keys, xp.inf)), axis=-1, keepdims=True)
-    surplus = (xp.astype(count(sat, xp), kkf.dtype) >= kkf) & xp.any(free, axis=-1, keepdims=True)
-    return surplus & sat & (keys == low)
+    return (n_win >= kk) & xp.any(free, axis=-1, keepdims=True) & sat & (keys == low_win)
 
 
 def _mask_output(
@@ -818,7 +819,7 @@ def _mask_output(
     one, zero = xp.ones_like(y), xp.zeros_like(y)
     y = xp.where(flat, xp.where(winners, one, zero), y)
     free = free & ~flat
-    free = free | _rounded_to_saturation(xs, sat, free, kkf, xp)
+    free = free | _rounded_to_saturation(xs, sat, free, n_win, low_win, kk, xp)
     if q < 2.0:
         y = _mask_unresolved(y, xs, lam_r, kkf, lo, hi, solve & ~flat, q, xp)
 
@@ -1236,7 +1237,7 @@ def _mag_output(
     free = free & ~flat
     # Left saturated, the Jacobian's denominator D = sum g' + k - |S| lost its 1 (p = 5/4, keys spanning
     # 1e-16..1e-55: the free set's products came back O(1) off).
-    demoted = _rounded_to_saturation(an, sat, free, kkf, xp)
+    demoted = _rounded_to_saturation(an, sat, free, n_win, low_win, kk, xp)
     sat, free = sat & ~demoted, free | demoted
 
     signs = xp.sign(x)
