@@ -19,7 +19,7 @@ from ._rows import rows_spanning_many_orders
 finite = st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False, width=64)
 rows = st.integers(1, 24).flatmap(lambda n: arrays(np.float64, n, elements=finite))
 strengths = st.floats(1e-3, 1e2)
-exponents = st.sampled_from([1.25, 4.0 / 3.0, 1.5, 2.0, 3.0])
+exponents = st.sampled_from([1.25, 4.0 / 3.0, 1.5, 2.0, 3.0, 4.0])
 # TOPK_HYPOTHESIS_EXAMPLES=2000 for a longer search (the CI's run draws 60 new examples each time).
 SETTINGS = settings(max_examples=int(os.environ.get("TOPK_HYPOTHESIS_EXAMPLES", "60")), deadline=None)
 
@@ -154,6 +154,12 @@ def test_every_pav_route_agrees_on_rows_spanning_many_orders(x, data, lam, p, ma
     kw = dict(regularization_strength=lam * (1.0 if magnitude else float(np.max(np.abs(x)))), p=p)
     full_sort = fn(np.stack([x, np.full_like(x, np.nan)]), k, **kw)[0]
     tol = 64 * np.finfo(np.float64).eps * (np.abs(x) if magnitude else 1.0) + 1e-300
+    if magnitude:
+        # The precision docs/methods.md states for the magnitude, 1e-12 of the output on top: the lane
+        # solver (p = 2, 4/3) holds the threshold to about eps s_(k), so a free entry far below the k-th key
+        # carries that (x = (1e-5, 1e-7, 1e-2), k = 1, l = 1, p = 4/3: the first output 380 ulps of its input
+        # off, 8e-14 of itself; up to about 1000 ulps in a fuzz of 6000 spanning rows, 0.6 of this bound).
+        tol = tol + 1e-12 * np.abs(full_sort)
     for y in (fn(x, k, **kw), fn(np.tile(x, (70, 1)), k, **kw)[69]):
         assert np.all(np.abs(y - full_sort) <= tol)
     if magnitude:
