@@ -65,13 +65,15 @@ def _vjp_deviation(op: str, x: np.ndarray, k: int, p: float, lam: float, rng: np
     return float(np.where(finite, dev, 0.0).max())
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[tuple[str, float], tuple[float, int, str, float]]:
+    """Run the fuzz (`argv`: the command line's arguments) and print its table; returns the worst case per
+    (operator, p): (deviation, n, kind of rows, l)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--p", default="2.5,3,3.5,3.9,4", help="comma-separated exponents")
     parser.add_argument("--kinds", default=",".join(KINDS), help="comma-separated kinds of rows")
     parser.add_argument("--vjp", action="store_true", help="compare the VJPs (of a random cotangent)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     ps = [float(v) for v in args.p.split(",")]
     rng = np.random.default_rng(args.seed)
     worst: dict[tuple[str, float], tuple[float, int, str, float]] = {}
@@ -99,6 +101,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for (op, p), (dev, n, kind, lam) in sorted(worst.items()):
         print(f"| {op} | {p:g} | {dev:.2g} | {n} | {kind} | {lam:g} |")
+    return worst
 
 
 if __name__ == "__main__":

@@ -264,6 +264,22 @@ def test_threshold_sweep_of_outputs_against_pav(monkeypatch):
         assert value < (1e-4 if dtype == "float32" else 1e-12), (dtype, value)
 
 
+def test_pav_vs_threshold_fuzz(monkeypatch):
+    """`pav_vs_threshold.py` (the figures of docs/methods.md on PAV up to p = 4 and its refusal above) on short
+    rows: the two exact methods agree up to p = 4, outputs and VJPs; PAV's kernel misses at p = 50."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import pav_vs_threshold
+
+    monkeypatch.setattr(pav_vs_threshold, "SHAPES", ((9, 3, 20),))
+    worst = pav_vs_threshold.main(["--p", "3,4", "--kinds", "normal,tinyties,span"])
+    assert set(worst) == {(op, p) for op in ("mask", "mag") for p in (3.0, 4.0)}
+    assert all(dev < 1e-12 for dev, *_ in worst.values()), worst
+    vjp = pav_vs_threshold.main(["--vjp", "--p", "1.25,2", "--kinds", "normal,spread"])
+    assert all(dev < 1e-6 for dev, *_ in vjp.values()), vjp
+    far = pav_vs_threshold.main(["--p", "50", "--kinds", "normal"])
+    assert max(dev for dev, *_ in far.values()) > 1e-3
+
+
 def test_op_count_counts_top_level_operations_syncs_and_root_evaluations(monkeypatch):
     """`op_count.py`'s counters on calls whose counts are known, and on the threshold method."""
     torch = pytest.importorskip("torch")
