@@ -349,6 +349,17 @@ def _order_statistics(keys, cols, k):
 
 
 @triton.jit
+def _rounded_to_saturation(keys, sat, free, k):
+    """The entries read as saturated (`sat`) that are free: where k or more are next to free entries, the
+    smallest of them (with its ties), its ``y`` (mask) or ``z / t`` (magnitude) rounded to 1; left
+    saturated, the mask's Jacobian lost its g' and the magnitude's offset k - |A| its 1 (the Array-API
+    method's `_agnostic.threshold._rounded_to_saturation`)."""
+    surplus = (tl.sum(sat.to(tl.int32), axis=1) >= k) & (tl.max(free.to(tl.int32), axis=1) > 0)
+    low_sat = tl.min(tl.where(sat, keys, float("inf")), axis=1)
+    return surplus[:, None] & sat & (keys == low_sat[:, None])
+
+
+@triton.jit
 def _nearest_key(keys, usable, point):
     """Per row, the `usable` key nearest to `point` (the largest of equally near ones): the reference of
     a second solve's frame."""
@@ -468,12 +479,7 @@ def mask_rows_kernel(
     free = (y > 0) & (y < 1)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=valid)
     if RESIDUALS:
-        # k entries at y = 1 next to free ones: the smallest is free, its y rounded to 1 (as the
-        # magnitude's below and the Array-API method's `_mask_output`).
-        sat = valid & (y >= 1)
-        surplus = (tl.sum(sat.to(tl.int32), axis=1) >= k) & (tl.max(free.to(tl.int32), axis=1) > 0)
-        low_sat = tl.min(tl.where(sat, d, float("inf")), axis=1)
-        free = free | (surplus[:, None] & sat & (d == low_sat[:, None]))
+        free = free | _rounded_to_saturation(d, valid & (y >= 1), free, k)
         gp = tl.where(free, _g_prime(ec, qm1, lam, MODE), 0.0)
         tl.store(gp_ptr + offs, gp.to(gp_ptr.dtype.element_ty), mask=valid)
     handed_back = bad | ~(solved | flat)
@@ -648,12 +654,7 @@ def mag_rows_kernel(
     free = free & ~identity2
     tl.store(y_ptr + offs, out.to(y_ptr.dtype.element_ty), mask=valid)
     if RESIDUALS:
-        # k entries read as saturated next to free ones: the smallest is free, its z / t rounded to 1
-        # (the Array-API method's `_mag_output`; else the offset k - |A| lost its 1).
-        n_sat = tl.sum(sat.to(tl.int32), axis=1)
-        surplus = (n_sat >= k) & (tl.max(free.to(tl.int32), axis=1) > 0)
-        low_sat = tl.min(tl.where(sat, keys, float("inf")), axis=1)
-        demoted = surplus[:, None] & sat & (keys == low_sat[:, None])
+        demoted = _rounded_to_saturation(keys, sat, free, k)
         sat = sat & ~demoted
         free = free | demoted
         gp = tl.where(free, _g_prime(rc / lam, qm1, lam, MODE), 0.0)
