@@ -12,6 +12,8 @@ import math
 import numba as nb
 import numpy as np
 
+_EPS = np.finfo(np.float64).eps
+
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
 def g_scalar(u: float, lam: float, q: float) -> float:
@@ -114,7 +116,7 @@ def mag_fixed_point(s: float, lam: float, q: float) -> float:
         return s - min(max(d, 0.0), s)
     lo, hi = 0.0, s
     d = 0.5 * s
-    step_before = step = s  # the last two steps' lengths
+    step_before = step = s  # the last two Newton steps' lengths (s after a bisection)
     for _ in range(200):
         f = g_scalar(d, lam, q) + d - s
         if f == 0.0:
@@ -125,13 +127,23 @@ def mag_fixed_point(s: float, lam: float, q: float) -> float:
             lo = d
         fp = g_prime_scalar(d, lam, q) + 1.0
         nxt = d - f / fp
-        # Bisect where Newton would leave the bracket or not halve its step of two steps before: far from
-        # the root of a steep power (q = 201, p = 1.005) Newton shrinks d by 1/(q - 1) a step, and 200 steps
-        # stopped at d = 0.21 for a root at 0.1 (the magnitude's outputs came back ~1e8 for x ~ 1).
-        if not (lo < nxt < hi) or abs(nxt - d) > 0.5 * step_before:
+        if abs(nxt - d) <= 2.0 * _EPS * d and abs(f) <= 4.0 * _EPS * s:
+            # Newton's step within two ulps and f within its rounding: the root.  (Tested first: a step
+            # that rounds to nothing leaves the bracket, and its bisection crawled to the root in 45
+            # halvings, q = 5.)
+            d = nxt
+            break
+        # Bisect where Newton would leave the bracket or not halve its step of two Newton steps before:
+        # far from the root of a steep power (q = 201, p = 1.005) Newton shrinks d by 1/(q - 1) a step, and
+        # 200 steps stopped at d = 0.21 for a root at 0.1 (the magnitude's outputs came back ~1e8 for
+        # x ~ 1).  A bisection forgets the steps: compared with its own step, Newton's was rejected again
+        # and again, and the bracket closed by halving (q = 5, l = 0.1: 50 steps for a root at 0.1).
+        if lo < nxt < hi and abs(nxt - d) <= 0.5 * step_before:
+            step_before, step = step, abs(nxt - d)
+        else:
             nxt = 0.5 * (lo + hi)
-        step_before, step = step, abs(nxt - d)
-        if nxt == d or hi - lo <= 4.0 * np.finfo(np.float64).eps * hi:
+            step_before = step = s
+        if nxt == d or hi - lo <= 4.0 * _EPS * hi:
             d = nxt
             break
         d = nxt

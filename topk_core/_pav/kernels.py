@@ -303,7 +303,9 @@ def _excess(keys, order, lo, hi, kk, gamma, lam, q, is_mag, frame):
     for i in range(a, b):
         u = _key(keys, order, i, frame) - gamma
         gi = g_scalar(u, lam, q)
-        gpi = g_prime_scalar(u, lam, q)
+        # g' = (q - 1) g / u: one power per entry instead of two (the slope only steers the
+        # safeguarded Newton steps; the root is decided by the sign of the sum).
+        gpi = (q - 1.0) * gi / u if u > 0.0 else 0.0
         if is_mag:
             value = gamma + frame[3]  # the absolute value (see `_row_frame`)
             total += gi / value
@@ -315,49 +317,78 @@ def _excess(keys, order, lo, hi, kk, gamma, lam, q, is_mag, frame):
 
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
-def _split(lower, upper, top):
+def _split(lower, upper, top, closest):
     """A point inside the bracket [lower, upper] of a block value below `top` (the k-th key).
 
     The midpoint, or, when the bracket's ends lie at distances from `top`
     that differ by more than a factor 4, their geometric mean: the value of
     a block of ties at a tiny strength lies within ~l of the keys, orders of
     magnitude closer than the bracket is wide, and halving would crawl there.
+    `closest` is a lower bound on the value's distance from `top`
+    (`_closest_to_top`; 0 where none is known).
     """
     # Distances from `top` below a few of its ulps are not resolved, nor below 1e-300 of the
     # bracket (near = 0 is one of them; 5e-324 where that underflows).
     far = top - lower
-    near = max(top - upper, 4.0 * _EPS * abs(top), far * 1e-300, 5e-324)
+    near = max(top - upper, closest, 4.0 * _EPS * abs(top), far * 1e-300, 5e-324)
     if far > 4.0 * near:
         # As sqrt(near) sqrt(far), which does not underflow.
         return top - math.sqrt(near) * math.sqrt(far)
     return 0.5 * (lower + upper)
 
 
+@nb.njit(cache=True, inline="always", error_model="numpy")
+def _closest_to_top(n_below, lam, q, is_mag, value_low):
+    """A lower bound on the distance of the block value from `top`, the k-th key (0 where none is known).
+
+    At the value, the k-th entry's weight is at least that of each of the
+    `n_below` entries from it on, the k - 1 above it weigh at most 1 each,
+    and all weigh k: so it is at least ``1 / n_below``.  That weight is
+    ``g(top - value)`` (mask) or ``g(top - value) / value`` (magnitude,
+    `value_low` a lower bound of the absolute value); solved for the distance.
+    Only `_split` reads it: root finding does not crawl up to the keys from
+    1e-300 of the bracket where the strength is not tiny.
+    """
+    weight = 1.0 / n_below
+    if is_mag:
+        weight *= max(value_low, 0.0)
+    return lam * math.pow(weight, 1.0 / (q - 1.0))
+
+
 @nb.njit(cache=True, error_model="numpy")
-def _pool_rootfind(keys, order, lo, hi, kk, lam, q, is_mag, frame):
+def _pool_rootfind(keys, order, lo, hi, kk, lam, q, is_mag, frame, start):
     """General q: solve the pooled block equation for its value; return (a, b, gamma).
 
     `sum(y)` is continuous and non-increasing in the block value.  The bracket
     comes from the boundary entries: at the upper end (the k-th value) fewer
     than k entries are positive; at the lower end (where entry k + 1 is just
-    saturated) more than k entries are saturated.
+    saturated) more than k entries are saturated.  `start` is the first
+    point when it lies inside (the value solved in another frame); NaN for the
+    bracket's midpoint.
     """
     i0 = lo + kk - 1
     upper = _key(keys, order, i0, frame)
     top = upper
+    shift = frame[3]
     if is_mag:
-        shift = frame[3]
         lower = mag_lower_bracket(_key(keys, order, i0 + 1, frame) + shift, lam, q, shift)
     else:
         lower = _key(keys, order, i0 + 1, frame) - lam
+    closest = _closest_to_top(float(hi - i0), lam, q, is_mag, lower + shift)
     # In absolute terms (a frame whose ref is 0: `_pooled_block`'s second solve, or relative to a
     # zero key) the magnitude's value can lie orders of magnitude below the k-th key: split
     # geometrically in the value itself.
     absolute = is_mag and frame[0] == 0.0
-    gamma = 0.5 * (lower + upper)
-    step_before = step = math.inf  # the last two steps' lengths
+    # A bound on the rounding of the sum (hi - lo + kk terms of at most 1 each): steps taken within
+    # it only wander in the noise (a few ulps up and down, each an evaluation: on normal rows of 64,
+    # a fifth of all evaluations).
+    noise = 4.0 * _EPS * float(hi - lo + kk)
+    gamma = start if lower < start < upper else 0.5 * (lower + upper)
+    step_before = step = math.inf  # the last two Newton steps' lengths (inf after a split)
+    evaluated = False
     for _ in range(300):
         f, fp, a, b = _excess(keys, order, lo, hi, kk, gamma, lam, q, is_mag, frame)
+        evaluated = True
         # f = 0 with no slope (fp = 0) is a flat stretch: every entry between the saturated ones and
         # the zeros contributes 0 there.  The root is its upper end: where the contributions underflow
         # (q - 1 = 200: 1e-4^200), the exact sum is above k all along it; where they are exactly 0
@@ -369,19 +400,28 @@ def _pool_rootfind(keys, order, lo, hi, kk, lam, q, is_mag, frame):
         else:
             upper = gamma
         nxt = gamma - f / fp if fp < 0.0 else math.nan
-        # Split where Newton would leave the bracket or not halve its step of two steps before (as in
-        # `_scalar.mag_fixed_point`: on a steep power, q = 201, it crawled and stopped short).
-        if not (lower < nxt < upper) or abs(nxt - gamma) > 0.5 * step_before:
+        if fp < 0.0 and abs(f) <= noise * (f - float(a - lo) + kk) and abs(nxt - gamma) <= 2.0 * _EPS * abs(gamma):
+            break
+        # Split where Newton would leave the bracket or not halve its step of two Newton steps
+        # before (as in `_scalar.mag_fixed_point`: on a steep power, q = 201, it crawled and stopped
+        # short).  A split forgets the steps: compared with the split's own step, Newton's (the
+        # distance to the root from a point that halving brought halfway there) was rejected
+        # again and again, and the bracket closed by halving (25 splits on a normal row, p = 3).
+        if lower < nxt < upper and abs(nxt - gamma) <= 0.5 * step_before:
+            step_before, step = step, abs(nxt - gamma)
+        else:
             floor = max(lower, 1e-300 * upper)
             if absolute and upper > 4.0 * floor:
                 nxt = math.sqrt(floor) * math.sqrt(upper)
             else:
-                nxt = _split(lower, upper, top)
+                nxt = _split(lower, upper, top, closest)
+            step_before = step = math.inf
         if nxt == gamma or upper - lower <= 2.0 * _EPS * max(abs(lower), abs(upper)):
             break
-        step_before, step = step, abs(nxt - gamma)
         gamma = nxt
-    f, fp, a, b = _excess(keys, order, lo, hi, kk, gamma, lam, q, is_mag, frame)
+        evaluated = False
+    if not evaluated:
+        f, fp, a, b = _excess(keys, order, lo, hi, kk, gamma, lam, q, is_mag, frame)
     # The pooled block always straddles the boundary k - 1 | k.
     return min(a, i0), max(b, i0 + 2), gamma
 
@@ -411,7 +451,7 @@ def _pooled_block(keys, order, lo, hi, kk, lam, q, is_mag, closed):
     if closed:
         a, b, gamma = _pool_closed(keys, order, lo, hi, kk, lam_r, q, is_mag, frame)
     else:
-        a, b, gamma = _pool_rootfind(keys, order, lo, hi, kk, lam_r, q, is_mag, frame)
+        a, b, gamma = _pool_rootfind(keys, order, lo, hi, kk, lam_r, q, is_mag, frame, math.nan)
     if is_mag and far_below(gamma + frame[3], frame[3]):
         # The magnitude's value far below the key it is held relative to (with q < 2 the block's
         # free entries can sit hundreds of orders above it, their outputs ~x; with q = 4 a key
@@ -420,8 +460,9 @@ def _pooled_block(keys, order, lo, hi, kk, lam, q, is_mag, closed):
         # the entries near it apart.  Solve again in absolute terms (same scale), where it keeps
         # its own digits, by root finding for every q: the closed form's value, mean - d, cancels
         # there (a threshold of 1e-89 below keys ~1e-31 came out 0).
+        start = gamma + frame[3]  # the same value in absolute terms (same scale)
         frame = (0.0, frame[1], frame[2], 0.0)
-        a, b, gamma = _pool_rootfind(keys, order, lo, hi, kk, frame[2], q, is_mag, frame)
+        a, b, gamma = _pool_rootfind(keys, order, lo, hi, kk, frame[2], q, is_mag, frame, start)
     # For q < 2 (p > 2) g is infinitely steep at 0, so the block's smallest entry needs its
     # u = s - value to full relative precision (an error of eps * |s| in u would put an error
     # of (eps |s| / l)^(q-1) into y): solve again relative to that key, where that helps (for
@@ -435,8 +476,10 @@ def _pooled_block(keys, order, lo, hi, kk, lam, q, is_mag, closed):
         if not (q < 2.0 and b - 1 > lo + kk - 1 and near) or b - 1 == solved_at:
             break
         solved_at = b - 1
+        value = frame[0] + gamma / frame[1]  # in the keys' units, a start for the next frame
         frame = _row_frame(float(keys[order[solved_at]]), lam, q, is_mag)
-        a, b, gamma = _pool_rootfind(keys, order, lo, hi, kk, frame[2], q, is_mag, frame)
+        a, b, gamma = _pool_rootfind(keys, order, lo, hi, kk, frame[2], q, is_mag, frame,
+                                     (value - frame[0]) * frame[1])
     return a, b, gamma, frame
 
 
