@@ -24,7 +24,13 @@ from topk_core._agnostic.regularizer import conjugate_exponent
 from topk_core._agnostic.residuals import KEPT_CODE
 
 from ._method_backends import FORWARD, JVP, VJP, backend_context, cuda_torch
-from ._oracles import assert_within_input_rounding, mp_threshold_mag_parts, mp_threshold_mag_row, rounding_reach
+from ._oracles import (
+    assert_within_input_rounding,
+    mp_threshold_mag_parts,
+    mp_threshold_mag_row,
+    mp_threshold_mask_row,
+    rounding_reach,
+)
 from ._rows import rows_spanning_many_orders, spanning_row
 
 
@@ -355,6 +361,18 @@ def test_mag_threshold_far_below_its_free_keys_converges(seed, k, lam):
     x = spanning_row(seed, 150.0, 24, 150.0)
     got = tk.soft_topk_mag(x, k, p=3.0, regularization_strength=lam, method="threshold")
     _assert_mag_close(got, _mp_mag(tuple(x), k, lam, 3.0)[0], 1e-12, entrywise=True)
+
+
+@pytest.mark.parametrize(("seed", "p"), [(9, 20.0), (74, 20.0), (4, 50.0), (28, 50.0)])
+def test_mask_at_large_p_with_its_threshold_far_below_l_converges(seed, p):
+    # Keys spanning 1e-50..1e-10 at l = 0.1: for p > 2 the outputs (u / l)^(1/(p-1)) are large far below
+    # u = l (here 0.1-0.6 within 1e-10 of the keys), and the first solve's splits, floored at l, and the
+    # absolute frame's approached the root by halving from -l and from 1e-5: ThresholdNotConverged at the
+    # default max_iter (an error here).  Splits for p > 2 now go geometrically down to the data bracket's
+    # end l (k/n)^(p-1) below the maximum, and toward 0 down to the key frames' floor.  Oracle: 200 digits.
+    x = spanning_row(seed, 20.0, 64, centre=-30.0)
+    got = tk.soft_topk_mask(x, 8, p=p, regularization_strength=0.1, method="threshold")
+    np.testing.assert_allclose(got, mp_threshold_mask_row(x, 8, 0.1, p, digits=200), rtol=0, atol=1e-13)
 
 
 @pytest.mark.parametrize("p", [4.0 / 3.0, 2.0, 3.0], ids=["p=4/3", "p=2", "p=3"])

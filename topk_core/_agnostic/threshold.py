@@ -639,9 +639,12 @@ def _mask_recentre(
     # as an eager loop evaluates every row once before it looks at them).
     tau_a = start
     if not all_true(~far, xp):
+        # For p > 2 splits toward 0 go down to the key frames' floor: far below l, where outputs are
+        # still large (keys spanning 1e-26..1e7, p = 50: a root near 1e-30 approached by halving
+        # from 1e-5, out of iterations).
         tau_a, lo_a, hi_a = _root(
             evaluate, (xa, lam_r, kkf), lo_a, hi_a, far, ftol, rtol, lam_r, ulps, q == 2.0, iters, xp, loop,
-            start=start,
+            start=start, floor=_near(ftol, lam_r, q, xp) if q < 2.0 else None,
         )
     xs, lo2, hi2, start, near = fuse(_mask_key_frame)(
         keys, xs, fin, c, top, bottom, tau_a, lo_a, hi_a, again, lam_r, kkf, ftol, q, guard, xp
@@ -755,6 +758,19 @@ def _mask_frame(x: Any, k: int, lam: float, q: float, rtol: float, xp: Any) -> t
     infinities = pos_inf, neg_inf, n_pos, n_neg, n_fin
     start = xp.where(solve, lo / 2 + hi / 2, hi)  # the root finder's first point: the bracket's midpoint
     return nan_rows, infinities, fin, kk, solve, kkf, xf, top, bottom, c, lam_r, xs, lo, hi, ftol, start
+
+
+def _mask_split_floor(lam_r: Any, hi: Any, q: float, xp: Any) -> Any:
+    """The first root finding's floor of geometric splits (`_split`): the strength, or for p > 2 the data
+    bracket's upper end below the maximum, ``l (k/n)^(p-1)``, where it lies closer.
+
+    For p > 2 the free outputs ``(u / l)^(1/(p-1))`` are large far below ``u = l``: a root 5e-11 below
+    the maximum at ``l = 0.1``, ``p = 20`` (keys spanning 1e-50..1e-11), which splits floored at `l`
+    approached by halving from -l, 31 halvings for 100 iterations (`ThresholdNotConverged`).
+    """
+    if q >= 2.0:
+        return lam_r
+    return xp.minimum(lam_r, xp.maximum(-hi, xp.full_like(hi, float(xp.finfo(hi.dtype).smallest_normal))))
 
 
 def _near(ftol: Any, strength: Any, q: float, xp: Any) -> Any:
@@ -937,7 +953,7 @@ def threshold_mask(
 
     tau, lo, hi = _root(
         evaluate, (xs, lam_r, kkf), lo, hi, solve, ftol, rtol, lam_r, ulps, q == 2.0, iters, xp, loop, start=start,
-        spread=_MASK_SPREAD,
+        spread=_MASK_SPREAD, floor=_mask_split_floor(lam_r, hi, q, xp),
     )
     xs, tau, lo, hi = _mask_recentre(
         evaluate, xs, xf, fin, c, top, bottom, tau, lo, hi, lam_r, kkf, solve, ftol, rtol, ulps, q, guard, iters,

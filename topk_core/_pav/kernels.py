@@ -268,13 +268,36 @@ def _pool_closed(keys, order, lo, hi, kk, lam, q, is_mag, frame):
     return a, b, gamma
 
 
+# `_first_unsaturated`'s band around the saturation level, relative, per unit of 1 + 1/(q - 1): outside
+# it, comparing (s - gamma) / l with the level decides as `_saturated` (whose power rounds to an ulp).
+_SATURATION_BAND = 4.0 * _EPS
+
+
 @nb.njit(cache=True, error_model="numpy")
 def _first_unsaturated(keys, order, lo, hi, gamma, lam, q, is_mag, frame):
-    # Saturation is monotone along a descending row: binary search its end.
+    # Saturation is monotone along a descending row: binary search its end.  An entry is saturated
+    # where g(s - gamma) = ((s - gamma) / l)^(q - 1) reaches the target (1, or the magnitude's value):
+    # where (s - gamma) / l reaches target^(1 / (q - 1)), one power per search instead of one per
+    # probe.  Inside a band around that level, where the two roundings could disagree, the probe
+    # asks `_saturated` itself: the same entries as before, to the last one.
+    shift = frame[3]
+    target = _target(gamma, is_mag, shift)
+    level = math.pow(target, 1.0 / (q - 1.0)) if target > 0.0 else math.nan
+    if not 1e-300 < level < 1e300:
+        level = math.nan  # every probe asks `_saturated` (a level near under- or overflow)
+    band = _SATURATION_BAND * (1.0 + 1.0 / (q - 1.0)) * level
     left, right = lo, hi
     while left < right:
         mid = (left + right) // 2
-        if _saturated(_key(keys, order, mid, frame), gamma, lam, q, is_mag, frame[3]):
+        si = _key(keys, order, mid, frame)
+        t = max(si - gamma, 0.0) / lam  # as `g_scalar` forms it
+        if t >= level + band:
+            saturated = True
+        elif t <= level - band:
+            saturated = False
+        else:
+            saturated = _saturated(si, gamma, lam, q, is_mag, shift)
+        if saturated:
             left = mid + 1
         else:
             right = mid
