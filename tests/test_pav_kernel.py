@@ -259,6 +259,36 @@ def test_mask_keeps_a_free_entry_below_its_keys_rounding(batch):
     assert np.abs(y.sum(-1) - 8.0).max() <= 1e-14
 
 
+# Rows of 9 scaled by e^u (`tests/_rows.rows_of_kind`, "spread", seed 6, rows 81 and 152) whose threshold at
+# p = 10, l = 1 lies within the rounding of a key: the mask's entry 0.01636 needs y = 0.0045, u = l y^9 =
+# 8e-22 below its key, whose ulp is 3.5e-18.  In every other key's frame the value could not be placed
+# between the key and the next float below it: PAV's kernel left the entry at 0 (sum(y) missed k by
+# 4.5e-3; the magnitude was 1.9e-2 off) until it solved such blocks again just below the key
+# (`kernels._solve_below_key`).  p = 10 is above what method="pav" serves: the kernel itself.
+_BELOW_A_KEY_ROWS = {
+    "mask": np.array([0.15648084892399633, -0.06469999884163206, 0.01636295246646848, 0.033639500837156,
+                      0.18559057071330892, -0.1590128784321001, 0.07799882140578239, 0.00106102230941329,
+                      -0.1468477675915235]),
+    "mag": np.array([-11.083085824271489, 6.794914855835894, -2.837909007032147, 7.07265736958799,
+                     8.590270452390827, 7.801196701657025, -2.17037760538858, 10.844758182942183,
+                     8.919976607879654]),
+}
+
+
+@pytest.mark.parametrize("op", ["mask", "mag"])
+def test_block_solved_just_below_a_key_at_large_p(op):
+    from topk_core import _pav_path
+
+    from ._oracles import mp_threshold_mag_row, mp_threshold_mask_row
+
+    x = _BELOW_A_KEY_ROWS[op]
+    oracle = mp_threshold_mask_row if op == "mask" else mp_threshold_mag_row
+    want = np.array(oracle(x, 3, 1.0, 10.0, digits=200), dtype=float)
+    got = getattr(_pav_path, f"pav_{op}")(x[None], 3, 1.0, conjugate_exponent(10.0), with_residuals=False)[0][0]
+    scale = 1.0 if op == "mask" else np.abs(x).max()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-13 * scale)
+
+
 def test_mask_for_p_above_2_resolves_an_entry_just_above_the_threshold():
     # Found by hypothesis: x = (3, 6e-8), k = 1, l = 3, p = 3. The second entry's u = s - value
     # is ~3e-16, below the spacing of floats near 3, and g(u) = (u / l)^(1/2) is infinitely

@@ -17,10 +17,10 @@ PAV_EXACT_MAX_P = 4.0
 """The largest p that PAV serves: above it ``method="auto"`` runs the threshold method where it would
 run PAV (host arrays), and an explicit ``method="pav"`` raises ValueError.  PAV decides its blocks on
 the float keys, and for large p a free entry's distance to the threshold, ``l y^(p-1)``, falls below a
-key's rounding: on rows of 9 scaled by e^u (u in [-6, 6], l = 1, p = 10) its mask missed k by 4.5e-3
-and its magnitude was 1.9e-2 off, on a fuzz it missed from p = 6 (before commit 4a787a8 already at
-p = 5, on normal rows), and at p = 50 PAV's kernel was 1.3e-2 (mask) and 7.4e-2 (magnitude) off on
-normal rows (`benchmarks/pav_vs_threshold.py --p 50 --kinds normal`).  The threshold method, which
+key's rounding: on a fuzz it missed from p = 10 on tiny and spanning rows (before commit 4a787a8 and
+its solve below the next key, already at p = 5 on normal rows), and at p = 50 PAV's kernel was 1.3e-2
+(mask) and 7.4e-2 (magnitude) off on normal rows (`benchmarks/pav_vs_threshold.py --p 50 --kinds
+normal`).  The threshold method, which
 solves again next to the key, is exact there (docs/methods.md, known limits)."""
 # Methods with an iteration loop, the only ones that take `max_iter` and `tol`.
 ITERATIVE_METHODS = ("dykstra", "threshold")

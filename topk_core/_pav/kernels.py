@@ -379,7 +379,7 @@ def _closest_to_top(n_below, lam, q, is_mag, value_low):
 
 
 @nb.njit(cache=True, error_model="numpy")
-def _pool_rootfind(keys, order, lo, hi, kk, lam, q, is_mag, frame, start):
+def _pool_rootfind(keys, order, lo, hi, kk, lam, q, is_mag, frame, start, below=math.nan):
     """General q: solve the pooled block equation for its value; return (a, b, gamma).
 
     `sum(y)` is continuous and non-increasing in the block value.  The bracket
@@ -387,7 +387,9 @@ def _pool_rootfind(keys, order, lo, hi, kk, lam, q, is_mag, frame, start):
     than k entries are positive; at the lower end (where entry k + 1 is just
     saturated) more than k entries are saturated.  `start` is the first
     point when it lies inside (the value solved in another frame); NaN for the
-    bracket's midpoint.
+    bracket's midpoint.  With `below` (> 0) the caller knows the bracket
+    ``[-below, 0]`` instead: the value lies just below the frame's key
+    (`_solve_below_key`), and splits go geometrically toward 0.
     """
     i0 = lo + kk - 1
     upper = _key(keys, order, i0, frame)
@@ -402,6 +404,8 @@ def _pool_rootfind(keys, order, lo, hi, kk, lam, q, is_mag, frame, start):
     # zero key) the magnitude's value can lie orders of magnitude below the k-th key: split
     # geometrically in the value itself.
     absolute = is_mag and frame[0] == 0.0
+    if below > 0.0:
+        lower, upper = -below, 0.0
     # A bound on the rounding of the sum (hi - lo + kk terms of at most 1 each): steps taken within
     # it only wander in the noise (a few ulps up and down, each an evaluation: on normal rows of 64,
     # a fifth of all evaluations).
@@ -434,8 +438,11 @@ def _pool_rootfind(keys, order, lo, hi, kk, lam, q, is_mag, frame, start):
             step_before, step = step, abs(nxt - gamma)
         else:
             floor = max(lower, 1e-300 * upper)
+            near = max(-upper, 1e-300 * -lower)  # (with `below`: the distance's floor from 0)
             if absolute and upper > 4.0 * floor:
                 nxt = math.sqrt(floor) * math.sqrt(upper)
+            elif below > 0.0 and -lower > 4.0 * near:
+                nxt = -math.sqrt(near) * math.sqrt(-lower)
             else:
                 nxt = _split(lower, upper, top, closest)
             step_before = step = math.inf
@@ -495,6 +502,12 @@ def _pooled_block(keys, order, lo, hi, kk, lam, q, is_mag, closed):
     # normal rows: u = 1.5e-17 below a key 0.84, held relative to a key 0.92, came back 3.5% off).
     solved_at = -1
     for _ in range(4):
+        if q < 2.0 and b < hi and b != solved_at:
+            solved = _solve_below_key(keys, order, lo, hi, kk, lam, q, is_mag, b, frame[0] + gamma / frame[1])
+            if solved[3][1] > 0.0:
+                solved_at = b
+                a, b, gamma, frame = solved
+                continue
         near = not is_mag or float(keys[order[b - 1]]) * frame[1] <= 2.0 * (gamma + frame[3])
         if not (q < 2.0 and b - 1 > lo + kk - 1 and near) or b - 1 == solved_at:
             break
@@ -503,6 +516,37 @@ def _pooled_block(keys, order, lo, hi, kk, lam, q, is_mag, closed):
         frame = _row_frame(float(keys[order[solved_at]]), lam, q, is_mag)
         a, b, gamma = _pool_rootfind(keys, order, lo, hi, kk, frame[2], q, is_mag, frame,
                                      (value - frame[0]) * frame[1])
+    return a, b, gamma, frame
+
+
+# How close above the next key below the block (in its ulps) a value is solved again below that key.
+_BELOW_KEY_ULPS = 8.0
+
+
+@nb.njit(cache=True, error_model="numpy")
+def _solve_below_key(keys, order, lo, hi, kk, lam, q, is_mag, i, value):
+    """For q < 2 (p > 2): the block solved again just below key `i` (the first key below the block), where
+    the block `value` (in the keys' units) ended within `_BELOW_KEY_ULPS` of its ulps above it.
+
+    An entry's output is ``(u / l)^(q - 1)``, steep at 0: the exact value can lie closer to the key than
+    its rounding (p = 10: y = 0.0045 at u = 8e-22 below a key 0.016), and in a frame of any other key
+    it cannot be placed between the key and the next float below it.  Relative to the key itself
+    the value is its own small number.  Returns (a, b, gamma, frame) solved in the key's frame, or a
+    frame whose scale is 0 where the sum's signs do not put the value in ``[-width, 0]`` there (the
+    value is then not below the key).
+    """
+    failed = (lo, lo, 0.0, (0.0, 0.0, lam, 0.0))
+    key = float(keys[order[i]])
+    if not (key <= value and value - key <= _BELOW_KEY_ULPS * _EPS * abs(key)):
+        return failed
+    frame = _row_frame(key, lam, q, is_mag)
+    # At the key (0 in its frame) the entry contributes nothing and the sum lies below k; a few of
+    # the key's ulps below it, at or above (2x the distance the value was found within).
+    width = 2.0 * _BELOW_KEY_ULPS * _EPS * abs(key) * frame[1]
+    if not (width > 0.0 and _excess(keys, order, lo, hi, kk, 0.0, frame[2], q, is_mag, frame)[0] < 0.0
+            and _excess(keys, order, lo, hi, kk, -width, frame[2], q, is_mag, frame)[0] >= 0.0):
+        return failed
+    a, b, gamma = _pool_rootfind(keys, order, lo, hi, kk, frame[2], q, is_mag, frame, math.nan, width)
     return a, b, gamma, frame
 
 
