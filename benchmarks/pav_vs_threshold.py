@@ -5,8 +5,8 @@ kinds (the six of `tests/_rows.rows_of_kind`; magnitudes spanning 1e+-20 around 
 half-integer ties scaled by 1e-307..1e-10; tiny spanning rows with a third of their entries tied),
 n = 9, 64 and 1024, l in {0.01, 0.1, 1, 10, 100}, float64; the magnitude's deviation relative to
 the row's largest |x|.  PAV runs through its kernel (`topk_core._pav_path`), so that p above 4, where
-`method="pav"` is refused, can be fuzzed too.  With ``--vjp``: the two methods' VJPs instead (public
-forwards, p <= 4), relative to the larger of the two per row; rows at a kink (half-integer ties
+`method="pav"` is refused, can be fuzzed too.  With ``--vjp``: the two methods' VJPs instead (the threshold
+method's public residuals, PAV's from its kernel), relative to the larger of the two per row; rows at a kink (half-integer ties
 whose exact threshold meets a key or a saturation point) and rows whose Jacobian overflows (ties of
 tiny keys) differ by O(1) there legitimately, the other kinds should not.  The last column counts
 the batches (one per kind, n, l) on which the threshold method warned `ThresholdNotConverged`
@@ -69,10 +69,13 @@ def _vjp_deviation(op: str, x: np.ndarray, k: int, p: float, lam: float, rng: np
     """The largest deviation of the threshold method's VJP from PAV's, relative to the larger per row
     (rows where either is not finite are left out)."""
     u = rng.normal(size=x.shape)
+    kernel = pav_mask if op == "mask" else pav_mag
     forward = getattr(topk_core, f"soft_topk_{op}_forward")
     vjp = getattr(topk_core, f"{op}_vjp_from_residuals")
     with np.errstate(all="ignore"):
-        products = [vjp(forward(x, k, p=p, regularization_strength=lam, method=m)[1], u) for m in ("pav", "threshold")]
+        residuals = (kernel(x, k, lam, conjugate_exponent(p), with_residuals=True)[1],
+                     forward(x, k, p=p, regularization_strength=lam, method="threshold")[1])
+        products = [vjp(r, u) for r in residuals]
         finite = np.isfinite(products[0]).all(axis=-1) & np.isfinite(products[1]).all(axis=-1)
         scale = np.maximum(np.abs(products[0]).max(axis=-1), np.abs(products[1]).max(axis=-1))
         dev = np.abs(products[0] - products[1]).max(axis=-1) / np.where(scale > 0, scale, 1.0)
