@@ -289,6 +289,23 @@ def test_block_solved_just_below_a_key_at_large_p(op):
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-13 * scale)
 
 
+def test_block_value_far_below_its_smallest_key_at_large_p():
+    # A normal row of 9 (row 120 of `normal(size=(200, 9))`, seed 5), k = 3, l = 1, p = 50: the fourth
+    # entry's y = 0.0015 lies u = y^49 = 1e-139 below its key.  Solved relative to that key, the bracket
+    # ran from the k-th key's side, and halving reached 1e-92 (y = 0.013, sum(y) 1.2e-2 above k) when the
+    # 300 iterations ran out.  Splits in a key's frame now go to the key, then geometrically below it.
+    from topk_core import _pav_path
+
+    from ._oracles import mp_threshold_mask_row
+
+    x = np.array([0.8127056418772858, -0.11686344043871084, -0.2049449388278705, -0.7416505201954731,
+                  -0.22885536572118775, -0.7548636763048272, 1.2864465329004582, 1.6693135638427257,
+                  -0.24161920694046624])
+    want = np.array(mp_threshold_mask_row(x, 3, 1.0, 50.0, digits=300), dtype=float)
+    got = _pav_path.pav_mask(x[None], 3, 1.0, conjugate_exponent(50.0), with_residuals=False)[0][0]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-13)
+
+
 def test_mask_for_p_above_2_resolves_an_entry_just_above_the_threshold():
     # Found by hypothesis: x = (3, 6e-8), k = 1, l = 3, p = 3. The second entry's u = s - value
     # is ~3e-16, below the spacing of floats near 3, and g(u) = (u / l)^(1/2) is infinitely

@@ -18,9 +18,8 @@ PAV_EXACT_MAX_P = 4.0
 run PAV (host arrays), and an explicit ``method="pav"`` raises ValueError.  PAV decides its blocks on
 the float keys, and for large p a free entry's distance to the threshold, ``l y^(p-1)``, falls below a
 key's rounding: on a fuzz it missed from p = 10 on tiny and spanning rows (before commit 4a787a8 and
-its solve below the next key, already at p = 5 on normal rows), and at p = 50 PAV's kernel was 1.3e-2
-(mask) and 7.4e-2 (magnitude) off on normal rows (`benchmarks/pav_vs_threshold.py --p 50 --kinds
-normal`).  The threshold method, which
+its solve below the next key, already at p = 5 on normal rows), and at p = 50 PAV's kernel missed k
+by 0.42 on normal rows (`benchmarks/pav_vs_threshold.py --p 50 --kinds normal`).  The threshold method, which
 solves again next to the key, is exact there (docs/methods.md, known limits)."""
 # Methods with an iteration loop, the only ones that take `max_iter` and `tol`.
 ITERATIVE_METHODS = ("dykstra", "threshold")

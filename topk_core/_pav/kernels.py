@@ -406,6 +406,12 @@ def _pool_rootfind(keys, order, lo, hi, kk, lam, q, is_mag, frame, start, below=
     absolute = is_mag and frame[0] == 0.0
     if below > 0.0:
         lower, upper = -below, 0.0
+    # A frame of a key below the k-th (the re-solves of q < 2, `_solve_below_key`): the value lies
+    # below that key, at u = l y^(p-1) for the key's output y, which for large p is tiny next to the
+    # bracket (p = 50, y = 0.0015: u = 1e-139), and halving toward it from the k-th key's side ran
+    # out of iterations at 1e-92 (y = 0.013).  Splits go to the key, then geometrically below it.
+    key_frame = q < 2.0 and not absolute and top > 0.0
+    key_floor = lam * math.pow(_EPS, 1.0 / (q - 1.0))
     # A bound on the rounding of the sum (hi - lo + kk terms of at most 1 each): steps taken within
     # it only wander in the noise (a few ulps up and down, each an evaluation: on normal rows of 64,
     # a fifth of all evaluations).
@@ -438,10 +444,14 @@ def _pool_rootfind(keys, order, lo, hi, kk, lam, q, is_mag, frame, start, below=
             step_before, step = step, abs(nxt - gamma)
         else:
             floor = max(lower, 1e-300 * upper)
-            near = max(-upper, 1e-300 * -lower)  # (with `below`: the distance's floor from 0)
+            # Toward the frame's key from below (where it is not the k-th key, `_split`'s business):
+            # no closer than where its entry's output would be eps.
+            near = max(-upper, 1e-300 * -lower, key_floor)
             if absolute and upper > 4.0 * floor:
                 nxt = math.sqrt(floor) * math.sqrt(upper)
-            elif below > 0.0 and -lower > 4.0 * near:
+            elif key_frame and lower < 0.0 < upper:
+                nxt = 0.0  # at the frame's key, where its entry enters the block
+            elif key_frame and upper <= 0.0 and -lower > 4.0 * near:
                 nxt = -math.sqrt(near) * math.sqrt(-lower)
             else:
                 nxt = _split(lower, upper, top, closest)
