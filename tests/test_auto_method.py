@@ -52,27 +52,28 @@ def test_array_api_methods_keep_residuals_in_the_namespace(method, operator):
 
 
 def test_auto_runs_the_threshold_method_above_p_4_where_pav_is_not_exact():
-    # PAV decides its blocks on float keys: on 200 normal rows of 64 at l = 100 and p = 50 its mask missed k
-    # by 0.41 and its magnitude was 0.42 off (one row each); "auto" is exact there by running the threshold
-    # method, and an explicit "pav" is refused (up to commit b606d97 it ran).  (Before commit 4a787a8 its
-    # root finding also missed on normal rows at p = 5 (mask, 3.8e-5) and p = 7 (magnitude, 1.8e-3); before
-    # its solve below the next key, at p = 10 on rows scaled by e^u (4.5e-3 and 1.9e-2); and before its
-    # splits toward a key in the key's frame, at p = 50 on normal rows of 9 at l = 1 (1.2e-2).)
-    # Oracles: the thresholds in 200 digits.
+    # PAV decides its blocks on float keys: on 200 normal rows its mask missed k by 2e-2 (rows of 9, k = 3,
+    # l = 0.1, p = 200) and its magnitude was 0.67 off (rows of 64, k = 8, l = 1, p = 100; one row each);
+    # "auto" is exact there by running the threshold method, and an explicit "pav" is refused (up to commit
+    # b606d97 it ran).  PAV missed at far smaller p before commit 4a787a8 (p = 5: 3.8e-5, mask; p = 7:
+    # 1.8e-3, magnitude), before its solve below the next key (p = 10: 4.5e-3 and 1.9e-2 on rows scaled by
+    # e^u) and before its splits toward a key in the key's frame (p = 50: 1.2e-2 on normal rows of 9, 0.41
+    # on rows of 64 at l = 100).  Oracles: the thresholds in 600 digits (u = l y^(p-1) below a key).
     for p in (4.0, 4.0 + 1e-9, 5.0, 10.0):
         assert resolve_method(X, p) == ("pav" if p <= 4.0 else "threshold")
     assert resolve_method(X, 4.0, "pav") == "pav"
     for p in (4.0 + 1e-9, 7.0):
         with pytest.raises(ValueError, match=r"method='pav' is exact for p <= 4 only; got p = .*'threshold'"):
             resolve_method(X, p, "pav")
-    x = np.random.default_rng(5).normal(size=(200, 64))
-    for op, oracle in (("mask", mp_threshold_mask_row), ("mag", mp_threshold_mag_row)):
+    cases = [("mask", mp_threshold_mask_row, 9, 3, 0.1, 200.0), ("mag", mp_threshold_mag_row, 64, 8, 1.0, 100.0)]
+    for op, oracle, n, k, lam, p in cases:
+        x = np.random.default_rng(5).normal(size=(200, n))
         # PAV's kernel itself (the public method refuses these p).
-        pav = getattr(_pav_path, f"pav_{op}")(x, 8, 100.0, conjugate_exponent(50.0), with_residuals=False)[0]
-        auto = getattr(tc, f"soft_topk_{op}")(x, 8, regularization_strength=100.0, p=50.0)
+        pav = getattr(_pav_path, f"pav_{op}")(x, k, lam, conjugate_exponent(p), with_residuals=False)[0]
+        auto = getattr(tc, f"soft_topk_{op}")(x, k, regularization_strength=lam, p=p)
         i = int(np.argmax(np.abs(pav - auto).max(axis=-1)))
         assert np.abs(pav[i] - auto[i]).max() > 1e-3  # PAV's error, still there
-        np.testing.assert_allclose(auto[i], oracle(x[i], 8, 100.0, 50.0, digits=200), rtol=0, atol=1e-12)
+        np.testing.assert_allclose(auto[i], oracle(x[i], k, lam, p, digits=600), rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", ["torch", "jax"])

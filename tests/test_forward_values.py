@@ -130,13 +130,14 @@ def _mask_miss(method: str, p: float, lam: float) -> float:
     return miss
 
 
-@pytest.mark.parametrize(("p", "lam"), [(100.0, 1.0)])
+@pytest.mark.parametrize(("p", "lam"), [(200.0, 0.1), (500.0, 10.0)])
 def test_pav_misses_k_at_very_large_p_and_is_refused_there(p, lam):
     # Known limit (docs/methods.md): at large p the exact threshold lies within the rounding of a key, and
     # PAV's kernel, which decides its blocks on the float keys, misses k; so method="pav" raises above p = 4
     # (up to commit b606d97 it ran and returned these rows).  At p = 10 (l = 10) it missed by 1.1e-2 until
-    # it solved just below the next key (`test_pav_kernel.py`), and at p = 50 (l = 1) by 1.2e-2 until its
-    # splits in a key's frame went to the key and geometrically below it; it meets k on both now.
+    # it solved just below the next key (`test_pav_kernel.py`), and at p = 50 (l = 1) by 1.2e-2 and p = 100
+    # (l = 1) by 3e-2 until its splits in a key's frame went to the key and geometrically below it; it
+    # meets k on those now.
     assert _mask_miss("pav", p, lam) > 1e-3
     with pytest.raises(ValueError, match=r"method='pav' is exact for p <= 4 only; got p = "):
         tk.soft_topk_mask(np.zeros((2, 9)), 3, p=p, regularization_strength=lam, method="pav")

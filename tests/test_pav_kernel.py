@@ -289,20 +289,21 @@ def test_block_solved_just_below_a_key_at_large_p(op):
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-13 * scale)
 
 
-def test_block_value_far_below_its_smallest_key_at_large_p():
-    # A normal row of 9 (row 120 of `normal(size=(200, 9))`, seed 5), k = 3, l = 1, p = 50: the fourth
-    # entry's y = 0.0015 lies u = y^49 = 1e-139 below its key.  Solved relative to that key, the bracket
-    # ran from the k-th key's side, and halving reached 1e-92 (y = 0.013, sum(y) 1.2e-2 above k) when the
-    # 300 iterations ran out.  Splits in a key's frame now go to the key, then geometrically below it.
+@pytest.mark.parametrize(("n", "row", "k", "lam"), [(9, 120, 3, 1.0), (64, 197, 8, 100.0)])
+def test_block_value_far_below_its_smallest_key_at_large_p(n, row, k, lam):
+    # Normal rows (`normal(size=(200, n))`, seed 5) at p = 50.  Row 120 of 9: the fourth entry's y = 0.0015
+    # lies u = y^49 = 1e-139 below its key.  Solved relative to that key, the bracket ran from the k-th
+    # key's side, and halving reached 1e-92 (y = 0.013, sum(y) 1.2e-2 above k) when the 300 iterations ran
+    # out.  Splits in a key's frame now go to the key, then geometrically below it.  Row 197 of 64: y =
+    # 3.2e-4 lies 1e-170 below its key, where the splits' floor, 1e-300 of a bracket of 1e-165, underflowed
+    # to 0 and a split landed on the key and ended the search there (y = 0.41).
     from topk_core import _pav_path
 
     from ._oracles import mp_threshold_mask_row
 
-    x = np.array([0.8127056418772858, -0.11686344043871084, -0.2049449388278705, -0.7416505201954731,
-                  -0.22885536572118775, -0.7548636763048272, 1.2864465329004582, 1.6693135638427257,
-                  -0.24161920694046624])
-    want = np.array(mp_threshold_mask_row(x, 3, 1.0, 50.0, digits=300), dtype=float)
-    got = _pav_path.pav_mask(x[None], 3, 1.0, conjugate_exponent(50.0), with_residuals=False)[0][0]
+    x = np.random.default_rng(5).normal(size=(200, n))[row]
+    want = np.array(mp_threshold_mask_row(x, k, lam, 50.0, digits=300), dtype=float)
+    got = _pav_path.pav_mask(x[None], k, lam, conjugate_exponent(50.0), with_residuals=False)[0][0]
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-13)
 
 

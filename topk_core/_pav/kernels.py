@@ -445,8 +445,9 @@ def _pool_rootfind(keys, order, lo, hi, kk, lam, q, is_mag, frame, start, below=
         else:
             floor = max(lower, 1e-300 * upper)
             # Toward the frame's key from below (where it is not the k-th key, `_split`'s business):
-            # no closer than where its entry's output would be eps.
-            near = max(-upper, 1e-300 * -lower, key_floor)
+            # no closer than where its entry's output would be eps (nor 0: 1e-300 of a bracket of 1e-165
+            # underflowed, the split landed on the key and ended the search there, p = 50).
+            near = max(-upper, 1e-300 * -lower, key_floor, 5e-324)
             if absolute and upper > 4.0 * floor:
                 nxt = math.sqrt(floor) * math.sqrt(upper)
             elif key_frame and lower < 0.0 < upper:
