@@ -266,7 +266,8 @@ def test_threshold_sweep_of_outputs_against_pav(monkeypatch):
 
 def test_pav_vs_threshold_fuzz(monkeypatch):
     """`pav_vs_threshold.py` (the figures of docs/methods.md on PAV up to p = 4 and its refusal above) on short
-    rows: the two exact methods agree up to p = 4, outputs and VJPs; PAV's kernel misses at p = 50."""
+    rows: the two exact methods agree up to p = 4, outputs and VJPs; PAV's kernel misses at p = 200 (on these
+    normal rows it meets k at p = 50 since its splits toward a key go to the key)."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import pav_vs_threshold
 
@@ -276,7 +277,7 @@ def test_pav_vs_threshold_fuzz(monkeypatch):
     assert all(dev < 1e-12 and warned == 0 for dev, *_, warned in worst.values()), worst
     vjp = pav_vs_threshold.main(["--vjp", "--p", "1.25,2", "--kinds", "normal,spread"])
     assert all(dev < 1e-6 for dev, *_ in vjp.values()), vjp
-    far = pav_vs_threshold.main(["--p", "50", "--kinds", "normal"])
+    far = pav_vs_threshold.main(["--p", "200", "--kinds", "normal"])
     assert max(dev for dev, *_ in far.values()) > 1e-3
 
 
