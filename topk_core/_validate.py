@@ -19,9 +19,9 @@ run PAV (host arrays), and an explicit ``method="pav"`` raises ValueError.  PAV 
 the float keys, and for large p a free entry's distance to the threshold, ``l y^(p-1)``, falls below a
 key's rounding: on a fuzz it missed from p = 10 on tiny and spanning rows (before commit 4a787a8 and
 its solve below the next key, already at p = 5 on normal rows), and at p = 50 PAV's kernel was 0.29
-(mask, spanning rows) and 0.6 (magnitude, ties of tiny keys) off (`benchmarks/pav_vs_threshold.py --p 50
---seed 12`).  The threshold method, which
-solves again next to the key, is exact there (docs/methods.md, known limits)."""
+(mask, spanning rows) and 0.6 (magnitude, ties of tiny keys) off (`benchmarks/pav_vs_threshold.py
+--p 50 --seed 12`).  The threshold method, which solves again next to the key, is exact there
+(docs/methods.md, known limits)."""
 # Methods with an iteration loop, the only ones that take `max_iter` and `tol`.
 ITERATIVE_METHODS = ("dykstra", "threshold")
 

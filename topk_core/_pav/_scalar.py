@@ -44,6 +44,14 @@ def g_prime_scalar(u: float, lam: float, q: float) -> float:
 
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
+def g_prime_from_g(gu: float, u: float, q: float) -> float:
+    """g'(u) = (q - 1) g(u) / u from `gu` = g(u), for u > 0 (0 for u <= 0): no power of its own, for
+    loops that have g already and use g' only to steer safeguarded Newton steps (the root is decided
+    by the signs of the sums)."""
+    return (q - 1.0) * gu / u if u > 0.0 else 0.0
+
+
+@nb.njit(cache=True, inline="always", error_model="numpy")
 def _cardano(pc: float, qc: float) -> float:
     # The real root of d^3 + pc d + qc = 0 (pc >= 0) for coefficients of moderate size.
     disc = math.sqrt(0.25 * qc * qc + pc * pc * pc / 27.0)
@@ -132,8 +140,7 @@ def mag_fixed_point(s: float, lam: float, q: float) -> float:
             hi = d
         else:
             lo = d
-        # g' = (q - 1) g / d: one power a step (the slope only steers the safeguarded steps).
-        fp = ((q - 1.0) * gd / d if d > 0.0 else g_prime_scalar(d, lam, q)) + 1.0
+        fp = g_prime_from_g(gd, d, q) + 1.0
         nxt = d - f / fp
         if abs(nxt - d) <= 2.0 * _EPS * d and abs(f) <= 4.0 * _EPS * s:
             # Newton's step within two ulps and f within its rounding: the root.  (Tested first: a step

@@ -34,7 +34,14 @@ import numpy as np
 
 from .._agnostic.residuals import KEPT_CODE
 from . import parallel as _parallel
-from ._scalar import depressed_cubic_root, g_prime_scalar, g_scalar, mag_fixed_point, mag_lower_bracket
+from ._scalar import (
+    depressed_cubic_root,
+    g_prime_from_g,
+    g_prime_scalar,
+    g_scalar,
+    mag_fixed_point,
+    mag_lower_bracket,
+)
 from .vector_width import prefer_wide_vectors
 
 _EPS = np.finfo(np.float64).eps
@@ -326,9 +333,7 @@ def _excess(keys, order, lo, hi, kk, gamma, lam, q, is_mag, frame):
     for i in range(a, b):
         u = _key(keys, order, i, frame) - gamma
         gi = g_scalar(u, lam, q)
-        # g' = (q - 1) g / u: one power per entry instead of two (the slope only steers the
-        # safeguarded Newton steps; the root is decided by the sign of the sum).
-        gpi = (q - 1.0) * gi / u if u > 0.0 else 0.0
+        gpi = g_prime_from_g(gi, u, q)  # one power per entry instead of two
         if is_mag:
             value = gamma + frame[3]  # the absolute value (see `_row_frame`)
             total += gi / value
@@ -412,9 +417,10 @@ def _pool_rootfind(keys, order, lo, hi, kk, lam, q, is_mag, frame, start, below=
     # out of iterations at 1e-92 (y = 0.013).  Splits go to the key, then geometrically below it.
     key_frame = q < 2.0 and not absolute and top > 0.0
     key_floor = lam * math.pow(_EPS, 1.0 / (q - 1.0))
-    # A bound on the rounding of the sum (hi - lo + kk terms of at most 1 each): steps taken within
-    # it only wander in the noise (a few ulps up and down, each an evaluation: on normal rows of 64,
-    # a fifth of all evaluations).
+    # A bound on the sum's rounding relative to its free terms' total (hi - lo + kk terms): steps
+    # taken within it only wander in the noise (a few ulps up and down, each an evaluation: on normal
+    # rows of 64, a fifth of all evaluations).  Relative to the free terms, not absolute: a flat
+    # stretch of tiny exact terms is no noise (p = 1.02).
     noise = 4.0 * _EPS * float(hi - lo + kk)
     gamma = start if lower < start < upper else 0.5 * (lower + upper)
     step_before = step = math.inf  # the last two Newton steps' lengths (inf after a split)
@@ -433,7 +439,8 @@ def _pool_rootfind(keys, order, lo, hi, kk, lam, q, is_mag, frame, start, below=
         else:
             upper = gamma
         nxt = gamma - f / fp if fp < 0.0 else math.nan
-        if fp < 0.0 and abs(f) <= noise * (f - float(a - lo) + kk) and abs(nxt - gamma) <= 2.0 * _EPS * abs(gamma):
+        free_total = f - float(a - lo) + kk  # f less its saturated count and k: the free terms' sum
+        if fp < 0.0 and abs(f) <= noise * free_total and abs(nxt - gamma) <= 2.0 * _EPS * abs(gamma):
             break
         # Split where Newton would leave the bracket or not halve its step of two Newton steps
         # before (as in `_scalar.mag_fixed_point`: on a steep power, q = 201, it crawled and stopped
@@ -513,8 +520,9 @@ def _pooled_block(keys, order, lo, hi, kk, lam, q, is_mag, closed):
     # normal rows: u = 1.5e-17 below a key 0.84, held relative to a key 0.92, came back 3.5% off).
     solved_at = -1
     for _ in range(4):
+        value = frame[0] + gamma / frame[1]  # in the keys' units (a start for the next frame)
         if q < 2.0 and b < hi and b != solved_at:
-            solved = _solve_below_key(keys, order, lo, hi, kk, lam, q, is_mag, b, frame[0] + gamma / frame[1])
+            solved = _solve_below_key(keys, order, lo, hi, kk, lam, q, is_mag, b, value)
             if solved[3][1] > 0.0:
                 solved_at = b
                 a, b, gamma, frame = solved
@@ -523,7 +531,6 @@ def _pooled_block(keys, order, lo, hi, kk, lam, q, is_mag, closed):
         if not (q < 2.0 and b - 1 > lo + kk - 1 and near) or b - 1 == solved_at:
             break
         solved_at = b - 1
-        value = frame[0] + gamma / frame[1]  # in the keys' units, a start for the next frame
         frame = _row_frame(float(keys[order[solved_at]]), lam, q, is_mag)
         a, b, gamma = _pool_rootfind(keys, order, lo, hi, kk, frame[2], q, is_mag, frame,
                                      (value - frame[0]) * frame[1])
