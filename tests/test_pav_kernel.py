@@ -289,6 +289,24 @@ def test_block_solved_just_below_a_key_at_large_p(op):
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-13 * scale)
 
 
+def test_block_solved_just_below_a_key_it_was_placed_above_in_another_frame():
+    # A "dominant" row of the fuzz (`benchmarks/pav_vs_threshold.py --seed 11`) at p = 8, l = 100: the value
+    # lies 5.5e-22 below the key 0.048 (its entry's y = 4.8e-4).  Solved relative to the k-th key 0.89 it
+    # came out 22 of the small key's ulps above it, relative to 0.46 one ulp below it: neither within the
+    # eight ulps above it that `_solve_below_key` asked for, and the entry came back 0.
+    from topk_core import _pav_path
+
+    from ._oracles import mp_threshold_mask_row
+
+    x = np.array([1.0000000000000000e04, -3.4415527004108942e-01, -5.2009668153064814e-01, 1.6160007302789465e00,
+                  4.6369521786494833e-01, 6.7660271098386915e-01, 4.8246760323819762e-02, 8.9361528163568194e-01,
+                  -1.8541219971621392e-01])
+    want = np.array(mp_threshold_mask_row(x, 3, 100.0, 8.0, digits=200), dtype=float)
+    assert 4e-4 < want[6] < 5e-4
+    got = _pav_path.pav_mask(x[None], 3, 100.0, conjugate_exponent(8.0), with_residuals=False)[0][0]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-13)
+
+
 @pytest.mark.parametrize(("n", "row", "k", "lam"), [(9, 120, 3, 1.0), (64, 197, 8, 100.0)])
 def test_block_value_far_below_its_smallest_key_at_large_p(n, row, k, lam):
     # Normal rows (`normal(size=(200, n))`, seed 5) at p = 50.  Row 120 of 9: the fourth entry's y = 0.0015
@@ -305,6 +323,33 @@ def test_block_value_far_below_its_smallest_key_at_large_p(n, row, k, lam):
     want = np.array(mp_threshold_mask_row(x, k, lam, 50.0, digits=300), dtype=float)
     got = _pav_path.pav_mask(x[None], k, lam, conjugate_exponent(50.0), with_residuals=False)[0][0]
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-13)
+
+
+# Spanning rows whose k-th key is huge (k = 3 of 9 at l = 0.01; 32 of 1024 at l = 1): the magnitude is
+# solved in a frame scaled by 2^-333 (2^-158) with the strength scaled to 2^992 (2^948), where u / l of the
+# entries far below the k-th key underflowed: g' came back inf (p = 5: entries 1e74 and 1e72), and the block
+# equation lost their terms (p = 8: its value 2e-7 and g' 2e-9 off).
+_SCALED_FRAME_ROW = np.array([-6.455e77, 1.114e98, 3.783e74, -7.945e95, -5.106e109, 2.317e100, -4.107e86,
+                              -2.054e72, 1.130e109])
+
+
+@pytest.mark.parametrize(("p", "n", "k", "lam"), [(5.0, 9, 3, 0.01), (8.0, 9, 3, 0.01), (8.0, 1024, 32, 1.0)])
+def test_magnitude_derivatives_where_u_over_l_underflows_in_the_frame(p, n, k, lam):
+    from topk_core import _pav_path
+
+    from ._oracles import mp_threshold_mag_parts
+
+    if n == len(_SCALED_FRAME_ROW):
+        x = _SCALED_FRAME_ROW
+    else:
+        rng = np.random.default_rng(3)
+        x = rng.choice([-1.0, 1.0], n) * 10.0 ** rng.uniform(9.0, 49.0, n)
+    want, gprime, _, free = mp_threshold_mag_parts(x, k, lam, p, digits=80)
+    assert free.sum() >= 6
+    got, residuals = _pav_path.pav_mag(x[None], k, lam, conjugate_exponent(p), with_residuals=True)
+    np.testing.assert_allclose(got[0], want, rtol=1e-13, atol=0)
+    # Entrywise: these entries lie far from the threshold, where g' is well conditioned.
+    np.testing.assert_allclose(np.asarray(residuals.gprime)[0], gprime, rtol=1e-12, atol=0)
 
 
 def test_mask_for_p_above_2_resolves_an_entry_just_above_the_threshold():

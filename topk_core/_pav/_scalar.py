@@ -15,12 +15,19 @@ import numpy as np
 _EPS = np.finfo(np.float64).eps
 
 
+# Below it, u / l loses digits to gradual underflow (and is 0 under 2^-1074), while for q < 2 its
+# power g lies far above it.
+_RATIO_TINY = 2.0**-960
+
+
 @nb.njit(cache=True, inline="always", error_model="numpy")
-def g_scalar(u: float, lam: float, q: float) -> float:
-    """Return g(u) for u >= 0 (0 for u <= 0, never NaN).
+def g_plain(u: float, lam: float, q: float) -> float:
+    """Return g(u) = (u / l)^(q - 1) for u >= 0 (0 for u <= 0, never NaN) as the plain power of u / l,
+    exact where the ratio is not below `_RATIO_TINY` or q >= 2 (see `g_scalar`).
 
     Selects, not branches, on the sign of `u` (the branches on `q` are the
-    same for a whole loop): loops over entries stay vectorizable.
+    same for a whole loop): loops over entries stay vectorizable.  The block
+    equation's loop (`kernels._excess`) uses it after checking its smallest u.
     """
     t = (u if u > 0.0 else 0.0) / lam
     if q == 2.0:
@@ -28,6 +35,28 @@ def g_scalar(u: float, lam: float, q: float) -> float:
     if q == 4.0:
         return t * t * t
     return math.pow(t, q - 1.0)
+
+
+@nb.njit(cache=True, inline="always", error_model="numpy")
+def ratio_is_tiny(u: float, lam: float, q: float) -> bool:
+    """Whether `g_plain` loses g(u) to the underflow of u / l (q < 2 only; see `g_scalar`)."""
+    return q < 2.0 and u > 0.0 and u / lam < _RATIO_TINY
+
+
+@nb.njit(cache=True, inline="always", error_model="numpy")
+def g_scalar(u: float, lam: float, q: float) -> float:
+    """Return g(u) for u >= 0 (0 for u <= 0, never NaN), at any u / l.
+
+    For q < 2, g = (u / l)^(q - 1) lies far above u / l where the ratio is tiny: there u and l are
+    taken apart, ``u^(q - 1) l^(1 - q)`` (each in range for q - 1 < 1).  A magnitude row scaled into
+    a frame whose strength is near 2^1000 (`kernels._row_frame`) put u / l = 2.5e-326 for an entry
+    1e26 below the k-th key (p = 5): g came back 0 for 1e-82, and g' = (q - 1) (u / l)^(q - 2) / l
+    inf; the block equation lost such terms (on a spanning row of 1024 at p = 8: a sum 6e-6 off, its
+    value 2e-7 off, g' 2e-9 off).
+    """
+    if ratio_is_tiny(u, lam, q):
+        return math.pow(u, q - 1.0) * math.pow(lam, 1.0 - q)
+    return g_plain(u, lam, q)
 
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
@@ -39,8 +68,22 @@ def g_prime_scalar(u: float, lam: float, q: float) -> float:
         return 1.0 / lam if positive else 0.0
     if q == 4.0:
         return 3.0 * t * t / lam
-    # For q < 2 the power is infinite at 0: select it away.
-    return (q - 1.0) * math.pow(t, q - 2.0) / lam if positive else 0.0
+    return g_and_prime(u, lam, q)[1]
+
+
+@nb.njit(cache=True, inline="always", error_model="numpy")
+def g_and_prime(u: float, lam: float, q: float) -> tuple[float, float]:
+    """Return (g(u), g'(u)) for u > 0 ((0, 0) for u <= 0), with one power for general q: g' = (q - 1) g / u,
+    in range where u / l underflows (see `g_scalar`)."""
+    if u <= 0.0:
+        return 0.0, 0.0
+    t = u / lam
+    if q == 2.0:
+        return t, 1.0 / lam
+    if q == 4.0:
+        return t * t * t, 3.0 * t * t / lam
+    gu = g_scalar(u, lam, q)
+    return gu, (q - 1.0) * gu / u
 
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
