@@ -51,19 +51,20 @@ def test_array_api_methods_keep_residuals_in_the_namespace(method, operator):
         assert field is None or isinstance(field, type(x))
 
 
-def test_auto_runs_the_threshold_method_above_p_4_where_pav_is_not_exact():
+def test_auto_runs_the_threshold_method_above_p_8_where_pav_is_not_exact():
     # PAV decides its blocks on float keys: on 200 normal rows its mask missed k by 2e-2 (rows of 9, k = 3,
     # l = 0.1, p = 200) and its magnitude was 0.67 off (rows of 64, k = 8, l = 1, p = 100; one row each);
     # "auto" is exact there by running the threshold method, and an explicit "pav" is refused (up to commit
-    # b606d97 it ran).  PAV missed at far smaller p before commit 4a787a8 (p = 5: 3.8e-5, mask; p = 7:
-    # 1.8e-3, magnitude), before its solve below the next key (p = 10: 4.5e-3 and 1.9e-2 on rows scaled by
-    # e^u) and before its splits toward a key in the key's frame (p = 50: 1.2e-2 on normal rows of 9, 0.41
-    # on rows of 64 at l = 100).  Oracles: the thresholds in 600 digits (u = l y^(p-1) below a key).
-    for p in (4.0, 4.0 + 1e-9, 5.0, 10.0):
-        assert resolve_method(X, p) == ("pav" if p <= 4.0 else "threshold")
-    assert resolve_method(X, 4.0, "pav") == "pav"
-    for p in (4.0 + 1e-9, 7.0):
-        with pytest.raises(ValueError, match=r"method='pav' is exact for p <= 4 only; got p = .*'threshold'"):
+    # b606d97 it ran; up to 62fd162 the line was at p = 4).  PAV missed at far smaller p before commit 4a787a8
+    # (p = 5: 3.8e-5, mask; p = 7: 1.8e-3, magnitude), before its solve below the next key (p = 10: 4.5e-3
+    # and 1.9e-2 on rows scaled by e^u) and before its splits toward a key in the key's frame (p = 50: 1.2e-2
+    # on normal rows of 9, 0.41 on rows of 64 at l = 100).  Oracles: the thresholds in 600 digits (u = l y^(p-1)
+    # below a key).
+    for p in (4.0, 5.0, 8.0, 8.0 + 1e-9, 10.0):
+        assert resolve_method(X, p) == ("pav" if p <= 8.0 else "threshold")
+    assert resolve_method(X, 8.0, "pav") == "pav"
+    for p in (8.0 + 1e-9, 20.0):
+        with pytest.raises(ValueError, match=r"method='pav' is exact for p <= 8 only; got p = .*'threshold'"):
             resolve_method(X, p, "pav")
     cases = [("mask", mp_threshold_mask_row, 9, 3, 0.1, 200.0), ("mag", mp_threshold_mag_row, 64, 8, 1.0, 100.0)]
     for op, oracle, n, k, lam, p in cases:
@@ -77,16 +78,18 @@ def test_auto_runs_the_threshold_method_above_p_4_where_pav_is_not_exact():
 
 
 @pytest.mark.parametrize("name", ["torch", "jax"])
-def test_adapters_auto_runs_the_threshold_method_above_p_4(name):
-    # p = 5 on normal rows (where PAV's mask missed k by 3.8e-5 before commit 4a787a8): the adapters' "auto"
-    # meets k, and their explicit "pav" is refused.
+def test_adapters_auto_runs_the_threshold_method_above_p_8(name):
+    # p = 10 on normal rows: the adapters' "auto" meets k, and their explicit "pav" is refused; at p = 8 they
+    # run PAV, which meets k too.
     x = np.random.default_rng(6).normal(size=(200, 64))
     with backend_context(name) as b:
         adapter = importlib.import_module(f"topk_{name}")
-        y = b.back(adapter.soft_topk_mask(b.to(x), 8, regularization_strength=1.0, p=5.0))
-        with pytest.raises(ValueError, match="method='pav' is exact for p <= 4 only"):
-            adapter.soft_topk_mask(b.to(x), 8, regularization_strength=1.0, p=5.0, method="pav")
+        y = b.back(adapter.soft_topk_mask(b.to(x), 8, regularization_strength=1.0, p=10.0))
+        with pytest.raises(ValueError, match="method='pav' is exact for p <= 8 only"):
+            adapter.soft_topk_mask(b.to(x), 8, regularization_strength=1.0, p=10.0, method="pav")
+        y_pav = b.back(adapter.soft_topk_mask(b.to(x), 8, regularization_strength=1.0, p=8.0, method="pav"))
     assert np.abs(y.sum(-1) - 8).max() <= 1e-12
+    assert np.abs(y_pav.sum(-1) - 8).max() <= 1e-12
 
 
 def test_resolve_method_for_adapters():

@@ -120,7 +120,7 @@ def _mask_miss(method: str, p: float, lam: float) -> float:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", topk_core.ThresholdNotConverged)
         if method == "pav":
-            # PAV's kernel itself: the public method="pav" refuses p > 4 (below).
+            # PAV's kernel itself: the public method="pav" refuses p > 8 (below).
             y, _ = pav_mask(x, 3, lam, conjugate_exponent(p), with_residuals=False)
         else:
             y = tk.soft_topk_mask(x, 3, p=p, regularization_strength=lam, method=method)
@@ -133,13 +133,13 @@ def _mask_miss(method: str, p: float, lam: float) -> float:
 @pytest.mark.parametrize(("p", "lam"), [(200.0, 0.1), (500.0, 10.0)])
 def test_pav_misses_k_at_very_large_p_and_is_refused_there(p, lam):
     # Known limit (docs/methods.md): at large p the exact threshold lies within the rounding of a key, and
-    # PAV's kernel, which decides its blocks on the float keys, misses k; so method="pav" raises above p = 4
-    # (up to commit b606d97 it ran and returned these rows).  At p = 10 (l = 10) it missed by 1.1e-2 until
+    # PAV's kernel, which decides its blocks on the float keys, misses k; so method="pav" raises above p = 8
+    # (up to commit b606d97 it ran and returned these rows; up to 62fd162 it raised above p = 4).  At p = 10 (l = 10) it missed by 1.1e-2 until
     # it solved just below the next key (`test_pav_kernel.py`), and at p = 50 (l = 1) by 1.2e-2 and p = 100
     # (l = 1) by 3e-2 until its splits in a key's frame went to the key and geometrically below it; it
     # meets k on those now.
     assert _mask_miss("pav", p, lam) > 1e-3
-    with pytest.raises(ValueError, match=r"method='pav' is exact for p <= 4 only; got p = "):
+    with pytest.raises(ValueError, match=r"method='pav' is exact for p <= 8 only; got p = "):
         tk.soft_topk_mask(np.zeros((2, 9)), 3, p=p, regularization_strength=lam, method="pav")
 
 

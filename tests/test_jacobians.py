@@ -37,6 +37,18 @@ def test_jacobian_matches_finite_differences(rng, p, operator, k):
     np.testing.assert_allclose(_jacobian_by_vjp(operator, x, k, **kw), fd, atol=1e-6)
 
 
+@pytest.mark.parametrize("p_value", [5.0, 8.0])
+def test_pav_jacobian_matches_finite_differences_up_to_p_8(rng, operator, p_value):
+    # method="pav" serves p <= 8 (up to commit 62fd162, p <= 4); the threshold method's products agree.
+    x = _non_trivial_row(rng, 9)
+    kw = dict(regularization_strength=1.5, p=p_value)
+    fd = finite_difference_jacobian(lambda z: FORWARD[operator](z, 3, method="threshold", **kw), x)
+    pav = _jacobian_by_vjp(operator, x, 3, method="pav", **kw)
+    np.testing.assert_allclose(pav, fd, atol=1e-6)
+    np.testing.assert_allclose(_jacobian_by_jvp(operator, x, 3, method="pav", **kw), pav, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(_jacobian_by_vjp(operator, x, 3, method="threshold", **kw), pav, rtol=1e-9, atol=1e-12)
+
+
 def test_free_set_is_non_trivial_in_the_finite_difference_test(rng, operator):
     x = _non_trivial_row(rng, 9)
     y = FORWARD[operator](x, 3, regularization_strength=1.5)

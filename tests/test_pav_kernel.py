@@ -198,7 +198,7 @@ def test_magnitude_of_denormal_ties():
 
 
 _TINY_TIE_LIMIT = pytest.mark.xfail(
-    strict=True, reason="known limit (p > 4, where method='pav' is refused): the block value of ties of tiny keys "
+    strict=True, reason="known limit (p > 8, where method='pav' is refused): the block value of ties of tiny keys "
     "lies within r ~ 1e-300 t of the keys, not a float number; the threshold method splits them (docs/methods.md)")
 
 
@@ -208,7 +208,7 @@ _TINY_TIE_LIMIT = pytest.mark.xfail(
 ])
 def test_magnitude_of_tiny_ties_at_large_p(p, a):
     # Each output is t / 2 + r with r / t = l (t / 2)^(p-1) / t: a / 2 to the last digit here.  PAV's
-    # kernel (method="pav" takes p <= 4 only).  p = 6 at 1e-100 and 3.5 to 4 from 1e-200 on came back 0
+    # kernel (method="pav" takes p <= 8 only).  p = 6 at 1e-100 and 3.5 to 4 from 1e-200 on came back 0
     # up to commit b606d97 (the strength of the row's frame, l c^(2-p), underflowed).
     from topk_core._pav_path import pav_mag
 
@@ -350,6 +350,46 @@ def test_magnitude_derivatives_where_u_over_l_underflows_in_the_frame(p, n, k, l
     np.testing.assert_allclose(got[0], want, rtol=1e-13, atol=0)
     # Entrywise: these entries lie far from the threshold, where g' is well conditioned.
     np.testing.assert_allclose(np.asarray(residuals.gprime)[0], gprime, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize(("row", "k"), [([-5.0, 5.0, 5.0, -4.0, -2.0, 2.0, -5.0], 3),
+                                      ([-2.0, 2.0, 4.0, -2.0, -2.0, -2.0], 4)])
+@pytest.mark.parametrize("p", [6.0, 8.0])
+def test_pav_magnitude_of_ties_whose_threshold_no_float_resolves(row, k, p):
+    # The rows of `test_threshold.py::test_mag_ties_whose_threshold_no_float_resolves` (keys near 1e-110,
+    # l = 0.5) through method="pav", which serves p <= 8: a free tie at the threshold lies r ~ 1e-660 of its
+    # key below it at p = 8, and the ties share the places left (3/4 of 5; 3/5 of 2).  The oracle needs the
+    # digits: in 450 it put the ties 0.3 of the largest output off at p = 8.
+    import topk_numpy as tk
+
+    from ._oracles import mp_threshold_mag_row
+
+    x = np.array(row) * 1e-110
+    want = np.array(mp_threshold_mag_row(x, k, 0.5, p, digits=1100), dtype=float)
+    got = tk.soft_topk_mag(x, k, regularization_strength=0.5, p=p, method="pav")
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-15 * np.abs(x).max())
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("p", [5.0, 6.5, 8.0])
+@pytest.mark.parametrize("op", ["mask", "mag"])
+def test_pav_between_p_4_and_8_matches_the_oracle(op, p, dtype):
+    # method="pav" serves p <= 8 (up to commit 62fd162, p <= 4): normal rows of 16 (k = 4) at three strengths,
+    # against 60-digit oracles of the rows as given (float32 rows are solved in float64 and rounded once:
+    # within an ulp).
+    import topk_numpy as tk
+
+    from ._oracles import mp_threshold_mag_row, mp_threshold_mask_row
+
+    oracle = mp_threshold_mask_row if op == "mask" else mp_threshold_mag_row
+    x = np.random.default_rng(int(p * 10)).normal(size=(6, 16)).astype(dtype)
+    for lam in (0.05, 1.0, 20.0):
+        got = getattr(tk, f"soft_topk_{op}")(x, 4, regularization_strength=lam, p=p, method="pav")
+        want = np.stack([oracle(row.astype(np.float64), 4, lam, p, digits=60) for row in x])
+        scale = 1.0 if op == "mask" else np.abs(x).max(axis=-1, keepdims=True)
+        tol = (1.0 if dtype == np.float32 else 8.0) * np.finfo(dtype).eps
+        assert got.dtype == dtype
+        np.testing.assert_array_less(np.abs(got - want) / scale, tol)
 
 
 def test_mask_for_p_above_2_resolves_an_entry_just_above_the_threshold():

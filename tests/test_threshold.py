@@ -336,7 +336,7 @@ def test_mag_ties_whose_threshold_no_float_resolves(backend, row, k, lam):
     # every frame (scaled to 1, the strength l c^3 ~ 1e-330 is clipped): the tie came back kept or dropped
     # whole (5, 5, 5, 5 for k = 3: 33% of the largest output off).  Interpolated between the bracket's
     # ends, each tied entry gets its share of the places left, its exact value (3/4 of 5; 3/5 of 2).
-    # Oracle: the threshold in 450 digits.  (PAV's kernel misses these too; method="pav" refuses p > 4.)
+    # Oracle: the threshold in 450 digits.  (PAV meets these too: `test_pav_kernel.py`.)
     x = np.array([row]) * 1e-110
     y, _ = FORWARD["mag"](backend.to(x), k, method="threshold", p=5.0, regularization_strength=lam)
     want = mp_threshold_mag_row(x[0], k, lam, 5.0, digits=450)

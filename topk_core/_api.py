@@ -229,11 +229,11 @@ def soft_topk_mask(
     axis : int, default -1
         Axis along which to select.
     method : {"auto", "pav", "threshold", "dykstra"}, default "auto"
-        Solver.  ``"pav"``: exact, Numba PAV on the host CPU, ``p <= 4``.  ``"threshold"``:
+        Solver.  ``"pav"``: exact, Numba PAV on the host CPU, ``p <= 8``.  ``"threshold"``:
         exact, sort-free root finding on one scalar per row, pure Array API
         (runs in the input's namespace and on its device).  ``"dykstra"``:
         approximate, p = 2 only, pure Array API.  ``"auto"``: PAV for host
-        arrays (NumPy, torch/JAX on the CPU) with ``p <= 4``, threshold
+        arrays (NumPy, torch/JAX on the CPU) with ``p <= 8``, threshold
         elsewhere (for larger p PAV is not exact: docs/methods.md).
     max_iter, tol : int, float or None
         Controls of the iterative methods named explicitly (``"threshold"``:
@@ -259,7 +259,7 @@ def soft_topk_mask(
         Non-floating `x`, non-integer `k`, non-real parameters.
     ValueError
         Out-of-range `k`, `axis`, `regularization_strength`, `p`, `method`,
-        `max_iter`, `tol`; ``method="dykstra"`` with ``p != 2``; ``"pav"`` with ``p > 4``; for
+        `max_iter`, `tol`; ``method="dykstra"`` with ``p != 2``; ``"pav"`` with ``p > 8``; for
         ``"threshold"`` and ``"dykstra"``, which compute in the input's dtype,
         a strength below its smallest normal number (float32: about 1.2e-38).
 

@@ -13,15 +13,17 @@ from typing import Any
 from numba import config as numba_config
 
 METHODS = ("auto", "pav", "dykstra", "threshold")
-PAV_EXACT_MAX_P = 4.0
+PAV_EXACT_MAX_P = 8.0
 """The largest p that PAV serves: above it ``method="auto"`` runs the threshold method where it would
 run PAV (host arrays), and an explicit ``method="pav"`` raises ValueError.  PAV decides its blocks on
 the float keys, and for large p a free entry's distance to the threshold, ``l y^(p-1)``, falls below a
-key's rounding: on a fuzz it missed from p = 10 on tiny and spanning rows (before commit 4a787a8 and
-its solve below the next key, already at p = 5 on normal rows), and at p = 50 PAV's kernel was 0.29
-(mask, spanning rows) and 0.6 (magnitude, ties of tiny keys) off (`benchmarks/pav_vs_threshold.py
---p 50 --seed 12`).  The threshold method, which solves again next to the key, is exact there
-(docs/methods.md, known limits)."""
+key's rounding: its kernel, which solves again in the frame of the key next to the value, matched the
+threshold method to 7e-12 on a fuzz up to p = 8 (four seeds of `benchmarks/pav_vs_threshold.py`, and
+their residual sets on every row), but from p = 10 on it misses on ties of tiny keys (2e-9 at p = 10)
+and spanning rows, 0.29 (mask, spanning rows) and 0.6 (magnitude, ties of tiny keys) at p = 50 (`--p 50
+--seed 12`).  The threshold method is exact there (docs/methods.md, known limits).  Up to commit
+62fd162 the line was at 4; on the CPU the threshold method takes 11-53 times PAV's time at p = 5 to 8
+(NumPy, float32 rows of 64: `benchmarks/ab_versions.py 62fd162 --p 6`)."""
 # Methods with an iteration loop, the only ones that take `max_iter` and `tol`.
 ITERATIVE_METHODS = ("dykstra", "threshold")
 

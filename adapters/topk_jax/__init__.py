@@ -18,7 +18,7 @@ The mathematics lives in `topk_core`; see `topk_core.soft_topk_mask` and
   `jax.experimental.buffer_callback` where JAX has it, else (and on a GPU/TPU
   backend, with the rows copied to the host and back) `jax.pure_callback`
   (`topk_jax._host_call`).  ``"auto"`` picks ``"pav"`` for arrays on the CPU
-  (``p <= 4``; above, where PAV is not exact, ``"threshold"``) and
+  (``p <= 8``; above, where PAV is not exact, ``"threshold"``) and
   ``"threshold"`` on any other device.  The Jacobian products are the
   core's closed form (never through the iterations): on the CPU, for calls
   of at least 2^16 entries with residuals in input order and rows that no
@@ -107,10 +107,10 @@ def soft_topk_mask(
     axis : int, default -1
         Axis along which to select.
     method : {"auto", "pav", "dykstra", "threshold"}, default "auto"
-        Solver.  ``"pav"``: Numba PAV on the host through a host callback (exact, ``p <= 4``);
+        Solver.  ``"pav"``: Numba PAV on the host through a host callback (exact, ``p <= 8``);
         ``"threshold"`` (exact) and ``"dykstra"`` (p = 2, approximate): native
         `jax.numpy` on the array's device; ``"auto"``: ``"pav"`` on the CPU
-        (``p <= 4``), ``"threshold"`` on GPU/TPU and for ``p > 4``.
+        (``p <= 8``), ``"threshold"`` on GPU/TPU and for ``p > 8``.
     max_iter, tol : int, float or None
         Controls of the iterative methods named explicitly (as in
         `topk_numpy`); must be None for ``"pav"`` and ``"auto"``.  The

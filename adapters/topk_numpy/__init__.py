@@ -86,9 +86,9 @@ def soft_topk_mask(
     axis : int, default -1
         Axis along which to select.
     method : {"auto", "pav", "threshold", "dykstra"}, default "auto"
-        Solver: ``"pav"`` (exact, Numba, ``p <= 4``), ``"threshold"`` (exact, root
+        Solver: ``"pav"`` (exact, Numba, ``p <= 8``), ``"threshold"`` (exact, root
         finding), ``"dykstra"`` (approximate, ``p = 2`` only); ``"auto"`` is
-        ``"pav"`` (``"threshold"`` for ``p > 4``, where PAV is not exact, and
+        ``"pav"`` (``"threshold"`` for ``p > 8``, where PAV is not exact, and
         when Numba's JIT is disabled).
     max_iter, tol : int, float or None
         Iteration cap (int >= 1) and tolerance (float > 0) of ``"threshold"``
@@ -112,7 +112,7 @@ def soft_topk_mask(
         0-d `x` or an empty `axis`; `k` outside ``[1, n]``; `axis` out of
         range; a strength, `p` or `tol` not finite or out of range
         (``l > 0``, ``p > 1``, ``tol > 0``); an unknown `method`;
-        ``"dykstra"`` with ``p != 2``; ``"pav"`` with ``p > 4``; `max_iter` or `tol` with ``"pav"`` or
+        ``"dykstra"`` with ``p != 2``; ``"pav"`` with ``p > 8``; `max_iter` or `tol` with ``"pav"`` or
         ``"auto"``; for ``"threshold"`` and ``"dykstra"``, a strength below
         the smallest normal number of the input's dtype.
 

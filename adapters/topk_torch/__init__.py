@@ -148,12 +148,12 @@ def soft_topk_mask(
     axis : int, default -1
         Axis along which to select.
     method : {"auto", "pav", "threshold", "dykstra"}, default "auto"
-        Solver, passed to the core: ``"pav"`` (exact, ``p <= 4``, Numba, host memory),
+        Solver, passed to the core: ``"pav"`` (exact, ``p <= 8``, Numba, host memory),
         ``"threshold"`` (exact, on the tensor's device), ``"dykstra"``
         (approximate, ``p = 2``, on the tensor's device); ``"auto"`` is
         ``"pav"`` for CPU tensors and for CUDA calls of at most 2^21
         entries (a copy to the host and back), ``"threshold"`` otherwise and
-        for ``p > 4`` (where PAV is not exact).
+        for ``p > 8`` (where PAV is not exact).
     max_iter, tol : int, float or None
         Controls of the iterative methods (``"threshold"``, ``"dykstra"``);
         must be None for ``"pav"`` and ``"auto"``.  Stopped by `max_iter`
