@@ -4,7 +4,7 @@ The PAV entries of docs/methods.md ("Solved after commit b606d97") come from her
 kinds (the six of `tests/_rows.rows_of_kind`; magnitudes spanning 1e+-20 around 1e-100..1e100;
 half-integer ties scaled by 1e-307..1e-10; tiny spanning rows with a third of their entries tied),
 n = 9, 64 and 1024, l in {0.01, 0.1, 1, 10, 100}, float64; the magnitude's deviation relative to
-the row's largest |x|.  PAV runs through its kernel (`topk_core._pav_path`), so that p above 4, where
+the row's largest |x|.  PAV runs through its kernel (`topk_core._pav_path`), so that p above 8, where
 `method="pav"` is refused, can be fuzzed too.  With ``--vjp``: the two methods' VJPs instead (the threshold
 method's public residuals, PAV's from its kernel), relative to the larger of the two per row; rows at a kink (half-integer ties
 whose exact threshold meets a key or a saturation point) and rows whose Jacobian overflows (ties of
