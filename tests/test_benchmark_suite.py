@@ -275,7 +275,7 @@ def test_pav_vs_threshold_fuzz(monkeypatch):
     worst = pav_vs_threshold.main(["--p", "3,4,8", "--kinds", "normal,tinyties,span"])
     assert set(worst) == {(op, p) for op in ("mask", "mag") for p in (3.0, 4.0, 8.0)}
     assert all(dev < 1e-12 and warned == 0 for dev, *_, warned in worst.values()), worst
-    vjp = pav_vs_threshold.main(["--vjp", "--p", "1.25,2", "--kinds", "normal,spread"])
+    vjp = pav_vs_threshold.main(["--vjp", "--p", "1.25,2,6", "--kinds", "normal,spread,dominant"])
     assert all(dev < 1e-6 for dev, *_ in vjp.values()), vjp
     far = pav_vs_threshold.main(["--p", "200", "--kinds", "normal"])
     assert max(dev for dev, *_ in far.values()) > 1e-3
