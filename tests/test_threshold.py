@@ -690,6 +690,19 @@ def test_float32_rows_at_large_p_are_solved_next_to_a_key(operator, p):
     np.testing.assert_allclose(y, want, rtol=0, atol=5e-6)
 
 
+def test_float32_mask_whose_threshold_settles_on_a_key(backend):
+    """The root finder may stop on a key (`tol k` of sum(y) short of k) whose entry is then 0, and the
+    Newton polish that would enter it is not taken: at p = 3 an entry 9e-10 above the threshold came back 0
+    instead of 3e-5, 250 float32 ulps (row 220 of 500 normal float32 rows of 1024, k = 32, l = 1).  The
+    entries at the threshold now supply the deficit (`_mask_enter_at_tau`); PAV in float64 is the
+    reference."""
+    x = np.random.default_rng(0).normal(size=(500, 1024)).astype(np.float32)[220:221]
+    want = tc.soft_topk_mask(x.astype(np.float64), 32, p=3.0, regularization_strength=1.0, method="pav")
+    y = backend.back(tc.soft_topk_mask(backend.to(x), 32, p=3.0, regularization_strength=1.0, method="threshold"))
+    assert y.dtype == np.float32
+    np.testing.assert_allclose(y, want, rtol=0, atol=16 * np.finfo(np.float32).eps)
+
+
 def test_axis_and_half_precision(rng, operator):
     x = rng.normal(size=(5, 7, 3)).astype(np.float16)
     y = getattr(tc, f"soft_topk_{operator}")(x, 2, axis=1, method="threshold")
