@@ -800,10 +800,13 @@ def _rounded_to_saturation(keys: Any, sat: Any, free: Any, n_win: Any, low_win: 
     return (n_win >= kk) & xp.any(free, axis=-1, keepdims=True) & sat & (keys == low_win)
 
 
-def _mask_enter_at_tau(tau: Any, xs: Any, lam_r: Any, kkf: Any, lo: Any, rows: Any, q: float, xp: Any) -> Any:
+def _mask_enter_at_tau(
+    tau: Any, pieces: tuple[Any, Any, Any], xs: Any, lam_r: Any, kkf: Any, lo: Any, rows: Any, q: float, xp: Any,
+) -> Any:
     """For p > 2 (q < 2), the polish where the root finder settled on keys: the entries at `tau` (u = 0)
     supply what ``sum(y)`` lacks of k, each its share, at ``tau - g_inverse(share)``, kept where that
-    misses k by less.  `rows`: the rows whose Newton polish was not taken.
+    misses k by less.  `rows`: the rows whose Newton polish was not taken; `pieces`: ``(u, uc, above)`` of
+    `_mask_pieces` at `tau`, read before that polish (the same for those rows).
 
     The root finder stops once ``|sum(y) - k| <= tol k``, and can do so on a key (0 in a key's frame),
     whose entry is then 0; the Newton polish, whose step enters that key (the support changes), is not
@@ -812,9 +815,13 @@ def _mask_enter_at_tau(tau: Any, xs: Any, lam_r: Any, kkf: Any, lo: Any, rows: A
     instead of 3e-5 (250 float32 ulps; 10 with this step).  For p <= 2 the deficit spreads over the
     free entries, whose y are within it of the root's anyway.
     """
-    u, uc, above, _, _ = _mask_pieces(tau, xs, lam_r, q, xp)
+    u, uc, above = pieces
     zero = xp.zeros_like(uc)
-    total = xp.sum(xp.where(above, g(uc, lam_r, q, xp), zero), axis=-1, keepdims=True)
+
+    def mass(uc: Any, above: Any) -> Any:  # sum(y)
+        return xp.sum(xp.where(above, g(uc, lam_r, q, xp), zero), axis=-1, keepdims=True)
+
+    total = mass(uc, above)
     n_at = xp.astype(count(u == 0, xp), tau.dtype)
     deficit = kkf - total
     use = rows & (n_at > 0) & (deficit > 0)
@@ -822,8 +829,7 @@ def _mask_enter_at_tau(tau: Any, xs: Any, lam_r: Any, kkf: Any, lo: Any, rows: A
     candidate = tau - g_inverse(xp.minimum(share, 1.0), lam_r, q, xp)
     use = use & (candidate >= lo) & (candidate < tau)
     _, uc_c, above_c, _, _ = _mask_pieces(candidate, xs, lam_r, q, xp)
-    total_c = xp.sum(xp.where(above_c, g(uc_c, lam_r, q, xp), zero), axis=-1, keepdims=True)
-    return xp.where(use & (xp.abs(total_c - kkf) < deficit), candidate, tau)
+    return xp.where(use & (xp.abs(mass(uc_c, above_c) - kkf) < deficit), candidate, tau)
 
 
 def _mask_output(
@@ -834,7 +840,7 @@ def _mask_output(
     dt = xs.dtype
     big = float(xp.finfo(dt).max)
     # Exact polish on the support read at tau, kept only if the support does not change.
-    _, uc, above, sat, free = _mask_pieces(tau, xs, lam_r, q, xp)
+    u, uc, above, sat, free = _mask_pieces(tau, xs, lam_r, q, xp)
     if q == 2.0:
         n_free = xp.astype(count(free, xp), dt)
         target = kkf - xp.astype(count(sat, xp), dt)
@@ -849,7 +855,7 @@ def _mask_output(
     usable = usable & xp.all((above_c == above) & (sat_c == sat), axis=-1, keepdims=True)
     tau = xp.where(usable, candidate, tau)
     if q < 2.0:
-        tau = _mask_enter_at_tau(tau, xs, lam_r, kkf, lo, solve & ~usable, q, xp)
+        tau = _mask_enter_at_tau(tau, (u, uc, above), xs, lam_r, kkf, lo, solve & ~usable, q, xp)
 
     _, uc, _, sat, free = _mask_pieces(tau, xs, lam_r, q, xp)
     sat, free = sat & solve, free & solve

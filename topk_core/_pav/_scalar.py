@@ -62,6 +62,13 @@ def g_scalar(u: float, lam: float, q: float) -> float:
 
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
+def g_prime_from_g(gu: float, u: float, q: float) -> float:
+    """g'(u) = (q - 1) g(u) / u from `gu` = g(u), for u > 0 (0 for u <= 0): no power of its own (the
+    block equation's Newton steps, the residuals' g' of `g_and_prime` and `g_prime_scalar`)."""
+    return (q - 1.0) * gu / u if u > 0.0 else 0.0
+
+
+@nb.njit(cache=True, inline="always", error_model="numpy")
 def g_prime_scalar(u: float, lam: float, q: float) -> float:
     """Return g'(u) for u > 0 (0 for u <= 0: the kink is handled by the caller); selects, as `g_scalar`."""
     positive = u > 0.0
@@ -70,30 +77,17 @@ def g_prime_scalar(u: float, lam: float, q: float) -> float:
         return 1.0 / lam if positive else 0.0
     if q == 4.0:
         return 3.0 * t * t / lam
-    return g_and_prime(u, lam, q)[1]
+    return g_prime_from_g(g_scalar(u, lam, q), u, q)
 
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
 def g_and_prime(u: float, lam: float, q: float) -> tuple[float, float]:
     """Return (g(u), g'(u)) for u > 0 ((0, 0) for u <= 0), with one power for general q: g' = (q - 1) g / u,
     in range where u / l underflows (see `g_scalar`)."""
-    if u <= 0.0:
-        return 0.0, 0.0
-    t = u / lam
-    if q == 2.0:
-        return t, 1.0 / lam
-    if q == 4.0:
-        return t * t * t, 3.0 * t * t / lam
     gu = g_scalar(u, lam, q)
-    return gu, (q - 1.0) * gu / u
-
-
-@nb.njit(cache=True, inline="always", error_model="numpy")
-def g_prime_from_g(gu: float, u: float, q: float) -> float:
-    """g'(u) = (q - 1) g(u) / u from `gu` = g(u), for u > 0 (0 for u <= 0): no power of its own, for
-    loops that have g already and use g' only to steer safeguarded Newton steps (the root is decided
-    by the signs of the sums)."""
-    return (q - 1.0) * gu / u if u > 0.0 else 0.0
+    if q == 2.0 or q == 4.0:
+        return gu, g_prime_scalar(u, lam, q)
+    return gu, g_prime_from_g(gu, u, q)
 
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
