@@ -35,6 +35,7 @@ KERNELS = [
     ("lanes.sweep_order_statistics", lanes.sweep_order_statistics),
     ("lanes._row_outputs", lanes._row_outputs),
     ("lanes._mag_row_values", lanes._mag_row_values),
+    ("lanes._mag_rows", lanes._mag_rows),
     ("sortfree.row_sums", sortfree.row_sums),
     ("sortfree._mask_values", sortfree._mask_values),
     ("sortfree._mag_values", sortfree._mag_values),

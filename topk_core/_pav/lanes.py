@@ -695,6 +695,22 @@ def _output_loop(rows, frame, inv, q, is_mag, signed, gbuf, with_residuals, sets
             sets[lane] += _set_code(sat, free)
 
 
+@nb.njit(cache=True, error_model="numpy")
+def _mag_rows(x, rows, used, out, codes, gprime, free_gprime):
+    """`_mag_row` of the rows `rows[:used]` of a group.
+
+    A function of its own, called once per group: with the loop over the group's rows in
+    `_lane_chunk`, each row's inlined call took and dropped a reference to the arrays (atomic
+    operations that the compiler kept there, and not where the chunk was inlined into its
+    caller): at (262144, 16), float32, p = 4/3, the magnitude's forward with residuals took
+    1.2x its time (one thread: 16.3 ms against 13.4 ms for the lane solver's first call;
+    `perf` put 7% of the time in the reference counts, against 1.5-4% with this function).
+    """
+    prefer_wide_vectors()
+    for lane in range(used):
+        _mag_row(x, rows[lane], out, codes, gprime, free_gprime)
+
+
 @nb.njit(cache=True, inline="always", error_model="numpy")
 def _mag_row(x, r, out, codes, gprime, free_gprime):
     """Row `r` of the magnitude's outputs and set codes from the codes stored in it (`lane_rows`, a solve with
@@ -1054,8 +1070,7 @@ def _lane_chunk(x, k, lam, q, is_mag, bounds, out, gprime, codes, offset, unreso
             # row's outputs and residuals are read off them and x, contiguously.
             if lane_gprime:
                 store_group(gbuf, used, rows, gprime)
-            for lane in range(used):
-                _mag_row(x, rows[lane], out, codes, gprime, free_gprime)
+            _mag_rows(x, rows, used, out, codes, gprime, free_gprime)
         elif with_residuals:
             store_group(gbuf, used, rows, gprime)
     for lane in range(LANES):
@@ -1087,7 +1102,9 @@ def lane_rows(x, k, lam, q, is_mag, bounds, out, gprime, codes, offset, unresolv
     # body in the parallel loop, Numba's parfor passes ran over the whole inlined solver and each variant
     # compiled it on its own.  Measured (empty cache, float32 magnitude, p = 4/3, `first_call.py`): a first
     # call at (16384, 64) 54 -> 47.5 s, then one at (64, 64) (the serial variant) 13.7 -> 4.2 s; the calls
-    # themselves as fast (`ab_versions.py`: 0.99-1.05x).  Numba's parallel loop counts in uint64: the cast
+    # themselves as fast (`ab_versions.py`: 0.99-1.05x) once the chunk's per-row loop became a function of
+    # its own (`_mag_rows`; before, the magnitude's forward with residuals at (262144, 16) took 1.2x the
+    # time of the inlined chunk).  Numba's parallel loop counts in uint64: the cast
     # keeps the chunk's signature, which it would otherwise compile a second time.
     non_finite = 0
     for c in nb.prange(n_chunks):
