@@ -166,3 +166,21 @@ def test_products_at_a_dominant_entry_are_accurate(operator, transpose, path):
         for r in range(t.shape[0]):
             want = _exact_product(operator, transpose, _row(residuals, r), t[r])
             np.testing.assert_allclose(got[r], want, rtol=0, atol=1e-12 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("transpose", [False, True], ids=["jvp", "vjp"])
+@pytest.mark.parametrize("path", ["numba", "array_api"])
+def test_a_zero_product_at_a_dominant_entry_is_positive_zero(operator, transpose, path):
+    # Both paths turn the -0.0 of `0 * negative` into +0.0 (`jacobians`: `out + 0.0`), at the dominant entry
+    # too, whose product is formed apart: there a magnitude entry of negative x (code -1) gave -0.0 on the
+    # Numba path for a zero tangent.
+    gp = np.array([[1e12, 1.0, 2.0, 0.5, 0.0, 0.0], [3.0, 1e-9, 0.0, 4.0, 1e15, 1.0]])
+    codes = np.array([[-1, -1, 1, 1, 2, 0], [-1, 1, 0, -1, -1, 2]], dtype=np.int8)
+    if operator == "mask":
+        res = MaskResiduals(None, None, None, None, gp)
+    else:
+        res = MagResiduals(None, None, None, None, gp, codes, np.array([[1.0], [0.0]]))
+    product = _numba if path == "numba" else _array_api
+    got = product(operator, transpose, res, np.zeros_like(gp))
+    np.testing.assert_array_equal(got, 0.0)
+    assert not np.any(np.signbit(got))

@@ -68,7 +68,7 @@ def _mask_rows(gprime, t, out):
             rest = 0.0  # sum over j != m of g'_j (t_m - t_j): entry m's own term is exactly 0
             for j in range(t.shape[1]):
                 rest += float(gprime[r, j]) * (tm - float(t[r, j]))
-            out[r, m] = out.dtype.type(float(gprime[r, m]) * (rest / den))
+            out[r, m] = out.dtype.type(float(gprime[r, m]) * (rest / den)) + zero
 
 
 def _mag_rows(gprime, codes, offset, t, transpose, out):
@@ -104,8 +104,9 @@ def _mag_rows(gprime, codes, offset, t, transpose, out):
             out[r, j] = sc * t[r, j] - sigma * weight * ratio + zero
         m = _dominant_index(gprime[r], squares, den)
         if m >= 0:
+            # `+ zero` as above: +0.0 where the product is 0 at an entry of negative x.
             out[r, m] = out.dtype.type(_dominant_mag(gprime[r], codes[r], float(offset[r, 0]), t[r], m, den,
-                                                     transpose))
+                                                     transpose)) + zero
 
 
 # Rows whose largest g' is more than 1 - 2^-10 of their total are taken apart at that entry (the Array-API
