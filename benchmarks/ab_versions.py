@@ -16,6 +16,12 @@ operator and prints the best times as ratios to `np.sort` and B / A.
     python benchmarks/ab_versions.py HEAD~1 --method threshold                # another method than auto
     python benchmarks/ab_versions.py HEAD~1 --jax --op mask --shape 65536x64  # the jitted threshold method
 
+With `--parts` the one-process run also times the two halves of forward+VJP apart: the forward with
+residuals, and the VJP from residuals computed once (how the regression of the (262144, 16)
+magnitude was split between the lane solver and the products; docs/methods.md).
+
+    python benchmarks/ab_versions.py 7e378cd --parts --shape 262144x16
+
 With `--fresh N` each version's forward+VJP is timed instead in N fresh processes of its own
 (alternating A, B, and `np.sort`), which make no other allocation: what the memory allocator
 does there (glibc's thresholds for handing memory back follow the blocks a process freed before)
@@ -83,6 +89,16 @@ def _calls(tc: object, op: str, x: np.ndarray, u: np.ndarray, k: int, p: float, 
     vjp = getattr(tc, f"{op}_vjp_from_residuals")
     kw = dict(p=p, regularization_strength=lam, method=method)
     return partial(forward, x, k, **kw), partial(forward_vjp, with_res, vjp, x, k, u, kw)
+
+
+def _parts(tc: object, op: str, x: np.ndarray, u: np.ndarray, k: int, p: float, lam: float, method: str = "auto"
+           ) -> tuple[Callable[[], object], Callable[[], object]]:
+    """The forward with residuals, and the VJP of `u` from residuals computed once: forward+VJP's halves."""
+    with_res = getattr(tc, f"soft_topk_{op}_forward")
+    vjp = getattr(tc, f"{op}_vjp_from_residuals")
+    kw = dict(p=p, regularization_strength=lam, method=method)
+    residuals = with_res(x, k, **kw)[1]
+    return partial(with_res, x, k, **kw), partial(vjp, residuals, u)
 
 
 def _jax_calls(tc: object, op: str, x: np.ndarray, u: np.ndarray, k: int, p: float, lam: float, method: str = "auto"
@@ -173,6 +189,8 @@ def main() -> None:
     parser.add_argument("--method", default="auto", help="the core's method (not with --jax: its threshold method)")
     parser.add_argument("--rounds", type=int, default=31, help="alternating calls of each version")
     parser.add_argument("--jax", action="store_true", help="the jitted threshold method in jax.numpy")
+    parser.add_argument("--parts", action="store_true",
+                        help="also time the forward with residuals and the VJP apart (not with --jax or --fresh)")
     parser.add_argument("--fresh", type=int, default=0, metavar="N",
                         help="time forward+VJP in N fresh processes per version instead (see above)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -184,6 +202,8 @@ def main() -> None:
         return
     if args.jax and args.method != "auto":
         parser.error("--method picks the NumPy calls' method; with --jax the calls are the threshold method's")
+    if args.parts and (args.jax or args.fresh):
+        parser.error("--parts times the NumPy calls in one process: not with --jax or --fresh")
 
     work = Path(args.workdir)
     _copy_version(args.rev_a, work / "topk_core_a")
@@ -200,6 +220,11 @@ def main() -> None:
     k = _k(args, n)
     make = _jax_calls if args.jax else _calls
     calls = {name: make(tc, args.op, x, u, k, p, args.strength, args.method) for name, tc in versions.items()}
+    kinds = ("forward", "fwd+VJP")
+    if args.parts:
+        kinds += ("fwd+res", "VJP")
+        for name, tc in versions.items():
+            calls[name] += _parts(tc, args.op, x, u, k, p, args.strength, args.method)
     deviation = np.abs(calls["A"][0]() - calls["B"][0]()).max()
 
     best: dict[tuple[str, str], float] = {}
@@ -214,14 +239,14 @@ def main() -> None:
             fn()  # compilation and warm-up
     for r in range(args.rounds):
         timed(("sort", ""), lambda: np.sort(x, axis=-1))
-        for i, kind in enumerate(("forward", "fwd+VJP")):
+        for i, kind in enumerate(kinds):
             order = ("A", "B") if r % 2 else ("B", "A")
             for name in order:
                 timed((name, kind), calls[name][i])
     sort = best["sort", ""]
     print(f"{args.op} p={args.p} {batch}x{n} l={args.strength} k={k}: np.sort {sort * 1e3:.2f} ms, "
           f"max |A - B| {deviation:.1e}")
-    for kind in ("forward", "fwd+VJP"):
+    for kind in kinds:
         a, b = best["A", kind], best["B", kind]
         print(f"  {kind:8s} A {a / sort:.3f}x np.sort  B {b / sort:.3f}x np.sort  B / A {b / a:.3f}")
 

@@ -373,6 +373,24 @@ def test_ab_versions_k_is_the_tables_unless_given(monkeypatch):
     assert ab_versions._k(argparse.Namespace(k=5), 512) == 5
 
 
+def test_ab_versions_parts_are_the_halves_of_forward_vjp(monkeypatch):
+    """`ab_versions.py --parts`: the forward with residuals gives what forward+VJP's forward gives, and the VJP
+    from the residuals computed once what forward+VJP returns."""
+    import topk_core as tc
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import ab_versions
+
+    rng = np.random.default_rng(0)
+    x, u = rng.normal(size=(2, 6, 16)).astype(np.float32)
+    for op in ("mask", "mag"):
+        forward, vjp = ab_versions._parts(tc, op, x, u, 3, 4.0 / 3.0, 0.1)
+        _, with_vjp = ab_versions._calls(tc, op, x, u, 3, 4.0 / 3.0, 0.1)
+        want_y = getattr(tc, f"soft_topk_{op}")(x, 3, p=4.0 / 3.0, regularization_strength=0.1)
+        np.testing.assert_array_equal(forward()[0], want_y)
+        np.testing.assert_array_equal(vjp(), with_vjp())
+
+
 def test_ab_versions_fresh_times_each_version_in_processes_of_its_own(monkeypatch, capsys, tmp_path):
     """`ab_versions.py --fresh`: a child process times one version (here np.sort, which needs no copy of the
     core) and prints best, median and page faults per call; the parent alternates the children and prints
