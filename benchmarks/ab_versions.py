@@ -82,21 +82,22 @@ def _copy_version(revision: str | None, dest: Path) -> None:
                 path.unlink()
 
 
+def _entry_points(tc: object, op: str, p: float, lam: float, method: str) -> tuple[Callable, Callable, dict]:
+    """The operator's forward with residuals, its VJP from residuals, and the keywords of every call."""
+    kw = dict(p=p, regularization_strength=lam, method=method)
+    return getattr(tc, f"soft_topk_{op}_forward"), getattr(tc, f"{op}_vjp_from_residuals"), kw
+
+
 def _calls(tc: object, op: str, x: np.ndarray, u: np.ndarray, k: int, p: float, lam: float, method: str = "auto"
            ) -> tuple[Callable[[], object], Callable[[], object]]:
-    forward = getattr(tc, f"soft_topk_{op}")
-    with_res = getattr(tc, f"soft_topk_{op}_forward")
-    vjp = getattr(tc, f"{op}_vjp_from_residuals")
-    kw = dict(p=p, regularization_strength=lam, method=method)
-    return partial(forward, x, k, **kw), partial(forward_vjp, with_res, vjp, x, k, u, kw)
+    with_res, vjp, kw = _entry_points(tc, op, p, lam, method)
+    return partial(getattr(tc, f"soft_topk_{op}"), x, k, **kw), partial(forward_vjp, with_res, vjp, x, k, u, kw)
 
 
 def _parts(tc: object, op: str, x: np.ndarray, u: np.ndarray, k: int, p: float, lam: float, method: str = "auto"
            ) -> tuple[Callable[[], object], Callable[[], object]]:
     """The forward with residuals, and the VJP of `u` from residuals computed once: forward+VJP's halves."""
-    with_res = getattr(tc, f"soft_topk_{op}_forward")
-    vjp = getattr(tc, f"{op}_vjp_from_residuals")
-    kw = dict(p=p, regularization_strength=lam, method=method)
+    with_res, vjp, kw = _entry_points(tc, op, p, lam, method)
     residuals = with_res(x, k, **kw)[1]
     return partial(with_res, x, k, **kw), partial(vjp, residuals, u)
 

@@ -141,6 +141,15 @@ def _row(res, r):
     return type(res)(*(None if a is None else np.asarray(a)[r] for a in res))
 
 
+def _dominated_residuals(operator, codes):
+    """Residuals of two rows of 6 built with one dominant g' each (1e12 at entry 0, 1e15 at entry 4); the
+    magnitude's with the set `codes` given."""
+    gp = np.array([[1e12, 1.0, 2.0, 0.5, 0.0, 0.0], [3.0, 1e-9, 0.0, 4.0, 1e15, 1.0]])
+    if operator == "mask":
+        return MaskResiduals(None, None, None, None, gp)
+    return MagResiduals(None, None, None, None, gp, np.array(codes, dtype=np.int8), np.array([[1.0], [0.0]]))
+
+
 @pytest.mark.parametrize("transpose", [False, True], ids=["jvp", "vjp"])
 @pytest.mark.parametrize("path", ["numba", "array_api"])
 def test_products_at_a_dominant_entry_are_accurate(operator, transpose, path):
@@ -153,12 +162,7 @@ def test_products_at_a_dominant_entry_are_accurate(operator, transpose, path):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(40, 64))
     _, res = FORWARD[operator](x, 8, regularization_strength=1.0, p=8.0, method="pav")
-    gp = np.array([[1e12, 1.0, 2.0, 0.5, 0.0, 0.0], [3.0, 1e-9, 0.0, 4.0, 1e15, 1.0]])
-    codes = np.array([[1, -1, 1, 1, 2, 0], [-1, 1, 0, -1, 1, 2]], dtype=np.int8)
-    if operator == "mask":
-        built = MaskResiduals(None, None, None, None, gp)
-    else:
-        built = MagResiduals(None, None, None, None, gp, codes, np.array([[1.0], [0.0]]))
+    built = _dominated_residuals(operator, [[1, -1, 1, 1, 2, 0], [-1, 1, 0, -1, 1, 2]])
     product = _numba if path == "numba" else _array_api
     for residuals in (res, built):
         t = rng.normal(size=np.shape(residuals.gprime))
@@ -174,13 +178,8 @@ def test_a_zero_product_at_a_dominant_entry_is_positive_zero(operator, transpose
     # Both paths turn the -0.0 of `0 * negative` into +0.0 (`jacobians`: `out + 0.0`), at the dominant entry
     # too, whose product is formed apart: there a magnitude entry of negative x (code -1) gave -0.0 on the
     # Numba path for a zero tangent.
-    gp = np.array([[1e12, 1.0, 2.0, 0.5, 0.0, 0.0], [3.0, 1e-9, 0.0, 4.0, 1e15, 1.0]])
-    codes = np.array([[-1, -1, 1, 1, 2, 0], [-1, 1, 0, -1, -1, 2]], dtype=np.int8)
-    if operator == "mask":
-        res = MaskResiduals(None, None, None, None, gp)
-    else:
-        res = MagResiduals(None, None, None, None, gp, codes, np.array([[1.0], [0.0]]))
+    res = _dominated_residuals(operator, [[-1, -1, 1, 1, 2, 0], [-1, 1, 0, -1, -1, 2]])
     product = _numba if path == "numba" else _array_api
-    got = product(operator, transpose, res, np.zeros_like(gp))
+    got = product(operator, transpose, res, np.zeros_like(res.gprime))
     np.testing.assert_array_equal(got, 0.0)
     assert not np.any(np.signbit(got))
