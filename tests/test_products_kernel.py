@@ -33,10 +33,15 @@ def _numba(operator: str, transpose: bool, res, t):
     return products.mag_product_rows(res, t, transpose)
 
 
-def _cases(rng, dtype):
-    x = rng.normal(size=(40, 33)).astype(dtype)
+# Row lengths: one the kernels' loops take as any length, and `products.SHORT_ROW`, whose rows the
+# magnitude's kernel takes in a loop of that constant length.
+ROW_LENGTHS = [33, products.SHORT_ROW]
+
+
+def _cases(rng, dtype, n):
+    x = rng.normal(size=(40, n)).astype(dtype)
     yield x, 5, 0.5  # many free entries per row
-    yield x, 33, 0.5  # k = n: every entry saturated
+    yield x, n, 0.5  # k = n: every entry saturated
     yield np.round(x * 2).astype(dtype), 7, 0.1  # ties
     nan = x.copy()
     nan[3, 4] = np.nan
@@ -46,10 +51,11 @@ def _cases(rng, dtype):
     yield inf, 6, 0.5  # the full-sort route of the fused kernel
 
 
+@pytest.mark.parametrize("n", ROW_LENGTHS)
 @pytest.mark.parametrize("method", ["pav", "threshold"])
 @pytest.mark.parametrize("transpose", [False, True], ids=["jvp", "vjp"])
-def test_numba_products_match_the_array_api_products(rng, operator, transpose, method, float_dtype, p):
-    for x, k, lam in _cases(rng, float_dtype):
+def test_numba_products_match_the_array_api_products(rng, operator, transpose, method, float_dtype, p, n):
+    for x, k, lam in _cases(rng, float_dtype, n):
         if method == "threshold" and not np.all(np.isfinite(x) | np.isnan(x)):
             continue
         _, res = FORWARD[operator](x, k, regularization_strength=lam, p=p, method=method)
@@ -141,18 +147,22 @@ def _row(res, r):
     return type(res)(*(None if a is None else np.asarray(a)[r] for a in res))
 
 
-def _dominated_residuals(operator, codes):
-    """Residuals of two rows of 6 built with one dominant g' each (1e12 at entry 0, 1e15 at entry 4); the
-    magnitude's with the set `codes` given."""
-    gp = np.array([[1e12, 1.0, 2.0, 0.5, 0.0, 0.0], [3.0, 1e-9, 0.0, 4.0, 1e15, 1.0]])
+def _dominated_residuals(operator, codes, n=6):
+    """Residuals of two rows of `n` >= 6 built with one dominant g' each (1e12 at entry 0, 1e15 at entry 4;
+    g' = 0 past entry 5); the magnitude's with the set `codes` of the first 6 entries given (0 past them)."""
+    gp = np.zeros((2, n))
+    gp[:, :6] = [[1e12, 1.0, 2.0, 0.5, 0.0, 0.0], [3.0, 1e-9, 0.0, 4.0, 1e15, 1.0]]
     if operator == "mask":
         return MaskResiduals(None, None, None, None, gp)
-    return MagResiduals(None, None, None, None, gp, np.array(codes, dtype=np.int8), np.array([[1.0], [0.0]]))
+    padded = np.zeros((2, n), dtype=np.int8)
+    padded[:, :6] = codes
+    return MagResiduals(None, None, None, None, gp, padded, np.array([[1.0], [0.0]]))
 
 
+@pytest.mark.parametrize("n", [6, products.SHORT_ROW])
 @pytest.mark.parametrize("transpose", [False, True], ids=["jvp", "vjp"])
 @pytest.mark.parametrize("path", ["numba", "array_api"])
-def test_products_at_a_dominant_entry_are_accurate(operator, transpose, path):
+def test_products_at_a_dominant_entry_are_accurate(operator, transpose, path, n):
     # Where one g' exceeds the rest of the row's total by far, its product, g'_m (t_m - dgamma) as
     # written, is a difference of two terms of about g'_m |t| whose value is about (total - g'_m) |t|:
     # at p = 8 on normal rows of 64 the mask's VJP was 2.2e-9 and the magnitude's up to 9.3e-6 off
@@ -162,7 +172,7 @@ def test_products_at_a_dominant_entry_are_accurate(operator, transpose, path):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(40, 64))
     _, res = FORWARD[operator](x, 8, regularization_strength=1.0, p=8.0, method="pav")
-    built = _dominated_residuals(operator, [[1, -1, 1, 1, 2, 0], [-1, 1, 0, -1, 1, 2]])
+    built = _dominated_residuals(operator, [[1, -1, 1, 1, 2, 0], [-1, 1, 0, -1, 1, 2]], n)
     product = _numba if path == "numba" else _array_api
     for residuals in (res, built):
         t = rng.normal(size=np.shape(residuals.gprime))
@@ -172,13 +182,14 @@ def test_products_at_a_dominant_entry_are_accurate(operator, transpose, path):
             np.testing.assert_allclose(got[r], want, rtol=0, atol=1e-12 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("n", [6, products.SHORT_ROW])
 @pytest.mark.parametrize("transpose", [False, True], ids=["jvp", "vjp"])
 @pytest.mark.parametrize("path", ["numba", "array_api"])
-def test_a_zero_product_at_a_dominant_entry_is_positive_zero(operator, transpose, path):
+def test_a_zero_product_at_a_dominant_entry_is_positive_zero(operator, transpose, path, n):
     # Both paths turn the -0.0 of `0 * negative` into +0.0 (`jacobians`: `out + 0.0`), at the dominant entry
     # too, whose product is formed apart: there a magnitude entry of negative x (code -1) gave -0.0 on the
     # Numba path for a zero tangent.
-    res = _dominated_residuals(operator, [[-1, -1, 1, 1, 2, 0], [-1, 1, 0, -1, -1, 2]])
+    res = _dominated_residuals(operator, [[-1, -1, 1, 1, 2, 0], [-1, 1, 0, -1, -1, 2]], n)
     product = _numba if path == "numba" else _array_api
     got = product(operator, transpose, res, np.zeros_like(res.gprime))
     np.testing.assert_array_equal(got, 0.0)
