@@ -45,8 +45,10 @@ KERNELS = [
     ("products._mag_rows (parallel)", products._mag_rows.parallel),
     ("products._mask_rows (serial)", products._mask_rows.serial),
     ("products._mag_rows (serial)", products._mag_rows.serial),
-    ("products._short_mag_rows (parallel)", products._short_mag_rows.parallel),
-    ("products._short_mag_rows (serial)", products._short_mag_rows.serial),
+    ("products._short_mag_vjp_rows (parallel)", products._short_mag_vjp_rows.parallel),
+    ("products._short_mag_vjp_rows (serial)", products._short_mag_vjp_rows.serial),
+    ("products._short_mag_jvp_rows (parallel)", products._short_mag_jvp_rows.parallel),
+    ("products._short_mag_jvp_rows (serial)", products._short_mag_jvp_rows.serial),
     ("select._select_chunk", select._select_chunk),
     ("select.lane_order_statistics (parallel)", select.lane_order_statistics.parallel),
     ("kernels._flat_keys (parallel)", kernels._flat_keys.parallel),
@@ -56,7 +58,8 @@ KERNELS = [
 # The kernels called from Python; the others are called from these (compiled with them).
 TOP_LEVEL = [lanes.lane_rows.serial, lanes.lane_rows.parallel, products._mask_rows.serial,
              products._mask_rows.parallel, products._mag_rows.serial, products._mag_rows.parallel,
-             products._short_mag_rows.serial, products._short_mag_rows.parallel,
+             products._short_mag_vjp_rows.serial, products._short_mag_vjp_rows.parallel,
+             products._short_mag_jvp_rows.serial, products._short_mag_jvp_rows.parallel,
              select._select_rows.serial, select._select_rows.parallel, select.lane_order_statistics.parallel,
              kernels._flat_keys.parallel]
 

@@ -71,74 +71,70 @@ def _mask_rows(gprime, t, out):
             out[r, m] = out.dtype.type(float(gprime[r, m]) * (rest / den)) + zero
 
 
-def _mag_rows(gprime, codes, offset, t, transpose, out):
-    """The magnitude's JVP (``transpose=False``) or VJP of (batch, n) tangents `t`.
+def _mag_rows_kernel(length, direction):
+    """The kernel of the magnitude's JVP or VJP of (batch, n) tangents `t`, for rows of any length (`length` 0)
+    or of `length` entries, and for either product (`direction` 0: the argument `transpose` says which)
+    or the VJP (1) or JVP (-1) alone; the two are constants in the compiled loops.
 
     JVP: ``scale t - sigma scale dgamma``, ``dgamma = sum sigma g' t / D``;
     VJP: ``scale t - sigma g' c``, ``c = sum sigma scale t / D``;
     ``D = sum g' + offset``, ``scale`` and ``sigma`` read off the set codes
     (`jacobians._scale_and_sigma`); the dominant entry of a row, if any, by
     `jacobians.dominant_mag_entry`'s form.
+
+    Rows of SHORT_ROW entries have a kernel of their own: the loop over a row of unknown
+    length is vectorized 32 entries at a time (float32: 8 per vector, the width of the
+    sums' float64 lanes, 4 vectors per step), so a row of 16 ran the loop's remainder,
+    4 entries at a time, where a row of constant length is vectorized whole.  The
+    constants are the function's closure, not arguments of an inlined helper: a helper
+    called per row with the arrays took and dropped a reference to each per row (atomic
+    operations: 57 ns per row of 8 instead of 11, one thread).
     """
-    for r in nb.prange(t.shape[0]):
-        prefer_wide_vectors()
-        _mag_row(gprime, codes, offset, t, transpose, out, r, t.shape[1])
+
+    def kernel(gprime, codes, offset, t, transpose, out):
+        one = out.dtype.type(1)
+        zero = out.dtype.type(0)
+        kept = out.dtype.type(KEPT_CODE)  # in the products' dtype: an int64 times a float32 is a float64
+        n = t.shape[1] if length == 0 else length
+        vjp = transpose if direction == 0 else direction > 0
+        for r in nb.prange(t.shape[0]):
+            prefer_wide_vectors()
+            num = 0.0
+            # float64 from the start: Numba's float() keeps a float32 value float32, and the sum with it.
+            den = np.float64(offset[r, 0])
+            squares = zero  # in the residuals' dtype: only compared with a margin of 2^-10
+            for j in range(n):
+                gp = gprime[r, j]
+                sigma, sc = _sigma_scale(out.dtype.type(codes[r, j]), gp, one, kept)
+                weight = sc if vjp else gp
+                num += float(sigma * weight * t[r, j])
+                den += float(gp)
+                squares += gp * gp
+            ratio = out.dtype.type(_safe_ratio(num, den))
+            for j in range(n):
+                gp = gprime[r, j]
+                sigma, sc = _sigma_scale(out.dtype.type(codes[r, j]), gp, one, kept)
+                weight = gp if vjp else sc
+                out[r, j] = sc * t[r, j] - sigma * weight * ratio + zero
+            m = _dominant_index(gprime[r], squares, den)
+            if m >= 0:
+                # `+ zero` as above: +0.0 where the product is 0 at an entry of negative x.
+                out[r, m] = out.dtype.type(_dominant_mag(gprime[r], codes[r], float(offset[r, 0]), t[r], m, den,
+                                                         vjp)) + zero
+
+    # Names of their own: Numba's cache files are named after the function.
+    kernel.__name__ = kernel.__qualname__ = "_mag_rows" + (f"_{length}_{direction}" if length else "")
+    return kernel
 
 
-def _short_mag_rows(gprime, codes, offset, t, transpose, out):
-    """`_mag_rows` of rows of SHORT_ROW entries, their length (and `transpose`) constants in the loops.
-
-    The loop over a row of unknown length is vectorized 32 entries at a time (float32:
-    8 per vector, the width of the sums' float64 lanes, 4 vectors per step), so a row
-    of 16 ran the loop's remainder, 4 entries at a time; here the compiler vectorizes
-    the row of constant length whole.  Measured (float32, (262144, 16), p = 4/3, two
-    threads, Xeon with AVX-512; `ab_versions.py --parts`): the VJP took 0.85-0.89x its
-    time.  Not for the mask, nor for a body smaller than this one (the magnitude's
-    without its dominance test): the compiler unrolls a small loop of constant length
-    whole before its vectorizer sees it, and the unrolled row compiled to scalar
-    sums (the mask's VJP took 1.7-3x its time).  Nor for rows of 8, whose VJP took 1.7x
-    its time (1.0-1.2x between identical versions).  `benchmarks/ab_versions.py --parts`
-    shows whether a change to `_mag_row` keeps this loop vectorized.
-    """
-    for r in nb.prange(t.shape[0]):
-        prefer_wide_vectors()
-        if transpose:
-            _mag_row(gprime, codes, offset, t, True, out, r, SHORT_ROW)
-        else:
-            _mag_row(gprime, codes, offset, t, False, out, r, SHORT_ROW)
-
-
+# Rows of this many entries take the kernels of constant length.  Measured (float32, (262144, 16), p = 4/3,
+# two threads, Xeon with AVX-512; `ab_versions.py --parts`): the VJP took 0.85-0.89x its time.  Not for
+# the mask, nor for a body smaller than the magnitude's (without its dominance test): the compiler unrolls
+# a small loop of constant length whole before its vectorizer sees it, and the unrolled row compiled to
+# scalar sums (the mask's VJP took 1.7-3x its time); nor for rows of 8, whose VJP took 1.7x its time
+# (1.0-1.2x between identical versions).  `benchmarks/ab_versions.py --parts` shows whether a change to
+# the kernel keeps its loops vectorized.
 SHORT_ROW = 16
-
-
-@nb.njit(cache=True, inline="always")
-def _mag_row(gprime, codes, offset, t, transpose, out, r, n):
-    # Row `r` of `_mag_rows`, of `n` entries.
-    one = out.dtype.type(1)
-    zero = out.dtype.type(0)
-    kept = out.dtype.type(KEPT_CODE)  # in the products' dtype: an int64 times a float32 is a float64
-    num = 0.0
-    # float64 from the start: Numba's float() keeps a float32 value float32, and the sum with it.
-    den = np.float64(offset[r, 0])
-    squares = zero  # in the residuals' dtype: only compared with a margin of 2^-10
-    for j in range(n):
-        gp = gprime[r, j]
-        sigma, sc = _sigma_scale(out.dtype.type(codes[r, j]), gp, one, kept)
-        weight = sc if transpose else gp
-        num += float(sigma * weight * t[r, j])
-        den += float(gp)
-        squares += gp * gp
-    ratio = out.dtype.type(_safe_ratio(num, den))
-    for j in range(n):
-        gp = gprime[r, j]
-        sigma, sc = _sigma_scale(out.dtype.type(codes[r, j]), gp, one, kept)
-        weight = gp if transpose else sc
-        out[r, j] = sc * t[r, j] - sigma * weight * ratio + zero
-    m = _dominant_index(gprime[r], squares, den)
-    if m >= 0:
-        # `+ zero` as above: +0.0 where the product is 0 at an entry of negative x.
-        out[r, m] = out.dtype.type(_dominant_mag(gprime[r], codes[r], float(offset[r, 0]), t[r], m, den,
-                                                 transpose)) + zero
 
 
 # Rows whose largest g' is more than 1 - 2^-10 of their total are taken apart at that entry (the Array-API
@@ -196,8 +192,10 @@ def _dominant_mag(gprime, codes, offset, t, m, den, transpose):
 
 # Reassociated row sums: the compiler vectorizes them (only their last bits change).
 _mask_rows = _compiled_pair(_mask_rows, fastmath={"reassoc"}, inputs=(0, 1))
-_mag_rows = _compiled_pair(_mag_rows, fastmath={"reassoc"}, inputs=(0, 1, 2, 3))
-_short_mag_rows = _compiled_pair(_short_mag_rows, fastmath={"reassoc"}, inputs=(0, 1, 2, 3))
+_mag_rows, _short_mag_vjp_rows, _short_mag_jvp_rows = (
+    _compiled_pair(_mag_rows_kernel(length, direction), fastmath={"reassoc"}, inputs=(0, 1, 2, 3))
+    for length, direction in ((0, 0), (SHORT_ROW, 1), (SHORT_ROW, -1))
+)
 
 
 def mask_product_rows(res, t: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -217,6 +215,8 @@ def mag_product_rows(res, t: np.ndarray, transpose: bool, out: np.ndarray | None
     out = writable_or_empty(out, t.shape, res.gprime.dtype)
     offset = np.broadcast_to(res.offset, (t.shape[0], 1))
     arrays = (res.gprime, res.codes, offset, t)
-    kernel = _short_mag_rows if t.shape[1] == SHORT_ROW else _mag_rows
+    kernel = _mag_rows
+    if t.shape[1] == SHORT_ROW:
+        kernel = _short_mag_vjp_rows if transpose else _short_mag_jvp_rows
     kernel(*(np.ascontiguousarray(a) for a in arrays), transpose, out)
     return out
