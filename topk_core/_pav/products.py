@@ -128,12 +128,13 @@ def _mag_rows_kernel(length, direction):
 
 
 # Rows of this many entries take the kernels of constant length.  Measured (float32, (262144, 16), p = 4/3,
-# two threads, Xeon with AVX-512; `ab_versions.py --parts`): the VJP took 0.85-0.89x its time.  Not for
-# the mask, nor for a body smaller than the magnitude's (without its dominance test): the compiler unrolls
-# a small loop of constant length whole before its vectorizer sees it, and the unrolled row compiled to
-# scalar sums (the mask's VJP took 1.7-3x its time); nor for rows of 8, whose VJP took 1.7x its time
-# (1.0-1.2x between identical versions).  `benchmarks/ab_versions.py --parts` shows whether a change to
-# the kernel keeps its loops vectorized.
+# two threads, Xeon with AVX-512; `ab_versions.py --parts`): the VJP took 0.84-0.90x its time (the kernel
+# alone 0.75x).  Not for the mask, nor for rows of 8, nor for a body smaller than the magnitude's (without
+# its dominance test): the compiler unrolls a small loop of constant length whole before its vectorizer
+# sees it, and the unrolled row compiled to scalar sums (the mask's VJP took 1.7-3x its time, the
+# magnitude's kernel on rows of 8 2.4-2.5x).  Rows of 32 gained 0.9-0.95x, within what code layout
+# moves.  `benchmarks/ab_versions.py --parts` shows whether a change to the kernel keeps its loops
+# vectorized.
 SHORT_ROW = 16
 
 
