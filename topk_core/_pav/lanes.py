@@ -696,8 +696,9 @@ def _output_loop(rows, frame, inv, q, is_mag, signed, gbuf, with_residuals, sets
 
 
 @nb.njit(cache=True, error_model="numpy")
-def _mag_rows(x, rows, used, out, codes, gprime, free_gprime):
-    """`_mag_row` of the rows `rows[:used]` of a group.
+def _mag_rows(x, rows, used, out, codes, gprime, free_gprime, frame, lam):
+    """`_mag_row` of the rows `rows[:used]` of a group, at the lanes' ref, threshold and level in `frame` (those of
+    its outputs' pass, `_lane_outputs`).
 
     A function of its own, called once per group: with the loop over the group's rows in
     `_lane_chunk`, each row's inlined call took and dropped a reference to the arrays (atomic
@@ -707,31 +708,36 @@ def _mag_rows(x, rows, used, out, codes, gprime, free_gprime):
     `perf` put 7% of the time in the reference counts, against 1.5-4% with this function).
     """
     prefer_wide_vectors()
+    inv = 1.0 / lam
     for lane in range(used):
-        _mag_row(x, rows[lane], out, codes, gprime, free_gprime)
+        _mag_row(x, rows[lane], out, codes, gprime, free_gprime, frame[0, lane], frame[1, lane], frame[2, lane], inv)
 
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
-def _mag_row(x, r, out, codes, gprime, free_gprime):
+def _mag_row(x, r, out, codes, gprime, free_gprime, ref, t, level, inv):
     """Row `r` of the magnitude's outputs and set codes from the codes stored in it (`lane_rows`, a solve with
     residuals in the lane layout).
 
     `out[r]` holds the codes of `_lane_outputs` (-1 on A: the output is x itself; the value
     on F, given x's sign; -0 elsewhere).  F is told apart by the sign bit, not by a positive
     value: a value that rounded to +0 in float32 is still on F.  `free_gprime` > 0 is g' on F,
-    the same for every entry (p = 2: 1 / l), written here with the codes; otherwise g' came
-    from the lanes.  One loop of selects, which the compiler vectorizes.
+    the same for every entry (p = 2: 1 / l); otherwise (p = 4/3) g' is `_entry_outputs`' of the
+    key at the lane's `ref`, threshold `t` and `level` (inv = 1 / l), the numbers the lanes
+    compute, bit for bit (measured against g' written in the lane layout and transposed back,
+    float32, side by side: the forward with residuals took 0.95-1.0x its time at (262144, 16),
+    0.95x at (65536, 32), the same at (524288, 8)).  Written here with the codes, in one loop
+    of selects, which the compiler vectorizes.
     """
     # A loop for each case, whether g' is written a constant there: read at run time, it made the store
     # of g' a masked store (`vector_width.unfolded_one`).
     if free_gprime > 0.0:
-        _mag_row_entries(x, r, out, codes, gprime, free_gprime, True)
+        _mag_row_entries(x, r, out, codes, gprime, free_gprime, True, ref, t, level, inv)
     else:
-        _mag_row_entries(x, r, out, codes, gprime, free_gprime, False)
+        _mag_row_entries(x, r, out, codes, gprime, free_gprime, False, ref, t, level, inv)
 
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
-def _mag_row_entries(x, r, out, codes, gprime, free_gprime, write_gprime):
+def _mag_row_entries(x, r, out, codes, gprime, free_gprime, constant_gprime, ref, t, level, inv):
     # `_mag_row`'s loop.
     n = x.shape[1]
     # In the rows' dtype throughout: a float64 literal in a select widens every entry (measured when
@@ -744,8 +750,12 @@ def _mag_row_entries(x, r, out, codes, gprime, free_gprime, write_gprime):
         xj = x[r, j]
         free = math.copysign(one, m) > zero
         codes[r, j] = set_code(xj, free, m < zero)
-        if write_gprime:
+        if constant_gprime:
             gprime[r, j] = g_free if free else zero
+        else:
+            # The cubic's (q = 4) g' = 3 e^2 / l of the key as the lanes solve it (`_output_entry`).
+            gp = _entry_outputs(_relative_key(xj, ref, True), t, inv, 4.0, True, level)[1]
+            gprime[r, j] = out.dtype.type(gp) if free else zero
         out[r, j] = xj if m < zero else (math.copysign(m, xj) if m > zero else zero)
 
 
@@ -949,7 +959,7 @@ def _lane_chunk(x, k, lam, q, is_mag, bounds, out, gprime, codes, offset, unreso
     # The p = 2 magnitude's g' (1 / l on F) is written with its codes, from the signs of F (`_mag_row`);
     # otherwise g' is computed in the lane layout.
     free_gprime = 1.0 / lam if is_mag and q == 2.0 else 0.0
-    lane_gprime = with_residuals and free_gprime == 0.0
+    lane_gprime = with_residuals and not is_mag  # the magnitude's g' is written with its codes (`_mag_row`)
     row_order = (with_residuals or is_mag) and n >= ROW_OUTPUTS_MIN_N
     no_codes = np.empty(0, dtype=np.int8)  # the rows of codes of the mask (it has none) and of forwards alone
     bounds_inside = bounds.shape[0] != batch
@@ -1068,9 +1078,7 @@ def _lane_chunk(x, k, lam, q, is_mag, bounds, out, gprime, codes, offset, unreso
         if is_mag and with_residuals:
             # The sets' codes (raw: -1 on A, the value on F, else 0) went back as they are; each
             # row's outputs and residuals are read off them and x, contiguously.
-            if lane_gprime:
-                store_group(gbuf, used, rows, gprime)
-            _mag_rows(x, rows, used, out, codes, gprime, free_gprime)
+            _mag_rows(x, rows, used, out, codes, gprime, free_gprime, frame, lam)
         elif with_residuals:
             store_group(gbuf, used, rows, gprime)
     for lane in range(LANES):
