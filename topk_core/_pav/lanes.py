@@ -659,7 +659,8 @@ def _lane_outputs(rows, frame, lam, q, is_mag, signed, gbuf, with_residuals, set
     row after.  Otherwise the mask's value, or the magnitude's |value| on F (>= +0), -1 on A
     (whose output is x itself) and -0 elsewhere, which tells the magnitude's sets apart
     (`_mag_row`); gbuf: g' on F (1 / l, or 3 e^2 / l for p = 4/3), else 0 (written only
-    `with_residuals`).
+    `with_residuals`: the mask's, whose g' goes back by block transposes; the magnitude's rows
+    compute theirs as they write their codes).
 
     Measured per group of 64 rows of 64 (float32, one thread): the counts took the loop from 1.7
     to 2.15 us (a pass takes 2.1).  With four entries per loop over the lanes (the counts in
@@ -956,10 +957,10 @@ def _lane_chunk(x, k, lam, q, is_mag, bounds, out, gprime, codes, offset, unreso
     buffers of its own; returns how many of its lanes held a non-finite key."""
     batch, n = x.shape
     with_residuals = gprime.shape[0] == batch and gprime.shape[1] == n
-    # The p = 2 magnitude's g' (1 / l on F) is written with its codes, from the signs of F (`_mag_row`);
-    # otherwise g' is computed in the lane layout.
+    # The magnitude's g' is written with its codes (`_mag_row`): the p = 2 one (1 / l on F) from the signs of
+    # F, the p = 4/3 one from x; the mask's is computed in the lane layout.
     free_gprime = 1.0 / lam if is_mag and q == 2.0 else 0.0
-    lane_gprime = with_residuals and not is_mag  # the magnitude's g' is written with its codes (`_mag_row`)
+    lane_gprime = with_residuals and not is_mag
     row_order = (with_residuals or is_mag) and n >= ROW_OUTPUTS_MIN_N
     no_codes = np.empty(0, dtype=np.int8)  # the rows of codes of the mask (it has none) and of forwards alone
     bounds_inside = bounds.shape[0] != batch
