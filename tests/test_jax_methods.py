@@ -254,6 +254,35 @@ def test_rows_at_the_top_of_the_float_range(x64, op, method, p, dtype):
         np.testing.assert_allclose(got / scale, want / scale, rtol=0, atol=max(ATOL[method], 64 * np.finfo(dtype).eps))
 
 
+
+# Rows whose k-th place lies far below their largest key, and an ordinary row, in one batch (k = 3).
+_DEEP_BATCH = {
+    np.float64: [[1e250, 1e-250, 3e-251, -2e-251, 5e-251, 0.0], [1e300, -1e100, 5e-10, 1e-300, 2e-301, -3e-301]],
+    np.float32: [[1e20, 1e-20, 3e-21, -2e-21, 5e-21, 0.0], [3e38, 1e10, 1e-20, 3e-21, -2e-30, 1e-30]],
+}
+
+
+@pytest.mark.parametrize("p", [4.0 / 3.0, 2.0, 3.0], ids=["p=4/3", "p=2", "p=3"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+def test_threshold_mag_far_below_the_largest_key(x64, p, dtype):
+    """The magnitude's rows framed again without their largest keys (`threshold._mag_deep_frames`) in the
+    adapter's `while_loop`, jitted and eager, with the gradient: before it, the keys near the threshold
+    vanished in the frame of the largest and came back 0.  Oracle: PAV on the same values in float64."""
+    x = np.concatenate([np.array(_DEEP_BATCH[dtype]), rows(3, (1, 6))]).astype(dtype)
+    x64_ = x.astype(np.float64)
+    u = np.random.default_rng(4).normal(size=x.shape)
+    kw = {"regularization_strength": 1.0, "p": p}
+    want, vjp_fn = tn.soft_topk_mag_vjp(x64_, 3, method="pav", **kw)
+    f = partial(tk.soft_topk_mag, k=3, method="threshold", **kw)
+    rtol = 1e-12 if dtype == np.float64 else 2e-5
+    for got in (f(jnp.asarray(x)), jax.jit(f)(jnp.asarray(x))):
+        assert got.dtype == dtype
+        bad = np.abs(np.asarray(got, np.float64) - want) > rtol * np.abs(x64_)
+        assert not bad.any(), (np.asarray(got)[bad], want[bad])
+    if dtype == np.float64:
+        grad = jax.jit(jax.grad(lambda x: jnp.vdot(f(x), jnp.asarray(u))))(jnp.asarray(x))
+        np.testing.assert_allclose(np.asarray(grad), vjp_fn(u), rtol=1e-9, atol=1e-12)
+
 # --------------------------------------------------------------- no host callback
 
 

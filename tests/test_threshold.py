@@ -256,21 +256,108 @@ def test_mask_free_entry_rounded_to_saturation_keeps_the_jacobian(backend):
     np.testing.assert_allclose(backend.back(VJP["mask"](res, backend.to(u))), want, rtol=1e-9, atol=1e-14)
 
 
-_BELOW_THE_FRAME = pytest.mark.xfail(
-    strict=True, reason="known limit (docs/methods.md): keys more than ~308 orders below the largest vanish in the "
-    "threshold method's frame, scaled to the largest key; the k-th place among them came back 0")
-
-
-@pytest.mark.parametrize("method", ["pav", pytest.param("threshold", marks=_BELOW_THE_FRAME)])
+@pytest.mark.parametrize("method", ["pav", "threshold"])
 @pytest.mark.parametrize("p", [2.0, 4.0 / 3.0], ids=["p=2", "p=4/3"])
 def test_mag_second_place_500_orders_below_the_first(method, p):
     # k = 2: the first place goes to 1e250, the second is decided among keys near 1e-250.  Scaled to the
     # largest key (into [1, 2)), those are 1e-500: 0 in float64, and the threshold method returned 1e250
-    # alone (weights summing to 1, not k).  Found by a sanity run on rows spanning the float range.
-    # Oracle: the threshold in 80 digits.
+    # alone (weights summing to 1, not k; a strict xfail until `threshold._mag_deep_frames`).  Found by
+    # a sanity run on rows spanning the float range.  Oracle: the threshold in 80 digits.
     x = np.array([[1e250, 1e-250, 3e-251, -2e-251]])
     y, _ = FORWARD["mag"](x, 2, method=method, p=p, regularization_strength=1.0)
     np.testing.assert_allclose(y[0], mp_threshold_mag_row(x[0], 2, 1.0, p, digits=80), rtol=1e-12, atol=0)
+
+
+# Magnitude rows whose k-th place is decided among keys far below the largest: beyond the frame's range
+# (scaled to the largest key) their keys were subnormal numbers or zeros, and the threshold method
+# returned the large keys alone (float32 from about 35 orders, float64 from about 300); they are set
+# aside and the rest framed again (`threshold._mag_deep_frames`).  (row, k): the second float32 row
+# needs three frames (its 1e10, 1e-20 and 1e-30 scales lie 28-30 orders apart); the third sat at 170
+# in a frame not scaled to its largest key (p = 3).  Normal float32 keys only: XLA on the CPU flushes
+# subnormal numbers to zero.
+_DEEP_ROWS = {
+    np.float64: [
+        ([1e250, 1e-250, 3e-251, -2e-251, 0.0], 2),
+        ([1e300, -1e100, 5e-10, 1e-300, 2e-301, -3e-301], 4),
+        ([-1e307, 3e306, 1e-5, 2e-290, -1e-290, 4e-291, 1e-300], 4),
+    ],
+    np.float32: [
+        ([1e20, 1e-20, 3e-21, -2e-21, 0.0], 2),
+        ([3e38, 1e10, 1e-20, 3e-21, -2e-30, 1e-30, 4e-31], 5),
+        ([-2.79e37, -0.894, -0.245, -0.795, -1.74, -0.863, 0.117, 1.55], 4),
+    ],
+}
+
+
+def _assert_entrywise(got: np.ndarray, want: np.ndarray, x: np.ndarray, rtol: float) -> None:
+    """|got - want| within `rtol` of each |x| (the outputs lie between 0 and x)."""
+    bad = np.abs(got - want) > rtol * np.abs(x)
+    assert not bad.any(), (got[bad], want[bad], x[bad])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("lam", [1e-3, 1.0, 1e3])
+def test_mag_places_far_below_the_largest_key(backend, dtype, lam, p):
+    rtol = 1e-12 if dtype == np.float64 else 2e-5
+    for row, k in _DEEP_ROWS[dtype]:
+        x = np.array([row], dtype=dtype)
+        y, _ = FORWARD["mag"](backend.to(x), k, method="threshold", p=p, regularization_strength=lam)
+        backend.assert_like(y, backend.to(x))
+        want = mp_threshold_mag_row(x[0].astype(np.float64), k, lam, p, digits=80)
+        _assert_entrywise(backend.back(y)[0].astype(np.float64), want, x[0].astype(np.float64), rtol)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_mag_vjp_far_below_the_largest_key_matches_pav(backend, p, seed):
+    # The residuals of re-framed rows (the keys set aside saturated) against PAV's, through one VJP.
+    for row, k in _DEEP_ROWS[np.float64]:
+        x = np.array([row])
+        u = np.random.default_rng(seed).normal(size=x.shape)
+        _, want = _pav("mag", x, k, p=p, regularization_strength=1.0)
+        _, res = FORWARD["mag"](backend.to(x), k, method="threshold", p=p, regularization_strength=1.0)
+        got = backend.back(VJP["mag"](res, backend.to(u)))
+        np.testing.assert_allclose(got, VJP["mag"](want, u), rtol=1e-9, atol=1e-12)
+
+
+def _deep_rows(rng: np.random.Generator, dtype: type, n: int, rows: int) -> tuple[np.ndarray, int]:
+    """Rows of a few huge keys (up to 5) over small ones, the small ones 0-100% of the range below."""
+    lo_e, hi_e = (-37.0, 38.0) if dtype == np.float32 else (-300.0, 307.0)
+    out = np.empty((rows, n))
+    for i in range(rows):
+        e_big = rng.uniform((lo_e + hi_e) / 2, hi_e - 1)
+        e_small = rng.uniform(lo_e + 2, e_big)
+        big = np.arange(n) < rng.integers(0, 6)
+        exps = np.where(big, e_big + rng.uniform(-1, 1, n), e_small + rng.uniform(-2, 2, n))
+        out[i] = rng.choice([-1.0, 1.0], n) * 10.0 ** np.clip(exps, lo_e, hi_e - 0.01)
+    return out.astype(dtype), int(rng.integers(1, 8))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("lam", [1e-3, 1.0, 1e3])
+def test_mag_rows_spanning_the_float_range_match_pav(backend, dtype, lam, p):
+    # Before `_mag_deep_frames`: outputs off by their full value (1.0 relative to |x|) for every p and
+    # strength, in both dtypes; after, within 1.5e-6 (float32) and 5.6e-14 (float64) of PAV, which
+    # solves in float64 relative to its k-th key.
+    rng = np.random.default_rng([int(dtype == np.float32), round(np.log10(lam)) + 3, round(100 * p)])
+    x, k = _deep_rows(rng, dtype, 12, 40)
+    want, _ = _pav("mag", x, k, p=p, regularization_strength=lam)
+    y, _ = FORWARD["mag"](backend.to(x), k, method="threshold", p=p, regularization_strength=lam)
+    rtol = 1e-12 if dtype == np.float64 else 1e-5
+    _assert_entrywise(backend.back(y).astype(np.float64), want.astype(np.float64), x.astype(np.float64), rtol)
+
+
+def test_mag_rows_without_deep_thresholds_keep_their_frame(rng):
+    # The test that picks rows for re-framing reads the keys once and sets none aside on ordinary rows:
+    # outputs bit for bit those of the frame alone (the rounds switched off).
+    x = rng.normal(size=(64, 16)) * 10.0 ** rng.uniform(-3, 3, size=(64, 1))
+    y, _ = FORWARD["mag"](x, 4, method="threshold", p=4.0 / 3.0, regularization_strength=0.1)
+    saved = threshold._DEEP_ROUNDS
+    try:
+        threshold._DEEP_ROUNDS = 0
+        y0, _ = FORWARD["mag"](x, 4, method="threshold", p=4.0 / 3.0, regularization_strength=0.1)
+    finally:
+        threshold._DEEP_ROUNDS = saved
+    np.testing.assert_array_equal(y, y0)
 
 
 def test_mask_threshold_far_closer_to_a_key_than_to_the_maximum(backend):
@@ -537,6 +624,11 @@ def _loop_runs(solver, x, k, lam, q, **hooks):
     runs = []
 
     def loop(cond, body, state):
+        # Not a root finder's loop: the magnitude's frames (`_mag_deep_frames`), run as they are.
+        if len(state) != threshold.STATE_ITERATION + 1:
+            while bool(cond(state)):
+                state = body(state)
+            return state
         done_at = np.where(state[threshold.STATE_DONE][:, 0], 0, -1)
         count = 0
         while bool(cond(state)):

@@ -115,6 +115,24 @@ def test_compiled_loop_matches_pav_and_the_eager_loop(compiled_loops, monkeypatc
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("p", [4 / 3, 2.0, 3.0])
+def test_compiled_loop_frames_rows_far_below_their_largest_key_again(compiled_loops, p):
+    # The magnitude's rows whose k-th place lies among keys hundreds of orders below the largest are
+    # framed again in a loop of their own (`topk_core._agnostic.threshold._mag_deep_frames`), compiled
+    # here like the root finder's; with an ordinary row in the batch.
+    x = torch.tensor([[1e250, 1e-250, 3e-251, -2e-251, 5e-251, 0.0],
+                      [1e300, -1e100, 5e-10, 1e-300, 2e-301, -3e-301],
+                      [0.3, -1.2, 0.8, 2.0, -0.1, 0.5]], dtype=torch.float64)
+    u = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    # (Without the frames' rounds, `threshold._DEEP_ROUNDS = 0`, the first two rows fail.)
+    got = _value_and_grad("mag", x, u, p=p, method="threshold", regularization_strength=1.0)
+    assert "compiled_loop" in compiled_loops
+    want = _value_and_grad("mag", x, u, p=p, method="pav", regularization_strength=1.0)
+    bad = (got[0] - want[0]).abs() > 1e-12 * x.abs()
+    assert not bad.any(), (got[0][bad], want[0][bad])
+    np.testing.assert_allclose(got[1].numpy(), want[1].numpy(), rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("unroll", [2, 4])
 @pytest.mark.parametrize(("op", "method", "p", "max_iter"), [
     ("mask", "threshold", 4 / 3, None), ("mag", "threshold", 2.0, None), ("mask", "threshold", 4 / 3, 3),

@@ -163,6 +163,7 @@ _FTOL_ULPS = 8.0  # default `tol`: |sum(y) - k| <= tol * max(k, 1)
 _LANDING_MISS = 64
 _MIN_COMPACT = 32  # gather the unconverged rows when at most half of >= this many are left
 _RECENTRE_STRENGTHS = 64  # see `_mask_recentre`
+_DEEP_ROUNDS = 3  # see `_mag_deep_frames`
 # Where the root finder's loop state (`_root`) holds its (batch, 1) flags of converged rows, and its
 # iteration count (read by `benchmarks/threshold_iterations.py` through a `loop`).
 STATE_DONE, STATE_ITERATION = 11, 12
@@ -1189,15 +1190,20 @@ def _rounded(value: Any, like: Any, xp: Any, up: bool) -> Any:
 
 def _mag_frame(
     x: Any, k: int, lam: Any, q: float, rtol: float, p: float, emax: float, lam_lo: Any, lam_hi: Any,
-    xp: Any,
+    xp: Any, saturating: Any = None,
 ) -> tuple[Any, ...]:
     """|x| scaled into [1, 2), the equivalent strength, the count of entries to keep, the data bracket, and the
-    root finder's floor of splits and first point."""
+    root finder's floor of splits and first point.
+
+    `saturating` (optional, like `x`): keys known to saturate (`_mag_deep_cut`), set aside as the
+    infinite ones are: weight 1, output `x`, the rest of the row solved for the places left."""
     n = x.shape[-1]
     dt = x.dtype
     x, nan_rows = nan_rows_of(x, xp)
     a = xp.abs(x)
     infinite = a == xp.inf
+    if saturating is not None:
+        infinite = infinite | saturating
     fin = ~infinite
     n_inf = count(infinite, xp)
     n_fin = n - n_inf
@@ -1246,6 +1252,88 @@ def _mag_frame(
     floor = xp.full_like(hi, float(xp.finfo(dt).smallest_normal))
     start = _mag_start(lo, hi, solve, floor, xp)
     return x, nan_rows, infinite, fin, kk, kkf, nonzero, n_nonzero, solve, c, lam_r, an, lo, hi, ftol, floor, start
+
+
+def _mag_deep_levels(hi: Any, lam_r: Any, depth: float, q: float, xp: Any) -> tuple[tuple[Any, Any], ...]:
+    """The levels that `_mag_deep_cut` tests, each with its edge ``2 level + g^-1(2 level)``: `depth` below
+    the largest key, and 2^24 times the smallest normal number, which reaches rows whose frame is not
+    scaled to their largest key (p > 2 and huge keys: float32, p = 3, a key of 2.8e37 over normal ones
+    sat at 170 in its frame, with a saturation width of 56 at the first level)."""
+    tiny = float(xp.finfo(hi.dtype).smallest_normal)
+    levels = (hi * depth, xp.full_like(hi, tiny * 2.0**24))
+    return tuple((level, 2.0 * level + g_inverse(2.0 * level, lam_r, q, xp)) for level in levels)
+
+
+def _mag_deep_rows(an: Any, hi: Any, lam_r: Any, kk: Any, solve: Any, depth: float, q: float, xp: Any) -> Any:
+    """Rows that `_mag_deep_cut` may cut: fewer than k keys at or above an edge (keys there saturate at
+    its level, so ``sum(y) >= k`` there otherwise).  One comparison per key: every call pays it."""
+    (_, edge_a), (_, edge_b) = _mag_deep_levels(hi, lam_r, depth, q, xp)
+    return solve & (count(an >= xp.maximum(edge_a, edge_b), xp) < kk)
+
+
+def _mag_deep_cut(an: Any, hi: Any, lam_r: Any, kkf: Any, solve: Any, depth: float, q: float, xp: Any) -> Any:
+    """Keys certain to saturate in rows whose threshold lies below one of `_mag_deep_levels`.
+
+    ``sum(y) < k`` at a level puts the threshold below it (``sum(y)`` does not increase with the
+    threshold; the test reads keys at or above the level, normal numbers of the frame, and the free
+    outputs it could lose to underflow are below 2^-24 each).  Every key at or above the level's
+    edge ``2 level + g^-1(2 level)`` is then saturated (``|x| - t >= g^-1(t)`` for every
+    ``t <= 2 level``: ``g^-1`` increases; the factor 2 covers the test's rounding).
+    """
+    tiny = float(xp.finfo(an.dtype).smallest_normal)
+    zero = xp.zeros_like(hi)
+    cut = xp.zeros_like(solve & (an > 0))
+    for level, edge in _mag_deep_levels(hi, lam_r, depth, q, xp):
+        _, rc, _, sat, free, _ = _mag_pieces(level, an, zero, lam_r, q, xp)
+        free_sum = xp.sum(xp.where(free, g(rc, lam_r, q, xp), xp.zeros_like(rc)), axis=-1, keepdims=True)
+        below = xp.astype(count(sat, xp), kkf.dtype) + free_sum / level < kkf
+        cut = cut | (below & solve & (level >= tiny) & (an >= edge))
+    return cut
+
+
+def _mag_deep_frames(
+    frame: tuple[Any, ...], reframe: Callable[[Any], tuple[Any, ...]], rows: Callable[[tuple[Any, ...]], Any],
+    cut: Callable[[tuple[Any, ...]], Any], xp: Any, loop: Callable[..., Any] | None,
+) -> tuple[Any, ...]:
+    """The frames of rows whose threshold lies far below their largest key, each row in its own.
+
+    The frame scales a row to its largest key; keys more than about 2^-emax below it (in float64 some
+    300 orders, in float32 some 38, fewer where the exponent p or the strength brings powers of them
+    near underflow) become subnormal numbers or zeros, and a threshold among them was lost: k = 2,
+    ``x = (1e250, 1e-250, 3e-251, -2e-251)`` came back with 1e250 alone, float32 ``(1e20, 1e-20, ...)``
+    too.  Where the threshold lies below ``2^-(emax // 2)`` times the largest key (some 150 orders in
+    float64, 19 in float32) or near the frame's underflow, the keys certain to saturate there
+    (`_mag_deep_cut`: the largest ones) are set aside and the rest of the row is framed again, now
+    scaled to its own largest key, for the places left; at most `_DEEP_ROUNDS` times (enough for every
+    span of finite keys).  Other rows keep their frame.  `rows` picks the rows to test (one comparison
+    per key, which every call pays; with `loop`, traced arrays, nothing more where no row is picked).
+    """
+    maybe = rows(frame)
+    saturating = xp.zeros_like(frame[6])  # (a (batch, n) boolean array: `nonzero`'s shape and dtype)
+
+    def round_of(frame: tuple[Any, ...], saturating: Any, new_cut: Any) -> tuple[Any, ...]:
+        saturating = saturating | new_cut
+        frame = reframe(saturating)
+        # Rows that set nothing aside this round are done (their frame is as before).
+        return (saturating, rows(frame) & xp.any(new_cut, axis=-1, keepdims=True), *frame)
+
+    if loop is None:
+        for _ in range(_DEEP_ROUNDS):
+            if all_true(~maybe, xp):  # (traced arrays: None, every round runs)
+                break
+            new_cut = cut(frame) & maybe
+            if all_true(~new_cut, xp):  # rows picked, none deep (large strengths): no new frame
+                break
+            saturating, maybe, *frame = round_of(tuple(frame), saturating, new_cut)
+        return tuple(frame)
+
+    def body(state: tuple[Any, ...]) -> tuple[Any, ...]:
+        saturating, maybe, *frame = round_of(state[3:], state[0], cut(state[3:]) & state[1])
+        return (saturating, maybe, state[2] + 1, *frame)
+
+    rounds = xp.zeros((), dtype=default_int(xp), device=device(maybe))
+    state = loop(lambda st: xp.any(st[1]) & (st[2] < _DEEP_ROUNDS), body, (saturating, maybe, rounds, *frame))
+    return tuple(state[3:])
 
 
 def _mag_output(
@@ -1363,6 +1451,13 @@ def threshold_mag(
     rtol, ulps, iters, guard = _controls(dt, max_iter, tol, xp)
     p, emax, lam_lo, lam_hi = _mag_scales(lam, q, dt, xp)
     frame = fuse(_mag_frame)(x, k, lam, q, rtol, p, emax, lam_lo, lam_hi, xp)
+    depth = 2.0 ** -(emax // 2)
+    # (The frame's an, hi, lam_r, kk, kkf and solve: its entries 11, 13, 10, 4, 5 and 8.)
+    frame = _mag_deep_frames(
+        frame, lambda saturating: fuse(_mag_frame)(x, k, lam, q, rtol, p, emax, lam_lo, lam_hi, xp, saturating),
+        lambda fr: fuse(_mag_deep_rows)(fr[11], fr[13], fr[10], fr[4], fr[8], depth, q, xp),
+        lambda fr: fuse(_mag_deep_cut)(fr[11], fr[13], fr[10], fr[5], fr[8], depth, q, xp), xp, loop,
+    )
     x, nan_rows, infinite, fin, kk, kkf, nonzero, n_nonzero, solve, c, lam_r, an, lo, hi, ftol, floor, start = frame
     if _starts_at_first_block(order_statistics, k, x.shape[-1], q):
         kth, after = order_statistics(an, k)  # as for the mask: outside the stages
