@@ -170,6 +170,13 @@ def test_bad_soft_parameters_raise_like_numpy(name, x, k, kw):
     _assert_same_error(name, x, k, kw)
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_float8_is_refused(name):
+    x = jnp.ones((2, 3), jnp.float8_e4m3fn)
+    with pytest.raises(TypeError, match=r"`x` must have one of the floating dtypes .* got dtype float8_e4m3fn"):
+        getattr(tk, name)(x, 1)
+
+
 def test_traced_k_is_rejected():
     with pytest.raises(TypeError, match="`k` must be a Python int"):
         jax.jit(lambda x, k: tk.soft_topk_mask(x, k))(jnp.ones(4), 2)

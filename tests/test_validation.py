@@ -95,6 +95,27 @@ def test_non_floating_dtypes(fn, dtype):
         fn(np.ones((2, 3), dtype=dtype), 1)
 
 
+@pytest.mark.skipif(np.dtype(np.longdouble).itemsize <= 8, reason="longdouble is float64 on this platform")
+@pytest.mark.parametrize("fn", ALL, ids=ids)
+def test_longdouble_is_refused_not_computed_in_float32(fn):
+    # It passed `isdtype(..., "real floating")` and was computed in float32 (ties 1e-9 apart at l = 1e-9
+    # came back 1/3 each, where float64 separates them), then returned as float128.
+    with pytest.raises(TypeError, match=r"`x` must have one of the floating dtypes .* got dtype float128"):
+        fn(np.ones((2, 3), dtype=np.longdouble), 1)
+
+
+@pytest.mark.parametrize("name", ["soft_topk_mask", "soft_topk_mag", "hard_topk_mask", "hard_topk_mag"])
+def test_torch_float8_is_refused_by_every_operator(name):
+    # The soft operators computed float8 in float32 and returned float8; the hard ones reached torch's
+    # sort, which raised NotImplementedError.
+    torch = pytest.importorskip("torch")
+    import topk_torch
+
+    x = torch.ones((2, 3)).to(torch.float8_e4m3fn)
+    with pytest.raises(TypeError, match=r"`x` must have one of the floating dtypes .* got dtype torch\.float8_e4m3fn"):
+        getattr(topk_torch, name)(x, 1)
+
+
 @pytest.mark.parametrize("fn", ALL, ids=ids)
 def test_empty_axis_and_scalar(fn):
     with pytest.raises(ValueError, match="empty axis"):

@@ -24,6 +24,9 @@ and spanning rows, 0.29 (mask, spanning rows) and 0.6 (magnitude, ties of tiny k
 --seed 12`).  The threshold method is exact there (docs/methods.md, known limits).  Up to commit
 62fd162 the line was at 4; on the CPU the threshold method takes 11-53 times PAV's time at p = 5 to 8
 (NumPy, float32 rows of 64: `benchmarks/ab_versions.py 62fd162 --p 6`)."""
+# The floating dtypes the operators take (names as `str(dtype)` ends): float16 and bfloat16 are computed
+# in float32 (`_api.compute_dtype`), the others natively.
+SUPPORTED_FLOATS = frozenset({"float16", "bfloat16", "float32", "float64"})
 # Methods with an iteration loop, the only ones that take `max_iter` and `tol`.
 ITERATIVE_METHODS = ("dykstra", "threshold")
 
@@ -46,6 +49,14 @@ def check_float_dtype(x: Any, xp: Any, name: str = "x") -> None:
         raise TypeError(
             f"`{name}` must have a real floating dtype (float16, bfloat16, float32 or float64); "
             f"got dtype {dtype}. Cast integer or boolean inputs explicitly, e.g. {name}.astype(float32)."
+        )
+    if str(dtype).rsplit(".", 1)[-1] not in SUPPORTED_FLOATS:
+        # Other floating dtypes pass `isdtype`: NumPy's longdouble (float128) was computed in float32, less
+        # precision than float64, and returned as float128 without a word; torch's float8 reached the
+        # soft operators' float32 path and torch's sort in the hard ones (NotImplementedError).
+        raise TypeError(
+            f"`{name}` must have one of the floating dtypes float16, bfloat16, float32 or float64; got dtype "
+            f"{dtype}. Cast it explicitly, e.g. to float64 (or to float32 from float8)."
         )
 
 

@@ -3,7 +3,8 @@
 The mathematics lives in `topk_core`; see `topk_core.soft_topk_mask` and
 `topk_core.soft_topk_mag`.  Floating array-likes (NumPy arrays, lists of
 floats) are accepted and converted with `numpy.asarray`; integer and boolean
-input (``[3, 1, 2]`` included) raises TypeError, so cast it explicitly.
+input (``[3, 1, 2]`` included) raises TypeError, so cast it explicitly, as
+does `numpy.longdouble`.
 Outputs are NumPy arrays of the input's floating dtype: float32 and float64
 are computed natively, float16 and bfloat16 (``ml_dtypes.bfloat16``, the dtype
 `numpy.asarray` gives for a JAX bfloat16 array; accepted without making
