@@ -224,6 +224,11 @@ def test_hard_nan_row():
 # --- the custom operators -------------------------------------------------------------------------
 
 
+# The operators take the strength as a 0-d float64 tensor (a float argument is specialized by
+# torch.compile: tests/test_torch_compile.py::test_an_annealed_strength_compiles_once).
+STRENGTH = torch.tensor(0.5, dtype=torch.float64)
+
+
 def _opcheck_inputs():
     gen = torch.Generator().manual_seed(0)
     yield "contiguous-f32", torch.randn(4, 7, generator=gen), False
@@ -252,7 +257,7 @@ OP_CASES = [
 @pytest.mark.parametrize(("name", "x", "requires_grad"), [pytest.param(*c, id=c[0]) for c in _opcheck_inputs()])
 def test_opcheck(operator, family, extra, p, name, x, requires_grad):
     x = x.clone().requires_grad_() if requires_grad else x
-    args = (x, 2, 0.5, p, *extra)
+    args = (x, 2, STRENGTH, p, *extra)
     torch.library.opcheck(_ops.OPS[family, operator], args)
     if not requires_grad:  # the forward-only operators have no autograd formula
         torch.library.opcheck(_ops.VALUE_OPS[family, operator], args)
@@ -267,14 +272,14 @@ def test_custom_ops_are_registered():
 
 def test_custom_op_rejects_bad_rows():
     with pytest.raises(ValueError, match=r"takes \(batch, n\) rows"):
-        torch.ops.sparse_topk.soft_topk_mask_pav(torch.zeros(2, 3, 4), 1, 0.1, 2.0)
+        torch.ops.sparse_topk.soft_topk_mask_pav(torch.zeros(2, 3, 4), 1, STRENGTH, 2.0)
     with pytest.raises(ValueError, match="float32 or float64"):
-        torch.ops.sparse_topk.soft_topk_mag_pav_value(torch.zeros(2, 3, dtype=torch.float16), 1, 0.1, 2.0)
+        torch.ops.sparse_topk.soft_topk_mag_pav_value(torch.zeros(2, 3, dtype=torch.float16), 1, STRENGTH, 2.0)
 
 
 @pytest.mark.parametrize(("family", "extra"), OP_METHODS)
 def test_custom_op_output_matches_core_layout(operator, family, extra):
-    outs = _ops.OPS[family, operator](torch.randn(3, 5), 2, 0.5, 2.0, *extra)
+    outs = _ops.OPS[family, operator](torch.randn(3, 5), 2, STRENGTH, 2.0, *extra)
     for out, field in zip(outs[1:], _ops.layout(operator, extra[0] if extra else "pav"), strict=True):
         assert out.is_contiguous()
         assert out.ndim == (2 if field.present else 1)
@@ -287,14 +292,14 @@ def test_eager_forward_without_the_dispatcher_returns_what_the_operator_does(ope
     route = extra[0] if extra else "pav"
     max_iter, tol = (extra[1], extra[2]) if extra else (None, None)
     direct = _ops.solve_rows(operator, x, 2, 0.5, 2.0, route, max_iter, tol)
-    dispatched = _ops.OPS[family, operator](x, 2, 0.5, 2.0, *extra)
+    dispatched = _ops.OPS[family, operator](x, 2, STRENGTH, 2.0, *extra)
     assert len(direct) == len(dispatched)
     for a, b in zip(direct, dispatched, strict=True):
         assert a.shape == b.shape and a.dtype == b.dtype and a.is_contiguous()
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert all(a.untyped_storage().data_ptr() != x.untyped_storage().data_ptr() for a in direct)
     (value,) = _ops.solve_rows(operator, x, 2, 0.5, 2.0, route, max_iter, tol, residuals=False)
-    torch.testing.assert_close(value, _ops.VALUE_OPS[family, operator](x, 2, 0.5, 2.0, *extra), rtol=0, atol=0)
+    torch.testing.assert_close(value, _ops.VALUE_OPS[family, operator](x, 2, STRENGTH, 2.0, *extra), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("method", ["threshold", "dykstra"])

@@ -13,6 +13,7 @@ torch = pytest.importorskip("torch")
 
 import topk_torch as tk  # noqa: E402
 
+from ._subprocess import run_python  # noqa: E402
 from ._torch_helpers import quiet_lazy_torch_imports  # noqa: E402
 
 quiet_lazy_torch_imports()
@@ -139,7 +140,7 @@ def test_host_product_operator_passes_opcheck():
 
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(5, 7, generator=gen, dtype=torch.float64)
-    _, *res = torch.ops.sparse_topk.soft_topk_mag_pav(x, 2, 0.5, 2.0)
+    _, *res = torch.ops.sparse_topk.soft_topk_mag_pav(x, 2, torch.tensor(0.5, dtype=torch.float64), 2.0)
     gprime, codes, offset = res[4], res[5], res[6]
     rows = torch.randn(5, 7, generator=gen, dtype=torch.float64, requires_grad=True)
     for transpose in (True, False):
@@ -153,3 +154,44 @@ def test_host_product_operator_passes_opcheck():
         core_res = topk_core.MagResiduals(None, None, None, None, gprime, codes, offset)
         torch.testing.assert_close(_host_products.mag_product_host(gprime, codes, offset, rows.detach(), transpose),
                                    want(core_res, rows.detach(), axis=-1, xp=_xp_torch()))
+
+
+@pytest.mark.parametrize("method", ["pav", "threshold"])
+def test_an_annealed_strength_compiles_once(method):
+    # A strength that changes at every step (an annealing schedule, docs/choosing.md).  Dynamo makes a
+    # float that changed symbolic: `math.isfinite` in the argument check could not take it (the second
+    # value failed to compile), and the operators' float argument specialized it (every value compiled
+    # again, and the 9th failed hard at Dynamo's recompile limit under fullgraph=True).
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    fn = torch.compile(lambda x, lam: tk.soft_topk_mask(x, 2, regularization_strength=lam, method=method),
+                       fullgraph=True, backend="aot_eager")
+    x = torch.randn(4, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    for step in range(12):
+        lam = 0.5 * 0.9**step
+        xc, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
+        got = fn(xc, lam)
+        want = tk.soft_topk_mask(xe, 2, regularization_strength=lam, method=method)
+        (got * x).sum().backward()
+        (want * x).sum().backward()
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(xc.grad, xe.grad)
+    assert counters["stats"]["unique_graphs"] <= 2  # the first value static, then one symbolic graph
+    torch._dynamo.reset()
+
+
+def test_a_compiled_first_call_of_the_array_api_family_with_gradients():
+    # In a fresh process, the first call of "threshold" compiled with gradients read its residual layout
+    # (`topk_torch._ops.layout`) from a probe that ran with fake tensors, and failed ("Could not guard on
+    # data-dependent expression").
+    out = run_python(
+        "import torch, topk_torch as tk\n"
+        "f = torch.compile(lambda x: tk.soft_topk_mag(x, 2, method='threshold'), fullgraph=True, backend='aot_eager')\n"
+        "x = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)\n"
+        "(f(x) * x).sum().backward()\n"
+        "xe = x.detach().clone().requires_grad_()\n"
+        "(tk.soft_topk_mag(xe, 2, method='pav') * xe).sum().backward()\n"
+        "print(torch.allclose(x.grad, xe.grad, atol=1e-10))\n"
+    )
+    assert out.strip() == "True"

@@ -6,7 +6,6 @@ and every check runs before any computation.
 
 from __future__ import annotations
 
-import math
 import numbers
 from typing import Any
 
@@ -101,7 +100,9 @@ def _check_real(name: str, value: Any) -> float:
             f"`{name}` must be a real number; got {value!r} of type {type(value).__name__}{_traced_hint(value)}"
         )
     value = float(value)
-    if not math.isfinite(value):
+    # (Not math.isfinite: under torch.compile a strength that changed between calls is a symbolic float,
+    # which math.isfinite cannot take; a comparison it can.  Finite <=> x - x == 0.)
+    if not value - value == 0.0:
         raise ValueError(f"`{name}` must be finite; got {value}")
     return value
 

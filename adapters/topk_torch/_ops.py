@@ -40,6 +40,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 import topk_core
 from topk_core import MagResiduals, MaskResiduals, _validate
@@ -54,7 +55,7 @@ FAMILIES = ("pav", "array_api")
 _FORWARD = {"mask": topk_core.soft_topk_mask_forward, "mag": topk_core.soft_topk_mag_forward}
 _VALUE = {"mask": topk_core.soft_topk_mask, "mag": topk_core.soft_topk_mag}
 _FIELDS = {"mask": MaskResiduals._fields, "mag": MagResiduals._fields}
-_BASE_SCHEMA = "Tensor x, int k, float regularization_strength, float p"
+_BASE_SCHEMA = "Tensor x, int k, Tensor regularization_strength, float p"
 _EXTRA_SCHEMA = {"pav": "", "array_api": ", str method, int? max_iter, float? tol"}
 
 
@@ -80,9 +81,16 @@ def layout(kind: str, method: str = "pav") -> tuple[Field, ...]:
     """
     if method == "pav":
         rows, probe, xp = 0, np.zeros((0, 3)), None
+        _, res = _FORWARD[kind](probe, 1, p=2.0, method=method, xp=xp)
     else:
-        rows, probe, xp = 2, torch.zeros((2, 3), dtype=torch.float64), xp_torch
-    _, res = _FORWARD[kind](probe, 1, p=2.0, method=method, xp=xp)
+        # Real tensors even where the first call is traced (`torch.compile` of a fresh process runs the
+        # fake implementations, which ask for this, with fake tensors: the probe's solver loop then read
+        # a data-dependent value and the compilation failed, "Could not guard on data-dependent
+        # expression").
+        with unset_fake_temporarily():
+            rows, probe, xp = 2, torch.zeros((2, 3), dtype=torch.float64), xp_torch
+            _, res = _FORWARD[kind](probe, 1, p=2.0, method=method, xp=xp)
+            res = [None if a is None else a.numpy() for a in res]
     fields = []
     for name, a in zip(_FIELDS[kind], res, strict=True):
         if a is None:
@@ -213,16 +221,16 @@ def _make_op(family: str, kind: str) -> Any:
     n_args = 4 if family == "pav" else 7
     schema = f"({_BASE_SCHEMA}{_EXTRA_SCHEMA[family]}) -> ({', '.join(['Tensor'] * n_out)})"
 
-    def impl(x: torch.Tensor, k: int, regularization_strength: float, p: float, *extra: Any) -> tuple[Any, ...]:
+    def impl(x: torch.Tensor, k: int, regularization_strength: torch.Tensor, p: float, *extra: Any) -> tuple[Any, ...]:
         _check_rows(x, name)
-        return _solve(family, kind, x, k, regularization_strength, p, *extra, residuals=True)
+        return _solve(family, kind, x, k, float(regularization_strength), p, *extra, residuals=True)
 
     device_types = "cpu" if family == "pav" else None
     op = torch.library.custom_op(f"sparse_topk::{name}", impl, mutates_args=(), device_types=device_types,
                                  schema=schema)
 
     @op.register_fake
-    def _(x: torch.Tensor, k: int, regularization_strength: float, p: float, *extra: Any) -> tuple[Any, ...]:
+    def _(x: torch.Tensor, k: int, regularization_strength: torch.Tensor, p: float, *extra: Any) -> tuple[Any, ...]:
         _check_rows(x, name)
         method = "pav" if family == "pav" else extra[0]
         return (x.new_empty(tuple(x.shape)), *(_empty(x, f) for f in layout(kind, method)))
@@ -251,16 +259,16 @@ def _make_value_op(family: str, kind: str) -> Any:
     name = f"soft_topk_{kind}_{family}_value"
     schema = f"({_BASE_SCHEMA}{_EXTRA_SCHEMA[family]}) -> Tensor"
 
-    def impl(x: torch.Tensor, k: int, regularization_strength: float, p: float, *extra: Any) -> torch.Tensor:
+    def impl(x: torch.Tensor, k: int, regularization_strength: torch.Tensor, p: float, *extra: Any) -> torch.Tensor:
         _check_rows(x, name)
-        return _solve(family, kind, x, k, regularization_strength, p, *extra, residuals=False)[0]
+        return _solve(family, kind, x, k, float(regularization_strength), p, *extra, residuals=False)[0]
 
     device_types = "cpu" if family == "pav" else None
     op = torch.library.custom_op(f"sparse_topk::{name}", impl, mutates_args=(), device_types=device_types,
                                  schema=schema)
 
     @op.register_fake
-    def _(x: torch.Tensor, k: int, regularization_strength: float, p: float, *extra: Any) -> torch.Tensor:
+    def _(x: torch.Tensor, k: int, regularization_strength: torch.Tensor, p: float, *extra: Any) -> torch.Tensor:
         _check_rows(x, name)
         return x.new_empty(tuple(x.shape))
 
@@ -292,5 +300,10 @@ def call(kind: str, rows: torch.Tensor, k: int, lam: float, p: float, route: str
          residuals: bool) -> Any:
     """The operator of `route` ("pav" or an Array-API method) on `rows`: a tuple, or `y` alone."""
     family = "pav" if route == "pav" else "array_api"
-    args = (rows, k, lam, p) if family == "pav" else (rows, k, lam, p, route, max_iter, tol)
+    # The strength as a 0-d tensor: under torch.compile a float argument of a custom operator is
+    # specialized (a strength annealed during training compiled again at every new value, and
+    # `fullgraph=True` failed hard at Dynamo's recompile limit, the 9th value); a tensor made from it by
+    # arithmetic is not (torch.tensor, torch.scalar_tensor and torch.full of it were, in torch 2.13).
+    strength = torch.zeros((), dtype=torch.float64) + lam
+    args = (rows, k, strength, p) if family == "pav" else (rows, k, strength, p, route, max_iter, tol)
     return (OPS if residuals else VALUE_OPS)[family, kind](*args)
