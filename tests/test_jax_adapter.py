@@ -170,6 +170,14 @@ def test_bad_soft_parameters_raise_like_numpy(name, x, k, kw):
     _assert_same_error(name, x, k, kw)
 
 
+@pytest.mark.parametrize("method", ["pav", "threshold", "auto"])
+def test_subnormal_strength_is_refused_up_front(method):
+    # XLA flushes subnormal numbers to 0: with "pav" the host callback read the strength as 0 and failed
+    # inside XLA (a JaxRuntimeError wrapping the core's ValueError); NumPy and PyTorch take it.
+    with jax.enable_x64(True), pytest.raises(ValueError, match=r"`regularization_strength` must be at least 2.2"):
+        tk.soft_topk_mask(jnp.array([0.3, -1.2, 2.0, 0.7]), 2, regularization_strength=1e-310, method=method)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_float8_is_refused(name):
     x = jnp.ones((2, 3), jnp.float8_e4m3fn)

@@ -39,6 +39,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import topk_core
 from topk_core import _validate
@@ -60,6 +61,9 @@ __all__ = [
 ]
 
 
+_SMALLEST_NORMAL = float(np.finfo(np.float64).smallest_normal)
+
+
 def _as_array(x: Any) -> jax.Array:
     # Tracers and jax.Arrays pass through; dtype checks happen in _validate.
     return x if isinstance(x, jax.Array) else jnp.asarray(x)
@@ -78,6 +82,14 @@ def _soft_op(
     x = _as_array(x)
     k, ax = _validated(x, k, axis)
     lam = _validate.check_strength(regularization_strength)
+    if lam < _SMALLEST_NORMAL:
+        # XLA flushes subnormal numbers to zero (on the CPU, and the host callback of "pav" runs under that
+        # setting): such a strength failed inside the callback as a strength of 0, an XLA runtime error.
+        raise ValueError(
+            f"`regularization_strength` must be at least {_SMALLEST_NORMAL:.3g} (float64's smallest normal "
+            f"number) in topk_jax, where XLA flushes smaller ones to 0; got {lam:.3g}. Scale x and the strength "
+            "up together (the mask is invariant under x -> c x, l -> c l)"
+        )
     p = _validate.check_p(p)
     static = Static(k, lam, p, resolve_method(x, p, method, max_iter, tol), max_iter, tol)
 
