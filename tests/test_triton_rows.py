@@ -105,6 +105,21 @@ def test_rows_spanning_many_orders_agree_with_pav(p):
         np.testing.assert_allclose(y, y0, rtol=1e-9, atol=1e-300)
 
 
+@pytest.mark.parametrize("p", [4.0 / 3.0, 1.5, 2.0, 3.0, 5.0], ids=["p=4/3", "p=3/2", "p=2", "p=3", "p=5"])
+def test_magnitude_rows_far_below_their_largest_key(p, kernels_on):
+    # Rows whose k-th place lies hundreds of orders below the largest key.  For p > 2 the kernel's
+    # saturation width l t^(1/(q-1)) underflowed to 0 at such thresholds, and every key at or below t
+    # (r = 0 >= w = 0) counted as saturated: it kept every non-zero entry and reported the row
+    # converged.  At p = 4/3 and 3/2 it hands them back to the Array-API method, which lost them in its
+    # frame (`threshold._mag_deep_frames`).  Through the public operator, against PAV.
+    x = np.array([[1e250, 1e-250, 3e-251, -2e-251, 5e-251, 0.0], [1e300, -1e100, 5e-10, 1e-300, 2e-301, -3e-301],
+                  [0.3, -1.2, 0.8, 2.0, -0.1, 0.5]])
+    got = tt.soft_topk_mag(torch.from_numpy(x).to(DEVICE), 3, p=p, method="threshold", regularization_strength=1.0)
+    want, _ = _pav("mag", x, 3, p, lam=1.0)
+    bad = np.abs(got.cpu().numpy() - want) > 1e-12 * np.abs(x)
+    assert not bad.any(), (got.cpu().numpy()[bad], want[bad])
+
+
 def test_free_entry_rounded_to_saturation_keeps_the_offset():
     # `test_threshold.test_mag_free_entry_rounded_to_saturation_keeps_the_jacobian`'s row: k entries read
     # as saturated next to free ones, the smallest is free (offset k - |A| = 1, not 0).
