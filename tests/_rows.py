@@ -46,3 +46,18 @@ def rows_spanning_many_orders(min_n: int, max_n: int) -> st.SearchStrategy:
         arrays(np.bool_, n),
         st.floats(-150.0, 150.0),
     )).map(lambda t: t[0] * 10.0 ** (t[3] - t[1]) * np.where(t[2], -1.0, 1.0))
+
+
+def rows_far_below_their_largest_key(rng: np.random.Generator, dtype: type, n: int, rows: int) -> tuple[np.ndarray, int]:
+    """(rows, k): rows of a few huge keys (0 to 5) over small ones, the small ones 0-100% of the dtype's
+    range below them, and a k from 1 to 7, so that the k-th place often lies among the small keys
+    (`threshold._mag_deep_frames`).  Normal numbers only (XLA flushes subnormal ones)."""
+    lo_e, hi_e = (-37.0, 38.0) if dtype == np.float32 else (-300.0, 307.0)
+    out = np.empty((rows, n))
+    for i in range(rows):
+        e_big = rng.uniform((lo_e + hi_e) / 2, hi_e - 1)
+        e_small = rng.uniform(lo_e + 2, e_big)
+        big = np.arange(n) < rng.integers(0, 6)
+        exps = np.where(big, e_big + rng.uniform(-1, 1, n), e_small + rng.uniform(-2, 2, n))
+        out[i] = rng.choice([-1.0, 1.0], n) * 10.0 ** np.clip(exps, lo_e, hi_e - 0.01)
+    return out.astype(dtype), int(rng.integers(1, 8))

@@ -281,6 +281,18 @@ def test_pav_vs_threshold_fuzz(monkeypatch):
     assert max(dev for dev, *_ in far.values()) > 1e-3
 
 
+def test_deep_rows_table(monkeypatch):
+    """`deep_rows.py` (the figures of docs/methods.md on `threshold._mag_deep_frames`) on a few rows: a line per
+    dtype and p, within the tests' bounds (its `--no-deep-frames` switches a module constant off: not run
+    in this process)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import deep_rows
+
+    worst = deep_rows.main(["--rows", "6", "--p", "4/3,2"])
+    assert set(worst) == {(dtype, p) for dtype in ("float32", "float64") for p in (4.0 / 3.0, 2.0)}
+    assert all(value < (1e-5 if dtype == "float32" else 1e-12) for (dtype, _), value in worst.items()), worst
+
+
 def test_op_count_counts_top_level_operations_syncs_and_root_evaluations(monkeypatch):
     """`op_count.py`'s counters on calls whose counts are known, and on the threshold method."""
     torch = pytest.importorskip("torch")

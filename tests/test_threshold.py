@@ -31,7 +31,7 @@ from ._oracles import (
     mp_threshold_mask_row,
     rounding_reach,
 )
-from ._rows import rows_spanning_many_orders, spanning_row
+from ._rows import rows_far_below_their_largest_key, rows_spanning_many_orders, spanning_row
 
 
 def _pav(operator, x, k, **kw):
@@ -319,27 +319,14 @@ def test_mag_vjp_far_below_the_largest_key_matches_pav(backend, p, seed):
         np.testing.assert_allclose(got, VJP["mag"](want, u), rtol=1e-9, atol=1e-12)
 
 
-def _deep_rows(rng: np.random.Generator, dtype: type, n: int, rows: int) -> tuple[np.ndarray, int]:
-    """Rows of a few huge keys (up to 5) over small ones, the small ones 0-100% of the range below."""
-    lo_e, hi_e = (-37.0, 38.0) if dtype == np.float32 else (-300.0, 307.0)
-    out = np.empty((rows, n))
-    for i in range(rows):
-        e_big = rng.uniform((lo_e + hi_e) / 2, hi_e - 1)
-        e_small = rng.uniform(lo_e + 2, e_big)
-        big = np.arange(n) < rng.integers(0, 6)
-        exps = np.where(big, e_big + rng.uniform(-1, 1, n), e_small + rng.uniform(-2, 2, n))
-        out[i] = rng.choice([-1.0, 1.0], n) * 10.0 ** np.clip(exps, lo_e, hi_e - 0.01)
-    return out.astype(dtype), int(rng.integers(1, 8))
-
-
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("lam", [1e-3, 1.0, 1e3])
 def test_mag_rows_spanning_the_float_range_match_pav(backend, dtype, lam, p):
     # Before `_mag_deep_frames`: outputs off by their full value (1.0 relative to |x|) for every p and
-    # strength, in both dtypes; after, within 1.5e-6 (float32) and 5.6e-14 (float64) of PAV, which
-    # solves in float64 relative to its k-th key.
+    # strength, in both dtypes (`python benchmarks/deep_rows.py --no-deep-frames`); PAV solves in float64
+    # relative to its k-th key.
     rng = np.random.default_rng([int(dtype == np.float32), round(np.log10(lam)) + 3, round(100 * p)])
-    x, k = _deep_rows(rng, dtype, 12, 40)
+    x, k = rows_far_below_their_largest_key(rng, dtype, 12, 40)
     want, _ = _pav("mag", x, k, p=p, regularization_strength=lam)
     y, _ = FORWARD["mag"](backend.to(x), k, method="threshold", p=p, regularization_strength=lam)
     rtol = 1e-12 if dtype == np.float64 else 1e-5
