@@ -308,3 +308,46 @@ def test_topk_loss_agrees_with_torch(rng, torch, tnn, p):
     lj, gj = jax.value_and_grad(lambda s: jnn.topk_loss(s, jnp.asarray(labels), **kw))(jnp.asarray(scores))
     np.testing.assert_allclose(float(lj), lt.item(), rtol=1e-12)
     np.testing.assert_allclose(np.asarray(gj), st.grad.numpy(), rtol=1e-10, atol=1e-12)
+
+
+# ------------------------------------------------------------------ edge cases found by an audit
+
+
+def test_moe_dispatch_padding_adds_nothing_to_token_0():
+    # The padding rows of an expert's buffer gather token 0 and were multiplied by a zero weight: an
+    # expert output that overflows there gave 0 * inf = NaN in token 0, routed elsewhere.
+    x = jnp.array([[1e308], [1.0], [2.0]])
+    gates = jnp.array([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    y = jnn.moe_dispatch(x, gates, lambda w, t: t * w, [jnp.float64(1.0), jnp.float64(10.0)])
+    np.testing.assert_array_equal(np.asarray(y).ravel(), [1e308, 10.0, 20.0])
+
+
+def test_moe_layer_with_capacity_and_no_token():
+    # A buffer of `capacity` rows gathered token 0, which is not there (an XLA gather error).
+    params = jnn.init_moe(jax.random.key(0), 6, 4, 8)
+    for fn in (jnn.moe_layer, jax.jit(jnn.moe_layer, static_argnames=("k", "capacity"))):
+        y, gates = fn(params, jnp.zeros((0, 6)), k=2, capacity=4)
+        assert y.shape == (0, 6) and gates.shape == (0, 4)
+
+
+@pytest.mark.parametrize(("shape", "per_row"), [((0, 4), False), ((4, 0), True), ((0, 4), True)])
+def test_pruning_an_empty_weight_returns_it(shape, per_row):
+    w = jnp.zeros(shape)
+    assert jnn.prune_array(w, 0.5, per_row=per_row).shape == shape
+    assert jnn.num_kept(w, 0.5, per_row=per_row) == 0
+    final = jnn.finalize_pruning({"w": w, "v": jnp.ones((2, 4))}, 0.5, per_row=per_row)
+    assert final["w"].shape == shape and int((final["v"] != 0).sum()) == 4
+
+
+def test_topk_loss_labels_outside_the_classes():
+    # Eagerly a ValueError, as topk_torch; under jit (which cannot raise on values) NaN for those samples
+    # only.  A label of -1 read the last class (JAX wraps negative indices), one of 5 gave NaN silently.
+    scores = jnp.array([[0.3, 2.0, -1.0, 0.5, 1.2], [0.3, 2.0, -1.0, 0.5, 1.2]])
+    for label in (-1, 5, -100):
+        with pytest.raises(ValueError, match=r"`labels` must be class indices in \[0, 5\)"):
+            jnn.topk_loss(scores, jnp.array([label, 1]), k=2)
+    jitted = jax.jit(lambda s, y: jnn.topk_loss(s, y, k=2, reduction="none"))(scores, jnp.array([-1, 1]))
+    assert np.isnan(jitted[0]) and np.isfinite(jitted[1])
+    np.testing.assert_allclose(jitted[1], jnn.topk_loss(scores[1:], jnp.array([1]), k=2), rtol=1e-12)
+    with pytest.raises(TypeError, match="`labels` must be integer class indices"):
+        jnn.topk_loss(scores, jnp.array([1.0, 2.0]), k=2)

@@ -396,3 +396,61 @@ def test_topk_loss_rejects_bad_arguments(kwargs, error, match):
 def test_topk_loss_rejects_bad_label_shape():
     with pytest.raises(ValueError, match="labels"):
         tnn.topk_loss(torch.zeros(3, 12), torch.zeros(4, dtype=torch.long))
+
+
+# ------------------------------------------------------------------ edge cases found by an audit
+
+
+def test_a_sparsity_schedule_compiles_with_fullgraph(rng):
+    # `sparsity` changed between calls is a symbolic float for Dynamo: `math.isfinite` in its check could
+    # not take it (the schedule's second step failed to compile).  One graph per k, values as eager.
+    layer = nn.Linear(10, 4).double()
+    pruning = tnn.TopkPruning(0.5, regularization_strength=0.01)
+    parametrize.register_parametrization(layer, "weight", pruning)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    x = _tensor(rng, (3, 10))
+    for sparsity in (0.5, 0.75, 0.6, 0.75):
+        pruning.sparsity = sparsity
+        got = compiled(x)
+        torch.testing.assert_close(got, layer(x))
+        got.sum().backward()
+        assert int((layer.weight != 0).sum()) >= pruning.num_kept(layer.weight)
+
+
+def test_moe_under_autocast():
+    # An expert's output is bfloat16 under autocast; index_add refused it into a float32 output.
+    torch.manual_seed(0)
+    moe = tnn.MoE(6, 4, 2, 8)
+    x = torch.randn(5, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = moe(x)
+    assert y.shape == (5, 6) and torch.isfinite(y).all()
+    torch.testing.assert_close(y.float(), moe(x), atol=0.05, rtol=0.05)
+
+
+def test_moe_on_no_token_is_part_of_the_graph():
+    # No expert runs: the output did not require grad, and backward raised.
+    moe = tnn.MoE(6, 4, 2, 8)
+    y = moe(torch.randn(0, 6))
+    assert y.shape == (0, 6) and y.requires_grad
+    y.sum().backward()
+    assert all(p.grad is None or not p.grad.any() for p in moe.parameters())
+
+
+@pytest.mark.parametrize(("shape", "per_row"), [((0, 4), False), ((4, 0), True), ((0, 4), True)])
+def test_pruning_an_empty_weight_returns_it(shape, per_row):
+    # kept_count divided by the group size 0 in its error message (ZeroDivisionError), and the per-row
+    # grouping could not reshape 0 rows.
+    pruning = tnn.TopkPruning(0.5, per_row=per_row)
+    w = torch.randn(shape)
+    assert pruning(w).shape == shape and pruning.project(w).shape == shape
+    assert pruning.num_kept(w) == 0
+
+
+def test_topk_loss_refuses_labels_outside_the_classes_and_float_labels():
+    scores = torch.tensor([[0.3, 2.0, -1.0, 0.5, 1.2]])
+    for label in (-1, 5, -100):
+        with pytest.raises(ValueError, match=r"`labels` must be class indices in \[0, 5\)"):
+            tnn.topk_loss(scores, torch.tensor([label]), k=2)
+    with pytest.raises(TypeError, match="`labels` must be integer class indices"):
+        tnn.topk_loss(scores, torch.tensor([1.0]), k=2)  # (was truncated to 1)

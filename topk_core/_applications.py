@@ -17,14 +17,19 @@ def check_sparsity(sparsity: Any) -> float:
     if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real):
         raise TypeError(f"`sparsity` must be a real number in [0, 1); got {sparsity!r} of type {type(sparsity).__name__}")
     value = float(sparsity)
-    if not (math.isfinite(value) and 0.0 <= value < 1.0):
+    # (Comparisons alone, which NaN and inf fail: not math.isfinite, which cannot take the symbolic float
+    # that torch.compile makes of a sparsity changed between calls, a pruning schedule.)
+    if not 0.0 <= value < 1.0:
         raise ValueError(f"`sparsity` must be in [0, 1) (the fraction of entries set to zero); got {sparsity!r}")
     return value
 
 
 def kept_count(sparsity: Any, n: int) -> int:
-    """Number of entries kept among `n`: ``k = round((1 - sparsity) * n)``, which must be at least 1."""
+    """Number of entries kept among `n`: ``k = round((1 - sparsity) * n)``, which must be at least 1 (0 for an
+    empty group, ``n = 0``, which the pruning functions return unchanged)."""
     value = check_sparsity(sparsity)
+    if n == 0:
+        return 0
     k = round((1.0 - value) * n)
     if k < 1:
         raise ValueError(
@@ -39,7 +44,7 @@ def check_ce_weight(ce_weight: Any) -> float:
     if isinstance(ce_weight, bool) or not isinstance(ce_weight, numbers.Real):
         raise TypeError(f"`ce_weight` must be a real number in [0, 1]; got {ce_weight!r}")
     value = float(ce_weight)
-    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+    if not 0.0 <= value <= 1.0:
         raise ValueError(f"`ce_weight` must be in [0, 1]; got {ce_weight!r}")
     return value
 
@@ -49,7 +54,7 @@ def check_eps(eps: Any) -> float:
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"`eps` must be a real number in (0, 1); got {eps!r}")
     value = float(eps)
-    if not (math.isfinite(value) and 0.0 < value < 1.0):
+    if not 0.0 < value < 1.0:
         raise ValueError(f"`eps` must be in (0, 1); got {eps!r}")
     return value
 

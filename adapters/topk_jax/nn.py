@@ -123,6 +123,8 @@ def prune_array(
     w = jnp.asarray(w)
     size = _group_sizes(w.shape, per_row, row_axis)[1]
     k = _checks.kept_count(sparsity, size)
+    if w.size == 0:  # nothing to prune (as topk_torch.nn.TopkPruning)
+        return w
     rows = _groups(w, per_row, row_axis)
     if hard:
         out = _straight_through(rows, _tk.hard_topk_mag(jax.lax.stop_gradient(rows), k))
@@ -206,6 +208,8 @@ def finalize_pruning(
             prune_array(leaf, sparsity, per_row=per_row, row_axis=row_axis, hard=hard, **keywords)
         )
         k = _checks.kept_count(sparsity, _group_sizes(soft.shape, per_row, row_axis)[1])
+        if soft.size == 0:
+            return soft
         return _ungroup(_tk.hard_topk_mag(_groups(soft, per_row, row_axis), k), soft, per_row, row_axis)
 
     return jax.tree_util.tree_map_with_path(one, params)
@@ -309,7 +313,10 @@ def _accumulate(
     tokens = jnp.nonzero(column, size=size, fill_value=0)[0]
     kept = jnp.arange(size) < jnp.count_nonzero(column)
     weights = jnp.where(kept, column[tokens], 0)
-    return out.at[tokens].add((expert_fn(params, x[tokens]) * weights[:, None]).astype(out.dtype))
+    # The padding (rows of token 0) selected away, not multiplied by its zero weight: an expert output
+    # that overflows on token 0 made 0 * inf = NaN in token 0's output although no row of it was routed.
+    gated = jnp.where(kept[:, None], expert_fn(params, x[tokens]) * weights[:, None], 0)
+    return out.at[tokens].add(gated.astype(out.dtype))
 
 
 def moe_dispatch(
@@ -373,6 +380,8 @@ def moe_dispatch(
         raise ValueError(f"`capacity` must be None or a positive int; got {capacity!r}")
     probe = jax.eval_shape(expert_fn, expert_params[0], jax.ShapeDtypeStruct((1, x.shape[1]), x.dtype))
     out = jnp.zeros((x.shape[0], probe.shape[-1]), jnp.result_type(probe.dtype, gates.dtype))
+    if x.shape[0] == 0:  # no token (a buffer of `capacity` rows gathered token 0, which is not there)
+        return out
     if capacity is None:
         try:
             counts = [int(c) for c in jnp.count_nonzero(gates, axis=0)]
@@ -470,6 +479,23 @@ def moe_layer(
 # --------------------------------------------------------------------------- top-k loss
 
 
+def _outside_classes(labels: jax.Array, classes: int) -> jax.Array:
+    """Where `labels` lie outside ``[0, classes)``; raises TypeError for labels that are no integers and, where
+    they can be read (not under `jax.jit`), ValueError for labels outside the classes.  Under `jax.jit` those
+    samples' losses are NaN: a label of -1 read class `classes - 1` (JAX wraps negative indices) and one
+    of `classes` gave NaN silently, where `topk_torch.nn.topk_loss` raises."""
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise TypeError(f"`labels` must be integer class indices; got dtype {labels.dtype}")
+    outside = (labels < 0) | (labels >= classes)
+    try:
+        found = bool(jnp.any(outside))
+    except jax.errors.ConcretizationTypeError:  # traced: NaN losses mark them
+        found = False
+    if found:
+        raise ValueError(f"`labels` must be class indices in [0, {classes}); got {labels[outside][:5].tolist()}")
+    return outside
+
+
 def topk_loss(
     scores: Any, labels: Any, k: int | Sequence[int] = 5, *, k_weights: Sequence[float] | None = None,
     ce_weight: float = 0.5, eps: float = 1e-2, reduction: str = "mean",
@@ -485,7 +511,8 @@ def topk_loss(
 
     Same arguments, formula and numbers as `topk_torch.nn.topk_loss` (see
     there for the explanation); `labels` are integer class indices of shape
-    ``scores.shape[:-1]``.
+    ``scores.shape[:-1]``, in ``[0, classes)`` (else ValueError; under `jax.jit`, which cannot raise on
+    values, those samples' losses are NaN).
 
     Examples
     --------
@@ -505,6 +532,7 @@ def topk_loss(
     ce_weight = _checks.check_ce_weight(ce_weight)
     eps = _checks.check_eps(eps)
     keywords = _soft_keywords(regularization_strength, p, method, max_iter, tol)
+    outside = _outside_classes(labels, scores.shape[-1])
     index = labels[..., None].astype(jnp.int32)
     ce = -jnp.take_along_axis(jax.nn.log_softmax(scores, axis=-1), index, axis=-1)[..., 0]
     membership = sum(
@@ -512,6 +540,7 @@ def topk_loss(
         for kk, weight in mixture
     )
     loss = ce_weight * ce - (1.0 - ce_weight) * jnp.log(eps + (1.0 - eps) * membership)
+    loss = jnp.where(outside, jnp.nan, loss)
     if reduction == "mean":
         return loss.mean()
     if reduction == "sum":

@@ -133,15 +133,25 @@ class TopkPruning(nn.Module):
         moved = weight.movedim(self.row_axis, 0)
         return rows.reshape(moved.shape).movedim(0, self.row_axis)
 
+    def _group_sizes(self, weight: torch.Tensor) -> tuple[int, int]:
+        """(number of groups, entries per group); an empty weight has groups of 0 entries."""
+        if not self.per_row:
+            return 1, weight.numel()
+        rows = weight.shape[self.row_axis]
+        return rows, weight.numel() // rows if rows else 0
+
     def k(self, weight: torch.Tensor) -> int:
-        """Entries kept per group: ``round((1 - sparsity) * group size)``."""
-        return _checks.kept_count(self.sparsity, self._groups(weight).shape[1])
+        """Entries kept per group: ``round((1 - sparsity) * group size)`` (0 for an empty weight)."""
+        return _checks.kept_count(self.sparsity, self._group_sizes(weight)[1])
 
     def num_kept(self, weight: torch.Tensor) -> int:
         """Non-zeros of the finalized weight (when `weight` has that many non-zeros): ``k`` times the number of groups."""
-        return self.k(weight) * self._groups(weight).shape[0]
+        groups, size = self._group_sizes(weight)
+        return groups * _checks.kept_count(self.sparsity, size)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if weight.numel() == 0:  # nothing to prune (the groups' reshape cannot infer an empty size)
+            return weight
         rows = self._groups(weight)
         k = self.k(weight)
         if self.hard:
@@ -153,6 +163,8 @@ class TopkPruning(nn.Module):
     def project(self, value: torch.Tensor) -> torch.Tensor:
         """Hard magnitude top-k of an already parametrized `value` (no gradient): at most ``num_kept`` non-zeros."""
         with torch.no_grad():
+            if value.numel() == 0:
+                return value.clone()
             return self._ungroup(_tk.hard_topk_mag(self._groups(value), self.k(value)), value)
 
     def finalize(self, weight: torch.Tensor) -> torch.Tensor:
@@ -362,9 +374,15 @@ def moe_dispatch(
         y = expert(x.index_select(0, tokens)) * gates[tokens, e].unsqueeze(1)
         if out is None:
             out = y.new_zeros((x.shape[0], y.shape[1]))
-        out = out.index_add(0, tokens, y)
+        # (In out's dtype: under torch.autocast an expert's output is bfloat16 or float16, and index_add
+        # refused to add it to a float32 `out`.)
+        out = out.index_add(0, tokens, y.to(out.dtype))
     if out is None:
         raise ValueError("no expert received a token and `out_features` is None: pass `out_features`")
+    if x.shape[0] == 0:
+        # No token, no expert ran: still an output of the graph (zero gradients to the gates), as
+        # `torch.nn.Linear` gives on 0 rows; it did not require grad, and `backward` raised.
+        out = out + 0.0 * gates.sum()
     return out
 
 
@@ -437,6 +455,18 @@ class MoE(nn.Module):
 # --------------------------------------------------------------------------- top-k loss
 
 
+def _check_labels(labels: torch.Tensor, classes: int) -> None:
+    """TypeError for labels that are no integers (float labels were truncated); ValueError for labels outside
+    ``[0, classes)`` where that costs no device synchronization and no graph break (CPU tensors, eager):
+    elsewhere torch's gather reports them (a device-side assertion on CUDA)."""
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"`labels` must be integer class indices; got dtype {labels.dtype}")
+    if labels.device.type == "cpu" and labels.numel() and not torch.compiler.is_compiling():
+        outside = (labels < 0) | (labels >= classes)
+        if bool(outside.any()):
+            raise ValueError(f"`labels` must be class indices in [0, {classes}); got {labels[outside][:5].tolist()}")
+
+
 def topk_loss(
     scores: torch.Tensor, labels: torch.Tensor, k: int | Sequence[int] = 5, *,
     k_weights: Sequence[float] | None = None, ce_weight: float = 0.5, eps: float = 1e-2, reduction: str = "mean",
@@ -470,7 +500,8 @@ def topk_loss(
     scores : torch.Tensor
         Logits, shape ``(..., classes)``, floating.
     labels : torch.Tensor
-        Integer class indices, shape ``scores.shape[:-1]``.
+        Integer class indices in ``[0, classes)``, shape ``scores.shape[:-1]`` (ValueError outside, for
+        CPU tensors outside `torch.compile`; elsewhere torch's indexing error).
     k : int or sequence of int, default 5
         The top-k sizes of the mixture, each in ``[1, classes]``, distinct.
     k_weights : sequence of float, optional
@@ -507,6 +538,7 @@ def topk_loss(
     ce_weight = _checks.check_ce_weight(ce_weight)
     eps = _checks.check_eps(eps)
     keywords = _soft_keywords(regularization_strength, p, method, max_iter, tol)
+    _check_labels(labels, scores.shape[-1])
     index = labels.long().unsqueeze(-1)
     log_probs = torch.log_softmax(scores, dim=-1)
     ce = -log_probs.gather(-1, index).squeeze(-1)
