@@ -454,3 +454,10 @@ def test_topk_loss_refuses_labels_outside_the_classes_and_float_labels():
             tnn.topk_loss(scores, torch.tensor([label]), k=2)
     with pytest.raises(TypeError, match="`labels` must be integer class indices"):
         tnn.topk_loss(scores, torch.tensor([1.0]), k=2)  # (was truncated to 1)
+
+
+def test_router_and_moe_take_numpy_integers_for_k():
+    # As `topk_gates` and topk_jax's router do; they raised "`k` must be an int".
+    router = tnn.TopkRouter(6, 4, np.int64(2))
+    assert router.k == 2 and type(router.k) is int
+    assert tnn.MoE(6, 4, np.int64(2), 8)(torch.randn(3, 6)).shape == (3, 6)

@@ -19,6 +19,7 @@ runnable examples.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -315,10 +316,11 @@ class TopkRouter(nn.Module):
         max_iter: int | None = None, tol: float | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_experts:
+        # (numbers.Integral: NumPy integers too, as `topk_gates` and topk_jax's router take them.)
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= num_experts:
             raise ValueError(f"`k` must be an int with 1 <= k <= num_experts = {num_experts}; got k = {k!r}")
         self.linear = nn.Linear(in_features, num_experts, bias=bias)
-        self.k = k
+        self.k = int(k)
         self.hard = bool(hard)
         self.keywords = _soft_keywords(regularization_strength, p, method, max_iter, tol)
 
