@@ -351,3 +351,17 @@ def test_topk_loss_labels_outside_the_classes():
     np.testing.assert_allclose(jitted[1], jnn.topk_loss(scores[1:], jnp.array([1]), k=2), rtol=1e-12)
     with pytest.raises(TypeError, match="`labels` must be integer class indices"):
         jnn.topk_loss(scores, jnp.array([1.0, 2.0]), k=2)
+
+
+def test_pruning_row_axis_out_of_range_names_it():
+    # ("tuple index out of range" before.)
+    with pytest.raises(ValueError, match=r"`row_axis` must be an int in \[-2, 1\]"):
+        jnn.prune_array(jnp.ones((4, 5)), 0.5, per_row=True, row_axis=3)
+
+
+def test_init_moe_with_no_hidden_feature():
+    # As torch.nn.Linear initializes a layer of fan-in 0 (bias bound 0); it divided by zero.
+    params = jnn.init_moe(jax.random.key(0), 6, 4, hidden_features=0)
+    assert params["experts"][0]["w1"].shape == (6, 0) and not params["experts"][0]["b2"].any()
+    y, _ = jnn.moe_layer(params, jnp.ones((3, 6)), k=2)
+    assert y.shape == (3, 6)

@@ -461,3 +461,19 @@ def test_router_and_moe_take_numpy_integers_for_k():
     router = tnn.TopkRouter(6, 4, np.int64(2))
     assert router.k == 2 and type(router.k) is int
     assert tnn.MoE(6, 4, np.int64(2), 8)(torch.randn(3, 6)).shape == (3, 6)
+
+
+@pytest.mark.parametrize("build", [
+    lambda: tnn.TopkPruning(0.5, regularization_strength=-1.0),
+    lambda: tnn.TopkRouter(6, 4, 2, p=0.5),
+    lambda: tnn.MoE(6, 4, 2, 8, method="dykstra"),  # p = 4/3 by default: dykstra solves p = 2 only
+], ids=["pruning-strength", "router-p", "moe-method"])
+def test_soft_keywords_are_checked_when_the_module_is_built(build):
+    # They were checked at the first forward only.
+    with pytest.raises(ValueError, match=r"`regularization_strength`|`p`|dykstra"):
+        build()
+
+
+def test_pruning_row_axis_out_of_range_names_it():
+    with pytest.raises(ValueError, match=r"`row_axis` must be an int in \[-2, 1\]"):
+        tnn.TopkPruning(0.5, per_row=True, row_axis=3)(torch.randn(4, 5))

@@ -11,6 +11,8 @@ import numbers
 from collections.abc import Sequence
 from typing import Any
 
+from . import _validate
+
 
 def check_sparsity(sparsity: Any) -> float:
     """Return `sparsity` as a float after checking ``0 <= sparsity < 1``."""
@@ -37,6 +39,28 @@ def kept_count(sparsity: Any, n: int) -> int:
             f"use a sparsity below {1.0 - 0.5 / n:.6g} for groups of {n} entries"
         )
     return k
+
+
+def soft_keywords(
+    regularization_strength: Any, p: Any, method: Any, max_iter: Any, tol: Any,
+) -> dict[str, Any]:
+    """The soft operators' keywords of a building block, checked where it is built.
+
+    The classes (`topk_torch.nn.TopkPruning`, `TopkRouter`, `MoE`) kept them unchecked until their first
+    forward; the functions check them at every call, as the operators do again.
+    """
+    lam = _validate.check_strength(regularization_strength)
+    p = _validate.check_p(p)
+    _validate.check_method(method, p, max_iter, tol, auto="threshold")
+    return {"regularization_strength": lam, "p": p, "method": method, "max_iter": max_iter, "tol": tol}
+
+
+def check_row_axis(row_axis: Any, ndim: int) -> int:
+    """`row_axis` normalized to ``[0, ndim)`` for a weight of `ndim` dimensions (ValueError naming it)."""
+    try:
+        return _validate.check_axis(row_axis, ndim)
+    except (TypeError, ValueError) as err:
+        raise type(err)(str(err).replace("`axis`", "`row_axis`")) from None
 
 
 def check_ce_weight(ce_weight: Any) -> float:

@@ -51,12 +51,6 @@ __all__ = [
 Predicate = Callable[[tuple[Any, ...], Any], bool]
 
 
-def _soft_keywords(
-    regularization_strength: float, p: float, method: str, max_iter: int | None, tol: float | None
-) -> dict[str, Any]:
-    return {"regularization_strength": regularization_strength, "p": p, "method": method, "max_iter": max_iter, "tol": tol}
-
-
 def _straight_through(x: jax.Array, y: jax.Array) -> jax.Array:
     """`y` in the forward pass, the identity's derivative (exact: ``x + (y - x) == y``)."""
     return x + jax.lax.stop_gradient(y - x)
@@ -83,7 +77,7 @@ def _group_sizes(shape: Sequence[int], per_row: bool, row_axis: int) -> tuple[in
     size = math.prod(shape)
     if not per_row:
         return 1, size
-    rows = shape[row_axis]
+    rows = shape[_checks.check_row_axis(row_axis, len(shape))]  # (an IndexError, "tuple index out of range")
     return rows, size // rows if rows else 0
 
 
@@ -129,7 +123,7 @@ def prune_array(
     if hard:
         out = _straight_through(rows, _tk.hard_topk_mag(jax.lax.stop_gradient(rows), k))
     else:
-        out = _tk.soft_topk_mag(rows, k, **_soft_keywords(regularization_strength, p, method, max_iter, tol))
+        out = _tk.soft_topk_mag(rows, k, **_checks.soft_keywords(regularization_strength, p, method, max_iter, tol))
     return _ungroup(out, w, per_row, row_axis)
 
 
@@ -168,7 +162,7 @@ def topk_prune(
         `params` with the selected leaves pruned, the others unchanged.
     """
     predicate = _is_weight if predicate is None else predicate
-    keywords = _soft_keywords(regularization_strength, p, method, max_iter, tol)
+    keywords = _checks.soft_keywords(regularization_strength, p, method, max_iter, tol)
 
     def one(path: tuple[Any, ...], leaf: Any) -> Any:
         if not predicate(path, leaf):
@@ -199,7 +193,7 @@ def finalize_pruning(
     (13, 8)
     """
     predicate = _is_weight if predicate is None else predicate
-    keywords = _soft_keywords(regularization_strength, p, method, max_iter, tol)
+    keywords = _checks.soft_keywords(regularization_strength, p, method, max_iter, tol)
 
     def one(path: tuple[Any, ...], leaf: Any) -> Any:
         if not predicate(path, leaf):
@@ -240,7 +234,7 @@ def topk_gates(
     probs = jax.nn.softmax(jnp.asarray(logits), axis=-1)
     if hard:
         return _tk.hard_topk_mag(probs, k)
-    return _tk.soft_topk_mag(probs, k, **_soft_keywords(regularization_strength, p, method, max_iter, tol))
+    return _tk.soft_topk_mag(probs, k, **_checks.soft_keywords(regularization_strength, p, method, max_iter, tol))
 
 
 def topk_router(
@@ -252,7 +246,7 @@ def topk_router(
     logits = jnp.asarray(x) @ weight
     if bias is not None:
         logits = logits + bias
-    return topk_gates(logits, k, hard=hard, **_soft_keywords(regularization_strength, p, method, max_iter, tol))
+    return topk_gates(logits, k, hard=hard, **_checks.soft_keywords(regularization_strength, p, method, max_iter, tol))
 
 
 class RoutingStats(NamedTuple):
@@ -423,7 +417,7 @@ def init_moe(
     out_features = in_features if out_features is None else out_features
 
     def uniform(key: jax.Array, shape: tuple[int, ...], fan_in: int) -> jax.Array:
-        bound = 1.0 / math.sqrt(fan_in)
+        bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0  # (as torch.nn.Linear; 1 / 0 before)
         return jax.random.uniform(key, shape, dtype, -bound, bound)
 
     keys = jax.random.split(key, 2 + 4 * num_experts)
@@ -470,7 +464,7 @@ def moe_layer(
     router = params["router"]
     gates = topk_router(
         tokens, router["weight"], k, bias=router.get("bias"), hard=hard,
-        **_soft_keywords(regularization_strength, p, method, max_iter, tol),
+        **_checks.soft_keywords(regularization_strength, p, method, max_iter, tol),
     )
     y = moe_dispatch(tokens, gates, expert_fn, params["experts"], capacity=capacity)
     return jnp.reshape(y, (*lead, y.shape[-1])), jnp.reshape(gates, (*lead, gates.shape[-1]))
@@ -531,7 +525,7 @@ def topk_loss(
     mixture = _checks.loss_mixture(k, k_weights, scores.shape[-1])
     ce_weight = _checks.check_ce_weight(ce_weight)
     eps = _checks.check_eps(eps)
-    keywords = _soft_keywords(regularization_strength, p, method, max_iter, tol)
+    keywords = _checks.soft_keywords(regularization_strength, p, method, max_iter, tol)
     outside = _outside_classes(labels, scores.shape[-1])
     index = labels[..., None].astype(jnp.int32)
     ce = -jnp.take_along_axis(jax.nn.log_softmax(scores, axis=-1), index, axis=-1)[..., 0]

@@ -44,12 +44,6 @@ __all__ = [
 ]
 
 
-def _soft_keywords(
-    regularization_strength: float, p: float, method: str, max_iter: int | None, tol: float | None
-) -> dict[str, object]:
-    return {"regularization_strength": regularization_strength, "p": p, "method": method, "max_iter": max_iter, "tol": tol}
-
-
 def _straight_through(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """`y` in the forward pass, the identity's gradient in the backward pass (exact: ``x + (y - x) == y``)."""
     return x + (y - x).detach()
@@ -117,28 +111,33 @@ class TopkPruning(nn.Module):
         self.per_row = bool(per_row)
         self.row_axis = int(row_axis)
         self.hard = bool(hard)
-        self.keywords = _soft_keywords(regularization_strength, p, method, max_iter, tol)
+        self.keywords = _checks.soft_keywords(regularization_strength, p, method, max_iter, tol)
 
     def extra_repr(self) -> str:
         return f"sparsity={self.sparsity}, per_row={self.per_row}, hard={self.hard}"
+
+    def _axis(self, weight: torch.Tensor) -> int:
+        """`row_axis` checked against `weight` (an IndexError from deep inside torch before)."""
+        return _checks.check_row_axis(self.row_axis, weight.ndim)
 
     def _groups(self, weight: torch.Tensor) -> torch.Tensor:
         """`weight` as a 2-d tensor with one selection group per row."""
         if not self.per_row:
             return weight.reshape(1, -1)
-        return weight.movedim(self.row_axis, 0).reshape(weight.shape[self.row_axis], -1)
+        axis = self._axis(weight)
+        return weight.movedim(axis, 0).reshape(weight.shape[axis], -1)
 
     def _ungroup(self, rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if not self.per_row:
             return rows.reshape(weight.shape)
-        moved = weight.movedim(self.row_axis, 0)
-        return rows.reshape(moved.shape).movedim(0, self.row_axis)
+        axis = self._axis(weight)
+        return rows.reshape(weight.movedim(axis, 0).shape).movedim(0, axis)
 
     def _group_sizes(self, weight: torch.Tensor) -> tuple[int, int]:
         """(number of groups, entries per group); an empty weight has groups of 0 entries."""
         if not self.per_row:
             return 1, weight.numel()
-        rows = weight.shape[self.row_axis]
+        rows = weight.shape[self._axis(weight)]
         return rows, weight.numel() // rows if rows else 0
 
     def k(self, weight: torch.Tensor) -> int:
@@ -252,7 +251,7 @@ def topk_gates(
     probs = torch.softmax(logits, dim=-1)
     if hard:
         return _tk.hard_topk_mag(probs, k)
-    return _tk.soft_topk_mag(probs, k, **_soft_keywords(regularization_strength, p, method, max_iter, tol))
+    return _tk.soft_topk_mag(probs, k, **_checks.soft_keywords(regularization_strength, p, method, max_iter, tol))
 
 
 class RoutingStats(NamedTuple):
@@ -322,7 +321,7 @@ class TopkRouter(nn.Module):
         self.linear = nn.Linear(in_features, num_experts, bias=bias)
         self.k = int(k)
         self.hard = bool(hard)
-        self.keywords = _soft_keywords(regularization_strength, p, method, max_iter, tol)
+        self.keywords = _checks.soft_keywords(regularization_strength, p, method, max_iter, tol)
 
     def extra_repr(self) -> str:
         return f"k={self.k}, hard={self.hard}"
@@ -539,7 +538,7 @@ def topk_loss(
     mixture = _checks.loss_mixture(k, k_weights, scores.shape[-1])
     ce_weight = _checks.check_ce_weight(ce_weight)
     eps = _checks.check_eps(eps)
-    keywords = _soft_keywords(regularization_strength, p, method, max_iter, tol)
+    keywords = _checks.soft_keywords(regularization_strength, p, method, max_iter, tol)
     _check_labels(labels, scores.shape[-1])
     index = labels.long().unsqueeze(-1)
     log_probs = torch.log_softmax(scores, dim=-1)
