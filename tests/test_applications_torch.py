@@ -477,3 +477,13 @@ def test_soft_keywords_are_checked_when_the_module_is_built(build):
 def test_pruning_row_axis_out_of_range_names_it():
     with pytest.raises(ValueError, match=r"`row_axis` must be an int in \[-2, 1\]"):
         tnn.TopkPruning(0.5, per_row=True, row_axis=3)(torch.randn(4, 5))
+
+
+def test_moe_dispatch_names_experts_of_another_output_size():
+    # It failed inside index_add ("source tensor shape must match self tensor shape").
+    x, gates = torch.randn(4, 6), torch.ones(4, 2)
+    experts = [nn.Linear(6, 6), nn.Linear(6, 3)]
+    with pytest.raises(ValueError, match=r"expert 1 returned shape \(4, 3\) for 4 tokens; the output has 6 features"):
+        tnn.moe_dispatch(x, gates, experts)
+    with pytest.raises(ValueError, match="expert 0 returned shape"):
+        tnn.moe_dispatch(x, gates, experts, out_features=3)

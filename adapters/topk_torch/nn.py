@@ -375,6 +375,11 @@ def moe_dispatch(
         y = expert(x.index_select(0, tokens)) * gates[tokens, e].unsqueeze(1)
         if out is None:
             out = y.new_zeros((x.shape[0], y.shape[1]))
+        if y.ndim != 2 or y.shape[1] != out.shape[1]:
+            raise ValueError(
+                f"expert {e} returned shape {tuple(y.shape)} for {tokens.numel()} tokens; the output has "
+                f"{out.shape[1]} features (`out_features`, or the first expert's): experts must agree"
+            )
         # (In out's dtype: under torch.autocast an expert's output is bfloat16 or float16, and index_add
         # refused to add it to a float32 `out`.)
         out = out.index_add(0, tokens, y.to(out.dtype))
