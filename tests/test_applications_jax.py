@@ -365,3 +365,11 @@ def test_init_moe_with_no_hidden_feature():
     assert params["experts"][0]["w1"].shape == (6, 0) and not params["experts"][0]["b2"].any()
     y, _ = jnn.moe_layer(params, jnp.ones((3, 6)), k=2)
     assert y.shape == (3, 6)
+
+
+def test_default_predicate_skips_integer_leaves():
+    # An integer 2-d leaf (indices kept in the tree) was picked and failed on its dtype.
+    params = {"w": jnp.ones((4, 5)), "ids": jnp.arange(20).reshape(4, 5)}
+    pruned = jnn.topk_prune(params, 0.5)
+    assert pruned["ids"] is params["ids"]
+    assert int((jnn.finalize_pruning(params, 0.5)["w"] != 0).sum()) == 10

@@ -128,8 +128,10 @@ def prune_array(
 
 
 def _is_weight(path: tuple[Any, ...], leaf: Any) -> bool:
+    """Floating leaves of at least two dimensions (integer ones, e.g. a step counter or an embedding's
+    indices kept in the tree, were picked and failed on their dtype)."""
     del path
-    return jnp.ndim(leaf) >= 2
+    return jnp.ndim(leaf) >= 2 and jnp.issubdtype(jnp.result_type(leaf), jnp.floating)
 
 
 def topk_prune(
@@ -151,8 +153,8 @@ def topk_prune(
         Fraction of entries set to zero, ``0 <= sparsity < 1``.
     predicate : callable, optional
         ``predicate(path, leaf) -> bool`` (the path as in
-        `jax.tree_util.tree_map_with_path`); by default the leaves with at
-        least two dimensions (weights, not biases).
+        `jax.tree_util.tree_map_with_path`); by default the floating leaves
+        with at least two dimensions (weights, not biases).
     per_row, row_axis, hard, regularization_strength, p, method, max_iter, tol
         As in `prune_array`.
 
