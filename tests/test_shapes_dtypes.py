@@ -282,3 +282,15 @@ def test_core_jacobian_products_on_other_backends(rng, operator, backend):
     got = vjp(res, lib.asarray(u_np.astype(np.float32)))
     assert type(got) is type(x)
     np.testing.assert_allclose(np.asarray(got), expected, atol=1e-5)
+
+
+def test_products_refuse_a_tangent_of_another_library():
+    # A torch cotangent of NumPy residuals failed inside torch's `Tensor.to` ("received an invalid
+    # combination of arguments").
+    torch = pytest.importorskip("torch")
+    x = np.array([[3.0, 1.0, 0.5, -2.0]])
+    for name in ("mask", "mag"):
+        residuals = getattr(topk_core, f"soft_topk_{name}_forward")(x, 2)[1]
+        for product, arg in (("vjp", "cotangent"), ("jvp", "tangent")):
+            with pytest.raises(TypeError, match=rf"`{arg}` is a torch.Tensor, but the residuals hold numpy.ndarray"):
+                getattr(topk_core, f"{name}_{product}_from_residuals")(residuals, torch.ones(1, 4, dtype=torch.float64))

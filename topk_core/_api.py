@@ -28,7 +28,7 @@ from ._agnostic.layout import from_rows, to_rows
 from ._agnostic.regularizer import conjugate_exponent
 from ._agnostic.residuals import MagResiduals, MaskResiduals
 from ._agnostic.threshold import threshold_mag, threshold_mask
-from ._compat import device, is_numpy_namespace, namespace_of
+from ._compat import array_namespace, device, is_numpy_namespace, namespace_of
 from ._pav import products
 from ._pav_path import pav_mag, pav_mask
 from ._types import ArrayT
@@ -328,10 +328,26 @@ def soft_topk_mag(
     )[0]
 
 
+def _same_library(tangent: Any, gprime: Any, name: str) -> None:
+    """TypeError unless `tangent` and the residuals are arrays of one library (a torch cotangent of NumPy
+    residuals failed inside torch's `Tensor.to` with a message about its arguments)."""
+    try:
+        array_namespace(tangent, gprime)
+    except TypeError:
+        raise TypeError(
+            f"`{name}` is a {type(tangent).__module__}.{type(tangent).__name__}, but the residuals hold "
+            f"{type(gprime).__module__}.{type(gprime).__name__} arrays: pass a {name} of the library of the "
+            "`x` they were computed from"
+        ) from None
+
+
 def _jacobian_product(kind: str, transpose: bool, residuals: Any, tangent: Any, axis: int, xp: Any,
                       out: Any = None) -> Any:
+    name = "cotangent" if transpose else "tangent"
+    if xp is None:
+        _same_library(tangent, residuals.gprime, name)
     xp = namespace_of(tangent, xp)
-    _validate.check_float_dtype(tangent, xp, "cotangent" if transpose else "tangent")
+    _validate.check_float_dtype(tangent, xp, name)
     ax = _validate.check_axis(axis, tangent.ndim)
     work = xp.astype(tangent, residuals.gprime.dtype, copy=False)
     rows, moved = to_rows(work, ax, xp)
