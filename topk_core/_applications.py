@@ -55,12 +55,15 @@ def soft_keywords(
     return {"regularization_strength": lam, "p": p, "method": method, "max_iter": max_iter, "tol": tol}
 
 
-def check_row_axis(row_axis: Any, ndim: int) -> int:
-    """`row_axis` normalized to ``[0, ndim)`` for a weight of `ndim` dimensions (ValueError naming it)."""
-    try:
-        return _validate.check_axis(row_axis, ndim)
-    except (TypeError, ValueError) as err:
-        raise type(err)(str(err).replace("`axis`", "`row_axis`")) from None
+def group_sizes(shape: Sequence[int], per_row: bool, row_axis: Any) -> tuple[int, int]:
+    """(number of pruning groups, entries per group) of a weight of `shape`: the whole weight, or each slice
+    along `row_axis` (checked: an IndexError from deep inside the frameworks before); an empty weight has
+    groups of 0 entries."""
+    size = math.prod(shape)
+    if not per_row:
+        return 1, size
+    rows = shape[_validate.check_axis(row_axis, len(shape), "row_axis")]
+    return rows, size // rows if rows else 0
 
 
 def check_ce_weight(ce_weight: Any) -> float:

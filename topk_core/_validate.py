@@ -59,15 +59,15 @@ def check_float_dtype(x: Any, xp: Any, name: str = "x") -> None:
         )
 
 
-def check_axis(axis: Any, ndim: int) -> int:
-    """Return `axis` normalized to [0, ndim)."""
+def check_axis(axis: Any, ndim: int, name: str = "axis") -> int:
+    """Return `axis` (the argument called `name`) normalized to [0, ndim)."""
     if ndim == 0:
         raise ValueError("`x` must have at least one dimension; got a 0-d array (a scalar)")
     if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
-        raise TypeError(f"`axis` must be an int in [{-ndim}, {ndim - 1}]; got {axis!r}")
+        raise TypeError(f"`{name}` must be an int in [{-ndim}, {ndim - 1}]; got {axis!r}")
     axis = int(axis)
     if not -ndim <= axis < ndim:
-        raise ValueError(f"`axis` must be an int in [{-ndim}, {ndim - 1}] for an array of ndim {ndim}; got {axis}")
+        raise ValueError(f"`{name}` must be an int in [{-ndim}, {ndim - 1}] for an array of ndim {ndim}; got {axis}")
     return axis % ndim
 
 

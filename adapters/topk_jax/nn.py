@@ -72,15 +72,6 @@ def _ungroup(rows: jax.Array, w: jax.Array, per_row: bool, row_axis: int) -> jax
     return jnp.moveaxis(jnp.reshape(rows, moved_shape), 0, row_axis)
 
 
-def _group_sizes(shape: Sequence[int], per_row: bool, row_axis: int) -> tuple[int, int]:
-    """(number of groups, size of a group)."""
-    size = math.prod(shape)
-    if not per_row:
-        return 1, size
-    rows = shape[_checks.check_row_axis(row_axis, len(shape))]  # (an IndexError, "tuple index out of range")
-    return rows, size // rows if rows else 0
-
-
 def num_kept(w: Any, sparsity: float, *, per_row: bool = False, row_axis: int = 0) -> int:
     """Non-zeros of the finalized `w`: ``round((1 - sparsity) * group size)`` per group, times the groups.
 
@@ -91,7 +82,7 @@ def num_kept(w: Any, sparsity: float, *, per_row: bool = False, row_axis: int = 
     >>> num_kept(jnp.ones((4, 10)), 0.9), num_kept(jnp.ones((4, 10)), 0.9, per_row=True)
     (4, 4)
     """
-    groups, size = _group_sizes(jnp.shape(w), per_row, row_axis)
+    groups, size = _checks.group_sizes(jnp.shape(w), per_row, row_axis)
     return groups * _checks.kept_count(sparsity, size)
 
 
@@ -115,7 +106,7 @@ def prune_array(
            [ 3.,  0.]], dtype=float32)
     """
     w = jnp.asarray(w)
-    size = _group_sizes(w.shape, per_row, row_axis)[1]
+    size = _checks.group_sizes(w.shape, per_row, row_axis)[1]
     k = _checks.kept_count(sparsity, size)
     if w.size == 0:  # nothing to prune (as topk_torch.nn.TopkPruning)
         return w
@@ -203,7 +194,7 @@ def finalize_pruning(
         soft = jax.lax.stop_gradient(
             prune_array(leaf, sparsity, per_row=per_row, row_axis=row_axis, hard=hard, **keywords)
         )
-        k = _checks.kept_count(sparsity, _group_sizes(soft.shape, per_row, row_axis)[1])
+        k = _checks.kept_count(sparsity, _checks.group_sizes(soft.shape, per_row, row_axis)[1])
         if soft.size == 0:
             return soft
         return _ungroup(_tk.hard_topk_mag(_groups(soft, per_row, row_axis), k), soft, per_row, row_axis)

@@ -79,24 +79,21 @@ def layout(kind: str, method: str = "pav") -> tuple[Field, ...]:
     two float64 rows compiled two kernels that a float32 caller never uses (45 s
     on an empty Numba cache).
     """
-    if method == "pav":
-        rows, probe, xp = 0, np.zeros((0, 3)), None
-        _, res = _FORWARD[kind](probe, 1, p=2.0, method=method, xp=xp)
-    else:
-        # Real tensors even where the first call is traced (`torch.compile` of a fresh process runs the
-        # fake implementations, which ask for this, with fake tensors: the probe's solver loop then read
-        # a data-dependent value and the compilation failed, "Could not guard on data-dependent
-        # expression").
-        with unset_fake_temporarily():
+    # Real tensors even where the first call is traced (`torch.compile` of a fresh process runs the fake
+    # implementations, which ask for this, with fake tensors: the probe's solver loop then read a
+    # data-dependent value and the compilation failed, "Could not guard on data-dependent expression").
+    with unset_fake_temporarily():
+        if method == "pav":
+            rows, probe, xp = 0, np.zeros((0, 3)), None
+        else:
             rows, probe, xp = 2, torch.zeros((2, 3), dtype=torch.float64), xp_torch
-            _, res = _FORWARD[kind](probe, 1, p=2.0, method=method, xp=xp)
-            res = [None if a is None else a.numpy() for a in res]
+        _, res = _FORWARD[kind](probe, 1, p=2.0, method=method, xp=xp)
+        res = [None if a is None else np.asarray(a) for a in res]
     fields = []
     for name, a in zip(_FIELDS[kind], res, strict=True):
         if a is None:
             fields.append(Field(False, None, True))
             continue
-        a = np.asarray(a)
         if a.shape not in ((rows, 3), (rows, 1)):
             raise RuntimeError(f"topk_torch: unexpected shape {a.shape} of residual {name!r} for ({rows}, 3) rows")
         dtype = {np.dtype(np.int64): torch.int64, np.dtype(np.int8): torch.int8, np.dtype(np.bool_): torch.bool}.get(a.dtype)

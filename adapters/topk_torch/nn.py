@@ -29,6 +29,7 @@ from torch.nn.utils import parametrize
 
 import topk_torch as _tk
 from topk_core import _applications as _checks
+from topk_core import _validate
 from topk_core._api import DEFAULT_P, DEFAULT_STRENGTH
 
 __all__ = [
@@ -118,7 +119,7 @@ class TopkPruning(nn.Module):
 
     def _axis(self, weight: torch.Tensor) -> int:
         """`row_axis` checked against `weight` (an IndexError from deep inside torch before)."""
-        return _checks.check_row_axis(self.row_axis, weight.ndim)
+        return _validate.check_axis(self.row_axis, weight.ndim, "row_axis")
 
     def _groups(self, weight: torch.Tensor) -> torch.Tensor:
         """`weight` as a 2-d tensor with one selection group per row."""
@@ -133,20 +134,13 @@ class TopkPruning(nn.Module):
         axis = self._axis(weight)
         return rows.reshape(weight.movedim(axis, 0).shape).movedim(0, axis)
 
-    def _group_sizes(self, weight: torch.Tensor) -> tuple[int, int]:
-        """(number of groups, entries per group); an empty weight has groups of 0 entries."""
-        if not self.per_row:
-            return 1, weight.numel()
-        rows = weight.shape[self._axis(weight)]
-        return rows, weight.numel() // rows if rows else 0
-
     def k(self, weight: torch.Tensor) -> int:
         """Entries kept per group: ``round((1 - sparsity) * group size)`` (0 for an empty weight)."""
-        return _checks.kept_count(self.sparsity, self._group_sizes(weight)[1])
+        return _checks.kept_count(self.sparsity, _checks.group_sizes(weight.shape, self.per_row, self.row_axis)[1])
 
     def num_kept(self, weight: torch.Tensor) -> int:
         """Non-zeros of the finalized weight (when `weight` has that many non-zeros): ``k`` times the number of groups."""
-        groups, size = self._group_sizes(weight)
+        groups, size = _checks.group_sizes(weight.shape, self.per_row, self.row_axis)
         return groups * _checks.kept_count(self.sparsity, size)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
