@@ -136,6 +136,39 @@ def test_core_rejects_non_arrays():
         topk_core.soft_topk_mask([1.0, 2.0], 1)
 
 
+@pytest.mark.parametrize("name", ["soft_topk_mask", "soft_topk_mag", "hard_topk_mask", "hard_topk_mag"])
+def test_core_names_an_xp_of_another_library(name):
+    # Was: "`x` must have a real floating dtype ...; got dtype torch.float32" for a float32 tensor.
+    import array_api_strict
+    import torch
+
+    import topk_core
+
+    fn = getattr(topk_core, name)
+    with pytest.raises(TypeError, match=r"`xp` \(numpy\) is not the library of `x` \(torch\)"):
+        fn(torch.ones(3), 1, xp=np)
+    with pytest.raises(TypeError, match=r"`xp` \(array_api_strict\) is not the library of `x` \(numpy\)"):
+        fn(np.ones(3), 1, xp=array_api_strict)
+    with pytest.raises(TypeError, match=r"`x` must be an array of the library of `xp` \(numpy\); got list"):
+        fn([1.0, 2.0], 1, xp=np)
+    # A wrapper of the same library is that library; integer arrays still get the dtype message.
+    import array_api_compat.numpy as compat_numpy
+
+    assert np.asarray(fn(np.arange(3.0), 1, xp=compat_numpy)).shape == (3,)
+    with pytest.raises(TypeError, match="real floating dtype"):
+        fn(np.arange(3), 1, xp=compat_numpy)
+
+
+def test_jacobian_products_name_an_xp_of_another_library():
+    import torch
+
+    import topk_core
+
+    _, res = topk_core.soft_topk_mask_forward(np.arange(4.0), 2)
+    with pytest.raises(TypeError, match=r"`xp` \(torch\) is not the library of `cotangent` \(numpy\)"):
+        topk_core.mask_vjp_from_residuals(res, np.ones(4), xp=torch)
+
+
 @pytest.mark.parametrize("name", ["soft_topk_mask_jvp", "soft_topk_mag_jvp"])
 def test_jvp_tangent_must_match(name):
     with pytest.raises(ValueError, match="`tangent` must have the shape of `x`"):

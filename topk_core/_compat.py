@@ -22,6 +22,7 @@ __all__ = [
     "is_numpy_array",
     "is_numpy_namespace",
     "is_plain_numpy",
+    "library_name",
     "namespace_of",
     "size",
     "to_device",
@@ -31,6 +32,10 @@ __all__ = [
 def namespace_of(x: Any, xp: Any = None) -> Any:
     """Return `xp` if given, else the Array-API namespace of `x` (TypeError if none)."""
     if xp is not None:
+        if not hasattr(x, "dtype"):
+            raise TypeError(
+                f"`x` must be an array of the library of `xp` ({library_name(xp)}); got {type(x).__name__}"
+            )
         return xp
     try:
         return array_namespace(x)
@@ -39,6 +44,15 @@ def namespace_of(x: Any, xp: Any = None) -> Any:
             f"`x` must be an array of a library that implements the Array API "
             f"(numpy, torch, jax, array_api_strict, ...); got {type(x).__name__}"
         ) from err
+
+
+def library_name(xp: Any) -> str:
+    """The library behind a namespace, for messages: 'numpy' for numpy and array-api-compat's wrapper of
+    it, 'jax' for jax.numpy, 'torch', 'array_api_strict'."""
+    name = getattr(xp, "__name__", None)
+    if not isinstance(name, str):
+        return repr(xp)
+    return name.removeprefix("array_api_compat.").split(".")[0]
 
 
 def is_plain_numpy(xp: Any) -> bool:

@@ -11,6 +11,8 @@ from typing import Any
 
 from numba import config as numba_config
 
+from ._compat import array_namespace, library_name
+
 METHODS = ("auto", "pav", "dykstra", "threshold")
 PAV_EXACT_MAX_P = 8.0
 """The largest p that PAV serves: above it ``method="auto"`` runs the threshold method where it would
@@ -45,6 +47,7 @@ def check_float_dtype(x: Any, xp: Any, name: str = "x") -> None:
             f"{name}.astype(numpy.float32)."
         )
     if not ok:
+        _check_same_library(x, xp, name)
         raise TypeError(
             f"`{name}` must have a real floating dtype (float16, bfloat16, float32 or float64); "
             f"got dtype {dtype}. Cast integer or boolean inputs explicitly, e.g. {name}.astype(float32)."
@@ -56,6 +59,20 @@ def check_float_dtype(x: Any, xp: Any, name: str = "x") -> None:
         raise TypeError(
             f"`{name}` must have one of the floating dtypes float16, bfloat16, float32 or float64; got dtype "
             f"{dtype}. Cast it explicitly, e.g. to float64 (or to float32 from float8)."
+        )
+
+
+def _check_same_library(x: Any, xp: Any, name: str) -> None:
+    """Name a namespace `xp` passed explicitly that is not `x`'s library (its dtype check fails then, and
+    a dtype message would mislead)."""
+    try:
+        own = array_namespace(x)
+    except TypeError:
+        return
+    if library_name(own) != library_name(xp):
+        raise TypeError(
+            f"`xp` ({library_name(xp)}) is not the library of `{name}` ({library_name(own)}): pass the "
+            f"namespace of `{name}`'s library, or xp=None to take it from `{name}`"
         )
 
 
