@@ -135,6 +135,27 @@ def test_routing_stats_summaries(rng):
     assert np.isnan(jnn.routing_stats(jnp.zeros((0, 4))).mean_experts_per_token)
 
 
+def test_routing_stats_summaries_under_jit(rng):
+    # Were a TracerArrayConversionError: the summaries are traced scalars inside jax.jit.
+    gates = jnn.topk_gates(_array(rng, (3, 10, 6)), 2)
+    eager = jnn.routing_stats(gates)
+    summaries = jax.jit(lambda g: (jnn.routing_stats(g).mean_experts_per_token, jnn.routing_stats(g).load_imbalance))
+    mean, imbalance = summaries(gates)
+    assert float(mean) == pytest.approx(eager.mean_experts_per_token, rel=1e-6)
+    assert float(imbalance) == pytest.approx(eager.load_imbalance, rel=1e-6)
+    for empty in (jnp.zeros((3, 4)), jnp.zeros((0, 4)), jnp.zeros((3, 0))):
+        assert np.isnan(float(summaries(empty)[1]))
+    assert np.isnan(float(summaries(jnp.zeros((0, 4)))[0]))
+
+
+def test_routing_stats_edge_shapes():
+    no_experts = jnn.routing_stats(jnp.zeros((2, 3, 0)))  # was ZeroDivisionError inside reshape
+    assert no_experts.experts_per_token.tolist() == [0] * 6 and no_experts.load.shape == (0,)
+    assert no_experts.mean_experts_per_token == 0.0 and np.isnan(no_experts.load_imbalance)
+    with pytest.raises(ValueError, match="`gates` must have at least one dimension"):
+        jnn.routing_stats(jnp.float32(1.0))
+
+
 def _dense(x, gates, params):
     return sum(gates[:, e: e + 1] * jnn.mlp_expert(p, x) for e, p in enumerate(params))
 

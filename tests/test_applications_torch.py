@@ -226,6 +226,16 @@ def test_routing_stats():
     assert not stats.gate_mass.requires_grad
 
 
+def test_routing_stats_edge_shapes():
+    no_experts = tnn.routing_stats(torch.zeros(2, 3, 0))  # was a RuntimeError of reshape(-1, 0)
+    assert no_experts.experts_per_token.tolist() == [0] * 6 and no_experts.load.shape == (0,)
+    assert no_experts.mean_experts_per_token == 0.0 and math.isnan(no_experts.load_imbalance)
+    no_tokens = tnn.routing_stats(torch.zeros(0, 4))
+    assert math.isnan(no_tokens.mean_experts_per_token) and math.isnan(no_tokens.load_imbalance)
+    with pytest.raises(ValueError, match="`gates` must have at least one dimension"):
+        tnn.routing_stats(torch.tensor(1.0))
+
+
 class _Counting(nn.Module):
     """An expert that records how many tokens it saw."""
 

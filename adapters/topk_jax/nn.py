@@ -252,17 +252,27 @@ class RoutingStats(NamedTuple):
     gate_mass: jax.Array
     """(experts,) float: sum of the gates of each expert."""
 
-    # The summaries read the counts on the host (in float64, as `topk_torch.nn.RoutingStats` does): call
-    # them on concrete arrays, outside `jax.jit`.
+    # Concrete counts are summarized on the host in float64 (as `topk_torch.nn.RoutingStats` does) and give
+    # Python floats; traced ones (inside `jax.jit`, e.g. to log from a train step) give a traced scalar of
+    # JAX's default float dtype.
     @property
-    def mean_experts_per_token(self) -> float:
-        """Mean number of experts per token (NaN when there are no tokens)."""
+    def mean_experts_per_token(self) -> float | jax.Array:
+        """Mean number of experts per token (NaN when there are no tokens); a traced scalar under `jax.jit`."""
+        if isinstance(self.experts_per_token, jax.core.Tracer):
+            counts = self.experts_per_token.astype(jnp.result_type(float))
+            return jnp.mean(counts) if counts.size else jnp.asarray(jnp.nan, counts.dtype)
         counts = np.asarray(self.experts_per_token, dtype=np.float64)
         return float(counts.mean()) if counts.size else float("nan")
 
     @property
-    def load_imbalance(self) -> float:
-        """Maximum load over mean load (1 is perfectly balanced; NaN when no token was routed)."""
+    def load_imbalance(self) -> float | jax.Array:
+        """Maximum load over mean load (1 is perfectly balanced; NaN when no token was routed); a traced
+        scalar under `jax.jit`."""
+        if isinstance(self.load, jax.core.Tracer):
+            load = self.load.astype(jnp.result_type(float))
+            if not load.size:
+                return jnp.asarray(jnp.nan, load.dtype)
+            return jnp.where(load.sum() > 0, load.max() / load.mean(), jnp.nan)
         load = np.asarray(self.load, dtype=np.float64)
         return float(load.max() / load.mean()) if load.sum() > 0 else float("nan")
 
@@ -281,7 +291,10 @@ def routing_stats(gates: Any) -> RoutingStats:
     (1.5, 2.0)
     """
     gates = jax.lax.stop_gradient(jnp.asarray(gates))
-    flat = jnp.reshape(gates, (-1, gates.shape[-1]))
+    if gates.ndim == 0:
+        raise ValueError("`gates` must have at least one dimension (experts last); got a 0-d array")
+    # Explicit sizes: `-1` is ambiguous when there are no experts.
+    flat = jnp.reshape(gates, (math.prod(gates.shape[:-1]), gates.shape[-1]))
     nonzero = flat != 0
     return RoutingStats(nonzero.sum(axis=1), nonzero.sum(axis=0), flat.sum(axis=0))
 

@@ -19,6 +19,7 @@ runnable examples.
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -280,8 +281,11 @@ def routing_stats(gates: torch.Tensor) -> RoutingStats:
     >>> stats.experts_per_token, stats.load
     (tensor([2, 1]), tensor([1, 0, 2]))
     """
+    if gates.ndim == 0:
+        raise ValueError("`gates` must have at least one dimension (experts last); got a 0-d tensor")
     with torch.no_grad():
-        flat = gates.detach().reshape(-1, gates.shape[-1])
+        # Explicit sizes: `-1` is ambiguous when there are no experts.
+        flat = gates.detach().reshape(math.prod(gates.shape[:-1]), gates.shape[-1])
         nonzero = flat != 0
         return RoutingStats(nonzero.sum(dim=1), nonzero.sum(dim=0), flat.sum(dim=0))
 
