@@ -119,7 +119,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from .._compat import default_int, device
 from .._validate import check_strength_in_dtype
@@ -1188,10 +1188,32 @@ def _rounded(value: Any, like: Any, xp: Any, up: bool) -> Any:
     return xp.full_like(like, math.ceil(value) if up else math.floor(value))
 
 
+class _MagFrame(NamedTuple):
+    """A magnitude row set up for the root finder (`_mag_frame`); (batch, n) or (batch, 1) arrays."""
+
+    x: Any  # the rows, NaN rows' entries replaced (`nan_rows_of`)
+    nan_rows: Any
+    infinite: Any  # infinite entries, and those set aside as saturating (`_mag_deep_frames`)
+    fin: Any
+    kk: Any  # places left for the finite entries
+    kkf: Any  # kk in the rows' dtype
+    nonzero: Any
+    n_nonzero: Any
+    solve: Any  # rows with a positive threshold to find
+    c: Any  # the power of two that scales |x| into the frame
+    lam_r: Any  # the equivalent strength in the frame
+    an: Any  # |x| in the frame (0 for the entries set aside)
+    lo: Any  # the data bracket
+    hi: Any
+    ftol: Any  # the root finder's tolerance on sum(y)
+    floor: Any  # its floor of splits
+    start: Any  # its first point
+
+
 def _mag_frame(
     x: Any, k: int, lam: Any, q: float, rtol: float, p: float, emax: float, lam_lo: Any, lam_hi: Any,
     xp: Any, saturating: Any = None,
-) -> tuple[Any, ...]:
+) -> _MagFrame:
     """|x| scaled into [1, 2), the equivalent strength, the count of entries to keep, the data bracket, and the
     root finder's floor of splits and first point.
 
@@ -1251,7 +1273,8 @@ def _mag_frame(
     # 1e+-100 on).
     floor = xp.full_like(hi, float(xp.finfo(dt).smallest_normal))
     start = _mag_start(lo, hi, solve, floor, xp)
-    return x, nan_rows, infinite, fin, kk, kkf, nonzero, n_nonzero, solve, c, lam_r, an, lo, hi, ftol, floor, start
+    return _MagFrame(x, nan_rows, infinite, fin, kk, kkf, nonzero, n_nonzero, solve, c, lam_r, an, lo, hi, ftol, floor,
+                     start)
 
 
 def _mag_deep_levels(hi: Any, lam_r: Any, depth: float, q: float, xp: Any) -> tuple[tuple[Any, Any], ...]:
@@ -1292,9 +1315,9 @@ def _mag_deep_cut(an: Any, hi: Any, lam_r: Any, kkf: Any, solve: Any, depth: flo
 
 
 def _mag_deep_frames(
-    frame: tuple[Any, ...], reframe: Callable[[Any], tuple[Any, ...]], rows: Callable[[tuple[Any, ...]], Any],
-    cut: Callable[[tuple[Any, ...]], Any], xp: Any, loop: Callable[..., Any] | None,
-) -> tuple[Any, ...]:
+    frame: _MagFrame, reframe: Callable[[Any], _MagFrame], rows: Callable[[_MagFrame], Any],
+    cut: Callable[[_MagFrame], Any], xp: Any, loop: Callable[..., Any] | None,
+) -> _MagFrame:
     """The frames of rows whose threshold lies far below their largest key, each row in its own.
 
     The frame scales a row to its largest key; keys more than about 2^-emax below it (in float64 some
@@ -1308,12 +1331,13 @@ def _mag_deep_frames(
     span of finite keys).  Other rows keep their frame.  `rows` picks the rows to test (one comparison
     per key, which every call pays; with `loop`, traced arrays, nothing more where no row is picked).
     """
+    frame = _MagFrame(*frame)
     maybe = rows(frame)
-    saturating = xp.zeros_like(frame[6])  # (a (batch, n) boolean array: `nonzero`'s shape and dtype)
+    saturating = xp.zeros_like(frame.nonzero)  # (a (batch, n) boolean array)
 
-    def round_of(frame: tuple[Any, ...], saturating: Any, new_cut: Any) -> tuple[Any, ...]:
+    def round_of(saturating: Any, new_cut: Any) -> tuple[Any, ...]:
         saturating = saturating | new_cut
-        frame = reframe(saturating)
+        frame = _MagFrame(*reframe(saturating))  # (a compiled stage may hand back a plain tuple)
         # Rows that set nothing aside this round are done (their frame is as before).
         return (saturating, rows(frame) & xp.any(new_cut, axis=-1, keepdims=True), *frame)
 
@@ -1324,16 +1348,18 @@ def _mag_deep_frames(
             new_cut = cut(frame) & maybe
             if all_true(~new_cut, xp):  # rows picked, none deep (large strengths): no new frame
                 break
-            saturating, maybe, *frame = round_of(tuple(frame), saturating, new_cut)
-        return tuple(frame)
+            saturating, maybe, *fields = round_of(saturating, new_cut)
+            frame = _MagFrame(*fields)
+        return frame
 
+    # The loop's state is flat: (saturating, maybe, rounds, *the frame's fields).
     def body(state: tuple[Any, ...]) -> tuple[Any, ...]:
-        saturating, maybe, *frame = round_of(state[3:], state[0], cut(state[3:]) & state[1])
-        return (saturating, maybe, state[2] + 1, *frame)
+        saturating, maybe, *fields = round_of(state[0], cut(_MagFrame(*state[3:])) & state[1])
+        return (saturating, maybe, state[2] + 1, *fields)
 
     rounds = xp.zeros((), dtype=default_int(xp), device=device(maybe))
     state = loop(lambda st: xp.any(st[1]) & (st[2] < _DEEP_ROUNDS), body, (saturating, maybe, rounds, *frame))
-    return tuple(state[3:])
+    return _MagFrame(*state[3:])
 
 
 def _mag_output(
@@ -1452,11 +1478,10 @@ def threshold_mag(
     p, emax, lam_lo, lam_hi = _mag_scales(lam, q, dt, xp)
     frame = fuse(_mag_frame)(x, k, lam, q, rtol, p, emax, lam_lo, lam_hi, xp)
     depth = 2.0 ** -(emax // 2)
-    # (The frame's an, hi, lam_r, kk, kkf and solve: its entries 11, 13, 10, 4, 5 and 8.)
     frame = _mag_deep_frames(
         frame, lambda saturating: fuse(_mag_frame)(x, k, lam, q, rtol, p, emax, lam_lo, lam_hi, xp, saturating),
-        lambda fr: fuse(_mag_deep_rows)(fr[11], fr[13], fr[10], fr[4], fr[8], depth, q, xp),
-        lambda fr: fuse(_mag_deep_cut)(fr[11], fr[13], fr[10], fr[5], fr[8], depth, q, xp), xp, loop,
+        lambda fr: fuse(_mag_deep_rows)(fr.an, fr.hi, fr.lam_r, fr.kk, fr.solve, depth, q, xp),
+        lambda fr: fuse(_mag_deep_cut)(fr.an, fr.hi, fr.lam_r, fr.kkf, fr.solve, depth, q, xp), xp, loop,
     )
     x, nan_rows, infinite, fin, kk, kkf, nonzero, n_nonzero, solve, c, lam_r, an, lo, hi, ftol, floor, start = frame
     if _starts_at_first_block(order_statistics, k, x.shape[-1], q):
