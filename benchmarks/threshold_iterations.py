@@ -24,7 +24,7 @@ import numpy as np
 from _report import parse_exponents, parse_shapes
 
 from topk_core._agnostic.regularizer import conjugate_exponent
-from topk_core._agnostic.threshold import STATE_DONE, STATE_ITERATION, threshold_mag, threshold_mask
+from topk_core._agnostic.threshold import counting_loop, threshold_mag, threshold_mask
 from topk_core._api import _numpy_order_statistics
 
 SOLVERS = {"mask": threshold_mask, "mag": threshold_mag}
@@ -35,22 +35,8 @@ def _loop_runs(op: str, x: np.ndarray, k: int, lam: float, p: float, order_stati
     """For each structured loop of a solve in turn (the first root finder's, then the recentring ones):
     its iterations and the iteration at which each row converged."""
     runs: list[tuple[int, np.ndarray]] = []
-
-    def loop(cond, body, state):
-        # Not a root finder's loop: the magnitude's frames (`_mag_deep_frames`), run as they are.
-        if len(state) != STATE_ITERATION + 1:
-            while bool(cond(state)):
-                state = body(state)
-            return state
-        count, converged = 0, np.where(state[STATE_DONE][:, 0], 0, -1)
-        while bool(cond(state)):
-            state, count = body(state), count + 1
-            converged = np.where((converged < 0) & state[STATE_DONE][:, 0], count, converged)
-        runs.append((count, converged))
-        return state
-
     hooks = {"order_statistics": _numpy_order_statistics} if order_statistics else {}
-    SOLVERS[op](x, k, lam, conjugate_exponent(p), np, loop=loop, **hooks)
+    SOLVERS[op](x, k, lam, conjugate_exponent(p), np, loop=counting_loop(runs), **hooks)
     return runs
 
 

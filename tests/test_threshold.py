@@ -606,25 +606,10 @@ def test_stopped_by_max_iter_it_warns(operator, name):
 
 
 def _loop_runs(solver, x, k, lam, q, **hooks):
-    """(outputs, and for each structured loop of the solve in turn: its iterations and the iteration at
+    """(outputs, and for each root finder's loop of the solve in turn: its iterations and the iteration at
     which each row converged); `hooks`: the solver's other adapter keywords."""
     runs = []
-
-    def loop(cond, body, state):
-        # Not a root finder's loop: the magnitude's frames (`_mag_deep_frames`), run as they are.
-        if len(state) != threshold.STATE_ITERATION + 1:
-            while bool(cond(state)):
-                state = body(state)
-            return state
-        done_at = np.where(state[threshold.STATE_DONE][:, 0], 0, -1)
-        count = 0
-        while bool(cond(state)):
-            state, count = body(state), count + 1
-            done_at = np.where((done_at < 0) & state[threshold.STATE_DONE][:, 0], count, done_at)
-        runs.append((count, done_at))
-        return state
-
-    y, _ = solver(x, k, lam, q, np, loop=loop, **hooks)
+    y, _ = solver(x, k, lam, q, np, loop=threshold.counting_loop(runs), **hooks)
     return y, runs
 
 

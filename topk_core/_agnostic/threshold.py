@@ -121,7 +121,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from .._compat import default_int, device
+from .._compat import array_namespace, default_int, device
 from .._validate import check_strength_in_dtype
 from .common import all_true, count, nan_rows_of, poison
 from .regularizer import g, g_inverse, g_prime_on
@@ -165,7 +165,7 @@ _MIN_COMPACT = 32  # gather the unconverged rows when at most half of >= this ma
 _RECENTRE_STRENGTHS = 64  # see `_mask_recentre`
 _DEEP_ROUNDS = 3  # see `_mag_deep_frames`
 # Where the root finder's loop state (`_root`) holds its (batch, 1) flags of converged rows, and its
-# iteration count (read by `benchmarks/threshold_iterations.py` through a `loop`).
+# iteration count (read by `counting_loop`).
 STATE_DONE, STATE_ITERATION = 11, 12
 # A piece without free entries whose saturated ones fall this many or fewer short of k is left
 # for the point where the next key saturates (`_mask_enter`, `_mag_enter`); further short, the
@@ -188,6 +188,32 @@ _MASK_SPREAD = 64
 
 Stage = Callable[[Callable[..., Any]], Callable[..., Any]]
 """``stage(fn)``: a function computing what `fn` computes (an adapter's compiler, e.g. ``torch.compile``)."""
+
+
+def counting_loop(runs: list[tuple[int, Any]]) -> Callable[..., Any]:
+    """A `loop` for eager arrays (a plain while loop) that records the root finder's loops.
+
+    For each root finder's loop of a solve in turn (the first, then those that solve rows again next
+    to a key), appends to `runs` its iterations and, per row, the iteration at which the row converged
+    (0: before the first; -1: never).  Other loops (the magnitude's frames, `_mag_deep_frames`) run
+    unobserved.  What the tests and `benchmarks/threshold_iterations.py` count.
+    """
+
+    def loop(cond: Callable[[Any], Any], body: Callable[[Any], Any], state: tuple[Any, ...]) -> tuple[Any, ...]:
+        observed = len(state) == STATE_ITERATION + 1
+        count = 0
+        if observed:
+            xp = array_namespace(state[STATE_DONE])
+            converged = xp.where(state[STATE_DONE][:, 0], 0, -1)
+        while bool(cond(state)):
+            state, count = body(state), count + 1
+            if observed:
+                converged = xp.where((converged < 0) & state[STATE_DONE][:, 0], count, converged)
+        if observed:
+            runs.append((count, converged))
+        return state
+
+    return loop
 
 
 def _as_is(fn: Callable[..., Any]) -> Callable[..., Any]:
