@@ -246,7 +246,8 @@ def soft_topk_mask(
         arrays that can be read (not under ``jax.jit``), they warn
         `ThresholdNotConverged` and `DykstraNotConverged`.
     xp : namespace, optional
-        Array-API namespace of `x` (inferred when omitted).
+        Array-API namespace of `x`'s library (inferred when omitted; that of
+        another library is a TypeError).
 
     Returns
     -------
@@ -256,7 +257,8 @@ def soft_topk_mask(
     Raises
     ------
     TypeError
-        Non-floating `x`, non-integer `k`, non-real parameters.
+        Non-floating `x`, non-integer `k`, non-real parameters, an `xp` of
+        another library than `x`'s.
     ValueError
         Out-of-range `k`, `axis`, `regularization_strength`, `p`, `method`,
         `max_iter`, `tol`; ``method="dykstra"`` with ``p != 2``; ``"pav"`` with ``p > 8``; for
