@@ -79,6 +79,28 @@ def test_torch_func_inside_compile(transform):
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("method", ["pav", "threshold", "dykstra"])
+def test_torch_func_inside_compile_on_non_finite_rows(method):
+    """The linearized route gave infinite entries a zero derivative where eager mode gives the magnitude's
+    identity (it returns them as they are), and the NaN entry of a NaN row 0 where eager mode gives NaN."""
+    torch._dynamo.reset()
+    inf, nan = float("inf"), float("nan")
+    x = torch.tensor([[0.3, -inf, 0.2, 0.1, 0.0], [nan, 1.0, 2.0, 3.0, 4.0], [inf, -inf, inf, 1.0, 2.0],
+                      [inf, 0.5, -inf, 1.0, 2.0], [0.3, -0.1, 0.2, 0.1, 0.0]], dtype=torch.float64)
+    u = torch.arange(1.0, 6.0, dtype=torch.float64).expand(5, 5)
+    p = 2.0 if method == "dykstra" else 4.0 / 3.0
+    for op in (tk.soft_topk_mask, tk.soft_topk_mag):
+        def f(t, op=op):
+            return op(t, 2, regularization_strength=1.0, p=p, method=method)
+
+        for fn in (lambda t: torch.func.vjp(f, t)[1](u)[0], lambda t: torch.func.jvp(f, (t,), (u,))[1]):
+            expected = fn(x)
+            got = torch.compile(fn, fullgraph=True, backend="aot_eager")(x)
+            torch.testing.assert_close(got, expected, equal_nan=True, rtol=1e-12, atol=1e-12)
+        assert torch.isnan(torch.func.vjp(f, x)[1](u)[0][1]).all()
+    torch._dynamo.reset()
+
+
 # --- the magnitude's compiled backward on the CPU: the Numba product as an opaque operator ---------------
 
 

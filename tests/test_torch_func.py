@@ -112,12 +112,32 @@ def test_hessian_p2_and_error_otherwise(rng, operator):
     w = torch.tensor(rng.normal(size=6))
     for p, ok in ((2.0, True), (4.0 / 3.0, False)):
         loss = lambda t, p=p: (SOFT[operator](t, 2, p=p, regularization_strength=LAM) * w).sum()  # noqa: E731
-        for hess in (func.hessian, lambda f: func.jacrev(func.jacrev(f)), lambda f: func.jacrev(func.jacfwd(f))):
+        for hess in (func.hessian, lambda f: func.jacrev(func.jacrev(f)), lambda f: func.jacrev(func.jacfwd(f)),
+                     lambda f: func.jacfwd(func.jacfwd(f))):
             if ok:
                 assert torch.count_nonzero(hess(loss)(x)) == 0  # locally linear
             else:
                 with pytest.raises(NotImplementedError, match="second-order"):
                     hess(loss)(x)
+
+
+@pytest.mark.parametrize("p", [4.0 / 3.0, 3.0], ids=["p=4/3", "p=3"])
+def test_derivative_of_a_vjp_in_its_cotangent_is_first_order(rng, operator, p):
+    """A VJP is linear in its cotangent: its derivative there is J (a JVP by "double backward"), exact
+    for every p; only derivatives in x are second order.  Both raised the second-order error before."""
+    x = torch.tensor(separated_rows(rng, (2, 6)))
+    v = torch.tensor(rng.normal(size=(2, 6)))
+    fn = lambda t: SOFT[operator](t, 2, p=p, regularization_strength=LAM)  # noqa: E731
+    jv = func.jvp(fn, (x,), (v,))[1]
+    jac = torch.autograd.functional.jacobian(fn, x).reshape(12, 12)
+    torch.testing.assert_close(jv.reshape(12), jac @ v.reshape(12))
+    torch.testing.assert_close(torch.autograd.functional.jvp(fn, x, v)[1], jv)
+    _, vjp_fn = func.vjp(fn, x)
+    torch.testing.assert_close(func.jvp(vjp_fn, (v,), (v,))[1][0].reshape(12), jac.T @ v.reshape(12))
+    u = torch.zeros_like(x, requires_grad=True)
+    (g,) = torch.autograd.grad(fn(x.requires_grad_()), x, u, create_graph=True)
+    (jtv,) = torch.autograd.grad(g, u, v)
+    torch.testing.assert_close(jtv.reshape(12), jac @ v.reshape(12))
 
 
 def test_hard_operators_under_func(rng):

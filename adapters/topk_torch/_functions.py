@@ -124,12 +124,17 @@ def _linearized(
     route for `torch.func` transforms inside `torch.compile`, where neither
     the custom operator's autograd formula (not supported by `torch.func`)
     nor an `autograd.Function` with a ``jvp`` (not traceable by Dynamo)
-    can serve.  Entries that are not finite get a zero derivative.
+    can serve.  Non-finite entries get eager mode's derivatives: infinite
+    outputs (the magnitude's infinite entries, returned as they are) the
+    identity's, NaN rows NaN.
     """
     primal = rows.detach()
     y, *res = solve(kind, primal, k, lam, p, route, max_iter, tol)
-    delta = torch.where(torch.isfinite(primal), rows - primal, torch.zeros_like(primal))
-    return y + _products.jvp(kind, _products.residuals(kind, res), delta, None, p, q)
+    # inf - inf would be NaN: infinite entries get no difference (the products give them none), while
+    # a NaN entry keeps its NaN one, which makes its row's derivatives NaN, as the residuals of eager mode do.
+    delta = torch.where(torch.isinf(primal), torch.zeros_like(primal), rows - primal)
+    out = y + _products.jvp(kind, _products.residuals(kind, res), delta, None, p, q)
+    return torch.where(torch.isinf(y), rows, out)
 
 
 def soft_rows(

@@ -8,11 +8,12 @@ live (CPU or CUDA), under `torch.func` transforms and under `torch.compile`.
 The residuals are treated as constants.  That is exact for ``p = 2`` (both
 Jacobians are locally constant, so second derivatives vanish almost
 everywhere); for any other ``p`` the derivative of the residuals themselves
-would be needed, so every product that may be differentiated again is routed
-through `_FirstOrderOnly`, an identity that also takes the primal input `x`
-(the residuals depend on `x` invisibly to autograd; `x` makes the
-dependence visible) and raises `NotImplementedError` as soon as something
-differentiates it.
+would be needed, so every product that may be differentiated again gets
+`_FirstOrderOnly` of the primal input `x` added: a zero (the residuals
+depend on `x` invisibly to autograd; this term makes the dependence visible)
+that raises `NotImplementedError` as soon as something differentiates it in
+`x`.  Derivatives of a product in its tangent alone (a JVP computed as the
+derivative of a VJP in its cotangent) do not reach it: they are exact.
 """
 
 from __future__ import annotations
@@ -40,24 +41,28 @@ SECOND_ORDER_MESSAGE = (
 
 
 class _FirstOrderOnly(torch.autograd.Function):
-    """``(t, x, p) -> t``, whose derivatives (reverse and forward mode, in `t` or `x`) raise."""
+    """``(x, p) -> zeros like x``, whose derivatives (reverse and forward mode) raise.
+
+    It takes `x` alone, not the product it is added to: autograd then reaches it only when something
+    differentiates in `x` (`torch.autograd.grad` with respect to a cotangent runs only the nodes on
+    the way to it, and forward mode only those with a tangent)."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(t: torch.Tensor, x: torch.Tensor, p: float) -> torch.Tensor:
-        return t.view_as(t)
+    def forward(x: torch.Tensor, p: float) -> torch.Tensor:
+        return torch.zeros_like(x)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-        ctx.p = inputs[2]
+        ctx.p = inputs[1]
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None, None]:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None]:
         raise NotImplementedError(SECOND_ORDER_MESSAGE.format(p=ctx.p))
 
     @staticmethod
-    def jvp(ctx: Any, t_dot: Any, x_dot: Any, _: None) -> torch.Tensor:
+    def jvp(ctx: Any, x_dot: Any, _: None) -> torch.Tensor:
         raise NotImplementedError(SECOND_ORDER_MESSAGE.format(p=ctx.p))
 
 
@@ -73,7 +78,7 @@ def residuals(kind: str, tensors: tuple[Any, ...]) -> Any:
 def _guard(out: torch.Tensor, x: Any, p: float, q: float) -> torch.Tensor:
     if q == 2.0 or x is None:
         return out
-    return _FirstOrderOnly.apply(out, x, p)
+    return out + _FirstOrderOnly.apply(x, p)
 
 
 def jvp(kind: str, res: Any, tangent: torch.Tensor, x: Any, p: float, q: float) -> torch.Tensor:
