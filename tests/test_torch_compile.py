@@ -101,6 +101,53 @@ def test_torch_func_inside_compile_on_non_finite_rows(method):
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize(("method", "p"), [("pav", 4.0 / 3.0), ("threshold", 4.0 / 3.0), ("dykstra", 2.0)])
+def test_make_fx_and_export_record_the_operator(method, p):
+    """make_fx (every tracing mode) and torch.export record the custom operator as one node: they traced into
+    the implementation before, which reads its data (the Array-API methods' loops; PAV's host arrays)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    x = torch.tensor([[0.3, -0.1, 0.25, 0.05, -0.4], [1.0, 2.0, -3.0, 0.5, 0.0]], dtype=torch.float64)
+
+    def f(t):
+        return tk.soft_topk_mag(t, 2, regularization_strength=0.5, p=p, method=method)
+
+    for mode in ("real", "fake", "symbolic"):
+        graph = make_fx(f, tracing_mode=mode)(x)
+        ops = [str(node.target) for node in graph.graph.nodes if node.op == "call_function"]
+        assert any(op.startswith("sparse_topk.") for op in ops), (mode, ops)
+        torch.testing.assert_close(graph(x), f(x))
+
+    class Module(torch.nn.Module):
+        def forward(self, t):
+            return tk.soft_topk_mask(t, 2, regularization_strength=0.5, p=p, method=method)
+
+    exported = torch.export.export(Module(), (x,))
+    torch.testing.assert_close(exported.module()(x), Module()(x))
+
+
+@pytest.mark.parametrize("method", ["pav", "threshold"])
+def test_fullgraph_after_torch_func_of_a_compiled_function(method):
+    """`torch.func.grad(torch.compile(loss))` runs the transform eagerly and Dynamo compiles the frames it
+    enters, the operator's `autograd.Function.forward` among them; a later `torch.compile(loss,
+    fullgraph=True)` traced into that forward and failed (the solver's host arrays, then the dispatch-mode
+    probe).  The forward now calls the custom operator whenever Dynamo traces it."""
+    torch._dynamo.reset()
+    x = torch.tensor([[0.3, -0.1, 0.25, 0.05, -0.4]], dtype=torch.float64)
+
+    def loss(t):
+        return (tk.soft_topk_mask(t, 2, regularization_strength=0.5, method=method) ** 2).sum()
+
+    expected = torch.func.grad(loss)(x)
+    torch.testing.assert_close(torch.func.grad(torch.compile(loss, backend="aot_eager"))(x), expected)
+    leaf = x.clone().requires_grad_()
+    value = torch.compile(loss, fullgraph=True, backend="aot_eager")(leaf)
+    torch.testing.assert_close(value, loss(x))
+    value.backward()
+    torch.testing.assert_close(leaf.grad, expected)
+    torch._dynamo.reset()
+
+
 # --- the magnitude's compiled backward on the CPU: the Numba product as an opaque operator ---------------
 
 

@@ -140,6 +140,21 @@ def test_derivative_of_a_vjp_in_its_cotangent_is_first_order(rng, operator, p):
     torch.testing.assert_close(jtv.reshape(12), jac @ v.reshape(12))
 
 
+# torch.func.linearize warns so in torch 2.13 for any function (`torch.sin` too): its constant folding.
+@pytest.mark.filterwarnings("ignore:Attempted to insert a get_attr Node:UserWarning")
+@pytest.mark.parametrize(("method", "p"), [("pav", 4.0 / 3.0), ("threshold", 4.0 / 3.0), ("dykstra", 2.0)])
+def test_linearize(rng, operator, method, p):
+    """torch.func.linearize traces the JVP with make_fx: the Array-API methods failed inside their solver's
+    loops (a data-dependent read of a tracing tensor); the operator is now one node of its graph."""
+    x = torch.tensor(separated_rows(rng, (2, 6)))
+    v = torch.tensor(rng.normal(size=(2, 6)))
+    fn = lambda t: SOFT[operator](t, 2, p=p, regularization_strength=LAM, method=method)  # noqa: E731
+    y, jvp_fn = func.linearize(fn, x)
+    torch.testing.assert_close(y, fn(x))
+    jac = torch.autograd.functional.jacobian(fn, x).reshape(12, 12)
+    torch.testing.assert_close(jvp_fn(v).reshape(12), jac @ v.reshape(12))
+
+
 def test_hard_operators_under_func(rng):
     x = torch.tensor(rng.normal(size=(3, 5)))
     for fn in (tk.hard_topk_mask, tk.hard_topk_mag):

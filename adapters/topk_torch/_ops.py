@@ -278,12 +278,26 @@ OPS = {(family, kind): _make_op(family, kind) for family in FAMILIES for kind in
 VALUE_OPS = {(family, kind): _make_value_op(family, kind) for family in FAMILIES for kind in KINDS}
 
 
+def _tracing() -> bool:
+    """Whether a tracer records the calls: Dynamo (which reaches an `autograd.Function`'s forward when it
+    compiles frames that eager code under a `torch.func` transform entered), make_fx's proxy mode, a fake mode."""
+    if torch.compiler.is_compiling():
+        return True
+    return (torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None
+            or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None)
+
+
 def solve_rows(kind: str, rows: torch.Tensor, k: int, lam: float, p: float, route: str, max_iter: Any,
                tol: Any, residuals: bool = True) -> tuple[torch.Tensor, ...]:
     """What the operator of `route` returns, ``(y, *residuals)`` (or its ``..._value`` variant, ``(y,)``),
     computed by its implementation directly: for eager callers that the dispatcher need not see (an
     `autograd.Function`'s forward, which autograd and `torch.func` already handle, and calls that nothing
     differentiates), whose fixed cost per call small calls feel (`benchmarks/bench_torch.py`, small calls)."""
+    if _tracing():
+        # make_fx (torch.func.linearize, torch.export) would trace into the implementation, whose loops
+        # read their data (the Array-API methods failed): the operator is one node of the graph instead.
+        out = call(kind, rows, k, lam, p, route, max_iter, tol, residuals)
+        return tuple(out) if residuals else (out,)
     family = "pav" if route == "pav" else "array_api"
     name = f"soft_topk_{kind}_{family}"
     _check_rows(rows, name)
