@@ -106,10 +106,17 @@ def mask_jvp_rows(res: MaskResiduals, tangent: Any, xp: Any) -> Any:
 
 def dominant_mask_entry(gp: Any, ds: Any, total: Any, xp: Any) -> tuple[Any, Any]:
     """(where, value) of the mask's product at its dominant entry m (`_dominant_entry`):
-    ``g'_m sum_j g'_j (ds_m - ds_j) / sum g'``, whose term j = m is exactly 0."""
+    ``g'_m sum_{j != m} g'_j (ds_m - ds_j) / sum g'``."""
     where, gm = _dominant_entry(gp, total, xp)
     dm = _at(ds, where, xp)
-    return where, gm * safe_divide(_row_total(gp * (dm - ds), xp), total, xp)
+    # Term m left out rather than computed as 0: the transpose of this map (reverse mode of frameworks that
+    # differentiate it, JAX's and torch's autograd) would otherwise add g'_m terms into m that cancel.
+    return where, gm * safe_divide(_row_total(_without(gp, where, xp) * (dm - ds), xp), total, xp)
+
+
+def _without(values: Any, where: Any, xp: Any) -> Any:
+    """`values` with 0 at the entry `where`."""
+    return xp.where(where, xp.zeros_like(values), values)
 
 
 def _mag_denominator(res: MagResiduals, xp: Any) -> Any:
@@ -131,7 +138,7 @@ def dominant_mag_entry(res: MagResiduals, scale: Any, sigma: Any, t: Any, denomi
     """(where, value) of the magnitude's JVP (or VJP, `transpose`) at its dominant entry m (`_dominant_entry`),
     with ``w = sigma t`` and the sums over j != m:
 
-    * JVP: ``sigma_m scale_m (w_m offset + sum_j g'_j (w_m - w_j)) / D`` (term j = m exactly 0);
+    * JVP: ``sigma_m scale_m (w_m offset + sum_j g'_j (w_m - w_j)) / D``;
     * VJP: ``sigma_m (scale_m w_m (offset + sum_j g'_j) - g'_m sum_j scale_j w_j) / D``.
     """
     gp = res.gprime
@@ -140,12 +147,12 @@ def dominant_mag_entry(res: MagResiduals, scale: Any, sigma: Any, t: Any, denomi
     w = sigma * t
     w_m = _at(w, where, xp)
     if transpose:
-        zero = xp.zeros_like(gp)
-        g_rest = _row_total(xp.where(where, zero, gp), xp) + res.offset
-        rest = _row_total(xp.where(where, zero, scale * w), xp)
+        g_rest = _row_total(_without(gp, where, xp), xp) + res.offset
+        rest = _row_total(_without(scale * w, where, xp), xp)
         value = sigma_m * (scale_m * w_m * g_rest - gm * rest)
     else:
-        value = sigma_m * scale_m * (w_m * res.offset + _row_total(gp * (w_m - w), xp))
+        # (Term m left out, as in `dominant_mask_entry`, for the transpose's sake.)
+        value = sigma_m * scale_m * (w_m * res.offset + _row_total(_without(gp, where, xp) * (w_m - w), xp))
     return where, safe_divide(value, denominator, xp)
 
 
