@@ -3,7 +3,7 @@ host calls writing XLA's buffers in place against copying results into them and 
 
 With the PAV route on the CPU, the tangent rule of the soft operators runs the
 core's Numba product through a primitive with a transpose rule
-(`topk_jax._products`) for calls of at least `HOST_PRODUCT_MIN_ENTRIES`
+(`topk_jax._host_products`) for calls of at least `HOST_PRODUCT_MIN_ENTRIES`
 entries, and the product written against the Array API, compiled by XLA, for
 smaller ones.  This script times the jitted forward + VJP (``jax.vjp`` of the
 operator and its pullback of a cotangent of ones, in one `jax.jit`) both ways,
@@ -29,7 +29,7 @@ import numpy as np
 from _report import interleaved_times, machine, table_parser, table_size, write_section
 
 import topk_jax as tk
-from topk_jax import _host_call, _products
+from topk_jax import _host_call, _host_products
 
 CALLBACK_SHAPES = [(64, 16), (4096, 64), (16384, 64), (262144, 16)]
 SHAPES = [(64, 16), (1024, 16), (256, 256), (4096, 64), (16384, 64), (64, 4096), (1, 10**6), (262144, 16)]
@@ -57,15 +57,15 @@ def forward_and_pullback(op: str, k: int, host: bool) -> Callable[[jax.Array, ja
     fn = getattr(tk, f"soft_topk_{op}")
 
     def run(x: jax.Array, u: jax.Array) -> jax.Array:
-        rule, least = _products.serves, _products.HOST_PRODUCT_MIN_ENTRIES
+        rule, least = _host_products.serves, _host_products.HOST_PRODUCT_MIN_ENTRIES
         if host:
-            _products.HOST_PRODUCT_MIN_ENTRIES = 0  # whatever the size
+            _host_products.HOST_PRODUCT_MIN_ENTRIES = 0  # whatever the size
         else:
-            _products.serves = lambda *args: False
+            _host_products.serves = lambda *args: False
         try:
             return jax.vjp(lambda t: fn(t, k, regularization_strength=STRENGTH), x)[1](u)[0]
         finally:
-            _products.serves, _products.HOST_PRODUCT_MIN_ENTRIES = rule, least
+            _host_products.serves, _host_products.HOST_PRODUCT_MIN_ENTRIES = rule, least
 
     return jax.jit(run)
 
@@ -125,7 +125,7 @@ def main() -> None:
     out(f"Machine: {machine()}, jax {jax.__version__} on {jax.default_backend()}.")
     out(f"float32, k = n/10, p = 4/3, l = {STRENGTH}: `jax.vjp` and the pullback of a cotangent of ones in one "
         f"`jax.jit`, best of {repeats} interleaved runs after a warm-up. As shipped, calls of "
-        f"{_products.HOST_PRODUCT_MIN_ENTRIES} entries or more take the Numba product.")
+        f"{_host_products.HOST_PRODUCT_MIN_ENTRIES} entries or more take the Numba product.")
     out("")
     out("| shape | operator | Numba product (ms) | XLA product (ms) | Numba / XLA | max abs diff |")
     out("|---|---|---|---|---|---|")

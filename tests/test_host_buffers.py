@@ -116,11 +116,11 @@ def test_jax_host_calls_copy_nothing(operator, monkeypatch):
     import jax.numpy as jnp
 
     import topk_jax
-    from topk_jax import _host_call, _products
+    from topk_jax import _host_call, _host_products
 
     if _host_call._buffer_callback is None:
         pytest.skip("this JAX has no buffer_callback: results come back through jax.pure_callback")
-    monkeypatch.setattr(_products, "HOST_PRODUCT_MIN_ENTRIES", 0)
+    monkeypatch.setattr(_host_products, "HOST_PRODUCT_MIN_ENTRIES", 0)
     copies = []
     real_copyto = np.copyto
 

@@ -1,4 +1,4 @@
-"""topk_jax: the host route's Jacobian products as a primitive (`topk_jax._products`) in every transform.
+"""topk_jax: the host route's Jacobian products as a primitive (`topk_jax._host_products`) in every transform.
 
 The primitive serves calls of at least `HOST_PRODUCT_MIN_ENTRIES` entries; here that limit is lowered to 0
 so that small arrays take it, and every derivative is compared with the `jax.numpy` product (the limit
@@ -19,7 +19,7 @@ import jax.numpy as jnp  # noqa: E402
 from jax.test_util import check_grads  # noqa: E402
 
 import topk_numpy as tn  # noqa: E402
-from topk_jax import _products  # noqa: E402
+from topk_jax import _host_products  # noqa: E402
 
 from ._jax_helpers import rows, soft  # noqa: E402
 from ._oracles import mag_jacobian, mask_jacobian  # noqa: E402
@@ -31,19 +31,19 @@ OPS = ["mask", "mag"]
 def host(monkeypatch):
     """Every call takes the primitive; counts the products it runs on the host."""
     calls = []
-    real = _products._product_on_host
+    real = _host_products._product_on_host
 
     def counted(kind, transpose, *arrays, **into):
         calls.append((kind, transpose))
         return real(kind, transpose, *arrays, **into)
 
-    monkeypatch.setattr(_products, "HOST_PRODUCT_MIN_ENTRIES", 0)
-    monkeypatch.setattr(_products, "_product_on_host", counted)
+    monkeypatch.setattr(_host_products, "HOST_PRODUCT_MIN_ENTRIES", 0)
+    monkeypatch.setattr(_host_products, "_product_on_host", counted)
     return calls
 
 
 def _xla(monkeypatch):
-    monkeypatch.setattr(_products, "HOST_PRODUCT_MIN_ENTRIES", 1 << 62)
+    monkeypatch.setattr(_host_products, "HOST_PRODUCT_MIN_ENTRIES", 1 << 62)
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -114,12 +114,12 @@ def test_the_size_limit_picks_the_product(monkeypatch, op):
     x = jnp.asarray(rows(37, (6, 9)).astype(np.float32))
     f = jax.jit(jax.grad(lambda t: jnp.sum(soft(op)(t, 3) ** 2)))
     calls = []
-    real = _products._product_on_host
-    monkeypatch.setattr(_products, "_product_on_host", lambda *a, **kw: calls.append(a[:2]) or real(*a, **kw))
+    real = _host_products._product_on_host
+    monkeypatch.setattr(_host_products, "_product_on_host", lambda *a, **kw: calls.append(a[:2]) or real(*a, **kw))
     _xla(monkeypatch)
     small = f(x)
     assert not calls  # below the limit: the jax.numpy product
-    monkeypatch.setattr(_products, "HOST_PRODUCT_MIN_ENTRIES", x.size)
+    monkeypatch.setattr(_host_products, "HOST_PRODUCT_MIN_ENTRIES", x.size)
     large = jax.jit(jax.grad(lambda t: jnp.sum(soft(op)(t, 3) ** 2)))(x)
     assert calls
     np.testing.assert_allclose(np.asarray(large), np.asarray(small), rtol=1e-6, atol=1e-6)

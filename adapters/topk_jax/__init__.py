@@ -20,10 +20,10 @@ The mathematics lives in `topk_core`; see `topk_core.soft_topk_mask` and
   (`topk_jax._host_call`).  ``"auto"`` picks ``"pav"`` for arrays on the CPU
   (``p <= 8``; above, where PAV is not exact, ``"threshold"``) and
   ``"threshold"`` on any other device.  The Jacobian products are the
-  core's closed form (never through the iterations), with the core's VJP as
-  their transpose (`topk_jax._products`): on the CPU, for calls of at least
-  2^16 entries with residuals in input order and rows that no mesh shards,
-  the core's Numba products on the host; elsewhere `jax.numpy`.
+  core's closed form (never through the iterations): on the CPU, for calls
+  of at least 2^16 entries with residuals in input order and rows that no
+  mesh shards, the core's Numba products on the host
+  (`topk_jax._host_products`); elsewhere `jax.numpy`.
 * Sharded inputs keep their sharding: the host solve runs once per device on
   the local rows (`jax.shard_map` over the input's explicit sharding, or over
   the automatic mesh axes), never on a gathered copy unless the rows cannot be

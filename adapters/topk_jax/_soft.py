@@ -37,13 +37,14 @@ platform is read from the input's mesh when it has one, else from
 `jax.default_backend()`.
 
 Tangent rule.  `topk_core.mask_jvp_from_residuals` /
-`topk_core.mag_jvp_from_residuals`: for residuals in input order (PAV,
-threshold) through a primitive whose transpose is the core's VJP, evaluated
-with `jax.numpy` or, on the CPU for calls of at least
-`_products.HOST_PRODUCT_MIN_ENTRIES` entries, by the core's Numba kernels on
-the host (`topk_jax._products`); for Dykstra's residuals (blocks) evaluated
-with ``xp=jax.numpy`` and transposed by JAX.  Tangents never go through a
-solver loop.
+`topk_core.mag_jvp_from_residuals`, evaluated with ``xp=jax.numpy`` on the
+residuals: gathers, elementwise operations and segment sums, linear in the
+tangent, so JAX transposes it for `jax.grad`, `jax.vjp` and `jax.jacrev`.
+On the CPU, for calls of at least `_host_products.HOST_PRODUCT_MIN_ENTRIES`
+entries with residuals in input order, the same products run on the host
+instead (the core's Numba kernels), through a primitive with its own JVP,
+transpose and batching rules (`topk_jax._host_products`).  Tangents never go
+through a solver loop.
 
 Second order.  The residuals come from a second `jax.custom_jvp`
 (`_solve_*`) whose own rule decides what differentiating the residuals means:
@@ -74,7 +75,7 @@ from topk_core._agnostic.dykstra import dykstra_mag, dykstra_mask
 from topk_core._agnostic.regularizer import conjugate_exponent
 from topk_core._agnostic.threshold import threshold_mag, threshold_mask
 from topk_core._api import soft_forward_into
-from topk_jax import _host_call, _products
+from topk_jax import _host_call, _host_products
 from topk_jax._sharding import per_shard
 
 __all__ = [
@@ -365,9 +366,9 @@ def _zero_tangent(value: jax.Array | None) -> Any:
 
 
 def _tangent(op: _Operator, residuals: Any, rows_dot: jax.Array) -> jax.Array:
-    if _products.row_form(residuals):
-        # A primitive whose transpose is the core's VJP (JAX's transpose of the JVP lost its dominant-entry form).
-        return _products.product(op.kind, residuals, rows_dot)
+    if _host_products.serves(residuals, rows_dot):
+        # The host route's residuals on the CPU: the core's Numba product, as a primitive JAX can transpose.
+        return _host_products.host_product(op.kind, residuals, rows_dot)
     return op.jvp(residuals, rows_dot, axis=-1, xp=jnp)
 
 
