@@ -32,6 +32,38 @@ def test_numpy_integer_k_is_accepted():
     np.testing.assert_array_equal(tk.soft_topk_mask(X, np.int64(2)), tk.soft_topk_mask(X, 2))
 
 
+def test_concrete_0d_arrays_are_numbers():
+    """k, p and the strength as 0-d arrays of any library (a strength kept as `jnp.float32(0.5)` or a
+    `torch.tensor(2)`): their numbers, where the message said "must be a real number; got Array(0.5)"."""
+    import jax.numpy as jnp
+    import torch
+
+    want = tk.soft_topk_mag(X, 2, regularization_strength=0.5, p=1.5)
+    for k, lam, p in ((np.array(2), np.array(0.5), np.array(1.5)), (jnp.int32(2), jnp.float32(0.5), jnp.float32(1.5)),
+                      (torch.tensor(2), torch.tensor(0.5), torch.tensor(1.5))):
+        np.testing.assert_allclose(tk.soft_topk_mag(X, k, regularization_strength=lam, p=p), want, rtol=1e-7)
+    # Not numbers: arrays of another shape, booleans, floats for k.
+    for k in (np.array([2]), np.array(True), np.array(2.0), jnp.float32(2.0)):
+        with pytest.raises(TypeError, match="`k` must be a Python int"):
+            tk.soft_topk_mask(X, k)
+    for lam in (np.array([0.5]), np.array(True), np.array(0.5 + 0j)):
+        with pytest.raises(TypeError, match="`regularization_strength` must be a real number"):
+            tk.soft_topk_mask(X, 2, regularization_strength=lam)
+
+
+def test_a_differentiated_parameter_is_named_as_such():
+    import jax
+    import jax.numpy as jnp
+
+    import topk_jax
+
+    x = jnp.asarray(X)
+    with pytest.raises(TypeError, match=r"traced by differentiation.*derivatives are with respect to x only"):
+        jax.grad(lambda lam: topk_jax.soft_topk_mask(x, 2, regularization_strength=lam).sum())(0.5)
+    with pytest.raises(TypeError, match=r"Under jax\.jit, pass it as a static argument"):
+        jax.jit(lambda lam: topk_jax.soft_topk_mask(x, 2, regularization_strength=lam).sum())(0.5)
+
+
 @pytest.mark.parametrize("fn", SOFT, ids=ids)
 @pytest.mark.parametrize(("value", "error"), [
     (0.0, ValueError), (-1.0, ValueError), (np.inf, ValueError), (np.nan, ValueError), ("0.1", TypeError),

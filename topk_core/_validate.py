@@ -7,6 +7,7 @@ and every check runs before any computation.
 from __future__ import annotations
 
 import numbers
+import operator
 from typing import Any
 
 from numba import config as numba_config
@@ -93,29 +94,53 @@ def check_k(k: Any, n: int, axis: int) -> int:
     if n == 0:
         raise ValueError(f"`x` has an empty axis {axis} (n = 0): top-k needs at least one entry along `axis`")
     if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-        raise TypeError(
+        k = _zero_d_number(k, integral=True, message=(
             f"`k` must be a Python int with 1 <= k <= n = {n}; got {k!r} of type {type(k).__name__}{_traced_hint(k)}"
-        )
+        ))
     k = int(k)
     if not 1 <= k <= n:
         raise ValueError(f"`k` must satisfy 1 <= k <= n = {n} (the length of axis {axis}); got k = {k}")
     return k
 
 
+def _traced(value: Any) -> bool:
+    return "Tracer" in type(value).__name__
+
+
+def _zero_d_number(value: Any, integral: bool, message: str) -> int | float:
+    """The Python number of a concrete 0-d array (NumPy, JAX, torch: `jnp.float32(0.5)`, `torch.tensor(2)`),
+    an integer one where `integral`; else TypeError(`message`)."""
+    dtype = str(getattr(value, "dtype", ""))
+    if not _traced(value) and getattr(value, "ndim", None) == 0 and "bool" not in dtype and "complex" not in dtype:
+        try:
+            if integral:
+                if "int" in dtype:
+                    return operator.index(value)
+            elif "int" in dtype or "float" in dtype:
+                return float(value)
+        except (TypeError, ValueError):
+            pass
+    raise TypeError(message)
+
+
 def _traced_hint(value: Any) -> str:
-    """A hint for a value traced by `jax.jit` (which the operators cannot take: k, p and the strength set the
+    """A hint for a value traced by JAX (which the operators cannot take: k, p and the strength set the
     computation), else ''."""
-    if "Tracer" not in type(value).__name__:
+    if not _traced(value):
         return ""
+    name = type(value).__name__
+    if any(kind in name for kind in ("JVP", "Linearize", "Grad")):
+        return (": a value traced by differentiation. The operators take k, p and the strength as constants "
+                "(derivatives are with respect to x only): close over a Python number")
     return (": a traced value. Under jax.jit, pass it as a static argument "
             "(jax.jit(f, static_argnames=...) or static_argnums=...), or close over a Python number")
 
 
 def _check_real(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(
+        value = _zero_d_number(value, integral=False, message=(
             f"`{name}` must be a real number; got {value!r} of type {type(value).__name__}{_traced_hint(value)}"
-        )
+        ))
     value = float(value)
     # (Not math.isfinite: under torch.compile a strength that changed between calls is a symbolic float,
     # which math.isfinite cannot take; a comparison it can.  Finite <=> x - x == 0.)
