@@ -20,7 +20,9 @@ picks how they are differentiated:
   `autograd.Function` that defines a ``jvp``.)  When a `torch.func`
   transform runs inside `torch.compile`, neither serves, and `_linearized`
   rebuilds the output as ``y + J (x - x.detach())`` in plain torch
-  operations: the right value and first derivatives in every mode.
+  operations: the right value and first derivatives in every mode; for
+  p != 2 it refuses nested differentiating transforms (their second
+  derivative would miss the residuals' own).
 * Otherwise (nothing can differentiate) the forward-only operator runs: no
   residuals are computed or kept.  Under `torch.compile` the same choice is
   made while tracing, from ``requires_grad`` and the grad mode.
@@ -31,6 +33,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch._C._functorch import TransformType
+from torch._functorch.pyfunctorch import retrieve_current_functorch_interpreter
 from torch.autograd import forward_ad
 
 from . import _ops, _products
@@ -128,6 +132,9 @@ def _linearized(
     outputs (the magnitude's infinite entries, returned as they are) the
     identity's, NaN rows NaN.
     """
+    if q != 2.0 and _autodiff_levels() > 1:
+        # Its residuals are constants: a second derivative would miss their own (the curvature) in silence.
+        raise NotImplementedError(_products.SECOND_ORDER_MESSAGE.format(p=p))
     primal = rows.detach()
     y, *res = solve(kind, primal, k, lam, p, route, max_iter, tol)
     # inf - inf would be NaN: infinite entries get no difference (the products give them none), while
@@ -135,6 +142,20 @@ def _linearized(
     delta = torch.where(torch.isinf(primal), torch.zeros_like(primal), rows - primal)
     out = y + _products.jvp(kind, _products.residuals(kind, res), delta, None, p, q)
     return torch.where(torch.isinf(y), rows, out)
+
+
+def _autodiff_levels() -> int:
+    """How many of the active `torch.func` transforms differentiate (grad, vjp, jacrev; jvp, jacfwd), read
+    down the stack of interpreters one level at a time (which Dynamo can trace, unlike the stack itself)."""
+
+    def below(interpreter: Any) -> int:
+        here = int(interpreter.key() in (TransformType.Grad, TransformType.Jvp))
+        with interpreter.lower():
+            if not torch._C._are_functorch_transforms_active():
+                return here
+            return here + below(retrieve_current_functorch_interpreter())
+
+    return below(retrieve_current_functorch_interpreter())
 
 
 def soft_rows(
