@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The JAX tests on an older JAX release, to check the floor that pyproject.toml declares for the `jax` extra.
+#
+#     bash .ci/jax_floor.sh 0.10.1          # 410 passed, 8 skipped (torch-only cases) on 2026-12-07
+#     bash .ci/jax_floor.sh 0.9.1           # 1 failure: test_auto_rule_for_tracers (no AbstractDevice.platform)
+#
+# A virtual environment per version under ${JAX_FLOOR_DIR:-/tmp/jax-floor} (jax, jaxlib and the core's
+# dependencies from the package registry, no torch), the checkout on PYTHONPATH, the JAX test modules.
+# Not part of CI: it downloads a JAX release per version.
+set -euo pipefail
+version=${1:?usage: bash .ci/jax_floor.sh JAX_VERSION [pytest arguments]}
+shift
+root="$(cd "$(dirname "$0")/.." && pwd)"
+dir=${JAX_FLOOR_DIR:-/tmp/jax-floor}
+venv="$dir/venv-$version"
+if [ ! -x "$venv/bin/python" ]; then
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet "jax==$version" "jaxlib==$version" numpy numba array-api-compat \
+        pytest hypothesis ml_dtypes
+fi
+cd "$dir"
+PYTHONPATH="$root:$root/adapters" "$venv/bin/python" -m pytest -q -p no:cacheprovider \
+    -c "$root/pyproject.toml" --rootdir "$root" \
+    "$root/tests/test_jax_adapter.py" "$root/tests/test_jax_methods.py" "$root/tests/test_jax_host_products.py" \
+    "$root/tests/test_jax_sharding.py" "$root/tests/test_applications_jax.py" "$@"
