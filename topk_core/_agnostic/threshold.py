@@ -1361,11 +1361,11 @@ def _mag_deep_frames(
     maybe = rows(frame)
     saturating = xp.zeros_like(frame.nonzero)  # (a (batch, n) boolean array)
 
-    def round_of(saturating: Any, new_cut: Any) -> tuple[Any, ...]:
+    def round_of(saturating: Any, new_cut: Any) -> tuple[Any, Any, _MagFrame]:
         saturating = saturating | new_cut
         frame = _MagFrame(*reframe(saturating))  # (a compiled stage may hand back a plain tuple)
         # Rows that set nothing aside this round are done (their frame is as before).
-        return (saturating, rows(frame) & xp.any(new_cut, axis=-1, keepdims=True), *frame)
+        return saturating, rows(frame) & xp.any(new_cut, axis=-1, keepdims=True), frame
 
     if loop is None:
         for _ in range(_DEEP_ROUNDS):
@@ -1374,14 +1374,13 @@ def _mag_deep_frames(
             new_cut = cut(frame) & maybe
             if all_true(~new_cut, xp):  # rows picked, none deep (large strengths): no new frame
                 break
-            saturating, maybe, *fields = round_of(saturating, new_cut)
-            frame = _MagFrame(*fields)
+            saturating, maybe, frame = round_of(saturating, new_cut)
         return frame
 
     # The loop's state is flat: (saturating, maybe, rounds, *the frame's fields).
     def body(state: tuple[Any, ...]) -> tuple[Any, ...]:
-        saturating, maybe, *fields = round_of(state[0], cut(_MagFrame(*state[3:])) & state[1])
-        return (saturating, maybe, state[2] + 1, *fields)
+        saturating, maybe, frame = round_of(state[0], cut(_MagFrame(*state[3:])) & state[1])
+        return (saturating, maybe, state[2] + 1, *frame)
 
     rounds = xp.zeros((), dtype=default_int(xp), device=device(maybe))
     state = loop(lambda st: xp.any(st[1]) & (st[2] < _DEEP_ROUNDS), body, (saturating, maybe, rounds, *frame))
