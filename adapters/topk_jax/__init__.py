@@ -6,8 +6,8 @@ The mathematics lives in `topk_core`; see `topk_core.soft_topk_mask` and
 
 * The soft operators are `jax.custom_jvp` functions: `jax.jit`, `jax.vmap`,
   `jax.grad`, `jax.vjp`, `jax.jvp`, `jax.jacfwd`, `jax.jacrev` and their
-  nestings work.  Second-order derivatives are exact (zero almost everywhere)
-  for ``p = 2`` and raise `NotImplementedError` for any other ``p``.
+  nestings work.  Derivatives of every order are exact for every ``p`` (from
+  the second on zero almost everywhere for ``p = 2``).
 * The Python scalars (`k`, `regularization_strength`, `p`, `axis`, `method`,
   `max_iter`, `tol`) are static: they are validated when the function is
   called (or traced), with the same errors as `topk_numpy`.
@@ -139,8 +139,6 @@ def soft_topk_mask(
     ------
     TypeError, ValueError
         As `topk_numpy.soft_topk_mask`, raised when called or traced.
-    NotImplementedError
-        For second-order derivatives with ``p != 2``.
 
     Examples
     --------
@@ -174,7 +172,7 @@ def soft_topk_mag(
 
     Raises
     ------
-    TypeError, ValueError, NotImplementedError
+    TypeError, ValueError
         As in `soft_topk_mask`.
 
     Examples

@@ -12,9 +12,9 @@ the residual fields and the rows, linear in the rows, with
 
 * a lowering to a host callback that runs the core's product on the buffers
   (`topk_jax._host_call`);
-* a JVP rule (the product of the tangent: the residuals are constants, as
-  everywhere in the adapter; second order for p != 2 is refused before here,
-  by the residuals' own rule);
+* a JVP rule: the product of the rows' tangent, plus, where the residuals
+  have tangents (second order for p != 2, where g' moves with x), the
+  derivative of the core's `jax.numpy` product in them;
 * a transpose rule: the mask's Jacobian is symmetric, the magnitude's
   transpose is the core's VJP, both the same primitive;
 * a batching rule: a vmapped axis is one more leading axis of the rows (the
@@ -37,6 +37,7 @@ from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
 import topk_core
+from topk_core._agnostic import jacobians
 from topk_core._api import jacobian_product_into
 
 from ._host_call import host_call
@@ -103,10 +104,34 @@ def _callback_product(*args: Any, kind: str, transpose: bool) -> jax.Array:
 
 def _jvp(primals: tuple[Any, ...], tangents: tuple[Any, ...], *, kind: str, transpose: bool) -> tuple[Any, Any]:
     out = host_product_p.bind(*primals, kind=kind, transpose=transpose)
-    rows_dot = tangents[-1]
-    if type(rows_dot) is ad.Zero:
-        return out, ad.Zero(rows_dot.aval)  # the output is shaped like the rows
-    return out, host_product_p.bind(*primals[:-1], rows_dot, kind=kind, transpose=transpose)
+    *fields, rows = primals
+    *field_dots, rows_dot = tangents
+    terms = []
+    if type(rows_dot) is not ad.Zero:
+        terms.append(host_product_p.bind(*fields, rows_dot, kind=kind, transpose=transpose))
+    if any(type(t) is not ad.Zero and t.dtype != jax.dtypes.float0 for t in field_dots):
+        terms.append(_residual_term(kind, transpose, fields, field_dots, rows))
+    if not terms:
+        return out, ad.Zero(rows.aval)  # the output is shaped like the rows
+    return out, functools.reduce(jnp.add, terms)
+
+
+def _residual_term(kind: str, transpose: bool, fields: list[Any], field_dots: list[Any], rows: Any) -> Any:
+    """The product's derivative in its residuals (second order for p != 2: g' moves with x), by the core's
+    `jax.numpy` product, which is linear in the tangents it is given here."""
+    floating = [i for i, f in enumerate(fields) if jnp.issubdtype(f.dtype, jnp.floating)]
+
+    def product(*values: Any) -> Any:
+        current = list(fields)
+        for i, value in zip(floating, values, strict=True):
+            current[i] = value
+        res = _TYPES[kind](None, None, None, None, *current)
+        if kind == "mask":
+            return jacobians.mask_jvp_rows(res, rows, jnp)
+        return (jacobians.mag_vjp_rows if transpose else jacobians.mag_jvp_rows)(res, rows, jnp)
+
+    dots = [ad.instantiate_zeros(field_dots[i]) for i in floating]
+    return jax.jvp(product, [fields[i] for i in floating], dots)[1]
 
 
 def _transpose(cotangent: Any, *args: Any, kind: str, transpose: bool) -> list[Any]:

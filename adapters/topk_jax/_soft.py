@@ -47,15 +47,13 @@ transpose and batching rules (`topk_jax._host_products`).  Tangents never go
 through a solver loop.
 
 Second order.  The residuals come from a second `jax.custom_jvp`
-(`_solve_*`) whose own rule decides what differentiating the residuals means:
-
-* p = 2: both operators are piecewise linear, the residuals are locally
-  constant (almost everywhere), so their derivative is exactly zero and the
-  output's derivative is the same closed form.  Second (and higher) order
-  derivatives are therefore correct: zero almost everywhere.
-* any other p: g' depends smoothly on x and its derivative is not
-  implemented; the rule raises `NotImplementedError` at trace time rather
-  than returning silently wrong values.
+(`_solve_*`) whose own rule says what differentiating the residuals means:
+the orders, blocks, set codes and counts are locally constant (almost
+everywhere), and g' moves with x by ``dg' = rate * dy``
+(`topk_core._agnostic.jacobians.gprime_jvp_rows`; rate = 0 for p = 2, where
+both operators are piecewise linear).  The tangent rule differentiated again
+is then exact to any order: its own ingredients (y, the residuals) are outputs
+of the same rules.
 """
 
 from __future__ import annotations
@@ -72,6 +70,7 @@ import numpy as np
 import topk_core
 from topk_core import _validate
 from topk_core._agnostic.dykstra import dykstra_mag, dykstra_mask
+from topk_core._agnostic.jacobians import gprime_jvp_rows
 from topk_core._agnostic.regularizer import conjugate_exponent
 from topk_core._agnostic.threshold import threshold_mag, threshold_mask
 from topk_core._api import soft_forward_into
@@ -379,18 +378,18 @@ def _make_operator(op: _Operator) -> tuple[Any, Any]:
     solve = jax.custom_jvp(solve, nondiff_argnums=(1,))
 
     def solve_jvp(static: Static, primals: tuple[jax.Array], tangents: tuple[jax.Array]) -> Any:
-        # Reached only when the residuals themselves are differentiated, i.e. for
-        # second-order derivatives of the operator.
-        if not static.piecewise_linear:
-            raise NotImplementedError(
-                f"topk_jax.{op.name}: second-order derivatives (jax.hessian, grad of grad, jacfwd of jacrev, ...) "
-                f"are implemented for p = 2 only, where the operator is piecewise linear; got p = {static.p}. "
-                f"First-order derivatives (grad, vjp, jvp, jacfwd, jacrev) work for every p."
-            )
+        # Reached only when the residuals themselves are differentiated, i.e. for second and higher
+        # order derivatives of the operator.
         (rows,), (rows_dot,) = primals, tangents
         y, residuals = solve(rows, static)
+        y_dot = _tangent(op, residuals, rows_dot)
         residuals_dot = type(residuals)(*(_zero_tangent(value) for value in residuals))
-        return (y, residuals), (_tangent(op, residuals, rows_dot), residuals_dot)
+        if not static.piecewise_linear:
+            # g' moves with x; the rest (orders, blocks, set codes, counts) is locally constant.
+            q, lam = conjugate_exponent(static.p), static.regularization_strength
+            gprime_dot = gprime_jvp_rows(op.kind, residuals, y_dot, lam, q, jnp)
+            residuals_dot = residuals_dot._replace(gprime=gprime_dot)
+        return (y, residuals), (y_dot, residuals_dot)
 
     solve.defjvp(solve_jvp)
 

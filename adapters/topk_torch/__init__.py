@@ -21,9 +21,9 @@ The mathematics lives in `topk_core`; see `topk_core.soft_topk_mask` and
   forward mode, `torch.func` transforms and ``create_graph=True`` evaluate
   them with torch operations (under `torch.compile`, the magnitude's CPU
   product is a custom operator: `topk_torch._host_products`).
-* Second-order derivatives are exact (zero almost everywhere) for ``p = 2``
-  and raise `NotImplementedError` for any other ``p`` (not guarded for
-  `torch.func` transforms inside `torch.compile`; see ``docs/torch.md``).
+* Second-order derivatives are exact for every ``p`` (zero almost everywhere
+  for ``p = 2``); for ``p != 2`` a third order and forward mode over forward
+  mode raise `NotImplementedError` (see ``docs/torch.md``).
 * `x` must be a `torch.Tensor`.  float32 and float64 natively; float16 and
   bfloat16 are computed in float32 and returned in the input dtype.  The
   output has the shape, dtype and device of `x`; `x` is never modified.
@@ -172,7 +172,8 @@ def soft_topk_mask(
         As `topk_numpy.soft_topk_mask` (raised before any computation); also
         TypeError when `x` is not a `torch.Tensor`.
     NotImplementedError
-        For second-order derivatives with ``p != 2``.
+        For ``p != 2``: derivatives of order three and higher, and second-order ones by forward mode over
+        forward mode (``jacfwd`` of ``jacfwd``).
 
     Examples
     --------

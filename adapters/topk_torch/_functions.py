@@ -20,9 +20,8 @@ picks how they are differentiated:
   `autograd.Function` that defines a ``jvp``.)  When a `torch.func`
   transform runs inside `torch.compile`, neither serves, and `_linearized`
   rebuilds the output as ``y + J (x - x.detach())`` in plain torch
-  operations: the right value and first derivatives in every mode; for
-  p != 2 it refuses nested differentiating transforms (their second
-  derivative would miss the residuals' own).
+  operations (g' moved half a step for p != 2): the right value, first and
+  second derivatives in every mode; for p != 2 it refuses a third.
 * Otherwise (nothing can differentiate) the forward-only operator runs: no
   residuals are computed or kept.  Under `torch.compile` the same choice is
   made while tracing, from ``requires_grad`` and the grad mode.
@@ -37,7 +36,10 @@ from torch._C._functorch import TransformType
 from torch._functorch.pyfunctorch import retrieve_current_functorch_interpreter
 from torch.autograd import forward_ad
 
+from topk_core._agnostic import jacobians
+
 from . import _ops, _products
+from ._namespace import xp
 
 
 def solve(
@@ -66,12 +68,12 @@ class SoftTopk(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
         spec = inputs[1]
-        ctx.kind, ctx.p, ctx.q = spec[0], spec[3], spec[4]
+        ctx.kind, ctx.lam, ctx.p, ctx.q = spec[0], spec[2], spec[3], spec[4]
         res = output[1:]
         ctx.mark_non_differentiable(*res)
         # No zero-filled gradients of the residuals (arrays the size of the rows) for `backward` to ignore.
         ctx.set_materialize_grads(False)
-        # The input is kept for the second-order guard only (p != 2, see _products).
+        # The input is kept for second-order derivatives only (p != 2: g' moves with it, see _products).
         kept = (inputs[0] if ctx.q != 2.0 else None, *res)
         if ctx.needs_input_grad[0]:
             ctx.save_for_backward(*kept)
@@ -83,15 +85,18 @@ class SoftTopk(torch.autograd.Function):
             return None, None
         x, *res = ctx.saved_tensors
         res = _products.residuals(ctx.kind, res)
-        return _products.vjp(ctx.kind, res, grad_y, x, ctx.p, ctx.q), None
+        return _products.vjp(ctx.kind, res, grad_y, x, ctx.p, ctx.q, ctx.lam), None
 
     @staticmethod
     def jvp(ctx: Any, tangent: Any, *_: Any) -> tuple[Any, ...]:
         x, *res = ctx.saved_tensors
         if tangent is None:  # no tangent for the rows (not materialized as zeros)
             return (None, *([None] * len(res)))
+        if ctx.q != 2.0 and _autodiff_levels((TransformType.Jvp,)) > 1:
+            # torch.func drops an outer forward-mode level's tangent of this rule's result: zeros in silence.
+            raise NotImplementedError(_products.FORWARD_OVER_FORWARD_MESSAGE.format(p=ctx.p))
         res = _products.residuals(ctx.kind, res)
-        y_dot = _products.jvp(ctx.kind, res, tangent, x, ctx.p, ctx.q)
+        y_dot = _products.jvp(ctx.kind, res, tangent, x, ctx.p, ctx.q, ctx.lam)
         return (y_dot, *([None] * len(res)))
 
     @staticmethod
@@ -122,39 +127,56 @@ def value(kind: str, rows: torch.Tensor, k: int, lam: float, p: float, route: st
 def _linearized(
     kind: str, rows: torch.Tensor, k: int, lam: float, p: float, q: float, route: str, max_iter: Any, tol: Any
 ) -> torch.Tensor:
-    """``y + J (rows - rows.detach())`` from a solve on detached rows, in plain torch operations.
+    """``y + J(g'_half) d`` with ``d = rows - rows.detach()``, from a solve on detached rows, in plain torch
+    operations.
 
     Equal to ``y`` in value, with Jacobian ``J`` for every autodiff mode: the
     route for `torch.func` transforms inside `torch.compile`, where neither
     the custom operator's autograd formula (not supported by `torch.func`)
     nor an `autograd.Function` with a ``jvp`` (not traceable by Dynamo)
-    can serve.  Non-finite entries get eager mode's derivatives: infinite
-    outputs (the magnitude's infinite entries, returned as they are) the
-    identity's, NaN rows NaN.
+    can serve.  For p != 2, ``g'_half = g' + rate J d / 2`` (g' moved half
+    its first-order step, `topk_core._agnostic.jacobians.gprime_jvp_rows`)
+    makes the second derivatives exact too: the quadratic term of
+    ``J(g' + rate J d / 2) d`` is half the operator's second-order term, and
+    a second derivative takes it twice.  Beyond second order it refuses.
+    Non-finite entries get eager mode's derivatives: infinite outputs (the
+    magnitude's infinite entries, returned as they are) the identity's, NaN
+    rows NaN.
     """
-    if q != 2.0 and _autodiff_levels() > 1:
-        # Its residuals are constants: a second derivative would miss their own (the curvature) in silence.
-        raise NotImplementedError(_products.SECOND_ORDER_MESSAGE.format(p=p))
+    if q != 2.0 and _autodiff_levels() > 2:
+        # Its third derivative would miss g''s second one in silence.
+        raise NotImplementedError(_products.HIGHER_ORDER_MESSAGE.format(p=p))
+    if _autodiff_levels((TransformType.Jvp,)) > 1:
+        # Compiled forward over forward crashes the process on torch 2.13 (a segmentation fault in the
+        # generated code, for `x ** 3` alone): refused here, where it can still be an exception.
+        raise NotImplementedError(_products.COMPILED_FORWARD_OVER_FORWARD_MESSAGE)
     primal = rows.detach()
-    y, *res = solve(kind, primal, k, lam, p, route, max_iter, tol)
+    y, *fields = solve(kind, primal, k, lam, p, route, max_iter, tol)
+    res = _products.residuals(kind, fields)
     # inf - inf would be NaN: infinite entries get no difference (the products give them none), while
     # a NaN entry keeps its NaN one, which makes its row's derivatives NaN, as the residuals of eager mode do.
     delta = torch.where(torch.isinf(primal), torch.zeros_like(primal), rows - primal)
-    out = y + _products.jvp(kind, _products.residuals(kind, res), delta, None, p, q)
+    if q != 2.0:
+        step = jacobians.gprime_jvp_rows(kind, res, _products.jvp(kind, res, delta, None, p, q, lam), lam, q, xp)
+        res = res._replace(gprime=res.gprime + 0.5 * step)
+    out = y + _products.jvp(kind, res, delta, None, p, q, lam)
     return torch.where(torch.isinf(y), rows, out)
 
 
-def _autodiff_levels() -> int:
-    """How many of the active `torch.func` transforms differentiate (grad, vjp, jacrev; jvp, jacfwd), read
-    down the stack of interpreters one level at a time (which Dynamo can trace, unlike the stack itself)."""
+def _autodiff_levels(kinds: tuple[Any, ...] = (TransformType.Grad, TransformType.Jvp)) -> int:
+    """How many of the active `torch.func` transforms are of `kinds` (by default those that differentiate:
+    grad, vjp, jacrev; jvp, jacfwd), read down the stack of interpreters one level at a time (which Dynamo
+    can trace, unlike the stack itself)."""
 
     def below(interpreter: Any) -> int:
-        here = int(interpreter.key() in (TransformType.Grad, TransformType.Jvp))
+        here = int(interpreter.key() in kinds)
         with interpreter.lower():
             if not torch._C._are_functorch_transforms_active():
                 return here
             return here + below(retrieve_current_functorch_interpreter())
 
+    if not torch._C._are_functorch_transforms_active():
+        return 0
     return below(retrieve_current_functorch_interpreter())
 
 

@@ -237,15 +237,17 @@ def _make_op(family: str, kind: str) -> Any:
         ctx.mark_non_differentiable(*output[1:])
         # No zero-filled gradients of the residuals for `backward` to ignore (as `_functions.SoftTopk`).
         ctx.set_materialize_grads(False)
-        # The input is kept for the second-order guard only (p != 2, see _products).
-        ctx.save_for_backward(inputs[0] if ctx.q != 2.0 else None, *output[1:])
+        # The input and strength are kept for second-order derivatives only (p != 2: g' moves with x, see
+        # _products).
+        moving = ctx.q != 2.0
+        ctx.save_for_backward(inputs[0] if moving else None, inputs[2] if moving else None, *output[1:])
 
     def backward(ctx: Any, grad_y: Any, *_: Any) -> tuple[Any, ...]:
         none = (None,) * (n_args - 1)
         if grad_y is None or not ctx.needs_input_grad[0]:
             return (None, *none)
-        x, *res = ctx.saved_tensors
-        return (_products.vjp(kind, _products.residuals(kind, res), grad_y, x, ctx.p, ctx.q), *none)
+        x, lam, *res = ctx.saved_tensors
+        return (_products.vjp(kind, _products.residuals(kind, res), grad_y, x, ctx.p, ctx.q, lam), *none)
 
     op.register_autograd(backward, setup_context=setup_context)
     _register_vmap(op, n_out)

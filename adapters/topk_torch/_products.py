@@ -5,15 +5,17 @@ friends), written once against the Array API; here they receive
 `array_api_compat.torch` as their namespace, so they run where the residuals
 live (CPU or CUDA), under `torch.func` transforms and under `torch.compile`.
 
-The residuals are treated as constants.  That is exact for ``p = 2`` (both
-Jacobians are locally constant, so second derivatives vanish almost
-everywhere); for any other ``p`` the derivative of the residuals themselves
-would be needed, so every product that may be differentiated again gets
-`_FirstOrderOnly` of the primal input `x` added: a zero (the residuals
-depend on `x` invisibly to autograd; this term makes the dependence visible)
-that raises `NotImplementedError` as soon as something differentiates it in
-`x`.  Derivatives of a product in its tangent alone (a JVP computed as the
-derivative of a VJP in its cotangent) do not reach it: they are exact.
+Second order.  For ``p = 2`` the residuals are locally constant (both
+Jacobians are, so second derivatives vanish almost everywhere).  For any other
+``p``, g' moves with x: every product that may be differentiated again reads
+g' through `_MovingGprime`, a copy of it whose derivative in the primal
+input `x` is g''s own (``dg' = rate J dx``, `topk_core._agnostic.jacobians`),
+so that second derivatives (``create_graph=True``, `torch.func.hessian`,
+nested ``jacrev``/``jacfwd``) are exact.  Its own derivatives get
+`_FirstOrderOnly` of `x` added: a zero that raises `NotImplementedError` as
+soon as something differentiates it in `x` (a third derivative).
+Derivatives in the tangents alone (a JVP computed as the derivative of a
+VJP in its cotangent) never reach either: they are exact at every order.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 
 import topk_core
 from topk_core import MagResiduals, MaskResiduals
+from topk_core._agnostic import jacobians
 
 from . import _fused, _host_products
 from ._namespace import xp as xp_torch
@@ -33,10 +36,23 @@ RESIDUAL_TYPES = {"mask": MaskResiduals, "mag": MagResiduals}
 _JVP = {"mask": topk_core.mask_jvp_from_residuals, "mag": topk_core.mag_jvp_from_residuals}
 _VJP = {"mask": topk_core.mask_vjp_from_residuals, "mag": topk_core.mag_vjp_from_residuals}
 
-SECOND_ORDER_MESSAGE = (
-    "second-order derivatives of sparse_topk soft operators are implemented for p = 2 only (where they are "
-    "exactly zero almost everywhere); got p = {p}. Use p = 2, or differentiate once (torch.func.grad, "
-    "jacrev or jacfwd, not nested)."
+HIGHER_ORDER_MESSAGE = (
+    "derivatives of order three and higher of sparse_topk soft operators are implemented for p = 2 only "
+    "(where they are exactly zero almost everywhere); got p = {p}. First and second-order derivatives work "
+    "for every p."
+)
+
+
+FORWARD_OVER_FORWARD_MESSAGE = (
+    "second-order derivatives of sparse_topk soft operators by forward mode over forward mode (jacfwd of "
+    "jacfwd, jvp of jvp) are not supported for p != 2 (got p = {p}): torch.func drops the outer tangent of "
+    "a custom function's forward-mode rule. Use torch.func.hessian (forward over reverse) or jacrev."
+)
+
+COMPILED_FORWARD_OVER_FORWARD_MESSAGE = (
+    "torch.compile of forward mode over forward mode (jacfwd of jacfwd, jvp of jvp) through sparse_topk soft "
+    "operators is refused: on torch 2.13 the compiled code crashes the process (a segmentation fault, even "
+    "for x ** 3 alone). Use torch.func.hessian (forward over reverse) or jacrev of jacrev."
 )
 
 
@@ -59,11 +75,66 @@ class _FirstOrderOnly(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None]:
-        raise NotImplementedError(SECOND_ORDER_MESSAGE.format(p=ctx.p))
+        raise NotImplementedError(HIGHER_ORDER_MESSAGE.format(p=ctx.p))
 
     @staticmethod
     def jvp(ctx: Any, x_dot: Any, _: None) -> torch.Tensor:
-        raise NotImplementedError(SECOND_ORDER_MESSAGE.format(p=ctx.p))
+        raise NotImplementedError(HIGHER_ORDER_MESSAGE.format(p=ctx.p))
+
+
+class _MovingGprime(torch.autograd.Function):
+    """``(x, kind, p, q, strength, *residual fields) -> g'`` (a copy), with the derivative in the rows `x`
+    that g' has.
+
+    Reverse mode: ``J^T (rate * u)``; forward mode: ``rate * (J x_dot)``
+    (`topk_core._agnostic.jacobians.gprime_vjp_rows` / `gprime_jvp_rows`), from the residuals as
+    constants, plus `_FirstOrderOnly` of `x`: exact for second-order derivatives of the operators,
+    refused beyond.  (Flat arguments: its generated vmap rule reads a tuple as a tree of inputs.)"""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: torch.Tensor, kind: str, p: float, q: float, lam: Any, *fields: Any) -> torch.Tensor:
+        return residuals(kind, fields).gprime.clone()
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        x, ctx.kind, ctx.p, ctx.q, lam, *fields = inputs
+        ctx.lam_is_tensor = isinstance(lam, torch.Tensor)
+        saved = (x, lam if ctx.lam_is_tensor else None, *fields)
+        ctx.lam = None if ctx.lam_is_tensor else lam
+        ctx.save_for_backward(*saved)
+        ctx.save_for_forward(*saved)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        x, lam, res = _unpack(ctx)
+        cotangent = jacobians.gprime_vjp_rows(ctx.kind, res, grad, lam, ctx.q, xp_torch)
+        out = _VJP[ctx.kind](res, cotangent, axis=-1, xp=xp_torch)
+        return (_refuse_higher(out, x, ctx.p), None, None, None, None, *([None] * len(res)))
+
+    @staticmethod
+    def jvp(ctx: Any, x_dot: Any, *_: Any) -> torch.Tensor:
+        x, lam, res = _unpack(ctx)
+        y_dot = _JVP[ctx.kind](res, x_dot, axis=-1, xp=xp_torch)
+        return _refuse_higher(jacobians.gprime_jvp_rows(ctx.kind, res, y_dot, lam, ctx.q, xp_torch), x, ctx.p)
+
+
+def _unpack(ctx: Any) -> tuple[torch.Tensor, Any, Any]:
+    """(x, strength, residuals) saved by `_MovingGprime.setup_context`."""
+    x, lam, *fields = ctx.saved_tensors
+    return x, lam if ctx.lam_is_tensor else ctx.lam, residuals(ctx.kind, fields)
+
+
+def _refuse_higher(out: torch.Tensor, x: torch.Tensor, p: float) -> torch.Tensor:
+    return out + _FirstOrderOnly.apply(x, p) if torch.is_grad_enabled() else out
+
+
+def _moving(kind: str, res: Any, x: Any, p: float, q: float, lam: Any) -> Any:
+    """`res` whose g' moves with `x` (`_MovingGprime`) for p != 2; `res` itself for p = 2 or without `x`."""
+    if q == 2.0 or x is None:
+        return res
+    return res._replace(gprime=_MovingGprime.apply(x, kind, p, q, lam, *res))
 
 
 def residuals(kind: str, tensors: tuple[Any, ...]) -> Any:
@@ -75,25 +146,18 @@ def residuals(kind: str, tensors: tuple[Any, ...]) -> Any:
     return RESIDUAL_TYPES[kind](*(t if t is not None and t.ndim == 2 else None for t in tensors))
 
 
-def _guard(out: torch.Tensor, x: Any, p: float, q: float) -> torch.Tensor:
-    if q == 2.0 or x is None:
-        return out
-    return out + _FirstOrderOnly.apply(x, p)
-
-
-def jvp(kind: str, res: Any, tangent: torch.Tensor, x: Any, p: float, q: float) -> torch.Tensor:
-    """`J @ tangent` for (batch, n) rows `x`; differentiable again only for ``p = 2``.
+def jvp(kind: str, res: Any, tangent: torch.Tensor, x: Any, p: float, q: float, lam: Any) -> torch.Tensor:
+    """`J @ tangent` for (batch, n) rows `x` at strength `lam`, differentiable again in `x` (second order).
 
     `x` (the primal rows) may be None when nothing differentiates the result.
     """
-    return _guard(_JVP[kind](res, tangent, axis=-1, xp=xp_torch), x, p, q)
+    return _JVP[kind](_moving(kind, res, x, p, q, lam), tangent, axis=-1, xp=xp_torch)
 
 
-def vjp(kind: str, res: Any, cotangent: torch.Tensor, x: Any, p: float, q: float) -> torch.Tensor:
-    """`J^T @ cotangent` for (batch, n) rows `x`; differentiable again only for ``p = 2``.
+def vjp(kind: str, res: Any, cotangent: torch.Tensor, x: Any, p: float, q: float, lam: Any) -> torch.Tensor:
+    """`J^T @ cotangent` for (batch, n) rows `x` at strength `lam`, differentiable again in `x` when
+    recorded (grad mode on: ``create_graph=True`` or `torch.func`).
 
-    The guard is only attached when grad mode is on, i.e. when the backward
-    pass itself is being recorded (``create_graph=True`` or `torch.func`).
     On CPU tensors the product is the core's Numba one: directly in a plain
     backward, through a custom operator (`_host_products`) in a backward that
     `torch.compile` traces (the magnitude's; the mask's is traced).
@@ -105,12 +169,13 @@ def vjp(kind: str, res: Any, cotangent: torch.Tensor, x: Any, p: float, q: float
     if _fused.use_compiled(cotangent) and _plain_rows(res, cotangent):
         # A plain backward on a device: one compiled product instead of a dozen kernels.
         return _fused.compiled_stage(_COMPILED_VJP[kind])(res, cotangent)
+    if torch.is_grad_enabled() and q != 2.0 and x is not None:
+        # Recorded: g' moves with x.
+        return _VJP[kind](_moving(kind, res, x, p, q, lam), cotangent, axis=-1, xp=xp_torch)
     if _compiled_host_rows(kind, res, cotangent):
         # A compiled backward of the magnitude on the CPU: the Numba product as one opaque operator.
-        out = _host_products.product(res, cotangent, transpose=True)
-    else:
-        out = _VJP[kind](res, cotangent, axis=-1, xp=xp_torch)
-    return _guard(out, x, p, q) if torch.is_grad_enabled() else out
+        return _host_products.product(res, cotangent, transpose=True)
+    return _VJP[kind](res, cotangent, axis=-1, xp=xp_torch)
 
 
 def _compiled_host_rows(kind: str, res: Any, cotangent: torch.Tensor) -> bool:

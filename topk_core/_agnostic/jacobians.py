@@ -28,6 +28,7 @@ from __future__ import annotations
 from typing import Any
 
 from .._compat import is_plain_numpy
+from .regularizer import curvature_ratio
 from .residuals import KEPT_CODE, MagResiduals, MaskResiduals
 from .segments import safe_divide, segment_sum
 
@@ -179,3 +180,39 @@ def mag_vjp_rows(res: MagResiduals, cotangent: Any, xp: Any) -> Any:
     if res.block_start is None:
         out = xp.where(*dominant_mag_entry(res, scale, sigma, u, denominator, True, xp), out)
     return _to_input(out + 0.0, res.inv_perm, xp)
+
+
+
+# Second order.  The products above read g' as a constant; a second derivative also needs g'
+# differentiated in x.  On the free set (the only entries where g' is not 0) g' is a function of the
+# entry's own output, so ``dg' = rate * dy`` entry by entry, with `dy` the first-order product (`J dx`) and
+# ``h = g'' / g'`` (`regularizer.curvature_ratio`):
+#
+# * mask: ``y = g(u)``, ``dy = g' du``, so ``dg' = g'' du = h dy``;
+# * magnitude: ``o = sign(x) (g(r) + r)``, ``do = sign(x) (1 + g') dr``, so
+#   ``dg' = g'' dr = h g' / (1 + g') sign(x) do``.
+#
+# For p = 2 (q = 2) h = 0: both operators are piecewise linear.
+
+
+def gprime_rate(kind: str, res: Any, lam: float, q: float, xp: Any) -> Any:
+    """`rate` with ``dg' = rate * dy`` (working order of `res`; 0 outside the free set)."""
+    gp = res.gprime
+    free = gp > 0  # (False on NaN rows: their products are NaN already)
+    rate = curvature_ratio(xp.where(free, gp, xp.ones_like(gp)), lam, q, xp)
+    if kind == "mag":  # on the free set the code is sign(x)
+        rate = rate * gp / (1.0 + gp) * xp.astype(res.codes, gp.dtype)
+    # 0 where it overflows the dtype (g' near its largest value, p > 2: its derivatives are beyond the dtype
+    # too), so that no inf * 0 = NaN reaches a product whose tangent is 0 (torch's linearized route adds the
+    # rate's term to values and first derivatives that way).
+    return xp.where(free & xp.isfinite(rate), rate, xp.zeros_like(gp))
+
+
+def gprime_jvp_rows(kind: str, res: Any, y_dot: Any, lam: float, q: float, xp: Any) -> Any:
+    """The tangent of `res.gprime` (working order) from the operator's output tangent `y_dot` (input order)."""
+    return gprime_rate(kind, res, lam, q, xp) * _to_working(y_dot, res.perm, xp)
+
+
+def gprime_vjp_rows(kind: str, res: Any, gprime_cotangent: Any, lam: float, q: float, xp: Any) -> Any:
+    """The transpose of `gprime_jvp_rows`: a cotangent of `res.gprime` as one of the output (input order)."""
+    return _to_input(gprime_rate(kind, res, lam, q, xp) * gprime_cotangent, res.inv_perm, xp)

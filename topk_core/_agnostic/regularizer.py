@@ -1,4 +1,4 @@
-"""The p-norm regularizer through its conjugate: the one place where g and g' are written.
+"""The p-norm regularizer through its conjugate: the one place where g, g' and g'' are written.
 
 With `q = p / (p - 1)`, `g(u) = sign(u) (|u| / l)^(q - 1)` is the gradient of
 `Q*(u) = l^(1-q)/q |u|^q`, the conjugate of `(l/p) |y|^p` (spec section 4).
@@ -84,3 +84,17 @@ def g_prime_on(u: Any, free: Any, lam: float, q: float, xp: Any) -> Any:
         t = xp.where(free, u / lam, xp.ones_like(u))
         deriv = (q - 1.0) / lam * (t * t if q == 4.0 else xp.pow(t, q - 2.0))
     return xp.where(free, deriv, xp.zeros_like(u))
+
+
+def curvature_ratio(gp: Any, lam: float, q: float, xp: Any) -> Any:
+    """``g''(u) / g'(u) = (q - 2) / u`` from ``g'(u) > 0`` alone (second-order derivatives).
+
+    ``u = l (l g' / (q - 1))^(1 / (q - 2))`` inverts ``g'(u) = (q - 1) / l (u / l)^(q - 2)``; the base is a
+    ratio near 1 in scale, so neither `l` nor `u` need be moderate.  The power multiplies the relative
+    rounding of g' by ``1 / |q - 2|`` (1/2 for the default p = 4/3, 9 at p = 1.9), which the factor
+    ``q - 2`` of the result takes back: the error stays about one rounding of ``g'' / g'`` at u's scale.
+    """
+    if q == 2.0:
+        return xp.zeros_like(gp)
+    u = lam * xp.pow(gp * (lam / (q - 1.0)), 1.0 / (q - 2.0))
+    return (q - 2.0) / u
