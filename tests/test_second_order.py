@@ -225,3 +225,18 @@ def test_torch_hessian_inside_compile(torch_ops, operator, fullgraph):
             torch.compile(transform(loss), fullgraph=fullgraph, backend="aot_eager")(xt)
         assert match in f"{info.value} {info.value.__cause__}", name
     torch._dynamo.reset()
+
+
+def test_hessians_of_a_batch_by_vmap(jax_ops, torch_ops, operator):
+    """`vmap` of `hessian`: the same blocks as the oracle's, in both frameworks (JAX batches the residuals'
+    rule, torch `_MovingGprime`'s generated vmap rule)."""
+    jax, jax_ops_ = jax_ops
+    torch, torch_ops_ = torch_ops
+    jnp = jax.numpy
+    x, w = _rows(8)
+    want = np.stack([weighted_output_hessian(operator, x[i], w[i], K, LAM, 4.0 / 3.0) for i in range(2)])
+    jax_loss = lambda t, c: jnp.sum(c * jax_ops_[operator](t, K, regularization_strength=LAM))  # noqa: E731
+    _assert_hessian(jax.jit(jax.vmap(jax.hessian(jax_loss)))(x, w), want, "jax.vmap(jax.hessian)")
+    torch_loss = lambda t, c: (c * torch_ops_[operator](t, K, regularization_strength=LAM)).sum()  # noqa: E731
+    got = torch.func.vmap(torch.func.hessian(torch_loss))(torch.tensor(x), torch.tensor(w))
+    _assert_hessian(got, want, "torch.func.vmap(torch.func.hessian)")

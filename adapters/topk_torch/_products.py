@@ -12,7 +12,7 @@ g' through `_MovingGprime`, a copy of it whose derivative in the primal
 input `x` is g''s own (``dg' = rate J dx``, `topk_core._agnostic.jacobians`),
 so that second derivatives (``create_graph=True``, `torch.func.hessian`,
 nested ``jacrev``/``jacfwd``) are exact.  Its own derivatives get
-`_FirstOrderOnly` of `x` added: a zero that raises `NotImplementedError` as
+`_RefuseHigherOrder` of `x` added: a zero that raises `NotImplementedError` as
 soon as something differentiates it in `x` (a third derivative).
 Derivatives in the tangents alone (a JVP computed as the derivative of a
 VJP in its cotangent) never reach either: they are exact at every order.
@@ -56,7 +56,7 @@ COMPILED_FORWARD_OVER_FORWARD_MESSAGE = (
 )
 
 
-class _FirstOrderOnly(torch.autograd.Function):
+class _RefuseHigherOrder(torch.autograd.Function):
     """``(x, p) -> zeros like x``, whose derivatives (reverse and forward mode) raise.
 
     It takes `x` alone, not the product it is added to: autograd then reaches it only when something
@@ -88,7 +88,7 @@ class _MovingGprime(torch.autograd.Function):
 
     Reverse mode: ``J^T (rate * u)``; forward mode: ``rate * (J x_dot)``
     (`topk_core._agnostic.jacobians.gprime_vjp_rows` / `gprime_jvp_rows`), from the residuals as
-    constants, plus `_FirstOrderOnly` of `x`: exact for second-order derivatives of the operators,
+    constants, plus `_RefuseHigherOrder` of `x`: exact for second-order derivatives of the operators,
     refused beyond.  (Flat arguments: its generated vmap rule reads a tuple as a tree of inputs.)"""
 
     generate_vmap_rule = True
@@ -127,7 +127,7 @@ def _unpack(ctx: Any) -> tuple[torch.Tensor, Any, Any]:
 
 
 def _refuse_higher(out: torch.Tensor, x: torch.Tensor, p: float) -> torch.Tensor:
-    return out + _FirstOrderOnly.apply(x, p) if torch.is_grad_enabled() else out
+    return out + _RefuseHigherOrder.apply(x, p) if torch.is_grad_enabled() else out
 
 
 def _moving(kind: str, res: Any, x: Any, p: float, q: float, lam: Any) -> Any:
