@@ -8,6 +8,8 @@
   own warnings strict.
 * `separated_rows`: test inputs (the closed-form Jacobian oracles live in
   `tests/_oracles.py`).
+* `requires_compile`: a skip mark for tests of `torch.compile` on a torch
+  release older than the adapter's compile floor (`topk_torch._support`).
 * `triton_compiler_environment`: the environment of a subprocess that compiles
   the Triton kernels for a GPU (`topk_core._triton_rows.compile_ahead`).
 """
@@ -18,6 +20,7 @@ import os
 import warnings
 
 import numpy as np
+import pytest
 
 
 def quiet_lazy_torch_imports() -> None:
@@ -25,6 +28,22 @@ def quiet_lazy_torch_imports() -> None:
         warnings.simplefilter("ignore", DeprecationWarning)
         import torch._decomp.decompositions_for_jvp
         import torch._inductor.compile_fx  # noqa: F401
+
+
+def compile_skip_reason() -> str | None:
+    """Why `torch.compile` tests cannot run here: the installed torch is older than
+    `topk_torch._support.COMPILE_FLOOR` (there the operators are excluded from compilation, which
+    tests/test_torch_support.py checks); None where they can."""
+    from topk_torch import _support
+
+    floor = ".".join(map(str, _support.COMPILE_FLOOR))
+    return None if _support.COMPILES else f"torch.compile of the operators needs torch >= {floor}"
+
+
+def requires_compile() -> pytest.MarkDecorator:
+    """A skip mark for `torch.compile` tests (`compile_skip_reason`)."""
+    reason = compile_skip_reason()
+    return pytest.mark.skipif(reason is not None, reason=reason or "")
 
 
 def separated_rows(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:

@@ -20,6 +20,8 @@ from torch.nn.utils import parametrize  # noqa: E402
 import topk_torch as tk  # noqa: E402
 from topk_torch import nn as tnn  # noqa: E402
 
+from ._torch_helpers import requires_compile  # noqa: E402
+
 DTYPES = [torch.float32, torch.float64]
 DTYPE_IDS = ["float32", "float64"]
 
@@ -411,6 +413,7 @@ def test_topk_loss_rejects_bad_label_shape():
 # ------------------------------------------------------------------ edge cases found by an audit
 
 
+@requires_compile()
 def test_a_sparsity_schedule_compiles_with_fullgraph(rng):
     # `sparsity` changed between calls is a symbolic float for Dynamo: `math.isfinite` in its check could
     # not take it (the schedule's second step failed to compile).  One graph per k, values as eager.

@@ -343,7 +343,7 @@ def test_fused_threshold_benchmark_without_the_compiled_loop(monkeypatch):
 def test_triton_registers_reads_the_compiled_kernels():
     """`triton_registers.py` compiles for sm_90 without a GPU (in a process of its own: this one imported the
     kernels under Triton's interpreter) and reads registers and stack bytes off the cubin."""
-    pytest.importorskip("triton")
+    pytest.importorskip("triton", minversion="3.2")
     script = str(ROOT / "benchmarks" / "triton_registers.py")
     done = subprocess.run([sys.executable, script, "--n", "16,100", "--p", "2", "--shipped"],
                           env=triton_compiler_environment(), capture_output=True, text=True, timeout=600)
@@ -360,7 +360,7 @@ def test_triton_registers_reads_the_compiled_kernels():
 def test_triton_iterations_reads_the_kernels_status(monkeypatch):
     """`triton_iterations.py` (Triton's interpreter without a GPU): the rows' iterations, none handed back."""
     pytest.importorskip("torch")
-    pytest.importorskip("triton")
+    pytest.importorskip("triton", minversion="3.2")
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import triton_iterations
 

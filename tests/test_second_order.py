@@ -207,6 +207,10 @@ def test_torch_hessian_inside_compile(torch_ops, operator, fullgraph):
     """`torch.compile` of torch.func transforms takes the linearized route (g' moved half a step): exact
     Hessians; a third derivative and forward over forward raise (the latter crashed the process when
     compiled on torch 2.13, even for ``x ** 3``)."""
+    from ._torch_helpers import compile_skip_reason
+
+    if (reason := compile_skip_reason()) is not None:
+        pytest.skip(reason)
     torch, ops = torch_ops
     func = torch.func
     x, w = _rows(7)

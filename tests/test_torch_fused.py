@@ -20,7 +20,9 @@ torch = pytest.importorskip("torch")
 import topk_torch as tk  # noqa: E402
 from topk_torch import _fused  # noqa: E402
 
-from ._torch_helpers import quiet_lazy_torch_imports  # noqa: E402
+from ._torch_helpers import quiet_lazy_torch_imports, requires_compile  # noqa: E402
+
+pytestmark = requires_compile()
 
 quiet_lazy_torch_imports()
 

@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-pytest.importorskip("triton")
+pytest.importorskip("triton", minversion="3.2")
 
 from ._torch_helpers import triton_compiler_environment
 

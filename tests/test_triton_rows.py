@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
-pytest.importorskip("triton")
+pytest.importorskip("triton", minversion="3.2")
 
 import topk_core  # noqa: E402
 import topk_numpy as tn  # noqa: E402
@@ -24,7 +24,7 @@ from topk_torch import _triton_rows  # noqa: E402
 
 from ._oracles import mp_threshold_mag_row, mp_threshold_mask_row  # noqa: E402
 from ._rows import rows_of_kind, spanning_row  # noqa: E402
-from ._torch_helpers import quiet_lazy_torch_imports  # noqa: E402
+from ._torch_helpers import quiet_lazy_torch_imports, requires_compile  # noqa: E402
 from .conftest import P_IDS, P_VALUES  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -337,6 +337,7 @@ def test_kernel_agrees_with_pav_on_any_rows(data, n, p, lam, operator, kernels_o
         np.testing.assert_allclose(out_row, y0[row], rtol=0, atol=1e-9 * np.abs(y0[row]).max())
 
 
+@requires_compile()
 def test_transforms_and_compile_take_the_kernel(kernels_on, monkeypatch, rng):
     """`torch.func` (vmap of a VJP, jvp) and `torch.compile(fullgraph=True)` over the kernels' route."""
     launches = []

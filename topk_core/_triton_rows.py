@@ -65,10 +65,12 @@ those of the Array-API threshold method, in input order: ``g'`` on the free
 set (mask and magnitude), the set codes (`_agnostic.residuals.mag_codes`) and
 ``offset = k - |A|`` (magnitude).
 
-This module needs Triton; the PyTorch adapter imports it on demand
-(`topk_torch._triton_rows`).  With ``TRITON_INTERPRET=1`` set before the
-import, the kernels run on CPU tensors through Triton's interpreter, which is
-how the test suite checks them without a GPU.
+This module needs Triton >= 3.2 (`MIN_TRITON`; with an older one its import
+raises `ImportError` and the adapter keeps the Array-API route); the PyTorch
+adapter imports it on demand (`topk_torch._triton_rows`).  With
+``TRITON_INTERPRET=1`` set before the import, the kernels run on CPU tensors
+through Triton's interpreter, which is how the test suite checks them
+without a GPU (Triton 3.5 to 3.9: `.ci/torch_floor.sh`).
 """
 
 from __future__ import annotations
@@ -77,6 +79,11 @@ import triton
 import triton.language as tl
 
 from ._agnostic.threshold import _FTOL_ULPS, _UNRESOLVED_MISS
+
+# The oldest Triton the kernels run on (3.0 rejects them: tl.arange of non-constexpr bounds).
+MIN_TRITON = (3, 2)
+if tuple(int(part) for part in triton.__version__.split(".")[:2]) < MIN_TRITON:
+    raise ImportError(f"the threshold method's Triton kernels need Triton >= 3.2; found {triton.__version__}")
 
 # Longest rows the kernels take (a power of two: the register block of one row).
 MAX_N = 4096
@@ -92,7 +99,9 @@ MAX_ITER = 100
 # Arguments that change from call to call: Triton does not specialize the kernels on their values
 # (by default it compiles a variant for integers divisible by 16 and another for 1).
 _VARYING = ("batch", "n", "k")
-_EPS = tl.constexpr(2.220446049250313e-16)  # float64's machine epsilon
+# float64's machine epsilon; the kernels multiply tensors by it (tensor * constant: Triton 3.7's interpreter
+# failed on constant * tensor, "cannot convert ... to tensor").
+_EPS = tl.constexpr(2.220446049250313e-16)
 # The set code of entries returned unchanged (`_agnostic.residuals.KEPT_CODE`; a constant of the kernels).
 KEPT_CODE = tl.constexpr(2)
 # Ulps of k by which a p > 2 row's sum may miss k before it is handed back (the Array-API method's bound).
@@ -260,11 +269,11 @@ def _rtsafe(f, slope, target, exact, scalar, lo, hi, step_old, run, scale, ftol,
     # A step within rounding of the scalar settles it where it is: such a step can land on (or past) the
     # bracket's end that the scalar has just become (an exact step at the root, whose f missed ftol by
     # its rounding), and bisecting toward that end again took 45 iterations.
-    settled = (tl.abs(f) <= ftol) | (usable & (tl.abs(step) <= 4.0 * _EPS * scale))
+    settled = (tl.abs(f) <= ftol) | (usable & (tl.abs(step) <= scale * (4.0 * _EPS)))
     new = tl.where(settled, scalar, new)
     moved = new - scalar
     width = hi - lo
-    converged = settled | (tl.abs(moved) <= 4.0 * _EPS * scale) | (width <= 8.0 * _EPS * scale)
+    converged = settled | (tl.abs(moved) <= scale * (4.0 * _EPS)) | (width <= scale * (8.0 * _EPS))
     # A non-finite value or slope never converges: the row is handed back.
     converged = converged & (tl.abs(f) < float("inf")) & (tl.abs(slope) < float("inf"))
     scalar = tl.where(run, new, scalar)
@@ -294,7 +303,7 @@ def _mask_sums(d, tau, k, lam, qm1, MODE: tl.constexpr):
 @triton.jit
 def _ftol(n, k):
     """The miss of ``sum(y) = k`` that counts as the root: the rounding of a sum of n terms, and 8 ulps of k."""
-    return _EPS * (n + 8.0 * k)
+    return (n + 8.0 * k) * _EPS
 
 
 @triton.jit
@@ -312,7 +321,7 @@ def _unresolved(weights, k, qm1):
     at 0, and an entry's ``u = l y^(p - 1)`` lies below its key's rounding).  They are handed back to
     the Array-API method, which interpolates between the bracket's ends (`_agnostic.threshold`'s
     ``_unresolved_rows``, the same bound)."""
-    far = tl.abs(weights - k) > _UNRESOLVED_ULPS * _EPS * tl.maximum(k * 1.0, 1.0)
+    far = tl.abs(weights - k) > tl.maximum(k * 1.0, 1.0) * (_UNRESOLVED_ULPS * _EPS)
     return far & (weights * 0.0 + qm1 < 1.0)  # (a row flag: the interpreter's & takes no scalar flag)
 
 
@@ -461,7 +470,7 @@ def mask_rows_kernel(
         ref = tl.where(again, _nearest_key(keys, valid & finite, c + tau), c)
         shift = c - ref
         # Phase 1's bracket in the new frame, widened by the rounding of the keys and of the shift.
-        pad = 8.0 * _EPS * (tl.abs(neg_hi) + tl.abs(neg_lo) + tl.abs(c) + tl.abs(ref) + lam)
+        pad = (tl.abs(neg_hi) + tl.abs(neg_lo) + tl.abs(c) + tl.abs(ref) + lam) * (8.0 * _EPS)
         lo2 = -neg_lo + shift - pad
         hi2 = -neg_hi + shift + pad
         d2 = keys - ref[:, None]
@@ -621,7 +630,7 @@ def mag_rows_kernel(
     ref = _nearest_key(keys, valid & (keys > 0), t1)
     again = solved & (ref >= 0.5 * t1) & (ref <= 2.0 * t1)
     ref = tl.where(again, ref, 0.0)
-    pad = 8.0 * _EPS * -lo
+    pad = -lo * (8.0 * _EPS)
     d2 = keys - ref[:, None]
     lo2 = ref + lo - pad
     hi2 = tl.minimum(ref + hi + pad, ref + 0.5 * hi)

@@ -50,6 +50,7 @@ from topk_core import _validate
 from topk_core._agnostic.regularizer import conjugate_exponent
 from topk_core._api import DEFAULT_P, DEFAULT_STRENGTH, compute_dtype
 
+from . import _support
 from . import nn as nn  # topk_torch.nn: pruning, MoE router and layer, top-k loss
 from ._functions import soft_rows
 from ._namespace import xp as xp_torch
@@ -126,6 +127,11 @@ def _soft_op(
     y = y_rows if moved.ndim == 2 else y_rows.reshape(moved.shape)
     y = y if last else y.movedim(-1, ax)
     return y.to(x.dtype)
+
+
+if not _support.COMPILES:
+    # An older torch: the operators run eagerly inside compiled functions (`topk_torch._support`).
+    _soft_op = torch.compiler.disable(_soft_op)
 
 
 def soft_topk_mask(
@@ -234,6 +240,10 @@ def _hard_op(x: Any, k: Any, axis: Any, magnitude: bool) -> torch.Tensor:
     mask = topk_core.hard_topk_mask(x, k, axis=axis, xp=xp_torch)
     # Attach the output to the graph with a zero derivative (like torch.sign).
     return torch.where(torch.zeros_like(mask, dtype=torch.bool), x, mask)
+
+
+if not _support.COMPILES:
+    _hard_op = torch.compiler.disable(_hard_op)
 
 
 def hard_topk_mask(x: torch.Tensor, k: int, *, axis: int = -1) -> torch.Tensor:

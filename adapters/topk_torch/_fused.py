@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 
+from . import _support
+
 ENVIRONMENT_VARIABLE = "SPARSE_TOPK_TORCH_COMPILE"
 MODES = ("auto", "always", "never")
 # torch.compile's backend; the tests set "eager" (Dynamo's tracing without a compiler).
@@ -68,6 +70,8 @@ def compile_mode() -> str:
 def use_compiled(x: torch.Tensor) -> bool:
     """Whether the solvers run compiled (their loops and stages) for rows `x` (see the module's docstring)."""
     mode = compile_mode()
+    if not _support.COMPILES:  # an older torch: the loops run eagerly (`topk_torch._support`)
+        return False
     return not _failures and (mode == "always" or (mode == "auto" and x.device.type == "cuda"))
 
 

@@ -34,7 +34,9 @@ def _host(t: torch.Tensor) -> Any:
     return t.detach().resolve_neg().contiguous().numpy()
 
 
-@torch.library.custom_op("sparse_topk::mag_product_host", mutates_args=(), device_types="cpu")
+# The schema is spelled out: torch < 2.5 cannot infer one from string annotations (`from __future__`).
+@torch.library.custom_op("sparse_topk::mag_product_host", mutates_args=(), device_types="cpu",
+                         schema="(Tensor gprime, Tensor codes, Tensor offset, Tensor rows, bool transpose) -> Tensor")
 def mag_product_host(
     gprime: torch.Tensor, codes: torch.Tensor, offset: torch.Tensor, rows: torch.Tensor, transpose: bool
 ) -> torch.Tensor:

@@ -47,7 +47,7 @@ from topk_core import MagResiduals, MaskResiduals, _validate
 from topk_core._agnostic.regularizer import conjugate_exponent
 from topk_core._api import _AGNOSTIC
 
-from . import _fused, _products, _triton_rows
+from . import _fused, _products, _support, _triton_rows
 from ._namespace import xp as xp_torch
 
 KINDS = ("mask", "mag")
@@ -209,7 +209,8 @@ def _register_vmap(op: Any, n_out: int | None) -> None:
         outs = [unfold(o, size, batch) for o in outs]
         return tuple(o for o, _ in outs), tuple(d for _, d in outs)
 
-    op.register_vmap(vmap_rule)
+    if hasattr(op, "register_vmap"):  # torch >= 2.5; see docs/torch.md, "Older torch releases"
+        op.register_vmap(vmap_rule)
 
 
 def _make_op(family: str, kind: str) -> Any:
@@ -280,22 +281,13 @@ OPS = {(family, kind): _make_op(family, kind) for family in FAMILIES for kind in
 VALUE_OPS = {(family, kind): _make_value_op(family, kind) for family in FAMILIES for kind in KINDS}
 
 
-def _tracing() -> bool:
-    """Whether a tracer records the calls: Dynamo (which reaches an `autograd.Function`'s forward when it
-    compiles frames that eager code under a `torch.func` transform entered), make_fx's proxy mode, a fake mode."""
-    if torch.compiler.is_compiling():
-        return True
-    return (torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None
-            or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None)
-
-
 def solve_rows(kind: str, rows: torch.Tensor, k: int, lam: float, p: float, route: str, max_iter: Any,
                tol: Any, residuals: bool = True) -> tuple[torch.Tensor, ...]:
     """What the operator of `route` returns, ``(y, *residuals)`` (or its ``..._value`` variant, ``(y,)``),
     computed by its implementation directly: for eager callers that the dispatcher need not see (an
     `autograd.Function`'s forward, which autograd and `torch.func` already handle, and calls that nothing
     differentiates), whose fixed cost per call small calls feel (`benchmarks/bench_torch.py`, small calls)."""
-    if _tracing():
+    if _support.tracing():
         # make_fx (torch.func.linearize, torch.export) would trace into the implementation, whose loops
         # read their data (the Array-API methods failed): the operator is one node of the graph instead.
         out = call(kind, rows, k, lam, p, route, max_iter, tol, residuals)

@@ -28,7 +28,7 @@ import topk_core
 from topk_core import MagResiduals, MaskResiduals
 from topk_core._agnostic import jacobians
 
-from . import _fused, _host_products
+from . import _fused, _host_products, _support
 from ._namespace import xp as xp_torch
 
 RESIDUAL_TYPES = {"mask": MaskResiduals, "mag": MagResiduals}
@@ -183,7 +183,7 @@ def _compiled_host_rows(kind: str, res: Any, cotangent: torch.Tensor) -> bool:
     not serve those) that `_host_products` takes, opaque to the compiler: the magnitude's, on CPU rows in
     input order."""
     return (
-        torch.compiler.is_compiling()
+        _support.tracing()
         and not torch._C._are_functorch_transforms_active()
         and _host_products.serves(kind, res, cotangent)
     )
