@@ -2,7 +2,7 @@
 # The PyTorch tests on an older torch release, to check the floor that pyproject.toml declares for the `torch` extra.
 #
 #     bash .ci/torch_floor.sh 2.4.1         # 530 passed, 112 skipped (compile, Triton, CUDA and JAX cases) on 2026-12-07
-#     bash .ci/torch_floor.sh 2.12.1 -n 2   # 711 passed, 46 skipped (CUDA and JAX cases); so 2.9.1, 2.10.0, 2.11.0
+#     bash .ci/torch_floor.sh 2.12.1 -n 2   # 711 passed, 46 skipped (CUDA and JAX cases); so 2.8.0, 2.9.1, 2.10.0, 2.11.0
 #
 # A virtual environment per version under ${TORCH_FLOOR_DIR:-/tmp/torch-floor}: that torch release from the
 # package registry (a CUDA build of several GB on Linux x86_64: the tests run on the CPU) with the Triton it

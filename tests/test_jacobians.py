@@ -226,3 +226,15 @@ def test_float32_jacobian_of_tiny_keys_at_large_p_is_finite():
     x = np.array([1e-6] + [1e-38] * 7, dtype=np.float32)
     _, vjp = tk.soft_topk_mag_vjp(x, 2, p=3.0, regularization_strength=1.0)
     assert np.all(np.isfinite(vjp(np.ones_like(x))))
+
+
+@pytest.mark.parametrize("residual_type", ["MaskResiduals", "MagResiduals"])
+def test_with_gprime_replaces_gprime_alone(residual_type):
+    # `with_gprime` is `_replace(gprime=...)` by position (which Dynamo traces on torch 2.8).
+    from topk_core._agnostic import residuals
+
+    cls = getattr(residuals, residual_type)
+    assert cls._fields.index("gprime") == residuals.GPRIME_AT
+    res = cls(*(f"field {i}" for i in range(len(cls._fields))))
+    new = residuals.with_gprime(res, "new g'")
+    assert type(new) is cls and new == res._replace(gprime="new g'")

@@ -207,6 +207,8 @@ def test_torch_hessian_inside_compile(torch_ops, operator, fullgraph):
     """`torch.compile` of torch.func transforms takes the linearized route (g' moved half a step): exact
     Hessians; a third derivative and forward over forward raise (the latter crashed the process when
     compiled on torch 2.13, even for ``x ** 3``)."""
+    from topk_torch._support import torch_release
+
     from ._torch_helpers import compile_skip_reason
 
     if (reason := compile_skip_reason()) is not None:
@@ -227,7 +229,12 @@ def test_torch_hessian_inside_compile(torch_ops, operator, fullgraph):
         torch._dynamo.reset()
         with pytest.raises(Exception) as info:  # (Dynamo wraps it under fullgraph)
             torch.compile(transform(loss), fullgraph=fullgraph, backend="aot_eager")(xt)
-        assert match in f"{info.value} {info.value.__cause__}", name
+        message = f"{info.value} {info.value.__cause__}"
+        if fullgraph and torch_release(torch.__version__) < (2, 9):
+            # torch 2.8's Dynamo replaces the refusal's message under fullgraph (docs/torch.md).
+            assert match in message or "Observed exception" in message, name
+        else:
+            assert match in message, name
     torch._dynamo.reset()
 
 

@@ -37,6 +37,7 @@ from torch._functorch.pyfunctorch import retrieve_current_functorch_interpreter
 from torch.autograd import forward_ad
 
 from topk_core._agnostic import jacobians
+from topk_core._agnostic.residuals import with_gprime
 
 from . import _ops, _products
 from ._namespace import xp
@@ -158,7 +159,7 @@ def _linearized(
     delta = torch.where(torch.isinf(primal), torch.zeros_like(primal), rows - primal)
     if q != 2.0:
         step = jacobians.gprime_jvp_rows(kind, res, _products.jvp(kind, res, delta, None, p, q, lam), lam, q, xp)
-        res = res._replace(gprime=res.gprime + 0.5 * step)
+        res = with_gprime(res, res.gprime + 0.5 * step)
     out = y + _products.jvp(kind, res, delta, None, p, q, lam)
     return torch.where(torch.isinf(y), rows, out)
 

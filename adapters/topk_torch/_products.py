@@ -27,6 +27,7 @@ import torch
 import topk_core
 from topk_core import MagResiduals, MaskResiduals
 from topk_core._agnostic import jacobians
+from topk_core._agnostic.residuals import with_gprime
 
 from . import _fused, _host_products, _support
 from ._namespace import xp as xp_torch
@@ -134,7 +135,7 @@ def _moving(kind: str, res: Any, x: Any, p: float, q: float, lam: Any) -> Any:
     """`res` whose g' moves with `x` (`_MovingGprime`) for p != 2; `res` itself for p = 2 or without `x`."""
     if q == 2.0 or x is None:
         return res
-    return res._replace(gprime=_MovingGprime.apply(x, kind, p, q, lam, *res))
+    return with_gprime(res, _MovingGprime.apply(x, kind, p, q, lam, *res))
 
 
 def residuals(kind: str, tensors: tuple[Any, ...]) -> Any:

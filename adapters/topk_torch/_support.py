@@ -18,7 +18,7 @@ import re
 
 import torch
 
-COMPILE_FLOOR = (2, 9)
+COMPILE_FLOOR = (2, 8)
 
 
 def torch_release(version: str) -> tuple[int, int]:

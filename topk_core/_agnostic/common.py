@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from .._compat import default_int, device
+from .residuals import with_gprime
 
 
 def count(mask: Any, xp: Any) -> Any:
@@ -49,4 +50,4 @@ def poison(residuals: Any, nan_rows: Any, xp: Any) -> Any:
     """NaN derivatives on NaN rows (confined to those rows), as the PAV path does."""
     # A NaN g' is enough: the magnitude's products multiply every entry by g' or by its scale
     # (`jacobians`), never select it away.
-    return residuals._replace(gprime=xp.where(nan_rows, xp.nan, residuals.gprime))
+    return with_gprime(residuals, xp.where(nan_rows, xp.nan, residuals.gprime))

@@ -68,6 +68,19 @@ class MagResiduals(NamedTuple):
     offset: Any
 
 
+# Where `gprime` sits in both tuples (tests/test_jacobians.py checks it).
+GPRIME_AT = 4
+
+
+def with_gprime(residuals: Any, gprime: Any) -> Any:
+    """`residuals` (`MaskResiduals` or `MagResiduals`) with another `gprime`: ``_replace`` spelled out by
+    position, which torch 2.8's Dynamo traces inside `torch.compile` (it skips ``_replace`` and cannot
+    iterate over ``_fields``)."""
+    fields = list(residuals)
+    fields[GPRIME_AT] = gprime
+    return type(residuals)(*fields)
+
+
 def mag_residuals(
     perm: Any, inv_perm: Any, block_start: Any, block_end: Any, gprime: Any, free: Any, saturated: Any,
     signs: Any, offset: Any, xp: Any,
