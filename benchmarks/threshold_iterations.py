@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 
+import array_api_compat.numpy as np_xp
 import numpy as np
 from _report import parse_exponents, parse_shapes
 
@@ -36,7 +37,8 @@ def _loop_runs(op: str, x: np.ndarray, k: int, lam: float, p: float, order_stati
     its iterations and the iteration at which each row converged."""
     runs: list[tuple[int, np.ndarray]] = []
     hooks = {"order_statistics": _numpy_order_statistics} if order_statistics else {}
-    SOLVERS[op](x, k, lam, conjugate_exponent(p), np, loop=counting_loop(runs), **hooks)
+    # NumPy's Array-API namespace (the core's own for NumPy arrays; NumPy 2.0 itself lacks parts of it).
+    SOLVERS[op](x, k, lam, conjugate_exponent(p), np_xp, loop=counting_loop(runs), **hooks)
     return runs
 
 

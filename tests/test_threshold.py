@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 
+import array_api_compat.numpy as np_xp
 import numpy as np
 import pytest
 from hypothesis import assume as hypothesis_assume
@@ -609,7 +610,7 @@ def _loop_runs(solver, x, k, lam, q, **hooks):
     """(outputs, and for each root finder's loop of the solve in turn: its iterations and the iteration at
     which each row converged); `hooks`: the solver's other adapter keywords."""
     runs = []
-    y, _ = solver(x, k, lam, q, np, loop=threshold.counting_loop(runs), **hooks)
+    y, _ = solver(x, k, lam, q, np_xp, loop=threshold.counting_loop(runs), **hooks)
     return y, runs
 
 
@@ -882,6 +883,6 @@ def test_order_statistics_are_asked_for_small_k_only(rng):
 
     x = rng.normal(size=(8, 200))
     for k in (5, threshold._FIRST_BLOCK_MAX_K, threshold._FIRST_BLOCK_MAX_K + 1, 200):
-        y, _ = threshold.threshold_mag(x, k, 0.1, 4.0, np, order_statistics=order_statistics)
+        y, _ = threshold.threshold_mag(x, k, 0.1, 4.0, np_xp, order_statistics=order_statistics)
         np.testing.assert_allclose(y, _pav("mag", x, k, regularization_strength=0.1)[0], rtol=0, atol=1e-10)
     assert calls == [5, threshold._FIRST_BLOCK_MAX_K]

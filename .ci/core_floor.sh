@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The core, NumPy and PyTorch tests on the oldest releases of the core's dependencies that pyproject.toml
+# declares (numpy, numba, array-api-compat; array-api-strict of the test extra), beside torch 2.13.0.
+#
+#     bash .ci/core_floor.sh          # 3626 passed, 342 skipped on 2026-12-07 (no JAX: its tests skip or are deselected)
+#     bash .ci/core_floor.sh -x -q    # pytest arguments
+#
+# Found by this check on 2026-12-07, and raised: numpy 1.26 ran the threshold method's float32 rows in float64
+# (value-based casting of float32's largest value) and returned float64 residuals; numba 0.60 divides the
+# lane kernels' rows one lane at a time; array-api-compat 1.11 to 1.15 wrap torch without count_nonzero's
+# keepdims (1.11) or Python scalars in maximum/minimum (to 1.15); array-api-strict 2.2 lacks the 2024.12
+# functions the core uses (count_nonzero, take_along_axis).
+# A virtual environment under ${CORE_FLOOR_DIR:-/tmp/core-floor}; the checkout installed into it, editable.
+# Not part of CI: it installs a second environment.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+dir=${CORE_FLOOR_DIR:-/tmp/core-floor}
+venv="$dir/venv-floor"
+if [ ! -x "$venv/bin/python" ]; then
+    mkdir -p "$dir"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet torch==2.13.0
+    "$venv/bin/pip" install --quiet "numpy==2.0.2" "numba==0.61.0" "array-api-compat==1.16" \
+        "array-api-strict==2.3.1" pytest pytest-xdist hypothesis scipy mpmath entmax matplotlib editables
+    "$venv/bin/pip" install --quiet --no-deps -e "$root"
+fi
+cd "$dir"
+"$venv/bin/python" -m pytest -q -p no:cacheprovider -c "$root/pyproject.toml" --rootdir "$root" -n 2 \
+    "$root/tests" "$root/topk_core" "$root/adapters/topk_numpy" "$root/adapters/topk_torch" \
+    --ignore="$root/topk_core/_triton_rows.py" --ignore="$root/tests/_jax_helpers.py" \
+    -k "not (test_concrete_0d_arrays_are_numbers or test_a_differentiated_parameter_is_named_as_such or test_numba_jit_disabled_runs_the_threshold_method or test_report_is_written_after_each_framework_in_the_order_given)" \
+    "$@"
