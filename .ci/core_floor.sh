@@ -13,19 +13,13 @@
 # A virtual environment under ${CORE_FLOOR_DIR:-/tmp/core-floor}; the checkout installed into it, editable.
 # Not part of CI: it installs a second environment.
 set -euo pipefail
-root="$(cd "$(dirname "$0")/.." && pwd)"
+source "$(dirname "$0")/floor_env.sh"
 dir=${CORE_FLOOR_DIR:-/tmp/core-floor}
-venv="$dir/venv-floor"
-if [ ! -x "$venv/bin/python" ]; then
-    mkdir -p "$dir"
-    python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet torch==2.13.0
-    "$venv/bin/pip" install --quiet "numpy==2.0.2" "numba==0.61.0" "array-api-compat==1.16" \
-        "array-api-strict==2.3.1" pytest pytest-xdist hypothesis scipy mpmath entmax matplotlib editables
-    "$venv/bin/pip" install --quiet --no-deps -e "$root"
-fi
-cd "$dir"
-"$venv/bin/python" -m pytest -q -p no:cacheprovider -c "$root/pyproject.toml" --rootdir "$root" -n 2 \
+# torch==2.13.0 named: the local CPU wheel, not a CUDA build.
+python=$(floor_venv "$dir" floor torch==2.13.0 "numpy==2.0.2" "numba==0.61.0" "array-api-compat==1.16" \
+    "array-api-strict==2.3.1" pytest pytest-xdist hypothesis scipy mpmath entmax matplotlib editables)
+"$python" -m pip install --quiet --no-deps -e "$root"
+floor_pytest "$python" "$dir" -n 2 \
     "$root/tests" "$root/topk_core" "$root/adapters/topk_numpy" "$root/adapters/topk_torch" \
     --ignore="$root/topk_core/_triton_rows.py" --ignore="$root/tests/_jax_helpers.py" \
     -k "not (test_concrete_0d_arrays_are_numbers or test_a_differentiated_parameter_is_named_as_such or test_numba_jit_disabled_runs_the_threshold_method or test_report_is_written_after_each_framework_in_the_order_given)" \

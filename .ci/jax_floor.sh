@@ -10,16 +10,10 @@
 set -euo pipefail
 version=${1:?usage: bash .ci/jax_floor.sh JAX_VERSION [pytest arguments]}
 shift
-root="$(cd "$(dirname "$0")/.." && pwd)"
+source "$(dirname "$0")/floor_env.sh"
 dir=${JAX_FLOOR_DIR:-/tmp/jax-floor}
-venv="$dir/venv-$version"
-if [ ! -x "$venv/bin/python" ]; then
-    python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet "jax==$version" "jaxlib==$version" numpy numba array-api-compat \
-        pytest hypothesis ml_dtypes
-fi
-cd "$dir"
-PYTHONPATH="$root:$root/adapters" "$venv/bin/python" -m pytest -q -p no:cacheprovider \
-    -c "$root/pyproject.toml" --rootdir "$root" \
+python=$(floor_venv "$dir" "$version" "jax==$version" "jaxlib==$version" numpy numba array-api-compat \
+    pytest hypothesis ml_dtypes scipy mpmath)
+PYTHONPATH="$root:$root/adapters" floor_pytest "$python" "$dir" \
     "$root/tests/test_jax_adapter.py" "$root/tests/test_jax_methods.py" "$root/tests/test_jax_host_products.py" \
-    "$root/tests/test_jax_sharding.py" "$root/tests/test_applications_jax.py" "$@"
+    "$root/tests/test_jax_sharding.py" "$root/tests/test_applications_jax.py" "$root/tests/test_second_order.py" "$@"

@@ -11,18 +11,11 @@
 set -euo pipefail
 version=${1:?usage: bash .ci/torch_floor.sh TORCH_VERSION [pytest arguments]}
 shift
-root="$(cd "$(dirname "$0")/.." && pwd)"
+source "$(dirname "$0")/floor_env.sh"
 dir=${TORCH_FLOOR_DIR:-/tmp/torch-floor}
-venv="$dir/venv-$version"
-if [ ! -x "$venv/bin/python" ]; then
-    mkdir -p "$dir"
-    python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet "torch==$version" numpy numba array-api-compat \
-        pytest pytest-xdist hypothesis scipy entmax mpmath
-fi
-cd "$dir"
-PYTHONPATH="$root:$root/adapters" "$venv/bin/python" -m pytest -q -p no:cacheprovider \
-    -c "$root/pyproject.toml" --rootdir "$root" \
+python=$(floor_venv "$dir" "$version" "torch==$version" numpy numba array-api-compat \
+    pytest pytest-xdist hypothesis scipy entmax mpmath)
+PYTHONPATH="$root:$root/adapters" floor_pytest "$python" "$dir" \
     "$root/tests/test_torch_adapter.py" "$root/tests/test_torch_compile.py" "$root/tests/test_torch_func.py" \
     "$root/tests/test_torch_fused.py" "$root/tests/test_torch_host_products.py" "$root/tests/test_triton_rows.py" \
     "$root/tests/test_applications_torch.py" "$root/tests/test_second_order.py" "$root/tests/test_torch_support.py" -W "ignore:Please use \`torch.vmap\`:FutureWarning" "$@"

@@ -1,0 +1,23 @@
+# Sourced by the *_floor.sh scripts: a virtual environment made once per set of releases, and pytest run
+# from outside the checkout with its configuration.
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+# floor_venv DIR NAME PACKAGE...: the python of DIR/venv-NAME, made with PACKAGEs installed the first time.
+floor_venv() {
+    local venv="$1/venv-$2"
+    shift 2
+    if [ ! -x "$venv/bin/python" ]; then
+        mkdir -p "$(dirname "$venv")"
+        python3 -m venv "$venv"
+        "$venv/bin/pip" install --quiet "$@" >&2
+    fi
+    echo "$venv/bin/python"
+}
+
+# floor_pytest PYTHON DIR PYTEST_ARGUMENT...: that python's pytest, run from DIR on the checkout's tests.
+floor_pytest() {
+    local python="$1" dir="$2"
+    shift 2
+    cd "$dir"
+    "$python" -m pytest -q -p no:cacheprovider -c "$root/pyproject.toml" --rootdir "$root" "$@"
+}
