@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The JAX tests on an older JAX release, to check the floor that pyproject.toml declares for the `jax` extra.
 #
-#     bash .ci/jax_floor.sh 0.10.1          # 410 passed, 8 skipped (torch-only cases) on 2026-12-07
+#     bash .ci/jax_floor.sh 0.10.1          # 428 passed, 36 skipped (torch-only cases) on 2026-12-07
 #     bash .ci/jax_floor.sh 0.9.1           # 1 failure: test_auto_rule_for_tracers (no AbstractDevice.platform)
 #
 # A virtual environment per version under ${JAX_FLOOR_DIR:-/tmp/jax-floor} (jax, jaxlib and the core's
