@@ -83,7 +83,8 @@ from ._agnostic.threshold import _FTOL_ULPS, _UNRESOLVED_MISS
 # The oldest Triton the kernels run on (3.0 rejects them: tl.arange of non-constexpr bounds).
 MIN_TRITON = (3, 2)
 if tuple(int(part) for part in triton.__version__.split(".")[:2]) < MIN_TRITON:
-    raise ImportError(f"the threshold method's Triton kernels need Triton >= 3.2; found {triton.__version__}")
+    raise ImportError(f"the threshold method's Triton kernels need Triton >= {'.'.join(map(str, MIN_TRITON))}; "
+                      f"found {triton.__version__}")
 
 # Longest rows the kernels take (a power of two: the register block of one row).
 MAX_N = 4096

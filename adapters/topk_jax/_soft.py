@@ -72,6 +72,7 @@ from topk_core import _validate
 from topk_core._agnostic.dykstra import dykstra_mag, dykstra_mask
 from topk_core._agnostic.jacobians import gprime_jvp_rows
 from topk_core._agnostic.regularizer import conjugate_exponent
+from topk_core._agnostic.residuals import with_gprime
 from topk_core._agnostic.threshold import threshold_mag, threshold_mask
 from topk_core._api import soft_forward_into
 from topk_jax import _host_call, _host_products
@@ -388,7 +389,7 @@ def _make_operator(op: _Operator) -> tuple[Any, Any]:
             # g' moves with x; the rest (orders, blocks, set codes, counts) is locally constant.
             q, lam = conjugate_exponent(static.p), static.regularization_strength
             gprime_dot = gprime_jvp_rows(op.kind, residuals, y_dot, lam, q, jnp)
-            residuals_dot = residuals_dot._replace(gprime=gprime_dot)
+            residuals_dot = with_gprime(residuals_dot, gprime_dot)
         return (y, residuals), (y_dot, residuals_dot)
 
     solve.defjvp(solve_jvp)

@@ -104,6 +104,7 @@ def _auto_method(x: torch.Tensor) -> str:
     return "pav" if kind == "cpu" or (kind == "cuda" and x.numel() <= PAV_ON_DEVICE_MAX_ENTRIES) else "threshold"
 
 
+@_support.compiled_from_the_floor
 def _soft_op(
     kind: str, x: Any, k: Any, regularization_strength: Any, p: Any, axis: Any, method: Any, max_iter: Any,
     tol: Any,
@@ -127,11 +128,6 @@ def _soft_op(
     y = y_rows if moved.ndim == 2 else y_rows.reshape(moved.shape)
     y = y if last else y.movedim(-1, ax)
     return y.to(x.dtype)
-
-
-if not _support.COMPILES:
-    # An older torch: the operators run eagerly inside compiled functions (`topk_torch._support`).
-    _soft_op = torch.compiler.disable(_soft_op)
 
 
 def soft_topk_mask(
@@ -231,6 +227,7 @@ def soft_topk_mag(
     return _soft_op("mag", x, k, regularization_strength, p, axis, method, max_iter, tol)
 
 
+@_support.compiled_from_the_floor
 def _hard_op(x: Any, k: Any, axis: Any, magnitude: bool) -> torch.Tensor:
     x = _as_tensor(x)
     _validated(x, k, axis)
@@ -240,10 +237,6 @@ def _hard_op(x: Any, k: Any, axis: Any, magnitude: bool) -> torch.Tensor:
     mask = topk_core.hard_topk_mask(x, k, axis=axis, xp=xp_torch)
     # Attach the output to the graph with a zero derivative (like torch.sign).
     return torch.where(torch.zeros_like(mask, dtype=torch.bool), x, mask)
-
-
-if not _support.COMPILES:
-    _hard_op = torch.compiler.disable(_hard_op)
 
 
 def hard_topk_mask(x: torch.Tensor, k: int, *, axis: int = -1) -> torch.Tensor:

@@ -15,6 +15,8 @@ torch tests on a release.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -30,6 +32,12 @@ def torch_release(version: str) -> tuple[int, int]:
 
 
 COMPILES = torch_release(torch.__version__) >= COMPILE_FLOOR
+
+
+def compiled_from_the_floor(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn` itself, or on a torch older than `COMPILE_FLOOR` `fn` excluded from compilation (it runs eagerly
+    inside compiled functions)."""
+    return fn if COMPILES else torch.compiler.disable(fn)
 
 
 def tracing() -> bool:
