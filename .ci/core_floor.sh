@@ -21,6 +21,4 @@ python=$(floor_venv "$dir" floor torch==2.13.0 "numpy==2.0.2" "numba==0.61.0" "a
 "$python" -m pip install --quiet --no-deps -e "$root"
 floor_pytest "$python" "$dir" -n 2 \
     "$root/tests" "$root/topk_core" "$root/adapters/topk_numpy" "$root/adapters/topk_torch" \
-    --ignore="$root/topk_core/_triton_rows.py" --ignore="$root/tests/_jax_helpers.py" \
-    -k "not (test_concrete_0d_arrays_are_numbers or test_a_differentiated_parameter_is_named_as_such or test_numba_jit_disabled_runs_the_threshold_method or test_report_is_written_after_each_framework_in_the_order_given)" \
-    "$@"
+    --ignore="$root/topk_core/_triton_rows.py" --ignore="$root/tests/_jax_helpers.py" "$@"

@@ -2,13 +2,14 @@
 # from outside the checkout with its configuration.
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
-# floor_venv DIR NAME PACKAGE...: the python of DIR/venv-NAME, made with PACKAGEs installed the first time.
+# floor_venv DIR NAME PACKAGE...: the python of DIR/venv-NAME, made with PACKAGEs installed the first time,
+# by the interpreter ${FLOOR_PYTHON:-python3}.
 floor_venv() {
     local venv="$1/venv-$2"
     shift 2
     if [ ! -x "$venv/bin/python" ]; then
         mkdir -p "$(dirname "$venv")"
-        python3 -m venv "$venv"
+        "${FLOOR_PYTHON:-python3}" -m venv "$venv"
         "$venv/bin/pip" install --quiet "$@" >&2
     fi
     echo "$venv/bin/python"

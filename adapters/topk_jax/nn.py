@@ -30,6 +30,7 @@ import numpy as np
 
 import topk_jax as _tk
 from topk_core import _applications as _checks
+from topk_core import _routing
 from topk_core._api import DEFAULT_P, DEFAULT_STRENGTH
 
 __all__ = [
@@ -258,23 +259,19 @@ class RoutingStats(NamedTuple):
     @property
     def mean_experts_per_token(self) -> float | jax.Array:
         """Mean number of experts per token (NaN when there are no tokens); a traced scalar under `jax.jit`."""
-        if isinstance(self.experts_per_token, jax.core.Tracer):
-            counts = self.experts_per_token.astype(jnp.result_type(float))
-            return jnp.mean(counts) if counts.size else jnp.asarray(jnp.nan, counts.dtype)
-        counts = np.asarray(self.experts_per_token, dtype=np.float64)
-        return float(counts.mean()) if counts.size else float("nan")
+        return _summary(_routing.mean_experts_per_token, self.experts_per_token)
 
     @property
     def load_imbalance(self) -> float | jax.Array:
         """Maximum load over mean load (1 is perfectly balanced; NaN when no token was routed); a traced
         scalar under `jax.jit`."""
-        if isinstance(self.load, jax.core.Tracer):
-            load = self.load.astype(jnp.result_type(float))
-            if not load.size:
-                return jnp.asarray(jnp.nan, load.dtype)
-            return jnp.where(load.sum() > 0, load.max() / load.mean(), jnp.nan)
-        load = np.asarray(self.load, dtype=np.float64)
-        return float(load.max() / load.mean()) if load.sum() > 0 else float("nan")
+        return _summary(_routing.load_imbalance, self.load)
+
+
+def _summary(summarize: Callable[[Any], Any], counts: jax.Array) -> float | jax.Array:
+    if isinstance(counts, jax.core.Tracer):
+        return summarize(counts.astype(jnp.result_type(float)))
+    return float(summarize(np.asarray(counts, dtype=np.float64)))
 
 
 def routing_stats(gates: Any) -> RoutingStats:

@@ -30,7 +30,7 @@ from torch.nn.utils import parametrize
 
 import topk_torch as _tk
 from topk_core import _applications as _checks
-from topk_core import _validate
+from topk_core import _routing, _validate
 from topk_core._api import DEFAULT_P, DEFAULT_STRENGTH
 
 __all__ = [
@@ -261,13 +261,13 @@ class RoutingStats(NamedTuple):
 
     @property
     def mean_experts_per_token(self) -> float:
-        return float(self.experts_per_token.double().mean())
+        """Mean number of experts per token (NaN when there are no tokens)."""
+        return float(_routing.mean_experts_per_token(self.experts_per_token.double()))
 
     @property
     def load_imbalance(self) -> float:
-        """Maximum load over mean load (1 is perfectly balanced)."""
-        load = self.load.double()
-        return float(load.max() / load.mean()) if float(load.sum()) > 0 else float("nan")
+        """Maximum load over mean load (1 is perfectly balanced; NaN when no token was routed)."""
+        return float(_routing.load_imbalance(self.load.double()))
 
 
 def routing_stats(gates: torch.Tensor) -> RoutingStats:
