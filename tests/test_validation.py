@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -143,6 +145,19 @@ def test_iteration_controls_rejected_by_pav(fn, controls, method):
 def test_non_floating_dtypes(fn, dtype):
     with pytest.raises(TypeError, match="`x` must have a real floating dtype"):
         fn(np.ones((2, 3), dtype=dtype), 1)
+
+
+@pytest.mark.parametrize(("library", "cast"), [
+    ("numpy", "x.astype(numpy.float32)"), ("torch", "x.to(torch.float32)"),
+    ("jax.numpy", "x.astype(jax.numpy.float32)"), ("array_api_strict", "xp.astype(x, xp.float32)"),
+])
+def test_integer_input_message_shows_the_cast_of_its_library(library, cast):
+    """The cast that the message suggests is one the user's library has (a torch tensor has no `astype`)."""
+    import topk_core
+
+    arange = pytest.importorskip(library).arange
+    with pytest.raises(TypeError, match=re.escape(f"e.g. {cast}.")):
+        topk_core.soft_topk_mask(arange(5), 2)
 
 
 @pytest.mark.skipif(np.dtype(np.longdouble).itemsize <= 8, reason="longdouble is float64 on this platform")

@@ -51,7 +51,7 @@ def check_float_dtype(x: Any, xp: Any, name: str = "x") -> None:
         _check_same_library(x, xp, name)
         raise TypeError(
             f"`{name}` must have a real floating dtype (float16, bfloat16, float32 or float64); "
-            f"got dtype {dtype}. Cast integer or boolean inputs explicitly, e.g. {name}.astype(float32)."
+            f"got dtype {dtype}. Cast integer or boolean inputs explicitly, e.g. {_float32_cast(x, name)}."
         )
     if str(dtype).rsplit(".", 1)[-1] not in SUPPORTED_FLOATS:
         # Other floating dtypes pass `isdtype`: NumPy's longdouble (float128) was computed in float32, less
@@ -61,6 +61,19 @@ def check_float_dtype(x: Any, xp: Any, name: str = "x") -> None:
             f"`{name}` must have one of the floating dtypes float16, bfloat16, float32 or float64; got dtype "
             f"{dtype}. Cast it explicitly, e.g. to float64 (or to float32 from float8)."
         )
+
+
+# How each library's users write a cast to float32 (a tensor has no `astype`), by `library_name`.
+_FLOAT32_CASTS = {"torch": "{}.to(torch.float32)", "numpy": "{}.astype(numpy.float32)",
+                  "jax": "{}.astype(jax.numpy.float32)"}
+
+
+def _float32_cast(x: Any, name: str) -> str:
+    try:
+        library = library_name(array_namespace(x))
+    except TypeError:
+        library = None
+    return _FLOAT32_CASTS.get(library, "xp.astype({}, xp.float32)").format(name)
 
 
 def _check_same_library(x: Any, xp: Any, name: str) -> None:
