@@ -282,6 +282,15 @@ def test_pav_vs_threshold_fuzz(monkeypatch):
     assert max(dev for dev, *_ in far.values()) > 1e-3
 
 
+def test_route_agreement_stays_within_the_documented_bound(monkeypatch):
+    """`route_agreement.py` (the figures of docs/methods.md on the lane solver's absolute frame) on 2,500 rows:
+    every short-row route within the bound of the full-sort route (25,000 times it before 2026-12-07)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import route_agreement
+
+    assert route_agreement.main(["--rows", "2500", "--seed", "1"]) <= 1.0
+
+
 def test_deep_rows_table(monkeypatch):
     """`deep_rows.py` (the figures of docs/methods.md on `threshold._mag_deep_frames`) on a few rows: a line per
     dtype and p, within the tests' bounds (its `--no-deep-frames` switches a module constant off: not run

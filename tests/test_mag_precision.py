@@ -183,6 +183,43 @@ def test_a_threshold_far_below_the_keys_that_the_lane_start_rounds_to_zero():
         assert_within_input_rounding(out[0], expected, x, "lanes")
 
 
+# Found by the property test of the routes (on the floor releases of .ci/core_floor.sh) and then by a fuzz of
+# 300,000 rows spanning many orders against the full-sort route: magnitude lanes whose start's threshold
+# lies far below s_(k) go on in absolute terms (`lanes._absolute_frame`), but carried the start's rounding
+# relative to s_(k), which the p = 4/3 step's tolerance (8 ulps of l) then confirmed.  (5e-3, 5e-8, 0.5),
+# k = 2, l = 2: the threshold 1.6e-8 known to 3e-19, the free output 3.4e-8 1e-11 of itself off; the row
+# of 6 (k = 1, l = 89): its free output -1.1e-13 5e-6 of itself off (4.9e6 times the bound); the row of 35
+# (k = 14, l = 20): 2.1e-13 5e-7 off.
+FAR_BELOW_START_ROWS = [
+    ((5e-3, 5e-8, 0.5), 2, 2.0),
+    ((-6.125962083859257e-52, 0.005383869254611306, -9.803417885683724e-54, -3.347555068565538e-13,
+      -6.075267477779472e-34, -1.0159227908248228e-42), 1, 89.10484026514649),
+    ((6.36029769009078e+39, 2.5658350231511223e+31, 2.9407779486988645e-24, 3.994623963257323e+41,
+      -1.4941958647437001e-66, 3.7759187588884603e+18, -1.4755567030104454e-56, -6.916221921535011e-66,
+      -2.980728994245372e+48, 8.967083966391179e-38, 2.2703514964632786e-61, 1.109338095493374e-31,
+      6.163398117659785e-52, -0.0013652476340177116, 4.4188639818764e-66, -1.7662677911081022e+45,
+      -7.564234239186576e-28, 2.777272665728284e-44, 2.9403154021082885e+18, 5.274283370021579e-13,
+      4.416508983379684e-45, 9.141262683157662e-56, 3168762.2367904168, 47706452829858.734,
+      -7.037127785201475e-46, 4.89533180076849e+24, -7.694357358027337e-45, 1.3781650667431034e-18,
+      1.385095940574378, -3.216688864401445e+31, 7.821043803565766e-25, 7.222679465911006e-36,
+      -2.7504170233717695e-47, -1.1686236626327656e-21, -2.6222129243788233e+35), 14, 19.991877963564257),
+]
+
+
+@pytest.mark.parametrize(("row", "k", "lam"), FAR_BELOW_START_ROWS, ids=["n=3", "n=6", "n=35"])
+def test_a_lane_moved_to_the_absolute_frame_steps_to_its_root_there(row, k, lam):
+    x = np.array(row)
+    expected = _oracle(row, k, lam, 4.0 / 3.0, 200)[0]
+    for label, y in _routes(x, k, lam, 4.0 / 3.0, lane_groups=True).items():
+        assert_within_input_rounding(y, expected, x, label)
+    out, gprime, codes, offset = fused_outputs(x[None], True, False)
+    unresolved = np.empty(1, dtype=bool)
+    lanes.lane_rows(read_only(x[None]), k, lam, 4.0, True, np.empty((0, 2)), out, gprime, codes, offset,
+                    unresolved, 1, lanes.MAX_PASSES, lanes.EVERY_ROW, lanes.LANES)
+    if not unresolved[0]:  # (solved by the lanes themselves, else handed back to the selection kernel)
+        assert_within_input_rounding(out[0], expected, x, "lanes")
+
+
 def test_a_left_neighbour_far_above_a_block_of_ties_far_below_stays_saturated():
     # Found by the property test of the routes: ties at 7.5e-35 hold the last unit weight
     # (k = 4, l = 1, p = 4/3), so their value is ~1e-102 (their outputs ~x).  Solved relative to

@@ -448,12 +448,17 @@ def _absolute_frame(state, ref):
     """
     prefer_wide_vectors()
     for lane in range(LANES):
-        was_exact = state[6, lane]  # loaded before the select (see `_advance`)
+        was_exact, prev_sat = state[6, lane], state[4, lane]  # loaded before the selects (see `_advance`)
         far = far_below(ref[lane] + state[0, lane], ref[lane]) & (state[3, lane] == 1.0)  # iterating lanes only
         shift = ref[lane] if far else 0.0
         for i in range(3):  # the threshold and its bracket
             state[i, lane] += shift
-        # Moved, the threshold is known to eps ref only: a pass confirms it (`_confirm`).
+        # Moved, the threshold is known to eps ref only, where its own size is far below: it is no root of
+        # any sets (-1, as a bracket's midpoint in `_advance`), so that the first pass steps to the root
+        # of its sets in absolute terms instead of confirming it within the step's tolerance, which
+        # scales with l (x = (5e-3, 5e-8, 0.5), k = 2, l = 2, p = 4/3: the free output 1e-11 of itself
+        # off, as the iterate held relative to 5e-3 was).
+        state[4, lane] = -1.0 if far else prev_sat
         state[6, lane] = 0.0 if far else was_exact
         ref[lane] -= shift
 
