@@ -89,6 +89,14 @@ def host_features() -> list[str]:
     return llvm.get_host_cpu_features().flatten().split(",")
 
 
+def target_features() -> list[str]:
+    """The CPU features Numba compiles for, listed as `host_features` lists them: ``NUMBA_CPU_FEATURES``
+    where it is set (with ``NUMBA_CPU_NAME``, code for another CPU: `.ci/avx2_codegen.sh` checks the AVX2
+    code of the kernels on an AVX-512 host), else the host's."""
+    configured = nb.config.CPU_FEATURES
+    return configured.split(",") if configured else host_features()
+
+
 def host_has(feature: str, features: list[str] | None = None) -> bool:
     """Whether the host (or the list `features`, as `host_features` gives it) has `feature`, e.g. "avx512f".
 
