@@ -90,7 +90,7 @@ def mp_threshold_mag_parts(x: np.ndarray, k: int, lam: float, p: float, digits: 
     `digits` must also resolve ``sum(y) - k`` where it is tiny: free entries far
     below l add ``z / t`` of 1e-400 and less, and an oracle that cannot see
     them settles anywhere on the stretch where the sum looks flat
-    (`tests/test_mag_precision.py::FLAT_BY_UNDERFLOW_ROW` needs 500 digits).
+    (the first of `tests/test_mag_precision.py::FLAT_BY_UNDERFLOW_ROWS` needs 500 digits).
     """
     import mpmath
 

@@ -224,26 +224,41 @@ def test_a_lane_moved_to_the_absolute_frame_steps_to_its_root_there(row, k, lam)
 # entries 2e-147 and 3.6e-146 lie 108 orders below the one saturated key (k = 1, l = 58), so their
 # z = (r / l)^4 underflows float64 and sum(y) = k holds exactly for every t below the saturation level of
 # 2.6e-38, 4.3e-158.  The exact root is at that level (below it the true sum exceeds k by some 1e-430), so
-# the free outputs are |x| - 4.3e-158, 2e-11 of themselves below |x|.  An oracle of 300 digits could not
-# see the excess either and agreed with the threshold method; from 500 digits on it agrees with PAV.
-FLAT_BY_UNDERFLOW_ROW = (-2.0210919944526376e-147, -3.5738050983821736e-146, -2.623190294477143e-38)
+# the free outputs are |x| - 4.3e-158, 2e-11 of themselves below |x| (the threshold method returned x until
+# `threshold._mag_underflow_top`).  An oracle of 300 digits could not see the excess either and agreed with
+# the threshold method; from 500 digits on it agrees with PAV.
+FLAT_BY_UNDERFLOW_ROWS = [
+    ((-2.0210919944526376e-147, -3.5738050983821736e-146, -2.623190294477143e-38), 1, 57.63545418545632),
+    # The same kind of row, found once the threshold method took the top: k = 2, l = 80, the free entry
+    # 3.1e-121 comes out |x| - 3.6e-128, 1.2e-7 of itself below |x|.  PAV returns x there (a known limit).
+    ((-3.0938114821966134e-121, 1.109832261531056e-30, -1.2342420097807626e-12), 2, 80.37306537785335),
+]
+_PAV_MISSES_THE_TOP = pytest.mark.xfail(
+    strict=True, reason="known limit (docs/methods.md): PAV's selection kernel settles at the bottom of a "
+    "stretch where sum(y) = k only because the free entries' z underflows; the root is its top")
 
 
-def test_pav_takes_the_top_of_a_flat_stretch_made_by_underflow():
-    x = np.array(FLAT_BY_UNDERFLOW_ROW)
-    expected = _oracle(FLAT_BY_UNDERFLOW_ROW, 1, 57.63545418545632, 1.25, 600)[0]
-    assert np.all(np.abs(expected[:2]) < np.abs(x[:2]) * (1 - 1e-12))  # the threshold is subtracted
-    for label, y in _routes(x, 1, 57.63545418545632, 1.25, lane_groups=True).items():
+@pytest.mark.parametrize(("row", "k", "lam"), [
+    pytest.param(*FLAT_BY_UNDERFLOW_ROWS[0], id="k=1"),
+    pytest.param(*FLAT_BY_UNDERFLOW_ROWS[1], id="k=2", marks=_PAV_MISSES_THE_TOP),
+])
+def test_pav_takes_the_top_of_a_flat_stretch_made_by_underflow(row, k, lam):
+    x = np.array(row)
+    expected = _oracle(row, k, lam, 1.25, 600)[0]
+    assert np.any(np.abs(expected) < np.abs(x) * (1 - 1e-12))  # the threshold is subtracted
+    for label, y in _routes(x, k, lam, 1.25, lane_groups=True).items():
         assert_within_input_rounding(y, expected, x, label)
 
 
-@pytest.mark.xfail(strict=True, reason="known limit (docs/methods.md): the threshold method settles anywhere on a "
-                   "stretch where sum(y) = k only because the free entries' z underflows; the root is its top")
-def test_threshold_method_takes_the_top_of_a_flat_stretch_made_by_underflow():
-    x = np.array(FLAT_BY_UNDERFLOW_ROW)
-    expected = _oracle(FLAT_BY_UNDERFLOW_ROW, 1, 57.63545418545632, 1.25, 600)[0]
-    y = tk.soft_topk_mag(x, 1, regularization_strength=57.63545418545632, p=1.25, method="threshold")
-    assert_within_input_rounding(y, expected, x, "threshold")
+@pytest.mark.parametrize(("row", "k", "lam"), FLAT_BY_UNDERFLOW_ROWS, ids=["k=1", "k=2"])
+@pytest.mark.parametrize("backend", ["numpy", "array_api_strict", "torch", "jax"])
+def test_threshold_method_takes_the_top_of_a_flat_stretch_made_by_underflow(backend, row, k, lam):
+    # The root finder settled anywhere on the stretch (`threshold._mag_underflow_top` moves it to its top).
+    x = np.array(row)
+    expected = _oracle(row, k, lam, 1.25, 600)[0]
+    with backend_context(backend) as b:
+        y, _ = tc.soft_topk_mag_forward(b.to(x), k, regularization_strength=lam, p=1.25, method="threshold")
+        assert_within_input_rounding(b.back(y), expected, x, backend)
 
 
 def test_a_left_neighbour_far_above_a_block_of_ties_far_below_stays_saturated():

@@ -915,6 +915,7 @@ def _mask_output(
 # A row's sum(y) (mask) or sum of weights (magnitude) that misses k by more than this many times
 # `_FTOL_ULPS` ulps of k after the polish has no float threshold that meets k (`_mask_unresolved`).
 _UNRESOLVED_MISS = 64
+_UNDERFLOW_TOP_STEPS = 4  # fixed-point steps of `_mag_underflow_top`
 
 
 def _unresolved_rows(weights: Any, kkf: Any, rows: Any, low: Any, high: Any, xp: Any) -> tuple[Any, Any]:
@@ -1412,6 +1413,8 @@ def _mag_output(
     _, _, above_c, sat_c, _, _ = _mag_pieces(xp.where(usable, candidate, delta), d, ref, lam_r, q, xp)
     usable = usable & xp.all((above_c == above) & (sat_c == sat), axis=-1, keepdims=True)
     delta = xp.where(usable, candidate, delta)
+    # (The sets at delta are still `above` and `sat`: the polish keeps them.)
+    delta = _mag_underflow_top(an, d, ref, delta, hi, above, sat, kk, solve, lam_r, q, xp)
 
     r, rc, _, sat, free, t = _mag_pieces(delta, d, ref, lam_r, q, xp)
     sat, free = sat & solve, free & solve
@@ -1451,6 +1454,39 @@ def _mag_output(
     gprime = g_prime_on(rc, free, lam_r, q, xp)
     offset = xp.astype(xp.maximum(k - count(saturated, xp), 0), dt)
     return out, gprime, mag_codes(free, saturated, signs, xp), offset
+
+
+def _mag_underflow_top(
+    an: Any, d: Any, ref: Any, delta: Any, hi: Any, above: Any, sat: Any, kk: Any, solve: Any, lam_r: Any, q: float,
+    xp: Any,
+) -> Any:
+    """`delta`, moved to the top of a stretch on which ``sum(y) = k`` holds only because the free entries'
+    ``z = g(r)`` underflows to 0 (k entries saturated, the free ones hundreds of orders below l); `above`
+    and `sat` are the sets at `delta`.
+
+    Below that top the exact sum exceeds k by ``sum_F z / t``, beyond the dtype, so the root is the top: the
+    level ``t = g(a - t)`` at which the smallest saturated key `a` leaves saturation.  The root finder
+    settled anywhere on the stretch, and the free outputs ``|x| - t`` were off by the difference
+    (``x = (-2e-147, -3.6e-146, -2.6e-38)``, ``k = 1``, ``l = 58``, ``p = 1.25``: 2e-11 of themselves).
+    ``t = g(a - t)`` is solved by its fixed-point iteration from ``g(a)``, above the root: there ``t`` is
+    many orders below ``a``, and each step multiplies the error by about ``(q - 1) t / a``.  Row
+    reductions only (the largest free ``r``, whose z is 0 when every free z is): the outputs' pieces are
+    computed once, at the point this returns.
+    """
+    free = above & ~sat
+    largest_free = xp.max(xp.where(free, d, xp.full_like(d, -xp.inf)), axis=-1, keepdims=True) - delta
+    has_free = largest_free > 0
+    vanishing = g(xp.where(has_free, largest_free, xp.zeros_like(largest_free)), lam_r, q, xp) == 0
+    stretch = solve & (count(sat, xp) == kk) & has_free & vanishing
+    a = xp.min(xp.where(sat, an, xp.full_like(an, xp.inf)), axis=-1, keepdims=True)
+    a = xp.where(stretch & xp.isfinite(a), a, xp.zeros_like(a))
+    t = g(a, lam_r, q, xp)
+    for _ in range(_UNDERFLOW_TOP_STEPS):
+        t = g(xp.maximum(a - t, xp.zeros_like(a)), lam_r, q, xp)
+    top = t - ref
+    # Only up, within the bracket, and where the key is still saturated there.
+    keep_saturated = a - t >= g_inverse(t, lam_r, q, xp)
+    return xp.where(stretch & (a > 0) & (top > delta) & (top <= hi) & keep_saturated, top, delta)
 
 
 def _mag_unresolved(
