@@ -18,7 +18,5 @@ dir=${CORE_FLOOR_DIR:-/tmp/core-floor}
 # torch==2.13.0 named: the local CPU wheel, not a CUDA build.
 python=$(floor_venv "$dir" floor torch==2.13.0 "numpy==2.0.2" "numba==0.61.0" "array-api-compat==1.16" \
     "array-api-strict==2.3.1" pytest pytest-xdist hypothesis scipy mpmath entmax matplotlib editables)
-"$python" -m pip install --quiet --no-deps -e "$root"
-floor_pytest "$python" "$dir" -n 2 \
-    "$root/tests" "$root/topk_core" "$root/adapters/topk_numpy" "$root/adapters/topk_torch" \
-    --ignore="$root/topk_core/_triton_rows.py" --ignore="$root/tests/_jax_helpers.py" "$@"
+# (No Triton here: its kernels' module is left out.)
+floor_core_tests "$python" "$dir" --ignore="$root/topk_core/_triton_rows.py" "$@"

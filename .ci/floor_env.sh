@@ -22,3 +22,14 @@ floor_pytest() {
     cd "$dir"
     "$python" -m pytest -q -p no:cacheprovider -c "$root/pyproject.toml" --rootdir "$root" "$@"
 }
+
+# floor_core_tests PYTHON DIR PYTEST_ARGUMENT...: the checkout installed into that python's environment (editable,
+# no dependencies), and the tests of the core, NumPy and PyTorch run there (JAX's helper module left out).
+floor_core_tests() {
+    local python="$1" dir="$2"
+    shift 2
+    "$python" -m pip install --quiet --no-deps -e "$root"
+    floor_pytest "$python" "$dir" -n 2 \
+        "$root/tests" "$root/topk_core" "$root/adapters/topk_numpy" "$root/adapters/topk_torch" \
+        --ignore="$root/tests/_jax_helpers.py" "$@"
+}

@@ -25,7 +25,4 @@ done
 export FLOOR_PYTHON
 python=$(floor_venv "$dir" py310 torch==2.13.0 numpy numba array-api-compat array-api-strict \
     pytest pytest-xdist hypothesis scipy mpmath entmax matplotlib triton editables)
-"$python" -m pip install --quiet --no-deps -e "$root"
-floor_pytest "$python" "$dir" -n 2 \
-    "$root/tests" "$root/topk_core" "$root/adapters/topk_numpy" "$root/adapters/topk_torch" \
-    --ignore="$root/tests/_jax_helpers.py" "$@"
+floor_core_tests "$python" "$dir" "$@"

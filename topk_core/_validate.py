@@ -51,7 +51,7 @@ def check_float_dtype(x: Any, xp: Any, name: str = "x") -> None:
         _check_same_library(x, xp, name)
         raise TypeError(
             f"`{name}` must have a real floating dtype (float16, bfloat16, float32 or float64); "
-            f"got dtype {dtype}. Cast integer or boolean inputs explicitly, e.g. {_float32_cast(x, name)}."
+            f"got dtype {dtype}. Cast integer or boolean inputs explicitly, e.g. {_float32_cast(xp, name)}."
         )
     if str(dtype).rsplit(".", 1)[-1] not in SUPPORTED_FLOATS:
         # Other floating dtypes pass `isdtype`: NumPy's longdouble (float128) was computed in float32, less
@@ -68,12 +68,10 @@ _FLOAT32_CASTS = {"torch": "{}.to(torch.float32)", "numpy": "{}.astype(numpy.flo
                   "jax": "{}.astype(jax.numpy.float32)"}
 
 
-def _float32_cast(x: Any, name: str) -> str:
-    try:
-        library = library_name(array_namespace(x))
-    except TypeError:
-        library = None
-    return _FLOAT32_CASTS.get(library, "xp.astype({}, xp.float32)").format(name)
+def _float32_cast(xp: Any, name: str) -> str:
+    """The cast of the argument `name` to float32 as users of `xp`'s library write it (`xp` is the argument's
+    library: `_check_same_library` has run)."""
+    return _FLOAT32_CASTS.get(library_name(xp), "xp.astype({}, xp.float32)").format(name)
 
 
 def _check_same_library(x: Any, xp: Any, name: str) -> None:
