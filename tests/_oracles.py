@@ -26,6 +26,19 @@ def _q(p: float) -> float:
     return p / (p - 1.0)
 
 
+def mp_q_minus_one(p: float):
+    """``q - 1 = 1 / (p - 1)`` in the current mpmath precision, the float 4/3 read as the rational 4/3.
+
+    The default exponent is 4/3 (api.md), whose float lies 7e-17 below it: taken literally, q - 1 is
+    3 + 6.7e-16, and ``(r / l)^(q - 1)`` of a tiny ``r / l`` (1e-113) moves by 1e-13 of itself, which
+    a free output cancelling against its threshold (``|x| - t``) shows as hundreds of its ulps.
+    """
+    import mpmath
+
+    exact = mpmath.mpf(4) / 3 if p == 4.0 / 3.0 else mpmath.mpf(p)
+    return 1 / (exact - 1)
+
+
 def _g(u: np.ndarray, lam: float, p: float) -> np.ndarray:
     return (np.maximum(u, 0.0) / lam) ** (_q(p) - 1.0)
 
@@ -96,7 +109,7 @@ def mp_threshold_mag_parts(x: np.ndarray, k: int, lam: float, p: float, digits: 
 
     n = len(x)
     with mpmath.workdps(digits):
-        exponent = mpmath.mpf(p) / (mpmath.mpf(p) - 1) - 1  # q - 1
+        exponent = mp_q_minus_one(p)
         strength = mpmath.mpf(lam)
         a = [abs(mpmath.mpf(float(v))) for v in x]
         if sum(1 for v in a if v > 0) <= k:
@@ -152,7 +165,7 @@ def mp_threshold_mask_row(x: np.ndarray, k: int, lam: float, p: float, digits: i
     import mpmath
 
     with mpmath.workdps(digits):
-        exponent = mpmath.mpf(p) / (mpmath.mpf(p) - 1) - 1  # q - 1
+        exponent = mp_q_minus_one(p)
         strength = mpmath.mpf(lam)
         keys = [mpmath.mpf(float(v)) for v in x]
 

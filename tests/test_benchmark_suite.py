@@ -528,3 +528,12 @@ def test_first_call_child_times_a_new_process(framework, monkeypatch):
                 "vjp": True, "repeats": 2}
     times = first_call.run_child(settings, None)
     assert set(times) == {"import", "first", "later"} and all(t > 0 for t in times.values())
+
+
+def test_mag_entrywise_fuzz_finds_no_row_beyond_the_bound(monkeypatch):
+    """`mag_entrywise.py` (the figures of docs/methods.md "Solved after commit 34ed5bf") on 300 batches: no
+    row where either exact method is beyond the bound of the 600-digit oracle (at 34ed5bf: 3 rows of each)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import mag_entrywise
+
+    assert mag_entrywise.main(["--batches", "300", "--seed", "1"]) == {"pav": (0, 0.0), "threshold": (0, 0.0)}

@@ -30,7 +30,7 @@ from topk_core._pav import lanes, sortfree
 from topk_core._pav.kernels import fused_outputs, read_only
 
 from ._method_backends import backend_context
-from ._oracles import assert_within_input_rounding, mag_vjp_from_parts, mp_threshold_mag_parts
+from ._oracles import assert_within_input_rounding, mag_vjp_from_parts, mp_q_minus_one, mp_threshold_mag_parts
 from ._rows import spanning_row
 
 TIE_ROW = np.array([3.0, -3.0, 2.0, 2.0, -2.0, 2.0, 1.0, 0.5, 0.25])
@@ -228,37 +228,102 @@ def test_a_lane_moved_to_the_absolute_frame_steps_to_its_root_there(row, k, lam)
 # `threshold._mag_underflow_top`).  An oracle of 300 digits could not see the excess either and agreed with
 # the threshold method; from 500 digits on it agrees with PAV.
 FLAT_BY_UNDERFLOW_ROWS = [
-    ((-2.0210919944526376e-147, -3.5738050983821736e-146, -2.623190294477143e-38), 1, 57.63545418545632),
+    pytest.param((-2.0210919944526376e-147, -3.5738050983821736e-146, -2.623190294477143e-38), 1,
+                 57.63545418545632, 1.25, id="k=1"),
     # The same kind of row, found once the threshold method took the top: k = 2, l = 80, the free entry
-    # 3.1e-121 comes out |x| - 3.6e-128, 1.2e-7 of itself below |x|.  PAV returns x there (a known limit).
-    ((-3.0938114821966134e-121, 1.109832261531056e-30, -1.2342420097807626e-12), 2, 80.37306537785335),
+    # 3.1e-121 comes out |x| - 3.6e-128, 1.2e-7 of itself below |x|.  PAV returned x there: in absolute
+    # terms its bracket was [0, 3.5e-46], whose geometric split (with a floor of 1e-300 of its upper end,
+    # which underflowed to 0) was 0, the bottom of the stretch, where it stopped.
+    pytest.param((-3.0938114821966134e-121, 1.109832261531056e-30, -1.2342420097807626e-12), 2,
+                 80.37306537785335, 1.25, id="k=2"),
+    # Found by the next fuzz (rows spanning many orders, entry by entry): the threshold method stayed at the
+    # bottom where the fixed point of the smallest saturated key read as unsaturated by rounding (its
+    # saturation width's power of 1e-88 was 17 ulps off), and the entry 4.7e-151, which lies below the
+    # root 1.4e-132, came back as x instead of 0.
+    pytest.param((-4.681631898593159e-151, -1.224388767335358e-44, -9.83046555641963e-125), 1,
+                 1.0928455598706373, 4.0 / 3.0, id="k=1,p=4/3"),
+    # Both methods missed here (PAV's geometric split too): 1.3e-100 lies below the root and came back as x.
+    pytest.param((-6.380041691590401e-25, 1.4764963998332395e-17, 5.601935784912989e-90, 1.3306112981662809e-100),
+                 2, 0.01829100924268733, 1.25, id="k=2,n=4"),
 ]
-_PAV_MISSES_THE_TOP = pytest.mark.xfail(
-    strict=True, reason="known limit (docs/methods.md): PAV's selection kernel settles at the bottom of a "
-    "stretch where sum(y) = k only because the free entries' z underflows; the root is its top")
 
 
-@pytest.mark.parametrize(("row", "k", "lam"), [
-    pytest.param(*FLAT_BY_UNDERFLOW_ROWS[0], id="k=1"),
-    pytest.param(*FLAT_BY_UNDERFLOW_ROWS[1], id="k=2", marks=_PAV_MISSES_THE_TOP),
-])
-def test_pav_takes_the_top_of_a_flat_stretch_made_by_underflow(row, k, lam):
+@pytest.mark.parametrize(("row", "k", "lam", "p"), FLAT_BY_UNDERFLOW_ROWS)
+def test_pav_takes_the_top_of_a_flat_stretch_made_by_underflow(row, k, lam, p):
     x = np.array(row)
-    expected = _oracle(row, k, lam, 1.25, 600)[0]
+    expected = _oracle(row, k, lam, p, 600)[0]
     assert np.any(np.abs(expected) < np.abs(x) * (1 - 1e-12))  # the threshold is subtracted
-    for label, y in _routes(x, k, lam, 1.25, lane_groups=True).items():
+    for label, y in _routes(x, k, lam, p, lane_groups=True).items():
         assert_within_input_rounding(y, expected, x, label)
 
 
-@pytest.mark.parametrize(("row", "k", "lam"), FLAT_BY_UNDERFLOW_ROWS, ids=["k=1", "k=2"])
+@pytest.mark.parametrize(("row", "k", "lam", "p"), FLAT_BY_UNDERFLOW_ROWS)
 @pytest.mark.parametrize("backend", ["numpy", "array_api_strict", "torch", "jax"])
-def test_threshold_method_takes_the_top_of_a_flat_stretch_made_by_underflow(backend, row, k, lam):
+def test_threshold_method_takes_the_top_of_a_flat_stretch_made_by_underflow(backend, row, k, lam, p):
     # The root finder settled anywhere on the stretch (`threshold._mag_underflow_top` moves it to its top).
     x = np.array(row)
-    expected = _oracle(row, k, lam, 1.25, 600)[0]
+    expected = _oracle(row, k, lam, p, 600)[0]
     with backend_context(backend) as b:
-        y, _ = tc.soft_topk_mag_forward(b.to(x), k, regularization_strength=lam, p=1.25, method="threshold")
+        y, _ = tc.soft_topk_mag_forward(b.to(x), k, regularization_strength=lam, p=p, method="threshold")
         assert_within_input_rounding(b.back(y), expected, x, backend)
+
+
+@pytest.mark.parametrize(("row", "k", "lam", "p"), FLAT_BY_UNDERFLOW_ROWS)
+def test_the_top_of_a_flat_stretch_has_pavs_jacobian(row, k, lam, p):
+    # At the top the smallest saturated key meets its saturation edge, where rounding reads it either way:
+    # the threshold method's sets must still give PAV's VJP (the free entries' g' underflow to 0 there).
+    x = np.array([row])
+    u = np.random.default_rng(0).normal(size=x.shape)
+    vjps = []
+    for method in ("pav", "threshold"):
+        _, res = tc.soft_topk_mag_forward(x, k, regularization_strength=lam, p=p, method=method)
+        vjps.append(tc.mag_vjp_from_residuals(res, u))
+    np.testing.assert_allclose(vjps[1], vjps[0], rtol=1e-12, atol=0.0)
+
+
+# Found by `benchmarks/mag_entrywise.py`: the threshold method scales |x| by c = 2^-216 (to the largest key,
+# 1e65) and the strength by c^(2 - p); with the float of 2 - 4/3 that factor was 1.1e-14 of itself off,
+# the threshold (its cube here) 90 ulps, and the last entry, 1e-43 above it, came out 1.4 times the bound
+# off (`regularizer.strength_scale` now takes the exponent 2/3 exactly).
+SCALED_STRENGTH_ROW = ((-2.1698828422594024e-13, -1.2879571981171968e-27, 1.0008655421159823e+65,
+                        9.780043381633743e+46, -1.9000418292243116e+38, -2.187104493373741e-40), 4, 3.6020560805647484)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "array_api_strict", "torch", "jax"])
+def test_threshold_method_scales_the_default_strength_exactly(backend):
+    row, k, lam = SCALED_STRENGTH_ROW
+    x = np.array(row)
+    expected = _oracle(row, k, lam, 4.0 / 3.0, 200)[0]
+    with backend_context(backend) as b:
+        y, _ = tc.soft_topk_mag_forward(b.to(x), k, regularization_strength=lam, method="threshold")
+        assert_within_input_rounding(b.back(y), expected, x, backend)
+
+
+def _rows_of_a_tiny_kth_key(count: int) -> list[tuple[np.ndarray, float]]:
+    """Rows (x, l) of 4 with k = 2: the k-th key `a` at 1e-120..1e-250 (a frame scaled by 2^400..2^830), the
+    threshold ``t = (a / l)^3`` (p = 4/3) 3-80 orders below it, a free entry 1e-6..1e-2 above t (its
+    output |x| - t cancels), one below t and one far above a."""
+    rng = np.random.default_rng(0)
+    rows = []
+    while len(rows) < count:
+        a = 10.0 ** rng.uniform(-250.0, -120.0) * rng.uniform(1.0, 2.0)
+        t = a * 10.0 ** -rng.uniform(3.0, 80.0)
+        if t >= 1e-300:
+            free = t * (1.0 + 10.0 ** rng.uniform(-6.0, -2.0))
+            rows.append((np.array([a * 10.0 ** rng.uniform(1.0, 50.0), a, free, 0.5 * t]), a / t ** (1.0 / 3.0)))
+    return rows
+
+
+def test_frames_scaled_to_a_tiny_kth_key_take_the_default_strength_exactly():
+    # PAV scales a row whose k-th key lies beyond 2^+-100 by a power of two, and the strength by its power
+    # 2 - p: with the float of 2/3 that factor was up to 5e-14 of itself off, and free outputs near the
+    # threshold 4.3 times the bound (`kernels._strength_scale` now takes 2/3 exactly).
+    for x, lam in _rows_of_a_tiny_kth_key(20):
+        expected = _oracle(tuple(x), 2, lam, 4.0 / 3.0, 300)[0]
+        for label, y in _routes(x, 2, lam, 4.0 / 3.0, lane_groups=True).items():
+            assert_within_input_rounding(y, expected, x, label)
+        y = tk.soft_topk_mag(x[None], 2, regularization_strength=lam, method="threshold")[0]
+        assert_within_input_rounding(y, expected, x, "threshold")
 
 
 def test_a_left_neighbour_far_above_a_block_of_ties_far_below_stays_saturated():
@@ -303,7 +368,7 @@ def _boundary_threshold(upper: float, lam: float, p: float) -> float:
     import mpmath
 
     with mpmath.workdps(60):
-        exponent = 1 / (mpmath.mpf(p) / (mpmath.mpf(p) - 1) - 1)  # 1 / (q - 1) = p - 1
+        exponent = 1 / mp_q_minus_one(p)  # p - 1
         lo, hi = mpmath.mpf(0), mpmath.mpf(upper)
         for _ in range(240):  # bisection: upper - t - l t^(p-1) decreases in t
             mid = (lo + hi) / 2

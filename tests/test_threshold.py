@@ -21,7 +21,7 @@ from hypothesis.extra.numpy import arrays
 import topk_core as tc
 import topk_numpy as tk
 from topk_core._agnostic import threshold
-from topk_core._agnostic.regularizer import conjugate_exponent
+from topk_core._agnostic.regularizer import conjugate_exponent, strength_scale
 from topk_core._agnostic.residuals import KEPT_CODE
 
 from ._method_backends import FORWARD, JVP, VJP, backend_context, cuda_torch
@@ -886,3 +886,17 @@ def test_order_statistics_are_asked_for_small_k_only(rng):
         y, _ = threshold.threshold_mag(x, k, 0.1, 4.0, np_xp, order_statistics=order_statistics)
         np.testing.assert_allclose(y, _pav("mag", x, k, regularization_strength=0.1)[0], rtol=0, atol=1e-10)
     assert calls == [5, threshold._FIRST_BLOCK_MAX_K]
+
+
+def test_strength_scale_of_the_default_exponent_is_exact_to_an_ulp():
+    # 2^(2m/3) for every scale of a float64 frame: split into whole and thirds, within an ulp; the float
+    # of 2 - 4/3 in the exponent was up to 5e-14 of the result off at |m| ~ 1000 (90 ulps of a threshold
+    # at m = 216, `tests/test_mag_precision.py::test_threshold_method_scales_the_default_strength_exactly`).
+    import mpmath
+
+    m = np.arange(-1000.0, 1001.0)
+    got = strength_scale(m, 4.0, np_xp)
+    with mpmath.workdps(40):
+        exact = np.array([float(mpmath.mpf(2) ** (2 * mpmath.mpf(int(v)) / 3)) for v in m])
+    np.testing.assert_array_less(np.abs(got - exact), np.spacing(exact) * 1.01)
+    np.testing.assert_array_equal(strength_scale(m, 2.0, np_xp), np.ones_like(m))

@@ -23,6 +23,24 @@ def conjugate_exponent(p: float) -> float:
     return p / (p - 1.0)
 
 
+def strength_scale(m: Any, q: float, xp: Any) -> Any:
+    """``2^(m (2 - p))`` for integer-valued `m`: the magnitude's strength in a frame scaled by ``c = 2^m`` is
+    ``l c^(2-p)`` (``mag(x; l) = mag(c x; l c^(2-p)) / c``).
+
+    For the default ``p = 4/3`` (``q = 4``, snapped) the exponent ``2 m / 3`` is split into whole numbers and
+    thirds: the float of 2/3 is 3.7e-17 off (and ``2 - p`` of the float 4/3 7.4e-17), which times
+    ``m = 216`` moved the strength by 1.1e-14 of itself and the threshold, its cube, by 90 ulps, which a
+    free output ``|x| - t`` near ``t`` cancels to.  Other p are taken as their float (q's rounding is of
+    the same order).
+    """
+    two = xp.full_like(m, 2.0)
+    if q == 4.0:
+        twice = 2.0 * m
+        whole = xp.floor(twice / 3.0)
+        return xp.pow(two, whole) * xp.pow(two, (twice - 3.0 * whole) / 3.0)
+    return xp.pow(two, m * (2.0 - q / (q - 1.0)))
+
+
 def g(u: Any, lam: float, q: float, xp: Any) -> Any:
     """`(u / l)^(q - 1)` for `u >= 0`.
 

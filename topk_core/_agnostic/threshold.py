@@ -124,7 +124,7 @@ from typing import Any, NamedTuple
 from .._compat import array_namespace, default_int, device
 from .._validate import check_strength_in_dtype
 from .common import all_true, count, nan_rows_of, poison
-from .regularizer import g, g_inverse, g_prime_on
+from .regularizer import g, g_inverse, g_prime_on, strength_scale
 from .residuals import MagResiduals, MaskResiduals, mag_codes
 
 
@@ -1277,7 +1277,10 @@ def _mag_frame(
     c = xp.pow(two, -e)
     # Below 2^lam_lo (tiny keys and large p) the threshold is not a float number in any frame
     # scaled to a key; the clipped strength keeps exact ties split evenly there.
-    lam_r = lam * xp.pow(two, xp.clip(-e * (2.0 - p), lam_lo, lam_hi))
+    level = -e * (2.0 - p)
+    inside = (level >= lam_lo) & (level <= lam_hi)
+    lam_r = lam * xp.where(inside, strength_scale(xp.where(inside, -e, xp.zeros_like(e)), q, xp),
+                           xp.pow(two, xp.clip(level, lam_lo, lam_hi)))
     an = af * c
 
     smallest = xp.min(xp.where(nonzero, an, 2.0), axis=-1, keepdims=True)
@@ -1468,7 +1471,7 @@ def _mag_underflow_top(
     level ``t = g(a - t)`` at which the smallest saturated key `a` leaves saturation.  The root finder
     settled anywhere on the stretch, and the free outputs ``|x| - t`` were off by the difference
     (``x = (-2e-147, -3.6e-146, -2.6e-38)``, ``k = 1``, ``l = 58``, ``p = 1.25``: 2e-11 of themselves).
-    ``t = g(a - t)`` is solved by its fixed-point iteration from ``g(a)``, above the root: there ``t`` is
+    ``t = g(a - t)`` is solved by its fixed-point iteration from ``g(a)``: there ``t`` is
     many orders below ``a``, and each step multiplies the error by about ``(q - 1) t / a``.  Row
     reductions only (the largest free ``r``, whose z is 0 when every free z is): the outputs' pieces are
     computed once, at the point this returns.
@@ -1484,9 +1487,15 @@ def _mag_underflow_top(
     for _ in range(_UNDERFLOW_TOP_STEPS):
         t = g(xp.maximum(a - t, xp.zeros_like(a)), lam_r, q, xp)
     top = t - ref
-    # Only up, within the bracket, and where the key is still saturated there.
-    keep_saturated = a - t >= g_inverse(t, lam_r, q, xp)
-    return xp.where(stretch & (a > 0) & (top > delta) & (top <= hi) & keep_saturated, top, delta)
+    # Only up, within the bracket, and where the iteration has converged (one more step moves t by a few
+    # ulps at most).  Not "where the key is still saturated", a - t >= g^-1(t): at its own fixed point
+    # that holds only up to rounding, and pow(t, 1 / (q - 1)) of a tiny t is off by |ln t| times the
+    # exponent's rounding (17 ulps at t = 1e-88, q = 4), so the key read as unsaturated there and
+    # the row stayed at the bottom (x = (-4.7e-151, -1.2e-44, -9.8e-125), k = 1, l = 1.09, p = 4/3).
+    # Read as free at the top, the key is saturated for the Jacobian (`_rounded_to_saturation`).
+    step = g(xp.maximum(a - t, xp.zeros_like(a)), lam_r, q, xp) - t
+    converged = xp.abs(step) <= 16.0 * xp.finfo(an.dtype).eps * t
+    return xp.where(stretch & (a > 0) & (top > delta) & (top <= hi) & converged, top, delta)
 
 
 def _mag_unresolved(

@@ -98,6 +98,19 @@ def far_below(value, ref):
 
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
+def _strength_scale(mult, q):
+    """``mult^(2 - p)`` for a power of two `mult`: the magnitude's strength in a frame scaled by it, the
+    exponent ``2/3`` of the default ``p = 4/3`` (q = 4) split into whole numbers and thirds, as
+    `regularizer.strength_scale` does for the threshold method (the float of 2/3, times an exponent of
+    600, put 4.3 times the documented bound into free outputs near the threshold)."""
+    m = math.frexp(mult)[1] - 1
+    if q == 4.0:
+        whole = math.floor(2.0 * m / 3.0)
+        return math.ldexp(math.pow(2.0, (2.0 * m - 3.0 * whole) / 3.0), int(whole))
+    return math.pow(mult, (q - 2.0) / (q - 1.0))
+
+
+@nb.njit(cache=True, inline="always", error_model="numpy")
 def _unit_scale(value, limit=1000):
     """1.0, or the power of two that brings `value` near 1 when its exponent is out of range.
 
@@ -146,7 +159,7 @@ def _row_frame(kth_key, lam, q, is_mag):
         return (kth_key, mult, lam * mult, 0.0)
     mult = _unit_scale(kth_key, 1022)
     if mult != 1.0:
-        lam_r = lam * math.pow(mult, (q - 2.0) / (q - 1.0))
+        lam_r = lam * _strength_scale(mult, q)
         if lam_r < _STRENGTH_LOW:
             # Below it the threshold lies closer to the keys near it than a float resolves (the
             # outputs are the hard operator's, ties split evenly): the block value, solved with l_r
@@ -471,7 +484,10 @@ def _pool_rootfind(keys, order, lo, hi, kk, lam, q, is_mag, frame, start, below=
         if lower < nxt < upper and abs(nxt - gamma) <= 0.5 * step_before:
             step_before, step = step, abs(nxt - gamma)
         else:
-            floor = max(lower, 1e-300 * upper)
+            # (Not 0: a lower end of 0, where the next key's fixed point underflows, and 1e-300 of an
+            # upper end of 1e-46 made the geometric split 0, which stopped there, at the bottom of a
+            # stretch where sum(y) = k only because the free entries' z underflows: p = 1.25.)
+            floor = max(lower, 1e-300 * upper, 5e-324)
             # Toward the frame's key from below (where it is not the k-th key, `_split`'s business):
             # no closer than where its entry's output would be eps (nor 0: 1e-300 of a bracket of 1e-165
             # underflowed, the split landed on the key and ended the search there, p = 50).
