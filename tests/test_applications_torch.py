@@ -500,3 +500,72 @@ def test_moe_dispatch_names_experts_of_another_output_size():
         tnn.moe_dispatch(x, gates, experts)
     with pytest.raises(ValueError, match="expert 0 returned shape"):
         tnn.moe_dispatch(x, gates, experts, out_features=3)
+
+
+# --- dispatch with a fixed capacity ----------------------------------------------------------------
+
+
+def _first_tokens(gates: torch.Tensor, capacity: int) -> torch.Tensor:
+    """`gates` with each expert's routed tokens beyond its first `capacity` (in token order) set to 0."""
+    kept = torch.zeros_like(gates, dtype=torch.bool)
+    for e in range(gates.shape[1]):
+        kept[torch.nonzero(gates[:, e]).flatten()[:capacity], e] = True
+    return torch.where(kept, gates, torch.zeros_like(gates))
+
+
+@pytest.mark.parametrize("capacity", [40, 64, 3, 1, np.int64(2)], ids=["40", "64", "3", "1", "np.int64(2)"])
+def test_dispatch_with_capacity_keeps_each_experts_first_tokens(rng, capacity):
+    # capacity >= tokens: the dispatch of every routed token, values and gradients; below: the dense
+    # mixture of the gates of each expert's first `capacity` tokens.
+    torch.manual_seed(0)
+    experts = [nn.Linear(5, 3).double() for _ in range(4)]
+    x = _tensor(rng, (40, 5), requires_grad=True)
+    logits = _tensor(rng, (40, 4), requires_grad=True)
+    gates = tnn.topk_gates(logits, 2, regularization_strength=0.2)
+    y = tnn.moe_dispatch(x, gates, experts, capacity=capacity)
+    dense = _dense(x, _first_tokens(gates, capacity), experts)
+    torch.testing.assert_close(y, dense, rtol=1e-13, atol=1e-13)
+    if capacity >= 40:
+        torch.testing.assert_close(y, tnn.moe_dispatch(x, gates, experts), rtol=1e-13, atol=1e-13)
+    u = _tensor(rng, (40, 3))
+    params = [x, logits, *experts[1].parameters()]
+    ours_all = torch.autograd.grad(y, params, u, retain_graph=True)
+    for ours, theirs in zip(ours_all, torch.autograd.grad(dense, params, u), strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+
+
+def test_dispatch_with_capacity_selects_the_padding_away():
+    # An expert that overflows on token 0 (the padding's row) cannot reach the output: 0 * inf would be NaN.
+    x = torch.tensor([[1e300], [1.0], [2.0]], dtype=torch.float64)
+    gates = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    experts = [lambda t: t * t, lambda t: t + 1.0]
+    y = tnn.moe_dispatch(x, gates, experts, capacity=3)
+    torch.testing.assert_close(y, torch.tensor([[1e300 + 1.0], [1.0], [3.0]], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("capacity", [0, -2, 2.0, True, "4"])
+def test_capacity_must_be_a_positive_int(capacity):
+    x, gates = torch.ones(3, 2), torch.ones(3, 2)
+    with pytest.raises(ValueError, match="`capacity` must be None or a positive int"):
+        tnn.moe_dispatch(x, gates, [nn.Linear(2, 2)] * 2, capacity=capacity)
+    with pytest.raises(ValueError, match="`capacity` must be None or a positive int"):
+        tnn.MoE(2, 2, 1, capacity=capacity)
+
+
+def test_moe_with_capacity_on_no_token():
+    moe = tnn.MoE(6, 4, 2, 8, capacity=4)
+    y = moe(torch.randn(0, 6))
+    assert y.shape == (0, 6) and y.requires_grad
+
+
+@requires_compile()
+def test_moe_with_capacity_compiles_with_fullgraph(rng):
+    # Without a capacity the token counts set shapes (graph breaks); with one the layer compiles whole.
+    torch.manual_seed(0)
+    moe = tnn.MoE(6, num_experts=4, k=2, hidden_features=8, capacity=5).double()
+    x = _tensor(rng, (12, 6), requires_grad=True)
+    compiled = torch.compile(moe, fullgraph=True, backend="aot_eager")
+    got = compiled(x)
+    torch.testing.assert_close(got, moe(x), rtol=1e-13, atol=1e-13)
+    (grad,) = torch.autograd.grad(got.sum(), [x])
+    torch.testing.assert_close(grad, torch.autograd.grad(moe(x).sum(), [x])[0], rtol=1e-12, atol=1e-12)

@@ -41,6 +41,14 @@ def kept_count(sparsity: Any, n: int) -> int:
     return k
 
 
+def check_capacity(capacity: Any) -> int | None:
+    """Return the rows per expert of a mixture-of-experts dispatch: None, or a positive int."""
+    if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, numbers.Integral)
+                                 or capacity < 1):
+        raise ValueError(f"`capacity` must be None or a positive int; got {capacity!r}")
+    return None if capacity is None else int(capacity)
+
+
 def soft_keywords(
     regularization_strength: Any, p: Any, method: Any, max_iter: Any, tol: Any,
 ) -> dict[str, Any]:

@@ -373,8 +373,7 @@ def moe_dispatch(
             f"`x` must be (tokens, features) and `gates` (tokens, {len(expert_params)} experts); "
             f"got x.shape = {x.shape}, gates.shape = {gates.shape}"
         )
-    if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1):
-        raise ValueError(f"`capacity` must be None or a positive int; got {capacity!r}")
+    capacity = _checks.check_capacity(capacity)
     probe = jax.eval_shape(expert_fn, expert_params[0], jax.ShapeDtypeStruct((1, x.shape[1]), x.dtype))
     out = jnp.zeros((x.shape[0], probe.shape[-1]), jnp.result_type(probe.dtype, gates.dtype))
     if x.shape[0] == 0:  # no token (a buffer of `capacity` rows gathered token 0, which is not there)

@@ -329,17 +329,45 @@ class TopkRouter(nn.Module):
         return topk_gates(self.linear(x), self.k, hard=self.hard, **self.keywords)
 
 
+def _capacity_slots(column: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `capacity` tokens routed to one expert, in token order, as ``(tokens, kept)``: `capacity`
+    token indices (the padding repeats token 0) and which of them are routed tokens.
+
+    Static shapes (no `torch.nonzero`), so that `torch.compile` takes the dispatch whole: a routed token's
+    slot is its rank among the routed ones; the others (and routed tokens beyond the capacity) write to
+    slots of their own past the buffer, so that every index of the scatter is distinct (deterministic).
+    """
+    routed = column != 0
+    order = torch.arange(column.shape[0], device=column.device)
+    rank = torch.cumsum(routed.to(torch.int64), 0) - 1
+    slot = torch.where(routed & (rank < capacity), rank, capacity + order)
+    tokens = torch.zeros(capacity + column.shape[0], dtype=torch.int64, device=column.device)
+    tokens = tokens.scatter(0, slot, order)[:capacity]
+    kept = torch.arange(capacity, device=column.device) < routed.sum()
+    return tokens, kept
+
+
 def moe_dispatch(
     x: torch.Tensor, gates: torch.Tensor, experts: Sequence[Callable[[torch.Tensor], torch.Tensor]],
-    out_features: int | None = None,
+    out_features: int | None = None, *, capacity: int | None = None,
 ) -> torch.Tensor:
     """Sparse mixture-of-experts combination ``y_t = sum_e gates[t, e] * experts[e](x_t)``.
 
     Each expert runs only on the tokens with a non-zero gate: they are
     gathered (`torch.Tensor.index_select`), passed through the expert,
     weighted by their gates and scattered back (`torch.Tensor.index_add`).
-    Experts that receive no token are not called.  Differentiable in `x`, in
-    `gates` and in the experts' parameters.
+    Differentiable in `x`, in `gates` and in the experts' parameters.
+
+    * ``capacity=None``: every routed token is processed; experts that
+      receive no token are not called.  The number of tokens of an expert
+      sets tensor shapes, so `torch.compile` compiles this with graph breaks.
+    * ``capacity=c``: every expert processes a fixed buffer of ``c`` rows,
+      so that ``torch.compile(fullgraph=True)`` takes it whole.  An expert
+      with more than ``c`` tokens processes the first ``c`` in token order and
+      drops the others (as in Switch Transformers, and `topk_jax.nn`'s
+      `capacity`); with ``c >= tokens`` nothing is dropped and the result is
+      that of ``capacity=None``.  The padding rows are selected away (an
+      expert output that overflows on them cannot reach the result).
 
     Parameters
     ----------
@@ -352,25 +380,53 @@ def moe_dispatch(
     out_features : int, optional
         Output size; by default that of the first expert that runs (needed
         when no expert may receive a token).
+    capacity : int, optional
+        Rows per expert (see above).
 
     Returns
     -------
     torch.Tensor
         Shape ``(tokens, out_features)``.
+
+    Raises
+    ------
+    ValueError
+        For mismatched shapes, experts of different output sizes, a
+        `capacity` that is not a positive int, or no expert to run without
+        `out_features`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from topk_torch.nn import moe_dispatch, topk_gates
+    >>> _ = torch.manual_seed(0)
+    >>> x, experts = torch.randn(6, 4), [torch.nn.Linear(4, 3) for _ in range(2)]
+    >>> gates = topk_gates(torch.randn(6, 2), k=1, hard=True)
+    >>> torch.allclose(moe_dispatch(x, gates, experts, capacity=6), moe_dispatch(x, gates, experts))
+    True
     """
     if x.ndim != 2 or gates.ndim != 2 or gates.shape[0] != x.shape[0] or gates.shape[1] != len(experts):
         raise ValueError(
             f"`x` must be (tokens, features) and `gates` (tokens, {len(experts)} experts); "
             f"got x.shape = {tuple(x.shape)}, gates.shape = {tuple(gates.shape)}"
         )
+    capacity = _checks.check_capacity(capacity)
     out: torch.Tensor | None = None
     if out_features is not None:
-        out = x.new_zeros((x.shape[0], out_features), dtype=torch.result_type(x, gates))
+        out = x.new_zeros((x.shape[0], out_features), dtype=torch.promote_types(x.dtype, gates.dtype))
     for e, expert in enumerate(experts):
-        tokens = torch.nonzero(gates[:, e], as_tuple=True)[0]
-        if tokens.numel() == 0:
-            continue
+        kept: torch.Tensor | None = None
+        if capacity is None:
+            tokens = torch.nonzero(gates[:, e], as_tuple=True)[0]
+            if tokens.numel() == 0:
+                continue
+        elif x.shape[0] == 0:
+            continue  # (a buffer of `capacity` rows would gather token 0, which is not there)
+        else:
+            tokens, kept = _capacity_slots(gates[:, e], capacity)
         y = expert(x.index_select(0, tokens)) * gates[tokens, e].unsqueeze(1)
+        if kept is not None:
+            y = torch.where(kept.unsqueeze(1), y, torch.zeros_like(y))
         if out is None:
             out = y.new_zeros((x.shape[0], y.shape[1]))
         if y.ndim != 2 or y.shape[1] != out.shape[1]:
@@ -410,6 +466,11 @@ class MoE(nn.Module):
         Output size (default `in_features`).
     experts : sequence of nn.Module, optional
         Custom experts instead of the MLPs (then `hidden_features` is unused).
+    capacity : int, optional
+        Rows per expert of `moe_dispatch`: with a fixed capacity the layer
+        compiles whole (``torch.compile(fullgraph=True)``), and an expert's
+        tokens beyond it are dropped; ``None`` (default) processes every
+        routed token.
     hard, regularization_strength, p, method, max_iter, tol
         Keywords of `topk_gates`.
 
@@ -428,11 +489,12 @@ class MoE(nn.Module):
 
     def __init__(
         self, in_features: int, num_experts: int, k: int, hidden_features: int = 64, *,
-        out_features: int | None = None, experts: Sequence[nn.Module] | None = None, hard: bool = False,
-        regularization_strength: float = DEFAULT_STRENGTH, p: float = DEFAULT_P, method: str = "auto",
-        max_iter: int | None = None, tol: float | None = None,
+        out_features: int | None = None, experts: Sequence[nn.Module] | None = None, capacity: int | None = None,
+        hard: bool = False, regularization_strength: float = DEFAULT_STRENGTH, p: float = DEFAULT_P,
+        method: str = "auto", max_iter: int | None = None, tol: float | None = None,
     ) -> None:
         super().__init__()
+        self.capacity = _checks.check_capacity(capacity)
         self.out_features = in_features if out_features is None else int(out_features)
         self.router = TopkRouter(
             in_features, num_experts, k, hard=hard, regularization_strength=regularization_strength, p=p,
@@ -452,7 +514,8 @@ class MoE(nn.Module):
         lead = x.shape[:-1]
         tokens = x.reshape(-1, x.shape[-1])
         gates = self.router(tokens)
-        y = moe_dispatch(tokens, gates, self.experts, self.out_features).reshape(*lead, self.out_features)
+        y = moe_dispatch(tokens, gates, self.experts, self.out_features, capacity=self.capacity)
+        y = y.reshape(*lead, self.out_features)
         return (y, gates.reshape(*lead, gates.shape[-1])) if return_gates else y
 
 
