@@ -101,8 +101,9 @@ def far_below(value, ref):
 def _strength_scale(mult, q):
     """``mult^(2 - p)`` for a power of two `mult`: the magnitude's strength in a frame scaled by it, the
     exponent ``2/3`` of the default ``p = 4/3`` (q = 4) split into whole numbers and thirds, as
-    `regularizer.strength_scale` does for the threshold method (the float of 2/3, times an exponent of
-    600, put 4.3 times the documented bound into free outputs near the threshold)."""
+    `regularizer.strength_scale` does for the threshold method (the float of 2/3, in frames scaled by
+    2^400..2^830, k-th keys of 1e-120..1e-250, put 4.3 times the documented bound into free outputs near
+    the threshold)."""
     m = math.frexp(mult)[1] - 1
     if q == 4.0:
         whole = math.floor(2.0 * m / 3.0)
