@@ -2,13 +2,14 @@
 
 Rows of 3 to 9 entries: keys of one scale (0.5-2 times 10^c, c uniform in [-150, 150]), each lowered by
 up to 120 orders, random signs (as `tests/_rows.rows_spanning_many_orders`); per batch of 64 rows one k,
-one p from {5/4, 4/3, 3/2, 2, 3} and one strength 10^u, u uniform in [-2, 2].  A row where the two
+one p from {5/4, 4/3, 3/2, 2, 3} and one strength 10^u, u uniform in [-2, 2] (``--strength-orders``).  A row where the two
 methods differ by more than the bound of docs/methods.md (1e-12 of the entry plus 64 ulps of its input)
 is solved by the threshold form in 600-digit arithmetic (`tests/_oracles.py`), and each method's
 largest error there is reported in units of that bound.  The figures of docs/methods.md ("Solved after
 commit 34ed5bf") come from here:
 
     python benchmarks/mag_entrywise.py --batches 3000 --seed 1
+    python benchmarks/mag_entrywise.py --batches 1500 --seed 7 --strength-orders 10
     python benchmarks/mag_entrywise.py --batches 150 --seed 2 --triton --no-oracle
 
 With ``--triton`` the threshold method is PyTorch's Triton kernels for short rows (Triton's interpreter
@@ -79,6 +80,8 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[int, float]]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--triton", action="store_true", help="the threshold method through PyTorch's Triton kernels")
     parser.add_argument("--no-oracle", action="store_true", help="count the rows apart, without the oracle")
+    parser.add_argument("--strength-orders", type=float, default=2.0,
+                        help="strengths 10^u, u uniform in [-S, S] (default 2)")
     args = parser.parse_args(argv)
     methods: dict[str, Callable[..., np.ndarray]] = {
         "pav": lambda x, k, p, lam: tk.soft_topk_mag(x, k, p=p, regularization_strength=lam, method="pav"),
@@ -93,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[int, float]]:
         n = int(rng.integers(3, 10))
         k = int(rng.integers(1, n))
         p = float(rng.choice(P_VALUES))
-        lam = float(10.0 ** rng.uniform(-2.0, 2.0))
+        lam = float(10.0 ** rng.uniform(-args.strength_orders, args.strength_orders))
         x = spanning_rows(rng, BATCH, n)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # (ThresholdNotConverged: its results are still compared)

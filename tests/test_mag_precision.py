@@ -326,6 +326,26 @@ def test_frames_scaled_to_a_tiny_kth_key_take_the_default_strength_exactly():
         assert_within_input_rounding(y, expected, x, "threshold")
 
 
+# Found by `benchmarks/mag_entrywise.py` with strengths 1e-10..1e10: at l = 1.05e-8, 200 times the k-th key
+# 4.7e-11, the lane solver's p = 4/3 step took an iterate whose Newton step was within 8 ulps of l + |t| as
+# converged, where the threshold's rounding is about eps s_(k): the threshold came back 2e-14 of itself
+# (90 ulps) off, and the free output 1.5e-12, 30 times below its input, 3.5 times the bound (the full-sort
+# route was within it).  `lanes._step_scale` now takes the absolute threshold as the magnitude's scale.
+STRENGTH_FAR_ABOVE_THE_KEYS_ROW = (
+    (4.4413737644317007e-11, 1.5708741489923162e-58, -1.2199536863133524e-55, -7.092864086850281e+36,
+     -4.720102061097413e-11, -4.680588417928079e+25, 1.2316345696058477e-63), 3, 1.0520481760981621e-08)
+
+
+def test_lane_solver_at_a_strength_far_above_the_keys():
+    row, k, lam = STRENGTH_FAR_ABOVE_THE_KEYS_ROW
+    x = np.array(row)
+    expected = _oracle(row, k, lam, 4.0 / 3.0, 300)[0]
+    for label, y in _routes(x, k, lam, 4.0 / 3.0, lane_groups=True).items():
+        assert_within_input_rounding(y, expected, x, label)
+    y = tk.soft_topk_mag(x[None], k, regularization_strength=lam, method="threshold")[0]
+    assert_within_input_rounding(y, expected, x, "threshold")
+
+
 def test_a_left_neighbour_far_above_a_block_of_ties_far_below_stays_saturated():
     # Found by the property test of the routes: ties at 7.5e-35 hold the last unit weight
     # (k = 4, l = 1, p = 4/3), so their value is ~1e-102 (their outputs ~x).  Solved relative to

@@ -507,7 +507,7 @@ def _confirm(state, sets, ref, lam, q, k, is_mag):
         exact_root = (code == state[4, lane] + FREE_WEIGHT * state[5, lane]) & (state[6, lane] == 1.0)
         # No free entry and k saturated: the code is k itself.
         solved = exact_root | (code == k)
-        unfounded = _unfounded(ref[lane], t, t, _step_scale(ref[lane], t, lam, q, is_mag), is_mag)
+        unfounded = _unfounded(ref[lane], t, t, _resolved_scale(ref[lane], t, lam, q, is_mag), is_mag)
         state[3, lane] = (-1.0 if unfounded else 0.0) if active & solved else was_active * unit
         remaining += 1 if active & ~solved else 0
     return remaining
@@ -515,9 +515,22 @@ def _confirm(state, sets, ref, lam, q, k, is_mag):
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
 def _step_scale(ref, t, lam, q, is_mag):
-    """The scale of a step's rounding at `t` (relative to `ref`).  p = 4/3 steps come from Newton steps on the
-    cubic of e = (key - t) / l, exact to its rounding only: their tolerance scales with l, never with
-    the keys alone."""
+    """The scale of a step's rounding at `t` (relative to `ref`).  The mask's p = 4/3 steps come from Newton
+    steps on the cubic of e = (key - t) / l, exact to its rounding only: their tolerance scales with l.
+    The magnitude's equation ``sum_F e^3 = rest (ref + t)`` is rounded relative to its right-hand side
+    and its slope is at least ``rest l``, so its root is known to a few ulps of the absolute threshold
+    ``ref + t`` (as at p = 2).  With l as its scale (until 2026-12-07) a lane took an iterate 90 ulps
+    off as converged where l lies far above the keys (l = 1.05e-8 over a k-th key of 4.7e-11: a free
+    output 30 times below its input came back 3.5 times the documented bound off)."""
+    return ref + t if is_mag else abs(t) + lam
+
+
+@nb.njit(cache=True, inline="always", error_model="numpy")
+def _resolved_scale(ref, t, lam, q, is_mag):
+    """The scale of `_unfounded`'s test "not above 0 by more than 8 ulps of it": for p = 4/3, l (with keys
+    ~1e-31 next to l ~ 0.4 a lane ended at -1e-45 where the threshold lies near 1e-89: such lanes are the
+    selection kernel's), the step's scale before `_step_scale` took the absolute threshold; the
+    absolute threshold for p = 2."""
     return ref + t if is_mag and q == 2.0 else abs(t) + lam
 
 
@@ -576,7 +589,7 @@ def _advance(state, new, acc, ref, lam, q, k, is_mag, newton):
         # A solved lane stays at its iterate, the root of the sets counted there (its step is within
         # the rounding), whose outputs are written in those sets, whichever pass solved it (`_confirm`).
         t_new = nxt if active & ~non_unique & ~solved else t * unit
-        unfounded = _unfounded(ref[lane], nxt, t_new, size, is_mag)
+        unfounded = _unfounded(ref[lane], nxt, t_new, _resolved_scale(ref[lane], t, lam, q, is_mag), is_mag)
         # Whether the new iterate is the root of those sets to within the rounding, so that equal
         # counts at it confirm it with no step (`_confirm`): its Newton steps converged, and the
         # p = 4/3 cubic, expanded about t, was evaluated within a strength of t (where its terms
