@@ -11,6 +11,7 @@ commit 34ed5bf") come from here:
     python benchmarks/mag_entrywise.py --batches 3000 --seed 1
     python benchmarks/mag_entrywise.py --batches 1500 --seed 7 --strength-orders 10
     python benchmarks/mag_entrywise.py --batches 150 --seed 2 --triton --no-oracle
+    python benchmarks/mag_entrywise.py --batches 100 --seed 3 --n 300,1024 --rows 4 --p 4/3,2 --strength-orders 4
 
 With ``--triton`` the threshold method is PyTorch's Triton kernels for short rows (Triton's interpreter
 without a GPU: about 1.5 s a batch; ``TRITON_INTERPRET=0`` on a GPU), whose documented precision is
@@ -32,10 +33,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from _oracles import mp_threshold_mag_parts
+from _report import parse_exponents
 
 import topk_numpy as tk
 
-P_VALUES = (1.25, 4.0 / 3.0, 1.5, 2.0, 3.0)
 BATCH = 64
 ORACLE_DIGITS = 600  # rows whose free z underflow need 500 (docs/methods.md)
 
@@ -82,6 +83,9 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[int, float]]:
     parser.add_argument("--no-oracle", action="store_true", help="count the rows apart, without the oracle")
     parser.add_argument("--strength-orders", type=float, default=2.0,
                         help="strengths 10^u, u uniform in [-S, S] (default 2)")
+    parser.add_argument("--n", default="3,9", help="row lengths: MIN,MAX (default 3,9)")
+    parser.add_argument("--rows", type=int, default=BATCH, help=f"rows per batch (default {BATCH})")
+    parser.add_argument("--p", default="5/4,4/3,3/2,2,3", help="comma-separated exponents (fractions allowed)")
     args = parser.parse_args(argv)
     methods: dict[str, Callable[..., np.ndarray]] = {
         "pav": lambda x, k, p, lam: tk.soft_topk_mag(x, k, p=p, regularization_strength=lam, method="pav"),
@@ -89,15 +93,17 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[int, float]]:
             lambda x, k, p, lam: tk.soft_topk_mag(x, k, p=p, regularization_strength=lam, method="threshold")),
     }
     rng = np.random.default_rng(args.seed)
+    n_min, n_max = (int(v) for v in args.n.split(","))
+    p_values = parse_exponents(args.p)
     beyond = {"pav": 0, "threshold": 0}
     largest = {"pav": 0.0, "threshold": 0.0}
     disagreeing, widest, widest_of_largest = 0, 0.0, 0.0
     for _ in range(args.batches):
-        n = int(rng.integers(3, 10))
+        n = int(rng.integers(n_min, n_max + 1))
         k = int(rng.integers(1, n))
-        p = float(rng.choice(P_VALUES))
+        p = float(rng.choice(p_values))
         lam = float(10.0 ** rng.uniform(-args.strength_orders, args.strength_orders))
-        x = spanning_rows(rng, BATCH, n)
+        x = spanning_rows(rng, args.rows, n)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # (ThresholdNotConverged: its results are still compared)
             outputs = {m: np.asarray(forward(x, k, p, lam)) for m, forward in methods.items()}
@@ -116,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[int, float]]:
                 if error > 1.0:
                     beyond[method] += 1
                     print(f"{method}: {error:.3g} bounds off, p = {p:g}, k = {k}, l = {lam!r}, x = {x[i].tolist()!r}")
-    print(f"{args.batches * BATCH} rows, {disagreeing} where the methods differ beyond the bound; "
+    print(f"{args.batches * args.rows} rows, {disagreeing} where the methods differ beyond the bound; "
           f"their largest difference: {widest:.3g} bounds, {widest_of_largest:.3g} of the row's largest |x|")
     if args.no_oracle:
         return {}

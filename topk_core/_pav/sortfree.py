@@ -282,7 +282,10 @@ def advance(state, sums, rest, ref, lam, q, is_mag):
     # Brent's rule: a step longer than half the one before the last is not converging (far
     # from the root, where the sets change a lot, the steps crawl): bisect instead.
     from_step = from_step and abs(nxt - t) <= 0.5 * state[8]
-    if abs(nxt - t) <= _STEP_ULPS * _EPS * (abs(t) + _width(ref + t, lam, q, is_mag)):
+    # (The magnitude's step rounds to ulps of its absolute threshold: with the saturation width, l times
+    # it at p = 2, as the scale, l = 3255 stopped 3e-12 of the threshold off, rows spanning many orders.)
+    scale = abs(ref + t) if is_mag else _width(ref + t, lam, q, is_mag)
+    if abs(nxt - t) <= _STEP_ULPS * _EPS * (abs(t) + scale):
         # The root on these sets is t itself, to rounding (the sets changed by entries at
         # d = 0, or f is a rounding error): stay, and the next pass confirms the sets.
         nxt, from_step = t, True
