@@ -57,6 +57,25 @@ def torch_hard_topk(x: object, k: int) -> object:
     return torch.zeros_like(x).scatter(-1, indices, values)
 
 
+def triton_mag_threshold() -> Callable[[np.ndarray, int, float, float], np.ndarray]:
+    """The magnitude's threshold method through PyTorch's Triton kernels for short rows, forced for every row
+    they take (Triton's interpreter without a GPU), as ``forward(x, k, p, lam) -> y`` on NumPy rows."""
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # (read when Triton is imported)
+    import torch
+
+    import topk_torch as tt
+    from topk_torch import _triton_rows
+
+    os.environ[_triton_rows.ENVIRONMENT_VARIABLE] = "always"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def forward(x: np.ndarray, k: int, p: float, lam: float) -> np.ndarray:
+        y = tt.soft_topk_mag(torch.from_numpy(x).to(device), k, p=p, regularization_strength=lam, method="threshold")
+        return y.cpu().numpy()
+
+    return forward
+
+
 def _wall_times(fn: Callable[[], object], repeats: int, warmup: int) -> list[float]:
     """Wall times of `repeats` runs of `fn()`, after `warmup` runs that are not timed."""
     for _ in range(warmup):

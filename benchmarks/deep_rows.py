@@ -14,13 +14,12 @@ for `threshold._mag_deep_frames` and the Triton kernels.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import warnings
 from pathlib import Path
 
 import numpy as np
-from _report import parse_exponents
+from _report import parse_exponents, triton_mag_threshold
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from _rows import rows_far_below_their_largest_key
@@ -62,19 +61,7 @@ def main(argv: list[str] | None = None) -> dict[tuple[str, float], float]:
 
         threshold._DEEP_ROUNDS = 0
     if args.triton:
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # (read when Triton is imported)
-        import torch
-
-        import topk_torch as tt
-        from topk_torch import _triton_rows
-
-        os.environ[_triton_rows.ENVIRONMENT_VARIABLE] = "always"
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-
-        def forward(x, k, p, lam):
-            y = tt.soft_topk_mag(torch.from_numpy(x).to(device), k, p=p, regularization_strength=lam,
-                                 method="threshold")
-            return y.cpu().numpy()
+        forward = triton_mag_threshold()
     else:
         import topk_numpy as tn
 

@@ -1,7 +1,7 @@
 """PAV against the threshold method on the magnitude, entry by entry, on short rows spanning many orders.
 
 Rows of 3 to 9 entries: keys of one scale (0.5-2 times 10^c, c uniform in [-150, 150]), each lowered by
-up to 120 orders, random signs (as `tests/_rows.rows_spanning_many_orders`); per batch of 64 rows one k,
+up to 120 orders, random signs (`tests/_rows.rows_lowered_from_one_scale`); per batch of 64 rows one k,
 one p from {5/4, 4/3, 3/2, 2, 3} and one strength 10^u, u uniform in [-2, 2] (``--strength-orders``).  A row where the two
 methods differ by more than the bound of docs/methods.md (1e-12 of the entry plus 64 ulps of its input)
 is solved by the threshold form in 600-digit arithmetic (`tests/_oracles.py`), and each method's
@@ -22,7 +22,6 @@ relative to the row's largest output: the last line reports the difference in th
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import warnings
 from collections.abc import Callable
@@ -33,7 +32,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from _oracles import mp_threshold_mag_parts
-from _report import parse_exponents
+from _report import parse_exponents, triton_mag_threshold
+from _rows import rows_lowered_from_one_scale
 
 import topk_numpy as tk
 
@@ -41,36 +41,11 @@ BATCH = 64
 ORACLE_DIGITS = 600  # rows whose free z underflow need 500 (docs/methods.md)
 
 
-def spanning_rows(rng: np.random.Generator, batch: int, n: int) -> np.ndarray:
-    centre = rng.uniform(-150.0, 150.0, size=(batch, 1))
-    lowered = rng.uniform(0.0, 120.0, size=(batch, n))
-    signs = rng.choice([-1.0, 1.0], size=(batch, n))
-    return rng.uniform(0.5, 2.0, size=(batch, n)) * 10.0 ** (centre - lowered) * signs
-
-
 def errors_in_bounds(y: np.ndarray, reference: np.ndarray, x: np.ndarray) -> np.ndarray:
     """Per row: the largest |y - reference| in units of 1e-12 |reference| + 64 eps |x| (0 where both are 0)."""
     bound = 1e-12 * np.abs(reference) + 64.0 * np.finfo(np.float64).eps * np.abs(x)
     diff = np.abs(y - reference)
     return np.where(diff > 0, diff / np.where(bound > 0, bound, 1.0), 0.0).max(axis=-1)
-
-
-def triton_threshold() -> Callable[..., np.ndarray]:
-    """The magnitude's threshold method through PyTorch's Triton kernels (forced for every row they take)."""
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # (read when Triton is imported)
-    import torch
-
-    import topk_torch as tt
-    from topk_torch import _triton_rows
-
-    os.environ[_triton_rows.ENVIRONMENT_VARIABLE] = "always"
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-
-    def forward(x: np.ndarray, k: int, p: float, lam: float) -> np.ndarray:
-        y = tt.soft_topk_mag(torch.from_numpy(x).to(device), k, p=p, regularization_strength=lam, method="threshold")
-        return y.cpu().numpy()
-
-    return forward
 
 
 def main(argv: list[str] | None = None) -> dict[str, tuple[int, float]]:
@@ -89,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[int, float]]:
     args = parser.parse_args(argv)
     methods: dict[str, Callable[..., np.ndarray]] = {
         "pav": lambda x, k, p, lam: tk.soft_topk_mag(x, k, p=p, regularization_strength=lam, method="pav"),
-        "threshold": triton_threshold() if args.triton else (
+        "threshold": triton_mag_threshold() if args.triton else (
             lambda x, k, p, lam: tk.soft_topk_mag(x, k, p=p, regularization_strength=lam, method="threshold")),
     }
     rng = np.random.default_rng(args.seed)
@@ -103,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[int, float]]:
         k = int(rng.integers(1, n))
         p = float(rng.choice(p_values))
         lam = float(10.0 ** rng.uniform(-args.strength_orders, args.strength_orders))
-        x = spanning_rows(rng, args.rows, n)
+        x = rows_lowered_from_one_scale(rng, args.rows, n)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # (ThresholdNotConverged: its results are still compared)
             outputs = {m: np.asarray(forward(x, k, p, lam)) for m, forward in methods.items()}

@@ -37,6 +37,16 @@ def spanning_row(seed: int, span: float, n: int, centre: float = 0.0) -> np.ndar
     return 10.0 ** (centre + rng.uniform(-span, span, size=n)) * rng.choice([-1.0, 1.0], size=n)
 
 
+def rows_lowered_from_one_scale(rng: np.random.Generator, batch: int, n: int) -> np.ndarray:
+    """(batch, n) rows: keys of one scale per row (0.5-2 times 10^c, c uniform in [-150, 150]), each lowered by
+    up to 120 orders, random signs (`benchmarks/mag_entrywise.py`'s rows; `rows_spanning_many_orders` draws
+    the same kind with hypothesis)."""
+    centre = rng.uniform(-150.0, 150.0, size=(batch, 1))
+    lowered = rng.uniform(0.0, 120.0, size=(batch, n))
+    signs = rng.choice([-1.0, 1.0], size=(batch, n))
+    return rng.uniform(0.5, 2.0, size=(batch, n)) * 10.0 ** (centre - lowered) * signs
+
+
 def rows_spanning_many_orders(min_n: int, max_n: int) -> st.SearchStrategy:
     """Hypothesis rows whose magnitudes span many orders: keys of one scale (0.5-2 times 10^c,
     c in [-150, 150]), each lowered by up to 120 orders, with random signs."""

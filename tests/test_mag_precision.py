@@ -31,7 +31,7 @@ from topk_core._pav.kernels import fused_outputs, read_only
 
 from ._method_backends import backend_context
 from ._oracles import assert_within_input_rounding, mag_vjp_from_parts, mp_q_minus_one, mp_threshold_mag_parts
-from ._rows import spanning_row
+from ._rows import rows_lowered_from_one_scale, spanning_row
 
 TIE_ROW = np.array([3.0, -3.0, 2.0, 2.0, -2.0, 2.0, 1.0, 0.5, 0.25])
 P_VALUES = [1.25, 4.0 / 3.0, 1.5, 2.0, 3.0]
@@ -346,33 +346,18 @@ def test_lane_solver_at_a_strength_far_above_the_keys():
     assert_within_input_rounding(y, expected, x, "threshold")
 
 
-def _long_spanning_row(seed: int, n: int) -> np.ndarray:
-    """A row of `benchmarks/mag_entrywise.py`'s kind, n entries: keys of one scale 10^c (c in [-150, 150])
-    each lowered by up to 120 orders, random signs."""
-    rng = np.random.default_rng(seed)
-    centre = rng.uniform(-150.0, 150.0)
-    lowered = rng.uniform(0.0, 120.0, size=n)
-    signs = rng.choice([-1.0, 1.0], size=n)
-    return rng.uniform(0.5, 2.0, size=n) * 10.0 ** (centre - lowered) * signs
-
-
 def test_sortfree_route_on_a_long_row_spanning_many_orders():
     # Found on 2026-12-07 by a fuzz on long rows (n = 300-1024, p = 2, l = 1e-4..1e4): 8 of 400 such rows
     # (k = 97, l = 3255) left the sort-free route's answer beyond the bound, this one 97 times (a free
     # output 2e-11 below an input of 1.3e-9): its step test took the saturation width, l t, as the scale
-    # of the threshold's rounding, and stopped 3e-12 of t off.
-    x = _long_spanning_row(175, 512)
-    expected = _oracle(tuple(x), 97, 3255.517382490791, 2.0, 300)[0]
-    y = tk.soft_topk_mag(x[None], 97, p=2.0, regularization_strength=3255.517382490791)[0]
-    assert_within_input_rounding(y, expected, x, "sort-free route")
-
-
-def test_full_sort_and_threshold_method_on_a_long_row_spanning_many_orders():
-    x = _long_spanning_row(175, 512)
-    expected = _oracle(tuple(x), 97, 3255.517382490791, 2.0, 300)[0]
-    full = _routes(x, 97, 3255.517382490791, 2.0)["full sort"]
-    assert_within_input_rounding(full, expected, x, "full sort")
-    y = tk.soft_topk_mag(x[None], 97, p=2.0, regularization_strength=3255.517382490791, method="threshold")[0]
+    # of the threshold's rounding, and stopped 3e-12 of t off.  ("fused": the sort-free route, which a row
+    # of 512 with k = 97 takes; the full-sort route and the threshold method were within the bound.)
+    x = rows_lowered_from_one_scale(np.random.default_rng(175), 1, 512)[0]
+    k, lam = 97, 3255.517382490791
+    expected = _oracle(tuple(x), k, lam, 2.0, 300)[0]
+    for label, y in _routes(x, k, lam, 2.0).items():
+        assert_within_input_rounding(y, expected, x, label)
+    y = tk.soft_topk_mag(x[None], k, p=2.0, regularization_strength=lam, method="threshold")[0]
     assert_within_input_rounding(y, expected, x, "threshold")
 
 

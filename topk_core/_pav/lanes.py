@@ -422,7 +422,7 @@ def _cubic_start_lanes(state, ref, gaps, lam, is_mag):
         # Whether the start is the first block's root to within the rounding (`_confirm`): the Newton
         # step from it is (the last Halley step's size would say so only of the iterate before it).
         newton = (x * (x * x + p) + q) / (3.0 * x * x + p)
-        state[6, lane] = 1.0 if _converged(abs(newton) * lam, _step_scale(r, start, lam, 4.0, is_mag)) else 0.0
+        state[6, lane] = 1.0 if _converged(abs(newton) * lam, _step_scale(r, start, lam, is_mag)) else 0.0
         if is_mag:
             s = r + gap
             w = min(s, lam * (s + 2.0) / 3.0)
@@ -514,7 +514,7 @@ def _confirm(state, sets, ref, lam, q, k, is_mag):
 
 
 @nb.njit(cache=True, inline="always", error_model="numpy")
-def _step_scale(ref, t, lam, q, is_mag):
+def _step_scale(ref, t, lam, is_mag):
     """The scale of a step's rounding at `t` (relative to `ref`).  The mask's p = 4/3 steps come from Newton
     steps on the cubic of e = (key - t) / l, exact to its rounding only: their tolerance scales with l.
     The magnitude's equation ``sum_F e^3 = rest (ref + t)`` is rounded relative to its right-hand side
@@ -567,7 +567,7 @@ def _advance(state, new, acc, ref, lam, q, k, is_mag, newton):
         n_sat, n_free = acc[0, lane], acc[1, lane]
         f, nxt, increment = _step(t, ref[lane], lam, q, k, is_mag, n_sat, n_free, acc[2, lane], acc[3, lane],
                                   acc[4, lane], newton)
-        size = _step_scale(ref[lane], t, lam, q, is_mag)
+        size = _step_scale(ref[lane], t, lam, is_mag)
         # What a lane keeps goes through `unit` (`vector_width.unfolded_one`): plain stores, not masked ones.
         lo = t if active & (f > 0.0) else lo * unit
         hi = t if active & (f < 0.0) else hi * unit
