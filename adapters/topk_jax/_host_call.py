@@ -8,6 +8,12 @@ are copied there; `jax.pure_callback`, which copies them out of the arrays the
 function returns, took the jitted forward of the soft operators to 1.35-1.8x
 its time (`benchmarks/bench_jax_products.py`, docs/jax.md).  Elsewhere (a GPU's
 device memory, older JAX) `jax.pure_callback`.
+
+Either way the function runs in the IEEE floating-point mode
+(`topk_core._fpmode.subnormals_kept`): XLA calls it with subnormal numbers
+flushed to zero, which the core's kernels then computed with, and which
+Numba's worker threads, when started there, kept for every later call of
+the process, NumPy's and PyTorch's included.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import jax
 import numpy as np
 
 from topk_core._api import shares_buffer
+from topk_core._fpmode import subnormals_kept
 
 try:  # JAX >= 0.7: host callbacks that write into XLA's output buffers
     from jax.experimental.buffer_callback import buffer_callback as _buffer_callback
@@ -47,7 +54,18 @@ def host_call(fn: Callable[..., Any], result_spec: Any, *args: jax.Array, on_cpu
     if _buffer_callback is not None and on_cpu:
         into = writes_into and WRITE_IN_PLACE
         return _buffer_callback(_writing_into(fn, into), result_spec, vmap_method=vmap_method)(*args)
-    return jax.pure_callback(fn, result_spec, *args, vmap_method=vmap_method)
+    return jax.pure_callback(_in_ieee_mode(fn), result_spec, *args, vmap_method=vmap_method)
+
+
+@functools.lru_cache(maxsize=1024)
+def _in_ieee_mode(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn` run with subnormal numbers kept (`subnormals_kept`); one object per `fn`, as `_writing_into`."""
+
+    def run(*arrays: Any) -> Any:
+        with subnormals_kept():
+            return fn(*arrays)
+
+    return run
 
 
 @functools.lru_cache(maxsize=1024)
@@ -64,7 +82,8 @@ def _writing_into(fn: Callable[..., Any], writes_into: bool) -> Callable[..., No
         del ctx  # the execution context serves GPU streams only
         targets = jax.tree.map(np.asarray, out)
         arrays = (np.asarray(b) for b in buffers)
-        results = fn(*arrays, into=targets) if writes_into else fn(*arrays)
+        with subnormals_kept():
+            results = fn(*arrays, into=targets) if writes_into else fn(*arrays)
         for target, value in zip(jax.tree.leaves(targets), jax.tree.leaves(results), strict=True):
             if not shares_buffer(value, target):
                 np.copyto(target, value, casting="no")
