@@ -17,6 +17,7 @@ import json
 import numpy as np
 import pytest
 
+from topk_core import _fpmode
 from topk_core._fpmode import subnormals_kept
 
 from ._subprocess import run_python
@@ -52,6 +53,20 @@ def test_subnormals_kept_inside_a_callback_and_the_callers_mode_restored():
     # XLA's mode flushes (else this test checks nothing), the block keeps, and XLA's mode is back after it.
     assert seen == [False, True, False]
     assert _product_kept()  # and this thread's own mode is untouched
+
+
+def test_without_the_c_librarys_fenv_functions_the_block_runs_in_the_callers_mode(monkeypatch):
+    # (No known platform lacks them: the fallback must still run the block, in the caller's mode.)
+    monkeypatch.setattr(_fpmode, "_FENV", None)
+    seen = []
+
+    def callback(x):
+        with subnormals_kept():
+            seen.append(_product_kept())
+        return np.asarray(x)
+
+    jax.jit(lambda x: jax.pure_callback(callback, jax.ShapeDtypeStruct(x.shape, x.dtype), x))(jnp.ones(2)).block_until_ready()
+    assert seen == [False]
 
 
 _SUBNORMAL_ROWS = np.array([[3e-310, -1e-310, 2e-311, 5e-312, -4e-309, 0.0], [1.0, -2e-310, 0.5, 3e-320, 1e-308, -0.25]])

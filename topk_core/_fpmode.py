@@ -15,13 +15,17 @@ two of three parts of a long row, `tests/test_fp_mode.py`).
 this module (the default IEEE mode, in every ordinary program) and
 restores the caller's mode after it, through the C library's
 `fegetenv`/`fesetenv`, which save and restore the whole environment,
-the SSE control word (x86) or FPCR (Arm) included.
+the SSE control word (x86) or FPCR (Arm) included.  (A C library without
+them, none known, leaves the caller's mode: the block then runs as
+before this module.)
 """
 
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import sys
+from collections.abc import Callable
 from types import TracebackType
 
 __all__ = ["subnormals_kept"]
@@ -30,18 +34,26 @@ __all__ = ["subnormals_kept"]
 _ENV_BYTES = 256
 
 
-def _c_library() -> ctypes.CDLL:
-    # The process's own symbols hold the C math library on POSIX (CPython links it); Windows: the UCRT.
-    return ctypes.CDLL("ucrtbase") if sys.platform == "win32" else ctypes.CDLL(None)
+def _fenv_functions() -> tuple[Callable[..., int], Callable[..., int]] | None:
+    """`fegetenv` and `fesetenv` of the C library, None where none is found (the mode is then the caller's)."""
+    # POSIX: the process's own symbols hold the C math library (CPython links it), else libm by name (looked
+    # up only then: `find_library` runs a subprocess).  Windows: the UCRT.
+    names = (lambda: "ucrtbase",) if sys.platform == "win32" else (lambda: None, lambda: ctypes.util.find_library("m"))
+    for name in names:
+        try:
+            library = ctypes.CDLL(name())
+            return library.fegetenv, library.fesetenv
+        except (OSError, AttributeError, TypeError):
+            continue
+    return None  # pragma: no cover - a C library without fenv.h's functions
 
 
 # (No argtypes: the buffers go in as pointers, and the calls stay at a microsecond for the three.)
-_LIBRARY = _c_library()
-_get_env, _set_env = _LIBRARY.fegetenv, _LIBRARY.fesetenv
+_FENV = _fenv_functions()
 # The mode of the importing thread, the one the kernels are meant to compute in.
 _REFERENCE = ctypes.create_string_buffer(_ENV_BYTES)
-if _get_env(_REFERENCE) != 0:  # pragma: no cover - fegetenv fails on no supported platform
-    raise ImportError("fegetenv failed: cannot read the floating-point environment")
+if _FENV is not None and _FENV[0](_REFERENCE) != 0:  # pragma: no cover - fegetenv does not fail where it exists
+    _FENV = None
 
 
 class subnormals_kept:  # (lower case: used as a function, ``with subnormals_kept():``)
@@ -61,10 +73,13 @@ class subnormals_kept:  # (lower case: used as a function, ``with subnormals_kep
     __slots__ = ("_caller",)
 
     def __enter__(self) -> None:
-        self._caller = ctypes.create_string_buffer(_ENV_BYTES)
-        _get_env(self._caller)
-        _set_env(_REFERENCE)
+        if _FENV is not None:
+            get_env, set_env = _FENV
+            self._caller = ctypes.create_string_buffer(_ENV_BYTES)
+            get_env(self._caller)
+            set_env(_REFERENCE)
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  traceback: TracebackType | None) -> None:
-        _set_env(self._caller)
+        if _FENV is not None:
+            _FENV[1](self._caller)
