@@ -83,8 +83,9 @@ def _soft_op(
     k, ax = _validated(x, k, axis)
     lam = _validate.check_strength(regularization_strength)
     if lam < _SMALLEST_NORMAL:
-        # XLA flushes subnormal numbers to zero (on the CPU, and the host callback of "pav" runs under that
-        # setting): such a strength failed inside the callback as a strength of 0, an XLA runtime error.
+        # XLA flushes subnormal numbers to zero on the CPU, so the native methods would solve with a strength
+        # of 0; one rule for every method ("pav" ran under that setting too until its host calls kept
+        # subnormals, `topk_core._fpmode`, and failed inside the callback, an XLA runtime error).
         raise ValueError(
             f"`regularization_strength` must be at least {_SMALLEST_NORMAL:.3g} (float64's smallest normal "
             f"number) in topk_jax, where XLA flushes smaller ones to 0; got {lam:.3g}. Scale x and the strength "
