@@ -31,6 +31,13 @@ from topk_jax import _host_call  # noqa: E402
 TINY32 = np.float32(1e-38)  # subnormal in float32 (the smallest normal number is 1.18e-38)
 
 
+@pytest.fixture(autouse=True)
+def _on_the_cpu():
+    # XLA's CPU runtime is the one that flushes: on a GPU machine the arrays would live on the GPU.
+    with jax.default_device(jax.devices("cpu")[0]):
+        yield
+
+
 def _product_kept() -> bool:
     # An array operation, computed by NumPy's C loop in the calling thread's mode; its bits compared
     # (a comparison in a mode that reads subnormals as 0 finds 0 == 1e-38).
@@ -121,7 +128,8 @@ print(json.dumps([float(v) for v in arrays[0][0, 2::27]]))
 
 
 def test_a_jax_call_leaves_numbas_threads_keeping_subnormals():
-    outputs = json.loads(run_python(_AFTER_A_JAX_CALL, env={"NUMBA_NUM_THREADS": "2"}).splitlines()[-1])
+    env = {"NUMBA_NUM_THREADS": "2", "JAX_PLATFORMS": "cpu"}
+    outputs = json.loads(run_python(_AFTER_A_JAX_CALL, env=env).splitlines()[-1])
     # The 300 copies of the key 1e-38, one per copy of the row, in every part alike.
     assert len(outputs) == 300 and len(set(outputs)) == 1
     assert 9.9e-39 < outputs[0] < 9.95e-39
