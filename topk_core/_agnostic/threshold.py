@@ -1090,7 +1090,7 @@ def _mag_evaluate(delta: Any, d: Any, ref: Any, lam_r: Any, kkf: Any, q: float, 
     n_sat, n_above = count(sat, xp), count(above, xp)
     target = kkf - xp.astype(n_sat, kkf.dtype)
     # The free entries' total on its own.  For p = 2 it was the sum of every z less |S| t (saturated
-    # entries have z = g(l t) = t), which keeps only the digits of (|S| + k - |S|) t: with 830 saturated
+    # entries have z = g(l t) = t), which keeps only the digits of k t: with 830 saturated
     # entries and one unit of free weight the bracket's sign test was 1e-13 of t off, the bracket lost
     # the root, the closed-form polish fell outside it and was dropped, and a free output 1% of its
     # input came out 3 times the entry-by-entry bound off (`benchmarks/mag_entrywise.py`, long rows).
