@@ -558,6 +558,29 @@ def test_moe_with_capacity_on_no_token():
     assert y.shape == (0, 6) and y.requires_grad
 
 
+def test_dispatch_with_capacity_under_vmap_is_the_loop_over_groups(rng):
+    # Fixed shapes: `torch.func.vmap` maps the dispatch over groups of tokens (the router's top-k inside),
+    # values and per-group gradients equal to a loop; without a capacity the token counts set shapes,
+    # which vmap cannot batch (torch's own error, data-dependent `nonzero`).
+    torch.manual_seed(0)
+    experts = [nn.Linear(5, 3).double() for _ in range(4)]
+    x, logits = _tensor(rng, (3, 10, 5)), _tensor(rng, (3, 10, 4))
+
+    def group(tokens, scores):
+        return tnn.moe_dispatch(tokens, tnn.topk_gates(scores, 2, regularization_strength=0.2), experts, capacity=4)
+
+    loop = torch.stack([group(x[i], logits[i]) for i in range(3)])
+    torch.testing.assert_close(torch.func.vmap(group)(x, logits), loop, rtol=1e-13, atol=1e-13)
+    per_group = torch.func.vmap(torch.func.grad(lambda t, s: group(t, s).sum(), argnums=(0, 1)))(x, logits)
+    for i in range(3):
+        t, s = x[i].clone().requires_grad_(), logits[i].clone().requires_grad_()
+        for ours, theirs in zip((g[i] for g in per_group), torch.autograd.grad(group(t, s).sum(), [t, s]),
+                                strict=True):
+            torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    with pytest.raises(RuntimeError, match="nonzero"):
+        torch.func.vmap(lambda t, s: tnn.moe_dispatch(t, tnn.topk_gates(s, 2), experts))(x, logits)
+
+
 @requires_compile()
 def test_moe_with_capacity_compiles_with_fullgraph(rng):
     # Without a capacity the token counts set shapes (graph breaks); with one the layer compiles whole.
