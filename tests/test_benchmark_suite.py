@@ -487,6 +487,22 @@ def test_jax_products_benchmark(tmp_path):
     assert len(callbacks) == (2 if _host_call._buffer_callback is not None else 0)
 
 
+def test_fp_mode_benchmark_times_both_modes_and_restores_the_switch(monkeypatch):
+    """`bench_fp_mode.py --quick`: the forward and gradient with and without the switch, and the adapter's
+    switch back in place afterwards."""
+    pytest.importorskip("jax")
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_fp_mode
+
+    from topk_core._fpmode import subnormals_kept
+    from topk_jax import _host_call
+
+    results = bench_fp_mode.main(["--quick"])
+    assert list(results) == [(8, 16)]
+    assert all(0 < seconds < 1 for seconds in results[(8, 16)].values()) and len(results[(8, 16)]) == 4
+    assert _host_call.subnormals_kept is subnormals_kept
+
+
 def test_first_call_runs_two_processes_on_one_cache_folder(monkeypatch, capsys, tmp_path):
     """`first_call.py`: with `--cache empty` both processes get the same new, empty `NUMBA_CACHE_DIR`
     (the second one loads what the first wrote); with `--cache default` neither sets it; a folder given is
