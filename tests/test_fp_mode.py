@@ -106,6 +106,17 @@ def test_pav_in_jax_gives_numpys_numbers_on_subnormal_rows(operator, path, monke
         np.testing.assert_allclose(np.asarray(pullback(jnp.asarray(u))[0]), want_vjp, rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("operator", ["mask", "mag"])
+def test_pytorch_gives_numpys_numbers_on_subnormal_rows(operator):
+    # The third framework of docs/policy.md's "Subnormal numbers": the same kernels, the same bits.
+    torch = pytest.importorskip("torch")
+    tt = pytest.importorskip("topk_torch")
+    kw = {"regularization_strength": 1e-300 if operator == "mag" else 1e-307}
+    want = getattr(tn, f"soft_topk_{operator}")(_SUBNORMAL_ROWS, 2, **kw)
+    got = getattr(tt, f"soft_topk_{operator}")(torch.from_numpy(_SUBNORMAL_ROWS), 2, **kw)
+    np.testing.assert_array_equal(got.numpy(), want)
+
+
 # A fresh process: its first parallel Numba kernel runs inside a JAX host call (rows long enough for the
 # selection kernel's threads), then the long-row driver, three parts over two threads, on a float32 row
 # whose key 1e-38 has the subnormal output 9.9e-39 (tests/test_sortfree_kernel.py's DEEP_BELOW_ROWS[1]).
