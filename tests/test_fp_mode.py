@@ -2,8 +2,9 @@
 
 XLA runs host callbacks on the CPU with flush-to-zero and denormals-are-zero set.  The JAX adapter runs
 the core there through `topk_core._fpmode.subnormals_kept`: checked here that the block keeps subnormals
-and the caller's mode comes back after it; that `"pav"` in `topk_jax` gives `topk_numpy`'s numbers on rows
-of subnormal numbers (forward and VJP, both host-call paths); and, in a fresh process, that a JAX call
+and the caller's mode comes back after it (and, without the C library's fenv functions, runs in the
+caller's mode); that `"pav"` in `topk_jax` and `topk_torch` give `topk_numpy`'s numbers on rows of
+subnormal numbers (JAX: forward and VJP, both host-call paths); and, in a fresh process, that a JAX call
 starting Numba's worker threads no longer leaves them flushing for the NumPy calls after it (the failure
 that made `test_magnitude_threshold_deep_below_its_first_iterates_keeps_its_digits[*-float32-row1-*]` of
 tests/test_sortfree_kernel.py fail in whole-suite runs only, on the xdist workers whose first parallel
