@@ -16,24 +16,28 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import time
 import timeit
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _report import interleaved_times
 
 import topk_jax as tk
 from topk_core._fpmode import subnormals_kept
 from topk_jax import _host_call
 
 
-def _best_time(fn: Callable[[], object], calls: int) -> float:
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - start) / calls
+def _calls_in_mode(context: Callable[[], object], fn: Callable[[], object], calls: int) -> Callable[[], None]:
+    """`calls` calls of `fn` with `context` as the adapter's mode switch (for `interleaved_times`)."""
+
+    def run() -> None:
+        _host_call.subnormals_kept = context
+        for _ in range(calls):
+            fn()
+
+    return run
 
 
 def main(argv: list[str] | None = None) -> dict[tuple[int, int], dict[str, float]]:
@@ -57,15 +61,11 @@ def main(argv: list[str] | None = None) -> dict[tuple[int, int], dict[str, float
             x = jnp.asarray(np.random.default_rng(0).normal(size=shape).astype(np.float32))
             forward = jax.jit(lambda a: tk.soft_topk_mask(a, 2))
             gradient = jax.jit(jax.grad(lambda a: (tk.soft_topk_mask(a, 2) * a).sum()))
-            best = {f"{op} {mode}": float("inf") for op in ("forward", "gradient") for mode in modes}
-            for _ in range(rounds):
-                for mode, context in modes.items():
-                    _host_call.subnormals_kept = context
-                    for op, fn in (("forward", forward), ("gradient", gradient)):
-                        fn(x).block_until_ready()  # (compiled once; a warm-up call per mode)
-                        key = f"{op} {mode}"
-                        best[key] = min(best[key], _best_time(lambda f=fn, a=x: f(a).block_until_ready(), calls))
-            results[shape] = best
+            timed = {
+                f"{op} {mode}": _calls_in_mode(context, lambda f=fn, a=x: f(a).block_until_ready(), calls)
+                for mode, context in modes.items() for op, fn in (("forward", forward), ("gradient", gradient))
+            }
+            results[shape] = {key: seconds / calls for key, seconds in interleaved_times(timed, rounds, min).items()}
     finally:
         _host_call.subnormals_kept = subnormals_kept
     print("| shape | op | kept (us) | caller's mode (us) | ratio |")

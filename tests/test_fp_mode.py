@@ -46,6 +46,12 @@ def _product_kept() -> bool:
     return bool(product.view(np.uint32)[0] == np.array([TINY32]).view(np.uint32)[0])
 
 
+def _in_a_jitted_callback(callback) -> None:
+    """Run ``callback(x)`` (returning x) as XLA's host callback of a jitted function, to its end."""
+    f = jax.jit(lambda x: jax.pure_callback(callback, jax.ShapeDtypeStruct(x.shape, x.dtype), x))
+    f(jnp.ones(3)).block_until_ready()
+
+
 def test_subnormals_kept_inside_a_callback_and_the_callers_mode_restored():
     seen = []
 
@@ -56,8 +62,7 @@ def test_subnormals_kept_inside_a_callback_and_the_callers_mode_restored():
         seen.append(_product_kept())
         return np.asarray(x)
 
-    f = jax.jit(lambda x: jax.pure_callback(callback, jax.ShapeDtypeStruct(x.shape, x.dtype), x))
-    f(jnp.ones(3)).block_until_ready()
+    _in_a_jitted_callback(callback)
     # XLA's mode flushes (else this test checks nothing), the block keeps, and XLA's mode is back after it.
     assert seen == [False, True, False]
     assert _product_kept()  # and this thread's own mode is untouched
@@ -73,11 +78,13 @@ def test_without_the_c_librarys_fenv_functions_the_block_runs_in_the_callers_mod
             seen.append(_product_kept())
         return np.asarray(x)
 
-    jax.jit(lambda x: jax.pure_callback(callback, jax.ShapeDtypeStruct(x.shape, x.dtype), x))(jnp.ones(2)).block_until_ready()
+    _in_a_jitted_callback(callback)
     assert seen == [False]
 
 
 _SUBNORMAL_ROWS = np.array([[3e-310, -1e-310, 2e-311, 5e-312, -4e-309, 0.0], [1.0, -2e-310, 0.5, 3e-320, 1e-308, -0.25]])
+# Normal strengths (JAX refuses subnormal ones: XLA's own computations flush them).
+_STRENGTHS = {"mask": 1e-307, "mag": 1e-300}
 
 
 @pytest.mark.parametrize("path", ["buffer_callback", "pure_callback"])
@@ -88,8 +95,7 @@ def test_pav_in_jax_gives_numpys_numbers_on_subnormal_rows(operator, path, monke
     elif _host_call._buffer_callback is None:
         pytest.skip("this JAX has no buffer_callback")
     name = f"soft_topk_{operator}"
-    # (JAX refuses subnormal strengths: XLA's own computations flush them.)
-    kw = {"regularization_strength": 1e-300 if operator == "mag" else 1e-307, "method": "pav"}
+    kw = {"regularization_strength": _STRENGTHS[operator], "method": "pav"}
     u = np.random.default_rng(3).normal(size=_SUBNORMAL_ROWS.shape)
     want, pullback_numpy = getattr(tn, f"{name}_vjp")(_SUBNORMAL_ROWS, 2, **kw)
     want_vjp = pullback_numpy(u)
@@ -112,7 +118,7 @@ def test_pytorch_gives_numpys_numbers_on_subnormal_rows(operator):
     # The third framework of docs/policy.md's "Subnormal numbers": the same kernels, the same bits.
     torch = pytest.importorskip("torch")
     tt = pytest.importorskip("topk_torch")
-    kw = {"regularization_strength": 1e-300 if operator == "mag" else 1e-307}
+    kw = {"regularization_strength": _STRENGTHS[operator]}
     want = getattr(tn, f"soft_topk_{operator}")(_SUBNORMAL_ROWS, 2, **kw)
     got = getattr(tt, f"soft_topk_{operator}")(torch.from_numpy(_SUBNORMAL_ROWS), 2, **kw)
     np.testing.assert_array_equal(got.numpy(), want)

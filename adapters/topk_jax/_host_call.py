@@ -51,19 +51,21 @@ def host_call(fn: Callable[..., Any], result_spec: Any, *args: jax.Array, on_cpu
     pytree shaped as `result_spec`), and may write its results there; what it returns in other memory is
     copied into them (``into`` is None under `jax.pure_callback`).
     """
+    fn = _in_ieee_mode(fn)
     if _buffer_callback is not None and on_cpu:
         into = writes_into and WRITE_IN_PLACE
         return _buffer_callback(_writing_into(fn, into), result_spec, vmap_method=vmap_method)(*args)
-    return jax.pure_callback(_in_ieee_mode(fn), result_spec, *args, vmap_method=vmap_method)
+    return jax.pure_callback(fn, result_spec, *args, vmap_method=vmap_method)
 
 
 @functools.lru_cache(maxsize=1024)
 def _in_ieee_mode(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """`fn` run with subnormal numbers kept (`subnormals_kept`); one object per `fn`, as `_writing_into`."""
+    """`fn` run with subnormal numbers kept (`subnormals_kept`); one object per `fn`, as `_writing_into`
+    (which keys its own cache on it)."""
 
-    def run(*arrays: Any) -> Any:
+    def run(*arrays: Any, **keywords: Any) -> Any:
         with subnormals_kept():
-            return fn(*arrays)
+            return fn(*arrays, **keywords)
 
     return run
 
@@ -82,8 +84,7 @@ def _writing_into(fn: Callable[..., Any], writes_into: bool) -> Callable[..., No
         del ctx  # the execution context serves GPU streams only
         targets = jax.tree.map(np.asarray, out)
         arrays = (np.asarray(b) for b in buffers)
-        with subnormals_kept():
-            results = fn(*arrays, into=targets) if writes_into else fn(*arrays)
+        results = fn(*arrays, into=targets) if writes_into else fn(*arrays)
         for target, value in zip(jax.tree.leaves(targets), jax.tree.leaves(results), strict=True):
             if not shares_buffer(value, target):
                 np.copyto(target, value, casting="no")
